@@ -1,0 +1,8 @@
+"""d2r — Detect-to-Retrieve instance image retrieval.
+
+Local features (DELF or RootSIFT) are assigned to a visual-word codebook and aggregated with the
+VLAD / ASMK / ASMK* match kernels, per image or per detected region (R-VLAD, R-ASMK, R-ASMK*),
+as in Teichmann et al., "Detect-to-Retrieve", CVPR 2019.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+"""Local features: the :class:`LocalFeatures` record and the extractors that produce it."""
+
+from d2r.features.base import LocalFeatures
+
+__all__ = ["LocalFeatures"]

@@ -1,0 +1,65 @@
+"""The record every local-feature extractor returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, eq=False)
+class LocalFeatures:
+    """Local features of one image (or one region crop).
+
+    Attributes:
+        locations: (N, 2) float32 keypoint centres as (x, y) in ORIGINAL-image pixels (column, row). The
+            official DELF files store (y, x); importers swap them.
+        scales: (N,) float32 scale of each feature (DELF: the image scale it came from; SIFT: keypoint size).
+        scores: (N,) float32 strength (DELF attention score, SIFT detector response).
+        descriptors: (N, D) float32, L2-normalised rows unless the extractor documents otherwise.
+
+    An image with no features (smaller than 10×10, blank, ...) has N = 0 with the extractor's D.
+    """
+
+    locations: np.ndarray
+    scales: np.ndarray
+    scores: np.ndarray
+    descriptors: np.ndarray
+
+    def __post_init__(self):
+        n = self.descriptors.shape[0]
+        if self.descriptors.ndim != 2:
+            raise ValueError(f"descriptors: expected (N, D), got shape {self.descriptors.shape}")
+        if self.locations.shape != (n, 2):
+            raise ValueError(f"locations: expected ({n}, 2), got {self.locations.shape}")
+        if self.scales.shape != (n,) or self.scores.shape != (n,):
+            raise ValueError(f"scales/scores: expected ({n},), got {self.scales.shape} / {self.scores.shape}")
+
+    @classmethod
+    def empty(cls, dim: int) -> "LocalFeatures":
+        z = np.zeros(0, np.float32)
+        return cls(np.zeros((0, 2), np.float32), z, z.copy(), np.zeros((0, dim), np.float32))
+
+    def __len__(self) -> int:
+        return int(self.descriptors.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.descriptors.shape[1])
+
+    def select(self, index) -> "LocalFeatures":
+        """Subset by boolean mask or integer index array (order kept)."""
+        return LocalFeatures(self.locations[index], self.scales[index], self.scores[index], self.descriptors[index])
+
+    @staticmethod
+    def concatenate(parts, dim: int) -> "LocalFeatures":
+        """Concatenate features region by region (e.g. whole image, then each box)."""
+        parts = list(parts)
+        if not parts:
+            return LocalFeatures.empty(dim)
+        return LocalFeatures(
+            np.concatenate([p.locations for p in parts]).astype(np.float32, copy=False),
+            np.concatenate([p.scales for p in parts]).astype(np.float32, copy=False),
+            np.concatenate([p.scores for p in parts]).astype(np.float32, copy=False),
+            np.concatenate([p.descriptors for p in parts]).astype(np.float32, copy=False).reshape(-1, dim),
+        )
