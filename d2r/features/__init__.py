@@ -1,5 +1,5 @@
 """Local features: the :class:`LocalFeatures` record and the extractors that produce it."""
 
-from d2r.features.base import LocalFeatures
+from d2r.features.base import LocalFeatures, RegionFeatures
 
-__all__ = ["LocalFeatures"]
+__all__ = ["LocalFeatures", "RegionFeatures"]

@@ -63,3 +63,41 @@ class LocalFeatures:
             np.concatenate([p.scores for p in parts]).astype(np.float32, copy=False),
             np.concatenate([p.descriptors for p in parts]).astype(np.float32, copy=False).reshape(-1, dim),
         )
+
+
+@dataclass(frozen=True, eq=False)
+class RegionFeatures:
+    """Local features of an image described region by region (the index side of detect-to-retrieve).
+
+    Regions are the whole image (box id -1) first, then each selected box, in that order. ``features`` holds
+    every region's features concatenated region by region, ``counts[r]`` of them for region r (zeros allowed),
+    which is exactly what ``Aggregator(..., regions=counts)`` and the database's regional-search mode take.
+
+    Attributes:
+        features: LocalFeatures, concatenated region by region; locations are in ORIGINAL-image pixels.
+        counts: (R,) int64 number of features of each region.
+        boxes: (R, 4) float32 [x1, y1, x2, y2] pixel boxes; the whole image is [0, 0, W, H].
+        box_ids: (R,) int64 index of the box in the detector/proposer output, -1 for the whole image.
+        box_scores: (R,) float32 detector score of each box (1.0 for the whole image).
+    """
+
+    features: LocalFeatures
+    counts: np.ndarray
+    boxes: np.ndarray
+    box_ids: np.ndarray
+    box_scores: np.ndarray
+
+    def __post_init__(self):
+        r = self.counts.shape[0]
+        if self.boxes.shape != (r, 4) or self.box_ids.shape != (r,) or self.box_scores.shape != (r,):
+            raise ValueError(f"RegionFeatures: inconsistent shapes for {r} regions")
+        if int(self.counts.sum()) != len(self.features):
+            raise ValueError(f"RegionFeatures: counts sum to {int(self.counts.sum())}, features has {len(self.features)}")
+
+    @property
+    def num_regions(self) -> int:
+        return int(self.counts.shape[0])
+
+    def region(self, r: int) -> LocalFeatures:
+        start = int(self.counts[:r].sum())
+        return self.features.select(slice(start, start + int(self.counts[r])))
