@@ -20,10 +20,11 @@ import numpy as np
 from d2r._validate import as_counts, as_descriptors
 from d2r.codebook import Codebook
 from d2r.kernels.aggregate import combine_regions, group_residuals, normalize_words
-from d2r.kernels.binary import pack_bits
+from d2r.kernels.binary import as_words64, pack_bits
 from d2r.kernels.match import asmk_score, asmk_star_score
 
 KERNELS = ("vlad", "asmk", "asmk_star")
+_NO_WEIGHTS = np.zeros(0, np.float64)
 L2_EPSILON = 1e-12  # on the squared norm, as tf.nn.l2_normalize
 MIN_WORD_NORM = 1e-6  # ASMK drops words whose aggregated residual is not larger than this
 
@@ -190,26 +191,25 @@ def similarity(a: Aggregated, b: Aggregated, alpha: float = 3.0, tau: float = 0.
     weights = idf_weights(idf, a.num_words)
     if a.words.shape[0] == 0 or b.words.shape[0] == 0:
         return -1.0
-    wa = a.words.astype(np.int64)
-    wb = b.words.astype(np.int64)
+    wa, wb = a.words, b.words
     if a.kernel == "asmk":
         s = asmk_score(wa, a.descriptors, wb, b.descriptors, float(alpha), float(tau), bool(tau_inclusive),
                        weights)
     else:
-        s = asmk_star_score(wa, a.bits, wb, b.bits, a.dim, float(alpha), float(tau), bool(tau_inclusive),
+        s = asmk_star_score(wa, as_words64(a.bits), wb, as_words64(b.bits), a.dim, float(alpha), float(tau), bool(tau_inclusive),
                             weights)
     if normalize:
         if weights.shape[0]:
             s /= np.sqrt(weights[wa].sum() * weights[wb].sum())
         else:
-            s /= np.sqrt(float(wa.shape[0]) * float(wb.shape[0]))
+            s /= (float(wa.shape[0]) * float(wb.shape[0])) ** 0.5
     return float(s)
 
 
 def idf_weights(idf, num_words: int) -> np.ndarray:
     """Per-word weights w_c = idf_c² as (K,) float64, or an empty array when ``idf`` is None."""
     if idf is None:
-        return np.zeros(0, np.float64)
+        return _NO_WEIGHTS
     idf = np.asarray(idf, dtype=np.float64)
     if idf.shape != (num_words,):
         raise ValueError(f"idf: expected shape ({num_words},), got {idf.shape}")

@@ -127,3 +127,13 @@ def test_selectivity_strict_and_inclusive():
     assert km.selectivity(0.5, 3.0, 0.5, False) == 0.0
     assert km.selectivity(0.5, 3.0, 0.5, True) == pytest.approx(0.125)
     assert km.selectivity(-0.5, 3.0, -1.0, False) == pytest.approx(-0.125)
+
+
+def test_popcount_on_uint64_views_equals_bytes():
+    rng = np.random.default_rng(7)
+    rows = rng.integers(0, 256, size=(30, 16)).astype(np.uint8)
+    wide = kb.as_words64(rows)
+    assert wide.dtype == np.uint64 and wide.shape == (30, 2)
+    for i in range(29):
+        assert kb.hamming(wide[i], wide[i + 1]) == kb.hamming(rows[i], rows[i + 1]) == ref.hamming(rows[i], rows[i + 1])
+    assert kb.as_words64(rows[:, :3]).dtype == np.uint8  # 3 bytes: no 64-bit view

@@ -3,16 +3,16 @@
 import numpy as np
 from numba import njit
 
-from d2r.kernels.binary import popcount8
+from d2r.kernels.binary import popcount
 
 
 @njit(cache=True, inline="always")
 def selectivity(u, alpha, tau, tau_inclusive):
     """σ(u) = sign(u)·|u|^α if u > τ (or u ≥ τ when inclusive), else 0."""
     if u > tau or (tau_inclusive and u == tau):
-        if u >= 0.0:
-            return u ** alpha
-        return -((-u) ** alpha)
+        a = abs(u)
+        p = a * a * a if alpha == 3.0 else a ** alpha  # α = 3 is the default: skip pow
+        return p if u >= 0.0 else -p
     return 0.0
 
 
@@ -47,12 +47,12 @@ def asmk_score(words_a, desc_a, words_b, desc_b, alpha, tau, tau_inclusive, weig
 
 @njit(cache=True)
 def asmk_star_score(words_a, bits_a, words_b, bits_b, dim, alpha, tau, tau_inclusive, weights):
-    """Like :func:`asmk_score` with u = 1 − 2·hamming(a_c, b_c)/D on packed binary signatures."""
+    """Like :func:`asmk_score` with u = 1 − 2·hamming(a_c, b_c)/D on packed signatures (uint8, or uint64 views)."""
     i = 0
     j = 0
     total = 0.0
     use_w = weights.shape[0] > 0
-    nbytes = bits_a.shape[1]
+    chunks = bits_a.shape[1]
     while i < words_a.shape[0] and j < words_b.shape[0]:
         wa = words_a[i]
         wb = words_b[j]
@@ -62,8 +62,8 @@ def asmk_star_score(words_a, bits_a, words_b, bits_b, dim, alpha, tau, tau_inclu
             j += 1
         else:
             h = 0
-            for t in range(nbytes):
-                h += popcount8(np.int64(bits_a[i, t] ^ bits_b[j, t]))
+            for t in range(chunks):
+                h += popcount(bits_a[i, t] ^ bits_b[j, t])
             u = 1.0 - 2.0 * h / dim
             s = selectivity(u, alpha, tau, tau_inclusive)
             total += s * weights[wa] if use_w else s
