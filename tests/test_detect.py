@@ -1,5 +1,5 @@
-"""SavedModelDetector on real TensorFlow SavedModels built here: a TF1 graph with the official D2R tensor names
-and a TF2 Object Detection API style ``serving_default`` export, both computing scores from the input image."""
+"""SavedModelDetector on real TensorFlow SavedModels built here: a TF1 graph with the official D2R tensor
+names and a TF2 Object Detection API style ``serving_default`` export, both scoring from the input image."""
 
 import math
 
@@ -88,7 +88,8 @@ def test_detector_boxes_scores_classes(which, request):
     assert isinstance(out, Detections)
     np.testing.assert_array_equal(out.boxes, np.array([expected_pixels(b) for b in BOXES[:3]], np.float32))
     np.testing.assert_array_equal(out.boxes[0], [12, 5, 40, 28])
-    np.testing.assert_array_equal(out.boxes[2], [16, 15, 48, 5])  # not clipped/fixed here: the region stage drops it
+    # not clipped/fixed here: the region stage drops it
+    np.testing.assert_array_equal(out.boxes[2], [16, 15, 48, 5])
     np.testing.assert_allclose(out.scores, [0.8, 0.2, 0.1], rtol=1e-6)
     np.testing.assert_array_equal(out.classes, [1, 2, 1])
     assert out.boxes.dtype == np.float32 and out.scores.dtype == np.float32 and out.classes.dtype == np.int64
@@ -102,7 +103,8 @@ def test_detector_scores_follow_the_input_and_order(which, request):
     np.testing.assert_allclose(out.scores, [0.8, 0.2], rtol=1e-6)
     np.testing.assert_array_equal(out.boxes, [[0, 0, 64, 50], [12, 5, 40, 28]])
     np.testing.assert_array_equal(out.classes, [2, 1])
-    assert len(SavedModelDetector(request.getfixturevalue(which), score_threshold=0.9).detect(image_with_mean(51))) == 0
+    strict = SavedModelDetector(request.getfixturevalue(which), score_threshold=0.9)
+    assert len(strict.detect(image_with_mean(51))) == 0
 
 
 def test_detector_grayscale_and_empty_image(tf1_model):

@@ -1,4 +1,4 @@
-"""The :class:`Detections` record every detector and region proposer returns, and the box helpers they share."""
+"""The :class:`Detections` record every detector and region proposer returns, and shared box helpers."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ class Detections:
     """Boxes found in one image, best first.
 
     Attributes:
-        boxes: (B, 4) float32 [x1, y1, x2, y2] in pixels of the image given to ``detect`` (integer-valued for the
-            official detectors: min corner floored, max corner ceiled). Not clipped to the image: the region
-            stage clips and drops degenerate boxes.
+        boxes: (B, 4) float32 [x1, y1, x2, y2] in pixels of the image given to ``detect`` (integer-valued for
+            the official detectors: min corner floored, max corner ceiled). Not clipped to the image: the
+            region stage clips and drops degenerate boxes.
         scores: (B,) float32 confidence in [0, 1].
         classes: (B,) int64 class index (detector class; grid level for the grid proposer; 1 otherwise).
 
@@ -31,7 +31,8 @@ class Detections:
         if self.boxes.shape != (b, 4):
             raise ValueError(f"Detections: boxes must be (B, 4) for B={b} scores, got {self.boxes.shape}")
         if self.scores.shape != (b,) or self.classes.shape != (b,):
-            raise ValueError(f"Detections: scores/classes must be ({b},), got {self.scores.shape} / {self.classes.shape}")
+            raise ValueError(
+                f"Detections: scores/classes must be ({b},), got {self.scores.shape} / {self.classes.shape}")
 
     @classmethod
     def create(cls, boxes, scores, classes=None) -> "Detections":
@@ -73,7 +74,7 @@ def normalized_to_pixels(boxes, height: int, width: int) -> np.ndarray:
 
 
 def sanitize_boxes(boxes, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
-    """Make pixel boxes safe to crop: snap outwards to whole pixels, clip to the image, drop the unusable ones.
+    """Make pixel boxes safe to crop: snap outwards to whole pixels, clip to the image, drop unusable ones.
 
     A box is dropped when a coordinate is NaN/inf, or when, after clipping to [0, W] × [0, H], it has zero or
     negative area (this includes boxes entirely outside the image and boxes given as x2 < x1).
@@ -100,8 +101,8 @@ def sanitize_boxes(boxes, width: int, height: int) -> tuple[np.ndarray, np.ndarr
 def select_top(detections: Detections, score_threshold: float | None, max_boxes: int | None) -> Detections:
     """Keep boxes with score >= ``score_threshold`` (official: inclusive), best ``max_boxes`` first.
 
-    Sorting is stable by descending score, so a detector that already orders its output (the TF Object Detection
-    API does) keeps its order and the official box numbering. NaN scores never pass.
+    Sorting is stable by descending score, so a detector that already orders its output (the TF Object
+    Detection API does) keeps its order and the official box numbering. NaN scores never pass.
     """
     scores = detections.scores
     keep = np.isfinite(scores)
@@ -131,7 +132,7 @@ def check_fraction(name: str, value, low_open: bool = False) -> float:
 
 
 def as_image(image, name: str = "image") -> np.ndarray:
-    """Validate an image array for detection: (H, W, 3) or (H, W) (grayscale, repeated to 3 channels) uint8."""
+    """Validate an image for detection: (H, W, 3) or (H, W) (grayscale, repeated to 3 channels) uint8."""
     if not isinstance(image, np.ndarray):
         raise ValueError(f"{name}: expected a numpy array, got {type(image).__name__}")
     if image.dtype != np.uint8:

@@ -23,9 +23,10 @@ from d2r.detect.base import Detections, as_image, check_fraction, check_max_boxe
 def grid_positions(length: int, side: int, overlap: float) -> np.ndarray:
     """Left (or top) coordinates of squares of ``side`` px tiling a side of ``length`` px.
 
-    Our rule: the fewest evenly spaced squares, the first flush with 0 and the last flush with ``length``, such
-    that consecutive squares overlap by at least ``overlap`` of their side: n = 1 + ceil((length - side) /
-    (side · (1 - overlap))); positions floor(i · (length - side) / (n - 1)), i = 0..n-1. (0 <= overlap < 1.)
+    Our rule: the fewest evenly spaced squares, the first flush with 0 and the last flush with ``length``,
+    such that consecutive squares overlap by at least ``overlap`` of their side:
+    n = 1 + ceil((length - side) / (side · (1 - overlap))); positions floor(i · (length - side) / (n - 1)),
+    i = 0..n-1 (0 <= overlap < 1).
     """
     span = length - side
     if span <= 0:
@@ -98,8 +99,9 @@ class DensityProposer:
 
     1. Take the ``num_keypoints`` strongest keypoints (by score): those of ``features`` when given (reuses an
        extractor's output), else OpenCV SIFT keypoints of the image (detector response as score).
-    2. Count them on a coarse grid (``grid`` cells along the longer side), sum over 3×3 neighbourhoods, and mark
-       cells whose smoothed count is >= ``density_factor`` × the mean smoothed count.
+    2. Count them on a coarse grid (``grid`` cells along the longer side) and mark the cells whose count, and
+       whose count summed over the 3×3 neighbourhood, are both >= ``density_factor`` × their mean over the
+       grid (the neighbourhood sum discards isolated busy cells).
     3. Each 8-connected component of marked cells holding >= ``min_keypoints`` strong keypoints gives one box:
        the bounding box of its keypoints, grown by ``margin`` × its size (at least half a cell) on every side,
        clipped to the image and snapped outwards to whole pixels.
@@ -117,7 +119,8 @@ class DensityProposer:
         if int(grid) < 2:
             raise ValueError(f"grid must be >= 2, got {grid!r}")
         if int(num_keypoints) < 1 or int(min_keypoints) < 1:
-            raise ValueError(f"num_keypoints and min_keypoints must be >= 1, got {num_keypoints}, {min_keypoints}")
+            raise ValueError(
+                f"num_keypoints and min_keypoints must be >= 1, got {num_keypoints}, {min_keypoints}")
         if not float(density_factor) > 0:
             raise ValueError(f"density_factor must be > 0, got {density_factor!r}")
         if not 0 <= float(margin) <= 10:
@@ -140,7 +143,7 @@ class DensityProposer:
         return loc, np.array([k.response for k in kps], np.float64)
 
     def detect(self, image, features=None) -> Detections:
-        """Boxes for ``image`` ((H, W[, 3]) uint8); ``features`` (LocalFeatures of this image) skips detection."""
+        """Boxes for ``image`` ((H, W[, 3]) uint8); ``features`` (its LocalFeatures) skips detection."""
         image = np.asarray(image)
         if image.ndim not in (2, 3):
             raise ValueError(f"image: expected shape (H, W[, C]), got {image.shape}")
@@ -177,7 +180,8 @@ class DensityProposer:
         np.add.at(counts, (cy, cx), 1.0)
         padded = np.pad(counts, 1)
         smooth = sum(padded[dy:dy + gh, dx:dx + gw] for dy in range(3) for dx in range(3))
-        dense = (smooth >= self.density_factor * smooth.mean()) & (counts > 0)
+        f = self.density_factor
+        dense = (smooth >= f * smooth.mean()) & (counts >= f * counts.mean())
         num, labels = cv2.connectedComponents(dense.astype(np.uint8), connectivity=8)
         point_label = labels[cy, cx]
         image_area = float(width) * float(height)
@@ -205,7 +209,8 @@ class DensityProposer:
         return Detections.create(boxes, np.array(box_scores, np.float32)[order])
 
     def __repr__(self) -> str:
-        return f"DensityProposer(grid={self.grid}, num_keypoints={self.num_keypoints}, max_boxes={self.max_boxes})"
+        return (f"DensityProposer(grid={self.grid}, num_keypoints={self.num_keypoints}, "
+                f"max_boxes={self.max_boxes})")
 
 
 class NoProposer:
@@ -245,4 +250,5 @@ def get_proposer(name_or_path, **kwargs):
         from d2r.detect.savedmodel import SavedModelDetector
 
         return SavedModelDetector(path, **kwargs)
-    raise ValueError(f"unknown proposer {key!r}: expected one of {sorted(PROPOSERS)} or a SavedModel directory")
+    raise ValueError(
+        f"unknown proposer {key!r}: expected one of {sorted(PROPOSERS)} or a SavedModel directory")

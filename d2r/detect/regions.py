@@ -65,11 +65,13 @@ def _detect(proposer, image, whole: LocalFeatures) -> Detections:
     else:
         dets = proposer.detect(image)
     if not isinstance(dets, Detections):
-        raise TypeError(f"{type(proposer).__name__}.detect returned {type(dets).__name__}, expected Detections")
+        raise TypeError(
+            f"{type(proposer).__name__}.detect returned {type(dets).__name__}, expected Detections")
     return dets
 
 
-def extract_regions(image, extractor, proposer=None, reextract: bool = True, name: str = "image") -> ImageRegions:
+def extract_regions(image, extractor, proposer=None, reextract: bool = True,
+                    name: str = "image") -> ImageRegions:
     """Describe ``image`` region by region: whole image first, then each box of ``proposer``.
 
     Args:
@@ -85,12 +87,13 @@ def extract_regions(image, extractor, proposer=None, reextract: bool = True, nam
     Returns:
         ImageRegions (a RegionFeatures): R = 1 + kept boxes; boxes (R, 4) float32 with [0, 0, W, H] first;
         box_ids = index of the box in the proposer's Detections (-1 for the whole image; equal to the official
-        box numbering unless boxes were dropped); box_scores (1.0 for the whole image). Regions without features
-        have count 0.
+        box numbering unless boxes were dropped); box_scores (1.0 for the whole image). Regions without
+        features have count 0.
     """
-    if not isinstance(image, np.ndarray) or image.ndim not in (2, 3) or image.shape[0] == 0 or image.shape[1] == 0:
+    if not isinstance(image, np.ndarray) or image.ndim not in (2, 3) or 0 in image.shape[:2]:
         shape = getattr(image, "shape", None)
-        raise ValueError(f"{name}: expected a non-empty (H, W[, C]) image array, got {type(image).__name__} {shape}")
+        raise ValueError(
+            f"{name}: expected a non-empty (H, W[, C]) image array, got {type(image).__name__} {shape}")
     h, w = int(image.shape[0]), int(image.shape[1])
     dim = int(extractor.dim)
     t0 = time.perf_counter()
@@ -171,7 +174,7 @@ class RegionTable:
         return int(self.names.shape[0])
 
     def to_csv(self, path=None) -> str:
-        """The official mapping CSV (header ``name,index_image_id,box_id``); written atomically if ``path``."""
+        """Official mapping CSV (header ``name,index_image_id,box_id``); written atomically if ``path``."""
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(["name", "index_image_id", "box_id"])

@@ -5,7 +5,7 @@ Two export flavours are understood:
 * TF1 SavedModels addressed by tensor name, like the official D2R detectors (``d2r_frcnn_20190411``,
   ``d2r_mnetssd_20190411``): input ``input_images:0`` uint8 [1, H, W, 3]; outputs ``detection_boxes:0``
   [1, N, 4] normalised [ymin, xmin, ymax, xmax], ``detection_scores:0`` [1, N], ``detection_classes:0`` [1, N]
-  and optionally ``num_detections:0`` [1] (these are the names the official ``delf`` detector wrapper feeds and
+  and optionally ``num_detections:0`` [1] (the names the official ``delf`` detector wrapper feeds and
   fetches). Classic TF1 OD API exports whose input is ``image_tensor:0`` work the same way.
 * TF2 OD API exports: the ``serving_default`` signature with one image input (``input_tensor``, uint8
   [1, H, W, 3]) returning a dict with the same ``detection_*`` keys.
@@ -39,7 +39,8 @@ class SavedModelDetector:
         signature: signature to call on models without the TF1 tensor names (default ``serving_default``).
 
     Raises:
-        ValueError: the path is not a SavedModel, or the model has neither the TF1 input tensor nor the signature.
+        ValueError: the path is not a SavedModel, or the model has neither the TF1 input tensor nor the
+            signature.
     """
 
     uses_features = False
@@ -86,7 +87,8 @@ class SavedModelDetector:
         signatures = getattr(model, "signatures", {})
         if self.signature not in signatures:
             raise ValueError(
-                f"{self.path}: no input tensor {' / '.join(INPUT_TENSORS)} and no '{self.signature}' signature "
+                f"{self.path}: no input tensor {' / '.join(INPUT_TENSORS)} "
+                f"and no '{self.signature}' signature "
                 f"(signatures: {sorted(signatures)})"
             )
         fn = signatures[self.signature]
