@@ -35,7 +35,11 @@ class SavedModelDetector:
     Args:
         path: SavedModel directory (holding ``saved_model.pb``).
         score_threshold: keep boxes with score >= this (the official D2R index extraction uses >= 0.1).
-        max_boxes: keep at most this many boxes (best first); None keeps all.
+        max_boxes: keep at most this many boxes (best first); None keeps all (as the official code, whose
+            detectors return at most 100 boxes anyway).
+
+    Outputs past ``num_detections`` (when the model has it) are padding and ignored; the official wrapper does
+    not fetch it, but OD API padding has score 0, so the selected boxes are the same.
         signature: signature to call on models without the TF1 tensor names (default ``serving_default``).
 
     Raises:
