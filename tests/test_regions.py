@@ -308,3 +308,32 @@ def test_region_table_and_official_mapping_csv(photo, sift, tmp_path):
     assert len(region_table([], [])) == 0
     with pytest.raises(ValueError, match="2 image ids but 1"):
         region_table(["a", "b"], [a])
+
+
+def test_regions_config_builds_proposers(tmp_path):
+    from d2r.detect import RegionsConfig
+
+    cfg = RegionsConfig.from_dict({"proposer": "grid", "max_boxes": 3, "options": {"levels": 2}})
+    prop = cfg.build_proposer()
+    assert isinstance(prop, GridProposer) and prop.levels == 2 and prop.max_boxes == 3
+    assert cfg.to_dict() == {"proposer": "grid", "score_threshold": 0.1, "max_boxes": 3, "reextract": True,
+                             "options": {"levels": 2}}
+    assert isinstance(RegionsConfig().build_proposer(), NoProposer)
+    assert isinstance(RegionsConfig(proposer="density").build_proposer(), DensityProposer)
+    with pytest.raises(ValueError, match="unknown"):
+        RegionsConfig.from_dict({"detector": "grid"})
+    with pytest.raises(ValueError, match="unknown proposer"):
+        RegionsConfig(proposer=str(tmp_path / "missing")).build_proposer()
+
+
+def test_regions_feed_regional_aggregation(photo, sift):
+    from d2r.aggregate import Aggregator
+    from d2r.codebook import Codebook
+
+    rf = extract_regions(photo, sift, FixedBoxes(BOXES))
+    codebook = Codebook(rf.features.descriptors[::17][:16].copy())
+    agg = Aggregator(codebook, "asmk_star")
+    regional = agg(rf.features.descriptors, regions=rf.counts)
+    assert regional.num_regions == rf.num_regions == 4 and len(regional) > 0
+    per_region = agg.per_region(rf.features.descriptors, rf.counts)
+    assert len(per_region) == 4 and per_region[3].is_empty and not per_region[1].is_empty

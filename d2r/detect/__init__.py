@@ -4,6 +4,7 @@ Importing this package does not import TensorFlow (``SavedModelDetector`` import
 """
 
 from d2r.detect.base import Detections, normalized_to_pixels, sanitize_boxes
+from d2r.detect.config import RegionsConfig
 from d2r.detect.proposers import PROPOSERS, DensityProposer, GridProposer, NoProposer, get_proposer
 from d2r.detect.regions import ImageRegions, RegionTable, extract_regions, region_table
 from d2r.detect.savedmodel import SavedModelDetector
@@ -16,6 +17,7 @@ __all__ = [
     "NoProposer",
     "PROPOSERS",
     "RegionTable",
+    "RegionsConfig",
     "SavedModelDetector",
     "extract_regions",
     "get_proposer",
