@@ -279,3 +279,19 @@ def test_killed_writer_leaves_previous_state(tmp_path):
         base = [i for i in got.ids if str(i).startswith("base")]
         assert base == [i for i in reference.ids if i in set(base)]
     assert "saving" in outcomes  # at least one kill landed during save
+
+
+def test_add_aggregated_equals_add():
+    rng = np.random.default_rng(11)
+    cents = _unit(rng, 32, 16)
+    agg = Aggregator(cents, "asmk_star")
+    a = Database.create(None, d2r.Codebook(cents), mode="search")
+    b = Database.create(None, d2r.Codebook(cents), mode="search")
+    for i in range(10):
+        x = _unit(rng, 40, 16)
+        a.add(i, x, [10, 30])
+        b.add_aggregated(i, agg.per_region(x, [10, 30]))
+    q = _unit(rng, 30, 16)
+    np.testing.assert_array_equal(a.search(q, 10).scores, b.search(q, 10).scores)
+    with pytest.raises(ValueError, match="query is asmk"):
+        b.add_aggregated(99, Aggregator(cents, "asmk")(q))

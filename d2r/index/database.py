@@ -235,6 +235,22 @@ class Database:
             records = [self._agg(x, assignments=assignments)]
         else:
             records = self._agg.per_region(x, regions, assignments=assignments)
+        self._append(image_id, key, records)
+
+    def add_aggregated(self, image_id, records) -> None:
+        """Index one image from records aggregated elsewhere (e.g. in parallel workers): one
+        :class:`Aggregated` in aggregation mode, or a list of them (one per region) in search mode."""
+        key = self._key(image_id)
+        if key in self._id_index():
+            raise ValueError(f"image {image_id!r} is already in the database (remove it first)")
+        records = [records] if isinstance(records, Aggregated) else list(records)
+        if self.mode == "aggregation" and len(records) != 1:
+            raise ValueError(f"aggregation mode takes one record per image, got {len(records)}")
+        for r in records:
+            self._as_query(r)  # same kernel, K and D
+        self._append(image_id, key, records)
+
+    def _append(self, image_id, key, records) -> None:
         local = len(self._pending_ids)
         self._pending_ids.append(key)
         self._pending_items.extend((local, r, rec) for r, rec in enumerate(records))
