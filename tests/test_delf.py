@@ -195,8 +195,10 @@ def test_from_saved_model_errors(tmp_path, tiny_delf):
     dlf = DELF.from_keras(model=tiny_delf, config=DELFConfig(scales=(1.0,)))
     dlf.export(tmp_path / "m")
     with pytest.raises(ValueError, match="PCA"):
-        DELF.from_saved_model(tmp_path / "m")  # use_pca on by default, no PCA shipped
-    assert DELF.from_saved_model(tmp_path / "m", DELFConfig(use_pca=False)).dim == 16
+        DELF.from_saved_model(tmp_path / "m", DELFConfig())  # paper config wants a PCA; none shipped
+    back = DELF.from_saved_model(tmp_path / "m")  # default: the config saved with the export
+    assert back.config == dlf.config and back.dim == 16
+    assert DELF.from_saved_model(tmp_path / "m", max_features=7).config.max_features == 7
 
     class Other(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec([None], tf.float32)])
@@ -263,3 +265,31 @@ def test_resnet50_delf_construction(rng):
     assert f.descriptors.shape == (20, 1024) and dlf.dim == 1024
     with pytest.raises(FileNotFoundError):
         build_delf_model("resnet50", weights="/no/such/weights.h5")
+
+
+def test_cli_extract_with_exported_delf(tiny_delf, tmp_path, rng, capsys):
+    import json
+
+    from PIL import Image
+
+    from d2r.cli import main
+    from d2r.features import FeatureStore, get_extractor
+
+    dlf = DELF.from_keras(model=tiny_delf, config=DELFConfig(scales=(0.5, 1.0), score_threshold=0.0))
+    dlf.fit_pca([rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)], dim=4)
+    dlf.export(tmp_path / "m")
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
+    (imgs / "bad.jpg").write_bytes(b"junk")
+    argv = ["extract", "--images", str(imgs), "--features", "delf", "--model", str(tmp_path / "m"),
+            "--out", str(tmp_path / "s"), "--max-features", "30", "--quiet", "--json"]
+    assert main(argv) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert (s["extracted"], s["failed"]) == (3, 1)
+    store = FeatureStore.open(tmp_path / "s")
+    assert store.dim == 4 and store.extractor["name"] == "delf"
+    ref = get_extractor("delf", model=tmp_path / "m", scales=(0.5, 1.0), score_threshold=0.0, max_features=30)
+    f = ref.extract(imgs / "1.png")
+    np.testing.assert_allclose(store.get("1").descriptors, f.descriptors, atol=1e-6)

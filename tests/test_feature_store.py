@@ -187,3 +187,52 @@ def test_region_fn_and_pairs(tmp_path, image_dir, rng):
 def test_ordered_map_keeps_order():
     items = list(range(50))
     assert list(_ordered_map(lambda i: i * i, items, 4)) == [i * i for i in items]
+
+
+def test_cli_extract_json_and_resume(tmp_path, image_dir, capsys):
+    from d2r.cli import main
+
+    out = tmp_path / "store"
+    argv = ["extract", "--images", str(image_dir), "--features", "rootsift", "--out", str(out),
+            "--max-features", "50", "--workers", "2", "--quiet", "--json"]
+    assert main(argv) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert (s["images"], s["extracted"], s["skipped"], s["failed"]) == (8, 8, 0, 0) and s["seconds"] >= 0
+    store = FeatureStore.open(out)
+    assert len(store) == 8 and all(len(f) <= 50 for _, f in store)
+    assert store.extractor["config"]["max_features"] == 50
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] == 8
+    # a different extractor config must not be mixed into the same store
+    assert main(argv[:-5] + ["100", "--quiet", "--json"]) == 1
+    assert "fingerprint" in capsys.readouterr().err
+
+
+def test_cli_extract_usage_errors(tmp_path, image_dir, capsys):
+    from d2r.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["extract", "--images", str(image_dir), "--features", "nope", "--out", str(tmp_path / "s")])
+    assert e.value.code == 2
+    assert main(["extract", "--images", str(tmp_path / "missing"), "--features", "rootsift",
+                 "--out", str(tmp_path / "s"), "--quiet"]) == 1
+
+
+def test_get_extractor_registry():
+    from d2r.features import get_extractor
+
+    ex = get_extractor("rootsift", max_features=10)
+    assert isinstance(ex, RootSIFT) and ex.config.max_features == 10
+    with pytest.raises(ValueError, match="unknown extractor"):
+        get_extractor("surf")
+    with pytest.raises(ValueError, match="model"):
+        get_extractor("delf")
+
+
+def test_import_does_not_load_tensorflow():
+    import subprocess
+    import sys
+
+    code = "import sys, d2r.features, d2r.cli.extract; print('tensorflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

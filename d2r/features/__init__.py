@@ -14,19 +14,21 @@ EXTRACTORS = ("rootsift", "delf")
 
 def get_extractor(name: str, model=None, pca=None, **kw):
     """Build an extractor by name: ``"rootsift"`` (``model`` must be None) or ``"delf"`` (``model`` = path of
-    a DELF SavedModel, official or exported by d2r; ``pca`` = folder with the PCA files)."""
+    a DELF SavedModel, official or exported by d2r; ``pca`` = folder with the PCA files, default: the ``pca``
+    folder beside the model). Keyword arguments are config fields (``max_features=500``, ...)."""
     key = str(name).lower()
     if key == "rootsift":
         if model is not None:
             raise ValueError("rootsift takes no model")
         return RootSIFT(pca=pca, **kw)
     if key == "delf":
-        from d2r.features.delf import DELF, DELFConfig
+        from d2r.features.delf import DELF
 
         if model is None:
             raise ValueError("delf needs --model PATH (a DELF SavedModel folder)")
-        config = DELFConfig(**kw) if kw else None
-        return DELF.from_saved_model(model, config=config, pca=pca)
+        if pca is None:
+            pca = "auto" if kw.get("use_pca", True) else None
+        return DELF.from_saved_model(model, pca=pca, **kw)
     raise ValueError(f"unknown extractor {name!r}; known: {list(EXTRACTORS)}")
 
 

@@ -324,10 +324,13 @@ class DELF:
 
     def __init__(self, runner, raw_dim: int, config: DELFConfig | None = None, pca=None, source: str = "",
                  model_hash: str = "", keras_model=None, rf=None):
-        self.config = config or DELFConfig()
+        config = config or DELFConfig()
         self._runner = runner
         self.raw_dim = int(raw_dim)
-        self.pca = load_pca(pca, dim=self.config.pca_dim) if pca is not None else None
+        self.pca = load_pca(pca, dim=config.pca_dim) if pca is not None else None
+        if self.pca is not None and self.pca.dim != config.pca_dim:
+            config = config.replace(pca_dim=self.pca.dim)  # a PCA object carries its own dimension
+        self.config = config
         if self.config.use_pca and self.pca is None:
             raise ValueError("DELF: use_pca is on but no PCA was given (pass pca=FOLDER or use_pca=False)")
         if self.pca is not None and self.pca.input_dim != self.raw_dim:
@@ -339,7 +342,7 @@ class DELF:
 
     # ------------------------------------------------------------------------------------ constructors
     @classmethod
-    def from_saved_model(cls, path, config: DELFConfig | None = None, pca="auto") -> "DELF":
+    def from_saved_model(cls, path, config: DELFConfig | None = None, pca="auto", **overrides) -> "DELF":
         """Load a DELF SavedModel by path and run it by its serving signature.
 
         Supported: TF1 hub-format exports (the D2R ``delf_gld_20190411`` model: tensors ``input_image:0``,
@@ -347,14 +350,19 @@ class DELF:
         ``scales:0``, ``scores:0``), TF2 exports with a ``serving_default`` signature or an ``ExtractFeatures``
         function, and :meth:`export` output. ``pca``: a PCA, a folder with ``mean.datum`` /
         ``pca_proj_mat.datum``, None, or ``"auto"`` (``PATH/pca`` or ``PATH/../pca`` if present).
+        ``config`` defaults to the config saved by :meth:`export` (else the paper's); ``overrides`` replace
+        single fields of it (``max_features=500``).
         """
         import tensorflow as tf
 
         path = Path(path)
         if not (path / "saved_model.pb").exists() and not (path / "saved_model.pbtxt").exists():
             raise FileNotFoundError(f"{path}: not a SavedModel folder (no saved_model.pb)")
-        config = config or DELFConfig()
         meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}
+        if config is None:
+            config = DELFConfig.from_dict(meta["config"]) if "config" in meta else DELFConfig()
+        if overrides:
+            config = config.replace(**overrides)
         if isinstance(pca, str) and pca == "auto":
             pca = None
             for cand in (path / "pca", path.parent / "pca"):
