@@ -13,6 +13,7 @@ from d2r.eval.revisitop import (
     load_gnd,
     per_query_metrics,
     precision_recall_at,
+    ranks_from_scores,
 )
 from d2r.eval.revisitop import evaluate as evaluate_revisitop
 
@@ -28,6 +29,7 @@ __all__ = [
     "per_query_metrics",
     "precision_recall_at",
     "read_predictions",
+    "ranks_from_scores",
     "read_solution",
     "revisitop",
     "write_predictions",

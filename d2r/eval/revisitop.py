@@ -236,6 +236,19 @@ def positive_ranks(row: np.ndarray, positives: np.ndarray, junk: np.ndarray, num
     return ranks.astype(np.int64)
 
 
+def ranks_from_scores(scores) -> np.ndarray:
+    """(num_queries, num_db) similarity scores -> (num_queries, num_db) int64 ranks, best first.
+
+    Equal scores are ordered by lower database index (a stable sort of the negated scores), so a ranking built from
+    tied scores is reproducible. NaN scores rank last.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 2:
+        raise ValueError(f"scores: expected (num_queries, num_db), got shape {s.shape}")
+    key = np.where(np.isnan(s), np.inf, -s)
+    return np.argsort(key, axis=1, kind="stable").astype(np.int64)
+
+
 def _rows(ranks, num_queries: int, num_db: int) -> list[np.ndarray]:
     if isinstance(ranks, np.ndarray) and ranks.ndim == 2:
         if ranks.shape[0] != num_queries:
