@@ -103,7 +103,8 @@ def main():
     ap.add_argument("--pairs", type=int, default=20)
     ap.add_argument("--skimage-pairs", type=int, default=5, help="pairs timed with the official recipe (slow)")
     ap.add_argument("--source", choices=("synthetic", "dev"), default="synthetic")
-    ap.add_argument("--dev-root", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared/data/instance_bench_dev")
+    dev_root = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "instance_bench_dev"
+    ap.add_argument("--dev-root", type=Path, default=dev_root)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 

@@ -17,7 +17,6 @@ For a score-sorted input this is the official order except for where junk lands,
 from __future__ import annotations
 
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -63,7 +62,9 @@ class RerankConfig(Config):
         if not self.descriptor_distance > 0:
             raise ValueError(f"RerankConfig.descriptor_distance must be > 0, got {self.descriptor_distance}")
         if self.min_matches < 3:
-            raise ValueError(f"RerankConfig.min_matches must be >= 3 (an affine sample has 3 points), got {self.min_matches}")
+            raise ValueError(
+                f"RerankConfig.min_matches must be >= 3 (an affine sample has 3 points), got {self.min_matches}"
+            )
         if not self.residual_threshold > 0:
             raise ValueError(f"RerankConfig.residual_threshold must be > 0, got {self.residual_threshold}")
         if self.max_trials < 1:

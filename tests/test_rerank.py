@@ -125,7 +125,7 @@ def make_candidate(rng, q, n_in, n_out):
 
 
 def make_pair(rng, n_in, n_out, n_extra=50, dim=32):
-    """A query with n_in + n_out + n_extra features and a candidate (``make_candidate``); the extra ones match nothing."""
+    """A query of n_in + n_out + n_extra features and a ``make_candidate``; the extra ones match nothing."""
     n = n_in + n_out + n_extra
     q = _feats(rng.uniform([0, 0], [640, 480], (n, 2)), _unit(rng.normal(size=(n, dim))))
     return q, make_candidate(rng, q, n_in, n_out)

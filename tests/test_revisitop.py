@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from scipy.io import savemat
 
-from d2r.eval import revisitop as rv
 from d2r.eval.revisitop import GroundTruth, QueryGroundTruth, compute_ap, evaluate, load_gnd, ranks_from_scores
 
 
@@ -198,7 +197,11 @@ def _write_mat(path, imlist, qimlist, entries):
             gnd[0, i][key] = np.asarray(e[key], dtype=np.float64).reshape(1, -1)
     savemat(
         str(path),
-        {"imlist": np.array(imlist, dtype=object).reshape(-1, 1), "qimlist": np.array(qimlist, dtype=object).reshape(-1, 1), "gnd": gnd},
+        {
+            "imlist": np.array(imlist, dtype=object).reshape(-1, 1),
+            "qimlist": np.array(qimlist, dtype=object).reshape(-1, 1),
+            "gnd": gnd,
+        },
     )
 
 

@@ -252,8 +252,12 @@ def ranks_from_scores(scores) -> np.ndarray:
 def _rows(ranks, num_queries: int, num_db: int) -> list[np.ndarray]:
     if isinstance(ranks, np.ndarray) and ranks.ndim == 2:
         if ranks.shape[0] != num_queries:
-            hint = " (revisitop's (num_db, num_queries) layout must be transposed)" if ranks.shape[1] == num_queries else ""
-            raise ValueError(f"ranks: expected (num_queries={num_queries}, <= num_db={num_db}), got {ranks.shape}{hint}")
+            hint = ""
+            if ranks.shape[1] == num_queries:
+                hint = " (revisitop's (num_db, num_queries) layout must be transposed)"
+            raise ValueError(
+                f"ranks: expected (num_queries={num_queries}, <= num_db={num_db}), got {ranks.shape}{hint}"
+            )
         rows = list(ranks)
     else:
         rows = list(ranks)
