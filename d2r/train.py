@@ -111,6 +111,114 @@ def sample_descriptors(source, per_image: int = 300, max_total: int = 1_000_000,
     return np.ascontiguousarray(x), info
 
 
+def _extractor_provenance(info: dict, pca_fingerprint=None) -> dict:
+    out = {"feature": info.get("name"), "feature_config": info.get("config", {}),
+           "feature_fingerprint": info.get("fingerprint")}
+    pca = pca_fingerprint or info.get("pca_fingerprint") or (info.get("config") or {}).get("pca_fingerprint")
+    if pca:
+        out["pca_fingerprint"] = pca
+    return out
+
+
+def load_training_descriptors(*, store=None, images=None, descriptors=None, feature: str | None = None,
+                              model=None, pca=None, dim: int | None = None, per_image: int = 300,
+                              max_total: int = 1_000_000, seed: int = 0, progress: bool = True):
+    """Gather training descriptors from exactly one source and describe where they came from.
+
+    store: a feature-store folder (:class:`d2r.features.FeatureStore`); images: a folder (searched recursively)
+    or a list file, features extracted on the fly with ``get_extractor(feature or "rootsift", model, pca)``
+    (an image that fails is logged and skipped); descriptors: an (N, D) float32 ``.npy`` file or array.
+    ``feature`` / ``dim``, when given, must agree with the store's extractor / the data (else ValueError).
+    Returns ``(descriptors float32 (n, D), metadata dict)``: feature, feature_config, feature_fingerprint,
+    pca_fingerprint (when known), training_source, training_images, training_descriptors_seen, samples.
+    """
+    given = [name for name, v in (("store", store), ("images", images), ("descriptors", descriptors))
+             if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of store, images, descriptors (got {given or 'none'})")
+    meta: dict = {}
+    if descriptors is not None:
+        if isinstance(descriptors, (str, Path)):
+            path = Path(descriptors)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: descriptor file not found")
+            try:
+                arr = np.load(path, allow_pickle=False, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"{path}: not a .npy array ({exc})") from None
+            name = str(path)
+            meta["training_source"] = str(path)
+        else:
+            arr, name = descriptors, "descriptors"
+            meta["training_source"] = "array"
+        x = as_descriptors(arr, name=name)
+        if x.shape[0] == 0:
+            raise ValueError(f"{name}: no descriptors (N = 0)")
+        if x.shape[0] > max_total:
+            x = x[np.sort(np.random.default_rng([seed, 8]).choice(x.shape[0], max_total, replace=False))]
+        if feature is not None:
+            meta["feature"] = feature
+        meta.update(training_descriptors_seen=int(arr.shape[0]), samples=int(x.shape[0]))
+    elif store is not None:
+        from d2r.features import FeatureStore
+
+        path = Path(store)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: feature store not found")
+        fs = FeatureStore.open(path)
+        info = fs.extractor
+        if feature is not None and str(info.get("name", "")).lower() != feature.lower():
+            raise ValueError(f"{path}: the store holds {info.get('name')!r} features, not {feature!r}")
+        if dim is not None and fs.dim != int(dim):
+            raise ValueError(f"{path}: the store holds D={fs.dim} descriptors, expected D={dim}")
+        if len(fs) == 0:
+            raise ValueError(f"{path}: the feature store is empty")
+        x, sinfo = sample_descriptors(fs, per_image=per_image, max_total=max_total, seed=seed, progress=progress)
+        if x.shape[1] != fs.dim:
+            raise ValueError(f"{path}: manifest says D={fs.dim} but descriptors have D={x.shape[1]}")
+        meta.update(_extractor_provenance(info))
+        meta.update(training_source=str(path), training_images=sinfo["images_used"],
+                    training_descriptors_seen=sinfo["descriptors_seen"], samples=sinfo["samples"])
+    else:
+        from d2r.features import get_extractor, list_images
+
+        extractor = get_extractor(feature or "rootsift", model=model, pca=pca)
+        pairs = list_images(images)
+        if not pairs:
+            raise ValueError(f"{images}: no images found")
+        failed: list[str] = []
+
+        def extracted():
+            for image_id, p in pairs:
+                try:
+                    yield image_id, extractor.extract(p)
+                except Exception as exc:  # one bad image never kills the run
+                    log.warning("%s: feature extraction failed: %s", p, exc)
+                    failed.append(str(image_id))
+
+        class _Sized:  # lets sample_descriptors spread the quota evenly over the images
+            def __len__(self):
+                return len(pairs)
+
+            def __iter__(self):
+                return extracted()
+
+        x, sinfo = sample_descriptors(_Sized(), per_image=per_image, max_total=max_total, seed=seed,
+                                      progress=progress)
+        info = extractor.info() if hasattr(extractor, "info") else {
+            "name": extractor.name, "config": {}, "fingerprint": extractor.fingerprint(), "dim": extractor.dim}
+        pca_obj = getattr(extractor, "pca", None)
+        meta.update(_extractor_provenance(info, pca_obj.fingerprint() if pca_obj is not None else None))
+        meta.update(training_source=str(images), training_images=sinfo["images_used"],
+                    training_images_failed=len(failed), training_descriptors_seen=sinfo["descriptors_seen"],
+                    samples=sinfo["samples"])
+        if x.shape[1] != extractor.dim:
+            raise ValueError(f"{extractor.name} extractor says D={extractor.dim}, descriptors have D={x.shape[1]}")
+    if dim is not None and x.shape[1] != int(dim):
+        raise ValueError(f"{meta.get('training_source')}: descriptors have D={x.shape[1]}, expected D={dim}")
+    return x, meta
+
+
 # ---- k-means ---------------------------------------------------------------------------------------------
 def _data_hash(x: np.ndarray) -> str:
     h = hashlib.sha256(f"{x.shape[0]}x{x.shape[1]}:".encode())
@@ -201,7 +309,7 @@ def train_codebook(descriptors, k: int, *, iterations: int = 20, init: str = "au
         iterations: Lloyd iterations, or mini-batch epochs (passes over the data). Stops earlier when the
             centroids stop changing, or when the relative inertia decrease falls below ``tol`` (> 0).
         init: "k-means++" (scikit-learn's, on a subsample of ``init_sample`` points), "random" (k distinct
-            points) or "auto" (k-means++ for k ≤ 2048, random above).
+            points), "auto" (k-means++ for k ≤ 2048, random above) or a (k, D) array of initial centroids.
         method: "lloyd" (exact assignment + mean update; inertia never increases) or "minibatch" (Sculley's
             per-centre learning rate, batches of ``batch_size``, default max(8192, 2k)).
         checkpoint: path of an .npz written after every iteration (atomically); if it exists and matches this
@@ -233,8 +341,14 @@ def train_codebook(descriptors, k: int, *, iterations: int = 20, init: str = "au
         raise ValueError(f"iterations must be ≥ 1, got {iterations}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    given_init = None
+    if not isinstance(init, str):
+        given_init = as_descriptors(init, d, name="init")
+        if given_init.shape[0] != k:
+            raise ValueError(f"init: expected {k} initial centroids, got {given_init.shape[0]}")
+        init = "array:" + _data_hash(given_init)
+    elif init not in INITS:
+        raise ValueError(f"init must be one of {INITS} or a (k, D) array, got {init!r}")
     if init == "auto":
         init = "k-means++" if k <= AUTO_KMEANSPP_MAX_K else "random"
     if method == "minibatch":
@@ -261,7 +375,10 @@ def train_codebook(descriptors, k: int, *, iterations: int = 20, init: str = "au
         done, converged = int(state["header"]["done"]), bool(state["header"]["converged"])
         log.info("resuming k-means from %s after %d iteration(s)", ckpt, done)
     else:
-        centroids = _initial_centroids(x, k, init, seed, init_sample)
+        if given_init is not None:
+            centroids = given_init.copy()
+        else:
+            centroids = _initial_centroids(x, k, init, seed, init_sample)
         if method == "minibatch":
             centroids = centroids.astype(np.float64)
     resumed_from = done
@@ -390,5 +507,5 @@ def check_codebook(codebook: Codebook, *, dim: int | None = None, feature: str |
                          f"features use PCA {pca_fingerprint}")
 
 
-__all__ = ["train_codebook", "sample_descriptors", "reseed_empty", "default_codebook_name", "check_codebook",
+__all__ = ["train_codebook", "sample_descriptors", "load_training_descriptors", "reseed_empty", "default_codebook_name", "check_codebook",
            "METHODS", "INITS"]
