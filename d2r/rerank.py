@@ -119,7 +119,8 @@ def geometric_verification(
     """Inlier count of each candidate against the query: int64 (len(candidates),).
 
     Empty query or candidate features give 0. Deterministic: the same inputs give the same counts whatever the
-    thread count or the order of the candidates.
+    thread count or the order of the candidates. Runs ``config.workers`` threads itself and limits BLAS to one
+    thread process-wide meanwhile, so parallelise over queries by processes, not threads.
     """
     config = (config or RerankConfig()).validate()
     candidates = list(candidates)
