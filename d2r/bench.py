@@ -1,0 +1,521 @@
+"""Benchmark runners: revisitop (ROxford5k / RParis6k, our dev set) and GLDv2 retrieval, one call each.
+
+    result = run_revisitop("gnd_roxford5k.pkl", "data/roxford5k/jpg", BenchConfig.from_file("cfg.yaml"), "runs/x")
+
+Steps: database features (whole image + the regions of ``config.regions``, re-extracted on crops) and query
+features (cropped to the rounded ``bbx`` when the ground truth gives one, never split into regions) are extracted
+into feature stores under the cache folder (resumable: an interrupted run picks up where it stopped); a codebook is
+loaded (``codebook.path``) or trained with k-means on ``codebook_images`` (the academic convention: the OTHER
+dataset) or, without it, on the database images themselves (recorded as ``codebook_trained_on`` in the output
+config), and cached; the :class:`~d2r.index.Database` is built in ``OUT/index``; every query is searched, optionally
+re-ranked by geometric verification (``verify``, with each protocol's junk, as the official code), and evaluated.
+
+Cache keys are hashes of what determines the content (extractor config, regions config, image root, ground truth,
+codebook options), so several configs sharing one cache folder reuse each other's features and codebooks.
+Outputs in ``OUT``: ``metrics.json`` (the result dict), ``config.yaml`` (the resolved config), ``index/``,
+``ranks.npy`` (revisitop, database indices best first per query) or ``predictions.csv`` (GLDv2).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from d2r import _io
+from d2r.codebook import Codebook
+from d2r.engine import EngineConfig
+from d2r.features.base import LocalFeatures, RegionFeatures
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg", ".JPG", ".PNG", ".JPEG")
+
+
+@dataclass
+class BenchConfig(EngineConfig):
+    """An :class:`~d2r.engine.EngineConfig` (same YAML sections: features, regions, codebook, index, rerank,
+    batch_size, workers) plus what only a benchmark needs.
+
+    Attributes:
+        verify: re-rank the top ``rerank.num_to_rerank`` by geometric verification (off by default here; the
+            engine verifies at search time).
+        codebook_images: folder / list file of the images a codebook is trained on (academic convention: the
+            other dataset); None trains on the database images. Ignored when ``codebook.path`` is set.
+        top_k: search depth; None ranks the whole database (revisitop) or the top 100 (GLDv2).
+    """
+
+    verify: bool = False
+    codebook_images: str | None = None
+    top_k: int | None = None
+
+
+def load_config(path=None, overrides: dict | None = None) -> BenchConfig:
+    """The config of a run: the YAML/JSON file ``path`` (or the defaults), then ``overrides`` applied.
+
+    ``overrides`` maps dotted keys to values (``{"index.kernel": "asmk", "features.options.max_features": 300}``);
+    None values are skipped (a command-line flag that was not given). Keys under ``*.options`` may be new.
+    """
+    config = BenchConfig.from_file(path) if path is not None else BenchConfig()
+    data = config.to_dict()
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        parts = key.split(".")
+        node = data
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                raise ValueError(f"override {key!r}: no section {p!r}")
+            node = node[p]
+        if parts[-1] not in node and parts[-2:-1] != ["options"]:
+            raise ValueError(f"override {key!r}: no option {parts[-1]!r}")
+        node[parts[-1]] = value
+    return BenchConfig.from_dict(data)
+
+
+# ---- paths and queries ---------------------------------------------------------------------------------------
+def resolve_image(root, name: str) -> Path:
+    """The file of image ``name`` under ``root``: ``root/name`` if it exists (names relative to the folder, as in
+    our dev data), else ``root/name`` + .jpg/.png/.jpeg (revisitop ``imlist`` names carry no extension).
+    FileNotFoundError names the image and the paths tried."""
+    root = Path(root)
+    base = root / name
+    if base.is_file():
+        return base
+    tried = [base]
+    for suffix in IMAGE_SUFFIXES:
+        p = root / (name + suffix)
+        if p.is_file():
+            return p
+        tried.append(p)
+    raise FileNotFoundError(f"image {name!r} not found under {root} (tried {', '.join(str(t) for t in tried[:3])}, ...)")
+
+
+def gldv2_path(root, image_id: str) -> Path:
+    """GLDv2 layout ``root/a/b/c/<id>.jpg`` (first three characters of the id), else ``root/<id>.jpg``."""
+    root = Path(root)
+    nested = root / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg" if len(image_id) >= 3 else None
+    if nested is not None and nested.is_file():
+        return nested
+    return resolve_image(root, image_id)
+
+
+def query_box(bbx):
+    """revisitop query crop: the box [x1, y1, x2, y2] rounded to whole pixels (as the official query extraction
+    does before ``PIL.Image.crop``), or None for the whole image."""
+    if bbx is None:
+        return None
+    b = np.asarray(bbx, dtype=np.float64).reshape(-1)
+    if b.size == 0:
+        return None
+    if b.size != 4 or not np.all(np.isfinite(b)):
+        raise ValueError(f"bbx must be four finite numbers x1, y1, x2, y2, got {bbx!r}")
+    return tuple(int(round(v)) for v in b)
+
+
+def crop_query(image, bbx, name: str = "query") -> np.ndarray:
+    """Load ``image`` and crop it to the rounded ``bbx`` (clipped to the image); the whole image when None."""
+    from d2r.engine import crop
+    from d2r.features.image import load_image
+
+    pixels = load_image(image)
+    box = query_box(bbx)
+    return pixels if box is None else crop(pixels, box, name=name)
+
+
+# ---- caching -------------------------------------------------------------------------------------------------
+def _key(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _regions_key(config: BenchConfig):
+    r = config.regions
+    return "none" if str(r.proposer).lower() == "none" else r.to_dict()
+
+
+def _features_key(extractor):
+    """What determines the features: the extractor's fingerprint (name, config, PCA, model)."""
+    return extractor.fingerprint()
+
+
+class _Timer:
+    def __init__(self):
+        self.timing: dict[str, float] = {}
+
+    def __call__(self, name):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.timing[name] = round(timer.timing.get(name, 0.0) + time.perf_counter() - self.t0, 3)
+
+        return _Ctx()
+
+
+class _Pipeline:
+    """Shared steps of both protocols (features, codebook, index, search, verification)."""
+
+    def __init__(self, config: BenchConfig, out, cache=None, progress: bool = True):
+        self.config = config
+        self.out = Path(out)
+        self.cache = Path(cache) if cache is not None else self.out / "cache"
+        self.progress = progress
+        self.timer = _Timer()
+        self.notes: dict = {}
+        self._extractor = None
+
+    @property
+    def extractor(self):
+        if self._extractor is None:
+            self._extractor = self.config.features.build()
+        return self._extractor
+
+    def _workers(self) -> int:
+        return max(1, int(self.config.workers))
+
+    def database_store(self, pairs, root):
+        """Feature store of the database images (with regions when configured); extracted when missing."""
+        from d2r.features.store import FeatureStore, extract_to_store
+
+        name = "db-" + _key(_features_key(self.extractor), _regions_key(self.config), str(Path(root).resolve()))
+        path = self.cache / name
+        region_fn = None
+        if _regions_key(self.config) != "none":
+            from d2r.detect.regions import extract_regions
+            from d2r.features.image import load_image
+
+            proposer = self.config.regions.build_proposer()
+            reextract = self.config.regions.reextract
+
+            def region_fn(image_id, source, extractor):
+                return extract_regions(load_image(source), extractor, proposer, reextract=reextract,
+                                       name=str(image_id))
+
+        with self.timer("extract_database"):
+            report = extract_to_store(pairs, self.extractor, path, region_fn=region_fn, progress=self.progress,
+                                      workers=self._workers(), shard_size=max(1, self.config.batch_size))
+        self.notes["database_extraction"] = report
+        return FeatureStore.open(path)
+
+    def query_store(self, items, key_parts):
+        """Feature store of the queries: ``items`` = [(query_id, path, bbx or None)]; cropped, no regions."""
+        from d2r.features.store import FeatureStore, extract_to_store
+
+        path = self.cache / ("queries-" + _key(_features_key(self.extractor), key_parts))
+        boxes = {qid: bbx for qid, _, bbx in items}
+
+        def crop_fn(image_id, source, extractor):
+            return extractor.extract(crop_query(source, boxes[image_id], name=str(image_id)))
+
+        with self.timer("extract_queries"):
+            report = extract_to_store([(q, p) for q, p, _ in items], self.extractor, path, region_fn=crop_fn,
+                                      progress=self.progress, workers=self._workers(),
+                                      shard_size=max(1, self.config.batch_size))
+        self.notes["query_extraction"] = report
+        return FeatureStore.open(path)
+
+    def codebook(self, db_store, db_root) -> Codebook:
+        """The configured codebook file, or one trained (and cached) on ``codebook_images`` / the database."""
+        c = self.config.codebook
+        if c.path is not None:
+            self.notes["codebook_trained_on"] = f"given: {c.path}"
+            return Codebook.load(c.path)
+        from d2r.train import sample_descriptors, train_codebook
+
+        source = self.config.codebook_images
+        train_on = str(Path(source).resolve()) if source else f"database images ({Path(db_root).resolve()})"
+        self.notes["codebook_trained_on"] = train_on
+        params = {k: v for k, v in c.to_dict().items() if k != "path"}
+        path = self.cache / f"codebook-k{c.size}-{_key(_features_key(self.extractor), params, train_on)}.npz"
+        if path.is_file():
+            self.notes["codebook_cached"] = str(path)
+            return Codebook.load(path)
+        if source:
+            from d2r.features.image import list_images
+            from d2r.features.store import FeatureStore, extract_to_store
+
+            tpath = self.cache / ("train-" + _key(_features_key(self.extractor), train_on))
+            with self.timer("extract_codebook_images"):
+                extract_to_store(list_images(source), self.extractor, tpath, progress=self.progress,
+                                 workers=self._workers())
+            store = FeatureStore.open(tpath)
+        else:
+            store = db_store
+        with self.timer("train_codebook"):
+            x, _ = sample_descriptors(store, per_image=c.sample_per_image, max_total=c.max_samples, seed=c.seed,
+                                      progress=self.progress)
+            k = min(c.size, x.shape[0])
+            if k < c.size:
+                log.warning("only %d training descriptors: %d words instead of %d", x.shape[0], k, c.size)
+            book, _ = train_codebook(x, k, iterations=c.iterations, seed=c.seed, progress=self.progress,
+                                     metadata={"feature": self.extractor.name, "trainset": train_on,
+                                               "feature_fingerprint": self.extractor.fingerprint()})
+        self.cache.mkdir(parents=True, exist_ok=True)
+        book.save(path)
+        return book
+
+    def build_index(self, book: Codebook, db_store, ids):
+        """A fresh database in OUT/index holding ``ids`` (in this order) from the store."""
+        from d2r.index.database import Database
+
+        path = self.out / "index"
+        if path.exists():
+            shutil.rmtree(path)
+        c = self.config.index
+        with self.timer("index"):
+            db = Database.create(path, book, kernel=c.kernel, mode=c.mode, alpha=c.alpha, tau=c.tau,
+                                 tau_inclusive=c.tau_inclusive, normalize=c.normalize,
+                                 num_assignments=c.num_assignments, query_num_assignments=c.query_num_assignments,
+                                 idf=c.idf)
+
+            def items():
+                for image_id in ids:
+                    f = db_store.get(image_id)
+                    if isinstance(f, RegionFeatures):
+                        yield image_id, f.features.descriptors, f.counts
+                    else:
+                        yield image_id, f.descriptors, None
+
+            db.add_batch(items(), progress=self.progress)
+            db.save()
+        return db
+
+    def search(self, db, queries: list[np.ndarray], depth: int):
+        with self.timer("search"):
+            return db.search_batch(queries, top_k=depth, workers=self._workers())
+
+
+def whole_image(features) -> LocalFeatures:
+    """The whole-image features of a stored item (region 0 of RegionFeatures, as the engine stores them)."""
+    if isinstance(features, RegionFeatures):
+        whole = np.flatnonzero(np.asarray(features.box_ids) == -1)
+        return features.region(int(whole[0]) if whole.size else 0)
+    return features
+
+
+def order_by_inliers(ids, scores, inliers: dict, num_to_rerank: int, junk=()):
+    """The order :func:`d2r.rerank.rerank` gives, from inlier counts computed once for several junk lists.
+
+    The first ``num_to_rerank`` ids not in ``junk`` are sorted by (inliers, initial score) descending, ties in
+    input order; everything else follows in input order. ``inliers``: id -> count for (at least) those ids.
+    Returns (ids, scores, inliers with -1 for unverified)."""
+    ids = np.asarray(ids)
+    sc = np.asarray(scores, np.float64)
+    junk = set(junk)
+    chosen = np.array([i for i, x in enumerate(ids.tolist()) if x not in junk][:num_to_rerank], np.int64)
+    inl = np.full(len(ids), -1, np.int64)
+    if chosen.size:
+        inl[chosen] = [inliers[x] for x in ids[chosen].tolist()]
+    order = chosen[np.lexsort((chosen, -sc[chosen], -inl[chosen]))] if chosen.size else chosen
+    rest = np.setdiff1d(np.arange(len(ids)), chosen, assume_unique=True)
+    final = np.concatenate([order, rest]).astype(np.int64)
+    return ids[final], sc[final], inl[final]
+
+
+def verify_candidates(query: LocalFeatures, candidate_ids, get_features, config) -> dict:
+    """Inlier count of each candidate id (geometric verification, :func:`d2r.rerank.geometric_verification`)."""
+    from d2r.rerank import geometric_verification
+
+    candidate_ids = list(candidate_ids)
+    if not candidate_ids:
+        return {}
+    counts = geometric_verification(query, [get_features(i) for i in candidate_ids], config)
+    return dict(zip(candidate_ids, counts.tolist()))
+
+
+def _finish(pipe: _Pipeline, result: dict, extra_outputs: dict) -> dict:
+    config_dict = pipe.config.to_dict()
+    config_dict["codebook_trained_on"] = pipe.notes.get("codebook_trained_on")
+    result["config"] = config_dict
+    result["timing"] = pipe.timer.timing
+    result["notes"] = {k: v for k, v in pipe.notes.items() if k != "codebook_trained_on"}
+    pipe.out.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    _io.write_bytes(pipe.out / "config.yaml", yaml.safe_dump(config_dict, sort_keys=False).encode())
+    for name, (kind, value) in extra_outputs.items():
+        if kind == "npy":
+            _io.save_npy(pipe.out / name, value)
+    _io.write_json(pipe.out / "metrics.json", result)
+    return result
+
+
+# ---- revisitop -----------------------------------------------------------------------------------------------
+def run_revisitop(gnd, images_root, config: BenchConfig | None = None, out="bench-run", cache=None,
+                  query_in_database: bool | None = None, progress: bool = True) -> dict:
+    """Run the revisitop protocol end to end; returns (and writes to OUT/metrics.json) the result dict.
+
+    Args:
+        gnd: ``gnd_*.pkl`` / ``.mat`` path (or a loaded :class:`~d2r.eval.revisitop.GroundTruth`).
+        images_root: folder holding ``imlist`` / ``qimlist`` images (names with or without extension).
+        query_in_database: queries are database images, each junk for itself; None: auto (every ``bbx`` is None
+            and every query name is in ``imlist``, as in our dev data).
+        cache: feature/codebook cache folder (default OUT/cache); share it between configs.
+
+    Returns ``{"easy"|"medium"|"hard": {"mAP", "mP@1", "mP@5", "mP@10", "mR@k", "num_queries"} (percent),
+    "before_rerank": {...} (only with ``verify``), "index": database info, "timing": seconds per step,
+    "config": resolved config + ``codebook_trained_on``, "dataset": counts, "notes": extraction reports}``.
+    """
+    from d2r.eval.revisitop import PROTOCOLS, GroundTruth, evaluate, load_gnd
+
+    t_start = time.perf_counter()
+    config = config or BenchConfig()
+    g = gnd if isinstance(gnd, GroundTruth) else load_gnd(gnd)
+    gnd_key = str(Path(gnd).resolve()) if not isinstance(gnd, GroundTruth) else _key(g.qimlist)
+    root = Path(images_root)
+    if query_in_database is None:
+        names = set(g.imlist)
+        query_in_database = all(q.bbx is None for q in g.gnd) and all(n in names for n in g.qimlist)
+    pipe = _Pipeline(config, out, cache, progress)
+
+    db_pairs = [(name, resolve_image(root, name)) for name in g.imlist]
+    db_store = pipe.database_store(db_pairs, root)
+    missing = [n for n in g.imlist if n not in db_store]
+    if missing:
+        log.warning("%d database image(s) could not be extracted (ranked last), e.g. %s", len(missing), missing[0])
+
+    # Queries: a query that is itself a database image with no box reuses its whole-image database features.
+    reuse = query_in_database and all(q.bbx is None for q in g.gnd)
+    if reuse:
+        query_feats = [whole_image(db_store.get(n)) if n in db_store else LocalFeatures.empty(db_store.dim)
+                       for n in g.qimlist]
+        pipe.notes["queries"] = "whole-image features of the database images"
+    else:
+        items = [(name, resolve_image(root, name), q.bbx) for name, q in zip(g.qimlist, g.gnd)]
+        qstore = pipe.query_store(items, [str(root.resolve()), gnd_key])
+        query_feats = [qstore.get(n) if n in qstore else LocalFeatures.empty(qstore.dim) for n in g.qimlist]
+        pipe.notes["queries"] = "extracted separately, cropped to bbx" if any(
+            q.bbx is not None for q in g.gnd) else "extracted separately (whole image)"
+
+    book = pipe.codebook(db_store, root)
+    ids = [n for n in g.imlist if n in db_store]
+    db = pipe.build_index(book, db_store, ids)
+    depth = int(config.top_k) if config.top_k else len(ids)
+    rankings = pipe.search(db, [q.descriptors for q in query_feats], max(depth, 1))
+    position = {n: i for i, n in enumerate(g.imlist)}
+    ranks = [np.array([position[i] for i in r.ids.tolist()], np.int64) for r in rankings]
+
+    with pipe.timer("evaluate"):
+        metrics = evaluate(ranks, g, query_in_database=query_in_database)
+    result: dict = {}
+    extra = {}
+    if config.verify and config.rerank.num_to_rerank > 0:
+        result["before_rerank"] = metrics
+        rr = config.rerank.validate()
+        junk_lists = {p: g.protocol(p, query_in_database=query_in_database)[1] for p in PROTOCOLS}
+        reranked = {p: [] for p in PROTOCOLS}
+        verified = 0
+        from tqdm.auto import tqdm
+
+        with pipe.timer("rerank"):
+            for qi in tqdm(range(g.num_queries), desc="verifying", unit="query", disable=not progress):
+                ranked = ranks[qi]
+                scores = rankings[qi].scores
+                cands: list[int] = []
+                for p in PROTOCOLS:
+                    jk = set(junk_lists[p][qi].tolist())
+                    cands.extend([x for x in ranked.tolist() if x not in jk][: rr.num_to_rerank])
+                cands = list(dict.fromkeys(cands))
+                verified += len(cands)
+                inl = verify_candidates(query_feats[qi], cands, lambda i: whole_image(db_store.get(g.imlist[i])),
+                                        rr)
+                for p in PROTOCOLS:
+                    new_ids, _, _ = order_by_inliers(ranked, scores, inl, rr.num_to_rerank,
+                                                     junk_lists[p][qi].tolist())
+                    reranked[p].append(new_ids)
+        pipe.notes["pairs_verified"] = verified
+        with pipe.timer("evaluate"):
+            for p in PROTOCOLS:
+                metrics = {**metrics, p: evaluate(reranked[p], g, protocols=[p],
+                                                  query_in_database=query_in_database)[p]}
+        extra["ranks_reranked_medium.npy"] = ("npy", _pad(reranked["medium"], depth))
+    result.update({p: metrics[p] for p in PROTOCOLS})
+    result["index"] = db.info()
+    result["dataset"] = {"gnd": gnd_key, "images_root": str(root), "num_db": g.num_db, "indexed": len(ids),
+                         "num_queries": g.num_queries, "query_in_database": bool(query_in_database)}
+    pipe.timer.timing["total"] = round(time.perf_counter() - t_start, 3)
+    pipe.timer.timing["search_ms_per_query"] = round(1000 * pipe.timer.timing["search"] / max(g.num_queries, 1), 3)
+    extra["ranks.npy"] = ("npy", _pad(ranks, depth))
+    return _finish(pipe, result, extra)
+
+
+def _pad(rows, depth: int) -> np.ndarray:
+    """Rows of (possibly) different lengths as one int64 array padded with -1."""
+    out = np.full((len(rows), depth), -1, np.int64)
+    for i, r in enumerate(rows):
+        out[i, :min(depth, len(r))] = r[:depth]
+    return out
+
+
+# ---- GLDv2 ---------------------------------------------------------------------------------------------------
+def read_ids(path) -> list[str]:
+    """The ``id`` column of a GLDv2 ``index.csv`` / ``test.csv`` (the first column when there is no ``id``)."""
+    path = Path(path)
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise ValueError(f"{path}: empty CSV")
+    header = rows[0]
+    col = header.index("id") if "id" in header else 0
+    ids = [r[col] for r in rows[1:] if r and r[col]]
+    if not ids:
+        raise ValueError(f"{path}: no image ids")
+    return ids
+
+
+def run_gldv2(index_csv, test_csv, solution_csv, images_root, config: BenchConfig | None = None,
+              out="bench-run", cache=None, progress: bool = True, index_root=None, test_root=None) -> dict:
+    """Run the GLDv2 retrieval protocol end to end: index the ``index.csv`` images, search every ``test.csv``
+    image (whole image), optionally verify, write ``OUT/predictions.csv`` (top 100) and evaluate it with the
+    official metric (:func:`d2r.eval.gldv2.evaluate`). Images at ``ROOT/a/b/c/<id>.jpg`` (``index_root`` /
+    ``test_root`` default to ``images_root``). Returns ``{"public": {...}, "private": {...}, "timing", ...}``."""
+    from d2r.eval.gldv2 import evaluate, read_solution, write_predictions
+
+    t_start = time.perf_counter()
+    config = config or BenchConfig()
+    solution = read_solution(solution_csv)
+    index_ids = read_ids(index_csv)
+    test_ids = read_ids(test_csv)
+    iroot = Path(index_root or images_root)
+    troot = Path(test_root or images_root)
+    pipe = _Pipeline(config, out, cache, progress)
+    db_store = pipe.database_store([(i, gldv2_path(iroot, i)) for i in index_ids], iroot)
+    qstore = pipe.query_store([(i, gldv2_path(troot, i), None) for i in test_ids],
+                              [str(troot.resolve()), str(Path(test_csv).resolve())])
+    book = pipe.codebook(db_store, iroot)
+    ids = [i for i in index_ids if i in db_store]
+    db = pipe.build_index(book, db_store, ids)
+    depth = int(config.top_k) if config.top_k else 100
+    query_feats = [qstore.get(i) if i in qstore else LocalFeatures.empty(qstore.dim) for i in test_ids]
+    rankings = pipe.search(db, [q.descriptors for q in query_feats], max(depth, 1))
+    ranked = [[str(x) for x in r.ids.tolist()] for r in rankings]
+    result: dict = {}
+    if config.verify and config.rerank.num_to_rerank > 0:
+        rr = config.rerank.validate()
+        result["before_rerank"] = evaluate(dict(zip(test_ids, ranked)), solution)
+        with pipe.timer("rerank"):
+            for qi, q in enumerate(query_feats):
+                cands = ranked[qi][: rr.num_to_rerank]
+                inl = verify_candidates(q, cands, lambda i: whole_image(db_store.get(i)), rr)
+                new_ids, _, _ = order_by_inliers(np.array(ranked[qi], dtype=object), rankings[qi].scores, inl,
+                                                 rr.num_to_rerank)
+                ranked[qi] = [str(x) for x in new_ids.tolist()]
+    pipe.out.mkdir(parents=True, exist_ok=True)
+    write_predictions(pipe.out / "predictions.csv", test_ids, ranked, max_predictions=100)
+    with pipe.timer("evaluate"):
+        result.update(evaluate(pipe.out / "predictions.csv", solution))
+    result["index"] = db.info()
+    result["dataset"] = {"index_csv": str(index_csv), "test_csv": str(test_csv), "solution_csv": str(solution_csv),
+                         "num_index": len(index_ids), "indexed": len(ids), "num_test": len(test_ids)}
+    pipe.timer.timing["total"] = round(time.perf_counter() - t_start, 3)
+    return _finish(pipe, result, {})
