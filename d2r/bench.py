@@ -95,7 +95,8 @@ def resolve_image(root, name: str) -> Path:
         if p.is_file():
             return p
         tried.append(p)
-    raise FileNotFoundError(f"image {name!r} not found under {root} (tried {', '.join(str(t) for t in tried[:3])}, ...)")
+    shown = ", ".join(str(t) for t in tried[:3])
+    raise FileNotFoundError(f"image {name!r} not found under {root} (tried {shown}, ...)")
 
 
 def gldv2_path(root, image_id: str) -> Path:
