@@ -503,7 +503,8 @@ def run_gldv2(index_csv, test_csv, solution_csv, images_root, config: BenchConfi
     result: dict = {}
     if config.verify and config.rerank.num_to_rerank > 0:
         rr = config.rerank.validate()
-        result["before_rerank"] = evaluate(dict(zip(test_ids, ranked)), solution)
+        scored = set(solution.public) | set(solution.private)
+        result["before_rerank"] = evaluate({t: r for t, r in zip(test_ids, ranked) if t in scored}, solution)
         with pipe.timer("rerank"):
             for qi, q in enumerate(query_feats):
                 cands = ranked[qi][: rr.num_to_rerank]
