@@ -77,7 +77,9 @@ class EngineConfig(Config):
     regions: RegionsConfig = field(default_factory=RegionsConfig)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     index: DatabaseConfig = field(default_factory=DatabaseConfig)
-    rerank: RerankConfig = field(default_factory=RerankConfig)
+    # 0.5: the RootSIFT descriptor distance that separates true matches (benchmarks/results/rerank.md); the
+    # official DELF value is 0.9 (set rerank.descriptor_distance with DELF features).
+    rerank: RerankConfig = field(default_factory=lambda: RerankConfig(descriptor_distance=0.5))
     batch_size: int = 64
     workers: int = 2
 
