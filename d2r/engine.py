@@ -263,10 +263,14 @@ class Engine:
         return report
 
     def _resolve(self, images, report: IndexReport) -> list[tuple[str, Path]]:
-        from d2r.features.image import list_images
+        from d2r.features.image import IMAGE_EXTENSIONS, list_images
 
         if isinstance(images, (str, Path)):
             pairs = list_images(images)
+            if Path(images).is_dir():  # folders named like images are not silently passed over
+                for p in Path(images).rglob("*"):
+                    if p.is_dir() and p.suffix.lower() in IMAGE_EXTENSIONS:
+                        report.failed[str(p)] = self._failures[str(p)] = "is a directory, not an image file"
         else:
             pairs = []
             for item in images:
