@@ -1,0 +1,93 @@
+"""``d2r train-codebook``: train a k-means visual-word codebook from a feature store, images or descriptors."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train-codebook", help="train a k-means codebook (visual words)",
+        description="Train a k-means codebook on sampled local descriptors and write it as a d2r .npz "
+                    "(centroids + provenance metadata). See codebooks/README.md for naming and recipes.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--store", metavar="STORE", help="feature store folder")
+    src.add_argument("--images", metavar="DIR_OR_LIST",
+                     help="image folder (searched recursively) or list file; features extracted on the fly")
+    src.add_argument("--descriptors", metavar="FILE.npy", help="(N, D) float32 descriptors")
+    p.add_argument("--features", choices=("rootsift", "delf"),
+                   help="feature type (--images: extractor to run, default rootsift; --store: must match the "
+                        "store; --descriptors: recorded, and D checked for rootsift)")
+    p.add_argument("--model", metavar="PATH", help="DELF SavedModel folder (--features delf)")
+    p.add_argument("--pca", metavar="PATH", help="PCA parameters folder for the extractor")
+    p.add_argument("--dim", type=int, help="expected descriptor dimensionality D (checked)")
+    p.add_argument("--size", "-k", type=int, required=True, metavar="K", help="number of visual words")
+    p.add_argument("--out", required=True, metavar="FILE", help="output codebook .npz")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iterations", type=int, default=20, help="Lloyd iterations / mini-batch epochs (20)")
+    p.add_argument("--method", choices=("lloyd", "minibatch"), default="lloyd")
+    p.add_argument("--init", choices=("auto", "k-means++", "random"), default="auto")
+    p.add_argument("--batch-size", type=int, help="mini-batch size (default max(8192, 2K))")
+    p.add_argument("--sample-per-image", type=int, default=300, help="descriptors sampled per image (300)")
+    p.add_argument("--max-samples", type=int, default=1_000_000, help="cap on training descriptors (1,000,000)")
+    p.add_argument("--trainset", help="training-set name recorded in the metadata (default: the source path)")
+    p.add_argument("--checkpoint", metavar="PATH", help="checkpoint file, written every iteration; resumed "
+                                                         "from when it exists")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+    p.set_defaults(func=run)
+
+
+def _expected_dim(args) -> int | None:
+    if args.dim is not None:
+        if args.dim < 1:
+            raise ValueError(f"--dim must be positive, got {args.dim}")
+        return args.dim
+    if args.descriptors is not None and args.features == "rootsift":
+        if args.pca is None:
+            return 128
+        from d2r.features import get_extractor
+
+        return int(get_extractor("rootsift", pca=args.pca).dim)
+    return None
+
+
+def run(args) -> int:
+    from d2r.train import load_training_descriptors, train_codebook
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    if args.size < 1:
+        raise ValueError(f"--size must be positive, got {args.size}")
+    if args.model is not None and args.features != "delf":
+        raise ValueError("--model is only used with --features delf")
+    progress = not args.quiet
+    x, meta = load_training_descriptors(
+        store=args.store, images=args.images, descriptors=args.descriptors, feature=args.features,
+        model=args.model, pca=args.pca, dim=_expected_dim(args), per_image=args.sample_per_image,
+        max_total=args.max_samples, seed=args.seed, progress=progress)
+    if args.trainset:
+        meta["trainset"] = args.trainset
+    log.info("training K=%d on %d descriptors of D=%d", args.size, x.shape[0], x.shape[1])
+    book, info = train_codebook(x, args.size, iterations=args.iterations, init=args.init, method=args.method,
+                                seed=args.seed, batch_size=args.batch_size, checkpoint=args.checkpoint,
+                                progress=progress, metadata=meta)
+    book.save(out)
+    log.info("wrote %s (%r)", out, book)
+    summary = {"out": str(out), "k": book.size, "D": book.dim, "samples": info["samples"],
+               "images": meta.get("training_images"), "iterations": info["iterations"],
+               "inertia": info["final_inertia"], "seconds": round(info["seconds"], 3),
+               "converged": info["converged"], "resumed_from": info["resumed_from"],
+               "fingerprint": book.fingerprint}
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    elif not args.quiet:
+        print(f"{out}: K={book.size} D={book.dim} samples={info['samples']} iterations={info['iterations']} "
+              f"inertia={info['final_inertia']:.6g} fingerprint={book.fingerprint}")
+    return 0

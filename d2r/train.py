@@ -1,0 +1,511 @@
+"""Codebook training: sample local descriptors, run k-means (Lloyd or mini-batch), record provenance.
+
+The nearest-centroid step is :meth:`d2r.Codebook.assign` (BLAS shortlist + exact float64 refine); the update step
+is a numba kernel (:mod:`d2r.kernels.kmeans`). Training is deterministic for a given seed, checkpoints every
+iteration atomically, and a run resumed from its checkpoint ends bit-for-bit identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+import d2r
+from d2r import _io
+from d2r._validate import as_descriptors
+from d2r.codebook import Codebook
+from d2r.kernels.kmeans import assigned_sq_distances, cluster_sums, minibatch_update
+
+log = logging.getLogger(__name__)
+
+METHODS = ("lloyd", "minibatch")
+INITS = ("auto", "k-means++", "random")
+# "auto" picks k-means++ up to this k; above it k-means++ (cost ∝ k²) is slower than the whole Lloyd run and
+# random init (faiss's default) loses little at these sizes.
+AUTO_KMEANSPP_MAX_K = 2048
+CHECKPOINT_FORMAT = "d2r-kmeans-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+# ---- sampling --------------------------------------------------------------------------------------------
+def _descriptors_of(item, name: str) -> np.ndarray:
+    """Whole-image descriptors of one store item (LocalFeatures, RegionFeatures or an (N, D) array)."""
+    feats = item
+    if hasattr(feats, "counts") and hasattr(feats, "features"):  # RegionFeatures: keep the whole-image region
+        box_ids = np.asarray(feats.box_ids)
+        whole = np.flatnonzero(box_ids == -1)
+        if whole.size:
+            feats = feats.region(int(whole[0]))
+        else:
+            feats = feats.features
+    desc = getattr(feats, "descriptors", feats)
+    return as_descriptors(desc, name=name)
+
+
+def sample_descriptors(source, per_image: int = 300, max_total: int = 1_000_000, seed: int = 0,
+                       progress: bool = True):
+    """Sample training descriptors: at most ``per_image`` per image, at most ``max_total`` overall.
+
+    source: a feature store (iterating ``(image_id, LocalFeatures | RegionFeatures)``), a mapping
+    ``{image_id: features}``, or a sequence of ``LocalFeatures`` / (N, D) arrays. When the number of images is
+    known the per-image quota shrinks to ``max_total // images`` so every image contributes evenly.
+    Returns ``(descriptors float32 (n, D), info dict)`` with images, images_used, descriptors_seen, samples, dim.
+    Raises ValueError when nothing is found, dimensions differ between images, or an image has NaN descriptors.
+    Deterministic for a given seed and source order.
+    """
+    per_image = int(per_image)
+    max_total = int(max_total)
+    if per_image < 1 or max_total < 1:
+        raise ValueError(f"per_image and max_total must be ≥ 1, got {per_image} and {max_total}")
+    items = source.items() if isinstance(source, dict) else source
+    try:
+        n_images = len(source)
+    except TypeError:
+        n_images = None
+    quota = per_image if not n_images else min(per_image, max(1, max_total // n_images))
+    chunks: list[np.ndarray] = []
+    held = 0
+    dim = None
+    seen = used = total = 0
+    compact_rng = np.random.default_rng([seed, 7])
+    iterator = items
+    if progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(items, total=n_images, desc="sampling descriptors", unit="img")
+    for i, item in enumerate(iterator):
+        image_id, feats = item if isinstance(item, tuple) and len(item) == 2 else (i, item)
+        desc = _descriptors_of(feats, name=f"descriptors of image {image_id!r}")
+        seen += 1
+        if desc.shape[0] == 0:
+            continue
+        if dim is None:
+            dim = desc.shape[1]
+        elif desc.shape[1] != dim:
+            raise ValueError(f"image {image_id!r}: descriptors have D={desc.shape[1]}, earlier images D={dim}")
+        total += desc.shape[0]
+        used += 1
+        if desc.shape[0] > quota:
+            pick = np.sort(np.random.default_rng([seed, i]).choice(desc.shape[0], quota, replace=False))
+            desc = desc[pick]
+        chunks.append(np.array(desc, dtype=np.float32, copy=True))
+        held += desc.shape[0]
+        if held > 2 * max_total:  # unknown length: keep memory bounded by compacting to max_total
+            all_ = np.concatenate(chunks)
+            chunks = [all_[np.sort(compact_rng.choice(all_.shape[0], max_total, replace=False))]]
+            held = max_total
+    if not chunks:
+        raise ValueError(f"no descriptors found ({seen} image(s), all empty)" if seen else
+                         "no descriptors found: the source is empty")
+    x = np.concatenate(chunks)
+    if x.shape[0] > max_total:
+        x = x[np.sort(np.random.default_rng([seed, 8]).choice(x.shape[0], max_total, replace=False))]
+    info = {"images": seen, "images_used": used, "descriptors_seen": total, "samples": int(x.shape[0]),
+            "dim": int(dim)}
+    return np.ascontiguousarray(x), info
+
+
+def _extractor_provenance(info: dict, pca_fingerprint=None) -> dict:
+    out = {"feature": info.get("name"), "feature_config": info.get("config", {}),
+           "feature_fingerprint": info.get("fingerprint")}
+    pca = pca_fingerprint or info.get("pca_fingerprint") or (info.get("config") or {}).get("pca_fingerprint")
+    if pca:
+        out["pca_fingerprint"] = pca
+    return out
+
+
+def load_training_descriptors(*, store=None, images=None, descriptors=None, feature: str | None = None,
+                              model=None, pca=None, dim: int | None = None, per_image: int = 300,
+                              max_total: int = 1_000_000, seed: int = 0, progress: bool = True):
+    """Gather training descriptors from exactly one source and describe where they came from.
+
+    store: a feature-store folder (:class:`d2r.features.FeatureStore`); images: a folder (searched recursively)
+    or a list file, features extracted on the fly with ``get_extractor(feature or "rootsift", model, pca)``
+    (an image that fails is logged and skipped); descriptors: an (N, D) float32 ``.npy`` file or array.
+    ``feature`` / ``dim``, when given, must agree with the store's extractor / the data (else ValueError).
+    Returns ``(descriptors float32 (n, D), metadata dict)``: feature, feature_config, feature_fingerprint,
+    pca_fingerprint (when known), training_source, training_images, training_descriptors_seen, samples.
+    """
+    given = [name for name, v in (("store", store), ("images", images), ("descriptors", descriptors))
+             if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of store, images, descriptors (got {given or 'none'})")
+    meta: dict = {}
+    if descriptors is not None:
+        if isinstance(descriptors, (str, Path)):
+            path = Path(descriptors)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: descriptor file not found")
+            try:
+                arr = np.load(path, allow_pickle=False, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"{path}: not a .npy array ({exc})") from None
+            name = str(path)
+            meta["training_source"] = str(path)
+        else:
+            arr, name = descriptors, "descriptors"
+            meta["training_source"] = "array"
+        x = as_descriptors(arr, name=name)
+        if x.shape[0] == 0:
+            raise ValueError(f"{name}: no descriptors (N = 0)")
+        if x.shape[0] > max_total:
+            x = x[np.sort(np.random.default_rng([seed, 8]).choice(x.shape[0], max_total, replace=False))]
+        if feature is not None:
+            meta["feature"] = feature
+        meta.update(training_descriptors_seen=int(arr.shape[0]), samples=int(x.shape[0]))
+    elif store is not None:
+        from d2r.features import FeatureStore
+
+        path = Path(store)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: feature store not found")
+        fs = FeatureStore.open(path)
+        info = fs.extractor
+        if feature is not None and str(info.get("name", "")).lower() != feature.lower():
+            raise ValueError(f"{path}: the store holds {info.get('name')!r} features, not {feature!r}")
+        if dim is not None and fs.dim != int(dim):
+            raise ValueError(f"{path}: the store holds D={fs.dim} descriptors, expected D={dim}")
+        if len(fs) == 0:
+            raise ValueError(f"{path}: the feature store is empty")
+        x, sinfo = sample_descriptors(fs, per_image=per_image, max_total=max_total, seed=seed, progress=progress)
+        if x.shape[1] != fs.dim:
+            raise ValueError(f"{path}: manifest says D={fs.dim} but descriptors have D={x.shape[1]}")
+        meta.update(_extractor_provenance(info))
+        meta.update(training_source=str(path), training_images=sinfo["images_used"],
+                    training_descriptors_seen=sinfo["descriptors_seen"], samples=sinfo["samples"])
+    else:
+        from d2r.features import get_extractor, list_images
+
+        extractor = get_extractor(feature or "rootsift", model=model, pca=pca)
+        pairs = list_images(images)
+        if not pairs:
+            raise ValueError(f"{images}: no images found")
+        failed: list[str] = []
+
+        def extracted():
+            for image_id, p in pairs:
+                try:
+                    yield image_id, extractor.extract(p)
+                except Exception as exc:  # one bad image never kills the run
+                    log.warning("%s: feature extraction failed: %s", p, exc)
+                    failed.append(str(image_id))
+
+        class _Sized:  # lets sample_descriptors spread the quota evenly over the images
+            def __len__(self):
+                return len(pairs)
+
+            def __iter__(self):
+                return extracted()
+
+        x, sinfo = sample_descriptors(_Sized(), per_image=per_image, max_total=max_total, seed=seed,
+                                      progress=progress)
+        info = extractor.info() if hasattr(extractor, "info") else {
+            "name": extractor.name, "config": {}, "fingerprint": extractor.fingerprint(), "dim": extractor.dim}
+        pca_obj = getattr(extractor, "pca", None)
+        meta.update(_extractor_provenance(info, pca_obj.fingerprint() if pca_obj is not None else None))
+        meta.update(training_source=str(images), training_images=sinfo["images_used"],
+                    training_images_failed=len(failed), training_descriptors_seen=sinfo["descriptors_seen"],
+                    samples=sinfo["samples"])
+        if x.shape[1] != extractor.dim:
+            raise ValueError(f"{extractor.name} extractor says D={extractor.dim}, descriptors have D={x.shape[1]}")
+    if dim is not None and x.shape[1] != int(dim):
+        raise ValueError(f"{meta.get('training_source')}: descriptors have D={x.shape[1]}, expected D={dim}")
+    return x, meta
+
+
+# ---- k-means ---------------------------------------------------------------------------------------------
+def _data_hash(x: np.ndarray) -> str:
+    h = hashlib.sha256(f"{x.shape[0]}x{x.shape[1]}:".encode())
+    h.update(memoryview(x).cast("B"))
+    return h.hexdigest()[:16]
+
+
+def _initial_centroids(x: np.ndarray, k: int, init: str, seed: int, init_sample: int) -> np.ndarray:
+    n = x.shape[0]
+    if init == "random":
+        idx = np.sort(np.random.default_rng([seed, 0]).choice(n, k, replace=False))
+        return x[idx].copy()
+    from sklearn.cluster import kmeans_plusplus  # k-means++
+    m = min(n, max(int(init_sample), k))
+    sub = x if m == n else x[np.sort(np.random.default_rng([seed, 0]).choice(n, m, replace=False))]
+    centers, _ = kmeans_plusplus(sub, k, random_state=np.random.RandomState(seed % (2 ** 32)))
+    return np.ascontiguousarray(centers, dtype=np.float32)
+
+
+def reseed_empty(x: np.ndarray, labels: np.ndarray, sq_dist: np.ndarray, counts: np.ndarray,
+                 empty: np.ndarray) -> tuple[np.ndarray, int]:
+    """New positions for the ``empty`` clusters: each takes the farthest unused point of the currently largest
+    cluster, whose effective size then halves (so many empties spread over many large clusters).
+
+    x: (n, D) float32; labels (n,) int64; sq_dist (n,) float64 distance to the assigned centroid; counts (k,)
+    int64. Returns ``(rows float32 (len(empty), D), repaired)``; clusters that cannot be re-seeded (no cluster
+    left with ≥ 2 points) get NaN rows, which the caller keeps at their old position. Deterministic.
+    """
+    order = np.lexsort((-sq_dist, labels))  # by cluster, farthest first, ties by point index
+    starts = np.concatenate(([0], np.cumsum(counts)))
+    taken = np.zeros(counts.shape[0], np.int64)
+    heap = [(-int(c), int(j)) for j, c in enumerate(counts) if c >= 2]
+    heapq.heapify(heap)
+    rows = np.full((empty.shape[0], x.shape[1]), np.nan, np.float32)
+    repaired = 0
+    for r in range(empty.shape[0]):
+        if not heap:
+            break
+        neg, j = heapq.heappop(heap)
+        rows[r] = x[order[starts[j] + taken[j]]]
+        taken[j] += 1
+        repaired += 1
+        size = (-neg) // 2
+        if size >= 2 and taken[j] < counts[j] - 1:
+            heapq.heappush(heap, (-size, j))
+    return rows, repaired
+
+
+def _apply_reseed(centroids, x, labels, sq, counts, empty) -> int:
+    rows, repaired = reseed_empty(x, labels, sq, counts, empty)
+    ok = ~np.isnan(rows[:, 0])
+    centroids[empty[ok]] = rows[ok]
+    return repaired
+
+
+def _load_checkpoint(path: Path, expect: dict) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            header = json.loads(str(z["header"]))
+            state = {name: z[name] for name in z.files if name != "header"}
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path}: not a d2r k-means checkpoint ({exc})") from None
+    if header.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a d2r k-means checkpoint (format {header.get('format')!r})")
+    for key, value in expect.items():
+        if header.get(key) != value:
+            raise ValueError(f"{path}: checkpoint was written for {key}={header.get(key)!r}, this run has "
+                             f"{key}={value!r}; delete the checkpoint or use the same settings and data")
+    state["header"] = header
+    return state
+
+
+def _save_checkpoint(path: Path, expect: dict, done: int, converged: bool, centroids, counts, inertia,
+                     repairs) -> None:
+    header = dict(expect, format=CHECKPOINT_FORMAT, format_version=CHECKPOINT_VERSION, done=done,
+                  converged=converged)
+    _io.save_npz(path, header=np.array(json.dumps(header, sort_keys=True)), centroids=centroids,
+                 counts=counts, inertia=np.asarray(inertia, np.float64), repairs=np.asarray(repairs, np.int64))
+
+
+def train_codebook(descriptors, k: int, *, iterations: int = 20, init: str = "auto", method: str = "lloyd",
+                   seed: int = 0, batch_size: int | None = None, init_sample: int = 100_000, tol: float = 0.0,
+                   checkpoint=None, progress: bool = True, callback=None, metadata: dict | None = None):
+    """Train a ``k``-word codebook on ``descriptors`` (N, D) float32 with k-means.
+
+    Args:
+        k: number of words, 1 ≤ k ≤ N.
+        iterations: Lloyd iterations, or mini-batch epochs (passes over the data). Stops earlier when the
+            centroids stop changing, or when the relative inertia decrease falls below ``tol`` (> 0).
+        init: "k-means++" (scikit-learn's, on a subsample of ``init_sample`` points), "random" (k distinct
+            points), "auto" (k-means++ for k ≤ 2048, random above) or a (k, D) array of initial centroids.
+        method: "lloyd" (exact assignment + mean update; inertia never increases) or "minibatch" (Sculley's
+            per-centre learning rate, batches of ``batch_size``, default max(8192, 2k)).
+        checkpoint: path of an .npz written after every iteration (atomically); if it exists and matches this
+            run (k, D, data, method, init, seed, batch size) training resumes from it and ends identical to an
+            uninterrupted run. A mismatching checkpoint raises ValueError.
+        callback: called after each iteration (and its checkpoint) with a dict (iteration, inertia,
+            repaired, seconds); an exception it raises stops training and propagates.
+        metadata: extra provenance stored in the codebook (feature, feature_config, pca_fingerprint, ...).
+
+    Empty clusters are re-seeded at the farthest points of the largest clusters (:func:`reseed_empty`).
+    ``inertia`` of an iteration is the sum of squared distances of the points to their nearest centroid at that
+    iteration's assignment step (as faiss reports it). Returns ``(Codebook, info)``; info holds k, dim, samples,
+    iterations (run in total), inertia (list per iteration), repairs, converged, seconds, resumed_from.
+    """
+    x = as_descriptors(descriptors, name="descriptors")
+    n, d = x.shape
+    if n == 0:
+        raise ValueError("descriptors: no descriptors to train on (N = 0)")
+    if d == 0:
+        raise ValueError("descriptors: D = 0")
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"k must be ≥ 1, got {k}")
+    if k > n:
+        raise ValueError(f"k={k} is larger than the number of training descriptors N={n}; sample more "
+                         "descriptors or ask for fewer words")
+    iterations = int(iterations)
+    if iterations < 1:
+        raise ValueError(f"iterations must be ≥ 1, got {iterations}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    given_init = None
+    if not isinstance(init, str):
+        given_init = as_descriptors(init, d, name="init")
+        if given_init.shape[0] != k:
+            raise ValueError(f"init: expected {k} initial centroids, got {given_init.shape[0]}")
+        init = "array:" + _data_hash(given_init)
+    elif init not in INITS:
+        raise ValueError(f"init must be one of {INITS} or a (k, D) array, got {init!r}")
+    if init == "auto":
+        init = "k-means++" if k <= AUTO_KMEANSPP_MAX_K else "random"
+    if method == "minibatch":
+        batch_size = int(batch_size) if batch_size is not None else max(8192, 2 * k)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        batch_size = min(batch_size, n)
+    else:
+        batch_size = None
+    seed = int(seed)
+
+    t0 = time.perf_counter()
+    expect = {"k": k, "dim": d, "samples": n, "data_hash": _data_hash(x), "method": method, "init": init,
+              "seed": seed, "batch_size": batch_size, "init_sample": int(init_sample)}
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    done, converged, inertia, repairs = 0, False, [], []
+    counts = np.zeros(k, np.int64)
+    if ckpt is not None and ckpt.is_file():
+        state = _load_checkpoint(ckpt, expect)
+        centroids = state["centroids"].copy()
+        counts = state["counts"].copy()
+        inertia = [float(v) for v in state["inertia"]]
+        repairs = [int(v) for v in state["repairs"]]
+        done, converged = int(state["header"]["done"]), bool(state["header"]["converged"])
+        log.info("resuming k-means from %s after %d iteration(s)", ckpt, done)
+    else:
+        if given_init is not None:
+            centroids = given_init.copy()
+        else:
+            centroids = _initial_centroids(x, k, init, seed, init_sample)
+        if method == "minibatch":
+            centroids = centroids.astype(np.float64)
+    resumed_from = done
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=iterations, initial=min(done, iterations), desc=f"k-means k={k}", unit="it")
+    try:
+        while done < iterations and not converged:
+            if method == "lloyd":
+                centroids, value, repaired, changed = _lloyd_step(x, centroids)
+            else:
+                value, repaired, changed = _minibatch_epoch(x, centroids, counts, batch_size, seed, done)
+            done += 1
+            previous = inertia[-1] if inertia else None
+            inertia.append(value)
+            repairs.append(repaired)
+            converged = not changed or (tol > 0 and previous is not None
+                                        and previous - value <= tol * abs(previous))
+            if ckpt is not None:
+                _save_checkpoint(ckpt, expect, done, converged, centroids, counts, inertia, repairs)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(inertia=f"{value:.6g}", repaired=repaired)
+            log.debug("k-means iteration %d: inertia %.6g, %d empty cluster(s) re-seeded", done, value, repaired)
+            if callback is not None:
+                callback({"iteration": done, "inertia": value, "repaired": repaired,
+                          "seconds": time.perf_counter() - t0})
+    finally:
+        if bar is not None:
+            bar.close()
+
+    seconds = time.perf_counter() - t0
+    meta = {
+        "tool": "d2r.train.train_codebook",
+        "tool_version": d2r.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seed": seed,
+        "method": method,
+        "init": init,
+        "iterations": done,
+        "iterations_requested": iterations,
+        "converged": converged,
+        "inertia": inertia[-1] if inertia else None,
+        "inertia_history": inertia,
+        "training_descriptors": n,
+        "training_data_hash": expect["data_hash"],
+    }
+    if batch_size is not None:
+        meta["batch_size"] = batch_size
+    if metadata:
+        meta.update(metadata)
+    book = Codebook(centroids.astype(np.float32), meta)
+    info = {"k": k, "dim": d, "samples": n, "iterations": done, "inertia": list(inertia),
+            "final_inertia": inertia[-1] if inertia else None, "repairs": list(repairs), "converged": converged,
+            "seconds": seconds, "resumed_from": resumed_from, "method": method, "init": init,
+            "fingerprint": book.fingerprint}
+    return book, info
+
+
+def _lloyd_step(x, centroids):
+    """One Lloyd iteration from float32 ``centroids``: returns (new centroids, inertia, repaired, changed)."""
+    k = centroids.shape[0]
+    labels = Codebook(centroids).assign(x)[:, 0]
+    sq = assigned_sq_distances(x, centroids, labels)
+    value = float(sq.sum())
+    sums, counts = cluster_sums(x, labels, k)
+    new = centroids.copy()
+    hit = counts > 0
+    new[hit] = (sums[hit] / counts[hit, None]).astype(np.float32)
+    empty = np.flatnonzero(~hit)
+    repaired = _apply_reseed(new, x, labels, sq, counts, empty) if empty.size else 0
+    return new, value, repaired, not np.array_equal(new, centroids)
+
+
+def _minibatch_epoch(x, centroids, total_counts, batch_size, seed, epoch):
+    """One mini-batch pass over a seeded permutation of ``x``, updating float64 ``centroids`` and
+    ``total_counts`` in place: returns (summed batch inertia, repaired, changed)."""
+    n = x.shape[0]
+    k = centroids.shape[0]
+    before = centroids.copy()
+    perm = np.random.default_rng([seed, 1, epoch]).permutation(n)
+    epoch_counts = np.zeros(k, np.int64)
+    value = 0.0
+    for start in range(0, n, batch_size):
+        idx = np.sort(perm[start:start + batch_size])
+        xb = x[idx]
+        c32 = centroids.astype(np.float32)
+        labels = Codebook(c32).assign(xb)[:, 0]
+        sq = assigned_sq_distances(xb, c32, labels)
+        value += float(sq.sum())
+        sums, cnt = cluster_sums(xb, labels, k)
+        total_counts += cnt
+        epoch_counts += cnt
+        minibatch_update(centroids, sums, cnt, total_counts)
+    empty = np.flatnonzero(epoch_counts == 0)
+    repaired = 0
+    if empty.size:  # re-seed from the last batch (its labels/distances are at hand)
+        rows, repaired = reseed_empty(xb, labels, sq, cnt, empty)
+        ok = ~np.isnan(rows[:, 0])
+        centroids[empty[ok]] = rows[ok]
+        total_counts[empty[ok]] = 0
+    return value, repaired, not np.array_equal(before, centroids)
+
+
+def default_codebook_name(feature: str, dim: int, k: int, trainset: str, seed: int) -> str:
+    """The codebooks/ naming convention: ``<feature>-<dim>d-k<K>-<trainset>-s<seed>.npz``."""
+    k_txt = f"{k // 1024}k" if k % 1024 == 0 and k >= 1024 else str(k)
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in trainset) or "data"
+    return f"{feature}-{dim}d-k{k_txt}-{safe}-s{seed}.npz"
+
+
+def check_codebook(codebook: Codebook, *, dim: int | None = None, feature: str | None = None,
+                   pca_fingerprint: str | None = None) -> None:
+    """Raise ValueError when ``codebook`` does not fit features of dimension ``dim`` / type ``feature`` / PCA
+    ``pca_fingerprint`` (metadata fields absent from the codebook are not checked)."""
+    if dim is not None and codebook.dim != int(dim):
+        raise ValueError(f"codebook {codebook.fingerprint} has D={codebook.dim}, features have D={dim}")
+    meta = codebook.metadata
+    if feature is not None and meta.get("feature") not in (None, feature):
+        raise ValueError(f"codebook {codebook.fingerprint} was trained on {meta['feature']!r} features, "
+                         f"not {feature!r}")
+    if pca_fingerprint is not None and meta.get("pca_fingerprint") not in (None, pca_fingerprint):
+        raise ValueError(f"codebook {codebook.fingerprint} was trained after PCA {meta['pca_fingerprint']}, "
+                         f"features use PCA {pca_fingerprint}")
+
+
+__all__ = ["train_codebook", "sample_descriptors", "load_training_descriptors", "reseed_empty", "default_codebook_name", "check_codebook",
+           "METHODS", "INITS"]

@@ -1,0 +1,432 @@
+"""Codebook training: k-means kernels, planted clusters, monotone Lloyd inertia, checkpoint/resume, repair,
+sampling, bad input, and the ``d2r train-codebook`` command end to end."""
+
+import json
+
+import numpy as np
+import pytest
+
+import d2r
+from d2r.cli import main as cli_main
+from d2r.codebook import Codebook
+from d2r.features.base import LocalFeatures, RegionFeatures
+from d2r.kernels.kmeans import assigned_sq_distances, cluster_sums, minibatch_update
+from d2r.train import (check_codebook, default_codebook_name, load_training_descriptors, reseed_empty,
+                       sample_descriptors, train_codebook)
+
+
+class Stop(Exception):
+    pass
+
+
+def planted(rng, k=8, d=32, n=4000, spread=0.05):
+    centers = rng.standard_normal((k, d)).astype(np.float32)
+    labels = rng.integers(0, k, n)
+    x = (centers[labels] + spread * rng.standard_normal((n, d))).astype(np.float32)
+    return x, centers, labels
+
+
+def blob(rng, n=3000, d=16):
+    return rng.standard_normal((n, d)).astype(np.float32)
+
+
+# ---- kernels against plain numpy ----------------------------------------------------------------------
+def test_cluster_sums_matches_numpy(rng):
+    for n, d, k in [(0, 4, 3), (1, 1, 1), (500, 7, 13), (2000, 32, 200)]:
+        x = rng.standard_normal((n, d)).astype(np.float32)
+        labels = rng.integers(0, k, n).astype(np.int64)
+        sums, counts = cluster_sums(x, labels, k)
+        want_sums = np.zeros((k, d))
+        np.add.at(want_sums, labels, x.astype(np.float64))
+        np.testing.assert_allclose(sums, want_sums, rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(counts, np.bincount(labels, minlength=k))
+
+
+def test_assigned_sq_distances_matches_numpy(rng):
+    x = rng.standard_normal((300, 9)).astype(np.float32)
+    c = rng.standard_normal((20, 9)).astype(np.float32)
+    labels = rng.integers(0, 20, 300).astype(np.int64)
+    want = ((x.astype(np.float64) - c[labels].astype(np.float64)) ** 2).sum(1)
+    np.testing.assert_allclose(assigned_sq_distances(x, c, labels), want, rtol=1e-12)
+    # hand case: distance of (3, 4) to the origin is 25
+    got = assigned_sq_distances(np.array([[3, 4]], np.float32), np.zeros((1, 2), np.float32), np.zeros(1, np.int64))
+    assert got.tolist() == [25.0]
+
+
+def test_minibatch_update_matches_numpy(rng):
+    k, d = 15, 6
+    c = rng.standard_normal((k, d))
+    x = rng.standard_normal((40, d)).astype(np.float32)
+    labels = rng.integers(0, k, 40).astype(np.int64)
+    sums, cnt = cluster_sums(x, labels, k)
+    total = cnt + rng.integers(0, 5, k)
+    want = c.copy()
+    for j in range(k):
+        if cnt[j]:
+            want[j] += (sums[j] - cnt[j] * c[j]) / total[j]
+    got = c.copy()
+    minibatch_update(got, sums, cnt, total)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+    # with no earlier counts a centre jumps to the mean of its batch points
+    fresh = c.copy()
+    minibatch_update(fresh, sums, cnt, cnt.copy())
+    hit = cnt > 0
+    np.testing.assert_allclose(fresh[hit], sums[hit] / cnt[hit, None], rtol=1e-12)
+
+
+# ---- k-means ------------------------------------------------------------------------------------------
+def test_hand_computed_two_clusters():
+    x = np.array([[0.0], [1.0], [10.0], [11.0]], np.float32)
+    book, info = train_codebook(x, 2, init=np.array([[0.0], [1.0]]), progress=False)
+    np.testing.assert_allclose(np.sort(book.centroids[:, 0]), [0.5, 10.5])
+    # iteration 1: {0} {1, 10, 11}: 0 + 0 + 81 + 100 = 181; converged: {0, 1} {10, 11}: 4 × 0.25 = 1
+    assert info["inertia"][0] == pytest.approx(181.0)
+    assert info["final_inertia"] == pytest.approx(1.0)
+    assert info["converged"]
+
+
+@pytest.mark.parametrize("method", ["lloyd", "minibatch"])
+def test_planted_clusters_recovered(rng, method):
+    x, centers, labels = planted(rng)
+    book, info = train_codebook(x, 8, method=method, iterations=15, seed=3, batch_size=512, progress=False)
+    assert book.size == 8 and book.dim == 32
+    d = ((centers[:, None, :] - book.centroids[None]) ** 2).sum(-1)
+    match = d.argmin(1)
+    assert sorted(match.tolist()) == list(range(8))          # one learned word per planted centre
+    assert np.sqrt(d.min(1)).max() < 0.05                    # and close to it
+    got = book.assign(x)[:, 0]
+    assert np.array_equal(match[labels], got)               # every point lands in its planted cluster
+    assert info["final_inertia"] == pytest.approx(((x - centers[labels]) ** 2).sum(), rel=0.02)
+
+
+@pytest.mark.parametrize("init", ["random", "k-means++"])
+def test_lloyd_inertia_monotone(rng, init):
+    x = blob(rng)
+    _, info = train_codebook(x, 64, iterations=12, init=init, seed=1, progress=False)
+    inertia = np.array(info["inertia"])
+    assert len(inertia) >= 5
+    assert np.all(np.diff(inertia) <= 1e-9 * inertia[:-1]), inertia
+    assert inertia[-1] < 0.97 * inertia[0]
+
+
+def test_inertia_is_that_of_the_assignment_step(rng):
+    x = blob(rng, n=800, d=8)
+    _, info1 = train_codebook(x, 10, iterations=1, init="random", seed=2, progress=False)
+    book2, info2 = train_codebook(x, 10, iterations=2, init="random", seed=2, progress=False)
+    assert info1["inertia"] == info2["inertia"][:1]
+    # the inertia of iteration 2 is the brute-force inertia of the centroids after iteration 1
+    book1, _ = train_codebook(x, 10, iterations=1, init="random", seed=2, progress=False)
+    d = ((x[:, None, :].astype(np.float64) - book1.centroids[None].astype(np.float64)) ** 2).sum(-1)
+    assert info2["inertia"][1] == pytest.approx(d.min(1).sum(), rel=1e-12)
+
+
+def test_deterministic_for_a_seed(rng):
+    x = blob(rng, n=1000)
+    a, _ = train_codebook(x, 20, iterations=4, seed=5, progress=False)
+    b, _ = train_codebook(x, 20, iterations=4, seed=5, progress=False)
+    c, _ = train_codebook(x, 20, iterations=4, seed=6, progress=False)
+    assert a.fingerprint == b.fingerprint != c.fingerprint
+
+
+@pytest.mark.parametrize("method", ["lloyd", "minibatch"])
+def test_resume_identical(rng, tmp_path, method):
+    x = blob(rng, n=2500)
+    kw = dict(iterations=7, init="random", method=method, seed=11, batch_size=300, progress=False)
+    full, full_info = train_codebook(x, 40, **kw)
+    assert full_info["iterations"] == 7
+
+    ckpt = tmp_path / "kmeans.ckpt.npz"
+
+    def stop_after_3(info):
+        if info["iteration"] == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_codebook(x, 40, checkpoint=ckpt, callback=stop_after_3, **kw)
+    assert ckpt.is_file()
+    seen = []
+    resumed, info = train_codebook(x, 40, checkpoint=ckpt, callback=seen.append, **kw)
+    assert info["resumed_from"] == 3
+    assert [s["iteration"] for s in seen] == [4, 5, 6, 7]
+    assert np.array_equal(resumed.centroids, full.centroids)
+    assert resumed.fingerprint == full.fingerprint
+    assert info["inertia"] == full_info["inertia"]
+    # a finished checkpoint resumes to the same result without iterating
+    again, info2 = train_codebook(x, 40, checkpoint=ckpt, callback=seen.append, **kw)
+    assert again.fingerprint == full.fingerprint and info2["resumed_from"] == 7 and len(seen) == 4
+
+
+def test_checkpoint_mismatch_refused(rng, tmp_path):
+    x = blob(rng, n=500, d=8)
+    ckpt = tmp_path / "c.npz"
+    train_codebook(x, 5, iterations=2, checkpoint=ckpt, progress=False)
+    with pytest.raises(ValueError, match="k=5"):
+        train_codebook(x, 6, iterations=2, checkpoint=ckpt, progress=False)
+    with pytest.raises(ValueError, match="dim=8"):
+        train_codebook(np.ascontiguousarray(x[:, :4]), 5, iterations=2, checkpoint=ckpt, progress=False)
+    with pytest.raises(ValueError, match="data_hash"):
+        train_codebook(x + 1, 5, iterations=2, checkpoint=ckpt, progress=False)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a d2r k-means checkpoint"):
+        train_codebook(x, 5, checkpoint=tmp_path / "junk.npz", progress=False)
+
+
+def test_reseed_empty_hand_case():
+    x = np.array([[0.0], [1.0], [5.0], [10.0], [11.0], [30.0]], np.float32)
+    labels = np.array([0, 0, 0, 2, 2, 3], np.int64)          # cluster 1 is empty
+    cent = np.array([[2.0], [99.0], [10.5], [30.0]], np.float32)
+    sq = ((x[:, 0] - cent[labels, 0]) ** 2).astype(np.float64)
+    counts = np.bincount(labels, minlength=4)
+    rows, repaired = reseed_empty(x, labels, sq, counts, np.array([1]))
+    assert repaired == 1 and rows.tolist() == [[5.0]]      # farthest point (5, at distance 3) of the largest cluster
+    # two empties: the second goes to the next largest cluster (0 halves to 1 point, below 2)
+    rows, repaired = reseed_empty(x, labels, sq, counts, np.array([1, 4]))
+    assert repaired == 2 and rows[:, 0].tolist() == [5.0, 10.0]
+    # nothing splittable: singleton clusters only → NaN rows, not repaired
+    rows, repaired = reseed_empty(x[:2], np.array([0, 1]), np.zeros(2), np.array([1, 1, 0]), np.array([2]))
+    assert repaired == 0 and np.isnan(rows).all()
+
+
+def test_empty_cluster_repaired_during_training(rng):
+    x = np.concatenate([np.zeros((50, 2)), rng.normal(10, 1, (100, 2)), rng.normal(-10, 1, (100, 2))])
+    x = x.astype(np.float32)
+    init = np.array([[0, 0], [0, 0], [10, 10], [-10, -10]], np.float32)   # word 1 duplicates word 0: empty
+    book, info = train_codebook(x, 4, init=init, iterations=10, progress=False)
+    assert info["repairs"][0] >= 1
+    counts = np.bincount(book.assign(x)[:, 0], minlength=4)
+    assert (counts > 0).all()
+    assert len(np.unique(book.centroids, axis=0)) == 4
+    assert np.all(np.diff(info["inertia"]) <= 1e-9 * np.array(info["inertia"][:-1]))
+
+
+def test_more_words_than_distinct_points_does_not_crash():
+    x = np.repeat(np.array([[0.0, 0.0], [1.0, 1.0]], np.float32), 5, axis=0)
+    book, info = train_codebook(x, 4, init="random", iterations=3, progress=False)
+    assert book.size == 4
+    d = ((x[:, None] - book.centroids[None]) ** 2).sum(-1).min(1)
+    assert d.max() == 0.0
+
+
+# ---- metadata and file format -------------------------------------------------------------------------
+def test_metadata_and_save_load(rng, tmp_path):
+    x, _, _ = planted(rng, n=600)
+    book, info = train_codebook(x, 8, iterations=3, seed=4, progress=False,
+                                metadata={"feature": "rootsift", "pca_fingerprint": "abc", "training_images": 7})
+    path = book.save(tmp_path / "cb.npz")
+    loaded = Codebook.load(path)
+    assert loaded.fingerprint == book.fingerprint
+    m = loaded.metadata
+    assert m["tool_version"] == d2r.__version__ and m["seed"] == 4 and m["iterations"] == info["iterations"]
+    assert m["feature"] == "rootsift" and m["pca_fingerprint"] == "abc" and m["training_images"] == 7
+    assert m["inertia"] == pytest.approx(info["final_inertia"]) and m["training_descriptors"] == 600
+    assert m["created"].endswith("+00:00") and m["method"] == "lloyd"
+    check_codebook(loaded, dim=32, feature="rootsift", pca_fingerprint="abc")
+    with pytest.raises(ValueError, match="D=32"):
+        check_codebook(loaded, dim=128)
+    with pytest.raises(ValueError, match="'delf'"):
+        check_codebook(loaded, feature="delf")
+    with pytest.raises(ValueError, match="PCA"):
+        check_codebook(loaded, pca_fingerprint="zzz")
+
+
+def test_default_codebook_name():
+    assert default_codebook_name("rootsift", 128, 65536, "rparis6k", 0) == "rootsift-128d-k64k-rparis6k-s0.npz"
+    assert default_codebook_name("delf", 128, 1000, "my data", 3) == "delf-128d-k1000-my_data-s3.npz"
+
+
+# ---- bad input ----------------------------------------------------------------------------------------
+def test_bad_inputs(rng):
+    x = blob(rng, n=50, d=4)
+    with pytest.raises(ValueError, match="larger than the number of training descriptors"):
+        train_codebook(x, 51, progress=False)
+    with pytest.raises(ValueError, match="N = 0"):
+        train_codebook(np.zeros((0, 4), np.float32), 1, progress=False)
+    bad = x.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        train_codebook(bad, 2, progress=False)
+    with pytest.raises(ValueError, match="method"):
+        train_codebook(x, 2, method="elkan", progress=False)
+    with pytest.raises(ValueError, match="init"):
+        train_codebook(x, 2, init="kmeans||", progress=False)
+    with pytest.raises(ValueError, match="iterations"):
+        train_codebook(x, 2, iterations=0, progress=False)
+    with pytest.raises(ValueError, match="k must be"):
+        train_codebook(x, 0, progress=False)
+    with pytest.raises(ValueError, match="initial centroids"):
+        train_codebook(x, 2, init=np.zeros((3, 4)), progress=False)
+    with pytest.raises(ValueError, match="D=4"):
+        train_codebook(x, 2, init=np.zeros((2, 5)), progress=False)
+    with pytest.raises(ValueError, match="floating"):
+        train_codebook(x.astype(np.int32), 2, progress=False)
+
+
+# ---- sampling -----------------------------------------------------------------------------------------
+def _feats(rng, n, d=8):
+    desc = rng.standard_normal((n, d)).astype(np.float32)
+    return LocalFeatures(np.zeros((n, 2), np.float32), np.ones(n, np.float32), np.ones(n, np.float32), desc)
+
+
+def test_sample_descriptors_caps_and_determinism(rng):
+    images = [_feats(rng, n) for n in (0, 5, 400, 1000)]
+    x, info = sample_descriptors(images, per_image=100, max_total=10_000, seed=1, progress=False)
+    assert x.shape == (205, 8) and x.dtype == np.float32
+    assert info == {"images": 4, "images_used": 3, "descriptors_seen": 1405, "samples": 205, "dim": 8}
+    # rows are real rows of their image
+    assert all((np.isclose(images[3].descriptors, row).all(1)).any() for row in x[105:])
+    y, _ = sample_descriptors(images, per_image=100, max_total=10_000, seed=1, progress=False)
+    assert np.array_equal(x, y)
+    # the total cap spreads over the images: 4 images, max 40 → 10 each
+    z, info = sample_descriptors(images, per_image=100, max_total=40, seed=1, progress=False)
+    assert z.shape[0] == 25 and info["samples"] == 25
+    # an unsized stream is capped at the end
+    gen = (("img%d" % i, f) for i, f in enumerate(images))
+    w, info = sample_descriptors(gen, per_image=100, max_total=50, seed=1, progress=False)
+    assert w.shape[0] == 50
+
+
+def test_sample_descriptors_region_features_use_whole_image(rng):
+    f = _feats(rng, 6)
+    whole = np.arange(6) < 4                           # regions: whole image (4 features), one box (2)
+    rf = RegionFeatures(f, np.array([4, 2]), np.array([[0, 0, 9, 9], [1, 1, 3, 3]], np.float32),
+                        np.array([-1, 0]), np.array([1.0, 0.5], np.float32))
+    x, info = sample_descriptors({"a": rf}, per_image=100, progress=False)
+    assert np.array_equal(x, f.descriptors[whole])
+
+
+def test_sample_descriptors_bad_input(rng):
+    with pytest.raises(ValueError, match="source is empty"):
+        sample_descriptors([], progress=False)
+    with pytest.raises(ValueError, match="all empty"):
+        sample_descriptors([_feats(rng, 0)], progress=False)
+    with pytest.raises(ValueError, match="'b'.*D=4"):
+        sample_descriptors({"a": _feats(rng, 3), "b": _feats(rng, 3, d=4)}, progress=False)
+    bad = rng.standard_normal((3, 8)).astype(np.float32)
+    bad[1, 1] = np.inf
+    with pytest.raises(ValueError, match="'x'.*NaN or inf"):
+        sample_descriptors({"x": bad}, progress=False)
+
+
+def test_load_training_descriptors_npy(rng, tmp_path):
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    np.save(tmp_path / "d.npy", x)
+    got, meta = load_training_descriptors(descriptors=tmp_path / "d.npy", feature="delf", max_total=100, seed=0)
+    assert got.shape == (100, 16) and meta["feature"] == "delf" and meta["samples"] == 100
+    assert meta["training_descriptors_seen"] == 300
+    with pytest.raises(ValueError, match="expected D=128"):
+        load_training_descriptors(descriptors=tmp_path / "d.npy", dim=128)
+    with pytest.raises(ValueError, match="exactly one"):
+        load_training_descriptors(descriptors=x, store=tmp_path)
+    with pytest.raises(FileNotFoundError):
+        load_training_descriptors(descriptors=tmp_path / "missing.npy")
+    np.save(tmp_path / "e.npy", np.zeros((0, 16), np.float32))
+    with pytest.raises(ValueError, match="no descriptors"):
+        load_training_descriptors(descriptors=tmp_path / "e.npy")
+
+
+# ---- command line -------------------------------------------------------------------------------------
+def test_cli_descriptors_end_to_end(rng, tmp_path, capsys):
+    x, centers, _ = planted(rng, k=6, d=128, n=3000, spread=0.02)
+    np.save(tmp_path / "desc.npy", x)
+    out = tmp_path / "cb.npz"
+    args = ["train-codebook", "--descriptors", str(tmp_path / "desc.npy"), "--features", "rootsift",
+            "--size", "6", "--out", str(out), "--seed", "2", "--iterations", "8", "--json", "--quiet",
+            "--trainset", "synthetic"]
+    assert cli_main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["k"] == 6 and summary["D"] == 128 and summary["samples"] == 3000
+    assert 1 <= summary["iterations"] <= 8 and summary["inertia"] > 0 and summary["seconds"] >= 0
+    book = Codebook.load(out)
+    assert book.fingerprint == summary["fingerprint"]
+    assert book.metadata["feature"] == "rootsift" and book.metadata["trainset"] == "synthetic"
+    assert np.sqrt(((centers[:, None] - book.centroids[None]) ** 2).sum(-1).min(1)).max() < 0.05
+    # refuses to overwrite, unless --force
+    assert cli_main(args) == 1
+    assert "exists" in capsys.readouterr().err
+    assert cli_main(args + ["--force"]) == 0
+    assert json.loads(capsys.readouterr().out)["fingerprint"] == summary["fingerprint"]
+
+
+def test_cli_bad_inputs(rng, tmp_path, capsys):
+    np.save(tmp_path / "d64.npy", rng.standard_normal((100, 64)).astype(np.float32))
+    base = ["train-codebook", "--quiet", "--out", str(tmp_path / "o.npz")]
+    assert cli_main(base + ["--descriptors", str(tmp_path / "d64.npy"), "--features", "rootsift",
+                            "--size", "4"]) == 1
+    assert "expected D=128" in capsys.readouterr().err
+    assert cli_main(base + ["--descriptors", str(tmp_path / "d64.npy"), "--size", "101"]) == 1
+    assert "larger than the number" in capsys.readouterr().err
+    assert cli_main(base + ["--descriptors", str(tmp_path / "nope.npy"), "--size", "4"]) == 1
+    assert "not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:              # no source: argparse usage error
+        cli_main(base + ["--size", "4"])
+    assert exc.value.code == 2
+    assert not (tmp_path / "o.npz").exists()
+
+
+def test_cli_checkpoint_resume(rng, tmp_path, capsys):
+    np.save(tmp_path / "d.npy", blob(rng, n=800))
+    ckpt = tmp_path / "ck.npz"
+    common = ["train-codebook", "--descriptors", str(tmp_path / "d.npy"), "--size", "12", "--init", "random",
+              "--checkpoint", str(ckpt), "--json", "--quiet"]
+    assert cli_main(common + ["--iterations", "2", "--out", str(tmp_path / "a.npz")]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["resumed_from"] == 0 and ckpt.is_file()
+    assert cli_main(common + ["--iterations", "5", "--out", str(tmp_path / "b.npz")]) == 0
+    resumed = json.loads(capsys.readouterr().out)
+    assert resumed["resumed_from"] == 2
+    direct = ["train-codebook", "--descriptors", str(tmp_path / "d.npy"), "--size", "12", "--init", "random",
+              "--iterations", "5", "--out", str(tmp_path / "c.npz"), "--json", "--quiet"]
+    assert cli_main(direct) == 0
+    assert json.loads(capsys.readouterr().out)["fingerprint"] == resumed["fingerprint"]
+    # a checkpoint of another K is refused
+    assert cli_main(common[:4] + ["13"] + common[5:] + ["--out", str(tmp_path / "d.npz")]) == 1
+    assert "k=12" in capsys.readouterr().err
+
+
+# ---- feature store / images (need d2r.features.store and extractors) ---------------------------------------
+def test_store_source(rng, tmp_path, capsys):
+    store_mod = pytest.importorskip("d2r.features.store")
+    info = {"name": "rootsift", "config": {"pca_dim": None}, "fingerprint": "f00", "dim": 8}
+    store = store_mod.FeatureStore.create(tmp_path / "store", info)
+    feats = {f"img{i}": _feats(rng, n) for i, n in enumerate((50, 0, 80, 30))}
+    for image_id, f in feats.items():
+        store.add(image_id, f)
+    store.close()
+    x, meta = load_training_descriptors(store=tmp_path / "store", feature="rootsift", per_image=20,
+                                        progress=False)
+    assert x.shape == (60, 8) and meta["training_images"] == 3 and meta["feature"] == "rootsift"
+    assert meta["feature_fingerprint"] == "f00"
+    with pytest.raises(ValueError, match="not 'delf'"):
+        load_training_descriptors(store=tmp_path / "store", feature="delf")
+    with pytest.raises(ValueError, match="D=8.*expected D=128"):
+        load_training_descriptors(store=tmp_path / "store", dim=128)
+    empty = store_mod.FeatureStore.create(tmp_path / "empty", info)
+    empty.close()
+    with pytest.raises(ValueError, match="empty"):
+        load_training_descriptors(store=tmp_path / "empty")
+    out = tmp_path / "cb.npz"
+    assert cli_main(["train-codebook", "--store", str(tmp_path / "store"), "--size", "5", "--out", str(out),
+                     "--json", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 3 and summary["samples"] == 160
+    assert Codebook.load(out).metadata["training_source"] == str(tmp_path / "store")
+
+
+@pytest.mark.slow
+def test_images_source(tmp_path, capsys):
+    pytest.importorskip("d2r.features.store")
+    skdata = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    Image.fromarray(skdata.astronaut()).save(tmp_path / "imgs" / "astronaut.png")
+    Image.fromarray(skdata.camera()).save(tmp_path / "imgs" / "sub" / "camera.png")
+    (tmp_path / "imgs" / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "cb.npz"
+    assert cli_main(["train-codebook", "--images", str(tmp_path / "imgs"), "--features", "rootsift",
+                     "--size", "16", "--sample-per-image", "200", "--iterations", "3", "--out", str(out),
+                     "--json", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 2 and summary["samples"] == 400 and summary["D"] == 128
+    meta = Codebook.load(out).metadata
+    assert meta["feature"] == "rootsift" and meta["training_images_failed"] == 1 and meta["feature_fingerprint"]
