@@ -177,11 +177,9 @@ def run(out: Path, top_k: int = 5, progress: bool = True, seed: int = 0) -> dict
     return summary
 
 
-def _thumb_html(rel: str, box, label: str, ok: bool | None) -> str:
+def _thumb_html(rel: str, boxes, label: str, ok: bool | None) -> str:
     colour = "#2a2" if ok else "#c22" if ok is not None else "#888"
-    overlay = ""
-    if box is not None:
-        overlay = (f'<div class="box" data-box="{",".join(f"{v:.0f}" for v in box)}"></div>')
+    overlay = "".join(f'<div class="box" data-box="{",".join(f"{v:.0f}" for v in box)}"></div>' for box in boxes)
     return (f'<figure style="border:3px solid {colour}"><div class="wrap"><img src="{html.escape(rel)}">{overlay}'
             f'</div><figcaption>{html.escape(label)}</figcaption></figure>')
 
@@ -191,20 +189,20 @@ def _write_html(path: Path, out: Path, results: list, engine) -> None:
 
     rows = []
     for r in results:
-        cells = [_thumb_html(f"queries/{r['query']}.jpg", None, r["query"], None)]
+        cells = [_thumb_html(f"queries/{r['query']}.jpg", [], r["query"], None)]
         for h in r["hits"]:
             label = f"#{h['rank']} {h['image_id']} s={h['score']:.3f} inl={h['inliers']}"
-            cells.append(_thumb_html(f"images/{h['image_id']}.jpg", h["box"], label, h["correct"]))
+            cells.append(_thumb_html(f"images/{h['image_id']}.jpg", engine.boxes(h["image_id"]), label, h["correct"]))
         rows.append(f"<div class='row'>{''.join(cells)}</div>")
     page = f"""<!doctype html><meta charset="utf-8"><title>d2r demo</title>
 <style>body{{font-family:sans-serif}} .row{{display:flex;gap:8px;margin:10px 0}}
 figure{{margin:0;width:190px}} .wrap{{position:relative}} img{{width:100%;display:block}}
 .box{{position:absolute;border:2px solid yellow}} figcaption{{font-size:11px}}</style>
 <h1>d2r demo — R-ASMK* + geometric re-ranking</h1>
-<p>First column: query. Then the top hits (green: same instance, red: not), with the best region box in yellow.
+<p>First column: query. Then the top hits (green: same instance, red: not), with the regions the index holds for them in yellow.
 Index: {html.escape(str(engine.path))}</p>
 {''.join(rows)}
-<script>for(const b of document.querySelectorAll('.box')){{const i=b.previousElementSibling;const f=()=>{{
+<script>for(const b of document.querySelectorAll('.box')){{const i=b.parentElement.querySelector('img');const f=()=>{{
 const [x1,y1,x2,y2]=b.dataset.box.split(',').map(Number);const s=i.width/i.naturalWidth;
 Object.assign(b.style,{{left:x1*s+'px',top:y1*s+'px',width:(x2-x1)*s+'px',height:(y2-y1)*s+'px'}});}};
 i.complete?f():i.addEventListener('load',f);}}</script>"""
