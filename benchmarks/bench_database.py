@@ -424,6 +424,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sides", default="d2r,asmk", help="comma-separated: d2r, asmk")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--save", help="also write the JSON summary to this file")
     p.add_argument("--side", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv
@@ -435,7 +436,7 @@ def main(argv=None):
         (work / f"{args.side}.json").write_text(json.dumps(res))
         return 0
 
-    args.passthrough = [a for a in argv if a != "--json"]
+    args.passthrough = _strip(argv, {"--json"}, {"--save"})
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     summary = {"mode": args.mode, "images": args.images, "k": args.k, "queries": args.queries,
                "threads": args.threads, "idf": args.idf}
@@ -457,11 +458,26 @@ def main(argv=None):
             summary["speedup_build"] = results["asmk"]["build_ms_per_image"] / results["d2r"]["build_ms_per_image"]
     for s, r in results.items():
         summary[s] = {k: v for k, v in r.items() if k not in ("ids", "scores", "side")}
+    if args.save:
+        Path(args.save).write_text(json.dumps(summary, indent=1))
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
         print_table(summary, sides)
     return 0
+
+
+def _strip(argv, flags, options):
+    """argv without the parent-only ``flags`` and ``options`` (with their values)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in flags or a.split("=")[0] in options:
+            skip = a in options
+        else:
+            out.append(a)
+    return out
 
 
 def print_table(summary, sides):
