@@ -6,7 +6,8 @@
 Both libraries index the SAME data with the SAME codebook and the same settings: ASMK* (binary signatures),
 α = 3, τ = 0 inclusive (asmk keeps u ≥ τ), MA 1 for the database and 5 for queries, no IDF and the score divided by
 sqrt(|W_q||W_d|) — asmk 0.1.1 always normalises that way, and its shipped parameters use ``use_idf: False``
-(``--idf`` switches both to idf² weighting; asmk then gets the whole database in one ``add``, since it updates
+(``--idf`` switches both to idf² weighting; in full mode asmk then gets the whole database in one ``add``, all
+descriptors in memory at once, since it updates
 its idf only for words present in the current call).
 
 Modes:
@@ -22,10 +23,11 @@ Modes:
   :class:`d2r.index.segment.Segment` built from the CSR arrays (d2r has no public way to add pre-aggregated
   records yet); asmk gets the same arrays through ``IVF.initialize_from_state`` (the state its cache files hold).
 
-Each library runs in its own subprocess (clean memory figures from /proc/self/status: RSS after set-up, peak to the end of the build, RSS of the built index, peak during queries),
-one after the other, with ``--threads`` BLAS/OpenMP/numba threads each. Printed per library: build ms/image
-(full mode), query ms (total: assignment + aggregation + scan + top-k; and scan alone on an aggregated query),
-bytes per posting entry (allocated), peak RSS; then top-100 overlap with asmk (strict; and counting as agreement
+Each library runs in its own subprocess, one after the other, with ``--threads`` BLAS/OpenMP/numba threads each
+(clean memory figures from /proc/self/status: RSS after set-up, peak to the end of the build, RSS of the built
+index, peak during queries). Printed per library: build ms/image (full mode), query ms (total: assignment +
+aggregation + scan + top-k; and scan alone on an aggregated query), bytes per posting entry (allocated), memory;
+then top-100 overlap with asmk (strict; and counting as agreement
 an id that sits at asmk's 100th score within 1e-5, i.e. a tie at the cut), the largest score difference over the
 ids both return, and the speed-ups. Installs nothing: asmk and faiss-cpu must already be importable.
 """
@@ -33,6 +35,7 @@ ids both return, and the speed-ups. Installs nothing: asmk and faiss-cpu must al
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -422,6 +425,8 @@ def main(argv=None):
     p.add_argument("--idf", action="store_true", help="idf² word weights in both libraries")
     p.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP/numba threads per library")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", help="where the temporary data go (synthetic-index: ~25 B per entry); default: the "
+                   "system temporary directory")
     p.add_argument("--sides", default="d2r,asmk", help="comma-separated: d2r, asmk")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--save", help="also write the JSON summary to this file")
@@ -436,11 +441,18 @@ def main(argv=None):
         (work / f"{args.side}.json").write_text(json.dumps(res))
         return 0
 
-    args.passthrough = _strip(argv, {"--json"}, {"--save"})
+    args.passthrough = _strip(argv, {"--json"}, {"--save", "--workdir"})
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    if not sides or set(sides) - {"d2r", "asmk"}:
+        p.error(f"--sides: expected a comma-separated subset of d2r,asmk, got {args.sides!r}")
+    missing = [m for m in (["asmk", "faiss"] if "asmk" in sides else []) if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"bench_database: {', '.join(missing)} not installed (pip install faiss-cpu asmk==0.1.1), or run "
+              "with --sides d2r", file=sys.stderr)
+        return 2
     summary = {"mode": args.mode, "images": args.images, "k": args.k, "queries": args.queries,
                "threads": args.threads, "idf": args.idf}
-    with tempfile.TemporaryDirectory(prefix="bench_database_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench_database_", dir=args.workdir) as tmp:
         work = Path(tmp)
         if args.mode == "synthetic-index":
             t = time.perf_counter()
