@@ -7,8 +7,7 @@ Both libraries index the SAME data with the SAME codebook and the same settings:
 α = 3, τ = 0 inclusive (asmk keeps u ≥ τ), MA 1 for the database and 5 for queries, no IDF and the score divided by
 sqrt(|W_q||W_d|) — asmk 0.1.1 always normalises that way, and its shipped parameters use ``use_idf: False``
 (``--idf`` switches both to idf² weighting; in full mode asmk then gets the whole database in one ``add``, all
-descriptors in memory at once, since it updates
-its idf only for words present in the current call).
+descriptors in memory at once, since it updates its idf only for words present in the current call).
 
 Modes:
 
