@@ -1,0 +1,121 @@
+"""Core kernel speed: assignment, aggregation and similarity, d2r vs plain numpy, K = 65,536, D = 128.
+
+    python benchmarks/bench_core.py [--images 20] [--k 65536] [--json]
+
+Prints ms per image for assignment (and for the distance GEMM alone, the floor), ms per image for ASMK* and
+R-ASMK* (5 regions) aggregation after assignment, and µs per similarity pair, each next to a plain-numpy version
+of the same computation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+import d2r
+from d2r.aggregate import Aggregator, similarity
+
+
+def timeit(fn, repeat):
+    fn()  # warm-up (numba compilation, BLAS threads)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def numpy_assign(x, c, c_sq):
+    d = c_sq[None, :] - 2 * x @ c.T
+    return np.argpartition(d, 0, axis=1)[:, :1]
+
+
+def numpy_asmk_star(x, c, words, counts=None):
+    """The same aggregation in plain numpy (np.add.at on a sparse set of words)."""
+    flat = words[:, 0]
+    uniq, inv = np.unique(flat, return_inverse=True)
+    if counts is None:
+        sums = np.zeros((uniq.size, c.shape[1]))
+        np.add.at(sums, inv, x - c[flat])
+    else:
+        sums = np.zeros((uniq.size, c.shape[1]))
+        start = 0
+        for n in counts:
+            part = np.zeros_like(sums)
+            np.add.at(part, inv[start:start + n], x[start:start + n] - c[flat[start:start + n]])
+            sums += part / np.sqrt(max((part * part).sum(), 1e-12))
+            start += n
+        sums /= len(counts)
+    norms = np.linalg.norm(sums, axis=1)
+    keep = norms > 1e-6
+    return uniq[keep], np.packbits(sums[keep] > 0, axis=1)
+
+
+def numpy_similarity(wa, ba, wb, bb, dim):
+    common, ia, ib = np.intersect1d(wa, wb, assume_unique=True, return_indices=True)
+    h = np.unpackbits(ba[ia] ^ bb[ib], axis=1).sum(1)
+    u = 1 - 2 * h / dim
+    return float(np.where(u > 0, u ** 3, 0).sum() / np.sqrt(len(wa) * len(wb)))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=20)
+    p.add_argument("--k", type=int, default=65536)
+    p.add_argument("--features", type=int, default=1000)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    rng = np.random.default_rng(0)
+    D = 128
+    c = rng.standard_normal((args.k, D)).astype(np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    xs = []
+    for _ in range(args.images):
+        x = rng.standard_normal((args.features, D)).astype(np.float32)
+        xs.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+    book = d2r.Codebook(c)
+    c_sq = (c * c).sum(1)
+    rep = 3
+    res = {}
+    res["assign_ms"] = timeit(lambda: [book.assign(x) for x in xs], rep) / len(xs) * 1e3
+    res["gemm_only_ms"] = timeit(lambda: [x @ c.T for x in xs], rep) / len(xs) * 1e3
+    res["numpy_assign_ms"] = timeit(lambda: [numpy_assign(x, c, c_sq) for x in xs], rep) / len(xs) * 1e3
+    words = [book.assign(x) for x in xs]
+    agg = Aggregator(book, "asmk_star")
+    counts = np.array([args.features // 2] + [args.features // 8] * 4)
+    counts[0] += args.features - counts.sum()
+    res["asmk_star_ms"] = timeit(lambda: [agg(x, assignments=w) for x, w in zip(xs, words)], rep) / len(xs) * 1e3
+    res["r_asmk_star_5_regions_ms"] = timeit(
+        lambda: [agg(x, regions=counts, assignments=w) for x, w in zip(xs, words)], rep) / len(xs) * 1e3
+    res["numpy_asmk_star_ms"] = timeit(lambda: [numpy_asmk_star(x, c, w) for x, w in zip(xs, words)],
+                                       rep) / len(xs) * 1e3
+    res["numpy_r_asmk_star_5_regions_ms"] = timeit(
+        lambda: [numpy_asmk_star(x, c, w, counts) for x, w in zip(xs, words)], rep) / len(xs) * 1e3
+    # Similarity on related images (shared words): the second image is a noisy copy of the first.
+    a = agg(xs[0])
+    noisy = xs[0] + 0.05 * rng.standard_normal(xs[0].shape).astype(np.float32)
+    b = agg(noisy / np.linalg.norm(noisy, axis=1, keepdims=True))
+    pairs = 2000
+    res["common_words"] = int(np.intersect1d(a.words, b.words).size)
+    res["similarity_us"] = timeit(lambda: [similarity(a, b) for _ in range(pairs)], rep) / pairs * 1e6
+    res["numpy_similarity_us"] = timeit(
+        lambda: [numpy_similarity(a.words, a.bits, b.words, b.bits, D) for _ in range(pairs)], rep) / pairs * 1e6
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"K={args.k} D={D} N={args.features}/image, {args.images} images")
+        print(f"assignment      d2r {res['assign_ms']:8.2f} ms/image   numpy {res['numpy_assign_ms']:8.2f}   "
+              f"(GEMM alone {res['gemm_only_ms']:.2f}; ratio {res['assign_ms'] / res['gemm_only_ms']:.2f}x)")
+        print(f"ASMK*           d2r {res['asmk_star_ms']:8.3f} ms/image   numpy {res['numpy_asmk_star_ms']:8.3f}")
+        print(f"R-ASMK* (5 reg) d2r {res['r_asmk_star_5_regions_ms']:8.3f} ms/image   numpy "
+              f"{res['numpy_r_asmk_star_5_regions_ms']:8.3f}")
+        print(f"similarity      d2r {res['similarity_us']:8.2f} µs/pair    numpy {res['numpy_similarity_us']:8.2f} "
+              f"({res['common_words']} common words)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""``d2r extract``: extract local features of a folder or list of images into a (resumable) feature store."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "extract", help="extract local features (RootSIFT or DELF) into a sharded feature store",
+        description="Extract local features of every image of a folder (recursive) or list file into a feature "
+                    "store. Resumable: images already in the store are skipped; unreadable images are recorded "
+                    "in failures.json and skipped. Image id = path relative to the folder, without extension.")
+    p.add_argument("--images", required=True, help="image folder or text file with one image path per line")
+    p.add_argument("--features", required=True, choices=["rootsift", "delf"], help="extractor")
+    p.add_argument("--model", help="DELF SavedModel folder (official or exported by d2r)")
+    p.add_argument("--pca", help="PCA folder (mean.datum + pca_proj_mat.datum); DELF default: MODEL/pca or "
+                                 "MODEL/../pca")
+    p.add_argument("--no-pca", action="store_true", help="DELF: keep the raw L2-normalised descriptors")
+    p.add_argument("--out", required=True, help="feature store folder (created or resumed)")
+    p.add_argument("--max-features", type=int, help="features per image (default 1000)")
+    p.add_argument("--max-side", type=int, help="downscale images to this longer side first")
+    p.add_argument("--workers", type=int, help="threads over images (default: 2 for RootSIFT, 1 for DELF)")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--retry-failed", action="store_true", help="re-attempt images listed in failures.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from d2r.features import extract_to_store, get_extractor
+
+    kw = {}
+    if args.max_features is not None:
+        kw["max_features"] = args.max_features
+    if args.max_side is not None:
+        kw["max_side"] = args.max_side
+    if args.features == "delf":
+        if args.no_pca:
+            kw["use_pca"] = False
+        extractor = get_extractor("delf", model=args.model, pca=None if args.no_pca else args.pca, **kw)
+    else:
+        if args.model:
+            print("d2r extract: error: --model is only for --features delf")
+            return 2
+        extractor = get_extractor("rootsift", pca=args.pca, **kw)
+    summary = extract_to_store(args.images, extractor, args.out, progress=not args.quiet, workers=args.workers,
+                               shard_size=args.shard_size, retry_failed=args.retry_failed)
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    elif not args.quiet:
+        print(f"{summary['extracted']} extracted, {summary['skipped']} skipped, {summary['failed']} failed "
+              f"of {summary['images']} images in {summary['seconds']:.1f} s -> {summary['store']}")
+    all_failed = summary["failed"] > 0 and summary["extracted"] == 0 and summary["skipped"] == 0
+    return 1 if all_failed else 0

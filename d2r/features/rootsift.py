@@ -1,0 +1,143 @@
+"""RootSIFT (Arandjelović & Zisserman 2012): OpenCV SIFT → L1 → element-wise sqrt → optional PCA.
+
+The weight-free default extractor. Output rows are non-negative with unit L2 norm (sqrt of an L1-normalised
+non-negative vector); with PCA they are L2 → PCA → L2 like DELF. Deterministic: keypoints are sorted by
+(response desc, y, x, size, angle) before the top ``max_features`` are kept, so the thread count OpenCV uses does
+not change the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from d2r.config import Config
+from d2r.features.base import LocalFeatures
+from d2r.features.image import load_image, resize_max_side
+from d2r.features.pca import PCA, load_pca
+
+MIN_SIDE = 10
+
+
+@dataclass
+class RootSIFTConfig(Config):
+    """RootSIFT options. ``max_side``: the image is downscaled so its longer side is at most this (None: never);
+    locations are mapped back to original pixels. SIFT thresholds are OpenCV's defaults."""
+
+    max_features: int = 1000
+    max_side: int | None = 1024
+    contrast_threshold: float = 0.04
+    edge_threshold: float = 10.0
+    sigma: float = 1.6
+    n_octave_layers: int = 3
+    pca_dim: int = 128  # used only when a PCA is given
+
+    def __post_init__(self):
+        if self.max_features <= 0:
+            raise ValueError(f"max_features must be positive, got {self.max_features}")
+        if self.max_side is not None and self.max_side < MIN_SIDE:
+            raise ValueError(f"max_side must be >= {MIN_SIDE} or None, got {self.max_side}")
+
+
+def rootsift(descriptors: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """SIFT (N, 128) → RootSIFT float32: L1-normalise, sqrt (rows stay non-negative, unit L2)."""
+    d = np.asarray(descriptors, dtype=np.float64)
+    d = np.maximum(d, 0.0)
+    s = d.sum(axis=1, keepdims=True)
+    return np.sqrt(d / np.maximum(s, eps)).astype(np.float32)
+
+
+class RootSIFT:
+    """``RootSIFT(config=None, pca=None, **overrides).extract(image) -> LocalFeatures``.
+
+    ``image``: anything :func:`d2r.features.load_image` takes. Result: locations (N, 2) float32 (x, y) in
+    ORIGINAL pixels, scales = SIFT keypoint size in original pixels, scores = detector response, descriptors
+    (N, 128) float32 (or (N, pca_dim) with PCA), strongest first, N <= max_features. Images smaller than 10×10 or
+    without keypoints give N = 0.
+    """
+
+    name = "rootsift"
+    default_workers = 2  # OpenCV releases the GIL: threads over images help
+
+    def __init__(self, config: RootSIFTConfig | None = None, pca: PCA | str | None = None, **overrides):
+        config = config or RootSIFTConfig()
+        if overrides:
+            config = config.replace(**overrides)
+        self.pca = load_pca(pca, dim=config.pca_dim)
+        if self.pca is not None and self.pca.dim != config.pca_dim:
+            config = config.replace(pca_dim=self.pca.dim)  # a PCA object carries its own dimension
+        self.config = config
+
+    @property
+    def dim(self) -> int:
+        return self.pca.dim if self.pca is not None else 128
+
+    def info(self) -> dict:
+        """What a feature store or codebook records about this extractor."""
+        return {"name": self.name, "config": self.config.to_dict(), "fingerprint": self.fingerprint(), "dim": self.dim}
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha1()
+        h.update(json.dumps({"name": self.name, "config": self.config.to_dict()}, sort_keys=True).encode())
+        if self.pca is not None:
+            h.update(self.pca.fingerprint().encode())
+        return h.hexdigest()[:16]
+
+    def _sift(self):
+        import cv2
+
+        c = self.config
+        return cv2.SIFT_create(
+            nfeatures=0,
+            nOctaveLayers=c.n_octave_layers,
+            contrastThreshold=c.contrast_threshold,
+            edgeThreshold=c.edge_threshold,
+            sigma=c.sigma,
+        )
+
+    def extract(self, image) -> LocalFeatures:
+        import cv2
+
+        rgb = load_image(image)
+        h, w = rgb.shape[:2]
+        if h < MIN_SIDE or w < MIN_SIDE:
+            return LocalFeatures.empty(self.dim)
+        small = rgb if self.config.max_side is None else resize_max_side(rgb, self.config.max_side)
+        sx = small.shape[1] / w
+        sy = small.shape[0] / h
+        gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
+        sift = self._sift()
+        kps = sift.detect(gray, None)
+        if not kps:
+            return LocalFeatures.empty(self.dim)
+        attrs = np.array([(k.response, k.pt[1], k.pt[0], k.size, k.angle) for k in kps], dtype=np.float64)
+        order = np.lexsort((attrs[:, 4], attrs[:, 3], attrs[:, 2], attrs[:, 1], -attrs[:, 0]))
+        kps = [kps[i] for i in order[: self.config.max_features]]
+        kps, desc = sift.compute(gray, kps)
+        if desc is None or not kps:
+            return LocalFeatures.empty(self.dim)
+        desc = np.asarray(desc, dtype=np.float32)
+        keep = desc.sum(axis=1) > 0
+        pts = np.array([k.pt for k in kps], dtype=np.float64).reshape(-1, 2)
+        size = np.array([k.size for k in kps], dtype=np.float64)
+        resp = np.array([k.response for k in kps], dtype=np.float64)
+        # OpenCV pixel centres sit at integer coordinates: x_orig + 0.5 = (x_small + 0.5) / s.
+        loc = np.stack([(pts[:, 0] + 0.5) / sx - 0.5, (pts[:, 1] + 0.5) / sy - 0.5], axis=1)
+        scales = size / np.sqrt(sx * sy)
+        d = rootsift(desc[keep])
+        if self.pca is not None:
+            d = self.pca.transform(d)
+        return LocalFeatures(
+            loc[keep].astype(np.float32),
+            scales[keep].astype(np.float32),
+            resp[keep].astype(np.float32),
+            np.ascontiguousarray(d, dtype=np.float32),
+        )
+
+    __call__ = extract
+
+    def __repr__(self) -> str:
+        return f"RootSIFT({self.config!r}, pca={self.pca!r})"

@@ -1,0 +1,62 @@
+"""Binary signatures (ASMK*): sign or threshold binarisation packed MSB-first, and popcount Hamming distance."""
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True)
+def pack_bits(unit, words, thresholds):
+    """Binarise rows of ``unit`` (W, D) float32 and pack them MSB-first into (W, ceil(D/8)) uint8.
+
+    Bit t of row w is 1 iff unit[w, t] > threshold, the threshold being 0 (sign, the official rule) when
+    ``thresholds`` has no rows, else thresholds[words[w], t] (per-word medians, Hamming embedding).
+    Padding bits of the last byte are 0.
+    """
+    W, D = unit.shape
+    nbytes = (D + 7) // 8
+    out = np.zeros((W, nbytes), np.uint8)
+    use_thr = thresholds.shape[0] > 0
+    for w in range(W):
+        for t in range(D):
+            thr = thresholds[words[w], t] if use_thr else np.float32(0.0)
+            if unit[w, t] > thr:
+                out[w, t >> 3] |= np.uint8(1 << (7 - (t & 7)))
+    return out
+
+
+_M1 = np.uint64(0x5555555555555555)
+_M2 = np.uint64(0x3333333333333333)
+_M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
+_H01 = np.uint64(0x0101010101010101)
+
+
+@njit(cache=True, inline="always")
+def popcount64(x):
+    """Set bits of a uint64 (SWAR; all constants uint64 so numba never mixes signedness)."""
+    x = x - ((x >> np.uint64(1)) & _M1)
+    x = (x & _M2) + ((x >> np.uint64(2)) & _M2)
+    x = (x + (x >> np.uint64(4))) & _M4
+    return np.int64((x * _H01) >> np.uint64(56))
+
+
+@njit(cache=True, inline="always")
+def popcount(x):
+    """Set bits of an unsigned integer of up to 64 bits (uint8 bytes or uint64 words)."""
+    return popcount64(np.uint64(x))
+
+
+def as_words64(bits: np.ndarray) -> np.ndarray:
+    """View packed signatures (W, nbytes) uint8 as (W, nbytes/8) uint64 when nbytes is a multiple of 8, so the
+    Hamming distance takes one popcount per 64 bits; otherwise return them unchanged. Same bit count either way."""
+    if bits.shape[1] % 8 == 0 and bits.shape[1] and bits.flags.c_contiguous:
+        return bits.view(np.uint64)
+    return bits
+
+
+@njit(cache=True)
+def hamming(a, b):
+    """Number of differing bits between two packed rows (uint8 or uint64, same length)."""
+    h = 0
+    for i in range(a.shape[0]):
+        h += popcount(a[i] ^ b[i])
+    return h

@@ -1,0 +1,238 @@
+"""Feature store: exact round trip, shards, resume after interruption, failures recorded and skipped."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from d2r.features import FeatureStore, LocalFeatures, RegionFeatures, RootSIFT, extract_to_store
+from d2r.features.store import _ordered_map
+
+INFO = {"name": "toy", "config": {"a": 1}, "fingerprint": "abc123", "dim": 8}
+
+
+def _local(rng, n, dim=8):
+    return LocalFeatures(
+        rng.standard_normal((n, 2)).astype(np.float32) * 100,
+        rng.random(n).astype(np.float32),
+        rng.random(n).astype(np.float32),
+        rng.standard_normal((n, dim)).astype(np.float32),
+    )
+
+
+def _regions(rng, counts):
+    counts = np.asarray(counts, np.int64)
+    r = counts.size
+    return RegionFeatures(_local(rng, int(counts.sum())), counts, rng.random((r, 4)).astype(np.float32) * 50,
+                          np.arange(-1, r - 1, dtype=np.int64), rng.random(r).astype(np.float32))
+
+
+def _same(a, b):
+    assert type(a) is type(b)
+    if isinstance(a, RegionFeatures):
+        for k in ("counts", "boxes", "box_ids", "box_scores"):
+            np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
+            assert getattr(a, k).dtype == getattr(b, k).dtype
+        a, b = a.features, b.features
+    for k in ("locations", "scales", "scores", "descriptors"):
+        np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
+        assert getattr(b, k).dtype == np.float32
+
+
+def test_roundtrip_exact_across_shards(tmp_path, rng):
+    items = {f"img/{i:03d}": _local(rng, int(rng.integers(0, 20))) for i in range(7)}
+    items["empty"] = LocalFeatures.empty(8)
+    items["reg/a"] = _regions(rng, [3, 0, 5])
+    items["reg/b"] = _regions(rng, [0])
+    with FeatureStore.create(tmp_path / "s", INFO, shard_size=3) as store:
+        for k, v in items.items():
+            store.add(k, v)
+        assert len(store) == len(items) and "reg/a" in store
+        _same(store.get("reg/a"), items["reg/a"])  # readable before and after flush
+    store = FeatureStore.open(tmp_path / "s")
+    assert store.num_shards == 4  # 10 images, 3 per shard
+    assert len(store) == 10 and store.ids() == list(items)
+    assert "img/003" in store and "nope" not in store
+    for k, v in items.items():
+        _same(store.get(k), v)
+    seen = [(k, f) for k, f in store]
+    assert [k for k, _ in seen] == list(items)
+    for k, f in seen:
+        _same(f, items[k])
+    shard = store.load_shard(1)
+    assert shard.ids.tolist() == list(items)[3:6]
+    _same(shard[0], items[list(items)[3]])
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert m["version"] == 1 and m["dim"] == 8 and m["extractor"]["fingerprint"] == "abc123"
+    assert m["num_features"] == sum(len(v.features if isinstance(v, RegionFeatures) else v) for v in items.values())
+    with pytest.raises(KeyError):
+        store.get("nope")
+    with pytest.raises(ValueError, match="read-only"):
+        store.add("x", items["empty"])
+
+
+def test_store_refuses_bad_input(tmp_path, rng):
+    store = FeatureStore.create(tmp_path / "s", INFO)
+    store.add("a", _local(rng, 2))
+    with pytest.raises(ValueError, match="already"):
+        store.add("a", _local(rng, 2))
+    with pytest.raises(ValueError, match="D=8"):
+        store.add("b", _local(rng, 2, dim=4))
+    store.close()
+    with pytest.raises(ValueError, match="fingerprint"):
+        FeatureStore.create(tmp_path / "s", dict(INFO, fingerprint="other"))
+    with pytest.raises(FileExistsError):
+        FeatureStore.create(tmp_path / "s", INFO, exist_ok=False)
+    with pytest.raises(FileNotFoundError):
+        FeatureStore.open(tmp_path / "none")
+    assert FeatureStore.create(tmp_path / "s", INFO).ids() == ["a"]  # reopened for appending
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    """Small generated photos-like images (real JPEG files) so extraction is fast."""
+    d = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(3)
+    for i in range(8):
+        base = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+        arr = np.asarray(Image.fromarray(base).resize((160, 120), Image.BICUBIC))
+        (d / ("sub" if i % 2 else "")).mkdir(exist_ok=True)
+        Image.fromarray(arr).save(d / ("sub" if i % 2 else "") / f"im{i}.jpg", quality=90)
+    return d
+
+
+class CountingRootSIFT(RootSIFT):
+    """A real RootSIFT that counts its calls and can stop the run (like Ctrl-C) after ``stop_after`` calls."""
+
+    def __init__(self, stop_after=None, **kw):
+        super().__init__(**kw)
+        self.calls = []
+        self.stop_after = stop_after
+
+    def extract(self, image):
+        if self.stop_after is not None and len(self.calls) >= self.stop_after:
+            raise KeyboardInterrupt
+        self.calls.append(str(image))
+        return super().extract(image)
+
+
+def test_extract_resumes_without_redoing(tmp_path, image_dir):
+    out = tmp_path / "store"
+    ex = CountingRootSIFT(stop_after=5, max_features=100)
+    with pytest.raises(KeyboardInterrupt):
+        extract_to_store(image_dir, ex, out, progress=False, workers=1, shard_size=2)
+    done = FeatureStore.open(out).ids()
+    assert len(done) == 5  # buffered results are flushed on the way out
+    ex2 = CountingRootSIFT(max_features=100)
+    summary = extract_to_store(image_dir, ex2, out, progress=False, workers=1, shard_size=2)
+    assert len(ex2.calls) == 3
+    assert summary["images"] == 8 and summary["extracted"] == 3 and summary["skipped"] == 5
+    store = FeatureStore.open(out)
+    assert sorted(store.ids()) == ["im0", "im2", "im4", "im6", "sub/im1", "sub/im3", "sub/im5", "sub/im7"]
+    ref = RootSIFT(max_features=100)
+    for image_id, f in store:
+        _same(f, ref.extract(image_dir / f"{image_id}.jpg"))
+    # a third run has nothing to do
+    ex3 = CountingRootSIFT(max_features=100)
+    assert extract_to_store(image_dir, ex3, out, progress=False)["extracted"] == 0 and not ex3.calls
+
+
+def test_corrupt_image_recorded_and_skipped(tmp_path, image_dir):
+    bad = tmp_path / "imgs"
+    bad.mkdir()
+    for p in sorted(image_dir.glob("*.jpg"))[:3]:
+        (bad / p.name).write_bytes(p.read_bytes())
+    (bad / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (bad / "tiny.png").write_bytes(b"")
+    summary = extract_to_store(bad, RootSIFT(), tmp_path / "s", progress=False, workers=2)
+    assert summary["extracted"] == 3 and summary["failed"] == 2
+    fails = json.loads((tmp_path / "s" / "failures.json").read_text())
+    assert set(fails) == {"broken", "tiny"}
+    assert "broken.jpg" in fails["broken"] and "empty" in fails["tiny"]
+    store = FeatureStore.open(tmp_path / "s")
+    assert store.failures == fails and "broken" not in store and len(store) == 3
+    # failed images are skipped on a rerun unless asked to retry
+    assert extract_to_store(bad, RootSIFT(), tmp_path / "s", progress=False)["skipped"] == 5
+    assert extract_to_store(bad, RootSIFT(), tmp_path / "s", progress=False, retry_failed=True)["failed"] == 2
+
+
+def test_threads_give_the_same_store(tmp_path, image_dir):
+    extract_to_store(image_dir, RootSIFT(), tmp_path / "a", progress=False, workers=1)
+    extract_to_store(image_dir, RootSIFT(), tmp_path / "b", progress=False, workers=3, shard_size=3)
+    a, b = FeatureStore.open(tmp_path / "a"), FeatureStore.open(tmp_path / "b")
+    assert a.ids() == b.ids()
+    for (ia, fa), (ib, fb) in zip(a, b):
+        assert ia == ib
+        _same(fa, fb)
+
+
+def test_region_fn_and_pairs(tmp_path, image_dir, rng):
+    def region_fn(image_id, source, extractor):
+        f = extractor.extract(source)
+        n = len(f)
+        return RegionFeatures(LocalFeatures.concatenate([f, f.select(slice(0, n // 2))], 128),
+                              np.array([n, n // 2]), np.array([[0, 0, 160, 120], [0, 0, 80, 60]], np.float32),
+                              np.array([-1, 0]), np.array([1.0, 0.5], np.float32))
+
+    pairs = [("x", image_dir / "im0.jpg"), ("y", np.zeros((5, 5, 3), np.uint8))]
+    s = extract_to_store(pairs, RootSIFT(), tmp_path / "s", region_fn=region_fn, progress=False)
+    assert s["extracted"] == 2
+    store = FeatureStore.open(tmp_path / "s")
+    x = store.get("x")
+    assert isinstance(x, RegionFeatures) and x.num_regions == 2
+    assert x.counts[1] == x.counts[0] // 2 and len(store.get("y").features) == 0
+
+
+def test_ordered_map_keeps_order():
+    items = list(range(50))
+    assert list(_ordered_map(lambda i: i * i, items, 4)) == [i * i for i in items]
+
+
+def test_cli_extract_json_and_resume(tmp_path, image_dir, capsys):
+    from d2r.cli import main
+
+    out = tmp_path / "store"
+    argv = ["extract", "--images", str(image_dir), "--features", "rootsift", "--out", str(out),
+            "--max-features", "50", "--workers", "2", "--quiet", "--json"]
+    assert main(argv) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert (s["images"], s["extracted"], s["skipped"], s["failed"]) == (8, 8, 0, 0) and s["seconds"] >= 0
+    store = FeatureStore.open(out)
+    assert len(store) == 8 and all(len(f) <= 50 for _, f in store)
+    assert store.extractor["config"]["max_features"] == 50
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] == 8
+    # a different extractor config must not be mixed into the same store
+    assert main(argv[:-5] + ["100", "--quiet", "--json"]) == 1
+    assert "fingerprint" in capsys.readouterr().err
+
+
+def test_cli_extract_usage_errors(tmp_path, image_dir, capsys):
+    from d2r.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["extract", "--images", str(image_dir), "--features", "nope", "--out", str(tmp_path / "s")])
+    assert e.value.code == 2
+    assert main(["extract", "--images", str(tmp_path / "missing"), "--features", "rootsift",
+                 "--out", str(tmp_path / "s"), "--quiet"]) == 1
+
+
+def test_get_extractor_registry():
+    from d2r.features import get_extractor
+
+    ex = get_extractor("rootsift", max_features=10)
+    assert isinstance(ex, RootSIFT) and ex.config.max_features == 10
+    with pytest.raises(ValueError, match="unknown extractor"):
+        get_extractor("surf")
+    with pytest.raises(ValueError, match="model"):
+        get_extractor("delf")
+
+
+def test_import_does_not_load_tensorflow():
+    import subprocess
+    import sys
+
+    code = "import sys, d2r.features, d2r.cli.extract; print('tensorflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

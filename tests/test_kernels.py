@@ -1,0 +1,139 @@
+"""Each numba kernel against its plain-numpy twin on random inputs."""
+
+import numpy as np
+import pytest
+
+from d2r.kernels import aggregate as ka
+from d2r.kernels import assign as kas
+from d2r.kernels import binary as kb
+from d2r.kernels import match as km
+from tests import reference as ref
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_smallest_per_row_matches_stable_argsort(seed):
+    rng = np.random.default_rng(seed)
+    n, k = 50, int(rng.integers(1, 300))
+    # Quantised values force many exact ties; the kernel must keep the lower index first.
+    dots = rng.integers(-4, 4, size=(n, k)).astype(np.float32)
+    norms = rng.integers(0, 3, size=k).astype(np.float32)
+    c = min(k, int(rng.integers(1, 6)))
+    got = kas.smallest_per_row(dots, norms, c)
+    want = np.argsort(norms[None, :] - 2 * dots, axis=1, kind="stable")[:, :c]
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_refine_exact_orders_by_distance_then_index(seed):
+    rng = np.random.default_rng(seed)
+    cents = rng.integers(-2, 3, size=(20, 3)).astype(np.float32)  # duplicates → exact ties
+    x = rng.integers(-2, 3, size=(40, 3)).astype(np.float32)
+    cand = np.stack([rng.permutation(20)[:6] for _ in range(40)]).astype(np.int64)
+    got = kas.refine_exact(x, cents, cand, 3)
+    for i in range(40):
+        d = ((x[i].astype(np.float64) - cents[cand[i]].astype(np.float64)) ** 2).sum(1)
+        order = np.lexsort((cand[i], d))[:3]
+        np.testing.assert_array_equal(got[i], cand[i][order])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_group_residuals(seed):
+    rng = np.random.default_rng(seed)
+    n, k, d, m = 300, 17, 5, 2
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    cents = rng.standard_normal((k, d)).astype(np.float32)
+    assignments = rng.integers(0, k, size=(n, m)).astype(np.int64)
+    region = np.sort(rng.integers(0, 4, size=n)).astype(np.int64)
+    keys, sums = ka.group_residuals(x, cents, assignments, region, k)
+    want = {}
+    for i in range(n):
+        for w in assignments[i]:
+            key = region[i] * k + w
+            want[key] = want.get(key, 0) + (x[i].astype(np.float64) - cents[w])
+    np.testing.assert_array_equal(keys, sorted(want))
+    np.testing.assert_allclose(sums, np.array([want[key] for key in sorted(want)]), atol=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_combine_regions(seed):
+    rng = np.random.default_rng(seed)
+    k, d = 11, 4
+    keys = np.unique(rng.integers(0, 5 * k, size=30)).astype(np.int64)
+    sums = rng.standard_normal((keys.size, d))
+    words, out = ka.combine_regions(keys, sums, k, 1e-12)
+    dense = np.zeros((k, d))
+    for r in np.unique(keys // k):
+        sel = keys // k == r
+        block = np.zeros((k, d))
+        block[keys[sel] % k] = sums[sel]
+        dense += ref.l2(block)
+    np.testing.assert_array_equal(words, np.unique(keys % k))
+    np.testing.assert_allclose(out, dense[words], atol=1e-12)
+
+
+def test_normalize_words_threshold_and_scale():
+    sums = np.array([[3.0, 4.0], [1e-7, 0.0], [0.0, -2.0], [4e-6, 0.0]])
+    keep, unit = ka.normalize_words(sums, 0.25, 1e-6)  # scaled norms 1.25, 2.5e-8, 0.5, 1e-6 (not > 1e-6)
+    np.testing.assert_array_equal(keep, [True, False, True, False])
+    np.testing.assert_allclose(unit, [[0.6, 0.8], [0.0, -1.0]], atol=1e-7)
+
+
+@pytest.mark.parametrize("d", [2, 8, 13, 128])
+def test_pack_bits_matches_numpy_packbits(d):
+    rng = np.random.default_rng(d)
+    unit = rng.standard_normal((40, d)).astype(np.float32)
+    unit[0, :] = 0.0  # zero is not > 0
+    words = rng.integers(0, 9, size=40).astype(np.int64)
+    np.testing.assert_array_equal(kb.pack_bits(unit, words, np.zeros((0, d), np.float32)),
+                                  np.packbits(unit > 0, axis=1))
+    thr = rng.standard_normal((9, d)).astype(np.float32)
+    np.testing.assert_array_equal(kb.pack_bits(unit, words, thr), np.packbits(unit > thr[words], axis=1))
+
+
+def test_hamming_matches_unpackbits():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        a, b = rng.integers(0, 256, size=(2, 16)).astype(np.uint8)
+        assert kb.hamming(a, b) == ref.hamming(a, b)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("inclusive", [False, True])
+def test_match_kernels_against_python(seed, inclusive):
+    rng = np.random.default_rng(seed)
+    d, k = 8, 30
+    wa = np.sort(rng.choice(k, 12, replace=False)).astype(np.int64)
+    wb = np.sort(rng.choice(k, 15, replace=False)).astype(np.int64)
+    da = rng.standard_normal((12, d)).astype(np.float32)
+    db = rng.standard_normal((15, d)).astype(np.float32)
+    ba, bb = np.packbits(da > 0, axis=1), np.packbits(db > 0, axis=1)
+    idf = rng.uniform(0.5, 3, size=k)
+    for tau in (0.0, 0.25, -0.5):  # 0.25 = 1 − 2·3/8: Hamming 3 sits exactly on τ
+        for weights in (np.zeros(0), idf ** 2):
+            w = None if weights.size == 0 else idf
+            a = {"words": wa, "descriptors": da, "bits": ba}
+            b = {"words": wb, "descriptors": db, "bits": bb}
+            want = ref.similarity("asmk", a, b, 3.0, tau, False, inclusive, idf=w)
+            got = km.asmk_score(wa, da, wb, db, 3.0, tau, inclusive, weights)
+            assert got == pytest.approx(want, abs=1e-9)
+            want = ref.similarity("asmk_star", a, b, 3.0, tau, False, inclusive, dim=d, idf=w)
+            got = km.asmk_star_score(wa, ba, wb, bb, d, 3.0, tau, inclusive, weights)
+            assert got == pytest.approx(want, abs=1e-9)
+
+
+def test_selectivity_strict_and_inclusive():
+    assert km.selectivity(0.0, 3.0, 0.0, False) == 0.0
+    assert km.selectivity(0.0, 3.0, 0.0, True) == 0.0  # included, but 0³ = 0
+    assert km.selectivity(0.5, 3.0, 0.5, False) == 0.0
+    assert km.selectivity(0.5, 3.0, 0.5, True) == pytest.approx(0.125)
+    assert km.selectivity(-0.5, 3.0, -1.0, False) == pytest.approx(-0.125)
+
+
+def test_popcount_on_uint64_views_equals_bytes():
+    rng = np.random.default_rng(7)
+    rows = rng.integers(0, 256, size=(30, 16)).astype(np.uint8)
+    wide = kb.as_words64(rows)
+    assert wide.dtype == np.uint64 and wide.shape == (30, 2)
+    for i in range(29):
+        assert kb.hamming(wide[i], wide[i + 1]) == kb.hamming(rows[i], rows[i + 1]) == ref.hamming(rows[i], rows[i + 1])
+    assert kb.as_words64(rows[:, :3]).dtype == np.uint8  # 3 bytes: no 64-bit view

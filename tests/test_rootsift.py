@@ -1,0 +1,185 @@
+"""RootSIFT on real photos of the dev set, plus PCA and its official file format."""
+
+import cv2
+import numpy as np
+import pytest
+
+from d2r.features import PCA, RootSIFT, load_image
+from d2r.features.pca import datum_from_bytes, datum_to_bytes, read_datum, write_datum
+from d2r.features.rootsift import RootSIFTConfig, rootsift
+
+
+@pytest.fixture(scope="module")
+def photos(request):
+    bench = request.getfixturevalue("bench_dev")
+    paths = sorted((bench / "images").rglob("*.jpg"))
+    assert len(paths) > 10
+    return paths[:: max(1, len(paths) // 3)][:3]
+
+
+def test_rootsift_on_real_photos(photos):
+    ex = RootSIFT()
+    for p in photos:
+        img = load_image(p)
+        f = ex.extract(p)
+        n = len(f)
+        assert 50 < n <= 1000
+        assert f.descriptors.shape == (n, 128) and f.descriptors.dtype == np.float32
+        assert f.locations.shape == (n, 2) and f.locations.dtype == np.float32
+        assert f.scales.dtype == np.float32 and f.scores.dtype == np.float32
+        assert (f.descriptors >= 0).all()
+        np.testing.assert_allclose(np.linalg.norm(f.descriptors, axis=1), 1.0, atol=1e-5)
+        assert np.all(np.diff(f.scores) <= 0)  # strongest first
+        h, w = img.shape[:2]
+        assert (f.locations[:, 0] >= -1).all() and (f.locations[:, 0] <= w).all()
+        assert (f.locations[:, 1] >= -1).all() and (f.locations[:, 1] <= h).all()
+
+
+def test_rootsift_deterministic_and_thread_independent(photos):
+    p = photos[0]
+    a = RootSIFT().extract(p)
+    b = RootSIFT().extract(load_image(p))
+    old = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(1)
+        c = RootSIFT().extract(p)
+    finally:
+        cv2.setNumThreads(old)
+    for x in (b, c):
+        np.testing.assert_array_equal(a.descriptors, x.descriptors)
+        np.testing.assert_array_equal(a.locations, x.locations)
+        np.testing.assert_array_equal(a.scores, x.scores)
+
+
+def test_max_features_keeps_the_strongest(photos):
+    full = RootSIFT().extract(photos[1])
+    top = RootSIFT(max_features=50).extract(photos[1])
+    assert len(top) == 50
+    np.testing.assert_array_equal(top.descriptors, full.descriptors[:50])
+    np.testing.assert_array_equal(top.locations, full.locations[:50])
+
+
+def test_locations_mapped_back_to_original_pixels(photos):
+    img = load_image(photos[2])
+    h, w = img.shape[:2]
+    small = load_image(img, max_side=512)
+    ref = RootSIFT(max_side=None).extract(small)
+    f = RootSIFT(max_side=512).extract(img)
+    np.testing.assert_array_equal(f.descriptors, ref.descriptors)
+    sx, sy = small.shape[1] / w, small.shape[0] / h
+    np.testing.assert_allclose(f.locations[:, 0], (ref.locations[:, 0] + 0.5) / sx - 0.5, rtol=1e-5)
+    np.testing.assert_allclose(f.locations[:, 1], (ref.locations[:, 1] + 0.5) / sy - 0.5, rtol=1e-5)
+    assert f.locations[:, 0].max() > 512  # really in original pixels
+
+
+def test_blank_and_tiny_images_give_no_features():
+    for img in (np.full((200, 300, 3), 128, np.uint8), np.zeros((9, 50, 3), np.uint8)):
+        f = RootSIFT().extract(img)
+        assert len(f) == 0 and f.descriptors.shape == (0, 128)
+
+
+def test_rootsift_formula():
+    d = np.array([[4.0, 0, 12, 0], [0, 0, 0, 0]])
+    out = rootsift(d)
+    np.testing.assert_allclose(out[0], [0.5, 0, np.sqrt(0.75), 0], rtol=1e-6)
+    np.testing.assert_array_equal(out[1], 0)
+
+
+def test_config_and_fingerprint():
+    a, b = RootSIFT(), RootSIFT(RootSIFTConfig(max_features=500))
+    assert a.fingerprint() == RootSIFT().fingerprint()
+    assert a.fingerprint() != b.fingerprint()
+    assert RootSIFT(max_features=500).config == b.config
+    assert a.name == "rootsift" and a.dim == 128
+    with pytest.raises(ValueError):
+        RootSIFTConfig(max_features=0)
+    with pytest.raises(TypeError):
+        RootSIFT(nope=1)
+
+
+def test_rootsift_with_pca(photos, tmp_path):
+    base = RootSIFT()
+    train = np.concatenate([base.extract(p).descriptors for p in photos])
+    pca = PCA(dim=32).fit(train)
+    ex = RootSIFT(pca=pca)
+    f = ex.extract(photos[0])
+    assert ex.dim == 32 and f.descriptors.shape[1] == 32
+    np.testing.assert_allclose(np.linalg.norm(f.descriptors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(f.descriptors, pca.transform(base.extract(photos[0]).descriptors), atol=1e-6)
+    assert ex.fingerprint() != base.fingerprint()
+    pca.save(tmp_path / "pca")
+    ex2 = RootSIFT(pca=tmp_path / "pca", pca_dim=32)
+    assert ex2.fingerprint() == ex.fingerprint()
+
+
+# ------------------------------------------------------------------------------------------------- PCA
+def test_datum_bytes_hand_computed():
+    arr = np.array([[1.0, 2.0], [3.0, 4.0]])
+    floats = np.array([1, 2, 3, 4], "<f4").tobytes()
+    expected = (b"\x0a\x04" + b"\x0a\x02\x02\x02"  # shape {dim: [2, 2] packed}
+                + b"\x12\x12" + b"\x0a\x10" + floats)  # float_list {value: packed 4 floats}
+    assert datum_to_bytes(arr) == expected
+    np.testing.assert_array_equal(datum_from_bytes(expected), arr)
+    # unpacked encodings (also valid protobuf) and a multi-byte varint dimension
+    dims = b"\x08\x02\x08\x83\x01"  # dim: 2, dim: 131 (unpacked varints)
+    vals = np.arange(262, dtype="<f4")
+    fl = b"".join(b"\x0d" + v.tobytes() for v in vals)  # value: fixed32, unpacked
+    msg = (b"\x0a" + bytes([len(dims)]) + dims + b"\x12" + _varint(len(fl)) + fl)
+    np.testing.assert_array_equal(datum_from_bytes(msg), vals.reshape(2, 131))
+    with pytest.raises(ValueError, match="shape"):
+        datum_from_bytes(b"\x0a\x04\x0a\x02\x02\x03" + b"\x12\x12\x0a\x10" + floats)
+
+
+def _varint(n):
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def test_datum_file_roundtrip(tmp_path, rng):
+    a = rng.standard_normal((7, 5, 3))
+    write_datum(tmp_path / "x.datum", a)
+    np.testing.assert_array_equal(read_datum(tmp_path / "x.datum"), a.astype(np.float32).astype(np.float64))
+
+
+def test_pca_fit_transform_semantics(rng):
+    x = rng.standard_normal((500, 16)) * np.linspace(3, 0.1, 16)
+    pca = PCA(dim=4).fit(x.astype(np.float32))
+    P = pca.components_
+    np.testing.assert_allclose(P @ P.T, np.eye(16), atol=1e-8)
+    assert np.all(np.diff(pca.variances_) <= 1e-12)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    y = (xn - pca.mean_) @ P[:4].T
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    np.testing.assert_allclose(pca.transform(x.astype(np.float32)), y, atol=1e-5)
+    w = PCA.from_arrays(pca.mean_, P, pca.variances_, dim=4, whiten=True)
+    yw = (xn - pca.mean_) @ P[:4].T / np.sqrt(pca.variances_[:4])
+    yw /= np.linalg.norm(yw, axis=1, keepdims=True)
+    np.testing.assert_allclose(w.transform(x.astype(np.float32)), yw, atol=1e-5)
+    assert pca.transform(np.zeros((0, 16), np.float32)).shape == (0, 4)
+    with pytest.raises(ValueError, match="D=16"):
+        pca.transform(np.zeros((3, 8), np.float32))
+
+
+@pytest.mark.parametrize("fmt", ["datum", "npy"])
+def test_pca_save_load(tmp_path, rng, fmt):
+    x = rng.standard_normal((200, 12)).astype(np.float32)
+    pca = PCA(dim=5).fit(x)
+    pca.save(tmp_path, format=fmt)
+    names = {p.name for p in tmp_path.iterdir()}
+    if fmt == "datum":
+        assert {"mean.datum", "pca_proj_mat.datum", "pca_vars.datum"} <= names
+        np.testing.assert_allclose(read_datum(tmp_path / "pca_proj_mat.datum"), pca.components_, atol=1e-6)
+    else:
+        assert {"mean.npy", "pca_proj_mat.npy"} <= names
+    back = PCA.load(tmp_path)
+    assert back.dim == 5 and back.fingerprint() == pca.fingerprint()
+    np.testing.assert_allclose(back.transform(x), pca.transform(x), atol=1e-5)
+    # official folders carry no pca.json: defaults 128 / no whitening; dim overridable
+    (tmp_path / "pca.json").unlink()
+    assert PCA.load(tmp_path, dim=3).dim == 3
+    with pytest.raises(ValueError, match="dim=128"):
+        PCA.load(tmp_path)
