@@ -430,3 +430,32 @@ def test_images_source(tmp_path, capsys):
     assert summary["images"] == 2 and summary["samples"] == 400 and summary["D"] == 128
     meta = Codebook.load(out).metadata
     assert meta["feature"] == "rootsift" and meta["training_images_failed"] == 1 and meta["feature_fingerprint"]
+
+
+# ---- shipped codebooks ------------------------------------------------------------------------------------
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+DEMO = REPO / "codebooks" / "rootsift-128d-k256-skimage-s0.npz"
+DEMO_RECIPE = REPO / "codebooks" / "recipes" / "rootsift-128d-k256-skimage-s0.yaml"
+
+
+def test_shipped_demo_codebook():
+    book = Codebook.load(DEMO)
+    assert (book.size, book.dim) == (256, 128)
+    m = book.metadata
+    assert m["feature"] == "rootsift" and m["trainset"] == "skimage" and m["seed"] == 0
+    assert m["training_source"].startswith("skimage.data:") and m["recipe"]["size"] == 256
+    assert DEMO.name == default_codebook_name("rootsift", 128, 256, "skimage", 0)
+
+
+@pytest.mark.slow
+def test_demo_recipe_reproduces_the_shipped_codebook(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo.npz"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "build_codebook_recipe.py"), str(DEMO_RECIPE),
+                          "--out", str(out), "--quiet"], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["fingerprint"] == Codebook.load(DEMO).fingerprint
