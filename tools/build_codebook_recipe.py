@@ -19,8 +19,8 @@ import yaml
 
 from d2r.train import load_training_descriptors, sample_descriptors, train_codebook
 
-KNOWN = {"out", "feature", "model", "pca", "skimage", "images", "store", "size", "seed", "iterations", "method",
-         "init", "sample_per_image", "max_samples", "trainset"}
+KNOWN = {"out", "feature", "model", "pca", "skimage", "images", "store", "size", "seed", "iterations",
+         "method", "init", "sample_per_image", "max_samples", "trainset"}
 
 
 def skimage_descriptors(names, feature, model, pca, per_image, max_total, seed, progress):
@@ -30,12 +30,14 @@ def skimage_descriptors(names, feature, model, pca, per_image, max_total, seed, 
 
     extractor = get_extractor(feature, model=model, pca=pca)
     feats = {name: extractor.extract(getattr(skimage.data, name)()) for name in names}
-    x, info = sample_descriptors(feats, per_image=per_image, max_total=max_total, seed=seed, progress=progress)
+    x, info = sample_descriptors(feats, per_image=per_image, max_total=max_total, seed=seed,
+                                 progress=progress)
     pca_obj = getattr(extractor, "pca", None)
     ex_info = extractor.info() if hasattr(extractor, "info") else {"name": extractor.name, "config": {},
                                                                    "fingerprint": extractor.fingerprint()}
     meta = {"feature": ex_info["name"], "feature_config": ex_info.get("config", {}),
-            "feature_fingerprint": ex_info["fingerprint"], "training_source": "skimage.data:" + ",".join(names),
+            "feature_fingerprint": ex_info["fingerprint"],
+            "training_source": "skimage.data:" + ",".join(names),
             "training_images": info["images_used"], "training_descriptors_seen": info["descriptors_seen"],
             "samples": info["samples"]}
     if pca_obj is not None:
@@ -63,7 +65,8 @@ def main(argv=None) -> int:
     common = dict(per_image=int(recipe.get("sample_per_image", 300)),
                   max_total=int(recipe.get("max_samples", 1_000_000)), seed=seed, progress=not args.quiet)
     if "skimage" in recipe:
-        x, meta = skimage_descriptors(recipe["skimage"], feature, recipe.get("model"), recipe.get("pca"), **common)
+        x, meta = skimage_descriptors(recipe["skimage"], feature, recipe.get("model"), recipe.get("pca"),
+                                      **common)
     else:
         x, meta = load_training_descriptors(store=recipe.get("store"), images=recipe.get("images"),
                                             feature=feature, model=recipe.get("model"), pca=recipe.get("pca"),
@@ -71,8 +74,8 @@ def main(argv=None) -> int:
     meta["trainset"] = recipe.get("trainset", meta.get("training_source"))
     meta["recipe"] = recipe
     book, info = train_codebook(x, int(recipe["size"]), iterations=int(recipe.get("iterations", 20)),
-                                method=recipe.get("method", "lloyd"), init=recipe.get("init", "auto"), seed=seed,
-                                progress=not args.quiet, metadata=meta)
+                                method=recipe.get("method", "lloyd"), init=recipe.get("init", "auto"),
+                                seed=seed, progress=not args.quiet, metadata=meta)
     book.save(out)
     print(json.dumps({"out": str(out), "k": book.size, "D": book.dim, "samples": info["samples"],
                       "iterations": info["iterations"], "inertia": info["final_inertia"],
