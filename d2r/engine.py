@@ -317,8 +317,6 @@ class Engine:
         c = self.config.codebook
         x, _ = sample_descriptors(store, per_image=c.sample_per_image, max_total=c.max_samples, seed=c.seed,
                                   progress=progress)
-        if x.shape[0] == 0:
-            raise ValueError("no local features in the indexed images: cannot train a codebook")
         k = min(c.size, x.shape[0])
         if k < c.size:
             log.warning("only %d descriptors: training %d words instead of %d", x.shape[0], k, c.size)
