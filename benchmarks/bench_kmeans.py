@@ -95,7 +95,8 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--batch-size", type=int, help="mini-batch size for both mini-batch methods (max(8192, 2k))")
+    p.add_argument("--batch-size", type=int,
+                   help="mini-batch size for both mini-batch methods (max(8192, 2k))")
     p.add_argument("--no-eval", action="store_true", help="skip the exact evaluation of final inertia")
     p.add_argument("--jsonl", help="append one JSON line per method to this file")
     args = p.parse_args(argv)
@@ -114,7 +115,8 @@ def main(argv=None) -> int:
     if any(m.startswith("d2r") for m in args.methods.split(",")):  # compile the numba kernels before timing
         run_d2r(x[:2000].copy(), 16, 2, 0, "lloyd", 512)
         run_d2r(x[:2000].copy(), 16, 1, 0, "minibatch", 512)
-    print(f"{'method':<18} {'seconds':>9} {'iters':>5} {'reported inertia':>17} {'final inertia':>15}", flush=True)
+    print(f"{'method':<18} {'seconds':>9} {'iters':>5} {'reported inertia':>17} {'final inertia':>15}",
+          flush=True)
     for name in args.methods.split(","):
         fn, method = METHODS[name]
         try:

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def fsync_dir(path) -> None:
     """fsync a directory so a rename inside it survives a crash (no-op where unsupported)."""
@@ -35,6 +38,7 @@ def atomic_path(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
     tmp = Path(tmp)
     try:
         yield tmp

@@ -39,7 +39,7 @@ class Codebook:
             raise ValueError("centroids: K = 0, a codebook needs at least one word")
         if c.shape[1] == 0:
             raise ValueError("centroids: D = 0")
-        self.centroids = as_descriptors(c, name="centroids")
+        self.centroids = np.array(as_descriptors(c, name="centroids"))  # our own read-only copy
         self.centroids.setflags(write=False)
         self._sq_norms = np.einsum("kd,kd->k", self.centroids, self.centroids).astype(np.float32)
         self.fingerprint = _fingerprint(self.centroids)

@@ -1,8 +1,8 @@
 """Import the released official Detect-to-Retrieve codebooks (TensorFlow checkpoints) into the d2r format.
 
-The official codebooks (e.g. ``k65536_codebook_tfckpt/codebook``) are TF checkpoints holding one float32 (K, D)
-variable named ``clusters`` (TF1 name-based layout: key ``clusters``, possibly under a scope); the official TF2
-loader restores it through ``tf.train.Checkpoint(codebook=...)``, whose object-based key is
+The official codebooks (e.g. ``k65536_codebook_tfckpt/codebook``) are TF checkpoints holding one float32
+(K, D) variable named ``clusters`` (TF1 name-based layout: key ``clusters``, possibly under a scope); the
+official TF2 loader restores it through ``tf.train.Checkpoint(codebook=...)``, whose object-based key is
 ``codebook/.ATTRIBUTES/VARIABLE_VALUE``. Both layouts are recognised. TensorFlow is imported only here.
 """
 
@@ -69,7 +69,8 @@ def read_official_codebook(checkpoint, variable: str | None = None) -> tuple[np.
 
 
 def import_official_codebook(checkpoint, *, variable: str | None = None, feature: str = "delf",
-                             dim: int | None = None, k: int | None = None, metadata: dict | None = None) -> Codebook:
+                             dim: int | None = None, k: int | None = None,
+                             metadata: dict | None = None) -> Codebook:
     """Build a :class:`Codebook` from an official TF checkpoint, with provenance metadata (source, variable,
     feature, tool version, created). ``dim`` / ``k``, when given, are checked (ValueError on mismatch)."""
     centroids, key = read_official_codebook(checkpoint, variable)

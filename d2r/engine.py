@@ -77,15 +77,17 @@ class EngineConfig(Config):
     regions: RegionsConfig = field(default_factory=RegionsConfig)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     index: DatabaseConfig = field(default_factory=DatabaseConfig)
-    rerank: RerankConfig = field(default_factory=RerankConfig)
+    # 0.5: the RootSIFT descriptor distance that separates true matches (benchmarks/results/rerank.md); the
+    # official DELF value is 0.9 (set rerank.descriptor_distance with DELF features).
+    rerank: RerankConfig = field(default_factory=lambda: RerankConfig(descriptor_distance=0.5))
     batch_size: int = 64
     workers: int = 2
 
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result. ``box`` is the [x1, y1, x2, y2] region that matched (regional search) or the image's
-    whole-image box; ``inliers`` is the geometric-verification inlier count, -1 when not verified."""
+    """One search result. ``box`` is the [x1, y1, x2, y2] region that matched in regional-search mode (None in
+    aggregation mode, where the image matches as a whole); ``inliers`` is the geometric-verification inlier count, -1 when not verified."""
 
     image_id: str
     path: str | None
@@ -261,10 +263,14 @@ class Engine:
         return report
 
     def _resolve(self, images, report: IndexReport) -> list[tuple[str, Path]]:
-        from d2r.features.image import list_images
+        from d2r.features.image import IMAGE_EXTENSIONS, list_images
 
         if isinstance(images, (str, Path)):
             pairs = list_images(images)
+            if Path(images).is_dir():  # folders named like images are not silently passed over
+                for p in Path(images).rglob("*"):
+                    if p.is_dir() and p.suffix.lower() in IMAGE_EXTENSIONS:
+                        report.failed[str(p)] = self._failures[str(p)] = "is a directory, not an image file"
         else:
             pairs = []
             for item in images:
@@ -311,8 +317,6 @@ class Engine:
         c = self.config.codebook
         x, _ = sample_descriptors(store, per_image=c.sample_per_image, max_total=c.max_samples, seed=c.seed,
                                   progress=progress)
-        if x.shape[0] == 0:
-            raise ValueError("no local features in the indexed images: cannot train a codebook")
         k = min(c.size, x.shape[0])
         if k < c.size:
             log.warning("only %d descriptors: training %d words instead of %d", x.shape[0], k, c.size)
@@ -376,13 +380,21 @@ class Engine:
         return feats.region(0) if isinstance(feats, RegionFeatures) else feats
 
     def _box(self, image_id, region: int):
-        try:
-            feats = self._stored(image_id)
-        except (KeyError, ValueError):
+        if self._db.mode != "search":  # aggregation mode matches the image as a whole
             return None
-        if isinstance(feats, RegionFeatures) and region < feats.num_regions:
-            return tuple(float(v) for v in feats.boxes[region])
-        return None
+        boxes = self.boxes(image_id, include_whole=True)
+        return tuple(float(v) for v in boxes[region]) if region < len(boxes) else None
+
+    def boxes(self, image_id, include_whole: bool = False) -> np.ndarray:
+        """The region boxes stored for an indexed image, (R, 4) float32 [x1, y1, x2, y2] in pixels (the
+        whole-image region first when ``include_whole``); empty without regions."""
+        try:
+            feats = self._stored(str(image_id))
+        except KeyError:
+            return np.zeros((0, 4), np.float32)
+        if not isinstance(feats, RegionFeatures):
+            return np.zeros((0, 4), np.float32)
+        return feats.boxes if include_whole else feats.boxes[feats.box_ids >= 0]
 
 
 def crop(pixels: np.ndarray, bbox, name: str = "image") -> np.ndarray:

@@ -1,8 +1,9 @@
 """Codebook training: sample local descriptors, run k-means (Lloyd or mini-batch), record provenance.
 
-The nearest-centroid step is :meth:`d2r.Codebook.assign` (BLAS shortlist + exact float64 refine); the update step
-is a numba kernel (:mod:`d2r.kernels.kmeans`). Training is deterministic for a given seed, checkpoints every
-iteration atomically, and a run resumed from its checkpoint ends bit-for-bit identical to an uninterrupted one.
+The nearest-centroid step is :meth:`d2r.Codebook.assign` (BLAS shortlist + exact float64 refine); the update
+step is a numba kernel (:mod:`d2r.kernels.kmeans`). Training is deterministic for a given seed, checkpoints
+every iteration atomically, and a run resumed from its checkpoint ends bit-for-bit identical to an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def sample_descriptors(source, per_image: int = 300, max_total: int = 1_000_000,
     source: a feature store (iterating ``(image_id, LocalFeatures | RegionFeatures)``), a mapping
     ``{image_id: features}``, or a sequence of ``LocalFeatures`` / (N, D) arrays. When the number of images is
     known the per-image quota shrinks to ``max_total // images`` so every image contributes evenly.
-    Returns ``(descriptors float32 (n, D), info dict)`` with images, images_used, descriptors_seen, samples, dim.
-    Raises ValueError when nothing is found, dimensions differ between images, or an image has NaN descriptors.
+    Returns ``(descriptors float32 (n, D), info dict)`` with images, images_used, descriptors_seen, samples,
+    dim. Raises ValueError when nothing is found, dimensions differ between images, or an image has NaN
+    descriptors.
     Deterministic for a given seed and source order.
     """
     per_image = int(per_image)
@@ -88,7 +90,8 @@ def sample_descriptors(source, per_image: int = 300, max_total: int = 1_000_000,
         if dim is None:
             dim = desc.shape[1]
         elif desc.shape[1] != dim:
-            raise ValueError(f"image {image_id!r}: descriptors have D={desc.shape[1]}, earlier images D={dim}")
+            raise ValueError(f"image {image_id!r}: descriptors have D={desc.shape[1]}, "
+                             f"earlier images D={dim}")
         total += desc.shape[0]
         used += 1
         if desc.shape[0] > quota:
@@ -125,9 +128,10 @@ def load_training_descriptors(*, store=None, images=None, descriptors=None, feat
                               max_total: int = 1_000_000, seed: int = 0, progress: bool = True):
     """Gather training descriptors from exactly one source and describe where they came from.
 
-    store: a feature-store folder (:class:`d2r.features.FeatureStore`); images: a folder (searched recursively)
-    or a list file, features extracted on the fly with ``get_extractor(feature or "rootsift", model, pca)``
-    (an image that fails is logged and skipped); descriptors: an (N, D) float32 ``.npy`` file or array.
+    store: a feature-store folder (:class:`d2r.features.FeatureStore`); images: a folder (searched
+    recursively) or a list file, features extracted on the fly with
+    ``get_extractor(feature or "rootsift", model, pca)`` (an image that fails is logged and skipped);
+    descriptors: an (N, D) float32 ``.npy`` file or array.
     ``feature`` / ``dim``, when given, must agree with the store's extractor / the data (else ValueError).
     Returns ``(descriptors float32 (n, D), metadata dict)``: feature, feature_config, feature_fingerprint,
     pca_fingerprint (when known), training_source, training_images, training_descriptors_seen, samples.
@@ -173,7 +177,8 @@ def load_training_descriptors(*, store=None, images=None, descriptors=None, feat
             raise ValueError(f"{path}: the store holds D={fs.dim} descriptors, expected D={dim}")
         if len(fs) == 0:
             raise ValueError(f"{path}: the feature store is empty")
-        x, sinfo = sample_descriptors(fs, per_image=per_image, max_total=max_total, seed=seed, progress=progress)
+        x, sinfo = sample_descriptors(fs, per_image=per_image, max_total=max_total, seed=seed,
+                                      progress=progress)
         if x.shape[1] != fs.dim:
             raise ValueError(f"{path}: manifest says D={fs.dim} but descriptors have D={x.shape[1]}")
         meta.update(_extractor_provenance(info))
@@ -206,14 +211,15 @@ def load_training_descriptors(*, store=None, images=None, descriptors=None, feat
         x, sinfo = sample_descriptors(_Sized(), per_image=per_image, max_total=max_total, seed=seed,
                                       progress=progress)
         info = extractor.info() if hasattr(extractor, "info") else {
-            "name": extractor.name, "config": {}, "fingerprint": extractor.fingerprint(), "dim": extractor.dim}
+            "name": extractor.name, "config": {}, "fingerprint": extractor.fingerprint()}
         pca_obj = getattr(extractor, "pca", None)
         meta.update(_extractor_provenance(info, pca_obj.fingerprint() if pca_obj is not None else None))
         meta.update(training_source=str(images), training_images=sinfo["images_used"],
                     training_images_failed=len(failed), training_descriptors_seen=sinfo["descriptors_seen"],
                     samples=sinfo["samples"])
         if x.shape[1] != extractor.dim:
-            raise ValueError(f"{extractor.name} extractor says D={extractor.dim}, descriptors have D={x.shape[1]}")
+            raise ValueError(f"{extractor.name} extractor says D={extractor.dim}, "
+                             f"descriptors have D={x.shape[1]}")
     if dim is not None and x.shape[1] != int(dim):
         raise ValueError(f"{meta.get('training_source')}: descriptors have D={x.shape[1]}, expected D={dim}")
     return x, meta
@@ -296,7 +302,8 @@ def _save_checkpoint(path: Path, expect: dict, done: int, converged: bool, centr
     header = dict(expect, format=CHECKPOINT_FORMAT, format_version=CHECKPOINT_VERSION, done=done,
                   converged=converged)
     _io.save_npz(path, header=np.array(json.dumps(header, sort_keys=True)), centroids=centroids,
-                 counts=counts, inertia=np.asarray(inertia, np.float64), repairs=np.asarray(repairs, np.int64))
+                 counts=counts, inertia=np.asarray(inertia, np.float64),
+                 repairs=np.asarray(repairs, np.int64))
 
 
 def train_codebook(descriptors, k: int, *, iterations: int = 20, init: str = "auto", method: str = "lloyd",
@@ -320,9 +327,10 @@ def train_codebook(descriptors, k: int, *, iterations: int = 20, init: str = "au
         metadata: extra provenance stored in the codebook (feature, feature_config, pca_fingerprint, ...).
 
     Empty clusters are re-seeded at the farthest points of the largest clusters (:func:`reseed_empty`).
-    ``inertia`` of an iteration is the sum of squared distances of the points to their nearest centroid at that
-    iteration's assignment step (as faiss reports it). Returns ``(Codebook, info)``; info holds k, dim, samples,
-    iterations (run in total), inertia (list per iteration), repairs, converged, seconds, resumed_from.
+    ``inertia`` of an iteration is the sum of squared distances of the points to their nearest centroid at
+    that iteration's assignment step (as faiss reports it). Returns ``(Codebook, info)``; info holds k, dim,
+    samples, iterations (run in total), inertia (list per iteration), repairs, converged, seconds,
+    resumed_from.
     """
     x = as_descriptors(descriptors, name="descriptors")
     n, d = x.shape
@@ -404,7 +412,8 @@ def train_codebook(descriptors, k: int, *, iterations: int = 20, init: str = "au
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(inertia=f"{value:.6g}", repaired=repaired)
-            log.debug("k-means iteration %d: inertia %.6g, %d empty cluster(s) re-seeded", done, value, repaired)
+            log.debug("k-means iteration %d: inertia %.6g, %d empty cluster(s) re-seeded", done, value,
+                      repaired)
             if callback is not None:
                 callback({"iteration": done, "inertia": value, "repaired": repaired,
                           "seconds": time.perf_counter() - t0})
@@ -434,7 +443,8 @@ def train_codebook(descriptors, k: int, *, iterations: int = 20, init: str = "au
         meta.update(metadata)
     book = Codebook(centroids.astype(np.float32), meta)
     info = {"k": k, "dim": d, "samples": n, "iterations": done, "inertia": list(inertia),
-            "final_inertia": inertia[-1] if inertia else None, "repairs": list(repairs), "converged": converged,
+            "final_inertia": inertia[-1] if inertia else None, "repairs": list(repairs),
+            "converged": converged,
             "seconds": seconds, "resumed_from": resumed_from, "method": method, "init": init,
             "fingerprint": book.fingerprint}
     return book, info
@@ -507,5 +517,6 @@ def check_codebook(codebook: Codebook, *, dim: int | None = None, feature: str |
                          f"features use PCA {pca_fingerprint}")
 
 
-__all__ = ["train_codebook", "sample_descriptors", "load_training_descriptors", "reseed_empty", "default_codebook_name", "check_codebook",
+__all__ = ["train_codebook", "sample_descriptors", "load_training_descriptors", "reseed_empty",
+           "default_codebook_name", "check_codebook",
            "METHODS", "INITS"]

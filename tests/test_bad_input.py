@@ -83,3 +83,12 @@ def test_caller_arrays_untouched(book):
     before = x.copy()
     Aggregator(book, "asmk")(x)
     np.testing.assert_array_equal(x, before)
+
+
+def test_codebook_leaves_caller_array_writable(tmp_path):
+    c = np.eye(3, dtype=np.float32)
+    book = d2r.Codebook(c)
+    c[0, 0] = 5.0  # still ours to change, and the codebook keeps its own copy
+    assert book.centroids[0, 0] == 1.0
+    path = book.save(tmp_path / "cb.npz")
+    assert path.stat().st_mode & 0o044  # readable by others, like any file the user writes

@@ -295,3 +295,29 @@ def test_add_aggregated_equals_add():
     np.testing.assert_array_equal(a.search(q, 10).scores, b.search(q, 10).scores)
     with pytest.raises(ValueError, match="query is asmk"):
         b.add_aggregated(99, Aggregator(cents, "asmk")(q))
+
+
+def test_alternating_add_and_search_keeps_segments_bounded(monkeypatch):
+    monkeypatch.setattr(dbmod, "MAX_SEGMENTS", 4)
+    rng = np.random.default_rng(12)
+    cents = _unit(rng, 32, 16)
+    db = Database.create(None, d2r.Codebook(cents), mode="search")
+    images = []
+    q0 = _unit(rng, 20, 16)
+    for i in range(30):
+        x = _unit(rng, 20 if i % 3 else 0, 16)
+        images.append((i, x))
+        db.add(i, x, [10, 10] if i % 3 else [])  # some images have no regions at all
+        if i == 7:
+            db.remove(3)
+        db.search(q0, 3)  # each search turns the new image into a segment
+        assert len(db._segments) <= 5
+    assert len(db) == 29 and 3 not in db and sorted(db) == [i for i in range(30) if i != 3]
+    q = _unit(rng, 20, 16)
+    agg = Aggregator(cents, "asmk_star")
+    want = {i: max([similarity(agg(q), r) for r in agg.per_region(x, [10, 10])] if i % 3 else [-1.0])
+            for i, x in images if i != 3}
+    got = dict(zip(*db.search(q, 100)))
+    assert got.keys() == want.keys()
+    for i in want:
+        assert got[i] == pytest.approx(want[i], abs=1e-6)

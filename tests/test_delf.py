@@ -9,7 +9,7 @@ keras = pytest.importorskip("keras")
 
 from d2r.features import PCA  # noqa: E402
 from d2r.features.delf import (  # noqa: E402
-    PAPER_SCALES, DELF, DELFConfig, build_delf_model, multiscale_extract, receptive_boxes, receptive_field,
+    PAPER_SCALES, DELF, _ExportModule, DELFConfig, build_delf_model, multiscale_extract, receptive_boxes, receptive_field,
     receptive_field_of_stack,
 )
 
@@ -79,7 +79,7 @@ def test_receptive_field_matches_gradients():
         assert (cols.min(), cols.max()) == (stride * j - pad, stride * j - pad + rf - 1)
 
 
-# ------------------------------------------------------------------------------------------ selection semantics
+# -------------------------------------------------------------------------------------- selection semantics
 def reference_extract(model, image, scales, max_num, thres, rf, stride, pad):
     """Plain numpy selection over per-scale model outputs (model run scale by scale)."""
     img = (image.astype(np.float32) - 128.0) / 128.0
@@ -127,6 +127,20 @@ def test_threshold_and_topk_semantics(tiny_delf, image, max_num, quantile):
     np.testing.assert_allclose(f.locations[:, 1], (eb[:, 0] + eb[:, 2]) / 2, rtol=1e-6)
     cell = f.locations * (1.0 / f.scales)[:, None]  # back to the scale's pixel grid
     np.testing.assert_allclose((cell - 2) / 4, np.round((cell - 2) / 4), atol=1e-3)
+
+
+def test_topk_ties_keep_scale_then_cell_order(tiny_delf):
+    """A flat image gives many equal attention values: ties go to the earlier scale, then the earlier cell."""
+    img = np.full((40, 48, 3), 77, np.uint8)
+    scales = (1.0, 0.5)
+    for k in (3, 11, 40):
+        dlf = DELF.from_keras(model=tiny_delf, config=DELFConfig(scales=scales, score_threshold=-1.0,
+                                                                 max_features=k))
+        boxes, _, fscales, scores = dlf.run_raw(img)
+        eb, _, es, ea = reference_extract(tiny_delf, img, scales, k, -1.0, *dlf.rf)
+        assert len(np.unique(ea)) < len(ea)  # there really are ties
+        np.testing.assert_array_equal(boxes, eb)
+        np.testing.assert_array_equal(fscales, es)
 
 
 def test_all_cells_at_scale_one_hand_computed(tiny_delf):
@@ -186,6 +200,12 @@ def test_export_reload_same_features(tiny_delf, tmp_path, rng):
     assert out["features"].shape == (5, 16) and out["scores"].shape == (5, 1)
     with pytest.raises(FileExistsError):
         dlf.export(tmp_path / "m")
+    # an official-style TF2 export: the module saved without explicit signatures (export_local_model.py)
+    module = _ExportModule.make(tiny_delf, dlf.rf, dlf.raw_dim)
+    tf.saved_model.save(module, str(tmp_path / "tf2" / "model"))
+    pca.save(tmp_path / "tf2" / "pca")
+    plain = DELF.from_saved_model(tmp_path / "tf2" / "model", config=dlf.config)
+    np.testing.assert_allclose(plain.extract(img).descriptors, ours.descriptors, atol=1e-5)
     assert back.fingerprint() == DELF.from_saved_model(tmp_path / "m", config=dlf.config).fingerprint()
 
 
@@ -248,7 +268,8 @@ def test_tf1_hub_format_with_official_tensor_names(tmp_path, rng):
     feats = dlf.extract(img)
     assert feats.descriptors.shape == (25, 6) and dlf.raw_dim == depth
     np.testing.assert_allclose(feats.scores, ea[:, 0], rtol=1e-6)
-    np.testing.assert_allclose(feats.locations[:, 0], (eb[:, 1] + eb[:, 3]) / 2, atol=1e-5)  # x from xmin/xmax
+    # x from xmin / xmax, y from ymin / ymax
+    np.testing.assert_allclose(feats.locations[:, 0], (eb[:, 1] + eb[:, 3]) / 2, atol=1e-5)
     np.testing.assert_allclose(feats.locations[:, 1], (eb[:, 0] + eb[:, 2]) / 2, atol=1e-5)
     np.testing.assert_allclose(feats.descriptors, pca.transform(ef), atol=1e-5)
     np.testing.assert_array_equal(feats.scales, es)

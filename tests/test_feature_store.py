@@ -65,7 +65,8 @@ def test_roundtrip_exact_across_shards(tmp_path, rng):
     _same(shard[0], items[list(items)[3]])
     m = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert m["version"] == 1 and m["dim"] == 8 and m["extractor"]["fingerprint"] == "abc123"
-    assert m["num_features"] == sum(len(v.features if isinstance(v, RegionFeatures) else v) for v in items.values())
+    n_feat = sum(len(v.features if isinstance(v, RegionFeatures) else v) for v in items.values())
+    assert m["num_features"] == n_feat
     with pytest.raises(KeyError):
         store.get("nope")
     with pytest.raises(ValueError, match="read-only"):

@@ -1,5 +1,6 @@
 """Import of official codebooks: TF checkpoints written here with TensorFlow, in both layouts the official
-code produces (TF1 name-based ``clusters`` from the estimator KMeans; TF2 ``tf.train.Checkpoint(codebook=...)``)."""
+code produces (TF1 name-based ``clusters`` from the estimator KMeans; TF2
+``tf.train.Checkpoint(codebook=...)``)."""
 
 import json
 
@@ -31,7 +32,7 @@ def tf1_checkpoint(tmp_path, centroids, extra=True):
 
 
 def tf2_checkpoint(tmp_path, centroids):
-    """The object-based layout of the official TF2 loader: tf.train.Checkpoint(codebook=Variable 'clusters')."""
+    """The object-based layout of the official TF2 loader: Checkpoint(codebook=Variable 'clusters')."""
     prefix = tmp_path / "tf2" / "codebook"
     var = tf.Variable(centroids, name="clusters")
     tf.train.Checkpoint(codebook=var).write(str(prefix))
@@ -75,9 +76,10 @@ def test_assignments_match_tensorflow(tmp_path, centroids, rng):
 
 
 def test_find_clusters_variable():
-    assert find_clusters_variable(["global_step", "kmeans/clusters", "clusters_initialized"]) == "kmeans/clusters"
-    assert find_clusters_variable(["codebook/.ATTRIBUTES/VARIABLE_VALUE", "_CHECKPOINTABLE_OBJECT_GRAPH"]) == \
-        "codebook/.ATTRIBUTES/VARIABLE_VALUE"
+    names = ["global_step", "kmeans/clusters", "clusters_initialized"]
+    assert find_clusters_variable(names) == "kmeans/clusters"
+    names = ["codebook/.ATTRIBUTES/VARIABLE_VALUE", "_CHECKPOINTABLE_OBJECT_GRAPH"]
+    assert find_clusters_variable(names) == "codebook/.ATTRIBUTES/VARIABLE_VALUE"
     with pytest.raises(ValueError, match="no variable named 'clusters'"):
         find_clusters_variable(["w", "b"])
     with pytest.raises(ValueError, match="several"):

@@ -49,7 +49,8 @@ def test_assigned_sq_distances_matches_numpy(rng):
     want = ((x.astype(np.float64) - c[labels].astype(np.float64)) ** 2).sum(1)
     np.testing.assert_allclose(assigned_sq_distances(x, c, labels), want, rtol=1e-12)
     # hand case: distance of (3, 4) to the origin is 25
-    got = assigned_sq_distances(np.array([[3, 4]], np.float32), np.zeros((1, 2), np.float32), np.zeros(1, np.int64))
+    got = assigned_sq_distances(np.array([[3, 4]], np.float32), np.zeros((1, 2), np.float32),
+                                np.zeros(1, np.int64))
     assert got.tolist() == [25.0]
 
 
@@ -178,7 +179,8 @@ def test_reseed_empty_hand_case():
     sq = ((x[:, 0] - cent[labels, 0]) ** 2).astype(np.float64)
     counts = np.bincount(labels, minlength=4)
     rows, repaired = reseed_empty(x, labels, sq, counts, np.array([1]))
-    assert repaired == 1 and rows.tolist() == [[5.0]]      # farthest point (5, at distance 3) of the largest cluster
+    # the farthest point (5, at distance 3) of the largest cluster
+    assert repaired == 1 and rows.tolist() == [[5.0]]
     # two empties: the second goes to the next largest cluster (0 halves to 1 point, below 2)
     rows, repaired = reseed_empty(x, labels, sq, counts, np.array([1, 4]))
     assert repaired == 2 and rows[:, 0].tolist() == [5.0, 10.0]
@@ -211,7 +213,8 @@ def test_more_words_than_distinct_points_does_not_crash():
 def test_metadata_and_save_load(rng, tmp_path):
     x, _, _ = planted(rng, n=600)
     book, info = train_codebook(x, 8, iterations=3, seed=4, progress=False,
-                                metadata={"feature": "rootsift", "pca_fingerprint": "abc", "training_images": 7})
+                                metadata={"feature": "rootsift", "pca_fingerprint": "abc",
+                                          "training_images": 7})
     path = book.save(tmp_path / "cb.npz")
     loaded = Codebook.load(path)
     assert loaded.fingerprint == book.fingerprint
@@ -230,7 +233,8 @@ def test_metadata_and_save_load(rng, tmp_path):
 
 
 def test_default_codebook_name():
-    assert default_codebook_name("rootsift", 128, 65536, "rparis6k", 0) == "rootsift-128d-k64k-rparis6k-s0.npz"
+    name = default_codebook_name("rootsift", 128, 65536, "rparis6k", 0)
+    assert name == "rootsift-128d-k64k-rparis6k-s0.npz"
     assert default_codebook_name("delf", 128, 1000, "my data", 3) == "delf-128d-k1000-my_data-s3.npz"
 
 
@@ -310,7 +314,8 @@ def test_sample_descriptors_bad_input(rng):
 def test_load_training_descriptors_npy(rng, tmp_path):
     x = rng.standard_normal((300, 16)).astype(np.float32)
     np.save(tmp_path / "d.npy", x)
-    got, meta = load_training_descriptors(descriptors=tmp_path / "d.npy", feature="delf", max_total=100, seed=0)
+    got, meta = load_training_descriptors(descriptors=tmp_path / "d.npy", feature="delf", max_total=100,
+                                          seed=0)
     assert got.shape == (100, 16) and meta["feature"] == "delf" and meta["samples"] == 100
     assert meta["training_descriptors_seen"] == 300
     with pytest.raises(ValueError, match="expected D=128"):
@@ -429,4 +434,34 @@ def test_images_source(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["images"] == 2 and summary["samples"] == 400 and summary["D"] == 128
     meta = Codebook.load(out).metadata
-    assert meta["feature"] == "rootsift" and meta["training_images_failed"] == 1 and meta["feature_fingerprint"]
+    assert meta["feature"] == "rootsift" and meta["training_images_failed"] == 1
+    assert meta["feature_fingerprint"]
+
+
+# ---- shipped codebooks ------------------------------------------------------------------------------------
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+DEMO = REPO / "codebooks" / "rootsift-128d-k256-skimage-s0.npz"
+DEMO_RECIPE = REPO / "codebooks" / "recipes" / "rootsift-128d-k256-skimage-s0.yaml"
+
+
+def test_shipped_demo_codebook():
+    book = Codebook.load(DEMO)
+    assert (book.size, book.dim) == (256, 128)
+    m = book.metadata
+    assert m["feature"] == "rootsift" and m["trainset"] == "skimage" and m["seed"] == 0
+    assert m["training_source"].startswith("skimage.data:") and m["recipe"]["size"] == 256
+    assert DEMO.name == default_codebook_name("rootsift", 128, 256, "skimage", 0)
+
+
+@pytest.mark.slow
+def test_demo_recipe_reproduces_the_shipped_codebook(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo.npz"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "build_codebook_recipe.py"), str(DEMO_RECIPE),
+                          "--out", str(out), "--quiet"], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["fingerprint"] == Codebook.load(DEMO).fingerprint

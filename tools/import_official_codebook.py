@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Import an official codebook checkpoint: the same as ``d2r import-codebook`` (``--help`` for the options)."""
+"""Import an official codebook checkpoint: the same as ``d2r import-codebook`` (``--help`` lists the
+options)."""
 
 import sys
 

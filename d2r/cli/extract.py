@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "extract", help="extract local features (RootSIFT or DELF) into a sharded feature store",
-        description="Extract local features of every image of a folder (recursive) or list file into a feature "
-                    "store. Resumable: images already in the store are skipped; unreadable images are recorded "
-                    "in failures.json and skipped. Image id = path relative to the folder, without extension.")
+        description="Extract local features of every image of a folder (recursive) or list file into a "
+                    "feature store. Resumable: images already in the store are skipped; unreadable images "
+                    "are recorded in failures.json and skipped. Image id = path relative to the folder, "
+                    "without extension.")
     p.add_argument("--images", required=True, help="image folder or text file with one image path per line")
     p.add_argument("--features", required=True, choices=["rootsift", "delf"], help="extractor")
     p.add_argument("--model", help="DELF SavedModel folder (official or exported by d2r)")
@@ -42,11 +44,12 @@ def run(args) -> int:
         extractor = get_extractor("delf", model=args.model, pca=None if args.no_pca else args.pca, **kw)
     else:
         if args.model:
-            print("d2r extract: error: --model is only for --features delf")
+            print("d2r extract: error: --model is only for --features delf", file=sys.stderr)
             return 2
         extractor = get_extractor("rootsift", pca=args.pca, **kw)
-    summary = extract_to_store(args.images, extractor, args.out, progress=not args.quiet, workers=args.workers,
-                               shard_size=args.shard_size, retry_failed=args.retry_failed)
+    summary = extract_to_store(args.images, extractor, args.out, progress=not args.quiet,
+                               workers=args.workers, shard_size=args.shard_size,
+                               retry_failed=args.retry_failed)
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     elif not args.quiet:

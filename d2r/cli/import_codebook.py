@@ -9,8 +9,8 @@ from pathlib import Path
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "import-codebook", help="import an official TF-checkpoint codebook",
-        description="Read the 'clusters' variable of an official Detect-to-Retrieve codebook checkpoint (e.g. "
-                    "k65536_codebook_tfckpt/codebook) and write a d2r codebook .npz with metadata.")
+        description="Read the 'clusters' variable of an official Detect-to-Retrieve codebook checkpoint "
+                    "(e.g. k65536_codebook_tfckpt/codebook) and write a d2r codebook .npz with metadata.")
     p.add_argument("checkpoint", help="checkpoint prefix (…/codebook) or the folder holding it")
     p.add_argument("--out", required=True, metavar="FILE", help="output codebook .npz")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")

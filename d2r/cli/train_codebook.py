@@ -1,4 +1,5 @@
-"""``d2r train-codebook``: train a k-means visual-word codebook from a feature store, images or descriptors."""
+"""``d2r train-codebook``: train a k-means visual-word codebook from a feature store, images or
+descriptors."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--init", choices=("auto", "k-means++", "random"), default="auto")
     p.add_argument("--batch-size", type=int, help="mini-batch size (default max(8192, 2K))")
     p.add_argument("--sample-per-image", type=int, default=300, help="descriptors sampled per image (300)")
-    p.add_argument("--max-samples", type=int, default=1_000_000, help="cap on training descriptors (1,000,000)")
+    p.add_argument("--max-samples", type=int, default=1_000_000,
+                   help="cap on training descriptors (1,000,000)")
     p.add_argument("--trainset", help="training-set name recorded in the metadata (default: the source path)")
     p.add_argument("--checkpoint", metavar="PATH", help="checkpoint file, written every iteration; resumed "
                                                          "from when it exists")

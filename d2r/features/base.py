@@ -14,7 +14,8 @@ class LocalFeatures:
     Attributes:
         locations: (N, 2) float32 keypoint centres as (x, y) in ORIGINAL-image pixels (column, row). The
             official DELF files store (y, x); importers swap them.
-        scales: (N,) float32 scale of each feature (DELF: the image scale it came from; SIFT: keypoint size).
+        scales: (N,) float32 scale of each feature (DELF: 1 / the image scale it came from, the official file
+            convention; SIFT: keypoint size).
         scores: (N,) float32 strength (DELF attention score, SIFT detector response).
         descriptors: (N, D) float32, L2-normalised rows unless the extractor documents otherwise.
 

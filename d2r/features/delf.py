@@ -2,15 +2,16 @@
 
 Both run the same extraction contract (the official serving signature)::
 
-    (input_image uint8 (H, W, 3), input_scales float32 (S,), input_max_feature_num int32, input_abs_thres float32)
+    (input_image uint8 (H, W, 3), input_scales float32 (S,), input_max_feature_num int32,
+     input_abs_thres float32)
         -> boxes (N, 4) [ymin, xmin, ymax, xmax] receptive boxes in ORIGINAL pixels,
            features (N, C) raw descriptors, scales (N,) = 1 / image scale, scores (N, 1) attention
 
 with the paper semantics: pixels (x − 128) / 128; for each scale the image is resized (bilinear) to
-round(size × scale); cells with attention >= threshold are kept per scale; the top ``max_feature_num`` by attention
-over all scales are returned, strongest first. :class:`DELF` then takes the box centre as the keypoint, converts
-the official (y, x) to our (x, y), and post-processes descriptors L2 → PCA (mean, projection, 128-D, no
-whitening) → L2.
+round(size × scale); cells with attention >= threshold are kept per scale; the top ``max_feature_num`` by
+attention over all scales are returned, strongest first. :class:`DELF` then takes the box centre as the
+keypoint, converts the official (y, x) to our (x, y), and post-processes descriptors L2 → PCA (mean,
+projection, 128-D, no whitening) → L2.
 
 TensorFlow is imported only inside this module's functions.
 """
@@ -66,8 +67,8 @@ class DELFConfig(Config):
 def receptive_field_of_stack(layers) -> tuple[float, float, float]:
     """(rf, stride, padding) of a chain of layers given as ``(kernel, stride, left_padding)`` triples.
 
-    Output cell i of the chain sees input pixels [stride·i − padding, stride·i − padding + rf − 1] (the official
-    ``CalculateReceptiveBoxes`` convention). Composition of (R, S, P) with a layer (k, s, p):
+    Output cell i of the chain sees input pixels [stride·i − padding, stride·i − padding + rf − 1] (the
+    official ``CalculateReceptiveBoxes`` convention). Composition of (R, S, P) with a layer (k, s, p):
     R' = R + (k − 1)·S, S' = S·s, P' = P + p·S, starting from (1, 1, 0).
     """
     r, s, p = 1.0, 1.0, 0.0
@@ -90,7 +91,8 @@ def _layer_rf(layer) -> tuple[int, int, int] | None:
     def pair(v):
         v = tuple(v) if isinstance(v, (list, tuple)) else (v, v)
         if v[0] != v[1]:
-            raise ValueError(f"layer {layer.name}: non-square {cls} {v} is not supported for receptive fields")
+            raise ValueError(f"layer {layer.name}: non-square {cls} {v} is not supported "
+                             "for receptive fields")
         return int(v[0])
 
     if cls in ("Conv2D", "DepthwiseConv2D", "SeparableConv2D"):
@@ -107,7 +109,8 @@ def _layer_rf(layer) -> tuple[int, int, int] | None:
     if cls == "ZeroPadding2D":
         (top, _), (left, _) = cfg["padding"]
         if top != left:
-            raise ValueError(f"layer {layer.name}: asymmetric ZeroPadding2D {cfg['padding']} is not supported")
+            raise ValueError(f"layer {layer.name}: asymmetric ZeroPadding2D {cfg['padding']} "
+                             "is not supported")
         return 1, 1, int(top)
     if cls in _GRID_PRESERVING:
         return None
@@ -122,7 +125,7 @@ _GRID_PRESERVING = {
 
 
 def receptive_field(model) -> tuple[float, float, float]:
-    """(rf, stride, padding) of the output of a Keras conv model (Sequential or Functional, nested models too).
+    """(rf, stride, padding) of the output of a Keras conv model (Sequential or Functional, nested models).
 
     Where branches merge (ResNet additions) the branch with the largest receptive field wins; all branches
     must share the stride. Keras ResNet50 up to ``conv4_block6_out`` gives (291, 16, 145).
@@ -184,13 +187,14 @@ def _as_list(x):
 
 
 def receptive_boxes(height: int, width: int, rf: float, stride: float, padding: float) -> np.ndarray:
-    """(h·w, 4) float32 [ymin, xmin, ymax, xmax] receptive boxes of a feature grid, row-major (official layout)."""
+    """(h·w, 4) float32 [ymin, xmin, ymax, xmax] receptive boxes of a feature grid, row-major
+    (the official layout)."""
     y, x = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
     c = np.stack([y.ravel(), x.ravel()], axis=1).astype(np.float64)
     return np.concatenate([c * stride - padding, c * stride - padding + rf - 1], axis=1).astype(np.float32)
 
 
-# =========================================================================================== TF extraction graph
+# ===================================================================================== TF extraction graph
 def multiscale_extract(model_fn, image, scales, max_feature_num, abs_thres, rf, stride, padding, depth):
     """The extraction contract in TF ops (works in a tf.function and in a TF1 graph).
 
@@ -219,6 +223,10 @@ def multiscale_extract(model_fn, image, scales, max_feature_num, abs_thres, rf, 
         start = cells * stride - padding
         boxes = tf.concat([start, start + (rf - 1.0)], axis=1) / scale
         keep = tf.reshape(tf.where(att >= abs_thres), [-1])
+        # Per-scale top-k first (same final result, ties included: top_k keeps the lower index first), so
+        # at most max_feature_num feature rows per scale are copied.
+        k_s = tf.minimum(tf.cast(max_feature_num, tf.int32), tf.size(keep))
+        keep = tf.gather(keep, tf.math.top_k(tf.gather(att, keep), k=k_s, sorted=True).indices)
         sel_att = tf.gather(att, keep)
         return (i + 1, b_ta.write(i, tf.gather(boxes, keep)), f_ta.write(i, tf.gather(feat, keep)),
                 s_ta.write(i, tf.ones_like(sel_att) / scale), a_ta.write(i, sel_att))
@@ -255,8 +263,8 @@ def build_delf_model(backbone="resnet50", weights=None, attention_hidden: int = 
     Args:
         backbone: ``"resnet50"`` (Keras ResNet50 v1 up to ``conv4_block6_out``: 1024-D, stride 16) or a Keras
             model mapping (1, H, W, 3) normalised images to a (1, h, w, C) feature map.
-        weights: for ResNet50: None (random), ``"imagenet"`` (Keras download, needs network) or a local weights
-            file of ResNet50 without top.
+        weights: for ResNet50: None (random), ``"imagenet"`` (Keras download, needs network) or a local
+            weights file of ResNet50 without top.
     Returns a Keras model: images (1, H, W, 3) float32 → [attention (1, h, w, 1), features (1, h, w, C)].
     """
     import keras
@@ -301,8 +309,10 @@ class _ExportModule:
                     b, f, s, a = multiscale_extract(
                         lambda x: self.model(x, training=False), input_image, input_scales,
                         input_max_feature_num, input_abs_thres, *self._rf, self._depth)
-                    return {"boxes": tf.identity(b, name="boxes"), "features": tf.identity(f, name="features"),
-                            "scales": tf.identity(s, name="scales"), "scores": tf.identity(a, name="scores")}
+                    return {"boxes": tf.identity(b, name="boxes"),
+                            "features": tf.identity(f, name="features"),
+                            "scales": tf.identity(s, name="scales"),
+                            "scores": tf.identity(a, name="scores")}
 
             cls.cls = DelfExport
         return cls.cls(keras_model, rf, depth)
@@ -315,8 +325,8 @@ class DELF:
 
     locations (N, 2) float32 (x, y) receptive-box centres in ORIGINAL pixels; scales (N,) = 1 / image scale
     (official convention: larger = coarser); scores (N,) attention; descriptors (N, pca_dim) float32 unit rows
-    (or (N, C) L2-normalised raw features when ``use_pca`` is False). Strongest first; N <= max_features. Images
-    smaller than 10×10 give N = 0.
+    (or (N, C) L2-normalised raw features when ``use_pca`` is False). Strongest first; N <= max_features.
+    Images smaller than 10×10 give N = 0.
     """
 
     name = "delf"
@@ -347,9 +357,9 @@ class DELF:
 
         Supported: TF1 hub-format exports (the D2R ``delf_gld_20190411`` model: tensors ``input_image:0``,
         ``input_scales:0``, ``input_max_feature_num:0``, ``input_abs_thres:0`` → ``boxes:0``, ``features:0``,
-        ``scales:0``, ``scores:0``), TF2 exports with a ``serving_default`` signature or an ``ExtractFeatures``
-        function, and :meth:`export` output. ``pca``: a PCA, a folder with ``mean.datum`` /
-        ``pca_proj_mat.datum``, None, or ``"auto"`` (``PATH/pca`` or ``PATH/../pca`` if present).
+        ``scales:0``, ``scores:0``), TF2 exports with a ``serving_default`` signature or an
+        ``ExtractFeatures`` function, and :meth:`export` output. ``pca``: a PCA, a folder with
+        ``mean.datum`` / ``pca_proj_mat.datum``, None, or ``"auto"`` (``PATH/pca`` or ``PATH/../pca``).
         ``config`` defaults to the config saved by :meth:`export` (else the paper's); ``overrides`` replace
         single fields of it (``max_features=500``).
         """
@@ -370,7 +380,8 @@ class DELF:
                     pca = cand
                     break
             if pca is None and config.use_pca:
-                raise ValueError(f"{path}: no PCA folder found beside the model; pass pca=FOLDER or use_pca=False")
+                raise ValueError(f"{path}: no PCA folder found beside the model; "
+                                 "pass pca=FOLDER or use_pca=False")
         loaded = tf.saved_model.load(str(path))
         runner, raw_dim = _make_runner(loaded, path)
         if raw_dim is None:
@@ -386,7 +397,7 @@ class DELF:
     @classmethod
     def from_keras(cls, backbone="resnet50", weights=None, config: DELFConfig | None = None, pca=None,
                    model=None) -> "DELF":
-        """Our Keras DELF (see :func:`build_delf_model`); ``model`` overrides with an already built DELF model.
+        """Our Keras DELF (see :func:`build_delf_model`); ``model``: an already built DELF model instead.
         Without a PCA the config's ``use_pca`` is turned off (fit one with :meth:`fit_pca`)."""
         import tensorflow as tf
 
@@ -406,7 +417,8 @@ class DELF:
                      tf.constant(int(max_num), tf.int32), tf.constant(float(thres), tf.float32))
             return tuple(np.asarray(o) for o in out)
 
-        return cls(runner, depth, config, pca, source=f"keras:{keras_model.name}", keras_model=keras_model, rf=rf)
+        return cls(runner, depth, config, pca, source=f"keras:{keras_model.name}", keras_model=keras_model,
+                   rf=rf)
 
     # ------------------------------------------------------------------------------------ properties
     @property
@@ -435,8 +447,10 @@ class DELF:
         scales (N,), scores (N,) — no PCA, no size checks."""
         c = self.config
         boxes, feats, scales, scores = self._runner(image, c.scales, c.max_features, c.score_threshold)
-        return (np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(feats, np.float32).reshape(-1, self.raw_dim),
-                np.asarray(scales, np.float32).reshape(-1), np.asarray(scores, np.float32).reshape(-1))
+        return (np.asarray(boxes, np.float32).reshape(-1, 4),
+                np.asarray(feats, np.float32).reshape(-1, self.raw_dim),
+                np.asarray(scales, np.float32).reshape(-1),
+                np.asarray(scores, np.float32).reshape(-1))
 
     def extract(self, image) -> LocalFeatures:
         rgb = load_image(image)
@@ -452,7 +466,10 @@ class DELF:
         if small is not rgb:
             loc[:, 0] *= w / small.shape[1]
             loc[:, 1] *= h / small.shape[0]
-        desc = self.pca.transform(feats) if (self.config.use_pca and self.pca is not None) else l2_normalize(feats)
+        if self.config.use_pca and self.pca is not None:
+            desc = self.pca.transform(feats)
+        else:
+            desc = l2_normalize(feats)
         return LocalFeatures(loc.astype(np.float32), scales, scores, np.ascontiguousarray(desc, np.float32))
 
     __call__ = extract
@@ -463,8 +480,8 @@ class DELF:
             raise ValueError(f"DELF.{what} needs a Keras DELF (DELF.from_keras); this one runs {self.source}")
 
     def fit_pca(self, images_or_descriptors, dim: int = 128, whiten: bool = False) -> PCA:
-        """Learn the descriptor PCA from raw features of ``images`` (paths/arrays) or an (N, C) array, attach it
-        and turn ``use_pca`` on. Returns the PCA."""
+        """Learn the descriptor PCA from raw features of ``images`` (paths/arrays) or an (N, C) array,
+        attach it and turn ``use_pca`` on. Returns the PCA."""
         if isinstance(images_or_descriptors, np.ndarray) and images_or_descriptors.ndim == 2 \
                 and images_or_descriptors.dtype != np.uint8:
             raw = images_or_descriptors
@@ -480,8 +497,9 @@ class DELF:
         return self.pca
 
     def export(self, path) -> Path:
-        """Write a SavedModel with the official serving signature (``serving_default`` and ``ExtractFeatures``)
-        plus ``pca/`` (official .datum files, when a PCA is set) and ``d2r_delf.json``; refuses an existing path."""
+        """Write a SavedModel with the official serving signature (``serving_default`` and
+        ``ExtractFeatures``) plus ``pca/`` (official .datum files, when a PCA is set) and ``d2r_delf.json``;
+        refuses an existing non-empty folder."""
         import tensorflow as tf
 
         self._need_keras("export")
@@ -503,7 +521,8 @@ class DELF:
 
 
 def _make_runner(loaded, path: Path):
-    """A function (image, scales, max_num, thres) -> (boxes, features, scales, scores) numpy, and the raw depth."""
+    """A function (image, scales, max_num, thres) -> (boxes, features, scales, scores) numpy, and the raw
+    feature depth (None when the model does not declare it)."""
     import tensorflow as tf
 
     def feed(image, scales, max_num, thres):

@@ -1,9 +1,10 @@
 """Image loading in one place: every extractor and tool reads pixels through :func:`load_image`.
 
-A path, a numpy array or a PIL image becomes an (H, W, 3) uint8 RGB array: EXIF orientation applied; grayscale,
-palette, RGBA/LA (alpha dropped), CMYK, 16-bit and float images converted; images whose header announces more than
-``max_pixels`` pixels are refused BEFORE their pixels are decoded (decompression bombs). Anything unreadable
-(missing path, directory, empty, truncated, not an image) raises :class:`ImageError` naming the file and the reason.
+A path, a numpy array or a PIL image becomes an (H, W, 3) uint8 RGB array: EXIF orientation applied;
+grayscale, palette, RGBA/LA (alpha dropped), CMYK, 16-bit and float images converted; images whose header
+announces more than ``max_pixels`` pixels are refused BEFORE their pixels are decoded (decompression bombs).
+Anything unreadable (missing path, directory, empty, truncated, not an image) raises :class:`ImageError`
+naming the file and the reason.
 Tiny images (even 1×1) are valid; extractors return no features for images smaller than 10×10.
 """
 
@@ -18,26 +19,30 @@ import numpy as np
 # Same limit at which Pillow itself refuses an image (2 x Image.MAX_IMAGE_PIXELS).
 DEFAULT_MAX_PIXELS = 178_956_970
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif",
+)
 
 
 class ImageError(ValueError):
     """An image that cannot be used: the message names the source and the reason."""
 
 
-def load_image(source, max_pixels: int | None = DEFAULT_MAX_PIXELS, max_side: int | None = None) -> np.ndarray:
+def load_image(source, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               max_side: int | None = None) -> np.ndarray:
     """Load ``source`` as a C-contiguous (H, W, 3) uint8 RGB array.
 
     Args:
-        source: a path (str / Path), a PIL image, or a numpy array (H, W), (H, W, 1), (H, W, 3) RGB or (H, W, 4)
-            RGBA of dtype uint8, uint16 (full 16-bit range), bool, or float (values in [0, 1] when the maximum is
-            <= 1, else [0, 255]). Arrays are taken as RGB (convert OpenCV BGR arrays first).
+        source: a path (str / Path), a PIL image, or a numpy array (H, W), (H, W, 1), (H, W, 3) RGB or
+            (H, W, 4) RGBA of dtype uint8, uint16 (full 16-bit range), bool, or float (values in [0, 1] when
+            the maximum is <= 1, else [0, 255]). Arrays are taken as RGB (convert OpenCV BGR arrays first).
         max_pixels: refuse images with more than this many pixels (checked from the header, before decoding);
             None disables the check (Pillow still refuses images above its own hard limit).
         max_side: if given, downscale (area filter) so that the longer side is at most ``max_side``.
 
     Raises:
-        ImageError: missing path, directory, empty or truncated file, not an image, too many pixels, bad array.
+        ImageError: missing path, directory, empty or truncated file, not an image, too many pixels,
+            bad array.
     """
     if isinstance(source, (str, os.PathLike)):
         image = _load_path(Path(source), max_pixels)
@@ -46,14 +51,16 @@ def load_image(source, max_pixels: int | None = DEFAULT_MAX_PIXELS, max_side: in
     elif _is_pil(source):
         image = _from_pil(source, "PIL image", max_pixels)
     else:
-        raise ImageError(f"cannot load an image from {type(source).__name__}: expected a path, numpy array or PIL image")
+        raise ImageError(f"cannot load an image from {type(source).__name__}: "
+                         "expected a path, numpy array or PIL image")
     if max_side is not None:
         image = resize_max_side(image, max_side)
     return image
 
 
 def resize_max_side(image: np.ndarray, max_side: int) -> np.ndarray:
-    """Downscale so the longer side is ``max_side`` (aspect kept, area filter); smaller images are returned as is."""
+    """Downscale so the longer side is ``max_side`` (aspect kept, area filter); smaller images are
+    returned as is."""
     if max_side <= 0:
         raise ValueError(f"max_side must be positive, got {max_side}")
     h, w = image.shape[:2]
@@ -106,7 +113,8 @@ def _load_path(path: Path, max_pixels: int | None) -> np.ndarray:
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"{name}: too many pixels, refused as a possible decompression bomb ({exc})") from exc
+        raise ImageError(f"{name}: too many pixels, refused as a possible decompression bomb ({exc})") \
+            from exc
     except UnidentifiedImageError as exc:
         raise ImageError(f"{name}: not a readable image (unknown or corrupt format)") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -143,7 +151,8 @@ def _from_array(arr: np.ndarray, name: str, max_pixels: int | None) -> np.ndarra
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
-        raise ImageError(f"{name}: expected an (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array, got shape {arr.shape}")
+        raise ImageError(f"{name}: expected an (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array, "
+                         f"got shape {arr.shape}")
     _check_pixels(name, arr.shape[1], arr.shape[0], max_pixels)
     if arr.ndim == 3 and arr.shape[2] == 4:
         arr = arr[:, :, :3]
@@ -173,14 +182,14 @@ def list_images(source, extensions=IMAGE_EXTENSIONS) -> list[tuple[str, Path]]:
     """List images as sorted ``(image_id, path)`` pairs.
 
     ``source`` is a directory (searched recursively for the common image extensions, case-insensitive) or a
-    text file with one path per line (blank lines and ``#`` comments ignored; relative paths are relative to the
-    list file's folder), or an iterable of paths.
+    text file with one path per line (blank lines and ``#`` comments ignored; relative paths are relative to
+    the list file's folder), or an iterable of paths.
 
     Image id convention (stable across runs and machines): the path relative to the root folder, POSIX
     separators, WITHOUT the extension — e.g. ``root/a/b/c123.jpg`` → ``"a/b/c123"``, which is what the
-    revisitop ``imlist`` and GLDv2 ids look like. Paths outside the root (list files with absolute paths elsewhere)
-    keep their full POSIX path minus the extension. Two files giving the same id (``x.jpg`` and ``x.png``) raise
-    ValueError.
+    revisitop ``imlist`` and GLDv2 ids look like. Paths outside the root (list files with absolute paths
+    elsewhere) keep their full POSIX path minus the extension. Two files giving the same id (``x.jpg`` and
+    ``x.png``) raise ValueError.
     """
     if isinstance(source, (str, os.PathLike)):
         root = Path(source)

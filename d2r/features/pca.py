@@ -1,13 +1,14 @@
 """PCA for local descriptors with the official DELF semantics, and the official DELF PCA file format.
 
-Transform (official ``PostProcessDescriptors``): L2-normalise each row → ``(d - mean) @ P[:dim].T`` → optional
-whitening (divide by sqrt of the first ``dim`` variances; off by default, as in the D2R config) → L2-normalise.
+Transform (official ``PostProcessDescriptors``): L2-normalise each row → ``(d - mean) @ P[:dim].T`` →
+optional whitening (divide by sqrt of the first ``dim`` variances; off by default, as in the D2R config) →
+L2-normalise.
 
 Files: the official parameters are three DatumProto files in one folder — ``mean.datum`` (D,),
-``pca_proj_mat.datum`` (D, D) with the principal directions as ROWS in decreasing variance, and ``pca_vars.datum``
-(D,). A DatumProto (delf/protos/datum.proto) is ``shape`` (field 1: packed int64 dims) + ``float_list`` (field 2:
-packed float32 values, row-major). We read and write that wire format directly (no protobuf dependency); ``.npy``
-files with the same stem are accepted too.
+``pca_proj_mat.datum`` (D, D) with the principal directions as ROWS in decreasing variance, and
+``pca_vars.datum`` (D,). A DatumProto (delf/protos/datum.proto) is ``shape`` (field 1: packed int64 dims) +
+``float_list`` (field 2: packed float32 values, row-major). We read and write that wire format directly (no
+protobuf dependency); ``.npy`` files with the same stem are accepted too.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def _len_field(field: int, payload: bytes) -> bytes:
 
 
 def datum_to_bytes(array) -> bytes:
-    """Serialise an array as a DatumProto (float32 values, row-major), like delf ``datum_io.SerializeToString``."""
+    """Serialise an array as a DatumProto (float32 values, row-major), like delf
+    ``datum_io.SerializeToString``."""
     arr = np.asarray(array, dtype=np.float64)
     dims = b"".join(_varint(int(d)) for d in arr.shape)
     shape = _len_field(1, dims) if arr.shape else b""
@@ -174,7 +176,8 @@ class PCA:
         mean = np.asarray(mean, dtype=np.float64).reshape(-1)
         components = np.asarray(components, dtype=np.float64)
         if components.ndim != 2 or components.shape[1] != mean.size:
-            raise ValueError(f"PCA: projection matrix shape {components.shape} does not match mean of size {mean.size}")
+            raise ValueError(f"PCA: projection matrix shape {components.shape} does not match "
+                             f"mean of size {mean.size}")
         if not 0 < pca.dim <= components.shape[0]:
             raise ValueError(f"PCA: dim={pca.dim} but the projection has {components.shape[0]} rows")
         if whiten and variances is None:
@@ -231,7 +234,7 @@ class PCA:
 
     # files --------------------------------------------------------------------------------------------
     def save(self, folder, format: str = "datum") -> Path:
-        """Write the official files (``format="datum"``) or ``.npy`` twins, plus ``pca.json`` (dim, whiten)."""
+        """Write the official files (``format="datum"``) or ``.npy`` twins, plus ``pca.json``."""
         self._check_fitted()
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -245,7 +248,8 @@ class PCA:
                 save_npy((folder / name).with_suffix(".npy"), arr.astype(np.float32))
             else:
                 raise ValueError(f"PCA.save: format must be 'datum' or 'npy', got {format!r}")
-        write_json(folder / "pca.json", {"dim": self.dim, "whiten": self.whiten, "fingerprint": self.fingerprint()})
+        write_json(folder / "pca.json",
+                   {"dim": self.dim, "whiten": self.whiten, "fingerprint": self.fingerprint()})
         return folder
 
     @classmethod

@@ -2,8 +2,8 @@
 
 The weight-free default extractor. Output rows are non-negative with unit L2 norm (sqrt of an L1-normalised
 non-negative vector); with PCA they are L2 → PCA → L2 like DELF. Deterministic: keypoints are sorted by
-(response desc, y, x, size, angle) before the top ``max_features`` are kept, so the thread count OpenCV uses does
-not change the result.
+(response desc, y, x, size, angle) before the top ``max_features`` are kept, so the thread count OpenCV uses
+does not change the result.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ MIN_SIDE = 10
 
 @dataclass
 class RootSIFTConfig(Config):
-    """RootSIFT options. ``max_side``: the image is downscaled so its longer side is at most this (None: never);
-    locations are mapped back to original pixels. SIFT thresholds are OpenCV's defaults."""
+    """RootSIFT options. ``max_side``: the image is downscaled so its longer side is at most this
+    (None: never); locations are mapped back to original pixels. SIFT thresholds are OpenCV's defaults."""
 
     max_features: int = 1000
     max_side: int | None = 1024
@@ -55,8 +55,8 @@ class RootSIFT:
 
     ``image``: anything :func:`d2r.features.load_image` takes. Result: locations (N, 2) float32 (x, y) in
     ORIGINAL pixels, scales = SIFT keypoint size in original pixels, scores = detector response, descriptors
-    (N, 128) float32 (or (N, pca_dim) with PCA), strongest first, N <= max_features. Images smaller than 10×10 or
-    without keypoints give N = 0.
+    (N, 128) float32 (or (N, pca_dim) with PCA), strongest first, N <= max_features. Images smaller than
+    10×10 or without keypoints give N = 0.
     """
 
     name = "rootsift"
@@ -77,7 +77,8 @@ class RootSIFT:
 
     def info(self) -> dict:
         """What a feature store or codebook records about this extractor."""
-        return {"name": self.name, "config": self.config.to_dict(), "fingerprint": self.fingerprint(), "dim": self.dim}
+        return {"name": self.name, "config": self.config.to_dict(), "fingerprint": self.fingerprint(),
+                "dim": self.dim}
 
     def fingerprint(self) -> str:
         h = hashlib.sha1()

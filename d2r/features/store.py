@@ -117,7 +117,8 @@ class FeatureStore:
 
     # ------------------------------------------------------------------------------------------ open/create
     @classmethod
-    def create(cls, path, extractor_info: dict, shard_size: int = 1000, exist_ok: bool = True) -> "FeatureStore":
+    def create(cls, path, extractor_info: dict, shard_size: int = 1000,
+               exist_ok: bool = True) -> "FeatureStore":
         """Create a store for features of the extractor described by ``extractor_info`` ({name, config,
         fingerprint, dim}). An existing store is reopened for appending if ``exist_ok`` and its extractor
         fingerprint and dim match; otherwise ValueError (features of different extractors never mix)."""
@@ -130,11 +131,12 @@ class FeatureStore:
                 raise FileExistsError(f"{path}: a feature store already exists")
             store = cls.open(path, mode="a", shard_size=shard_size)
             have = store.manifest["extractor"]
-            if have["fingerprint"] != extractor_info["fingerprint"] or int(store.dim) != int(extractor_info["dim"]):
+            same = have["fingerprint"] == extractor_info["fingerprint"]
+            if not same or int(store.dim) != int(extractor_info["dim"]):
                 raise ValueError(
                     f"{path}: store holds {have['name']} features (fingerprint {have['fingerprint']}, "
-                    f"D={store.dim}), not {extractor_info['name']} (fingerprint {extractor_info['fingerprint']}, "
-                    f"D={extractor_info['dim']})"
+                    f"D={store.dim}), not {extractor_info['name']} "
+                    f"(fingerprint {extractor_info['fingerprint']}, D={extractor_info['dim']})"
                 )
             return store
         if path.exists() and any(path.iterdir()):
@@ -167,7 +169,8 @@ class FeatureStore:
         if manifest.get("format") != FORMAT:
             raise ValueError(f"{mpath}: format {manifest.get('format')!r} is not {FORMAT!r}")
         if int(manifest.get("version", 0)) > VERSION:
-            raise ValueError(f"{mpath}: version {manifest['version']} is newer than this d2r reads ({VERSION})")
+            raise ValueError(f"{mpath}: version {manifest['version']} is newer than this d2r reads "
+                             f"({VERSION})")
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
         return cls(path, manifest, writable=(mode == "a"), shard_size=shard_size)
@@ -215,7 +218,8 @@ class FeatureStore:
             raise ValueError(f"{self.path}: store opened read-only")
         image_id = str(image_id)
         if not isinstance(features, (LocalFeatures, RegionFeatures)):
-            raise ValueError(f"{image_id}: expected LocalFeatures or RegionFeatures, got {type(features).__name__}")
+            raise ValueError(f"{image_id}: expected LocalFeatures or RegionFeatures, "
+                             f"got {type(features).__name__}")
         local = features.features if isinstance(features, RegionFeatures) else features
         if local.dim != self.dim:
             raise ValueError(f"{image_id}: expected D={self.dim}, got {local.dim}")
@@ -247,7 +251,8 @@ class FeatureStore:
                 for key in _ARRAYS:
                     save_npy(self.path / f"{name}.{key}.npy", arrays[key])
                 n_feat = int(arrays["offsets"][-1])
-                self.manifest["shards"].append({"name": name, "num_images": len(buffer), "num_features": n_feat})
+                self.manifest["shards"].append(
+                    {"name": name, "num_images": len(buffer), "num_features": n_feat})
                 self.manifest["num_images"] += len(buffer)
                 self.manifest["num_features"] += n_feat
                 for i, (image_id, _) in enumerate(buffer):
@@ -267,7 +272,8 @@ class FeatureStore:
             raise IndexError(f"shard {i} out of range (store has {self.num_shards})")
         name = self.manifest["shards"][i]["name"]
         mode = "r" if mmap else None
-        arrays = {k: np.load(self.path / f"{name}.{k}.npy", mmap_mode=mode, allow_pickle=False) for k in _ARRAYS}
+        arrays = {k: np.load(self.path / f"{name}.{k}.npy", mmap_mode=mode, allow_pickle=False)
+                  for k in _ARRAYS}
         return Shard(**arrays)
 
     def _shard(self, i: int) -> Shard:
@@ -293,7 +299,8 @@ class FeatureStore:
                 yield image_id, shard[i]
 
     def __repr__(self) -> str:
-        return (f"FeatureStore({str(self.path)!r}, extractor={self.manifest['extractor']['name']}, D={self.dim}, "
+        name = self.manifest["extractor"]["name"]
+        return (f"FeatureStore({str(self.path)!r}, extractor={name}, D={self.dim}, "
                 f"images={len(self)}, shards={self.num_shards})")
 
 
@@ -327,7 +334,8 @@ def _pack(buffer, dim: int) -> dict:
     ids = np.array([i for i, _ in buffer], dtype=str)
     return {
         "ids": ids, "kinds": kinds, "offsets": offsets,
-        "locations": allf.locations, "scales": allf.scales, "scores": allf.scores, "descriptors": allf.descriptors,
+        "locations": allf.locations, "scales": allf.scales, "scores": allf.scores,
+        "descriptors": allf.descriptors,
         "region_offsets": region_offsets, "counts": counts, "boxes": boxes, "box_ids": box_ids,
         "box_scores": box_scores,
     }
@@ -336,7 +344,8 @@ def _pack(buffer, dim: int) -> dict:
 def _extractor_info(extractor) -> dict:
     if hasattr(extractor, "info"):
         return extractor.info()
-    return {"name": extractor.name, "config": {}, "fingerprint": extractor.fingerprint(), "dim": extractor.dim}
+    return {"name": extractor.name, "config": {}, "fingerprint": extractor.fingerprint(),
+            "dim": extractor.dim}
 
 
 def extract_to_store(images, extractor, store_path, region_fn=None, progress: bool = True,
@@ -353,7 +362,8 @@ def extract_to_store(images, extractor, store_path, region_fn=None, progress: bo
         retry_failed: re-attempt images listed in failures.json (default: skip them).
 
     Images already in the store are skipped; an image that fails (corrupt file, ...) is recorded in
-    ``failures.json`` and the run goes on. Returns ``{"images", "extracted", "skipped", "failed", "seconds"}``.
+    ``failures.json`` and the run goes on. Returns ``{"images", "extracted", "skipped", "failed", "seconds",
+    "store"}``.
     """
     from d2r.features.image import list_images
 

@@ -100,7 +100,7 @@ class Database:
         self.codebook = codebook
         self.config = config
         self._segments: list[Segment] = list(segments)
-        self._removed = np.asarray(removed, bool)
+        self._set_removed(np.asarray(removed, bool))
         self._generation = generation
         self._id_type = id_type
         self._agg = Aggregator(codebook, config.kernel, config.num_assignments)
@@ -254,7 +254,10 @@ class Database:
         local = len(self._pending_ids)
         self._pending_ids.append(key)
         self._pending_items.extend((local, r, rec) for r, rec in enumerate(records))
-        self._removed = np.append(self._removed, False)
+        if self._num_removed_slots == self._removed_buf.shape[0]:  # grow by doubling: O(1) amortised per add
+            self._removed_buf = np.concatenate([self._removed_buf, np.zeros(max(16, self._num_removed_slots), bool)])
+        self._removed_buf[self._num_removed_slots] = False
+        self._num_removed_slots += 1
         self._id_index()[key] = self._num_images_total() - 1
         if self._id_type is None:
             self._id_type = "int" if isinstance(image_id, (int, np.integer)) else "str"
@@ -298,24 +301,35 @@ class Database:
         index = self._id_index().pop(key, None)
         if index is None:
             raise KeyError(f"image {image_id!r} is not in the database")
-        self._removed = self._removed.copy()
-        self._removed[index] = True
+        self._removed_buf[index] = True
         self._changed()
 
     def _changed(self) -> None:
-        for k in ("pending", "item_image", "ids", "idf", "item_weight"):
+        for k in ("item_image", "ids", "idf", "item_weight"):
             self._cache.pop(k, None)
 
     # ---- search ------------------------------------------------------------------------------------------------
-    def _searchable(self) -> list[Segment]:
-        if self._pending_items and "pending" not in self._cache:
-            self._cache["pending"] = self._build_pending()
-        return self._segments + ([self._cache["pending"]] if self._pending_items else [])
+    @property
+    def _removed(self) -> np.ndarray:
+        """(images,) bool: removed flag of every image, by global index (a view of a growable buffer)."""
+        return self._removed_buf[: self._num_removed_slots]
 
-    def _build_pending(self) -> Segment:
-        local, region, records = zip(*self._pending_items)
-        return Segment.build(self.kernel, self.codebook.size, self.codebook.dim, self._pending_ids, local, region,
-                             records)
+    def _set_removed(self, removed: np.ndarray) -> None:
+        self._removed_buf = np.array(removed, bool)
+        self._num_removed_slots = self._removed_buf.shape[0]
+
+    def _searchable(self) -> list[Segment]:
+        """All segments, after turning images added since the last call into a new (unsaved) segment."""
+        if self._pending_ids:
+            items = self._pending_items
+            local, region, records = zip(*items) if items else ((), (), ())
+            self._segments.append(Segment.build(self.kernel, self.codebook.size, self.codebook.dim,
+                                                self._pending_ids, local, region, records))
+            self._pending_ids, self._pending_items = [], []  # the records now live only in the segment
+            unsaved = [i for i, seg in enumerate(self._segments) if seg.name is None]
+            if len(unsaved) > MAX_SEGMENTS:  # unsaved segments are always the last ones
+                self._merge(unsaved[0])
+        return self._segments
 
     def _item_image(self) -> np.ndarray:
         """Global image index of every item, over all segments."""
@@ -447,10 +461,7 @@ class Database:
         """Persist added and removed images (crash-safe; see the module docstring)."""
         if self.path is None:
             raise ValueError("this database lives in memory (created with path=None); nothing to save to")
-        if self._pending_items or self._pending_ids:
-            self._segments.append(self._cache.get("pending") or self._build_pending())
-            self._pending_ids, self._pending_items = [], []
-            self._changed()
+        self._searchable()
         if len(self._segments) > MAX_SEGMENTS:
             self.compact()
         generation = self._generation + 1
@@ -484,39 +495,50 @@ class Database:
 
     def compact(self) -> None:
         """Merge every segment (and pending images) into one, dropping removed images. Written at next ``save``."""
-        segments = self._searchable()
+        self._searchable()
+        self._merge(0)
+
+    def _merge(self, start: int) -> None:
+        """Merge ``segments[start:]`` into one unsaved segment without their removed images; images of earlier
+        segments keep their global indices."""
+        segments = self._segments[start:]
         if not segments:
             return
-        image_live = ~self._removed
-        item_image = self._item_image()
+        first_image = sum(s.num_images for s in self._segments[:start])
+        image_live = ~self._removed[first_image:]
+        item_image, offset = [], 0
+        for s in segments:
+            item_image.append(np.asarray(s.item_image, np.int64) + offset)
+            offset += s.num_images
+        item_image = np.concatenate(item_image)
         item_live = image_live[item_image]
-        new_image = np.cumsum(image_live) - 1  # new global index of each live image
-        ids = self._all_ids()[image_live]
+        new_image = np.cumsum(image_live) - 1  # new local index of each live image
+        ids = np.concatenate([s.image_ids for s in segments])[image_live]
         item_image_new = new_image[item_image[item_live]].astype(np.int32)
-        item_region = self._item_regions()[item_live].astype(np.int32)
+        item_region = np.concatenate([np.asarray(s.item_region) for s in segments])[item_live].astype(np.int32)
         item_words = np.concatenate([np.asarray(s.item_words) for s in segments])[item_live]
         if self.kernel == "vlad":
             vectors = np.concatenate([np.asarray(s.payload) for s in segments])[item_live]
             merged = Segment(ids, item_image_new, item_region, item_words, None, None, vectors)
         else:
             new_item = np.cumsum(item_live) - 1
-            words, items, payload, start = [], [], [], 0
+            words, items, payload, first = [], [], [], 0
             for s in segments:
                 w = np.repeat(np.arange(self.codebook.size, dtype=np.int64), np.diff(np.asarray(s.offsets)))
-                keep = item_live[start + np.asarray(s.items, np.int64)]
+                local = first + np.asarray(s.items, np.int64)
+                keep = item_live[local]
                 words.append(w[keep])
-                items.append(new_item[start + np.asarray(s.items, np.int64)[keep]].astype(np.uint32))
+                items.append(new_item[local[keep]].astype(np.uint32))
                 payload.append(np.asarray(s.payload)[keep])
-                start += s.num_items
+                first += s.num_items
             words = np.concatenate(words)
             order = np.argsort(words, kind="stable")
             offsets = np.zeros(self.codebook.size + 1, np.int64)
             np.cumsum(np.bincount(words, minlength=self.codebook.size), out=offsets[1:])
             merged = Segment(ids, item_image_new, item_region, item_words, offsets,
                              np.concatenate(items)[order], np.ascontiguousarray(np.concatenate(payload)[order]))
-        self._segments = [merged]
-        self._pending_ids, self._pending_items = [], []
-        self._removed = np.zeros(merged.num_images, bool)
+        self._segments = self._segments[:start] + [merged]
+        self._set_removed(np.concatenate([self._removed[:first_image], np.zeros(merged.num_images, bool)]))
         self._index = None
         self._changed()
 

@@ -14,13 +14,20 @@ def pack_bits(unit, words, thresholds):
     """
     W, D = unit.shape
     nbytes = (D + 7) // 8
-    out = np.zeros((W, nbytes), np.uint8)
+    out = np.empty((W, nbytes), np.uint8)
     use_thr = thresholds.shape[0] > 0
     for w in range(W):
-        for t in range(D):
-            thr = thresholds[words[w], t] if use_thr else np.float32(0.0)
-            if unit[w, t] > thr:
-                out[w, t >> 3] |= np.uint8(1 << (7 - (t & 7)))
+        row = unit[w]
+        thr = thresholds[words[w]] if use_thr else row  # ``row`` is a placeholder when unused
+        for b in range(nbytes):
+            byte = 0
+            for j in range(min(8, D - 8 * b)):
+                t = 8 * b + j
+                limit = thr[t] if use_thr else np.float32(0.0)
+                byte = (byte << 1) | (1 if row[t] > limit else 0)
+            if D - 8 * b < 8:  # last, partial byte: pad with zero bits at the end (MSB-first)
+                byte <<= 8 - (D - 8 * b)
+            out[w, b] = byte
     return out
 
 

@@ -14,19 +14,22 @@ def scan_bits(q_words, q_bits, offsets, items, bits, dim, alpha, tau, tau_inclus
     q_words (Wq,) int; q_bits (Wq, B) and bits (E, B) packed signatures of the same unsigned dtype; offsets
     (K+1,) int64 CSR word offsets into items/bits; items (E,) uint32 item ids; weights (K,) float64 or empty;
     scores (num_items,) float64, updated in place. Cost: the total length of the query words' posting lists.
+    σ depends only on the Hamming distance h ∈ [0, D], so it is tabulated once and added without a branch.
     """
+    table = np.empty(dim + 1)
+    for h in range(dim + 1):
+        table[h] = selectivity(1.0 - 2.0 * h / dim, alpha, tau, tau_inclusive)
     use_w = weights.shape[0] > 0
     chunks = q_bits.shape[1]
     for qi in range(q_words.shape[0]):
         w = q_words[qi]
         wt = weights[w] if use_w else 1.0
+        q = q_bits[qi]
         for e in range(offsets[w], offsets[w + 1]):
             h = 0
             for t in range(chunks):
-                h += popcount(q_bits[qi, t] ^ bits[e, t])
-            s = selectivity(1.0 - 2.0 * h / dim, alpha, tau, tau_inclusive)
-            if s != 0.0:
-                scores[items[e]] += s * wt
+                h += popcount(q[t] ^ bits[e, t])
+            scores[items[e]] += table[h] * wt
 
 
 @njit(cache=True, nogil=True)

@@ -8,8 +8,8 @@ from numba import njit
 def cluster_sums(x, labels, k):
     """Per-cluster float64 sums and int64 counts of the rows of ``x``.
 
-    x: (n, D) float32; labels: (n,) int64 in [0, k). Returns sums (k, D) float64 and counts (k,) int64. Rows are
-    added in index order, so the result is bit-for-bit reproducible.
+    x: (n, D) float32; labels: (n,) int64 in [0, k). Returns sums (k, D) float64 and counts (k,) int64.
+    Rows are added in index order, so the result is bit-for-bit reproducible.
     """
     n, d = x.shape
     sums = np.zeros((k, d), np.float64)
@@ -24,9 +24,10 @@ def cluster_sums(x, labels, k):
 
 @njit(cache=True)
 def assigned_sq_distances(x, centroids, labels):
-    """float64 squared L2 distance of each row of ``x`` (n, D) float32 to ``centroids[labels[i]]`` (k, D) float32.
+    """float64 squared L2 distance of each row of ``x`` (n, D) float32 to its centroid
+    ``centroids[labels[i]]``.
 
-    Returns (n,) float64.
+    centroids: (k, D) float32; labels: (n,) int64. Returns (n,) float64.
     """
     n, d = x.shape
     out = np.empty(n, np.float64)
@@ -44,8 +45,8 @@ def assigned_sq_distances(x, centroids, labels):
 def minibatch_update(centroids, sums, batch_counts, total_counts):
     """Sculley's per-centre learning rate: c_k += (sum_k − n_k·c_k) / N_k for every centre hit by the batch.
 
-    centroids: (k, D) float64, updated in place; sums: (k, D) float64 and batch_counts: (k,) int64 of the batch;
-    total_counts: (k,) int64 counts seen so far INCLUDING this batch. Returns nothing.
+    centroids: (k, D) float64, updated in place; sums: (k, D) float64 and batch_counts: (k,) int64 of the
+    batch; total_counts: (k,) int64 counts seen so far INCLUDING this batch. Returns nothing.
     """
     k, d = centroids.shape
     for j in range(k):

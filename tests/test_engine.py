@@ -1,0 +1,209 @@
+"""End to end: the Engine API and the CLI on real photos, the bad-input corpus, and a killed indexer."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import d2r.cli
+from d2r.engine import Engine, EngineConfig, crop
+from tests.corpus import textured, write_corpus
+
+GROUPS = ["sacre_coeur", "bundler_et", "ocv_box"]
+
+
+def _config(**extra):
+    cfg = {"features": {"options": {"max_features": 400}}, "codebook": {"size": 256, "iterations": 5},
+           "rerank": {"num_to_rerank": 20}, "batch_size": 8}
+    cfg.update(extra)
+    return EngineConfig.from_dict(cfg)
+
+
+def _dev_subset(bench_dev, tmp_path, groups=GROUPS, distractors=8) -> Path:
+    """A list file of some groups of the dev photos plus distractors (read in place, not copied)."""
+    images = bench_dev / "images"
+    paths = []
+    for g in groups:
+        paths += sorted((images / g).iterdir())
+    paths += sorted((images / "dis_cbsd68").iterdir())[:distractors]
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(str(p) for p in paths))
+    return listing
+
+
+def _group(image_id: str) -> str:
+    return Path(image_id).parts[-2] if "/" in image_id else image_id
+
+
+def test_api_create_index_search_reopen_add_remove(bench_dev, tmp_path):
+    listing = _dev_subset(bench_dev, tmp_path, groups=GROUPS[:2])
+    engine = Engine.create(tmp_path / "eng", _config())
+    report = engine.index(listing, progress=False)
+    assert report.codebook_trained and not report.failed and len(report.indexed) == len(engine) > 10
+    query = sorted((bench_dev / "images" / "sacre_coeur").iterdir())[1]
+    hits = engine.search(query, top_k=5)
+    assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
+    assert sum("sacre_coeur" in h.path for h in hits[:5]) >= 4  # the query's group fills the top
+    assert hits[0].inliers >= hits[-1].inliers >= -1
+
+    again = Engine.open(tmp_path / "eng")
+    assert len(again) == len(engine)
+    assert [h.image_id for h in again.search(query, top_k=5)] == [h.image_id for h in hits]
+    # add another group after reopening: its images become findable
+    extra = sorted((bench_dev / "images" / "ocv_box").iterdir())
+    report = again.index(extra, progress=False)
+    assert len(report.indexed) == len(extra) and not report.codebook_trained
+    found = again.search(extra[0], top_k=3)
+    assert any("ocv_box" in h.path for h in found[:2])
+    # nothing is redone on a repeated call
+    assert len(again.index(extra, progress=False).indexed) == 0
+    # remove: gone at once and after reopening
+    gone = hits[0].image_id
+    again.remove(gone)
+    assert gone not in {h.image_id for h in again.search(query, top_k=len(again))}
+    assert gone not in Engine.open(tmp_path / "eng")
+
+
+def test_regional_search_mode_reports_boxes(bench_dev, tmp_path):
+    listing = _dev_subset(bench_dev, tmp_path, groups=["ocv_box", "bundler_et"], distractors=3)
+    cfg = _config(regions={"proposer": "grid", "options": {"levels": 2}, "reextract": False},
+                  index={"mode": "search"})
+    engine = Engine.create(tmp_path / "eng", cfg)
+    engine.index(listing, progress=False)
+    query = sorted((bench_dev / "images" / "bundler_et").iterdir())[0]
+    hits = engine.search(query, top_k=3, rerank=False)
+    assert all(h.box is not None and len(h.box) == 4 for h in hits)
+    assert all(h.inliers == -1 for h in hits)
+
+
+def _cli(capsys, *args):
+    code = d2r.cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_create_add_search_remove_info(bench_dev, tmp_path, capsys):
+    images = bench_dev / "images"
+    eng = tmp_path / "eng"
+    listing = _dev_subset(bench_dev, tmp_path, groups=["bundler_et"], distractors=4)
+    code, out, _ = _cli(capsys, "index", "create", eng, "--codebook-size", 128, "--images", listing, "--quiet",
+                        "--json", "--set", 'features.options={"max_features": 300}')
+    assert code == 0 and json.loads(out)["indexed"] == len(listing.read_text().splitlines())
+    code, out, _ = _cli(capsys, "index", "add", eng, images / "ocv_box", "--quiet", "--json")
+    assert code == 0 and json.loads(out)["indexed"] == 2
+    query = sorted((images / "ocv_box").iterdir())[0]
+    code, out, _ = _cli(capsys, "search", query, "--index", eng, "--top-k", 3, "--json")
+    hits = json.loads(out)["hits"]
+    assert code == 0 and len(hits) == 3 and hits[0]["image_id"] == "box"
+    code, out, _ = _cli(capsys, "search", query, "--index", eng, "--bbox", "10,10,200,150", "--json")
+    assert code == 0 and json.loads(out)["bbox"] == [10, 10, 200, 150]
+    code, out, _ = _cli(capsys, "index", "remove", eng, "box", "--json")
+    assert code == 0 and json.loads(out)["removed"] == 1
+    code, out, err = _cli(capsys, "index", "remove", eng, "box")
+    assert code == 1 and "not in the index" in err
+    code, out, _ = _cli(capsys, "index", "info", eng, "--json")
+    info = json.loads(out)
+    assert code == 0 and info["images"] == len(listing.read_text().splitlines()) + 1
+    code, out, _ = _cli(capsys, "index", "info", eng)
+    assert "asmk_star" in out
+    # usage errors exit 2, failures 1, with a message and no traceback
+    with pytest.raises(SystemExit) as e:
+        d2r.cli.main(["search"])
+    assert e.value.code == 2
+    code, _, err = _cli(capsys, "search", query, "--index", tmp_path / "missing")
+    assert code == 1 and "no d2r engine" in err and "Traceback" not in err
+    code, _, err = _cli(capsys, "index", "create", eng)
+    assert code == 1 and "already exists" in err
+
+
+def test_bad_input_corpus(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    kinds = write_corpus(folder)
+    rng = np.random.default_rng(3)
+    base = textured(rng, 300, 400)
+    for i in range(3):  # good images: the same scene shifted, so they find each other
+        Image.fromarray(np.roll(base, 20 * i, axis=1)).save(folder / f"good{i}.jpg")
+    engine = Engine.create(tmp_path / "eng", _config(codebook={"size": 64, "iterations": 3}))
+    report = engine.index(folder, progress=False)
+    bad = {Path(p).name: reason for p, reason in report.failed.items()}
+    assert set(bad) == {n for n, k in kinds.items() if k == "bad"}, bad
+    for name, reason in bad.items():
+        assert reason and len(reason) > 5, name
+    indexed = set(report.indexed)
+    assert {f"good{i}" for i in range(3)} <= indexed
+    assert {Path(n).stem for n, k in kinds.items() if k in ("ok", "empty")} <= indexed
+    # searching with each bad file: a clear error through the CLI, never a traceback
+    for name, kind in kinds.items():
+        code, out, err = _cli(capsys, "search", folder / name, "--index", tmp_path / "eng", "--json")
+        if kind == "bad":
+            assert code == 1 and name in err and "Traceback" not in err, (name, err)
+        else:
+            assert code == 0, (name, err)
+            hits = json.loads(out)["hits"]
+            if kind == "empty":  # no features: a defined result, every image at -1 and nothing verified
+                assert all(h["score"] == -1.0 and h["inliers"] == -1 for h in hits)
+    code, _, err = _cli(capsys, "search", folder / "missing.jpg", "--index", tmp_path / "eng")
+    assert code == 1 and "missing.jpg" in err
+    code, _, err = _cli(capsys, "search", folder / "good0.jpg", "--index", tmp_path / "eng", "--bbox",
+                        "5000,5000,6000,6000")
+    assert code == 1 and "outside" in err
+    code, _, err = _cli(capsys, "search", folder / "good0.jpg", "--index", tmp_path / "eng", "--bbox", "1,2,3")
+    assert code == 1 and "four numbers" in err
+    hits = engine.search(folder / "good0.jpg", top_k=3)
+    assert {h.image_id for h in hits} == {"good0", "good1", "good2"}
+    # an explicit missing path among good ones is reported, the rest indexed
+    report = engine.index([folder / "nope.jpg", folder / "good0.jpg"], progress=False)
+    assert "file not found" in report.failed[str(folder / "nope.jpg")]
+
+
+def test_crop_rules():
+    pixels = np.zeros((10, 20, 3), np.uint8)
+    assert crop(pixels, (2.4, 1.6, 12.5, 9)).shape == (7, 10, 3)
+    assert crop(pixels, (-5, -5, 100, 100)).shape == (10, 20, 3)  # clipped to the image
+    for bad in [(5, 5, 5, 9), (30, 0, 40, 5), (1, 2, 3), (0, 0, float("nan"), 4)]:
+        with pytest.raises(ValueError):
+            crop(pixels, bad)
+
+
+KILLED = """
+import sys
+from d2r.engine import Engine
+engine = Engine.open(sys.argv[1])
+engine.index(sys.argv[2], progress=False, on_done=lambda ids: print("DONE " + " ".join(ids), flush=True))
+"""
+
+
+def test_killed_indexer_keeps_every_reported_image(bench_dev, tmp_path):
+    listing = _dev_subset(bench_dev, tmp_path, groups=["sacre_coeur", "bundler_et"], distractors=10)
+    engine = Engine.create(tmp_path / "eng", _config(batch_size=4))
+    first = listing.read_text().splitlines()[:6]
+    engine.index(first, progress=False)  # a codebook exists: the child goes straight to batched indexing
+    script = tmp_path / "child.py"
+    script.write_text(KILLED)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "eng"), str(listing)],
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    reported = []
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith("DONE"):
+            reported += line.split()[1:]
+            if len(reported) >= 4:
+                proc.send_signal(signal.SIGKILL)
+                break
+    proc.wait()
+    assert reported, "the child reported nothing before it was killed"
+    reopened = Engine.open(tmp_path / "eng")
+    assert all(i in reopened for i in reported)
+    # and a repeated run finishes the job
+    reopened.index(listing, progress=False)
+    assert len(reopened) == len(listing.read_text().splitlines())
