@@ -258,7 +258,8 @@ class _Pipeline:
             k = min(c.size, x.shape[0])
             if k < c.size:
                 log.warning("only %d training descriptors: %d words instead of %d", x.shape[0], k, c.size)
-            book, _ = train_codebook(x, k, iterations=c.iterations, seed=c.seed, progress=self.progress,
+            book, _ = train_codebook(x, k, iterations=c.iterations, method=c.method, seed=c.seed,
+                                     progress=self.progress,
                                      metadata={"feature": self.extractor.name, "trainset": train_on,
                                                "feature_fingerprint": self.extractor.fingerprint()})
         self.cache.mkdir(parents=True, exist_ok=True)
