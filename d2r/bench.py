@@ -32,6 +32,7 @@ import numpy as np
 from d2r import _io
 from d2r.codebook import Codebook
 from d2r.engine import EngineConfig
+from d2r.rerank import order_by_inliers
 from d2r.features.base import LocalFeatures, RegionFeatures
 
 log = logging.getLogger(__name__)
@@ -303,25 +304,6 @@ def whole_image(features) -> LocalFeatures:
         whole = np.flatnonzero(np.asarray(features.box_ids) == -1)
         return features.region(int(whole[0]) if whole.size else 0)
     return features
-
-
-def order_by_inliers(ids, scores, inliers: dict, num_to_rerank: int, junk=()):
-    """The order :func:`d2r.rerank.rerank` gives, from inlier counts computed once for several junk lists.
-
-    The first ``num_to_rerank`` ids not in ``junk`` are sorted by (inliers, initial score) descending, ties in
-    input order; everything else follows in input order. ``inliers``: id -> count for (at least) those ids.
-    Returns (ids, scores, inliers with -1 for unverified)."""
-    ids = np.asarray(ids)
-    sc = np.asarray(scores, np.float64)
-    junk = set(junk)
-    chosen = np.array([i for i, x in enumerate(ids.tolist()) if x not in junk][:num_to_rerank], np.int64)
-    inl = np.full(len(ids), -1, np.int64)
-    if chosen.size:
-        inl[chosen] = [inliers[x] for x in ids[chosen].tolist()]
-    order = chosen[np.lexsort((chosen, -sc[chosen], -inl[chosen]))] if chosen.size else chosen
-    rest = np.setdiff1d(np.arange(len(ids)), chosen, assume_unique=True)
-    final = np.concatenate([order, rest]).astype(np.int64)
-    return ids[final], sc[final], inl[final]
 
 
 def verify_candidates(query: LocalFeatures, candidate_ids, get_features, config) -> dict:

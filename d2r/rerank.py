@@ -227,8 +227,24 @@ def rerank(
     for k, f in enumerate(feats):
         if not isinstance(f, LocalFeatures):
             raise ValueError(f"rerank: get_features({cand_ids[k]!r}) returned {type(f).__name__}, not LocalFeatures")
-    inliers[chosen] = geometric_verification(query, feats, config)
-    order = chosen[np.lexsort((chosen, -sc[chosen], -inliers[chosen]))]
-    rest = np.setdiff1d(np.arange(ids.shape[0]), chosen, assume_unique=True)
-    final = np.concatenate([order, rest])
-    return ids[final], sc[final], inliers[final]
+    counts = geometric_verification(query, feats, config)
+    return order_by_inliers(ids, sc, dict(zip(cand_ids, counts.tolist())), config.num_to_rerank, junk or ())
+
+
+def order_by_inliers(ids, scores, inliers: dict, num_to_rerank: int, junk=()):
+    """The order :func:`d2r.rerank.rerank` gives, from inlier counts computed once for several junk lists.
+
+    The first ``num_to_rerank`` ids not in ``junk`` are sorted by (inliers, initial score) descending, ties in
+    input order; everything else follows in input order. ``inliers``: id -> count for (at least) those ids.
+    Returns (ids, scores, inliers with -1 for unverified)."""
+    ids = np.asarray(ids)
+    sc = np.asarray(scores, np.float64)
+    junk = set(junk)
+    chosen = np.array([i for i, x in enumerate(ids.tolist()) if x not in junk][:num_to_rerank], np.int64)
+    inl = np.full(len(ids), -1, np.int64)
+    if chosen.size:
+        inl[chosen] = [inliers[x] for x in ids[chosen].tolist()]
+    order = chosen[np.lexsort((chosen, -sc[chosen], -inl[chosen]))] if chosen.size else chosen
+    rest = np.setdiff1d(np.arange(len(ids)), chosen, assume_unique=True)
+    final = np.concatenate([order, rest]).astype(np.int64)
+    return ids[final], sc[final], inl[final]

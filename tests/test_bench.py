@@ -12,7 +12,7 @@ from PIL import Image
 from d2r import bench
 from d2r.cli import main
 from d2r.features.base import LocalFeatures
-from d2r.rerank import RerankConfig, rerank
+from d2r.rerank import RerankConfig, rerank, order_by_inliers
 
 # Medium mAP of the CI configuration (RootSIFT, 300 features, 256 words trained on 50 descriptors per database
 # image, ASMK*) measured 2026-11-27 on the dev set: 39.83 (Hard 16.85); first run 278 s, cached run 7 s on the
@@ -126,7 +126,7 @@ def test_order_by_inliers_equals_rerank(rng):
     assert max(inl.values()) > 10 and min(inl.values()) == 0
     for junk in ([], [int(ids[0]), int(ids[3])], [int(ids[7])]):
         expected = rerank(query, ids, scores, db.__getitem__, config, junk=junk)
-        got = bench.order_by_inliers(ids, scores, inl, 5, junk)
+        got = order_by_inliers(ids, scores, inl, 5, junk)
         for e, g in zip(expected, got):
             np.testing.assert_array_equal(e, g)
 
