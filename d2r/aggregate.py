@@ -200,7 +200,8 @@ def similarity(a: Aggregated, b: Aggregated, alpha: float = 3.0, tau: float = 0.
                             weights)
     if normalize:
         if weights.shape[0]:
-            s /= np.sqrt(weights[wa].sum() * weights[wb].sum())
+            norm = np.sqrt(weights[wa].sum() * weights[wb].sum())
+            s = s / norm if norm > 0 else s  # all-zero IDF (e.g. a one-image database): as the database does
         else:
             s /= (float(wa.shape[0]) * float(wb.shape[0])) ** 0.5
     return float(s)

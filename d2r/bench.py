@@ -497,8 +497,13 @@ def run_gldv2(index_csv, test_csv, solution_csv, images_root, config: BenchConfi
                 ranked[qi] = [str(x) for x in new_ids.tolist()]
     pipe.out.mkdir(parents=True, exist_ok=True)
     write_predictions(pipe.out / "predictions.csv", test_ids, ranked, max_predictions=100)
+    # The CSV keeps every test id (a submission); metrics use the ids the solution knows.
+    known = set(solution.public) | set(solution.private) | set(solution.ignored)
+    unknown = sum(t not in known for t in test_ids)
+    if unknown:
+        log.warning("%d test ids are not in the solution: written to predictions.csv, not scored", unknown)
     with pipe.timer("evaluate"):
-        result.update(evaluate(pipe.out / "predictions.csv", solution))
+        result.update(evaluate({t: r for t, r in zip(test_ids, ranked) if t in known}, solution))
     result["index"] = db.info()
     result["dataset"] = {"index_csv": str(index_csv), "test_csv": str(test_csv), "solution_csv": str(solution_csv),
                          "num_index": len(index_ids), "indexed": len(ids), "num_test": len(test_ids)}

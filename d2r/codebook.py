@@ -41,7 +41,11 @@ class Codebook:
             raise ValueError("centroids: D = 0")
         self.centroids = np.array(as_descriptors(c, name="centroids"))  # our own read-only copy
         self.centroids.setflags(write=False)
-        self._sq_norms = np.einsum("kd,kd->k", self.centroids, self.centroids).astype(np.float32)
+        # The float32 shortlist works on centred data: distances are unchanged, but a large common offset
+        # (e.g. raw SIFT) no longer eats the float32 precision of ‖c‖² − 2⟨x, c⟩.
+        self._mean = self.centroids.mean(axis=0, dtype=np.float64).astype(np.float32)
+        self._centred = self.centroids - self._mean
+        self._sq_norms = np.einsum("kd,kd->k", self._centred, self._centred).astype(np.float32)
         self.fingerprint = _fingerprint(self.centroids)
         self.metadata = dict(metadata or {})
         self.metadata["fingerprint"] = self.fingerprint
@@ -80,11 +84,11 @@ class Codebook:
         c = min(m + _SHORTLIST_EXTRA, self.size)
         rows = max(1, _BLOCK_ELEMENTS // self.size)
         block = np.empty((min(rows, n), self.size), np.float32)
-        ct = self.centroids.T
+        ct = self._centred.T
         for start in range(0, n, rows):
             xc = x[start:start + rows]
             dots = block[: xc.shape[0]]
-            np.matmul(xc, ct, out=dots)
+            np.matmul(xc - self._mean, ct, out=dots)
             shortlist = smallest_per_row(dots, self._sq_norms, c)
             out[start:start + rows] = refine_exact(xc, self.centroids, shortlist, m)
         return out

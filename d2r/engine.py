@@ -84,6 +84,31 @@ class EngineConfig(Config):
     batch_size: int = 64
     workers: int = 2
 
+    def check(self) -> "EngineConfig":
+        """Refuse a bad config before anything is extracted or written (ValueError naming the option)."""
+        from d2r.aggregate import KERNELS
+        from d2r.features import EXTRACTORS
+        from d2r.index.database import MODES
+
+        c = self.index
+        if self.features.name not in EXTRACTORS:
+            raise ValueError(f"features.name must be one of {list(EXTRACTORS)}, got {self.features.name!r}")
+        if c.kernel not in KERNELS:
+            raise ValueError(f"index.kernel must be one of {list(KERNELS)}, got {c.kernel!r}")
+        if c.mode not in MODES:
+            raise ValueError(f"index.mode must be one of {list(MODES)}, got {c.mode!r}")
+        if c.idf and c.kernel == "vlad":
+            raise ValueError("index.idf applies to the ASMK kernels, not to VLAD")
+        for name, value in [("index.num_assignments", c.num_assignments),
+                            ("index.query_num_assignments", c.query_num_assignments), ("batch_size", self.batch_size),
+                            ("workers", self.workers), ("codebook.size", self.codebook.size)]:
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.codebook.method not in ("lloyd", "minibatch"):
+            raise ValueError(f"codebook.method must be 'lloyd' or 'minibatch', got {self.codebook.method!r}")
+        self.rerank.validate()
+        return self
+
 
 @dataclass(frozen=True)
 class Hit:
@@ -141,6 +166,7 @@ class Engine:
         config = config or EngineConfig()
         if (path / "engine.json").exists():
             raise FileExistsError(f"{path}: an engine already exists here (open it instead)")
+        config.check()
         path.mkdir(parents=True, exist_ok=True)
         engine = cls(path, config)
         book = codebook if codebook is not None else config.codebook.path
@@ -260,6 +286,7 @@ class Engine:
             if on_done is not None:
                 on_done(batch)
         bar.close()
+        self._save_tables()
         report.seconds = time.perf_counter() - t0
         return report
 
@@ -282,9 +309,19 @@ class Engine:
                     self._failures[str(p)] = reason
                     continue
                 pairs.extend([(image_id, p)] if image_id else list_images([p]))
+        kept, seen = [], {}
         for image_id, p in pairs:
-            self._sources.setdefault(image_id, str(p))
-        return pairs
+            source = str(Path(p).resolve())
+            known = self._sources.get(image_id, seen.get(image_id))
+            if known is not None and known != source:  # same id, another file: never skip or mix them up
+                reason = f"image id {image_id!r} is already used by {known}"
+                report.failed[str(p)] = self._failures[str(p)] = reason
+                continue
+            seen[image_id] = source
+            kept.append((image_id, p))
+        for image_id, source in seen.items():
+            self._sources.setdefault(image_id, source)
+        return kept
 
     def _extract_batches(self, todo, store, report: IndexReport, progress: bool) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -303,6 +340,7 @@ class Engine:
                 for image_id, p, feats, error in pool.map(work, todo[start:start + self.config.batch_size]):
                     if error is None:
                         store.add(image_id, feats)
+                        self._failures.pop(str(p), None)  # a retried image that now works
                     else:
                         log.warning("%s: %s", p, error)
                         report.failed[str(p)] = error
@@ -333,7 +371,7 @@ class Engine:
 
     def remove(self, ids) -> int:
         """Remove images by id (a single id or a list); returns how many were removed. Unknown ids: KeyError."""
-        ids = [ids] if isinstance(ids, (str, int)) else list(ids)
+        ids = [ids] if isinstance(ids, (str, int)) else list(dict.fromkeys(ids))
         if self._db is None:
             raise KeyError(f"{ids[0]!r}: the engine has no images yet")
         for image_id in ids:

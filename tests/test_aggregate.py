@@ -145,3 +145,10 @@ def test_precomputed_assignments_are_used():
     np.testing.assert_array_equal(a.words, agg(x).words)
     forced = agg(x, assignments=np.zeros((30, 1), np.int64))
     np.testing.assert_array_equal(forced.words, [0])
+
+
+def test_assign_exact_with_a_large_common_offset():
+    rng = np.random.default_rng(21)
+    cents = (200 + rng.standard_normal((256, 128))).astype(np.float32)
+    x = (200 + rng.standard_normal((2000, 128))).astype(np.float32)
+    np.testing.assert_array_equal(d2r.Codebook(cents).assign(x, 2), ref.assign(x, cents, 2))

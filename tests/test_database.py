@@ -321,3 +321,26 @@ def test_alternating_add_and_search_keeps_segments_bounded(monkeypatch):
     assert got.keys() == want.keys()
     for i in want:
         assert got[i] == pytest.approx(want[i], abs=1e-6)
+
+
+def test_second_writer_is_refused_not_lost(tmp_path):
+    rng = np.random.default_rng(13)
+    cents = _unit(rng, 16, 8)
+    Database.create(tmp_path / "db", d2r.Codebook(cents)).save()
+    a, b = Database.open(tmp_path / "db"), Database.open(tmp_path / "db")
+    a.add("x", _unit(rng, 10, 8))
+    a.save()
+    b.add("y", _unit(rng, 10, 8))
+    with pytest.raises(ValueError, match="another writer"):
+        b.save()
+    assert list(Database.open(tmp_path / "db")) == ["x"]
+
+
+def test_similarity_with_all_zero_idf_matches_the_database():
+    rng = np.random.default_rng(14)
+    cents = _unit(rng, 16, 8)
+    db = Database.create(None, d2r.Codebook(cents), kernel="asmk", idf=True)
+    x = _unit(rng, 30, 8)
+    db.add(0, x)  # one image: every idf is log(1/1) = 0
+    agg = Aggregator(cents, "asmk")
+    assert similarity(agg(x), agg(x), idf=db.idf()) == db.search(x).scores[0] == 0.0

@@ -207,3 +207,41 @@ def test_killed_indexer_keeps_every_reported_image(bench_dev, tmp_path):
     # and a repeated run finishes the job
     reopened.index(listing, progress=False)
     assert len(reopened) == len(listing.read_text().splitlines())
+
+
+def test_engine_bookkeeping_edges(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    a, b = tmp_path / "A", tmp_path / "B"
+    a.mkdir()
+    b.mkdir()
+    base = textured(rng, 300, 400)
+    for i in range(3):
+        Image.fromarray(np.roll(base, 15 * i, axis=0)).save(a / f"im{i}.png")
+    Image.fromarray(textured(rng, 300, 400)).save(b / "im0.png")  # same id as A/im0.png, another photo
+    (a / "broken.jpg").write_bytes(b"not an image")
+    # a bad config is refused before anything is written
+    for bad in ({"index": {"mode": "serch"}}, {"index": {"kernel": "foo"}}, {"batch_size": 0}):
+        with pytest.raises(ValueError):
+            Engine.create(tmp_path / "bad", _config(**bad))
+        assert not (tmp_path / "bad" / "engine.json").exists()
+    eng = tmp_path / "eng"
+    code, out, _ = _cli(capsys, "index", "create", eng, "--codebook-size", 32, "--images", a, "--json", "--quiet")
+    assert code == 0 and json.loads(out)["indexed"] == 3
+    assert Engine.open(eng).info()["failures"] == 1
+    # the same id from another folder is a conflict, reported, never "skipped"
+    code, out, _ = _cli(capsys, "index", "add", eng, b, "--json", "--quiet")
+    report = json.loads(out)
+    assert report["skipped"] == 0 and "already used by" in report["failed"][str(b / "im0.png")]
+    # a single image path is an image, not a list file
+    Image.fromarray(textured(rng, 200, 300)).save(tmp_path / "single.jpg")
+    code, out, _ = _cli(capsys, "index", "add", eng, tmp_path / "single.jpg", "--json", "--quiet")
+    assert code == 0 and json.loads(out)["indexed"] == 1
+    # a repaired file is indexed on retry and leaves the failure list
+    Image.fromarray(textured(rng, 200, 300)).save(a / "broken.jpg", format="JPEG")
+    code, out, _ = _cli(capsys, "index", "add", eng, a, "--retry-failed", "--json", "--quiet")
+    assert json.loads(out)["indexed"] == 1 and Engine.open(eng).info()["failures"] == 1  # B/im0 conflict left
+    # removing the same id twice in one call is one removal; an unknown id is a message, not a traceback
+    code, out, err = _cli(capsys, "index", "remove", eng, "im1", "im1", "--json")
+    assert code == 0 and json.loads(out)["removed"] == 1
+    code, _, err = _cli(capsys, "index", "remove", eng, "im1")
+    assert code == 1 and "not in the index" in err

@@ -237,3 +237,47 @@ def test_import_does_not_load_tensorflow():
     code = "import sys, d2r.features, d2r.cli.extract; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_get_from_many_threads_returns_the_right_image(tmp_path, rng):
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = FeatureStore.create(tmp_path / "s", {"name": "t", "fingerprint": "x", "dim": 8}, shard_size=2)
+    feats = {f"im{i}": _local(rng, 3 + i % 5) for i in range(40)}
+    for k, f in feats.items():
+        store.add(k, f)
+    store.close()
+    reader = FeatureStore.open(tmp_path / "s")
+    keys = [f"im{i}" for i in rng.integers(0, 40, 4000)]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(reader.get, keys))
+    for k, g in zip(keys, got):
+        _same(g, feats[k])
+
+
+def test_failed_flush_keeps_the_buffer(tmp_path, rng, monkeypatch):
+    import d2r.features.store as store_mod
+
+    store = FeatureStore.create(tmp_path / "s", {"name": "t", "fingerprint": "x", "dim": 8}, shard_size=100)
+    a, b = _local(rng, 4), _local(rng, 5)
+    store.add("a", a)
+    store.add("b", b)
+    calls = {"n": 0}
+    real = store_mod.save_npy
+
+    def failing(path, array):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("disk full")
+        return real(path, array)
+
+    monkeypatch.setattr(store_mod, "save_npy", failing)
+    with pytest.raises(OSError, match="disk full"):
+        store.flush()
+    assert len(FeatureStore.open(tmp_path / "s")) == 0  # nothing committed
+    _same(store.get("a"), a)  # still buffered
+    monkeypatch.setattr(store_mod, "save_npy", real)
+    store.flush()
+    reopened = FeatureStore.open(tmp_path / "s")
+    assert sorted(reopened.ids()) == ["a", "b"]
+    _same(reopened.get("b"), b)

@@ -39,6 +39,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
         print(f"d2r {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyError as exc:  # an unknown image id
+        print(f"d2r {args.command}: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

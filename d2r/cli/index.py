@@ -120,7 +120,7 @@ def run_remove(args) -> int:
     from d2r.engine import Engine
 
     engine = Engine.open(args.path)
-    ids = args.ids  # engine image ids are strings (paths relative to the indexed folder, no extension)
+    ids = list(dict.fromkeys(args.ids))  # engine image ids: paths relative to the indexed folder, no extension
     missing = [i for i in ids if i not in engine]
     if missing:
         print(f"d2r index remove: not in the index: {', '.join(map(str, missing))}", file=sys.stderr)

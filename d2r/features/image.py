@@ -197,6 +197,8 @@ def list_images(source, extensions=IMAGE_EXTENSIONS) -> list[tuple[str, Path]]:
             exts = {e.lower() for e in extensions}
             paths = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts]
             pairs = [(_image_id(p, root), p) for p in paths]
+        elif root.is_file() and root.suffix.lower() in {e.lower() for e in extensions}:
+            pairs = [(_image_id(root, root.parent), root)]  # one image, not a list file
         elif root.is_file():
             base = root.parent
             pairs = []

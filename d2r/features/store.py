@@ -243,23 +243,26 @@ class FeatureStore:
         if not self.writable:
             return
         with self._lock:
-            buffer, self._buffer = self._buffer, []
+            buffer = list(self._buffer)
+            manifest = json.loads(json.dumps(self.manifest))  # committed only once every file is written
             if buffer:
-                shard_no = len(self.manifest["shards"])
+                shard_no = len(manifest["shards"])
                 name = f"shard-{shard_no:05d}"
                 arrays = _pack(buffer, self.dim)
                 for key in _ARRAYS:
                     save_npy(self.path / f"{name}.{key}.npy", arrays[key])
                 n_feat = int(arrays["offsets"][-1])
-                self.manifest["shards"].append(
-                    {"name": name, "num_images": len(buffer), "num_features": n_feat})
-                self.manifest["num_images"] += len(buffer)
-                self.manifest["num_features"] += n_feat
-                for i, (image_id, _) in enumerate(buffer):
-                    self._index[image_id] = (shard_no, i)
-                self._buffer_ids.clear()
+                manifest["shards"].append({"name": name, "num_images": len(buffer), "num_features": n_feat})
+                manifest["num_images"] += len(buffer)
+                manifest["num_features"] += n_feat
             write_json(self.path / FAILURES, self.failures)
-            write_json(self.path / MANIFEST, self.manifest)
+            write_json(self.path / MANIFEST, manifest)
+            # A failed write above leaves the buffer, the ids and the old manifest as they were.
+            self.manifest = manifest
+            for i, (image_id, _) in enumerate(buffer):
+                self._index[image_id] = (shard_no, i)
+            self._buffer = self._buffer[len(buffer):]
+            self._buffer_ids.difference_update(i for i, _ in buffer)
 
     def close(self) -> None:
         if self.writable:
@@ -277,17 +280,21 @@ class FeatureStore:
         return Shard(**arrays)
 
     def _shard(self, i: int) -> Shard:
-        if self._cache is None or self._cache[0] != i:
-            self._cache = (i, self.load_shard(i))
-        return self._cache[1]
+        cached = self._cache  # one read: another thread may replace the cache meanwhile
+        if cached is None or cached[0] != i:
+            cached = (i, self.load_shard(i))
+            self._cache = cached
+        return cached[1]
 
     def get(self, image_id: str) -> LocalFeatures | RegionFeatures:
         """Features of one image (KeyError if it is not in the store)."""
         loc = self._index.get(image_id)
         if loc is None:
-            for bid, feats in self._buffer:
+            for bid, feats in list(self._buffer):
                 if bid == image_id:
                     return feats
+            loc = self._index.get(image_id)  # flushed meanwhile
+        if loc is None:
             raise KeyError(f"{image_id!r} is not in the feature store {self.path}")
         return self._shard(loc[0])[loc[1]]
 

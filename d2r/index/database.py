@@ -479,7 +479,11 @@ class Database:
             "segments": [s.name for s in self._segments], "removed": removed_name, "id_type": self._id_type,
             "counts": self.info(files=False)["counts"],
         }
-        _io.write_json(self.path / "manifest.json", manifest)  # the commit point
+        on_disk = self.path / "manifest.json"
+        if on_disk.exists() and json.loads(on_disk.read_text()).get("generation") != self._generation:
+            raise ValueError(f"{self.path}: the database was saved by another writer since it was opened "
+                             f"(generation {self._generation} expected); reopen it and add the images again")
+        _io.write_json(on_disk, manifest)  # the commit point
         self._generation = generation
         self._collect_garbage(manifest)
 
