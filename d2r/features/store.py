@@ -104,6 +104,7 @@ class FeatureStore:
         if self.shard_size <= 0:
             raise ValueError(f"shard_size must be positive, got {shard_size}")
         self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
         self._buffer: list[tuple[str, LocalFeatures | RegionFeatures]] = []
         self._buffer_ids: set[str] = set()
         self._index: dict[str, tuple[int, int]] = {}
@@ -282,8 +283,12 @@ class FeatureStore:
     def _shard(self, i: int) -> Shard:
         cached = self._cache  # one read: another thread may replace the cache meanwhile
         if cached is None or cached[0] != i:
-            cached = (i, self.load_shard(i))
-            self._cache = cached
+            # np.load parses headers with ast.literal_eval, which CPython 3.11 cannot run from two threads at once
+            with self._load_lock:
+                cached = self._cache
+                if cached is None or cached[0] != i:
+                    cached = (i, self.load_shard(i))
+                    self._cache = cached
         return cached[1]
 
     def get(self, image_id: str) -> LocalFeatures | RegionFeatures:
