@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from d2r import _io
+from d2r._validate import as_descriptors
 from d2r.aggregate import Aggregated, Aggregator, idf_weights
 from d2r.codebook import Codebook
 from d2r.config import Config
@@ -276,7 +277,7 @@ class Database:
             nonlocal added, size
             if not batch:
                 return
-            xs = [self._agg.codebook.dim and _descriptors_of(b[1], self.codebook.dim) for b in batch]
+            xs = [as_descriptors(getattr(b[1], "descriptors", b[1]), self.codebook.dim) for b in batch]
             words = self.codebook.assign(np.concatenate(xs), self.config.num_assignments)
             start = 0
             for (image_id, _, regions), x in zip(batch, xs):
@@ -569,12 +570,6 @@ class Database:
     def __repr__(self) -> str:
         return (f"Database({self.kernel}, mode={self.mode}, images={len(self)}, "
                 f"path={None if self.path is None else str(self.path)!r})")
-
-
-def _descriptors_of(x, dim):
-    from d2r._validate import as_descriptors
-
-    return as_descriptors(getattr(x, "descriptors", x), dim)
 
 
 def _best_item(item_scores, item_image, image_scores, n) -> np.ndarray:
