@@ -255,22 +255,31 @@ def reseed_empty(x: np.ndarray, labels: np.ndarray, sq_dist: np.ndarray, counts:
     """
     order = np.lexsort((-sq_dist, labels))  # by cluster, farthest first, ties by point index
     starts = np.concatenate(([0], np.cumsum(counts)))
+    rows = np.full((empty.shape[0], x.shape[1]), np.nan, np.float32)
+    plan = reseed_plan(counts, empty.shape[0])
+    for r, (j, t) in enumerate(plan):
+        rows[r] = x[order[starts[j] + t]]
+    return rows, len(plan)
+
+
+def reseed_plan(counts: np.ndarray, num_empty: int) -> list[tuple[int, int]]:
+    """Where :func:`reseed_empty` takes its points from, knowing only the cluster sizes: one ``(cluster j,
+    rank t)`` per re-seeded cluster, in order, meaning "the t-th farthest point of cluster j" (farthest first,
+    ties by point index). Shorter than ``num_empty`` when no cluster with ≥ 2 points is left."""
     taken = np.zeros(counts.shape[0], np.int64)
     heap = [(-int(c), int(j)) for j, c in enumerate(counts) if c >= 2]
     heapq.heapify(heap)
-    rows = np.full((empty.shape[0], x.shape[1]), np.nan, np.float32)
-    repaired = 0
-    for r in range(empty.shape[0]):
+    plan = []
+    for _ in range(int(num_empty)):
         if not heap:
             break
         neg, j = heapq.heappop(heap)
-        rows[r] = x[order[starts[j] + taken[j]]]
+        plan.append((j, int(taken[j])))
         taken[j] += 1
-        repaired += 1
         size = (-neg) // 2
         if size >= 2 and taken[j] < counts[j] - 1:
             heapq.heappush(heap, (-size, j))
-    return rows, repaired
+    return plan
 
 
 def _apply_reseed(centroids, x, labels, sq, counts, empty) -> int:
@@ -308,7 +317,8 @@ def _save_checkpoint(path: Path, expect: dict, done: int, converged: bool, centr
 
 def train_codebook(descriptors, k: int, *, iterations: int = 20, init: str = "auto", method: str = "lloyd",
                    seed: int = 0, batch_size: int | None = None, init_sample: int = 100_000, tol: float = 0.0,
-                   checkpoint=None, progress: bool = True, callback=None, metadata: dict | None = None):
+                   checkpoint=None, progress: bool = True, callback=None, metadata: dict | None = None,
+                   lloyd_step=None):
     """Train a ``k``-word codebook on ``descriptors`` (N, D) float32 with k-means.
 
     Args:
@@ -325,6 +335,8 @@ def train_codebook(descriptors, k: int, *, iterations: int = 20, init: str = "au
         callback: called after each iteration (and its checkpoint) with a dict (iteration, inertia,
             repaired, seconds); an exception it raises stops training and propagates.
         metadata: extra provenance stored in the codebook (feature, feature_config, pca_fingerprint, ...).
+        lloyd_step: replaces the in-process Lloyd iteration, ``lloyd_step(x, centroids) -> (new centroids,
+            inertia, repaired, changed)`` (:func:`d2r.distributed.train_codebook` runs it on Ray workers).
 
     Empty clusters are re-seeded at the farthest points of the largest clusters (:func:`reseed_empty`).
     ``inertia`` of an iteration is the sum of squared distances of the points to their nearest centroid at
@@ -349,6 +361,8 @@ def train_codebook(descriptors, k: int, *, iterations: int = 20, init: str = "au
         raise ValueError(f"iterations must be ≥ 1, got {iterations}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if lloyd_step is not None and method != "lloyd":
+        raise ValueError(f"a distributed step runs method 'lloyd', not {method!r}")
     given_init = None
     if not isinstance(init, str):
         given_init = as_descriptors(init, d, name="init")
@@ -398,7 +412,7 @@ def train_codebook(descriptors, k: int, *, iterations: int = 20, init: str = "au
     try:
         while done < iterations and not converged:
             if method == "lloyd":
-                centroids, value, repaired, changed = _lloyd_step(x, centroids)
+                centroids, value, repaired, changed = (lloyd_step or _lloyd_step)(x, centroids)
             else:
                 value, repaired, changed = _minibatch_epoch(x, centroids, counts, batch_size, seed, done)
             done += 1
@@ -452,17 +466,31 @@ def train_codebook(descriptors, k: int, *, iterations: int = 20, init: str = "au
 
 def _lloyd_step(x, centroids):
     """One Lloyd iteration from float32 ``centroids``: returns (new centroids, inertia, repaired, changed)."""
-    k = centroids.shape[0]
+    labels, sq, sums, counts = lloyd_assign(x, centroids)
+    new, repaired, changed = lloyd_update(
+        centroids, sums, counts, lambda new, empty: _apply_reseed(new, x, labels, sq, counts, empty))
+    return new, float(sq.sum()), repaired, changed
+
+
+def lloyd_assign(x, centroids):
+    """Assignment step of Lloyd on (a partition of) ``x`` (n, D) float32: ``(labels (n,) int64, sq (n,)
+    float64 squared distance to the assigned centroid, sums (k, D) float64, counts (k,) int64)``."""
     labels = Codebook(centroids).assign(x)[:, 0]
     sq = assigned_sq_distances(x, centroids, labels)
-    value = float(sq.sum())
-    sums, counts = cluster_sums(x, labels, k)
+    sums, counts = cluster_sums(x, labels, centroids.shape[0])
+    return labels, sq, sums, counts
+
+
+def lloyd_update(centroids, sums, counts, reseed):
+    """Update step from (reduced) ``sums``/``counts``: clusters with points move to their mean, empty ones
+    are re-seeded by ``reseed(new_centroids, empty_indices) -> repaired`` (which writes the rows in place).
+    Returns (new float32 centroids, repaired, changed)."""
     new = centroids.copy()
     hit = counts > 0
     new[hit] = (sums[hit] / counts[hit, None]).astype(np.float32)
     empty = np.flatnonzero(~hit)
-    repaired = _apply_reseed(new, x, labels, sq, counts, empty) if empty.size else 0
-    return new, value, repaired, not np.array_equal(new, centroids)
+    repaired = reseed(new, empty) if empty.size else 0
+    return new, repaired, not np.array_equal(new, centroids)
 
 
 def _minibatch_epoch(x, centroids, total_counts, batch_size, seed, epoch):
@@ -517,6 +545,7 @@ def check_codebook(codebook: Codebook, *, dim: int | None = None, feature: str |
                          f"features use PCA {pca_fingerprint}")
 
 
-__all__ = ["train_codebook", "sample_descriptors", "load_training_descriptors", "reseed_empty",
+__all__ = ["train_codebook", "sample_descriptors", "load_training_descriptors", "reseed_empty", "reseed_plan",
+           "lloyd_assign", "lloyd_update",
            "default_codebook_name", "check_codebook",
            "METHODS", "INITS"]

@@ -40,6 +40,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--trainset", help="training-set name recorded in the metadata (default: the source path)")
     p.add_argument("--checkpoint", metavar="PATH", help="checkpoint file, written every iteration; resumed "
                                                          "from when it exists")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run the Lloyd assignment step on Ray workers: a cluster address ('auto' = the one "
+                        "`ray start` runs here, HOST:PORT), or none to start a local Ray on this machine "
+                        "(needs pip install -e '.[ray]')")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
     p.set_defaults(func=run)
@@ -69,6 +73,15 @@ def run(args) -> int:
         raise ValueError(f"--size must be positive, got {args.size}")
     if args.model is not None and args.features != "delf":
         raise ValueError("--model is only used with --features delf")
+    if args.ray is not None:
+        if args.method != "lloyd":
+            raise ValueError(f"--ray runs --method lloyd, not {args.method!r}")
+        from d2r.distributed import import_ray
+
+        try:
+            import_ray()  # the extra is installed, before any work
+        except ImportError as exc:
+            raise ValueError(str(exc)) from None
     progress = not args.quiet
     x, meta = load_training_descriptors(
         store=args.store, images=args.images, descriptors=args.descriptors, feature=args.features,
@@ -77,9 +90,16 @@ def run(args) -> int:
     if args.trainset:
         meta["trainset"] = args.trainset
     log.info("training K=%d on %d descriptors of D=%d", args.size, x.shape[0], x.shape[1])
-    book, info = train_codebook(x, args.size, iterations=args.iterations, init=args.init, method=args.method,
-                                seed=args.seed, batch_size=args.batch_size, checkpoint=args.checkpoint,
-                                progress=progress, metadata=meta)
+    train = train_codebook
+    if args.ray is not None:
+        from functools import partial
+
+        from d2r.distributed import train_codebook as train_ray
+
+        train = partial(train_ray, address=args.ray or None)
+    book, info = train(x, args.size, iterations=args.iterations, init=args.init, method=args.method,
+                       seed=args.seed, batch_size=args.batch_size, checkpoint=args.checkpoint,
+                       progress=progress, metadata=meta)
     book.save(out)
     log.info("wrote %s (%r)", out, book)
     summary = {"out": str(out), "k": book.size, "D": book.dim, "samples": info["samples"],

@@ -1,0 +1,13 @@
+"""Scale-out on Ray (an optional extra: ``pip install -e '.[ray]'``).
+
+- :func:`train_codebook`: Lloyd k-means with the assignment step on Ray workers.
+- :class:`ShardedDatabase`, :func:`build_shards`: an index split by image into shard folders, searched as one.
+- :func:`extract`: feature extraction by Ray actors into one feature store.
+
+Importing this package does not import Ray; each entry point does, with a clear error when it is missing.
+"""
+
+from d2r.distributed._ray import import_ray, init, session
+from d2r.distributed.kmeans import train_codebook
+
+__all__ = ["import_ray", "init", "session", "train_codebook"]
