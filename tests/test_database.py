@@ -336,7 +336,9 @@ def test_second_writer_is_refused_not_lost(tmp_path):
     rng = np.random.default_rng(13)
     cents = _unit(rng, 16, 8)
     Database.create(tmp_path / "db", d2r.Codebook(cents)).save()
-    a, b = Database.open(tmp_path / "db"), Database.open(tmp_path / "db")
+    a, b = Database.open(tmp_path / "db", writable=True), Database.open(tmp_path / "db")
+    with pytest.raises(LockedError, match="another writer"):
+        Database.open(tmp_path / "db", writable=True)  # refused up front
     a.add("x", _unit(rng, 10, 8))
     a.save()
     with pytest.raises(LockedError, match="another writer"):

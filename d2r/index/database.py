@@ -12,8 +12,8 @@ against every image.
 On disk (a directory, see :mod:`d2r.index.store`): ``manifest.json`` (+ ``manifest-<gen>.json`` of recent
 generations) is the commit point, with per-file sizes and BLAKE2 digests; ``codebook.npz``; immutable segment
 directories (:mod:`d2r.index.segment`); ``removed-<gen>.npy`` (bool per image). One writer at a time holds the folder's
-writer lock (:class:`d2r._lock.WriterLock`) from its first change (or from ``open(..., writable=True)``) until
-:meth:`Database.close`; readers never lock. Pending images spill into segments past a memory budget; ``save``
+writer lock (:class:`d2r._lock.WriterLock`) from its first change until the save that commits it, or from
+``open(..., writable=True)`` / :meth:`Database.lock` until :meth:`Database.close`; readers never lock. Pending images spill into segments past a memory budget; ``save``
 merges segments by size tier (:class:`~d2r.index.store.MergePolicy`), dropping removed images, and commits.
 """
 
@@ -102,6 +102,7 @@ class Database:
         self._index: dict[str, int] | None = None
         self._cache: dict = {}
         self._writable = writable  # None: lock on the first change; False: read-only
+        self._hold = bool(writable)  # keep the lock after save (else released once the changes are committed)
         self._lock = None if path is None else WriterLock(self.path, lock_timeout, what="index")
 
     # ---- construction ----------------------------------------------------------------------------------------
@@ -124,7 +125,7 @@ class Database:
         if (path / _store.MANIFEST).exists():
             raise FileExistsError(f"{path}: a database already exists here (open it, or remove the folder)")
         path.mkdir(parents=True, exist_ok=True)
-        db = cls(path, book, config, [], np.zeros(0, bool), 0, None, writable=True, lock_timeout=lock_timeout)
+        db = cls(path, book, config, [], np.zeros(0, bool), 0, None, lock_timeout=lock_timeout)
         db._lock.acquire()
         try:
             if (path / _store.MANIFEST).exists():
@@ -168,6 +169,7 @@ class Database:
             raise
         if lock is not None:
             db._lock = lock
+            db._hold = True
         return db
 
     @classmethod
@@ -208,17 +210,23 @@ class Database:
 
     # ---- writer lock --------------------------------------------------------------------------------------------
     def lock(self, timeout: float | None = None) -> "Database":
-        """Take the writer lock now (before any expensive work); a no-op when held or in memory. Fails with
-        :class:`d2r._lock.LockedError` when another writer holds it past ``timeout`` (default: the open's)."""
+        """Take the writer lock now, before any expensive work, and hold it until :meth:`close` (a no-op in memory).
+        Fails with :class:`d2r._lock.LockedError` when another writer holds it past ``timeout`` seconds (default:
+        the ``lock_timeout`` of open/create)."""
+        self._acquire(timeout)
+        self._hold = True
+        return self
+
+    def _acquire(self, timeout: float | None = None) -> None:
         if self._lock is None or self._lock.held:
-            return self
+            return
         if self._writable is False:
             raise ValueError(f"{self.path}: opened read-only (writable=False)")
         if timeout is not None:
             self._lock.timeout = timeout
         self._lock.acquire()
         try:
-            on_disk = _store.read_manifest(self.path)["generation"]
+            on_disk = _store.read_manifest(self.path)["generation"] if self._generation else 0
         except BaseException:
             self._lock.release()
             raise
@@ -226,10 +234,10 @@ class Database:
             self._lock.release()
             raise ValueError(f"{self.path}: the database was saved by another writer since it was opened "
                              f"(generation {self._generation}, now {on_disk}); reopen it and add the images again")
-        return self
 
     def close(self) -> None:
-        """Release the writer lock (unsaved changes are dropped from disk's point of view)."""
+        """Release the writer lock (changes not saved are lost to other processes; this object keeps them)."""
+        self._hold = False
         if self._lock is not None:
             self._lock.release()
 
@@ -240,8 +248,10 @@ class Database:
         self.close()
 
     def _writing(self) -> None:
+        """Called before every change: takes the writer lock (released again after the next save unless held
+        by :meth:`lock` / ``open(writable=True)``)."""
         if self._lock is not None and not self._lock.held:
-            self.lock()
+            self._acquire()
 
     # ---- contents ----------------------------------------------------------------------------------------------
     @property
@@ -611,6 +621,8 @@ class Database:
         _store.commit(self.path, manifest)
         self._generation = generation
         _store.collect_garbage(self.path, manifest)
+        if not self._hold:
+            self._lock.release()
 
     def compact(self) -> None:
         """Merge every segment (and pending images) into one, dropping removed images. Committed at next ``save``."""
