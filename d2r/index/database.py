@@ -664,8 +664,9 @@ class Database:
                 f"path={None if self.path is None else str(self.path)!r})")
 
 
-def check(path) -> list[dict]:
-    """Damaged files of the database at ``path`` (see :meth:`Database.check`); never raises for damage."""
+def check(path, digests: bool = True) -> list[dict]:
+    """Damaged files of the database at ``path`` (see :meth:`Database.check`); never raises for damage.
+    ``digests=False`` checks sizes and structure only (no full read of every file)."""
     path = Path(path)
     damaged: list[dict] = []
 
@@ -680,8 +681,8 @@ def check(path) -> list[dict]:
         return damaged
     book = None
     cb = manifest["codebook"]
-    if "blake2b" in cb:
-        _check_file(path / "codebook.npz", cb, bad)
+    if "file" in cb:
+        _check_file(path / "codebook.npz", cb["file"], bad, digests)
     if not damaged:
         try:
             book = _load_codebook(path, manifest)
@@ -699,7 +700,7 @@ def check(path) -> list[dict]:
         files = rec.get("files") or {}
         for fname in file_names(config.kernel):
             if fname in files:
-                _check_file(d / fname, files[fname], bad)
+                _check_file(d / fname, files[fname], bad, digests)
             elif not (d / fname).is_file():
                 bad(d / fname, "missing")
         if len(damaged) == before and book is not None:
@@ -715,7 +716,7 @@ def check(path) -> list[dict]:
         file = path / rec["name"]
         before = len(damaged)
         if "blake2b" in rec:
-            _check_file(file, rec, bad)
+            _check_file(file, rec, bad, digests)
         if len(damaged) == before:
             try:
                 removed = np.load(file, allow_pickle=False)
@@ -726,14 +727,85 @@ def check(path) -> list[dict]:
     return damaged
 
 
-def _check_file(file: Path, record: dict, bad) -> None:
+def repair(path, lock_timeout: float | None = 0.0) -> dict:
+    """Make a damaged database at ``path`` usable again: under the writer lock, drop every segment with a damaged
+    file (its images are lost and must be indexed again) and commit a new generation. A damaged ``manifest.json``
+    is replaced by the newest readable recent generation; a damaged removal table is reset (removed images come
+    back). Returns a JSON-ready report; ``unrepairable`` names what cannot be fixed here (e.g. the codebook)."""
+    path = Path(path)
+    report = {"path": str(path), "dropped_segments": [], "removal_table_reset": False, "unrepairable": [],
+              "damaged": []}
+    with WriterLock(path, lock_timeout, what="index"):
+        try:
+            _store.read_manifest(path)
+        except DamagedError:  # fall back on the newest readable recent generation
+            for gen in sorted((int(p.name[9:-5]) for p in path.glob("manifest-*.json")), reverse=True):
+                try:
+                    _io.write_json(path / _store.MANIFEST,
+                                   _store.read_manifest(path, f"manifest-{gen:08d}.json"))
+                    report["manifest_restored_from"] = f"manifest-{gen:08d}.json"
+                    break
+                except (ValueError, OSError):
+                    continue
+            else:
+                report["damaged"] = check(path)
+                report["unrepairable"].append("manifest.json (no readable generation left)")
+                return report
+        damage = check(path)
+        report["damaged"] = damage
+        if not damage:
+            return report
+        bad = {d["file"] for d in damage}
+        manifest = _store.read_manifest(path)
+        if "codebook.npz" in bad:
+            report["unrepairable"].append("codebook.npz (restore it from the engine folder or re-index)")
+            return report
+        removed_rec = manifest.get("removed")
+        removed = None
+        if removed_rec and removed_rec["name"] not in bad:
+            removed = np.load(path / removed_rec["name"], allow_pickle=False)
+        elif removed_rec:
+            report["removal_table_reset"] = True
+        keep, flags, pos = [], [], 0
+        for rec in manifest["segments"]:
+            n = rec.get("images")
+            if any(f.startswith(rec["name"] + "/") for f in bad):
+                report["dropped_segments"].append({"name": rec["name"], "images": n})
+            else:
+                if n is None:
+                    n = int(np.load(path / rec["name"] / "image_ids.npy", mmap_mode="r").shape[0])
+                keep.append(rec)
+                flags.append(removed[pos:pos + n] if removed is not None else np.zeros(n, bool))
+            if n is None:  # a dropped old-format segment of unknown size: the removal flags cannot be aligned
+                removed, report["removal_table_reset"] = None, bool(removed_rec)
+            pos += n or 0
+        generation = int(manifest["generation"]) + 1
+        table = np.concatenate(flags) if flags else np.zeros(0, bool)
+        new_removed = None
+        if table.any():
+            name = f"removed-{generation:08d}-{uuid.uuid4().hex[:8]}.npy"
+            _io.save_npy(path / name, table)
+            new_removed = {"name": name, "size": (path / name).stat().st_size,
+                           "blake2b": _io.file_digest(path / name)}
+        images = sum(int(r.get("images") or 0) for r in keep)
+        manifest = dict(manifest, generation=generation, segments=keep, removed=new_removed, format=FORMAT,
+                        format_version=FORMAT_VERSION,
+                        counts={"images": images - int(table.sum()), "images_total": images,
+                                "items": sum(int(r.get("items") or 0) for r in keep),
+                                "entries": sum(int(r.get("entries") or 0) for r in keep)})
+        _store.commit(path, manifest)
+        _store.collect_garbage(path, manifest)
+    return report
+
+
+def _check_file(file: Path, record: dict, bad, digests: bool = True) -> None:
     if not file.is_file():
         bad(file, "missing")
         return
     size = file.stat().st_size
     if size != record["size"]:
         bad(file, f"{size} bytes, the manifest says {record['size']}")
-    elif _io.file_digest(file) != record["blake2b"]:
+    elif digests and _io.file_digest(file) != record["blake2b"]:
         bad(file, "checksum mismatch (contents changed)")
 
 
