@@ -260,6 +260,15 @@ class Engine:
         t0 = time.perf_counter()
         report = IndexReport()
         pairs = self._resolve(images, report)
+        if self._db is not None:
+            self._db.lock()  # one writer per index, refused before any extraction (released at the end)
+        try:
+            return self._index(pairs, report, progress, on_done, retry_failed, t0)
+        finally:
+            if self._db is not None:
+                self._db.close()
+
+    def _index(self, pairs, report, progress, on_done, retry_failed, t0) -> IndexReport:
         store = self._feature_store()
         todo = [(i, p) for i, p in pairs if i not in self and (retry_failed or str(p) not in self._failures)]
         report.skipped = len(pairs) - len(todo)

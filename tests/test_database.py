@@ -14,7 +14,8 @@ import pytest
 import d2r
 from d2r.aggregate import Aggregator, similarity
 from d2r.index import Database
-from d2r.index import database as dbmod
+from d2r._lock import LockedError
+from d2r.index import MergePolicy
 
 
 def _unit(rng, n, d):
@@ -175,19 +176,26 @@ def test_add_remove_after_open_and_compaction(tmp_path):
     # removed image can be indexed again; unreferenced files are gone
     db.add("a/0.jpg", images[0][1])
     db.save()
-    names = sorted(p.name for p in (tmp_path / "db").iterdir())
+    names = {p.name for p in (tmp_path / "db").iterdir()}
     manifest = json.loads((tmp_path / "db" / "manifest.json").read_text())
-    assert set(names) == {"manifest.json", "codebook.npz", *manifest["segments"]}
+    kept = sorted(n for n in names if n.startswith("manifest-"))
+    assert len(kept) == 3 and kept[-1] == f"manifest-{manifest['generation']:08d}.json"
+    live = set()
+    for name in kept:
+        m = json.loads((tmp_path / "db" / name).read_text())
+        live |= {s["name"] for s in m["segments"]} | ({m["removed"]["name"]} if m["removed"] else set())
+    assert names == {"manifest.json", "codebook.npz", ".lock", *kept, *live}
 
 
-def test_many_saves_trigger_merge(tmp_path, monkeypatch):
-    monkeypatch.setattr(dbmod, "MAX_SEGMENTS", 3)
+def test_many_saves_trigger_merge(tmp_path):
     rng = np.random.default_rng(6)
     cents = _unit(rng, 16, 8)
     db = Database.create(tmp_path / "db", d2r.Codebook(cents))
+    db.merge_policy = MergePolicy(factor=2, max_segments=3)
     for i in range(8):
         db.add(i, _unit(rng, 20, 8))
         db.save()
+    db.close()
     assert len(Database.open(tmp_path / "db")._segments) <= 3
     assert sorted(Database.open(tmp_path / "db")) == list(range(8))
 
@@ -259,6 +267,7 @@ def test_killed_writer_leaves_previous_state(tmp_path):
     db.save()
     q = _unit(rng, 30, 32)
     reference = db.search(q, 10)
+    db.close()  # the writer processes below take the lock
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     outcomes = set()
@@ -297,11 +306,11 @@ def test_add_aggregated_equals_add():
         b.add_aggregated(99, Aggregator(cents, "asmk")(q))
 
 
-def test_alternating_add_and_search_keeps_segments_bounded(monkeypatch):
-    monkeypatch.setattr(dbmod, "MAX_SEGMENTS", 4)
+def test_alternating_add_and_search_keeps_segments_bounded():
     rng = np.random.default_rng(12)
     cents = _unit(rng, 32, 16)
     db = Database.create(None, d2r.Codebook(cents), mode="search")
+    db.merge_policy = MergePolicy(factor=4, max_segments=4)
     images = []
     q0 = _unit(rng, 20, 16)
     for i in range(30):
@@ -327,12 +336,16 @@ def test_second_writer_is_refused_not_lost(tmp_path):
     rng = np.random.default_rng(13)
     cents = _unit(rng, 16, 8)
     Database.create(tmp_path / "db", d2r.Codebook(cents)).save()
-    a, b = Database.open(tmp_path / "db"), Database.open(tmp_path / "db")
+    a, b = Database.open(tmp_path / "db", writable=True), Database.open(tmp_path / "db")
+    with pytest.raises(LockedError, match="another writer"):
+        Database.open(tmp_path / "db", writable=True)  # refused up front
     a.add("x", _unit(rng, 10, 8))
     a.save()
-    b.add("y", _unit(rng, 10, 8))
+    with pytest.raises(LockedError, match="another writer"):
+        b.add("y", _unit(rng, 10, 8))  # refused before any work while a holds the lock
+    a.close()
     with pytest.raises(ValueError, match="another writer"):
-        b.save()
+        b.add("y", _unit(rng, 10, 8))  # a committed since b opened: b must reopen
     assert list(Database.open(tmp_path / "db")) == ["x"]
 
 

@@ -1,9 +1,11 @@
-"""``d2r index create|add|remove|info``: manage an engine folder (features, codebook, database, config)."""
+"""``d2r index create|add|remove|info|check|repair``: manage an engine folder (features, codebook, database, config)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+from pathlib import Path
 
 
 def add_parser(subparsers) -> None:
@@ -45,6 +47,31 @@ def add_parser(subparsers) -> None:
     i.add_argument("path", help="engine folder")
     _common(i)
     i.set_defaults(func=run_info)
+
+    k = sub.add_parser("check", help="verify every index file (sizes, checksums, structure); exit 1 if damaged")
+    k.add_argument("path", help="engine folder (or a database folder)")
+    _common(k)
+    k.set_defaults(func=run_check)
+
+    f = sub.add_parser("repair", help="drop damaged segments (their images must be indexed again) and commit")
+    f.add_argument("path", help="engine folder (or a database folder)")
+    f.add_argument("--lock-timeout", type=float, default=0.0, help="seconds to wait for another writer")
+    _common(f)
+    f.set_defaults(func=run_repair)
+
+
+def _locked_is_an_error(func):
+    """Another writer holding the lock is an ordinary failure: one line, exit 1."""
+    @functools.wraps(func)
+    def run(args):
+        from d2r._lock import LockedError
+
+        try:
+            return func(args)
+        except LockedError as exc:
+            print(f"d2r index {args.action}: error: {exc}", file=sys.stderr)
+            return 1
+    return run
 
 
 def _common(p) -> None:
@@ -97,6 +124,7 @@ def _index(engine, images, args) -> int:
     return 1 if report.failed and not report.indexed and not report.skipped else 0
 
 
+@_locked_is_an_error
 def run_create(args) -> int:
     from d2r.engine import Engine
 
@@ -110,12 +138,14 @@ def run_create(args) -> int:
     return 0
 
 
+@_locked_is_an_error
 def run_add(args) -> int:
     from d2r.engine import Engine
 
     return _index(Engine.open(args.path), args.images, args)
 
 
+@_locked_is_an_error
 def run_remove(args) -> int:
     from d2r.engine import Engine
 
@@ -136,6 +166,9 @@ def run_remove(args) -> int:
 def run_info(args) -> int:
     from d2r.engine import Engine
 
+    damage = _database_damage(args.path, quick=True)
+    if damage:
+        return _report_damage(args, damage, "info")
     info = Engine.open(args.path).info()
     if args.json:
         print(json.dumps(info, sort_keys=True, default=str))
@@ -149,3 +182,64 @@ def run_info(args) -> int:
             print(f"  {idx['counts']['items']} items, {idx['counts']['entries']} posting entries, "
                   f"{idx.get('bytes_on_disk', 0) / 1e6:.1f} MB on disk")
     return 0
+
+
+def _database_dir(path) -> Path:
+    path = Path(path)
+    if (path / "manifest.json").is_file() or not (path / "index").is_dir():
+        return path
+    return path / "index"
+
+
+def _database_damage(path, quick: bool = False) -> list[dict]:
+    """Damaged files of the engine's (or database folder's) index; ``quick``: structure and sizes only."""
+    from d2r.index.database import check
+
+    db = _database_dir(path)
+    if not (db / "manifest.json").exists():
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path}: no such folder")
+        if quick:
+            return []
+        return [{"file": "manifest.json", "problem": "missing"}] if (Path(path) / "index").is_dir() else []
+    return [dict(d, file=str(Path(db.name) / d["file"]) if db != Path(path) else d["file"])
+            for d in check(db, digests=not quick)]
+
+
+def _report_damage(args, damage, action) -> int:
+    if args.json:
+        print(json.dumps({"healthy": False, "damaged": damage}, sort_keys=True))
+    else:
+        for d in damage:
+            print(f"damaged: {d['file']}: {d['problem']}", file=sys.stderr)
+        print(f"d2r index {action}: {args.path}: {len(damage)} damaged file(s); `d2r index repair {args.path}` "
+              f"drops damaged segments (their images must then be indexed again)", file=sys.stderr)
+    return 1
+
+
+def run_check(args) -> int:
+    damage = _database_damage(args.path)
+    if damage:
+        return _report_damage(args, damage, "check")
+    if args.json:
+        print(json.dumps({"healthy": True, "damaged": []}, sort_keys=True))
+    elif not args.quiet:
+        print(f"{args.path}: healthy")
+    return 0
+
+
+@_locked_is_an_error
+def run_repair(args) -> int:
+    from d2r.index.database import repair
+
+    report = repair(_database_dir(args.path), lock_timeout=args.lock_timeout)
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+    elif not args.quiet:
+        if not report["dropped_segments"] and not report["removal_table_reset"]:
+            print(f"{args.path}: nothing to repair")
+        for seg in report["dropped_segments"]:
+            print(f"dropped {seg['name']} ({seg['images']} images lost: index them again)")
+        if report["removal_table_reset"]:
+            print("removal table was damaged: removed images are back in the index (remove them again)")
+    return 1 if report["unrepairable"] else 0

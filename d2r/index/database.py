@@ -5,45 +5,48 @@
 - ``mode="search"``: every region of an image is its own item (the whole image when no regions are given); an
   image's score is the maximum over its items (the paper's regional search; memory grows with the regions).
 
-Search scans only the posting lists of the query's words (numba), so its cost follows posting-list length, not
-database size; VLAD kinds use exact dense dot products. Scores equal :func:`d2r.similarity` against every image.
+Search (:mod:`d2r.index.search`) scans only the posting lists of the query's words (numba), so its cost follows
+posting-list length, not database size; VLAD kinds use exact dense dot products. Scores equal :func:`d2r.similarity`
+against every image.
 
-On disk (a directory): ``manifest.json`` (format version, config, codebook fingerprint, segment list, counts) is the
-commit point; ``codebook.npz``; immutable segment directories (see :mod:`d2r.index.segment`); ``removed-<gen>.npy``
-(bool per image). ``save`` writes new files first and renames the manifest last, so a process killed at any moment
-leaves the previous state readable. Images added after ``open`` go to a new segment at the next ``save``; many
-segments are merged (``compact``), dropping removed images.
+On disk (a directory, see :mod:`d2r.index.store`): ``manifest.json`` (+ ``manifest-<gen>.json`` of recent
+generations) is the commit point, with per-file sizes and BLAKE2 digests; ``codebook.npz``; immutable segment
+directories (:mod:`d2r.index.segment`); ``removed-<gen>.npy`` (bool per image). One writer at a time holds the folder's
+writer lock (:class:`d2r._lock.WriterLock`) from its first change until the save that commits it, or from
+``open(..., writable=True)`` / :meth:`Database.lock` until :meth:`Database.close`; readers never lock. Pending images spill into segments past a memory budget; ``save``
+merges segments by size tier (:class:`~d2r.index.store.MergePolicy`), dropping removed images, and commits.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import os
-import shutil
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
 from d2r import _io
+from d2r._lock import WriterLock
 from d2r._validate import as_descriptors
 from d2r.aggregate import Aggregated, Aggregator, idf_weights
 from d2r.codebook import Codebook
 from d2r.config import Config
-from d2r.index.segment import Segment
-from d2r.kernels.binary import as_words64
-from d2r.kernels.ivf import document_frequency, item_weight_sums, max_per_image, scan_bits, scan_residuals
+from d2r.index import search as _search
+from d2r.index import store as _store
+from d2r.index.search import EMPTY_SCORE, Ranking
+from d2r.index.segment import PAYLOAD, DamagedError, Segment, file_names
+from d2r.index.store import FORMAT, FORMAT_VERSION, MergePolicy
 
 log = logging.getLogger(__name__)
 
-FORMAT = "d2r-database"
-FORMAT_VERSION = 1
 MODES = ("aggregation", "search")
-MAX_SEGMENTS = 16  # more than this at save time triggers a merge into one segment
-EMPTY_SCORE = -1.0  # an ASMK-kind image (or region) without visual words
+__all__ = ["Database", "DatabaseConfig", "DamagedError", "MergePolicy", "Ranking", "EMPTY_SCORE", "FORMAT",
+           "FORMAT_VERSION"]
 
 
 @dataclass
@@ -74,32 +77,19 @@ class DatabaseConfig(Config):
             raise ValueError("idf applies to the ASMK kernels, not to VLAD")
 
 
-class Ranking:
-    """A ranked result: ``ids`` (best first), ``scores`` (float64) and, per image, ``regions``: the region index of
-    its best-scoring item (regional search; 0 in aggregation mode). Unpacks as ``ids, scores = ranking``."""
-
-    def __init__(self, ids, scores, regions):
-        self.ids, self.scores, self.regions = ids, scores, regions
-
-    def __iter__(self):
-        return iter((self.ids, self.scores))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __repr__(self) -> str:
-        head = ", ".join(f"{i}:{s:.4g}" for i, s in zip(self.ids[:5], self.scores[:5]))
-        return f"Ranking([{head}{', ...' if len(self) > 5 else ''}])"
+_CASTS = {f.name: f.type for f in fields(DatabaseConfig)}
 
 
 class Database:
     """Inverted-file image database. Use :meth:`create` or :meth:`open`, never the constructor."""
 
     def __init__(self, path, codebook: Codebook, config: DatabaseConfig, segments, removed, generation: int,
-                 id_type: str | None):
+                 id_type: str | None, writable: bool | None = None, lock_timeout: float | None = 0.0):
         self.path = None if path is None else Path(path)
         self.codebook = codebook
         self.config = config
+        self.merge_policy = MergePolicy()
+        self.merge_stats: dict = {}
         self._segments: list[Segment] = list(segments)
         self._set_removed(np.asarray(removed, bool))
         self._generation = generation
@@ -108,64 +98,160 @@ class Database:
         self._query_agg = Aggregator(codebook, config.kernel, config.query_num_assignments)
         self._pending_ids: list[str] = []
         self._pending_items: list[tuple[int, int, Aggregated]] = []  # (local image, region, record)
+        self._pending_bytes = 0
         self._index: dict[str, int] | None = None
         self._cache: dict = {}
+        self._writable = writable  # None: lock on the first change; False: read-only
+        self._hold = bool(writable)  # keep the lock after save (else released once the changes are committed)
+        self._lock = None if path is None else WriterLock(self.path, lock_timeout, what="index")
 
     # ---- construction ----------------------------------------------------------------------------------------
     @classmethod
     def create(cls, path, codebook, kernel: str = "asmk_star", mode: str = "aggregation", alpha: float = 3.0,
                tau: float = 0.0, tau_inclusive: bool = False, normalize: bool = True, num_assignments: int = 1,
-               query_num_assignments: int = 1, idf: bool = False) -> "Database":
+               query_num_assignments: int = 1, idf: bool = False, *, lock_timeout: float | None = 0.0) -> "Database":
         """A new, empty database at ``path`` (a directory that must not hold a database yet), or in memory when
-        ``path`` is None. ``codebook`` is a :class:`Codebook` or a path to one; it is copied into the database."""
+        ``path`` is None. ``codebook`` is a :class:`Codebook` or a path to one; it is copied into the database.
+        The new database holds its folder's writer lock (waiting up to ``lock_timeout`` s; None: forever)."""
         book = codebook if isinstance(codebook, Codebook) else Codebook.load(codebook)
-        config = DatabaseConfig(kernel, mode, float(alpha), float(tau), bool(tau_inclusive), bool(normalize),
-                                int(num_assignments), int(query_num_assignments), bool(idf))
+        given = dict(kernel=kernel, mode=mode, alpha=alpha, tau=tau, tau_inclusive=tau_inclusive,
+                     normalize=normalize, num_assignments=num_assignments,
+                     query_num_assignments=query_num_assignments, idf=idf)
+        config = DatabaseConfig(**{k: _cast(k, v) for k, v in given.items()})
         config.check(book)
-        db = cls(path, book, config, [], np.zeros(0, bool), 0, None)
-        if path is not None:
-            path = Path(path)
-            if (path / "manifest.json").exists():
+        if path is None:
+            return cls(None, book, config, [], np.zeros(0, bool), 0, None)
+        path = Path(path)
+        if (path / _store.MANIFEST).exists():
+            raise FileExistsError(f"{path}: a database already exists here (open it, or remove the folder)")
+        path.mkdir(parents=True, exist_ok=True)
+        db = cls(path, book, config, [], np.zeros(0, bool), 0, None, lock_timeout=lock_timeout)
+        db._lock.acquire()
+        try:
+            if (path / _store.MANIFEST).exists():
                 raise FileExistsError(f"{path}: a database already exists here (open it, or remove the folder)")
-            path.mkdir(parents=True, exist_ok=True)
             book.save(path / "codebook.npz")
             db.save()
+        except BaseException:
+            db.close()
+            raise
         return db
 
     @classmethod
-    def open(cls, path, codebook=None, mmap: bool = True) -> "Database":
-        """Open a saved database; arrays are memory-mapped, so this is fast at any size. A ``codebook`` given
-        here must be the one the database was built with (same fingerprint)."""
+    def open(cls, path, codebook=None, mmap: bool = True, *, writable: bool | None = None,
+             lock_timeout: float | None = 0.0) -> "Database":
+        """Open a saved database; arrays are memory-mapped and validated (cheap structural checks), so this is fast
+        at any size and a damaged file raises :class:`DamagedError` naming it. A ``codebook`` given here must be
+        the one the database was built with (same fingerprint).
+
+        writable: True takes the writer lock now (before any work; a second writer fails after ``lock_timeout``
+        seconds with a clear message), False opens read-only, None (default) takes the lock at the first change."""
         path = Path(path)
-        manifest_path = path / "manifest.json"
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{path}: no d2r database here (manifest.json missing)")
+        lock = None
+        if writable:
+            if not (path / _store.MANIFEST).is_file():
+                raise FileNotFoundError(f"{path}: no d2r database here (manifest.json missing)")
+            lock = WriterLock(path, lock_timeout, what="index").acquire()
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{manifest_path}: unreadable manifest ({exc})") from None
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"{manifest_path}: not a d2r database")
-        if manifest.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{manifest_path}: format version {manifest['format_version']} is newer than this "
-                             f"d2r supports ({FORMAT_VERSION})")
+            for attempt in range(20):
+                manifest = _store.read_manifest(path)
+                try:
+                    db = cls._from_manifest(path, manifest, codebook, mmap, writable, lock_timeout)
+                    break
+                except DamagedError:
+                    # a writer may have committed (and collected an old generation) while we opened: retry
+                    if attempt == 19 or _store.read_manifest(path)["generation"] == manifest["generation"]:
+                        raise
+                    time.sleep(0.01)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        if lock is not None:
+            db._lock = lock
+            db._hold = True
+        return db
+
+    @classmethod
+    def _from_manifest(cls, path, manifest, codebook, mmap, writable, lock_timeout) -> "Database":
         stored = manifest["codebook"]["fingerprint"]
         if codebook is None:
-            book = Codebook.load(path / "codebook.npz")
+            book = _load_codebook(path, manifest)
         else:
             book = codebook if isinstance(codebook, Codebook) else Codebook.load(codebook)
         if book.fingerprint != stored:
             raise ValueError(f"{path}: the database was indexed with codebook {stored} (K={manifest['codebook']['k']},"
                              f" D={manifest['codebook']['dim']}), but codebook {book.fingerprint} (K={book.size}, "
                              f"D={book.dim}) was given; use the same codebook or re-index")
-        config = DatabaseConfig.from_dict(manifest["config"])
-        segments = [Segment.read(path, name, config.kernel, mmap) for name in manifest["segments"]]
+        try:
+            config = DatabaseConfig.from_dict(manifest["config"])
+            config.check(book)
+        except (ValueError, TypeError) as exc:
+            raise DamagedError(path / _store.MANIFEST, f"bad config ({exc})") from None
+        segments = [Segment.read(path, rec, config.kernel, config.mode, book.size, book.dim, mmap)
+                    for rec in manifest["segments"]]
         total = sum(s.num_images for s in segments)
-        removed = (np.load(path / manifest["removed"], allow_pickle=False) if manifest.get("removed")
-                   else np.zeros(total, bool))
-        if removed.shape != (total,):
-            raise ValueError(f"{path}: removal table has {removed.shape[0]} entries for {total} images (damaged)")
-        return cls(path, book, config, segments, removed, int(manifest["generation"]), manifest.get("id_type"))
+        removed = np.zeros(total, bool)
+        rec = manifest.get("removed")
+        if rec:
+            file = path / rec["name"]
+            try:
+                if "size" in rec and file.stat().st_size != rec["size"]:
+                    raise ValueError(f"{file.stat().st_size} bytes, the manifest says {rec['size']}")
+                removed = np.load(file, allow_pickle=False)
+            except Exception as exc:
+                raise DamagedError(file, f"unreadable removal table ({str(exc).splitlines()[0][:120]})") from None
+            if removed.dtype != np.bool_ or removed.shape != (total,):
+                raise DamagedError(file, f"removal table is {removed.dtype} {removed.shape}, expected bool "
+                                   f"({total},)")
+        db = cls(path, book, config, segments, removed, int(manifest["generation"]), manifest.get("id_type"),
+                 writable=writable, lock_timeout=lock_timeout)
+        return db
+
+    # ---- writer lock --------------------------------------------------------------------------------------------
+    def lock(self, timeout: float | None = None) -> "Database":
+        """Take the writer lock now, before any expensive work, and hold it until :meth:`close` (a no-op in memory).
+        Fails with :class:`d2r._lock.LockedError` when another writer holds it past ``timeout`` seconds (default:
+        the ``lock_timeout`` of open/create)."""
+        self._acquire(timeout)
+        self._hold = True
+        return self
+
+    def _acquire(self, timeout: float | None = None) -> None:
+        if self._lock is None or self._lock.held:
+            return
+        if self._writable is False:
+            raise ValueError(f"{self.path}: opened read-only (writable=False)")
+        if timeout is not None:
+            self._lock.timeout = timeout
+        self._lock.acquire()
+        try:
+            on_disk = _store.read_manifest(self.path)["generation"] if self._generation else 0
+        except BaseException:
+            self._lock.release()
+            raise
+        if on_disk != self._generation:
+            self._lock.release()
+            raise ValueError(f"{self.path}: the database was saved by another writer since it was opened "
+                             f"(generation {self._generation}, now {on_disk}); reopen it and add the images again")
+
+    def close(self) -> None:
+        """Release the writer lock (changes not saved are lost to other processes; this object keeps them)."""
+        self._hold = False
+        if self._lock is not None:
+            self._lock.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _writing(self) -> None:
+        """Called before every change: takes the writer lock (released again after the next save unless held
+        by :meth:`lock` / ``open(writable=True)``)."""
+        if self._lock is not None and not self._lock.held:
+            self._acquire()
 
     # ---- contents ----------------------------------------------------------------------------------------------
     @property
@@ -175,6 +261,10 @@ class Database:
     @property
     def mode(self) -> str:
         return self.config.mode
+
+    @property
+    def generation(self) -> int:
+        return self._generation
 
     def _num_images_total(self) -> int:
         return sum(s.num_images for s in self._segments) + len(self._pending_ids)
@@ -229,6 +319,7 @@ class Database:
         key = self._key(image_id)
         if key in self._id_index():
             raise ValueError(f"image {image_id!r} is already in the database (remove it first)")
+        self._writing()
         x = getattr(descriptors, "descriptors", descriptors)
         if self.mode == "aggregation":
             records = [self._agg(x, regions, assignments=assignments)]
@@ -249,12 +340,14 @@ class Database:
             raise ValueError(f"aggregation mode takes one record per image, got {len(records)}")
         for r in records:
             self._as_query(r)  # same kernel, K and D
+        self._writing()
         self._append(image_id, key, records)
 
     def _append(self, image_id, key, records) -> None:
         local = len(self._pending_ids)
         self._pending_ids.append(key)
         self._pending_items.extend((local, r, rec) for r, rec in enumerate(records))
+        self._pending_bytes += sum(_record_bytes(rec) for rec in records) + 100 * len(records)
         if self._num_removed_slots == self._removed_buf.shape[0]:  # grow by doubling: O(1) amortised per add
             self._removed_buf = np.concatenate([self._removed_buf, np.zeros(max(16, self._num_removed_slots), bool)])
         self._removed_buf[self._num_removed_slots] = False
@@ -263,10 +356,14 @@ class Database:
         if self._id_type is None:
             self._id_type = "int" if isinstance(image_id, (int, np.integer)) else "str"
         self._changed()
+        if self._pending_bytes > self.merge_policy.spill_bytes:
+            self._spill()
+            self._merge_tiers()
 
     def add_batch(self, images, progress: bool = False, chunk_descriptors: int = 200_000) -> int:
         """Index many images: ``images`` yields ``(image_id, descriptors, regions_or_None)``. Descriptors of
-        consecutive images are assigned to words in one GEMM (``chunk_descriptors`` at a time). Returns the count."""
+        consecutive images are assigned to words in one GEMM (``chunk_descriptors`` at a time); pending records
+        spill into segments (on disk for a saved database) past ``merge_policy.spill_bytes``. Returns the count."""
         from tqdm.auto import tqdm
 
         added = 0
@@ -297,19 +394,20 @@ class Database:
         return added
 
     def remove(self, image_id) -> None:
-        """Remove an image; searches exclude it at once, ``save`` persists it, ``compact`` reclaims its space."""
+        """Remove an image; searches exclude it at once, ``save`` persists it, merges reclaim its space."""
         key = self._key(image_id)
-        index = self._id_index().pop(key, None)
+        index = self._id_index().get(key)
         if index is None:
             raise KeyError(f"image {image_id!r} is not in the database")
+        self._writing()
+        del self._id_index()[key]
         self._removed_buf[index] = True
         self._changed()
 
     def _changed(self) -> None:
-        for k in ("item_image", "ids", "idf", "item_weight"):
+        for k in ("item_image", "ids", "idf", "item_weight", "stats", "item_words"):
             self._cache.pop(k, None)
 
-    # ---- search ------------------------------------------------------------------------------------------------
     @property
     def _removed(self) -> np.ndarray:
         """(images,) bool: removed flag of every image, by global index (a view of a growable buffer)."""
@@ -319,19 +417,71 @@ class Database:
         self._removed_buf = np.array(removed, bool)
         self._num_removed_slots = self._removed_buf.shape[0]
 
+    # ---- segments: spilling and merging ----------------------------------------------------------------------
+    def _spill(self) -> None:
+        """Turn the pending images into a segment: written to disk (memory-mapped back) for a saved database."""
+        if not self._pending_ids:
+            return
+        local, region, records = zip(*self._pending_items) if self._pending_items else ((), (), ())
+        seg = Segment.build(self.kernel, self.codebook.size, self.codebook.dim, self._pending_ids, local, region,
+                            records)
+        self._pending_ids, self._pending_items, self._pending_bytes = [], [], 0
+        if self.path is not None:
+            seg = self._persist(seg)
+        self._segments.append(seg)
+        self._cache.pop("ids", None)
+
+    def _persist(self, seg: Segment) -> Segment:
+        self._writing()
+        name = self._new_name()
+        seg.write(self.path, name, self.kernel)
+        return Segment.read(self.path, seg.record(), self.kernel, self.mode, self.codebook.size, self.codebook.dim)
+
+    def _new_name(self) -> str:
+        return f"seg-{self._generation + 1:08d}-{uuid.uuid4().hex[:12]}"
+
+    def _sizes(self) -> list[int]:
+        return [s.nbytes() for s in self._segments]
+
+    def _merge_tiers(self) -> None:
+        while True:
+            window = self.merge_policy.plan(self._sizes())
+            if window is None:
+                return
+            self._merge(*window)
+
+    def _merge(self, start: int, stop: int) -> None:
+        """Merge ``segments[start:stop]`` into one segment without their removed images; images before keep their
+        global indices."""
+        segments = self._segments[start:stop]
+        if not segments:
+            return
+        self._writing()
+        first = sum(s.num_images for s in self._segments[:start])
+        removed, pos = [], first
+        for s in segments:
+            removed.append(self._removed[pos:pos + s.num_images])
+            pos += s.num_images
+        root = self.path
+        merged = _store.merge(segments, removed, self.kernel, self.codebook.size, self.codebook.dim, self.mode,
+                              self.merge_policy.chunk_entries, root=root,
+                              name=None if root is None else self._new_name(), stats=self.merge_stats)
+        self.merge_stats["merges"] = self.merge_stats.get("merges", 0) + 1
+        self.merge_stats["bytes_written"] = self.merge_stats.get("bytes_written", 0) + merged.nbytes()
+        self._segments = self._segments[:start] + [merged] + self._segments[stop:]
+        self._set_removed(np.concatenate([self._removed[:first], np.zeros(merged.num_images, bool),
+                                          self._removed[pos:]]))
+        self._index = None
+        self._changed()
+
     def _searchable(self) -> list[Segment]:
-        """All segments, after turning images added since the last call into a new (unsaved) segment."""
+        """All segments, after turning images added since the last call into a new segment."""
         if self._pending_ids:
-            items = self._pending_items
-            local, region, records = zip(*items) if items else ((), (), ())
-            self._segments.append(Segment.build(self.kernel, self.codebook.size, self.codebook.dim,
-                                                self._pending_ids, local, region, records))
-            self._pending_ids, self._pending_items = [], []  # the records now live only in the segment
-            unsaved = [i for i, seg in enumerate(self._segments) if seg.name is None]
-            if len(unsaved) > MAX_SEGMENTS:  # unsaved segments are always the last ones
-                self._merge(unsaved[0])
+            self._spill()
+            self._merge_tiers()
         return self._segments
 
+    # ---- search ------------------------------------------------------------------------------------------------
     def _item_image(self) -> np.ndarray:
         """Global image index of every item, over all segments."""
         if "item_image" not in self._cache:
@@ -342,27 +492,46 @@ class Database:
             self._cache["item_image"] = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         return self._cache["item_image"]
 
+    def _item_words(self) -> np.ndarray:
+        if "item_words" not in self._cache:
+            parts = [np.asarray(s.item_words) for s in self._searchable()]
+            self._cache["item_words"] = np.concatenate(parts) if parts else np.zeros(0, np.uint32)
+        return self._cache["item_words"]
+
+    def statistics(self) -> dict:
+        """Corpus statistics over live items, for combining shards: ``df`` (K,) int64 document frequencies,
+        ``items`` live item count, ``images`` live image count."""
+        if "stats" not in self._cache:
+            item_live = ~self._removed[self._item_image()]
+            df = _search.document_frequencies(self._searchable(), item_live, self.codebook.size)
+            self._cache["stats"] = {"df": df, "items": int(item_live.sum()), "images": len(self)}
+        s = self._cache["stats"]
+        return {"df": s["df"].copy(), "items": s["items"], "images": s["images"]}
+
     def idf(self) -> np.ndarray:
         """(K,) float64 idf_c = log(N / max(df_c, 1)) over live items (N items, df_c of them hold word c)."""
         if "idf" not in self._cache:
-            item_live = ~self._removed[self._item_image()]
-            df = np.zeros(self.codebook.size, np.int64)
-            start = 0
-            for s in self._searchable():
-                df += document_frequency(s.offsets, s.items, item_live[start:start + s.num_items])
-                start += s.num_items
-            n = max(int(item_live.sum()), 1)
-            self._cache["idf"] = np.log(n / np.maximum(df, 1))
+            s = self.statistics()
+            self._cache["idf"] = np.log(max(s["items"], 1) / np.maximum(s["df"], 1))
         return self._cache["idf"]
 
-    def _weights(self) -> np.ndarray:
+    def _weights(self, idf=None) -> np.ndarray:
+        if idf is not None:
+            if not self.config.idf:
+                raise ValueError("idf given, but this database does not weight words by idf (config idf=false)")
+            idf = np.asarray(idf, np.float64)
+            if idf.shape != (self.codebook.size,) or not np.all(np.isfinite(idf)):
+                raise ValueError(f"idf: expected ({self.codebook.size},) finite float64, got {idf.shape}")
+            return idf_weights(idf, self.codebook.size)
         return idf_weights(self.idf(), self.codebook.size) if self.config.idf else np.zeros(0)
 
     def _item_weight_sums(self, weights) -> np.ndarray:
-        if "item_weight" not in self._cache:
-            parts = [item_weight_sums(s.offsets, s.items, weights, s.num_items) for s in self._searchable()]
-            self._cache["item_weight"] = np.concatenate(parts) if parts else np.zeros(0)
-        return self._cache["item_weight"]
+        key = hashlib.blake2b(weights.tobytes(), digest_size=16).digest()
+        cached = self._cache.get("item_weight")
+        if cached is None or cached[0] != key:
+            cached = (key, _search.weight_sums(self._searchable(), weights))
+            self._cache["item_weight"] = cached
+        return cached[1]
 
     def _as_query(self, query) -> Aggregated:
         if isinstance(query, Aggregated):
@@ -372,69 +541,29 @@ class Database:
             return query
         return self._query_agg(getattr(query, "descriptors", query))
 
-    def item_scores(self, query) -> np.ndarray:
-        """Score of every item (over all segments, removed ones included): exactly ``similarity(q, item)``."""
+    def item_scores(self, query, *, idf=None) -> np.ndarray:
+        """Score of every item (over all segments, removed ones included): exactly ``similarity(q, item)``.
+        ``idf`` (K,) float64 replaces the database's own idf (e.g. statistics combined over shards)."""
         q = self._as_query(query)
         segments = self._searchable()
-        total = sum(s.num_items for s in segments)
-        if self.kernel == "vlad":
-            v = q.vector
-            return np.concatenate([np.asarray(s.payload, np.float32) @ v for s in segments]).astype(np.float64) \
-                if segments else np.zeros(0)
-        scores = np.zeros(total)
-        item_words = np.concatenate([np.asarray(s.item_words) for s in segments]) if segments else np.zeros(0)
-        if q.words.shape[0] == 0:
-            scores[:] = EMPTY_SCORE
-            return scores
-        c = self.config
-        weights = self._weights()
-        start = 0
-        for s in segments:
-            out = scores[start:start + s.num_items]
-            if self.kernel == "asmk_star":
-                scan_bits(q.words, as_words64(q.bits), s.offsets, s.items, as_words64(s.payload), q.dim, c.alpha,
-                          c.tau, c.tau_inclusive, weights, out)
-            else:
-                scan_residuals(q.words, q.descriptors, s.offsets, s.items, s.payload, c.alpha, c.tau,
-                               c.tau_inclusive, weights, out)
-            start += s.num_items
-        if c.normalize:
-            if weights.shape[0]:
-                norm = np.sqrt(weights[q.words].sum() * self._item_weight_sums(weights))
-            else:
-                norm = np.sqrt(float(q.words.shape[0]) * item_words)
-            np.divide(scores, norm, out=scores, where=norm > 0)
-        scores[item_words == 0] = EMPTY_SCORE
-        return scores
+        weights = self._weights(idf) if self.kernel != "vlad" else np.zeros(0)
+        return _search.item_scores(segments, q, self.kernel, self.config, weights, self._item_words(),
+                                   lambda: self._item_weight_sums(weights))
 
-    def image_scores(self, query) -> tuple[np.ndarray, np.ndarray]:
+    def image_scores(self, query, *, idf=None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, best item) per image (global index); removed images score -inf."""
-        items = self.item_scores(query)
-        item_image = self._item_image()
-        n = self._num_images_total()
-        if self.mode == "aggregation":  # exactly one item per image, in image order
-            scores = items.copy()
-            best = np.arange(n)
-        else:
-            scores = max_per_image(items, item_image, n, EMPTY_SCORE)
-            best = _best_item(items, item_image, scores, n)
-        scores[self._removed] = -np.inf
-        return scores, best
+        items = self.item_scores(query, idf=idf)
+        return _search.image_scores(items, self._item_image(), self._num_images_total(), self.mode, self._removed)
 
-    def search(self, query, top_k: int = 100) -> Ranking:
+    def search(self, query, top_k: int = 100, *, idf=None) -> Ranking:
         """Rank the database for a query: (N, D) descriptors (aggregated with ``query_num_assignments``, no
         regions), an object with ``.descriptors``, or an :class:`Aggregated` record. Top-k by partial selection;
-        equal scores are ordered by insertion."""
-        scores, best = self.image_scores(query)
-        live = len(self)
-        k = min(int(top_k), live)
+        equal scores are ordered by insertion. ``idf``: as in :meth:`item_scores`."""
+        scores, best = self.image_scores(query, idf=idf)
+        k = min(int(top_k), len(self))
         if k <= 0:
             return Ranking(self._out_ids(np.zeros(0, str)), np.zeros(0), np.zeros(0, np.int64))
-        if k < scores.shape[0]:
-            top = np.argpartition(-scores, k - 1)[:k]
-        else:
-            top = np.arange(scores.shape[0])
-        top = top[np.lexsort((top, -scores[top]))][:k]
+        top = _search.top_k(scores, k)
         regions = np.zeros(k, np.int64)
         if self.mode == "search":
             region_of = self._item_regions()
@@ -442,110 +571,72 @@ class Database:
             regions[valid] = region_of[best[top][valid]]
         return Ranking(self._out_ids(self._all_ids()[top]), scores[top], regions)
 
-    def search_batch(self, queries, top_k: int = 100, workers: int | None = None) -> list[Ranking]:
+    def search_batch(self, queries, top_k: int = 100, workers: int | None = None, *, idf=None) -> list[Ranking]:
         """Search several queries; the numba scans release the GIL, so threads run them in parallel."""
         queries = list(queries)
-        self._searchable(), self._item_image()  # build shared caches once, before the threads
+        self._searchable(), self._item_image(), self._item_words()  # build shared caches once, before the threads
         if self.config.idf:
-            self._item_weight_sums(self._weights())
+            self._item_weight_sums(self._weights(idf))
         workers = workers or min(len(queries), os.cpu_count() or 1)
         if workers <= 1:
-            return [self.search(q, top_k) for q in queries]
+            return [self.search(q, top_k, idf=idf) for q in queries]
         with ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(lambda q: self.search(q, top_k), queries))
+            return list(pool.map(lambda q: self.search(q, top_k, idf=idf), queries))
 
     def _item_regions(self) -> np.ndarray:
         return np.concatenate([np.asarray(s.item_region, np.int64) for s in self._searchable()])
 
     # ---- persistence -------------------------------------------------------------------------------------------
     def save(self) -> None:
-        """Persist added and removed images (crash-safe; see the module docstring)."""
+        """Persist added and removed images: new segments, tiered merges, then the manifest (the commit point).
+        Crash-safe; readers see the previous generation until the commit. Takes the writer lock if not held."""
         if self.path is None:
             raise ValueError("this database lives in memory (created with path=None); nothing to save to")
-        self._searchable()
-        if len(self._segments) > MAX_SEGMENTS:
-            self.compact()
+        self._writing()
+        self._spill()
+        for i, seg in enumerate(self._segments):
+            if seg.name is None:  # built in memory (e.g. before the database had a path)
+                self._segments[i] = self._persist(seg)
+        self._merge_tiers()
         generation = self._generation + 1
-        for seg in self._segments:
-            if seg.name is None:
-                seg.write(self.path, f"seg-{generation:06d}-{uuid.uuid4().hex[:8]}", self.kernel)
-        removed_name = None
+        removed = None
         if self._removed.any():
-            removed_name = f"removed-{generation:06d}.npy"
-            _io.save_npy(self.path / removed_name, self._removed)
+            name = f"removed-{generation:08d}-{uuid.uuid4().hex[:8]}.npy"
+            _io.save_npy(self.path / name, self._removed)
+            removed = {"name": name, "size": (self.path / name).stat().st_size,
+                       "blake2b": _io.file_digest(self.path / name)}
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "generation": generation,
             "config": self.config.to_dict(),
-            "codebook": {"fingerprint": self.codebook.fingerprint, "k": self.codebook.size, "dim": self.codebook.dim},
-            "segments": [s.name for s in self._segments], "removed": removed_name, "id_type": self._id_type,
+            "codebook": {"fingerprint": self.codebook.fingerprint, "k": self.codebook.size, "dim": self.codebook.dim,
+                         **_file_record(self.path / "codebook.npz")},
+            "segments": [s.record() for s in self._segments], "removed": removed, "id_type": self._id_type,
             "counts": self.info(files=False)["counts"],
         }
-        on_disk = self.path / "manifest.json"
-        if on_disk.exists() and json.loads(on_disk.read_text()).get("generation") != self._generation:
-            raise ValueError(f"{self.path}: the database was saved by another writer since it was opened "
-                             f"(generation {self._generation} expected); reopen it and add the images again")
-        _io.write_json(on_disk, manifest)  # the commit point
+        if (self.path / _store.MANIFEST).exists():
+            on_disk = _store.read_manifest(self.path)["generation"]
+            if on_disk != self._generation:
+                raise ValueError(f"{self.path}: the database was saved by another writer since it was opened "
+                                 f"(generation {self._generation} expected); reopen it and add the images again")
+        _store.commit(self.path, manifest)
         self._generation = generation
-        self._collect_garbage(manifest)
-
-    def _collect_garbage(self, manifest) -> None:
-        keep = set(manifest["segments"]) | {manifest["removed"], "manifest.json", "codebook.npz"}
-        for entry in self.path.iterdir():
-            if entry.name in keep or not (entry.name.startswith(("seg-", "removed-", ".seg-"))):
-                continue
-            try:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-            except OSError as exc:  # a file still in use elsewhere: removed at a later save
-                log.debug("could not remove %s: %s", entry, exc)
+        _store.collect_garbage(self.path, manifest)
+        if not self._hold:
+            self._lock.release()
 
     def compact(self) -> None:
-        """Merge every segment (and pending images) into one, dropping removed images. Written at next ``save``."""
+        """Merge every segment (and pending images) into one, dropping removed images. Committed at next ``save``."""
         self._searchable()
-        self._merge(0)
+        if len(self._segments) > 1 or self._removed.any():
+            self._merge(0, len(self._segments))
 
-    def _merge(self, start: int) -> None:
-        """Merge ``segments[start:]`` into one unsaved segment without their removed images; images of earlier
-        segments keep their global indices."""
-        segments = self._segments[start:]
-        if not segments:
-            return
-        first_image = sum(s.num_images for s in self._segments[:start])
-        image_live = ~self._removed[first_image:]
-        item_image, offset = [], 0
-        for s in segments:
-            item_image.append(np.asarray(s.item_image, np.int64) + offset)
-            offset += s.num_images
-        item_image = np.concatenate(item_image)
-        item_live = image_live[item_image]
-        new_image = np.cumsum(image_live) - 1  # new local index of each live image
-        ids = np.concatenate([s.image_ids for s in segments])[image_live]
-        item_image_new = new_image[item_image[item_live]].astype(np.int32)
-        item_region = np.concatenate([np.asarray(s.item_region) for s in segments])[item_live].astype(np.int32)
-        item_words = np.concatenate([np.asarray(s.item_words) for s in segments])[item_live]
-        if self.kernel == "vlad":
-            vectors = np.concatenate([np.asarray(s.payload) for s in segments])[item_live]
-            merged = Segment(ids, item_image_new, item_region, item_words, None, None, vectors)
-        else:
-            new_item = np.cumsum(item_live) - 1
-            words, items, payload, first = [], [], [], 0
-            for s in segments:
-                w = np.repeat(np.arange(self.codebook.size, dtype=np.int64), np.diff(np.asarray(s.offsets)))
-                local = first + np.asarray(s.items, np.int64)
-                keep = item_live[local]
-                words.append(w[keep])
-                items.append(new_item[local[keep]].astype(np.uint32))
-                payload.append(np.asarray(s.payload)[keep])
-                first += s.num_items
-            words = np.concatenate(words)
-            order = np.argsort(words, kind="stable")
-            offsets = np.zeros(self.codebook.size + 1, np.int64)
-            np.cumsum(np.bincount(words, minlength=self.codebook.size), out=offsets[1:])
-            merged = Segment(ids, item_image_new, item_region, item_words, offsets,
-                             np.concatenate(items)[order], np.ascontiguousarray(np.concatenate(payload)[order]))
-        self._segments = self._segments[:start] + [merged]
-        self._set_removed(np.concatenate([self._removed[:first_image], np.zeros(merged.num_images, bool)]))
-        self._index = None
-        self._changed()
+    # ---- damage ------------------------------------------------------------------------------------------------
+    def check(self) -> list[dict]:
+        """Verify every file of the committed generation on disk (sizes, BLAKE2 digests, structure). Returns the
+        damaged files, ``[{"file": relative path, "problem": text}]`` (empty when healthy)."""
+        if self.path is None:
+            return []
+        return check(self.path)
 
     def info(self, files: bool = True) -> dict:
         """Counts and sizes (JSON-ready)."""
@@ -560,6 +651,7 @@ class Database:
             "counts": {"images": len(self), "images_total": self._num_images_total(),
                        "items": sum(s.num_items for s in segments), "entries": entries},
             "segments": len(self._segments),
+            "generation": self._generation,
             "bytes": nbytes,
             "bytes_per_entry": (posting / entries) if entries else None,
         }
@@ -572,10 +664,173 @@ class Database:
                 f"path={None if self.path is None else str(self.path)!r})")
 
 
-def _best_item(item_scores, item_image, image_scores, n) -> np.ndarray:
-    """Index of an item reaching each image's score (first in order), -1 for images without items."""
-    best = np.full(n, -1, np.int64)
-    hit = item_scores == image_scores[item_image]
-    idx = np.flatnonzero(hit)[::-1]  # reversed so the first item wins the assignment below
-    best[item_image[idx]] = idx
-    return best
+def check(path, digests: bool = True) -> list[dict]:
+    """Damaged files of the database at ``path`` (see :meth:`Database.check`); never raises for damage.
+    ``digests=False`` checks sizes and structure only (no full read of every file)."""
+    path = Path(path)
+    damaged: list[dict] = []
+
+    def bad(file, problem):
+        damaged.append({"file": str(Path(file).relative_to(path)) if str(file).startswith(str(path)) else str(file),
+                        "problem": problem})
+
+    try:
+        manifest = _store.read_manifest(path)
+    except DamagedError as exc:
+        bad(exc.file, exc.problem)
+        return damaged
+    book = None
+    cb = manifest["codebook"]
+    if "file" in cb:
+        _check_file(path / "codebook.npz", cb["file"], bad, digests)
+    if not damaged:
+        try:
+            book = _load_codebook(path, manifest)
+        except (ValueError, OSError) as exc:
+            bad(path / "codebook.npz", str(exc).split(": ", 1)[-1])
+    try:
+        config = DatabaseConfig.from_dict(manifest["config"])
+    except (ValueError, TypeError) as exc:
+        bad(path / _store.MANIFEST, f"bad config ({exc})")
+        return damaged
+    total = 0
+    for rec in manifest["segments"]:
+        d = path / rec["name"]
+        before = len(damaged)
+        files = rec.get("files") or {}
+        for fname in file_names(config.kernel):
+            if fname in files:
+                _check_file(d / fname, files[fname], bad, digests)
+            elif not (d / fname).is_file():
+                bad(d / fname, "missing")
+        if len(damaged) == before and book is not None:
+            try:
+                seg = Segment.read(path, rec, config.kernel, config.mode, book.size, book.dim)
+                total += seg.num_images
+            except DamagedError as exc:
+                bad(exc.file, exc.problem)
+        else:
+            total += int(rec.get("images", 0))
+    rec = manifest.get("removed")
+    if rec:
+        file = path / rec["name"]
+        before = len(damaged)
+        if "blake2b" in rec:
+            _check_file(file, rec, bad, digests)
+        if len(damaged) == before:
+            try:
+                removed = np.load(file, allow_pickle=False)
+                if removed.dtype != np.bool_ or removed.shape != (total,):
+                    bad(file, f"removal table is {removed.dtype} {removed.shape}, expected bool ({total},)")
+            except Exception as exc:
+                bad(file, f"unreadable ({str(exc).splitlines()[0][:120]})")
+    return damaged
+
+
+def repair(path, lock_timeout: float | None = 0.0) -> dict:
+    """Make a damaged database at ``path`` usable again: under the writer lock, drop every segment with a damaged
+    file (its images are lost and must be indexed again) and commit a new generation. A damaged ``manifest.json``
+    is replaced by the newest readable recent generation; a damaged removal table is reset (removed images come
+    back). Returns a JSON-ready report; ``unrepairable`` names what cannot be fixed here (e.g. the codebook)."""
+    path = Path(path)
+    report = {"path": str(path), "dropped_segments": [], "removal_table_reset": False, "unrepairable": [],
+              "damaged": []}
+    with WriterLock(path, lock_timeout, what="index"):
+        try:
+            _store.read_manifest(path)
+        except DamagedError:  # fall back on the newest readable recent generation
+            for gen in sorted((int(p.name[9:-5]) for p in path.glob("manifest-*.json")), reverse=True):
+                try:
+                    _io.write_json(path / _store.MANIFEST,
+                                   _store.read_manifest(path, f"manifest-{gen:08d}.json"))
+                    report["manifest_restored_from"] = f"manifest-{gen:08d}.json"
+                    break
+                except (ValueError, OSError):
+                    continue
+            else:
+                report["damaged"] = check(path)
+                report["unrepairable"].append("manifest.json (no readable generation left)")
+                return report
+        damage = check(path)
+        report["damaged"] = damage
+        if not damage:
+            return report
+        bad = {d["file"] for d in damage}
+        manifest = _store.read_manifest(path)
+        if "codebook.npz" in bad:
+            report["unrepairable"].append("codebook.npz (restore it from the engine folder or re-index)")
+            return report
+        removed_rec = manifest.get("removed")
+        removed = None
+        if removed_rec and removed_rec["name"] not in bad:
+            removed = np.load(path / removed_rec["name"], allow_pickle=False)
+        elif removed_rec:
+            report["removal_table_reset"] = True
+        keep, flags, pos = [], [], 0
+        for rec in manifest["segments"]:
+            n = rec.get("images")
+            if any(f.startswith(rec["name"] + "/") for f in bad):
+                report["dropped_segments"].append({"name": rec["name"], "images": n})
+            else:
+                if n is None:
+                    n = int(np.load(path / rec["name"] / "image_ids.npy", mmap_mode="r").shape[0])
+                keep.append(rec)
+                flags.append(removed[pos:pos + n] if removed is not None else np.zeros(n, bool))
+            if n is None:  # a dropped old-format segment of unknown size: the removal flags cannot be aligned
+                removed, report["removal_table_reset"] = None, bool(removed_rec)
+            pos += n or 0
+        generation = int(manifest["generation"]) + 1
+        table = np.concatenate(flags) if flags else np.zeros(0, bool)
+        new_removed = None
+        if table.any():
+            name = f"removed-{generation:08d}-{uuid.uuid4().hex[:8]}.npy"
+            _io.save_npy(path / name, table)
+            new_removed = {"name": name, "size": (path / name).stat().st_size,
+                           "blake2b": _io.file_digest(path / name)}
+        images = sum(int(r.get("images") or 0) for r in keep)
+        manifest = dict(manifest, generation=generation, segments=keep, removed=new_removed, format=FORMAT,
+                        format_version=FORMAT_VERSION,
+                        counts={"images": images - int(table.sum()), "images_total": images,
+                                "items": sum(int(r.get("items") or 0) for r in keep),
+                                "entries": sum(int(r.get("entries") or 0) for r in keep)})
+        _store.commit(path, manifest)
+        _store.collect_garbage(path, manifest)
+    return report
+
+
+def _check_file(file: Path, record: dict, bad, digests: bool = True) -> None:
+    if not file.is_file():
+        bad(file, "missing")
+        return
+    size = file.stat().st_size
+    if size != record["size"]:
+        bad(file, f"{size} bytes, the manifest says {record['size']}")
+    elif digests and _io.file_digest(file) != record["blake2b"]:
+        bad(file, "checksum mismatch (contents changed)")
+
+
+def _file_record(file: Path) -> dict:
+    return {"file": {"size": file.stat().st_size, "blake2b": _io.file_digest(file)}} if file.is_file() else {}
+
+
+def _load_codebook(path: Path, manifest: dict) -> Codebook:
+    file = path / "codebook.npz"
+    rec = manifest["codebook"].get("file")
+    if rec and file.is_file() and file.stat().st_size != rec["size"]:
+        raise DamagedError(file, f"{file.stat().st_size} bytes, the manifest says {rec['size']}")
+    try:
+        return Codebook.load(file)
+    except FileNotFoundError:
+        raise DamagedError(file, "missing") from None
+    except Exception as exc:
+        raise DamagedError(file, f"unreadable codebook ({str(exc).split(': ', 1)[-1][:160]})") from None
+
+
+def _record_bytes(rec: Aggregated) -> int:
+    return sum(a.nbytes for a in (rec.vector, rec.words, rec.descriptors, rec.bits) if a is not None)
+
+
+def _cast(name: str, value):
+    kind = _CASTS[name]
+    kind = kind if isinstance(kind, type) else {"str": str, "float": float, "bool": bool, "int": int}[kind]
+    return kind(value) if kind is not str else value

@@ -3,7 +3,7 @@
 Files of a segment directory (all plain ``.npy``):
 
 - ``image_ids.npy``   (I,) unicode  image ids of the segment, in insertion order
-- ``item_image.npy``  (M,) int32    local image index of each item
+- ``item_image.npy``  (M,) int32    local image index of each item (non-decreasing)
 - ``item_region.npy`` (M,) int32    region index of the item within its image (0 for a whole-image item)
 - ``item_words.npy``  (M,) uint32   |W_i|, visual words the item holds (ASMK kinds)
 - ASMK kinds: ``offsets.npy`` (K+1,) int64 word offsets, ``items.npy`` (E,) uint32 local item ids sorted by word,
@@ -11,20 +11,136 @@ Files of a segment directory (all plain ``.npy``):
 - VLAD: ``vectors.npy`` (M, K·D) float32
 
 An ASMK* posting entry costs 4 B (item id) + ceil(D/8) B (signature): 20 B for D = 128.
+
+Files on disk are untrusted: :meth:`Segment.read` checks sizes against the manifest record and validates every
+structural invariant the numba scans rely on (dtypes, shapes, offsets monotone and within bounds, item ids below the
+item count) before an array is used; :class:`DamagedError` names the file.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from d2r._io import fsync_dir
 
-ASMK_FILES = ("offsets", "items")
 PAYLOAD = {"asmk_star": "bits", "asmk": "residuals", "vlad": "vectors"}
+HINT = "index damaged; `d2r index check` lists the damaged files, `d2r index repair` drops them"
+
+
+class DamagedError(ValueError):
+    """A database file is missing, truncated, or does not hold what the manifest says. ``file``: its path."""
+
+    def __init__(self, file, problem: str):
+        self.file = str(file)
+        self.problem = problem
+        super().__init__(f"{file}: {problem} ({HINT})")
+
+
+def file_names(kernel: str) -> list[str]:
+    """The files of a segment of this kernel."""
+    names = ["image_ids", "item_image", "item_region", "item_words"]
+    if kernel != "vlad":
+        names += ["offsets", "items"]
+    return [f"{n}.npy" for n in names + [PAYLOAD[kernel]]]
+
+
+def expected_layout(kernel: str, num_words: int, dim: int) -> dict:
+    """file -> (dtype, trailing shape) of a segment's arrays (leading dimension free)."""
+    out = {"item_image.npy": (np.int32, ()), "item_region.npy": (np.int32, ()), "item_words.npy": (np.uint32, ())}
+    if kernel == "vlad":
+        out["vectors.npy"] = (np.float32, (num_words * dim,))
+    else:
+        out["offsets.npy"] = (np.int64, ())
+        out["items.npy"] = (np.uint32, ())
+        out[f"{PAYLOAD[kernel]}.npy"] = ((np.uint8, ((dim + 7) // 8,)) if kernel == "asmk_star"
+                                         else (np.float32, (dim,)))
+    return out
+
+
+class NpyWriter:
+    """Write one ``.npy`` of known shape and dtype in pieces (rows appended), hashing (BLAKE2b-128) as it goes.
+
+    Memory is the size of one piece; the digest equals :func:`d2r._io.file_digest` of the finished file."""
+
+    def __init__(self, path, shape, dtype):
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        self.shape = tuple(int(s) for s in shape)
+        self.rows = 0
+        self._hash = hashlib.blake2b(digest_size=16)
+        self.size = 0
+        self._f = open(self.path, "wb")
+        header = io.BytesIO()
+        np.lib.format.write_array_header_2_0(header, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                      "fortran_order": False, "shape": self.shape})
+        self._put(header.getvalue())
+
+    def _put(self, data) -> None:
+        self._f.write(data)
+        self._hash.update(data)
+        self.size += len(data)
+
+    def write(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if rows.shape[1:] != self.shape[1:]:
+            raise ValueError(f"{self.path}: rows of shape {rows.shape[1:]} for an array of {self.shape}")
+        if rows.shape[0]:
+            self._put(memoryview(rows.reshape(-1)).cast("B"))
+        self.rows += rows.shape[0]
+
+    def close(self) -> dict:
+        """Finish (fsync) and return the file's record ``{"size", "blake2b"}``."""
+        try:
+            if self.rows != (self.shape[0] if self.shape else 1):
+                raise ValueError(f"{self.path}: wrote {self.rows} rows for an array of shape {self.shape}")
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        finally:
+            self._f.close()
+        return {"size": self.size, "blake2b": self._hash.hexdigest()}
+
+
+def save_array(path, array: np.ndarray, chunk_rows: int = 1 << 16) -> dict:
+    """Write ``array`` as ``.npy`` (fsynced); return its record ``{"size", "blake2b"}``."""
+    array = np.asarray(array)
+    w = NpyWriter(path, array.shape, array.dtype)
+    if array.ndim == 0:
+        w.write(array.reshape(1))
+    for start in range(0, array.shape[0] if array.ndim else 0, chunk_rows):
+        w.write(array[start:start + chunk_rows])
+    return w.close()
+
+
+class RowReader:
+    """Rows ``[start, stop)`` of a ``.npy`` by ``pread`` (no memory map, so merges do not grow the RSS)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read(f)
+            self.offset = f.tell()
+        self.shape, self.dtype = shape, dtype
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        n = max(int(stop) - int(start), 0)
+        want = n * self.row_bytes
+        data = os.pread(self._fd, want, self.offset + int(start) * self.row_bytes) if want else b""
+        if len(data) != want:
+            raise DamagedError(self.path, f"truncated (rows {start}:{stop} missing)")
+        return np.frombuffer(data, self.dtype).reshape((n,) + tuple(self.shape[1:]))
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 @dataclass
@@ -37,6 +153,7 @@ class Segment:
     items: np.ndarray | None
     payload: np.ndarray  # bits / residuals / vectors
     name: str | None = None  # directory name once written
+    files: dict = field(default_factory=dict)  # file -> {"size", "blake2b"} once written
 
     @property
     def num_images(self) -> int:
@@ -55,11 +172,17 @@ class Segment:
         arrays += [a for a in (self.offsets, self.items) if a is not None]
         return int(sum(a.nbytes for a in arrays))
 
+    def record(self) -> dict:
+        """The manifest's entry for this (written) segment."""
+        return {"name": self.name, "images": self.num_images, "items": self.num_items,
+                "entries": self.num_entries, "bytes": self.nbytes(), "files": self.files}
+
     # ---- building ------------------------------------------------------------------------------------------
     @classmethod
     def build(cls, kernel: str, num_words: int, dim: int, image_ids, item_image, item_region, records) -> "Segment":
-        """Build from aggregated items (``records``: one :class:`~d2r.aggregate.Aggregated` per item)."""
-        image_ids = np.asarray(image_ids, dtype=str)
+        """Build from aggregated items (``records``: one :class:`~d2r.aggregate.Aggregated` per item). The pending
+        images of a database are bounded (they spill), so sorting them here is bounded too."""
+        image_ids = np.asarray(image_ids, dtype=str) if len(image_ids) else np.zeros(0, "<U1")
         item_image = np.asarray(item_image, np.int32)
         item_region = np.asarray(item_region, np.int32)
         m = len(records)
@@ -69,10 +192,10 @@ class Segment:
         item_words = np.array([r.words.shape[0] for r in records], np.uint32)
         words = np.concatenate([r.words for r in records]) if m else np.zeros(0, np.uint32)
         item_of_entry = np.repeat(np.arange(m, dtype=np.uint32), item_words.astype(np.int64))
-        field = "bits" if kernel == "asmk_star" else "descriptors"
+        field_ = "bits" if kernel == "asmk_star" else "descriptors"
         width = (dim + 7) // 8 if kernel == "asmk_star" else dim
         dtype = np.uint8 if kernel == "asmk_star" else np.float32
-        payload = (np.concatenate([getattr(r, field) for r in records]) if m else np.zeros((0, width), dtype))
+        payload = (np.concatenate([getattr(r, field_) for r in records]) if m else np.zeros((0, width), dtype))
         order = np.argsort(words, kind="stable")  # by word, items ascending within a word
         offsets = np.zeros(num_words + 1, np.int64)
         np.cumsum(np.bincount(words, minlength=num_words), out=offsets[1:])
@@ -81,52 +204,91 @@ class Segment:
 
     # ---- files ---------------------------------------------------------------------------------------------
     def write(self, root: Path, name: str, kernel: str) -> None:
-        """Write into ``root/name`` via a temporary directory renamed into place (fsynced)."""
+        """Write into ``root/name`` via a temporary directory renamed into place (fsynced); records each file's
+        size and digest in ``self.files``."""
         tmp = root / f".{name}.tmp"
         tmp.mkdir(parents=True, exist_ok=False)
         arrays = {"image_ids": self.image_ids, "item_image": self.item_image, "item_region": self.item_region,
                   "item_words": self.item_words, PAYLOAD[kernel]: self.payload}
         if self.offsets is not None:
             arrays.update(offsets=self.offsets, items=self.items)
-        for key, value in arrays.items():
-            with open(tmp / f"{key}.npy", "wb") as f:
-                np.save(f, np.ascontiguousarray(value), allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
+        files = {f"{key}.npy": save_array(tmp / f"{key}.npy", value) for key, value in arrays.items()}
         fsync_dir(tmp)
         os.replace(tmp, root / name)
         fsync_dir(root)
-        self.name = name
+        self.name, self.files = name, files
 
     @classmethod
-    def read(cls, root: Path, name: str, kernel: str, mmap: bool = True) -> "Segment":
-        d = root / name
-        mode = "r" if mmap else None
-
-        def load(key, required=True):
-            path = d / f"{key}.npy"
+    def read(cls, root: Path, record: dict, kernel: str, mode: str, num_words: int, dim: int,
+             mmap: bool = True) -> "Segment":
+        """Open a written segment, validating it against its manifest ``record`` and the database's K and D."""
+        name = record["name"]
+        d = Path(root) / name
+        files = record.get("files") or {}
+        arrays = {}
+        for fname in file_names(kernel):
+            path = d / fname
             if not path.is_file():
-                if required:
-                    raise ValueError(f"{d}: missing {key}.npy (database damaged)")
-                return None
-            return np.load(path, mmap_mode=mode, allow_pickle=False)
-
-        asmk = kernel != "vlad"
-        seg = cls(np.load(d / "image_ids.npy", allow_pickle=False), load("item_image"), load("item_region"),
-                  load("item_words"), load("offsets", asmk), load("items", asmk), load(PAYLOAD[kernel]), name)
-        seg.check(kernel, d)
+                raise DamagedError(path, "missing")
+            if fname in files and path.stat().st_size != files[fname]["size"]:
+                raise DamagedError(path, f"{path.stat().st_size} bytes, the manifest says {files[fname]['size']}")
+            try:
+                arrays[fname] = np.load(path, mmap_mode="r" if mmap and fname != "image_ids.npy" else None,
+                                        allow_pickle=False)
+            except Exception as exc:  # any unreadable header or short file
+                raise DamagedError(path, f"unreadable ({str(exc).splitlines()[0][:120]})") from None
+        p = {k[:-4]: v for k, v in arrays.items()}
+        seg = cls(p["image_ids"], p["item_image"], p["item_region"], p["item_words"], p.get("offsets"),
+                  p.get("items"), p[PAYLOAD[kernel]], name, dict(files))
+        seg.validate(d, kernel, mode, num_words, dim, record)
         return seg
 
-    def check(self, kernel: str, where) -> None:
-        m = self.num_items
-        if self.item_region.shape != (m,) or self.item_words.shape != (m,):
-            raise ValueError(f"{where}: item tables disagree in length (database damaged)")
-        if m and int(self.item_image.max()) >= self.num_images:
-            raise ValueError(f"{where}: item refers to a missing image (database damaged)")
+    def validate(self, where, kernel: str, mode: str, num_words: int, dim: int, record: dict | None = None) -> None:
+        """Check every invariant the scans rely on; raise :class:`DamagedError` naming the first bad file."""
+        where = Path(where)
+        ids = self.image_ids
+        if ids.ndim != 1 or ids.dtype.kind != "U":
+            raise DamagedError(where / "image_ids.npy", f"expected (I,) unicode, got {ids.dtype} {ids.shape}")
+        arrays = {"item_image.npy": self.item_image, "item_region.npy": self.item_region,
+                  "item_words.npy": self.item_words, f"{PAYLOAD[kernel]}.npy": self.payload}
+        if kernel != "vlad":
+            arrays.update({"offsets.npy": self.offsets, "items.npy": self.items})
+        for fname, (dtype, trailing) in expected_layout(kernel, num_words, dim).items():
+            a = arrays[fname]
+            if a.dtype != dtype or a.shape[1:] != trailing or a.ndim != 1 + len(trailing):
+                raise DamagedError(where / fname, f"expected {np.dtype(dtype)} (n, {', '.join(map(str, trailing))})"
+                                   f" got {a.dtype} {a.shape}".replace(", )", ")"))
+            if a.ndim > 1 and not a.flags.c_contiguous:
+                raise DamagedError(where / fname, "not C-ordered")
+        m, n = self.num_items, self.num_images
+        for fname in ("item_region.npy", "item_words.npy"):
+            if arrays[fname].shape[0] != m:
+                raise DamagedError(where / fname, f"{arrays[fname].shape[0]} rows for {m} items")
+        ii = np.asarray(self.item_image)
+        if m and (int(ii.min()) < 0 or int(ii.max()) >= n or np.any(np.diff(ii) < 0)):
+            raise DamagedError(where / "item_image.npy", f"image indices out of order or outside [0, {n})")
+        if mode == "aggregation" and (m != n or (m and not np.array_equal(ii, np.arange(n)))):
+            raise DamagedError(where / "item_image.npy", "aggregation mode needs exactly one item per image")
+        if m and int(np.asarray(self.item_region).min()) < 0:
+            raise DamagedError(where / "item_region.npy", "negative region index")
         if kernel == "vlad":
             if self.payload.shape[0] != m:
-                raise ValueError(f"{where}: {self.payload.shape[0]} vectors for {m} items (database damaged)")
-            return
-        e = self.items.shape[0]
-        if self.offsets[-1] != e or self.payload.shape[0] != e or int(self.item_words.sum()) != e:
-            raise ValueError(f"{where}: posting lists are inconsistent (database damaged)")
+                raise DamagedError(where / "vectors.npy", f"{self.payload.shape[0]} vectors for {m} items")
+        else:
+            off = np.asarray(self.offsets)
+            e = self.items.shape[0]
+            if off.shape != (num_words + 1,) or off[0] != 0 or off[-1] != e or np.any(np.diff(off) < 0):
+                raise DamagedError(where / "offsets.npy", f"word offsets are not monotone from 0 to {e} over "
+                                   f"K+1={num_words + 1} words")
+            if self.payload.shape[0] != e:
+                raise DamagedError(where / f"{PAYLOAD[kernel]}.npy", f"{self.payload.shape[0]} rows for {e} "
+                                   f"posting entries")
+            if e and int(np.asarray(self.items).max()) >= m:
+                raise DamagedError(where / "items.npy", f"item ids outside [0, {m})")
+            if int(np.asarray(self.item_words, np.int64).sum()) != e:
+                raise DamagedError(where / "item_words.npy", f"word counts do not add up to {e} entries")
+        if record is not None:
+            got = {"images": n, "items": m, "entries": self.num_entries}
+            for key, value in got.items():
+                if key in record and record[key] != value:
+                    raise DamagedError(where, f"holds {value} {key}, the manifest says {record[key]}")

@@ -1,0 +1,120 @@
+"""Scoring a query against a list of segments: posting-list scans (numba), normalisation, per-image maxima, top-k.
+
+Pure functions over :class:`~d2r.index.segment.Segment` lists; :class:`~d2r.index.database.Database` owns the state
+(segments, removal flags, caches) and calls these. Scores equal :func:`d2r.similarity` against every item.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from d2r.aggregate import Aggregated
+from d2r.kernels.binary import as_words64
+from d2r.kernels.ivf import document_frequency, item_weight_sums, max_per_image, scan_bits, scan_residuals
+
+EMPTY_SCORE = -1.0  # an ASMK-kind image (or region) without visual words
+
+
+class Ranking:
+    """A ranked result: ``ids`` (best first), ``scores`` (float64) and, per image, ``regions``: the region index of
+    its best-scoring item (regional search; 0 in aggregation mode). Unpacks as ``ids, scores = ranking``."""
+
+    def __init__(self, ids, scores, regions):
+        self.ids, self.scores, self.regions = ids, scores, regions
+
+    def __iter__(self):
+        return iter((self.ids, self.scores))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        head = ", ".join(f"{i}:{s:.4g}" for i, s in zip(self.ids[:5], self.scores[:5]))
+        return f"Ranking([{head}{', ...' if len(self) > 5 else ''}])"
+
+
+def document_frequencies(segments, item_live: np.ndarray, num_words: int) -> np.ndarray:
+    """(K,) int64: live items holding each word, over ``segments`` (item_live: (items,) bool, all segments)."""
+    df = np.zeros(num_words, np.int64)
+    start = 0
+    for s in segments:
+        if s.offsets is not None:
+            df += document_frequency(s.offsets, s.items, item_live[start:start + s.num_items])
+        start += s.num_items
+    return df
+
+
+def weight_sums(segments, weights: np.ndarray) -> np.ndarray:
+    """(items,) float64 Σ_{c ∈ W_i} w_c of every item (the IDF-weighted word count used to normalise)."""
+    parts = [item_weight_sums(s.offsets, s.items, weights, s.num_items) for s in segments]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def item_scores(segments, q: Aggregated, kernel: str, config, weights: np.ndarray, item_words: np.ndarray,
+                weight_sum=None) -> np.ndarray:
+    """Score of every item of ``segments`` (in order): exactly ``similarity(q, item)``.
+
+    weights: (K,) float64 idf² or empty; item_words: (items,) |W_i|; weight_sum: () -> (items,) Σ w_c (called only
+    when normalising with weights)."""
+    total = sum(s.num_items for s in segments)
+    if kernel == "vlad":
+        v = q.vector
+        return (np.concatenate([np.asarray(s.payload, np.float32) @ v for s in segments]).astype(np.float64)
+                if segments else np.zeros(0))
+    scores = np.zeros(total)
+    if q.words.shape[0] == 0:
+        scores[:] = EMPTY_SCORE
+        return scores
+    c = config
+    start = 0
+    for s in segments:
+        out = scores[start:start + s.num_items]
+        if kernel == "asmk_star":
+            scan_bits(q.words, as_words64(q.bits), s.offsets, s.items, as_words64(s.payload), q.dim, c.alpha,
+                      c.tau, c.tau_inclusive, weights, out)
+        else:
+            scan_residuals(q.words, q.descriptors, s.offsets, s.items, s.payload, c.alpha, c.tau,
+                           c.tau_inclusive, weights, out)
+        start += s.num_items
+    if c.normalize:
+        if weights.shape[0]:
+            norm = np.sqrt(weights[q.words].sum() * weight_sum())
+        else:
+            norm = np.sqrt(float(q.words.shape[0]) * item_words)
+        np.divide(scores, norm, out=scores, where=norm > 0)
+    scores[item_words == 0] = EMPTY_SCORE
+    return scores
+
+
+def image_scores(items: np.ndarray, item_image: np.ndarray, num_images: int, mode: str,
+                 removed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, best item) per image from item scores; removed images score -inf."""
+    if mode == "aggregation":  # exactly one item per image, in image order
+        scores = items.copy()
+        best = np.arange(num_images)
+    else:
+        scores = max_per_image(items, item_image, num_images, EMPTY_SCORE)
+        best = best_item(items, item_image, scores, num_images)
+    scores[removed] = -np.inf
+    return scores, best
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k best scores, best first; equal scores in index (insertion) order. Partial selection."""
+    if k <= 0:
+        return np.zeros(0, np.int64)
+    if k < scores.shape[0]:
+        kth = -np.partition(-scores, k - 1)[k - 1]
+        top = np.flatnonzero(scores >= kth)  # every tie at the cut, so insertion order decides among them
+    else:
+        top = np.arange(scores.shape[0])
+    return top[np.lexsort((top, -scores[top]))][:k]
+
+
+def best_item(item_scores, item_image, image_scores, n) -> np.ndarray:
+    """Index of an item reaching each image's score (first in order), -1 for images without items."""
+    best = np.full(n, -1, np.int64)
+    hit = item_scores == image_scores[item_image]
+    idx = np.flatnonzero(hit)[::-1]  # reversed so the first item wins the assignment below
+    best[item_image[idx]] = idx
+    return best
