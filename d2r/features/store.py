@@ -221,12 +221,22 @@ def _load_array(path: Path, key: str, mmap: bool = True) -> np.ndarray:
     return a
 
 
-def _load_ids(folder: Path, rec: dict) -> np.ndarray:
+def _load_ids(folder: Path, rec: dict) -> list[str]:
     path = _file(folder, rec["name"], "ids")
     ids = _load_array(path, "ids", mmap=False)
     if ids.shape[0] != rec["num_images"]:
         raise StoreDamagedError(f"{path}: {ids.shape[0]} ids, the manifest records {rec['num_images']}")
-    return ids
+    return _id_list(ids, path)
+
+
+def _id_list(ids: np.ndarray, path: Path) -> list[str]:
+    try:
+        out = ids.tolist()
+        for i in out:
+            i.encode("utf-8")
+    except (ValueError, UnicodeError) as exc:
+        raise StoreDamagedError(f"{path}: image ids are not valid text ({exc})") from None
+    return out
 
 
 def _load_shard(folder: Path, rec: dict, dim: int) -> Shard:
@@ -257,6 +267,7 @@ def _load_shard(folder: Path, rec: dict, dim: int) -> Shard:
     counts = np.asarray(a["counts"])
     if np.any(counts < 0):
         raise StoreDamagedError(f"{path('counts')}: negative region counts")
+    _id_list(a["ids"], path("ids"))
     csum = np.concatenate([[0], np.cumsum(counts)])
     per_image = csum[roff[1:]] - csum[roff[:-1]]
     nfeat_img = np.diff(np.asarray(a["offsets"]))
@@ -315,7 +326,7 @@ class _View:
         _check_sizes(self.folder, rec)
         skip = set(rec.get("skip", []))
         name = rec["name"]
-        for row, image_id in enumerate(_load_ids(self.folder, rec).tolist()):
+        for row, image_id in enumerate(_load_ids(self.folder, rec)):
             if row in skip:
                 continue
             if image_id in self.index:
@@ -330,7 +341,7 @@ class _View:
         for rec in new:
             self.by_name[rec["name"]] = rec
             skip = set(rec.get("skip", []))
-            for row, image_id in enumerate(_load_ids(self.folder, rec).tolist()):
+            for row, image_id in enumerate(_load_ids(self.folder, rec)):
                 if row not in skip:
                     self.index[image_id] = (rec["name"], row)
         for name in doomed:
@@ -688,10 +699,10 @@ class FeatureStore:
                 if verify:
                     _verify_digests(self.path, rec)
                     shard = _load_shard(self.path, rec, self.dim)
-                    ids = shard.ids.tolist()
+                    ids = _id_list(shard.ids, _file(self.path, rec["name"], "ids"))
                     del shard
                 else:
-                    ids = _load_ids(self.path, rec).tolist()
+                    ids = _load_ids(self.path, rec)
                 rec = dict(rec)
                 skip = set(rec.get("skip", []))
                 for row, image_id in enumerate(ids):
@@ -1031,6 +1042,7 @@ def import_shards(dest: FeatureStore, src: FeatureStore, wanted: set | None = No
     counts."""
     import shutil
 
+    dest._need_writable()
     if dest.extractor["fingerprint"] != src.extractor["fingerprint"] or dest.dim != src.dim:
         raise ValueError(f"{src.path}: features of another extractor than {dest.path}'s")
     recs = []
@@ -1045,6 +1057,8 @@ def import_shards(dest: FeatureStore, src: FeatureStore, wanted: set | None = No
             rec["files"] = {k: {"size": _file(src.path, rec["name"], k).stat().st_size,
                                 "digest": file_digest(_file(src.path, rec["name"], k))} for k in _ARRAYS}
             rec["bytes"] = int(sum(f["size"] for f in rec["files"].values()))
+        _verify_digests(src.path, rec)  # untrusted input: checked where it lies, before anything is linked
+        _load_shard(src.path, rec, src.dim)
         for key in _ARRAYS:
             a, b = _file(src.path, rec["name"], key), _file(dest.path, rec["name"], key)
             if b.exists():
@@ -1055,7 +1069,10 @@ def import_shards(dest: FeatureStore, src: FeatureStore, wanted: set | None = No
                 with atomic_path(b) as tmp:
                     shutil.copyfile(a, tmp)
         recs.append(rec)
-    return dest.commit([{"shards": recs, "failures": {}}])
+    with dest._lock:
+        out = dest._commit([{"shards": recs, "failures": {}}], verify=False)
+    dest._maybe_compact()
+    return out
 
 
 def _pack(buffer, dim: int) -> dict:
