@@ -345,6 +345,28 @@ def test_damaged_manifest(good_store, tmp_path):
         FeatureStore.open(path)
 
 
+def test_version_1_store_is_read_and_upgraded(tmp_path):
+    path = tmp_path / "s"
+    with FeatureStore.create(path, INFO) as store:
+        for i in range(5):
+            store.add(f"v{i}", feats_of(f"v{i}"))
+        store.add_failure("bad", "broken")
+    m = json.loads((path / "manifest.json").read_text())
+    v1 = {k: m[k] for k in ("format", "extractor", "dim", "num_images", "num_features")}
+    v1["version"] = 1
+    v1["shards"] = [{k: r[k] for k in ("name", "num_images", "num_features")} for r in m["shards"]]
+    (path / "manifest.json").write_text(json.dumps(v1))
+    old = FeatureStore.open(path)
+    assert old.ids() == [f"v{i}" for i in range(5)] and old.failures == {"bad": "broken"}
+    assert old.check() == []
+    with FeatureStore.open(path, mode="a") as store:  # digests recorded once, on the first write
+        store.add("v5", feats_of("v5"))
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["version"] == 2 and all("files" in r for r in m["shards"])
+    new = FeatureStore.open(path)
+    assert len(new) == 6 and new.check() == [] and new.failures == {"bad": "broken"}
+
+
 # ---- reads -------------------------------------------------------------------------------------------------------
 def test_concurrent_get_many_and_cache(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
@@ -455,6 +477,17 @@ def test_index_add_store_from_a_real_extract(tmp_path, photos, capsys):
     assert main(["index", "add", str(by_store), "--store", str(other), "--quiet"]) == 1
     assert "fingerprint" in capsys.readouterr().err
     assert main(["index", "add", str(by_store), "--quiet"]) == 2  # neither images nor --store
+    # damaged features: re-ranking names the file, info reports it, exit 1 and one line each
+    feats = json.loads((by_store / "features" / "manifest.json").read_text())["shards"][0]["name"]
+    bad = by_store / "features" / f"{feats}.offsets.npy"
+    bad.write_bytes(bad.read_bytes()[:-8])
+    with pytest.raises(StoreDamagedError, match=re.escape(str(bad))):
+        Engine.open(by_store).search(photos / "p2.jpg", top_k=3)
+    capsys.readouterr()
+    assert main(["index", "info", str(by_store), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert str(bad) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert [d["file"] for d in Engine.open(by_store).check()] == [str(bad)]
 
 
 ADDER = """

@@ -859,6 +859,10 @@ class FeatureStore:
         name = rec["name"]
         shard = self._cache.get(name)
         if shard is not None:
+            try:
+                self._cache.move_to_end(name)  # least recently used goes first
+            except KeyError:  # evicted meanwhile by another thread: still a valid shard
+                pass
             return shard
         with self._fill_lock:  # np.load header parsing is not thread-safe on CPython 3.11
             shard = self._cache.get(name)
@@ -956,7 +960,10 @@ class FeatureStore:
     def __del__(self):
         lock = getattr(self, "_writer_lock", None)
         if lock is not None and lock.held:
-            log.warning("%s: feature store not closed; unflushed images are lost", getattr(self, "path", "?"))
+            writer = getattr(self, "_writer", None)
+            if getattr(writer, "_buffer", None) is not None and writer._buffer.items:
+                log.warning("%s: feature store not closed; %d unflushed images are lost", self.path,
+                            len(writer._buffer.items))
             lock.release()
 
 
