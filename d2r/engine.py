@@ -15,6 +15,7 @@ extracts every image, trains a codebook on a sample of their descriptors, then b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -217,12 +218,38 @@ class Engine:
         return self._proposer
 
     def _feature_store(self):
+        """The feature store: the writer's while ``index`` runs, else a lock-free reader (opened once)."""
+        from d2r.features.store import FeatureStore
+
+        with self._store_lock:
+            if self._store is None:
+                if not (self.path / "features" / "manifest.json").exists():
+                    raise KeyError(f"{self.path}: the engine has no stored features yet")
+                self._store = FeatureStore.open(self.path / "features")
+            return self._store
+
+    @contextlib.contextmanager
+    def _writing(self, lock_timeout):
+        """Be the one writer of this engine: lock it (the index) and its feature store before any work, reload
+        what another writer may have saved meanwhile, release both at the end."""
+        from d2r._lock import WriterLock
         from d2r.features.store import FeatureStore, _extractor_info
 
-        if self._store is None:
-            self._store = FeatureStore.create(self.path / "features", _extractor_info(self.extractor),
-                                              shard_size=max(1, self.config.batch_size))
-        return self._store
+        with WriterLock(self.path, timeout=lock_timeout, what="index"):
+            if (self.path / "index" / "manifest.json").exists():
+                self._db = Database.open(self.path / "index")
+            self._sources = _read_json(self.path / "sources.json", {})
+            self._failures = _read_json(self.path / "failures.json", {})
+            store = FeatureStore.create(self.path / "features", _extractor_info(self.extractor),
+                                        lock_timeout=lock_timeout)
+            with self._store_lock:
+                self._store = store
+            try:
+                yield store
+            finally:
+                with self._store_lock:
+                    self._store = None
+                store.close()
 
     def __len__(self) -> int:
         return 0 if self._db is None else len(self._db)
@@ -235,6 +262,14 @@ class Engine:
                "config": self.config.to_dict()}
         if self._db is not None:
             out["index"] = self._db.info()
+        if (self.path / "features" / "manifest.json").exists():
+            from d2r.features.store import check_store
+
+            try:
+                out["store"] = self._feature_store().info()
+            except (OSError, ValueError) as exc:
+                out["store"] = {"path": str(self.path / "features"), "error": str(exc)}
+            out["store"]["damaged"] = check_store(self.path / "features", digests=False)
         return out
 
     # ---- indexing ------------------------------------------------------------------------------------------------
@@ -250,36 +285,71 @@ class Engine:
         return extract_regions(pixels, self.extractor, self.proposer, reextract=self.config.regions.reextract,
                                name=str(image))
 
-    def index(self, images, progress: bool = True, on_done=None, retry_failed: bool = False) -> IndexReport:
+    def index(self, images, progress: bool = True, on_done=None, retry_failed: bool = False,
+              lock_timeout: float | None = 0.0) -> IndexReport:
         """Index images: a folder (searched recursively), a list file, or paths / ``(image_id, path)`` pairs.
 
         Images already indexed are skipped (so an interrupted call can simply be repeated); images that cannot be
         read or described are reported in ``report.failed`` with the reason, and skipped again next time unless
-        ``retry_failed``. ``on_done(ids)`` is called after each saved batch.
+        ``retry_failed``. ``on_done(ids)`` is called after each saved batch. The engine's writer lock is taken
+        first: another writer makes this call fail at once (or wait up to ``lock_timeout`` seconds).
         """
         t0 = time.perf_counter()
         report = IndexReport()
-        pairs = self._resolve(images, report)
-        if self._db is not None:
-            self._db.lock()  # one writer per index, refused before any extraction (released at the end)
-        try:
-            return self._index(pairs, report, progress, on_done, retry_failed, t0)
-        finally:
-            if self._db is not None:
-                self._db.close()
+        with self._writing(lock_timeout) as store:
+            pairs = self._resolve(images, report)
+            todo = [(i, p) for i, p in pairs if i not in self and (retry_failed or str(p) not in self._failures)]
+            report.skipped = len(pairs) - len(todo)
+            # Phase 1: features into the store, batch by batch (flushed, so an interruption keeps them).
+            self._extract_batches([t for t in todo if t[0] not in store], store, report, progress)
+            self._index_stored(store, [i for i, _ in todo], report, progress, on_done)
+        report.seconds = time.perf_counter() - t0
+        return report
 
-    def _index(self, pairs, report, progress, on_done, retry_failed, t0) -> IndexReport:
-        store = self._feature_store()
-        todo = [(i, p) for i, p in pairs if i not in self and (retry_failed or str(p) not in self._failures)]
-        report.skipped = len(pairs) - len(todo)
-        # Phase 1: features into the store, batch by batch (flushed, so an interruption keeps them).
-        self._extract_batches([t for t in todo if t[0] not in store], store, report, progress)
+    def index_store(self, store, ids=None, progress: bool = True, on_done=None,
+                    lock_timeout: float | None = 0.0) -> IndexReport:
+        """Index features already extracted into a feature store (``d2r extract``), without re-extracting.
+
+        store: a store folder or :class:`~d2r.features.FeatureStore`; its extractor fingerprint and D must match
+        this engine's features config (else ValueError). ids: the images to index (default: all of the store).
+        The store's shards are linked (or copied) into the engine's own store, verified by checksum, then indexed
+        in saved batches like :meth:`index`; images already indexed are skipped.
+        """
+        from d2r.features.store import FeatureStore, _extractor_info, import_shards
+
+        t0 = time.perf_counter()
+        report = IndexReport()
+        src = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+        want = _extractor_info(self.extractor)
+        have = src.extractor
+        if have["fingerprint"] != want["fingerprint"] or src.dim != int(want["dim"]):
+            raise ValueError(f"{src.path}: the store holds {have.get('name')} features (fingerprint "
+                             f"{have['fingerprint']}, D={src.dim}); this engine's features config gives "
+                             f"{want['name']} (fingerprint {want['fingerprint']}, D={want['dim']})")
+        chosen = src.ids() if ids is None else [str(i) for i in ([ids] if isinstance(ids, str) else ids)]
+        missing = [i for i in chosen if i not in src]
+        if missing:
+            raise KeyError(f"{missing[0]!r} is not in the feature store {src.path} ({len(missing)} missing)")
+        regions = str(self.config.regions.proposer).lower() != "none"
+        if chosen and isinstance(src.get(chosen[0]), RegionFeatures) != regions:
+            raise ValueError(f"{src.path}: the store holds {'region' if not regions else 'whole-image'} features "
+                             f"but this engine's regions.proposer is {self.config.regions.proposer!r}")
+        with self._writing(lock_timeout) as own:
+            import_shards(own, src, set(chosen))
+            todo = [i for i in chosen if i not in self]
+            report.skipped = len(chosen) - len(todo)
+            self._index_stored(own, todo, report, progress, on_done)
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def _index_stored(self, store, todo: list, report: IndexReport, progress: bool, on_done) -> None:
+        """Phases 2 and 3 of indexing: a codebook if needed, then the stored images ``todo`` in saved batches."""
         # Phase 2: a codebook, trained on the store when none was given.
         if self._db is None:
             self._train_codebook(store, progress)
             report.codebook_trained = True
         # Phase 3: into the database, saved batch by batch; a batch is reported done once saved.
-        ready = [i for i, _ in todo if i in store and i not in self._db]
+        ready = [i for i in todo if i in store and i not in self._db]
         bar = _bar(len(ready), "indexing", progress)
         for start in range(0, len(ready), self.config.batch_size):
             batch = ready[start:start + self.config.batch_size]
@@ -296,8 +366,6 @@ class Engine:
                 on_done(batch)
         bar.close()
         self._save_tables()
-        report.seconds = time.perf_counter() - t0
-        return report
 
     def _resolve(self, images, report: IndexReport) -> list[tuple[str, Path]]:
         from d2r.features.image import IMAGE_EXTENSIONS, list_images
@@ -378,15 +446,34 @@ class Engine:
         _io.write_json(self.path / "sources.json", self._sources)
         _io.write_json(self.path / "failures.json", self._failures)
 
-    def remove(self, ids) -> int:
-        """Remove images by id (a single id or a list); returns how many were removed. Unknown ids: KeyError."""
+    def remove(self, ids, lock_timeout: float | None = 0.0) -> int:
+        """Remove images by id (a single id or a list); returns how many were removed. Unknown ids: KeyError.
+        Takes the engine's writer lock (waiting up to ``lock_timeout`` seconds)."""
+        from d2r._lock import WriterLock
+
         ids = [ids] if isinstance(ids, (str, int)) else list(dict.fromkeys(ids))
-        if self._db is None:
-            raise KeyError(f"{ids[0]!r}: the engine has no images yet")
-        for image_id in ids:
-            self._db.remove(image_id)
-        self._db.save()
+        with WriterLock(self.path, timeout=lock_timeout, what="index"):
+            if (self.path / "index" / "manifest.json").exists():
+                self._db = Database.open(self.path / "index")
+            if self._db is None:
+                raise KeyError(f"{ids[0]!r}: the engine has no images yet")
+            for image_id in ids:
+                self._db.remove(image_id)
+            self._db.save()
         return len(ids)
+
+    def check(self, digests: bool = True) -> list[dict]:
+        """Damaged files of the engine, ``[{"file", "problem"}]`` (empty: healthy): the feature store (every
+        checksum unless ``digests=False``) and the index (``Database.check()`` where the index provides it)."""
+        from d2r.features.store import check_store
+
+        damaged = []
+        if (self.path / "features").exists():
+            damaged += check_store(self.path / "features", digests=digests)
+        db_check = getattr(self._db, "check", None)
+        if callable(db_check):
+            damaged += list(db_check())
+        return damaged
 
     # ---- search --------------------------------------------------------------------------------------------------
     def search(self, image, bbox=None, top_k: int = 10, rerank: bool = True) -> list[Hit]:
@@ -420,8 +507,7 @@ class Engine:
         return hits
 
     def _stored(self, image_id):
-        with self._store_lock:
-            return self._feature_store().get(image_id)
+        return self._feature_store().get(image_id)
 
     def _whole_image_features(self, image_id) -> LocalFeatures:
         feats = self._stored(image_id)

@@ -64,7 +64,7 @@ def test_roundtrip_exact_across_shards(tmp_path, rng):
     assert shard.ids.tolist() == list(items)[3:6]
     _same(shard[0], items[list(items)[3]])
     m = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert m["version"] == 1 and m["dim"] == 8 and m["extractor"]["fingerprint"] == "abc123"
+    assert m["version"] == 2 and m["dim"] == 8 and m["extractor"]["fingerprint"] == "abc123"
     n_feat = sum(len(v.features if isinstance(v, RegionFeatures) else v) for v in items.values())
     assert m["num_features"] == n_feat
     with pytest.raises(KeyError):
@@ -263,7 +263,7 @@ def test_failed_flush_keeps_the_buffer(tmp_path, rng, monkeypatch):
     store.add("a", a)
     store.add("b", b)
     calls = {"n": 0}
-    real = store_mod.save_npy
+    real = store_mod._save_array
 
     def failing(path, array):
         calls["n"] += 1
@@ -271,12 +271,12 @@ def test_failed_flush_keeps_the_buffer(tmp_path, rng, monkeypatch):
             raise OSError("disk full")
         return real(path, array)
 
-    monkeypatch.setattr(store_mod, "save_npy", failing)
+    monkeypatch.setattr(store_mod, "_save_array", failing)
     with pytest.raises(OSError, match="disk full"):
         store.flush()
     assert len(FeatureStore.open(tmp_path / "s")) == 0  # nothing committed
     _same(store.get("a"), a)  # still buffered
-    monkeypatch.setattr(store_mod, "save_npy", real)
+    monkeypatch.setattr(store_mod, "_save_array", real)
     store.flush()
     reopened = FeatureStore.open(tmp_path / "s")
     assert sorted(reopened.ids()) == ["a", "b"]

@@ -23,7 +23,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-features", type=int, help="features per image (default 1000)")
     p.add_argument("--max-side", type=int, help="downscale images to this longer side first")
     p.add_argument("--workers", type=int, help="threads over images (default: 2 for RootSIFT, 1 for DELF)")
-    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--shard-mb", type=float, default=256.0,
+                   help="a shard is written every this many MiB of features (default 256)")
+    p.add_argument("--shard-size", type=int, help="also cap the images per shard (default: no cap)")
+    p.add_argument("--lock-timeout", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for another writer of the store to finish (default 0: fail at once)")
     p.add_argument("--retry-failed", action="store_true", help="re-attempt images listed in failures.json")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -31,7 +35,14 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    from d2r._lock import LockedError
     from d2r.features import extract_to_store, get_extractor
+
+    for flag, value in (("--shard-mb", args.shard_mb), ("--shard-size", args.shard_size),
+                        ("--lock-timeout", args.lock_timeout)):
+        if value is not None and (value < 0 or (value == 0 and flag != "--lock-timeout")):
+            print(f"d2r extract: error: {flag} must be positive, got {value}", file=sys.stderr)
+            return 2
 
     kw = {}
     if args.max_features is not None:
@@ -47,9 +58,14 @@ def run(args) -> int:
             print("d2r extract: error: --model is only for --features delf", file=sys.stderr)
             return 2
         extractor = get_extractor("rootsift", pca=args.pca, **kw)
-    summary = extract_to_store(args.images, extractor, args.out, progress=not args.quiet,
-                               workers=args.workers, shard_size=args.shard_size,
-                               retry_failed=args.retry_failed)
+    try:
+        summary = extract_to_store(args.images, extractor, args.out, progress=not args.quiet,
+                                   workers=args.workers, shard_size=args.shard_size,
+                                   shard_bytes=max(1, int(args.shard_mb * (1 << 20))),
+                                   retry_failed=args.retry_failed, lock_timeout=args.lock_timeout)
+    except LockedError as exc:
+        print(f"d2r extract: error: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     elif not args.quiet:

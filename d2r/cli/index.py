@@ -28,19 +28,24 @@ def add_parser(subparsers) -> None:
                    help="override a config option by dotted path, e.g. --set rerank.descriptor_distance=0.5")
     c.add_argument("--images", help="index this folder or list file right after creating")
     _common(c)
+    _lock_timeout(c)
     c.set_defaults(func=run_create)
 
-    a = sub.add_parser("add", help="index images (a folder, list file or paths); resumable")
+    a = sub.add_parser("add", help="index images (a folder, list file or paths) or a feature store; resumable")
     a.add_argument("path", help="engine folder")
-    a.add_argument("images", nargs="+", help="folder, list file, or image paths")
+    a.add_argument("images", nargs="*", help="folder, list file, or image paths")
+    a.add_argument("--store", help="index the features of this feature store (made by `d2r extract` with the "
+                                   "engine's features config) instead of extracting images")
     a.add_argument("--retry-failed", action="store_true", help="re-attempt images that failed before")
     _common(a)
+    _lock_timeout(a)
     a.set_defaults(func=run_add)
 
     r = sub.add_parser("remove", help="remove images by id")
     r.add_argument("path", help="engine folder")
     r.add_argument("ids", nargs="+", help="image ids (as `d2r search` prints them)")
     _common(r)
+    _lock_timeout(r)
     r.set_defaults(func=run_remove)
 
     i = sub.add_parser("info", help="counts, sizes and config")
@@ -79,6 +84,27 @@ def _common(p) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+def _lock_timeout(p) -> None:
+    p.add_argument("--lock-timeout", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for another writer of the index to finish (default 0: fail at once)")
+
+
+def _writer(run):
+    """Report another writer holding the index or store as a one-line error (exit 1)."""
+    def wrapped(args):
+        from d2r._lock import LockedError
+
+        if getattr(args, "lock_timeout", 0) is not None and args.lock_timeout < 0:
+            print(f"d2r index: error: --lock-timeout must be >= 0 seconds, got {args.lock_timeout}", file=sys.stderr)
+            return 2
+        try:
+            return run(args)
+        except LockedError as exc:
+            print(f"d2r index: error: {exc}", file=sys.stderr)
+            return 1
+    return wrapped
+
+
 def _parse_value(text: str):
     try:
         return json.loads(text)
@@ -108,9 +134,13 @@ def _index(engine, images, args) -> int:
         if not args.quiet and not args.json:
             print(f"indexed {len(ids)} image(s), saved ({len(engine)} in the index)", flush=True)
 
-    sources = images[0] if len(images) == 1 else images
-    report = engine.index(sources, progress=not args.quiet, on_done=done,
-                          retry_failed=getattr(args, "retry_failed", False))
+    if getattr(args, "store", None):
+        report = engine.index_store(args.store, progress=not args.quiet, on_done=done,
+                                    lock_timeout=args.lock_timeout)
+    else:
+        sources = images[0] if len(images) == 1 else images
+        report = engine.index(sources, progress=not args.quiet, on_done=done,
+                              retry_failed=getattr(args, "retry_failed", False), lock_timeout=args.lock_timeout)
     out = report.to_dict()
     out["images_in_index"] = len(engine)
     if args.json:
@@ -124,7 +154,7 @@ def _index(engine, images, args) -> int:
     return 1 if report.failed and not report.indexed and not report.skipped else 0
 
 
-@_locked_is_an_error
+@_writer
 def run_create(args) -> int:
     from d2r.engine import Engine
 
@@ -138,14 +168,17 @@ def run_create(args) -> int:
     return 0
 
 
-@_locked_is_an_error
+@_writer
 def run_add(args) -> int:
     from d2r.engine import Engine
 
+    if bool(args.images) == bool(args.store):
+        print("d2r index add: error: give images or --store STORE (one of them)", file=sys.stderr)
+        return 2
     return _index(Engine.open(args.path), args.images, args)
 
 
-@_locked_is_an_error
+@_writer
 def run_remove(args) -> int:
     from d2r.engine import Engine
 
@@ -155,7 +188,7 @@ def run_remove(args) -> int:
     if missing:
         print(f"d2r index remove: not in the index: {', '.join(map(str, missing))}", file=sys.stderr)
         return 1
-    engine.remove(ids)
+    engine.remove(ids, lock_timeout=args.lock_timeout)
     if args.json:
         print(json.dumps({"removed": len(ids), "images_in_index": len(engine)}))
     elif not args.quiet:
@@ -170,6 +203,7 @@ def run_info(args) -> int:
     if damage:
         return _report_damage(args, damage, "info")
     info = Engine.open(args.path).info()
+    damaged = info.get("store", {}).get("damaged", [])
     if args.json:
         print(json.dumps(info, sort_keys=True, default=str))
     else:
@@ -181,7 +215,13 @@ def run_info(args) -> int:
                   f"D={idx['codebook']['dim']} ({idx['codebook']['fingerprint']})")
             print(f"  {idx['counts']['items']} items, {idx['counts']['entries']} posting entries, "
                   f"{idx.get('bytes_on_disk', 0) / 1e6:.1f} MB on disk")
-    return 0
+        store = info.get("store")
+        if store and "images" in store:
+            print(f"  feature store: {store['images']} images in {store['shards']} shard(s), "
+                  f"{store['bytes'] / 1e6:.1f} MB")
+    for d in damaged:
+        print(f"d2r index info: damaged: {d['problem']}", file=sys.stderr)
+    return 1 if damaged else 0
 
 
 def _database_dir(path) -> Path:
