@@ -154,6 +154,7 @@ def _run_dev(bench_dev, out, cache, json_file):
 
 
 @pytest.mark.slow
+@pytest.mark.dev
 def test_bench_revisitop_dev_end_to_end(bench_dev, tmp_path):
     cache = tmp_path / "cache"
     t1, r1 = _run_dev(bench_dev, tmp_path / "run1", cache, tmp_path / "r1.json")
@@ -188,6 +189,7 @@ _GROUPS = ("sacre_coeur", "bundler_et", "strecha_fountain")
 
 
 @pytest.mark.slow
+@pytest.mark.dev
 def test_bench_gldv2_synthetic_end_to_end(bench_dev, tmp_path):
     groups = json.loads((bench_dev / "queries.json").read_text())
     by_group: dict = {}

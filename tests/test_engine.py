@@ -42,6 +42,7 @@ def _group(image_id: str) -> str:
     return Path(image_id).parts[-2] if "/" in image_id else image_id
 
 
+@pytest.mark.dev
 def test_api_create_index_search_reopen_add_remove(bench_dev, tmp_path):
     listing = _dev_subset(bench_dev, tmp_path, groups=GROUPS[:2])
     engine = Engine.create(tmp_path / "eng", _config())
@@ -71,6 +72,7 @@ def test_api_create_index_search_reopen_add_remove(bench_dev, tmp_path):
     assert gone not in Engine.open(tmp_path / "eng")
 
 
+@pytest.mark.dev
 def test_regional_search_mode_reports_boxes(bench_dev, tmp_path):
     listing = _dev_subset(bench_dev, tmp_path, groups=["ocv_box", "bundler_et"], distractors=3)
     cfg = _config(regions={"proposer": "grid", "options": {"levels": 2}, "reextract": False},
@@ -89,6 +91,7 @@ def _cli(capsys, *args):
     return code, out, err
 
 
+@pytest.mark.dev
 def test_cli_create_add_search_remove_info(bench_dev, tmp_path, capsys):
     images = bench_dev / "images"
     eng = tmp_path / "eng"
@@ -180,6 +183,7 @@ engine.index(sys.argv[2], progress=False, on_done=lambda ids: print("DONE " + " 
 """
 
 
+@pytest.mark.dev
 def test_killed_indexer_keeps_every_reported_image(bench_dev, tmp_path):
     listing = _dev_subset(bench_dev, tmp_path, groups=["sacre_coeur", "bundler_et"], distractors=10)
     engine = Engine.create(tmp_path / "eng", _config(batch_size=4))
