@@ -374,6 +374,11 @@ def train_codebook(descriptors, k: int, *, iterations: int = 20, init: str = "au
     ckpt = Path(checkpoint) if checkpoint is not None else None
     done, converged, inertia, repairs = 0, False, [], []
     counts = np.zeros(k, np.int64)
+    bar = None
+    if progress:  # shown before initialisation: k-means++ and the first step can take minutes at large K
+        from tqdm.auto import tqdm
+        bar = tqdm(total=iterations, desc=f"k-means k={k}", unit="it")
+        bar.set_postfix_str(f"initialising ({init}) on {n} descriptors")
     if ckpt is not None and ckpt.is_file():
         state = _load_checkpoint(ckpt, expect)
         centroids = state["centroids"].copy()
@@ -390,11 +395,9 @@ def train_codebook(descriptors, k: int, *, iterations: int = 20, init: str = "au
         if method == "minibatch":
             centroids = centroids.astype(np.float64)
     resumed_from = done
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=iterations, initial=min(done, iterations), desc=f"k-means k={k}", unit="it")
+    if bar is not None:
+        bar.update(min(done, iterations))
+        bar.set_postfix_str("first iteration")
     try:
         while done < iterations and not converged:
             if method == "lloyd":
