@@ -95,7 +95,11 @@ def fit_codebook(book, extractor, what: str = "codebook") -> Codebook:
     if not isinstance(book, Codebook):
         book = Codebook.load(book)
     try:
-        check_codebook(book, dim=extractor.dim, feature=extractor.name, pca_fingerprint=pca_fingerprint(extractor))
+        pca = pca_fingerprint(extractor)
+        check_codebook(book, dim=extractor.dim, feature=extractor.name, pca_fingerprint=pca)
+        if pca is None and book.metadata.get("pca_fingerprint") is not None:
+            raise ValueError(f"codebook {book.fingerprint} was trained after PCA "
+                             f"{book.metadata['pca_fingerprint']}, the features use no PCA")
     except ValueError as exc:
         raise ValueError(f"{source}: does not fit the {extractor.name} features ({exc})") from None
     return book
@@ -115,11 +119,12 @@ def check_setup(config, codebook=None):
     return extractor, book
 
 
-def check_training_size(n_descriptors: int, k: int) -> None:
-    """Refuse to train K words from fewer than K × :data:`MIN_DESCRIPTORS_PER_WORD` descriptors."""
+def check_training_size(n_descriptors: int, k: int, option: str = "--codebook-size") -> None:
+    """Refuse to train K words from fewer than K × :data:`MIN_DESCRIPTORS_PER_WORD` descriptors (ValueError
+    suggesting a smaller ``option``)."""
     need = int(k) * MIN_DESCRIPTORS_PER_WORD
     if n_descriptors < need:
         raise ValueError(
-            f"codebook.size: {n_descriptors} training descriptors are too few for K={k} words (need at least "
-            f"{need}, {MIN_DESCRIPTORS_PER_WORD} per word); index more images first, or pass a smaller "
-            f"--codebook-size (at most {max(1, n_descriptors // MIN_DESCRIPTORS_PER_WORD)})")
+            f"{n_descriptors} training descriptors are too few for K={k} words (need at least {need}, "
+            f"{MIN_DESCRIPTORS_PER_WORD} per word); add more images, or pass a smaller {option} "
+            f"(at most {max(1, n_descriptors // MIN_DESCRIPTORS_PER_WORD)})")

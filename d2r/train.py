@@ -13,6 +13,7 @@ import heapq
 import json
 import logging
 import time
+import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -148,8 +149,11 @@ def load_training_descriptors(*, store=None, images=None, descriptors=None, feat
                 raise FileNotFoundError(f"{path}: descriptor file not found")
             try:
                 arr = np.load(path, allow_pickle=False, mmap_mode="r")
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
                 raise ValueError(f"{path}: not a .npy array ({exc})") from None
+            if not isinstance(arr, np.ndarray):  # an .npz archive
+                arr.close()
+                raise ValueError(f"{path}: an .npz archive, not a .npy array")
             name = str(path)
             meta["training_source"] = str(path)
         else:

@@ -359,7 +359,7 @@ def test_cli_bad_inputs(rng, tmp_path, capsys):
                             "--size", "4"]) == 1
     assert "expected D=128" in capsys.readouterr().err
     assert cli_main(base + ["--descriptors", str(tmp_path / "d64.npy"), "--size", "101"]) == 1
-    assert "larger than the number" in capsys.readouterr().err
+    assert "too few for K=101" in capsys.readouterr().err
     assert cli_main(base + ["--descriptors", str(tmp_path / "nope.npy"), "--size", "4"]) == 1
     assert "not found" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:              # no source: argparse usage error
