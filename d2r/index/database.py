@@ -430,11 +430,9 @@ class Database:
         k = min(int(top_k), live)
         if k <= 0:
             return Ranking(self._out_ids(np.zeros(0, str)), np.zeros(0), np.zeros(0, np.int64))
-        if k < scores.shape[0]:
-            top = np.argpartition(-scores, k - 1)[:k]
-        else:
-            top = np.arange(scores.shape[0])
-        top = top[np.lexsort((top, -scores[top]))][:k]
+        from d2r.ranking import top_k_stable
+
+        top = top_k_stable(scores, k)
         regions = np.zeros(k, np.int64)
         if self.mode == "search":
             region_of = self._item_regions()
