@@ -21,7 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _cli(capsys, *argv):
-    code = d2r.cli.main([str(a) for a in argv])
+    try:
+        code = d2r.cli.main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse usage errors
+        code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -388,9 +388,10 @@ def test_cli_checkpoint_resume(rng, tmp_path, capsys):
     assert "k=12" in capsys.readouterr().err
 
 
-# ---- feature store / images (need d2r.features.store and extractors) ---------------------------------------
+# ---- feature store / images ----------------------------------------------------------------------------------
 def test_store_source(rng, tmp_path, capsys):
-    store_mod = pytest.importorskip("d2r.features.store")
+    from d2r.features import store as store_mod
+
     info = {"name": "rootsift", "config": {"pca_dim": None}, "fingerprint": "f00", "dim": 8}
     store = store_mod.FeatureStore.create(tmp_path / "store", info)
     feats = {f"img{i}": _feats(rng, n) for i, n in enumerate((50, 0, 80, 30))}
@@ -419,9 +420,8 @@ def test_store_source(rng, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_images_source(tmp_path, capsys):
-    pytest.importorskip("d2r.features.store")
-    skdata = pytest.importorskip("skimage.data")
     from PIL import Image
+    from skimage import data as skdata
 
     (tmp_path / "imgs" / "sub").mkdir(parents=True)
     Image.fromarray(skdata.astronaut()).save(tmp_path / "imgs" / "astronaut.png")

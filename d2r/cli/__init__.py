@@ -47,10 +47,7 @@ def main(argv=None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)  # usage errors: argparse prints usage + one error line
-    except SystemExit as exc:  # --help, --version (0) and usage errors (2) as a return value
-        return exc.code if isinstance(exc.code, int) else USAGE
+    args = parser.parse_args(argv)  # usage errors: argparse prints usage + one error line, SystemExit(2)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return USAGE
