@@ -65,20 +65,7 @@ def load_config(path=None, overrides: dict | None = None) -> BenchConfig:
     None values are skipped (a command-line flag that was not given). Keys under ``*.options`` may be new.
     """
     config = BenchConfig.from_file(path) if path is not None else BenchConfig()
-    data = config.to_dict()
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        parts = key.split(".")
-        node = data
-        for p in parts[:-1]:
-            if not isinstance(node.get(p), dict):
-                raise ValueError(f"override {key!r}: no section {p!r}")
-            node = node[p]
-        if parts[-1] not in node and parts[-2:-1] != ["options"]:
-            raise ValueError(f"override {key!r}: no option {parts[-1]!r}")
-        node[parts[-1]] = value
-    return BenchConfig.from_dict(data)
+    return config.override(overrides or {})
 
 
 # ---- paths and queries ---------------------------------------------------------------------------------------
@@ -174,7 +161,11 @@ class _Pipeline:
         self.progress = progress
         self.timer = _Timer()
         self.notes: dict = {}
-        self._extractor = None
+        from d2r.pipeline import check_setup
+
+        if config.codebook_images is not None and not Path(config.codebook_images).exists():
+            raise FileNotFoundError(f"codebook_images: {config.codebook_images} not found")
+        self._extractor, self._codebook = check_setup(config)  # before any image is read or folder made
 
     @property
     def extractor(self):
@@ -229,9 +220,9 @@ class _Pipeline:
     def codebook(self, db_store, db_root) -> Codebook:
         """The configured codebook file, or one trained (and cached) on ``codebook_images`` / the database."""
         c = self.config.codebook
-        if c.path is not None:
+        if self._codebook is not None:
             self.notes["codebook_trained_on"] = f"given: {c.path}"
-            return Codebook.load(c.path)
+            return self._codebook
         from d2r.train import sample_descriptors, train_codebook
 
         source = self.config.codebook_images

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +113,7 @@ class Codebook:
             with np.load(path, allow_pickle=False) as z:
                 centroids = z["centroids"]
                 header = json.loads(str(z["metadata"])) if "metadata" in z else {}
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             raise ValueError(f"{path}: not a d2r codebook ({exc})") from None
         if header.get("format") != FORMAT:
             raise ValueError(f"{path}: not a d2r codebook (format {header.get('format')!r})")

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -51,9 +52,10 @@ class FeaturesConfig(Config):
     options: dict = field(default_factory=dict)
 
     def build(self):
-        from d2r.features import get_extractor
+        """The extractor (checked: see :func:`d2r.pipeline.build_extractor`)."""
+        from d2r.pipeline import build_extractor
 
-        return get_extractor(self.name, model=self.model, pca=self.pca, **self.options)
+        return build_extractor(self)
 
 
 @dataclass
@@ -161,20 +163,32 @@ class Engine:
     def create(cls, path, config: EngineConfig | dict | None = None, codebook=None) -> "Engine":
         """A new engine in the folder ``path`` (must not hold one). ``codebook``: a :class:`Codebook` or a file;
         else ``config.codebook.path``; else one is trained on the images of the first ``index`` call."""
+        from d2r.pipeline import check_setup
+
         path = Path(path)
         if isinstance(config, dict):
             config = EngineConfig.from_dict(config)
         config = config or EngineConfig()
         if (path / "engine.json").exists():
             raise FileExistsError(f"{path}: an engine already exists here (open it instead)")
-        config.check()
-        path.mkdir(parents=True, exist_ok=True)
-        engine = cls(path, config)
-        book = codebook if codebook is not None else config.codebook.path
-        if book is not None:
-            engine._create_database(book if isinstance(book, Codebook) else Codebook.load(book))
-        _io.write_json(path / "engine.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
-                                              "config": config.to_dict()})
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"{path}: exists and is not a folder")
+        extractor, book = check_setup(config, codebook)  # everything checked before the folder exists
+        created = not path.exists()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            engine = cls(path, config)
+            engine._extractor = extractor
+            if book is not None:
+                engine._create_database(book)
+            _io.write_json(path / "engine.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
+                                                  "config": config.to_dict()})
+        except BaseException:
+            if created:
+                import shutil
+
+                shutil.rmtree(path, ignore_errors=True)
+            raise
         return engine
 
     @classmethod
@@ -183,14 +197,22 @@ class Engine:
         meta_path = path / "engine.json"
         if not meta_path.is_file():
             raise FileNotFoundError(f"{path}: no d2r engine here (engine.json missing)")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path}: not a d2r engine")
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{meta_path}: format version {meta['format_version']} is newer than this d2r")
-        engine = cls(path, EngineConfig.from_dict(meta["config"]))
-        if (path / "index" / "manifest.json").exists():
-            engine._db = Database.open(path / "index")
+        meta = _read_json(meta_path, None)
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_path}: not a d2r engine file")
+        if not isinstance(meta.get("format_version", 0), int) or meta.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{meta_path}: format version {meta.get('format_version')!r} is not one this d2r reads")
+        try:
+            config = EngineConfig.from_dict(meta.get("config"))
+        except ValueError as exc:
+            raise ValueError(f"{meta_path}: bad config: {exc}") from None
+        engine = cls(path, config)
+        manifest = path / "index" / "manifest.json"
+        if manifest.exists():
+            try:
+                engine._db = Database.open(path / "index")
+            except (KeyError, TypeError, IndexError) as exc:  # a manifest missing a key or with a wrong type
+                raise ValueError(f"{manifest}: malformed ({type(exc).__name__}: {exc})") from None
         return engine
 
     def _create_database(self, codebook: Codebook) -> None:
@@ -286,8 +308,11 @@ class Engine:
                                name=str(image))
 
     def index(self, images, progress: bool = True, on_done=None, retry_failed: bool = False,
-              lock_timeout: float | None = 0.0) -> IndexReport:
+              lock_timeout: float | None = 0.0, id_prefix: str = "") -> IndexReport:
         """Index images: a folder (searched recursively), a list file, or paths / ``(image_id, path)`` pairs.
+
+        Image ids are the canonical paths relative to the folder / list file's folder (absolute paths for single
+        files), without extension, preceded by ``id_prefix`` (to index a second folder with the same names).
 
         Images already indexed are skipped (so an interrupted call can simply be repeated); images that cannot be
         read or described are reported in ``report.failed`` with the reason, and skipped again next time unless
@@ -297,7 +322,7 @@ class Engine:
         t0 = time.perf_counter()
         report = IndexReport()
         with self._writing(lock_timeout) as store:
-            pairs = self._resolve(images, report)
+            pairs = self._resolve(images, report, id_prefix)
             todo = [(i, p) for i, p in pairs if i not in self and (retry_failed or str(p) not in self._failures)]
             report.skipped = len(pairs) - len(todo)
             # Phase 1: features into the store, batch by batch (flushed, so an interruption keeps them).
@@ -367,7 +392,7 @@ class Engine:
         bar.close()
         self._save_tables()
 
-    def _resolve(self, images, report: IndexReport) -> list[tuple[str, Path]]:
+    def _resolve(self, images, report: IndexReport, id_prefix: str = "") -> list[tuple[str, Path]]:
         from d2r.features.image import IMAGE_EXTENSIONS, list_images
 
         if isinstance(images, (str, Path)):
@@ -387,7 +412,8 @@ class Engine:
                     continue
                 pairs.extend([(image_id, p)] if image_id else list_images([p]))
         kept, seen = [], {}
-        for image_id, p in pairs:
+        # canonical paths: one file spelled two ways is one source and one entry of the failures table
+        for image_id, p in ((id_prefix + i, Path(os.path.abspath(p))) for i, p in pairs):
             source = str(Path(p).resolve())
             known = self._sources.get(image_id, seen.get(image_id))
             if known is not None and known != source:  # same id, another file: never skip or mix them up
@@ -395,6 +421,8 @@ class Engine:
                 report.failed[str(p)] = self._failures[str(p)] = reason
                 continue
             seen[image_id] = source
+            if self._failures.get(str(p), "").startswith("image id "):  # an id conflict resolved (--id-prefix)
+                del self._failures[str(p)]
             kept.append((image_id, p))
         for image_id, source in seen.items():
             self._sources.setdefault(image_id, source)
@@ -428,17 +456,15 @@ class Engine:
         bar.close()
 
     def _train_codebook(self, store, progress: bool) -> None:
+        from d2r.pipeline import check_training_size, codebook_metadata
         from d2r.train import sample_descriptors, train_codebook
 
         c = self.config.codebook
         x, _ = sample_descriptors(store, per_image=c.sample_per_image, max_total=c.max_samples, seed=c.seed,
                                   progress=progress)
-        k = min(c.size, x.shape[0])
-        if k < c.size:
-            log.warning("only %d descriptors: training %d words instead of %d", x.shape[0], k, c.size)
-        book, _ = train_codebook(x, k, iterations=c.iterations, method=c.method, seed=c.seed, progress=progress,
-                                 metadata={"feature": self.extractor.name, "trainset": str(self.path),
-                                           "feature_fingerprint": self.extractor.fingerprint()})
+        check_training_size(x.shape[0], c.size)
+        book, _ = train_codebook(x, c.size, iterations=c.iterations, method=c.method, seed=c.seed,
+                                 progress=progress, metadata=codebook_metadata(self.extractor, str(self.path)))
         book.save(self.path / "codebook.npz")
         self._create_database(book)
 
@@ -479,7 +505,7 @@ class Engine:
     def search(self, image, bbox=None, top_k: int = 10, rerank: bool = True) -> list[Hit]:
         """Search with a photo (path, array or PIL image), optionally cropped to ``bbox`` = (x1, y1, x2, y2) in
         pixels. Re-ranks the top ``config.rerank.num_to_rerank`` by geometric verification when ``rerank``.
-        A query without features returns the database in insertion order with score -1 (ASMK kinds)."""
+        A query without local features (blank, tiny, featureless) logs a warning and returns no hits."""
         from d2r.features.image import load_image
 
         if self._db is None:
@@ -488,6 +514,10 @@ class Engine:
         if bbox is not None:
             pixels = crop(pixels, bbox, name=str(image) if isinstance(image, (str, Path)) else "query")
         query = self.extractor.extract(pixels)
+        if len(query) == 0:  # nothing to match: no hits rather than the database in arbitrary order
+            log.warning("%s: the query has no local features (blank, tiny or featureless image): no results",
+                        image if isinstance(image, (str, Path)) else "query")
+            return []
         verify = rerank and self.config.rerank.num_to_rerank > 0 and len(query) > 0
         depth = max(int(top_k), self.config.rerank.num_to_rerank if verify else 0)
         ranking = self._db.search(query.descriptors, top_k=depth)
@@ -548,10 +578,20 @@ def crop(pixels: np.ndarray, bbox, name: str = "image") -> np.ndarray:
 
 
 def _read_json(path: Path, default):
+    """The JSON in ``path`` (``default`` when absent); ValueError naming the file when it is not valid JSON or
+    not of the type of ``default``."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         return default
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (corrupted?)") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg} "
+                         "(corrupted?)") from None
+    if default is not None and not isinstance(data, type(default)):
+        raise ValueError(f"{path}: expected a JSON {type(default).__name__}, got {type(data).__name__}")
+    return data
 
 
 class _NoBar:

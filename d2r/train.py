@@ -13,6 +13,7 @@ import heapq
 import json
 import logging
 import time
+import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -148,8 +149,11 @@ def load_training_descriptors(*, store=None, images=None, descriptors=None, feat
                 raise FileNotFoundError(f"{path}: descriptor file not found")
             try:
                 arr = np.load(path, allow_pickle=False, mmap_mode="r")
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
                 raise ValueError(f"{path}: not a .npy array ({exc})") from None
+            if not isinstance(arr, np.ndarray):  # an .npz archive
+                arr.close()
+                raise ValueError(f"{path}: an .npz archive, not a .npy array")
             name = str(path)
             meta["training_source"] = str(path)
         else:
@@ -388,6 +392,11 @@ def train_codebook(descriptors, k: int, *, iterations: int = 20, init: str = "au
     ckpt = Path(checkpoint) if checkpoint is not None else None
     done, converged, inertia, repairs = 0, False, [], []
     counts = np.zeros(k, np.int64)
+    bar = None
+    if progress:  # shown before initialisation: k-means++ and the first step can take minutes at large K
+        from tqdm.auto import tqdm
+        bar = tqdm(total=iterations, desc=f"k-means k={k}", unit="it")
+        bar.set_postfix_str(f"initialising ({init}) on {n} descriptors")
     if ckpt is not None and ckpt.is_file():
         state = _load_checkpoint(ckpt, expect)
         centroids = state["centroids"].copy()
@@ -404,11 +413,9 @@ def train_codebook(descriptors, k: int, *, iterations: int = 20, init: str = "au
         if method == "minibatch":
             centroids = centroids.astype(np.float64)
     resumed_from = done
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=iterations, initial=min(done, iterations), desc=f"k-means k={k}", unit="it")
+    if bar is not None:
+        bar.update(min(done, iterations))
+        bar.set_postfix_str("first iteration")
     try:
         while done < iterations and not converged:
             if method == "lloyd":

@@ -4,8 +4,8 @@ reload through from_saved_model, the TF1 hub format with the official tensor nam
 import numpy as np
 import pytest
 
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
+import tensorflow as tf  # a hard dependency: a broken install must fail, not skip
+import keras  # noqa: E402
 
 from d2r.features import PCA  # noqa: E402
 from d2r.features.delf import (  # noqa: E402

@@ -8,7 +8,7 @@ import pytest
 
 from d2r.detect import Detections, SavedModelDetector, get_proposer, normalized_to_pixels
 
-tf = pytest.importorskip("tensorflow")
+import tensorflow as tf  # a hard dependency: a broken install must fail, not skip
 
 # Normalised [ymin, xmin, ymax, xmax] boxes the test models output (fixed), for an H=50, W=64 image.
 BOXES = np.array(

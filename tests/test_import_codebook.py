@@ -11,7 +11,7 @@ from d2r.cli import main as cli_main
 from d2r.codebook import Codebook
 from d2r.codebook_import import find_clusters_variable, import_official_codebook, read_official_codebook
 
-tf = pytest.importorskip("tensorflow")
+import tensorflow as tf  # a hard dependency: a broken install must fail, not skip
 
 
 def tf1_checkpoint(tmp_path, centroids, extra=True):

@@ -8,6 +8,8 @@ import pytest
 import d2r
 from d2r.aggregate import Aggregated, Aggregator, similarity
 
+pytestmark = pytest.mark.dev  # reads shared/reference/d2r_official_vectors.json
+
 KERNEL = {"vlad": "vlad", "rvlad": "vlad", "asmk": "asmk", "rasmk": "asmk", "asmk_star": "asmk_star",
           "rasmk_star": "asmk_star"}
 

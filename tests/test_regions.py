@@ -1,6 +1,5 @@
 """Region extraction (whole image + boxes), region proposers and the region table, on real OpenCV SIFT."""
 
-import json
 import logging
 
 import cv2
@@ -63,9 +62,8 @@ class Failing:
 
 
 @pytest.fixture(scope="module")
-def photo(bench_dev):
-    names = json.loads((bench_dev / "gnd.json").read_text())["imlist"]
-    im = Image.open(bench_dev / names[0]).convert("RGB")
+def photo(bundled_photos):
+    im = Image.fromarray(bundled_photos["astronaut"])
     im.thumbnail((320, 320))
     return np.asarray(im)
 

@@ -243,6 +243,7 @@ def test_bad_files_name_the_file(tmp_path):
 
 
 # ---------------------------------------------------------------- the real dev ground truth
+@pytest.mark.dev
 def test_dev_gnd_loads_and_perfect_ranking_scores_100(bench_dev):
     g = load_gnd(bench_dev / "gnd.pkl")
     assert g.num_db == 367 and g.num_queries == 111

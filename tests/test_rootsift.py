@@ -1,4 +1,4 @@
-"""RootSIFT on real photos of the dev set, plus PCA and its official file format."""
+"""RootSIFT on real photos (shipped with scikit-image), plus PCA and its official file format."""
 
 import cv2
 import numpy as np
@@ -10,11 +10,16 @@ from d2r.features.rootsift import RootSIFTConfig, rootsift
 
 
 @pytest.fixture(scope="module")
-def photos(request):
-    bench = request.getfixturevalue("bench_dev")
-    paths = sorted((bench / "images").rglob("*.jpg"))
-    assert len(paths) > 10
-    return paths[:: max(1, len(paths) // 3)][:3]
+def photos(bundled_photos, tmp_path_factory):
+    """Three real photos written as JPEG files (the extractor reads paths as users give them)."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("photos")
+    paths = []
+    for name in ("astronaut", "chelsea", "coffee"):
+        paths.append(folder / f"{name}.jpg")
+        Image.fromarray(bundled_photos[name]).save(paths[-1], quality=92)
+    return paths
 
 
 def test_rootsift_on_real_photos(photos):

@@ -359,7 +359,7 @@ def test_cli_bad_inputs(rng, tmp_path, capsys):
                             "--size", "4"]) == 1
     assert "expected D=128" in capsys.readouterr().err
     assert cli_main(base + ["--descriptors", str(tmp_path / "d64.npy"), "--size", "101"]) == 1
-    assert "larger than the number" in capsys.readouterr().err
+    assert "too few for K=101" in capsys.readouterr().err
     assert cli_main(base + ["--descriptors", str(tmp_path / "nope.npy"), "--size", "4"]) == 1
     assert "not found" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:              # no source: argparse usage error
@@ -388,9 +388,10 @@ def test_cli_checkpoint_resume(rng, tmp_path, capsys):
     assert "k=12" in capsys.readouterr().err
 
 
-# ---- feature store / images (need d2r.features.store and extractors) ---------------------------------------
+# ---- feature store / images ----------------------------------------------------------------------------------
 def test_store_source(rng, tmp_path, capsys):
-    store_mod = pytest.importorskip("d2r.features.store")
+    from d2r.features import store as store_mod
+
     info = {"name": "rootsift", "config": {"pca_dim": None}, "fingerprint": "f00", "dim": 8}
     store = store_mod.FeatureStore.create(tmp_path / "store", info)
     feats = {f"img{i}": _feats(rng, n) for i, n in enumerate((50, 0, 80, 30))}
@@ -419,9 +420,8 @@ def test_store_source(rng, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_images_source(tmp_path, capsys):
-    pytest.importorskip("d2r.features.store")
-    skdata = pytest.importorskip("skimage.data")
     from PIL import Image
+    from skimage import data as skdata
 
     (tmp_path / "imgs" / "sub").mkdir(parents=True)
     Image.fromarray(skdata.astronaut()).save(tmp_path / "imgs" / "astronaut.png")

@@ -1,5 +1,10 @@
 """The ``d2r`` command line. Each sub-command lives in its own module of this package and defines
-``add_parser(subparsers)`` (which registers the parser and sets ``func``); exit codes: 0 ok, 1 failure, 2 usage."""
+``add_parser(subparsers)`` (which registers the parser and sets ``func``).
+
+Exit codes: 0 ok, 1 failure (one line on stderr naming the file or option and the problem), 2 usage,
+3 partial failure (some inputs failed; a summary is printed), 130 interrupted. ``--debug`` (anywhere on the
+command line) shows the traceback instead of the one-line message.
+"""
 
 from __future__ import annotations
 
@@ -9,39 +14,64 @@ import logging
 import sys
 
 import d2r
+from d2r._lock import LockedError
 
 # Sub-command modules, in the order --help lists them.
 COMMANDS: list[str] = ["demo", "index", "search", "extract", "train_codebook", "import_codebook", "bench"]
 
+OK, FAILURE, USAGE, PARTIAL = 0, 1, 2, 3
+
+
+class UsageError(ValueError):
+    """A bad combination of command-line arguments (exit 2)."""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="d2r", description="Detect-to-Retrieve instance image retrieval.")
+    parser = argparse.ArgumentParser(prog="d2r", description="Detect-to-Retrieve instance image retrieval.",
+                                     epilog="exit codes: 0 ok, 1 failure, 2 usage, 3 partial failure")
     parser.add_argument("--version", action="version", version=f"d2r {d2r.__version__}")
+    parser.add_argument("--debug", action="store_true", help="show a traceback on errors (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"d2r.cli.{name}").add_parser(sub)
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    text = " ".join(text.split()) or type(exc).__name__
+    return text
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # usage errors: argparse prints usage + one error line, SystemExit(2)
     if getattr(args, "func", None) is None:
         parser.print_help()
-        return 2
+        return USAGE
     level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if debug else level, format="%(levelname)s %(name)s: %(message)s")
+    name = " ".join(filter(None, ["d2r", args.command, getattr(args, "action", None),
+                                  getattr(args, "protocol", None)]))
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
-        print(f"d2r {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyError as exc:  # an unknown image id
-        print(f"d2r {args.command}: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
-        return 1
+    except SystemExit:
+        raise
+    except Exception as exc:
+        if debug:
+            raise
+        code = USAGE if isinstance(exc, UsageError) else FAILURE
+        expected = isinstance(exc, (ValueError, OSError, KeyError, LookupError, ImportError, LockedError))
+        prefix = "error" if expected else f"unexpected error ({type(exc).__name__})"
+        hint = "" if expected else " (rerun with --debug for the traceback)"
+        print(f"{name}: {prefix}: {_one_line(exc)}{hint}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ def _common(p) -> None:
     p.add_argument("--num-to-rerank", type=int, metavar="N", help="candidates verified (rerank.num_to_rerank)")
     p.add_argument("--top-k", type=int, metavar="N", help="search depth (default: whole database / 100)")
     p.add_argument("--workers", type=int, metavar="N", help="threads for extraction and search")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config option by dotted path, e.g. --set features.options.max_features=300")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder (metrics.json, config.yaml, index/)")
     p.add_argument("--cache", metavar="DIR", help="feature/codebook cache shared between runs (default OUT/cache)")
     p.add_argument("--json", metavar="FILE", help="also write the metrics JSON here ('-': stdout)")
@@ -94,9 +96,13 @@ def config_from_args(args):
         "verify": args.rerank, "rerank.descriptor_distance": args.rerank_distance,
         "rerank.num_to_rerank": args.num_to_rerank, "top_k": args.top_k, "workers": args.workers,
     }
-    if args.codebook is not None:
-        overrides["codebook_images"] = None
-    return load_config(args.config, overrides)
+    from d2r.config import parse_overrides
+
+    overrides.update(parse_overrides(args.set))
+    config = load_config(args.config, overrides)
+    if args.codebook is not None and config.codebook_images is not None:
+        config = config.replace(codebook_images=None)
+    return config
 
 
 def _table(result: dict, keys) -> str:

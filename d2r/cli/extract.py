@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 
 def add_parser(subparsers) -> None:
@@ -35,37 +34,33 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from d2r._lock import LockedError
-    from d2r.features import extract_to_store, get_extractor
+    from pathlib import Path
 
-    for flag, value in (("--shard-mb", args.shard_mb), ("--shard-size", args.shard_size),
-                        ("--lock-timeout", args.lock_timeout)):
-        if value is not None and (value < 0 or (value == 0 and flag != "--lock-timeout")):
-            print(f"d2r extract: error: {flag} must be positive, got {value}", file=sys.stderr)
-            return 2
+    from d2r.cli import UsageError
+    from d2r.engine import FeaturesConfig
+    from d2r.features import extract_to_store
 
-    kw = {}
-    if args.max_features is not None:
-        kw["max_features"] = args.max_features
-    if args.max_side is not None:
-        kw["max_side"] = args.max_side
-    if args.features == "delf":
-        if args.no_pca:
-            kw["use_pca"] = False
-        extractor = get_extractor("delf", model=args.model, pca=None if args.no_pca else args.pca, **kw)
-    else:
-        if args.model:
-            print("d2r extract: error: --model is only for --features delf", file=sys.stderr)
-            return 2
-        extractor = get_extractor("rootsift", pca=args.pca, **kw)
-    try:
-        summary = extract_to_store(args.images, extractor, args.out, progress=not args.quiet,
-                                   workers=args.workers, shard_size=args.shard_size,
-                                   shard_bytes=max(1, int(args.shard_mb * (1 << 20))),
-                                   retry_failed=args.retry_failed, lock_timeout=args.lock_timeout)
-    except LockedError as exc:
-        print(f"d2r extract: error: {exc}", file=sys.stderr)
-        return 1
+    if args.model and args.features != "delf":
+        raise UsageError("--model is only for --features delf")
+    if not Path(args.images).exists():
+        raise FileNotFoundError(f"--images {args.images}: no such folder or list file")
+    for flag, value in (("--max-features", args.max_features), ("--max-side", args.max_side),
+                        ("--workers", args.workers), ("--shard-size", args.shard_size)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    if args.shard_mb <= 0:
+        raise UsageError(f"--shard-mb must be positive, got {args.shard_mb}")
+    if args.lock_timeout < 0:
+        raise UsageError(f"--lock-timeout must be >= 0 seconds, got {args.lock_timeout}")
+    options = {k: v for k, v in (("max_features", args.max_features), ("max_side", args.max_side)) if v is not None}
+    if args.features == "delf" and args.no_pca:
+        options["use_pca"] = False
+    pca = None if args.no_pca else args.pca
+    extractor = FeaturesConfig(args.features, args.model, pca, options).build()  # checked before the store exists
+    summary = extract_to_store(args.images, extractor, args.out, progress=not args.quiet,
+                               workers=args.workers, shard_size=args.shard_size,
+                               shard_bytes=max(1, int(args.shard_mb * (1 << 20))),
+                               retry_failed=args.retry_failed, lock_timeout=args.lock_timeout)
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     elif not args.quiet:

@@ -27,6 +27,7 @@ def add_parser(subparsers) -> None:
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config option by dotted path, e.g. --set rerank.descriptor_distance=0.5")
     c.add_argument("--images", help="index this folder or list file right after creating")
+    c.add_argument("--id-prefix", default="", metavar="P", help="prepend P to the image ids (default none)")
     _common(c)
     _lock_timeout(c)
     c.set_defaults(func=run_create)
@@ -37,6 +38,8 @@ def add_parser(subparsers) -> None:
     a.add_argument("--store", help="index the features of this feature store (made by `d2r extract` with the "
                                    "engine's features config) instead of extracting images")
     a.add_argument("--retry-failed", action="store_true", help="re-attempt images that failed before")
+    a.add_argument("--id-prefix", default="", metavar="P",
+                   help="prepend P to the image ids (e.g. to add a second folder with the same file names)")
     _common(a)
     _lock_timeout(a)
     a.set_defaults(func=run_add)
@@ -90,46 +93,33 @@ def _lock_timeout(p) -> None:
 
 
 def _writer(run):
-    """Report another writer holding the index or store as a one-line error (exit 1)."""
+    """Check --lock-timeout before any work (another writer holding the lock is a one-line error in main)."""
     def wrapped(args):
-        from d2r._lock import LockedError
+        from d2r.cli import UsageError
 
         if getattr(args, "lock_timeout", 0) is not None and args.lock_timeout < 0:
-            print(f"d2r index: error: --lock-timeout must be >= 0 seconds, got {args.lock_timeout}", file=sys.stderr)
-            return 2
-        try:
-            return run(args)
-        except LockedError as exc:
-            print(f"d2r index: error: {exc}", file=sys.stderr)
-            return 1
+            raise UsageError(f"--lock-timeout must be >= 0 seconds, got {args.lock_timeout}")
+        return run(args)
     return wrapped
 
 
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return None if text.lower() in ("none", "null") else text
-
-
 def build_config(args):
+    """The --config file, then the flags, then the --set overrides (one parser: d2r.config.parse_overrides)."""
+    from d2r.config import parse_overrides
     from d2r.engine import EngineConfig
 
     config = EngineConfig.from_file(args.config) if args.config else EngineConfig()
-    overrides = {}
-    for flag, key in [("features", "features.name"), ("model", "features.model"), ("regions", "regions.proposer"),
-                      ("kernel", "index.kernel"), ("mode", "index.mode"), ("codebook_size", "codebook.size")]:
-        if getattr(args, flag, None) is not None:
-            overrides[key] = getattr(args, flag)
-    for item in args.set:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = _parse_value(value.strip())
-    return config.override(overrides) if overrides else config
+    overrides = {key: getattr(args, flag, None)
+                 for flag, key in [("features", "features.name"), ("model", "features.model"),
+                                   ("regions", "regions.proposer"), ("kernel", "index.kernel"),
+                                   ("mode", "index.mode"), ("codebook_size", "codebook.size")]}
+    overrides.update(parse_overrides(args.set))
+    return config.override(overrides)
 
 
 def _index(engine, images, args) -> int:
+    """Index and report; exit 0 when every image is indexed or skipped, 3 when some failed (summary printed),
+    1 when none could be indexed."""
     def done(ids):
         if not args.quiet and not args.json:
             print(f"indexed {len(ids)} image(s), saved ({len(engine)} in the index)", flush=True)
@@ -140,7 +130,8 @@ def _index(engine, images, args) -> int:
     else:
         sources = images[0] if len(images) == 1 else images
         report = engine.index(sources, progress=not args.quiet, on_done=done,
-                              retry_failed=getattr(args, "retry_failed", False), lock_timeout=args.lock_timeout)
+                              retry_failed=getattr(args, "retry_failed", False), lock_timeout=args.lock_timeout,
+                              id_prefix=args.id_prefix)
     out = report.to_dict()
     out["images_in_index"] = len(engine)
     if args.json:
@@ -151,16 +142,35 @@ def _index(engine, images, args) -> int:
         if not args.quiet:
             print(f"{out['indexed']} indexed, {out['skipped']} skipped, {len(report.failed)} failed "
                   f"in {out['seconds']:.1f} s; {len(engine)} images in {engine.path}")
-    return 1 if report.failed and not report.indexed and not report.skipped else 0
+    if not report.failed:
+        return 0
+    if not report.indexed and not report.skipped:
+        print(f"d2r index: error: none of the {len(report.failed)} image(s) could be indexed", file=sys.stderr)
+        return 1
+    print(f"d2r index: partial failure: {len(report.failed)} image(s) failed, {len(report.indexed)} indexed "
+          f"(retry them with `d2r index add {engine.path} ... --retry-failed`)", file=sys.stderr)
+    return 3
 
 
 @_writer
 def run_create(args) -> int:
+    import shutil
+    from pathlib import Path
+
     from d2r.engine import Engine
 
-    engine = Engine.create(args.path, build_config(args), codebook=args.codebook)
+    config = build_config(args)
+    if args.images and not Path(args.images).exists():
+        raise FileNotFoundError(f"--images {args.images}: no such folder or list file")
+    existed = Path(args.path).exists()
+    engine = Engine.create(args.path, config, codebook=args.codebook)  # validates everything first
     if args.images:
-        return _index(engine, [args.images], args)
+        try:
+            return _index(engine, [args.images], args)
+        except BaseException:
+            if not existed:  # a failed create leaves no folder behind (nothing was indexed there before)
+                shutil.rmtree(engine.path, ignore_errors=True)
+            raise
     if args.json:
         print(json.dumps(engine.info(), sort_keys=True))
     elif not args.quiet:
@@ -172,9 +182,10 @@ def run_create(args) -> int:
 def run_add(args) -> int:
     from d2r.engine import Engine
 
+    from d2r.cli import UsageError
+
     if bool(args.images) == bool(args.store):
-        print("d2r index add: error: give images or --store STORE (one of them)", file=sys.stderr)
-        return 2
+        raise UsageError("give images or --store STORE (one of them)")
     return _index(Engine.open(args.path), args.images, args)
 
 

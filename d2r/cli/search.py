@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 
 def add_parser(subparsers) -> None:
@@ -38,10 +39,15 @@ def run(args) -> int:
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     bbox = parse_bbox(args.bbox) if args.bbox else None
+    if not Path(args.image).is_file():
+        raise FileNotFoundError(f"{args.image}: query image not found")
     engine = Engine.open(args.index)
     t0 = time.perf_counter()
     hits = engine.search(args.image, bbox=bbox, top_k=args.top_k, rerank=not args.no_rerank)
     seconds = time.perf_counter() - t0
+    if not hits and len(engine):
+        raise ValueError(f"{args.image}: the query has no local features (blank, tiny or featureless image); "
+                         "nothing to search with")
     if args.json:
         print(json.dumps({"query": args.image, "bbox": bbox, "seconds": round(seconds, 4),
                           "hits": [h.to_dict() for h in hits]}))

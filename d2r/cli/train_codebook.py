@@ -69,24 +69,31 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    from d2r.cli import UsageError
+    from d2r.pipeline import check_training_size
+
     if args.size < 1:
-        raise ValueError(f"--size must be positive, got {args.size}")
+        raise UsageError(f"--size must be positive, got {args.size}")
     if args.model is not None and args.features != "delf":
-        raise ValueError("--model is only used with --features delf")
+        raise UsageError("--model is only used with --features delf")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
+    for flag, value in (("--store", args.store), ("--images", args.images), ("--descriptors", args.descriptors),
+                        ("--checkpoint", Path(args.checkpoint).parent if args.checkpoint else None)):
+        if value is not None and not Path(value).exists():
+            raise FileNotFoundError(f"{flag} {value}: not found")
     if args.ray is not None:
         if args.method != "lloyd":
-            raise ValueError(f"--ray runs --method lloyd, not {args.method!r}")
+            raise UsageError(f"--ray runs --method lloyd, not {args.method!r}")
         from d2r.distributed import import_ray
 
-        try:
-            import_ray()  # the extra is installed, before any work
-        except ImportError as exc:
-            raise ValueError(str(exc)) from None
+        import_ray()  # the extra is installed, before any work (ImportError: a one-line message)
     progress = not args.quiet
     x, meta = load_training_descriptors(
         store=args.store, images=args.images, descriptors=args.descriptors, feature=args.features,
         model=args.model, pca=args.pca, dim=_expected_dim(args), per_image=args.sample_per_image,
         max_total=args.max_samples, seed=args.seed, progress=progress)
+    check_training_size(x.shape[0], args.size, "--size")
     if args.trainset:
         meta["trainset"] = args.trainset
     log.info("training K=%d on %d descriptors of D=%d", args.size, x.shape[0], x.shape[1])

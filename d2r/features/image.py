@@ -228,11 +228,17 @@ def list_images(source, extensions=IMAGE_EXTENSIONS) -> list[tuple[str, Path]]:
 
 
 def _image_id(path: Path, root: Path | None) -> str:
+    """Canonical id: the absolute, normalised path relative to ``root`` (so ``./a/../a/x.jpg`` and ``a/x.jpg``
+    are one image), or the absolute path when there is no root or the file lies outside it; no extension."""
+    path = Path(os.path.abspath(path))
+    rel = path
     if root is not None:
+        root = Path(os.path.abspath(root))
         try:
             rel = path.relative_to(root)
         except ValueError:
-            rel = path
-    else:
-        rel = path
+            try:  # reached through a symbolic link of the root (or of a folder above it)
+                rel = path.resolve().relative_to(root.resolve())
+            except ValueError:
+                rel = path
     return rel.with_suffix("").as_posix()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from d2r.aggregate import Aggregated
+from d2r.ranking import top_k_stable as top_k  # noqa: F401  (best first, ties in insertion order)
 from d2r.kernels.binary import as_words64
 from d2r.kernels.ivf import document_frequency, item_weight_sums, max_per_image, scan_bits, scan_residuals
 
@@ -97,18 +98,6 @@ def image_scores(items: np.ndarray, item_image: np.ndarray, num_images: int, mod
         best = best_item(items, item_image, scores, num_images)
     scores[removed] = -np.inf
     return scores, best
-
-
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k best scores, best first; equal scores in index (insertion) order. Partial selection."""
-    if k <= 0:
-        return np.zeros(0, np.int64)
-    if k < scores.shape[0]:
-        kth = -np.partition(-scores, k - 1)[k - 1]
-        top = np.flatnonzero(scores >= kth)  # every tie at the cut, so insertion order decides among them
-    else:
-        top = np.arange(scores.shape[0])
-    return top[np.lexsort((top, -scores[top]))][:k]
 
 
 def best_item(item_scores, item_image, image_scores, n) -> np.ndarray:

@@ -1,0 +1,231 @@
+"""A bad-input corpus per command: one line on stderr naming the file or option, the right exit code (1 failure,
+2 usage, 3 partial), no traceback, no folder left behind, nothing already indexed lost."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import d2r
+import d2r.cli
+from d2r.engine import Engine
+from tests.corpus import textured
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(capsys, *argv):
+    try:
+        code = d2r.cli.main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse usage errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(code, err, expected_code, *needles):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == expected_code, err
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        Image.fromarray(textured(rng, 240, 320)).save(folder / f"im{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def books(tmp_path_factory):
+    """Codebooks that do not fit RootSIFT, and a truncated one."""
+    folder = tmp_path_factory.mktemp("books")
+    rng = np.random.default_rng(4)
+    d2r.Codebook(rng.random((16, 64), np.float32), {"feature": "rootsift"}).save(folder / "d64.npz")
+    d2r.Codebook(rng.random((16, 128), np.float32), {"feature": "delf"}).save(folder / "delf.npz")
+    d2r.Codebook(rng.random((16, 128), np.float32), {"feature": "rootsift", "pca_fingerprint": "0badc0de"}).save(
+        folder / "pca.npz")
+    good = folder / "good.npz"
+    d2r.Codebook(rng.random((16, 128), np.float32), {"feature": "rootsift"}).save(good)
+    (folder / "truncated.npz").write_bytes(good.read_bytes()[:200])
+    (folder / "bad.yaml").write_text("index:\n  kernel: [asmk\n")
+    (folder / "typo.yaml").write_text("features:\n  options:\n    max_featres: 300\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engine_dir(photos, tmp_path_factory):
+    path = tmp_path_factory.mktemp("eng") / "engine"
+    code = d2r.cli.main(["index", "create", str(path), "--codebook-size", "16", "--set", "codebook.iterations=3",
+                         "--set", "features.options.max_features=200", "--images", str(photos), "--quiet"])
+    assert code == 0
+    return path
+
+
+def _create_cases(photos, books, tmp):
+    """(argv after `index create DIR`, exit code, words the message must hold)."""
+    return [
+        (["--codebook", books / "truncated.npz"], 1, ["truncated.npz", "not a d2r codebook"]),
+        (["--codebook", books / "missing.npz"], 1, ["missing.npz", "not found"]),
+        (["--codebook", books / "d64.npz"], 1, ["d64.npz", "D=64"]),
+        (["--codebook", books / "delf.npz"], 1, ["delf.npz", "'delf'"]),
+        (["--codebook", books / "pca.npz"], 1, ["pca.npz", "PCA"]),
+        (["--config", books / "bad.yaml"], 1, ["bad.yaml", "invalid YAML", "line"]),
+        (["--config", books / "typo.yaml"], 1, ["features.options.max_featres", "unknown option"]),
+        (["--config", books / "none.yaml"], 1, ["none.yaml", "not found"]),
+        (["--set", "rerank.descriptor_distance=abc"], 1, ["rerank.descriptor_distance", "expected a number"]),
+        (["--set", "index.kernl=asmk"], 1, ["index.kernl", "no option"]),
+        (["--set", "nosection.x=1"], 1, ["nosection.x", "no section"]),
+        (["--set", "batch_size"], 1, ["--set", "KEY=VALUE"]),
+        (["--set", "features.options.max_featres=3"], 1, ["features.options.max_featres", "unknown option"]),
+        (["--set", "features.options.max_features=many"], 1, ["features.options.max_features", "integer"]),
+        (["--set", "batch_size=0"], 1, ["batch_size", "positive"]),
+        (["--regions", "foo", "--images", photos], 1, ["regions.proposer", "'foo'"]),
+        (["--features", "delf", "--model", tmp / "no-model", "--images", photos], 1, ["features.model", "no-model"]),
+        (["--features", "delf"], 1, ["features.model", "SavedModel"]),
+        (["--model", tmp], 1, ["features.model", "rootsift takes no model"]),
+        (["--images", tmp / "no-photos"], 1, ["--images", "no-photos"]),
+        (["--codebook-size", "100000", "--images", photos], 1, ["too few for K=100000", "--codebook-size"]),
+        (["--kernel", "bogus"], 2, ["--kernel"]),
+    ]
+
+
+def test_index_create_bad_inputs_leave_no_folder(photos, books, tmp_path, capsys):
+    for i, (extra, want, needles) in enumerate(_create_cases(photos, books, tmp_path)):
+        target = tmp_path / f"eng{i}"
+        code, _, err = _cli(capsys, "index", "create", target, "--quiet", *extra)
+        if want == 2:  # argparse: usage line + error line
+            assert code == 2 and "Traceback" not in err and all(n in err for n in needles), err
+        else:
+            _one_line_error(code, err, want, *needles)
+        assert not target.exists(), (extra, sorted(p.name for p in target.iterdir()))
+    # the failed creates left nothing that blocks the right one
+    code, _, err = _cli(capsys, "index", "create", tmp_path / "eng0", "--codebook", books / "good.npz", "--quiet")
+    assert code == 0, err
+
+
+def test_debug_shows_the_traceback(books, tmp_path):
+    with pytest.raises(ValueError, match="truncated.npz"):
+        d2r.cli.main(["index", "create", str(tmp_path / "e"), "--codebook", str(books / "truncated.npz"), "--debug"])
+    assert not (tmp_path / "e").exists()
+
+
+def test_index_add_search_info_remove_bad_inputs(engine_dir, photos, tmp_path, capsys):
+    work = tmp_path / "engine"
+    shutil.copytree(engine_dir, work)
+    before = len(Engine.open(work))
+    assert before == 4
+    # bad arguments: nothing indexed is lost
+    code, _, err = _cli(capsys, "index", "add", work, tmp_path / "no-such-folder", "--quiet")
+    _one_line_error(code, err, 1, "no-such-folder")
+    code, _, err = _cli(capsys, "index", "remove", work, "nope")
+    _one_line_error(code, err, 1, "nope", "not in the index")
+    code, _, err = _cli(capsys, "search", tmp_path / "missing.jpg", "--index", work)
+    _one_line_error(code, err, 1, "missing.jpg")
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / "blank.png")
+    code, out, err = _cli(capsys, "search", tmp_path / "blank.png", "--index", work, "--json")
+    _one_line_error(code, err, 1, "blank.png", "no local features")
+    assert out == ""
+    code, _, err = _cli(capsys, "search", photos / "im0.png", "--index", work, "--top-k", "0")
+    _one_line_error(code, err, 1, "--top-k")
+    code, _, err = _cli(capsys, "search", photos / "im0.png", "--index", work, "--bbox", "1,2")
+    _one_line_error(code, err, 1, "--bbox")
+    # a partial failure: exit 3 and a summary; the good image is indexed
+    extra = tmp_path / "more"
+    extra.mkdir()
+    Image.fromarray(textured(np.random.default_rng(9), 240, 320)).save(extra / "good.png")
+    (extra / "broken.jpg").write_bytes(b"not a jpeg")
+    code, _, err = _cli(capsys, "index", "add", work, extra, "--quiet")
+    assert code == 3 and "broken.jpg" in err and "partial failure: 1 image(s) failed, 1 indexed" in err
+    assert "Traceback" not in err
+    assert len(Engine.open(work)) == before + 1
+    # corrupt bookkeeping files: one line naming the file, for every command that opens the engine
+    for name, content in [("engine.json", "{not json"), ("sources.json", "[1, 2"), ("failures.json", "\x00\x01"),
+                          ("engine.json", json.dumps({"format": "d2r-engine", "config": {"index": {"kernl": 1}}}))]:
+        broken = tmp_path / f"broken-{name}"
+        shutil.copytree(work, broken, dirs_exist_ok=True)
+        (broken / name).write_text(content)
+        for argv in (["index", "info", broken], ["index", "add", broken, extra, "--quiet"],
+                     ["index", "remove", broken, "good"], ["search", photos / "im0.png", "--index", broken]):
+            code, _, err = _cli(capsys, *argv)
+            _one_line_error(code, err, 1, name)
+    # a manifest missing a key names the manifest
+    broken = tmp_path / "broken-manifest"
+    shutil.copytree(work, broken)
+    manifest = json.loads((broken / "index" / "manifest.json").read_text())
+    del manifest["codebook"]
+    (broken / "index" / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = _cli(capsys, "index", "info", broken)
+    _one_line_error(code, err, 1, "manifest.json")
+    # after all that, the engine still holds every image
+    assert len(Engine.open(work)) == before + 1
+
+
+def test_extract_train_import_bench_bad_inputs(photos, books, tmp_path, capsys):
+    store = tmp_path / "store"
+    cases = [
+        (["extract", "--images", tmp_path / "none", "--features", "rootsift", "--out", store], 1, ["none"]),
+        (["extract", "--images", photos, "--features", "rootsift", "--model", tmp_path, "--out", store], 2,
+         ["--model"]),
+        (["extract", "--images", photos, "--features", "rootsift", "--max-features", "0", "--out", store], 2,
+         ["--max-features"]),
+        (["extract", "--images", photos, "--features", "delf", "--model", tmp_path / "m", "--out", store], 1,
+         ["features.model"]),
+        (["train-codebook", "--descriptors", books / "truncated.npz", "--size", "4", "--out", tmp_path / "o.npz"], 1,
+         ["truncated.npz"]),
+        (["train-codebook", "--store", tmp_path / "nostore", "--size", "4", "--out", tmp_path / "o.npz"], 1,
+         ["nostore"]),
+        (["train-codebook", "--images", photos, "--size", "4", "--out", tmp_path / "nodir" / "o.npz"], 1,
+         ["nodir"]),
+        (["import-codebook", tmp_path / "no-ckpt", "--out", tmp_path / "o.npz"], 1, ["no-ckpt"]),
+        (["bench", "revisitop", "--gnd", tmp_path / "gnd.pkl", "--images-root", photos, "--out", tmp_path / "run"],
+         1, ["gnd.pkl"]),
+        (["bench", "revisitop", "--gnd", tmp_path / "gnd.pkl", "--images-root", photos, "--out", tmp_path / "run",
+          "--config", books / "bad.yaml"], 1, ["bad.yaml", "invalid YAML"]),
+        (["bench", "revisitop", "--gnd", tmp_path / "gnd.pkl", "--images-root", photos, "--out", tmp_path / "run",
+          "--set", "rerank.descriptor_distance=abc"], 1, ["rerank.descriptor_distance"]),
+    ]
+    for argv, want, needles in cases:
+        code, _, err = _cli(capsys, *argv)
+        if want == 2:
+            assert code == 2 and "Traceback" not in err and all(n in err for n in needles), (argv, err)
+        else:
+            _one_line_error(code, err, want, *needles)
+    assert not store.exists() and not (tmp_path / "run").exists() and not (tmp_path / "o.npz").exists()
+
+
+def test_bench_validates_before_touching_images(photos, books, tmp_path, capsys):
+    """A real ground truth and a codebook that does not fit: refused before the cache or run folder exists."""
+    import pickle
+
+    gnd = tmp_path / "gnd.pkl"
+    gnd.write_bytes(pickle.dumps({"imlist": ["im0.png", "im1.png"], "qimlist": ["im0.png"],
+                                  "gnd": [{"easy": [1], "hard": [], "junk": [], "bbx": None}]}))
+    for extra, needles in [(["--codebook", books / "d64.npz"], ["d64.npz", "D=64"]),
+                           (["--detector", "foo"], ["regions.proposer"]),
+                           (["--set", "features.options.max_featres=1"], ["max_featres"])]:
+        code, _, err = _cli(capsys, "bench", "revisitop", "--gnd", gnd, "--images-root", photos,
+                            "--out", tmp_path / "run", "--quiet", *extra)
+        _one_line_error(code, err, 1, *needles)
+        assert not (tmp_path / "run").exists()
+
+
+def test_subprocess_prints_one_line_and_debug_prints_a_traceback(books, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    argv = [sys.executable, "-m", "d2r", "index", "create", str(tmp_path / "e"), "--config", str(books / "bad.yaml")]
+    run = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 1 and run.stderr.count("\n") == 1 and "bad.yaml" in run.stderr, run.stderr
+    run = subprocess.run(argv + ["--debug"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 1 and "Traceback" in run.stderr
+    assert not (tmp_path / "e").exists()
