@@ -217,7 +217,7 @@ def side_d2r(args, work):
         book = Codebook(make_codebook(args.seed, args.k, pc))
     else:
         book = Codebook(np.load(work / "centroids.npy"))
-    db_args = dict(kernel="asmk_star", tau_inclusive=True, num_assignments=1, query_num_assignments=5,
+    db_args = dict(kernel="asmk_star", tau_inclusive=True, num_assignments=1, query_num_assignments=args.query_ma,
                    normalize=True, idf=args.idf)
     res["rss_setup_mb"] = memory_mb("VmRSS")
     if args.mode == "full":
@@ -233,7 +233,8 @@ def side_d2r(args, work):
         info = db.info(files=False)  # builds the posting lists of the added images (done lazily otherwise)
         build += time.perf_counter() - t
         res["build_ms_per_image"] = build / args.images * 1e3
-        queries = [query_descriptors(args.seed, j, args.images, args.descriptors, pc) for j in range(args.queries)]
+        queries = [query_descriptors(args.seed, j, args.images, args.query_descriptors, pc)
+                   for j in range(args.queries)]
     else:
         t = time.perf_counter()
         n = args.images
@@ -252,7 +253,7 @@ def side_d2r(args, work):
     res["rss_built_mb"] = memory_mb("VmRSS")
     reset_peak()
 
-    agg = Aggregator(book, "asmk_star", 5)
+    agg = Aggregator(book, "asmk_star", args.query_ma)
     prepared = queries if args.mode != "full" else None
     db.search(queries[0] if prepared else agg(queries[0]), TOP_K)  # warm-up: numba, caches
     t_prep, t_scan, ids, scores, qwords = [], [], [], [], []
@@ -288,7 +289,7 @@ def side_asmk(args, work):
     params = {
         "build_ivf": {"kernel": {"binary": True}, "ivf": {"use_idf": args.idf},
                       "quantize": {"multiple_assignment": 1}, "aggregate": {}},
-        "query_ivf": {"quantize": {"multiple_assignment": 5}, "aggregate": {}, "search": {"topk": TOP_K},
+        "query_ivf": {"quantize": {"multiple_assignment": args.query_ma}, "aggregate": {}, "search": {"topk": TOP_K},
                       "similarity": {"similarity_threshold": 0.0, "alpha": 3.0}},
     }
     method = asmk_method.ASMKMethod(params, {}, codebook=cdb)
@@ -311,7 +312,8 @@ def side_asmk(args, work):
         build += time.perf_counter() - t
         res["build_ms_per_image"] = build / args.images * 1e3
         ivf = method.inverted_file
-        queries = [query_descriptors(args.seed, j, args.images, args.descriptors, pc) for j in range(args.queries)]
+        queries = [query_descriptors(args.seed, j, args.images, args.query_descriptors, pc)
+                   for j in range(args.queries)]
     else:
         t = time.perf_counter()
         offsets = np.load(work / "offsets.npy")
@@ -351,7 +353,7 @@ def side_asmk(args, work):
         return kern.similarity(*x, **sim)
 
     def prepare(x):
-        quantized = cdb.quantize(x, multiple_assignment=5)
+        quantized = cdb.quantize(x, multiple_assignment=args.query_ma)
         return kern.aggregate_image(*quantized)
 
     prepared = args.mode != "full"
@@ -418,6 +420,9 @@ def main(argv=None):
     p.add_argument("--k", type=int, default=4096)
     p.add_argument("--queries", type=int, default=20)
     p.add_argument("--descriptors", type=int, default=1000, help="descriptors per image (full mode)")
+    p.add_argument("--query-descriptors", type=int, default=None,
+                   help="descriptors per query (full mode; default: --descriptors)")
+    p.add_argument("--query-ma", type=int, default=5, help="query multiple assignment, both libraries (default 5)")
     p.add_argument("--words-per-image", type=int, default=1000, help="distinct words per image (synthetic-index)")
     p.add_argument("--query-words", type=int, default=3000, help="distinct words per query (synthetic-index)")
     p.add_argument("--chunk", type=int, default=200, help="images generated and added at once (full mode)")
@@ -433,6 +438,8 @@ def main(argv=None):
     p.add_argument("--work", help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
+    if args.query_descriptors is None:
+        args.query_descriptors = args.descriptors
 
     if args.side:  # child process: one library
         work = Path(args.work)
@@ -450,7 +457,8 @@ def main(argv=None):
               "with --sides d2r", file=sys.stderr)
         return 2
     summary = {"mode": args.mode, "images": args.images, "k": args.k, "queries": args.queries,
-               "threads": args.threads, "idf": args.idf}
+               "threads": args.threads, "idf": args.idf, "query_ma": args.query_ma,
+               "descriptors": args.descriptors, "query_descriptors": args.query_descriptors}
     with tempfile.TemporaryDirectory(prefix="bench_database_", dir=args.workdir) as tmp:
         work = Path(tmp)
         if args.mode == "synthetic-index":
@@ -493,7 +501,8 @@ def _strip(argv, flags, options):
 
 def print_table(summary, sides):
     print(f"mode={summary['mode']} images={summary['images']} K={summary['k']} queries={summary['queries']} "
-          f"threads={summary['threads']} idf={summary['idf']}")
+          f"threads={summary['threads']} idf={summary['idf']} query_ma={summary['query_ma']} "
+          f"descriptors={summary['descriptors']} query_descriptors={summary['query_descriptors']}")
     if "data" in summary:
         d = summary["data"]
         print(f"synthetic index: {d['entries']} entries, {d['words_per_image']:.1f} words/image, "

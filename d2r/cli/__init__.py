@@ -11,7 +11,7 @@ import sys
 import d2r
 
 # Sub-command modules, in the order --help lists them.
-COMMANDS: list[str] = ["demo", "index", "search", "extract", "train_codebook", "import_codebook", "bench"]
+COMMANDS: list[str] = ["demo", "index", "search", "extract", "train_codebook", "import_codebook", "bench", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:
