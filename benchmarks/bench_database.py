@@ -262,20 +262,25 @@ def side_d2r(args, work):
     prepared = args.mode != "full" and not args.raw_queries
     db.search(queries[0] if prepared else agg(queries[0]), TOP_K)  # warm-up: numba, caches
     t_prep, t_scan, ids, scores, qwords = [], [], [], [], []
+    t_total = []
     for q in queries:
-        t = time.perf_counter()
-        a = q if prepared else agg(q)
-        t1 = time.perf_counter()
-        r = db.search(a, TOP_K)
-        t2 = time.perf_counter()
-        t_prep.append(t1 - t)
-        t_scan.append(t2 - t1)
+        best = (np.inf, np.inf, np.inf)
+        for _ in range(args.repeat):  # best of --repeat per query: CPU cost, not time slices lost to other jobs
+            t = time.perf_counter()
+            a = q if prepared else agg(q)
+            t1 = time.perf_counter()
+            r = db.search(a, TOP_K)
+            t2 = time.perf_counter()
+            best = tuple(min(b, v) for b, v in zip(best, (t1 - t, t2 - t1, t2 - t)))
+        t_prep.append(best[0])
+        t_scan.append(best[1])
+        t_total.append(best[2])
         ids.append(np.asarray(r.ids, np.int64).tolist())
         scores.append(np.asarray(r.scores, np.float64).tolist())
         qwords.append(len(a.words))
     res["query_prepare"] = summarize(t_prep)
     res["query_scan"] = summarize(t_scan)
-    res["query_total"] = summarize(np.add(t_prep, t_scan))
+    res["query_total"] = summarize(t_total)
     res["query_words"] = float(np.mean(qwords))
     res["peak_query_mb"] = memory_mb("VmHWM")
     res["ids"], res["scores"] = ids, scores
@@ -370,20 +375,25 @@ def side_asmk(args, work):
     first = queries[0] if prepared else prepare(queries[0])
     ivf.search(*first, similarity_func=similarity_func, topk=TOP_K)  # warm-up
     t_prep, t_scan, ids, scores, qwords = [], [], [], [], []
+    t_total = []
     for q in queries:
-        t = time.perf_counter()
-        a = q if prepared else prepare(q)
-        t1 = time.perf_counter()
-        ranks, sc = ivf.search(*a, similarity_func=similarity_func, topk=TOP_K)
-        t2 = time.perf_counter()
-        t_prep.append(t1 - t)
-        t_scan.append(t2 - t1)
+        best = (np.inf, np.inf, np.inf)
+        for _ in range(args.repeat):
+            t = time.perf_counter()
+            a = q if prepared else prepare(q)
+            t1 = time.perf_counter()
+            ranks, sc = ivf.search(*a, similarity_func=similarity_func, topk=TOP_K)
+            t2 = time.perf_counter()
+            best = tuple(min(b, v) for b, v in zip(best, (t1 - t, t2 - t1, t2 - t)))
+        t_prep.append(best[0])
+        t_scan.append(best[1])
+        t_total.append(best[2])
         ids.append(np.asarray(ranks, np.int64).tolist())
         scores.append(np.asarray(sc, np.float64).tolist())
         qwords.append(len(a[1]))
     res["query_prepare"] = summarize(t_prep)
     res["query_scan"] = summarize(t_scan)
-    res["query_total"] = summarize(np.add(t_prep, t_scan))
+    res["query_total"] = summarize(t_total)
     res["query_words"] = float(np.mean(qwords))
     res["peak_query_mb"] = memory_mb("VmHWM")
     res["ids"], res["scores"] = ids, scores
@@ -438,6 +448,8 @@ def main(argv=None):
     p.add_argument("--raw-queries", action="store_true",
                    help="synthetic-index: queries are raw descriptors (--query-descriptors of them), so the query "
                         "time is end to end: assignment + aggregation + scan + top-k")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="time each query this many times and keep its best (both libraries; default 1)")
     p.add_argument("--chunk", type=int, default=200, help="images generated and added at once (full mode)")
     p.add_argument("--idf", action="store_true", help="idf² word weights in both libraries")
     p.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP/numba threads per library")
@@ -472,7 +484,7 @@ def main(argv=None):
     summary = {"mode": args.mode, "images": args.images, "k": args.k, "queries": args.queries,
                "threads": args.threads, "idf": args.idf, "query_ma": args.query_ma,
                "descriptors": args.descriptors, "query_descriptors": args.query_descriptors,
-               "raw_queries": args.raw_queries}
+               "raw_queries": args.raw_queries, "repeat": args.repeat}
     with tempfile.TemporaryDirectory(prefix="bench_database_", dir=args.workdir) as tmp:
         work = Path(tmp)
         if args.mode == "synthetic-index":
