@@ -1,10 +1,13 @@
 """Core kernel speed: assignment, aggregation and similarity, d2r vs plain numpy, K = 65,536, D = 128.
 
     python benchmarks/bench_core.py [--images 20] [--k 65536] [--json]
+    python benchmarks/bench_core.py --assign-grid [--threads 2] [--m 1 5]
 
 Prints ms per image for assignment (and for the distance GEMM alone, the floor), ms per image for ASMK* and
 R-ASMK* (5 regions) aggregation after assignment, and µs per similarity pair, each next to a plain-numpy version
-of the same computation.
+of the same computation. ``--assign-grid`` instead prints ``Codebook.assign`` next to faiss ``IndexFlatL2.search``
+(same k, same thread count for BLAS, numba and faiss's OpenMP) for n ∈ {50, 150, 1000, 10000} descriptors and
+K ∈ {1024, 8192, 65536} words (random unit vectors, D = 128; best of interleaved repeats).
 """
 
 from __future__ import annotations
@@ -62,13 +65,72 @@ def numpy_similarity(wa, ba, wb, bb, dim):
     return float(np.where(u > 0, u ** 3, 0).sum() / np.sqrt(len(wa) * len(wb)))
 
 
+def assign_grid(threads: int, ms=(1,), ns=(50, 150, 1000, 10000), ks=(1024, 8192, 65536), budget=1.5):
+    """Markdown table rows: assignment d2r vs faiss IndexFlatL2.search, ms per call."""
+    import faiss
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    rows = []
+    print(f"| n | K | k | d2r ms | faiss ms | d2r / faiss |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    previous = numba.get_num_threads()
+    try:
+        numba.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
+        with threadpool_limits(limits=threads):
+            for K in ks:
+                c = rng.standard_normal((K, 128)).astype(np.float32)
+                c /= np.linalg.norm(c, axis=1, keepdims=True)
+                book = d2r.Codebook(c)
+                flat = faiss.IndexFlatL2(128)
+                flat.add(c)
+                for n in ns:
+                    x = rng.standard_normal((n, 128)).astype(np.float32)
+                    x /= np.linalg.norm(x, axis=1, keepdims=True)
+                    for m in ms:
+                        a, b = _interleaved(lambda: book.assign(x, m), lambda: flat.search(x, m), budget)
+                        ours = book.assign(x, m)
+                        same = np.array_equal(ours[:, 0], flat.search(x, m)[1][:, 0])
+                        rows.append({"n": n, "k_words": K, "m": m, "d2r_ms": a * 1e3, "faiss_ms": b * 1e3,
+                                     "nearest_equal_faiss": bool(same)})
+                        print(f"| {n:,} | {K:,} | {m} | {a * 1e3:.3f} | {b * 1e3:.3f} | {a / b:.2f}× |", flush=True)
+    finally:
+        numba.set_num_threads(previous)
+    return rows
+
+
+def _interleaved(fa, fb, budget):
+    """Best time of each of two functions, alternating calls until ``budget`` seconds (at least 3 each)."""
+    fa(), fb()  # warm-up
+    ta, tb, t_end, i = [], [], time.perf_counter() + budget, 0
+    while i < 3 or time.perf_counter() < t_end:
+        for f, ts in ((fa, ta), (fb, tb)):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+        i += 1
+        if i >= 200:
+            break
+    return min(ta), min(tb)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--assign-grid", action="store_true", help="assignment vs faiss table only")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--m", type=int, nargs="+", default=[1], help="nearest words (faiss k) for --assign-grid")
     p.add_argument("--images", type=int, default=20)
     p.add_argument("--k", type=int, default=65536)
     p.add_argument("--features", type=int, default=1000)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    if args.assign_grid:
+        rows = assign_grid(args.threads, tuple(args.m))
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        return
     rng = np.random.default_rng(0)
     D = 128
     c = rng.standard_normal((args.k, D)).astype(np.float32)

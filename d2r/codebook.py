@@ -4,23 +4,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from d2r import _io
 from d2r._validate import as_descriptors
-from d2r.kernels.assign import refine_exact, smallest_per_row
+from d2r.kernels.assign import refine_or_scan, update_shortlist
 
 FORMAT = "d2r-codebook"
 FORMAT_VERSION = 1
 
-# Extra float32 candidates re-ranked exactly per descriptor; float32 rounding can only swap words whose
-# distances agree to ~1e-6 relative, far fewer than this many at once.
+# Extra float32 candidates re-ranked exactly per descriptor. A row whose shortlist is not provably wide enough
+# (float32 rounding bound, see ``assign``) is scanned in float64 over all words instead; that is rare.
 _SHORTLIST_EXTRA = 4
-# Bound on the (rows × K) float32 distance block held at once.
-_BLOCK_ELEMENTS = 1 << 24
+# GEMM blocks: rows of descriptors × columns of words; the (rows × words) float32 block stays in cache.
+_BLOCK_ROWS = 256
+_BLOCK_WORDS = 1024
+# Below this many (descriptor, word) pairs one thread does everything (thread start-up costs more than it saves).
+_PARALLEL_MIN_PAIRS = 1 << 21
+_parallel_lock = threading.Lock()
+_blas_controller = None
 
 
 class Codebook:
@@ -47,6 +54,8 @@ class Codebook:
         self._mean = self.centroids.mean(axis=0, dtype=np.float64).astype(np.float32)
         self._centred = self.centroids - self._mean
         self._sq_norms = np.einsum("kd,kd->k", self._centred, self._centred).astype(np.float32)
+        self._centred_t = self._centred.T
+        self._max_norm = float(np.sqrt(self._sq_norms.max(initial=0.0)))
         self.fingerprint = _fingerprint(self.centroids)
         self.metadata = dict(metadata or {})
         self.metadata["fingerprint"] = self.fingerprint
@@ -71,28 +80,52 @@ class Codebook:
         """The ``num_assignments`` nearest words of each descriptor, by squared L2, ties by lower word index.
 
         descriptors: (N, D) float32 (any float dtype is cast). Returns (N, m) int64, nearest first; N = 0 gives
-        (0, m). The distance block is a float32 BLAS GEMM, processed in row chunks to bound memory; a shortlist of
-        m + 4 words per descriptor is then re-ranked in float64, so the result equals an exact brute force.
+        (0, m). Equal to a float64 brute force: a float32 BLAS GEMM in blocks keeps the m + 4 nearest words per
+        descriptor, which are re-ranked in float64; a row whose float32 gap between the m-th and the last kept word
+        is within the rounding bound is scanned in float64 over all words. Large inputs spread row blocks over
+        ``numba.get_num_threads()`` Python threads with BLAS held at one thread; small ones run on one thread.
         """
         m = int(num_assignments)
         if m < 1 or m > self.size:
             raise ValueError(f"num_assignments must be in [1, K={self.size}], got {num_assignments}")
         x = as_descriptors(descriptors, self.dim)
         n = x.shape[0]
-        out = np.empty((n, m), np.int64)
         if n == 0:
-            return out
+            return np.empty((0, m), np.int64)
         c = min(m + _SHORTLIST_EXTRA, self.size)
-        rows = max(1, _BLOCK_ELEMENTS // self.size)
-        block = np.empty((min(rows, n), self.size), np.float32)
-        ct = self._centred.T
-        for start in range(0, n, rows):
-            xc = x[start:start + rows]
-            dots = block[: xc.shape[0]]
-            np.matmul(xc - self._mean, ct, out=dots)
-            shortlist = smallest_per_row(dots, self._sq_norms, c)
-            out[start:start + rows] = refine_exact(xc, self.centroids, shortlist, m)
-        return out
+        xc = x - self._mean
+        best_d = np.full((n, c), np.inf, np.float32)
+        best_i = np.full((n, c), -1, np.int64)
+        threads = _threads() if n * self.size >= _PARALLEL_MIN_PAIRS else 1
+        if threads > 1 and n > 1:
+            step = min(_BLOCK_ROWS, -(-n // threads))
+            starts = range(0, n, step)
+            with _parallel_lock, _one_blas_thread():
+                with ThreadPoolExecutor(min(threads, len(starts))) as pool:
+                    list(pool.map(lambda s: self._shortlist(xc, s, min(s + step, n), best_d, best_i), starts))
+        else:
+            for s in range(0, n, _BLOCK_ROWS):
+                self._shortlist(xc, s, min(s + _BLOCK_ROWS, n), best_d, best_i)
+        if c < self.size:
+            # |float32 value − exact value| ≤ (D + 5)·u·R² with R = ‖x − μ‖ + max‖c − μ‖ (GEMM, norms, centring
+            # rounding); a factor 2 on top. Words outside the shortlist are provably farther when the gap exceeds
+            # twice that.
+            r = np.sqrt(np.einsum("nd,nd->n", xc, xc, dtype=np.float64)) + self._max_norm
+            bound = 2.0 * (self.dim + 8) * np.finfo(np.float32).eps / 2 * r * r
+            full = (best_d[:, c - 1].astype(np.float64) - best_d[:, m - 1]) <= 2.0 * bound
+        else:
+            full = np.zeros(n, bool)
+        return refine_or_scan(x, self.centroids, best_i, full, m)
+
+    def _shortlist(self, xc, start, stop, best_d, best_i) -> None:
+        rows = stop - start
+        block = np.empty((rows, min(_BLOCK_WORDS, self.size)), np.float32)
+        ct = self._centred_t
+        for k0 in range(0, self.size, _BLOCK_WORDS):
+            k1 = min(k0 + _BLOCK_WORDS, self.size)
+            dots = block[:, : k1 - k0]
+            np.matmul(xc[start:stop], ct[:, k0:k1], out=dots)
+            update_shortlist(dots, self._sq_norms[k0:k1], k0, best_d[start:stop], best_i[start:stop])
 
     # ---- file format -------------------------------------------------------------------------------------
     def save(self, path) -> Path:
@@ -130,6 +163,26 @@ class Codebook:
             raise ValueError(f"{path}: content hash {book.fingerprint} does not match the stored fingerprint "
                              f"{stored} (file corrupted?)")
         return book
+
+
+def _threads() -> int:
+    import numba
+
+    return int(numba.get_num_threads())
+
+
+def _one_blas_thread():
+    """Hold BLAS at one thread while Python threads run blocks in parallel (restored on exit)."""
+    global _blas_controller
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
+        import contextlib
+
+        return contextlib.nullcontext()
+    if _blas_controller is None:
+        _blas_controller = ThreadpoolController()
+    return _blas_controller.limit(limits=1, user_api="blas")
 
 
 def _fingerprint(centroids: np.ndarray) -> str:

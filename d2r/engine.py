@@ -536,6 +536,39 @@ class Engine:
                             self._box(image_id, int(region)), int(inl), rank + 1))
         return hits
 
+    def search_batch(self, images, bbox=None, top_k: int = 10, rerank: bool = True,
+                     workers: int | None = None) -> list:
+        """:meth:`search` for many query photos in threads (feature extraction, the index scan and RANSAC release
+        the GIL). Returns one entry per image, in order: its list of :class:`Hit`, or the exception that query
+        raised (one bad photo never stops the others). ``bbox`` applies to every image; ``workers`` defaults to
+        the CPU count. Each thread runs numba and BLAS single-threaded, so the pools never compete."""
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        import numba
+
+        images = list(images)
+        workers = max(1, min(len(images), int(workers or os.cpu_count() or 1)))
+        if self._db is not None:  # shared caches built once, before the threads
+            self._db.search_batch([], top_k=1)
+
+        def one(image):
+            previous = numba.get_num_threads()  # thread-local in numba
+            try:
+                numba.set_num_threads(1 if workers > 1 else previous)
+                return self.search(image, bbox=bbox, top_k=top_k, rerank=rerank)
+            except Exception as exc:  # reported per query; the batch goes on
+                return exc
+            finally:
+                numba.set_num_threads(previous)
+
+        if workers == 1:
+            return [one(image) for image in images]
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(one, images))
+
     def _stored(self, image_id):
         return self._feature_store().get(image_id)
 

@@ -25,6 +25,7 @@ def _random_regions(rng, n):
 CASES = [  # (seed, K, D, N, m)
     (0, 5, 2, 0, 1), (1, 5, 2, 7, 3), (2, 64, 16, 1, 2), (3, 64, 16, 300, 1), (4, 512, 128, 1000, 1),
     (5, 4096, 128, 2000, 1), (6, 4096, 16, 500, 3), (7, 300, 2, 2000, 2), (8, 1024, 128, 50, 3),
+    (9, 2500, 32, 600, 5),
 ]
 
 
@@ -35,6 +36,40 @@ def test_assign_matches_brute_force(seed, k, d, n, m):
     got = d2r.Codebook(cents).assign(x, m)
     assert got.shape == (n, m) and got.dtype == np.int64
     np.testing.assert_array_equal(got, ref.assign(x, cents, m))
+
+
+@pytest.mark.parametrize("seed,k,d,n,m", [c for c in CASES if c[3] > 1])
+def test_assign_threaded_path_matches_brute_force(seed, k, d, n, m, monkeypatch):
+    import d2r.codebook as cb
+
+    monkeypatch.setattr(cb, "_PARALLEL_MIN_PAIRS", 1)  # every size takes the threaded path
+    monkeypatch.setattr(cb, "_BLOCK_ROWS", 7)  # many uneven row blocks
+    monkeypatch.setattr(cb, "_threads", lambda: 3)
+    rng = np.random.default_rng(seed)
+    cents, x = _unit(rng, k, d), _unit(rng, n, d)
+    np.testing.assert_array_equal(d2r.Codebook(cents).assign(x, m), ref.assign(x, cents, m))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_assign_near_ties_beyond_the_shortlist(seed):
+    """512 words at the same distance from a descriptor up to float32 storage rounding: the float32 shortlist
+    cannot order them, so the row must be settled in float64 over all words."""
+    from d2r.kernels.assign import refine_exact
+
+    rng = np.random.default_rng(seed)
+    k, d = 512, 16
+    x = rng.standard_normal((20, d)).astype(np.float32)
+    u = rng.standard_normal((k, d))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    cents = (x[0].astype(np.float64) + 3 * u).astype(np.float32)
+    want = ref.assign(x, cents, 3)
+    book = d2r.Codebook(cents)
+    np.testing.assert_array_equal(book.assign(x, 3), want)
+    # The test has teeth: re-ranking the float32 shortlist alone gets row 0 wrong.
+    from d2r.kernels.assign import smallest_per_row
+
+    short = smallest_per_row((x[:1] - book._mean) @ book._centred.T, book._sq_norms, 7)
+    assert not np.array_equal(refine_exact(x[:1], book.centroids, short, 3), want[:1])
 
 
 def test_assign_ties_break_by_lower_index():

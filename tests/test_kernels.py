@@ -36,6 +36,38 @@ def test_refine_exact_orders_by_distance_then_index(seed):
         np.testing.assert_array_equal(got[i], cand[i][order])
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_update_shortlist_in_blocks_equals_one_stable_sort(seed):
+    rng = np.random.default_rng(seed)
+    n, k = 30, int(rng.integers(5, 400))
+    dots = rng.integers(-4, 4, size=(n, k)).astype(np.float32)  # many exact ties, also across blocks
+    norms = rng.integers(0, 3, size=k).astype(np.float32)
+    c = min(k, int(rng.integers(1, 8)))
+    best_d = np.full((n, c), np.inf, np.float32)
+    best_i = np.full((n, c), -1, np.int64)
+    edges = np.unique(np.concatenate([[0, k], rng.integers(0, k, size=4)]))
+    for a, b in zip(edges[:-1], edges[1:]):
+        kas.update_shortlist(np.ascontiguousarray(dots[:, a:b]), norms[a:b], a, best_d, best_i)
+    values = norms[None, :] - 2 * dots
+    want = np.argsort(values, axis=1, kind="stable")[:, :c]
+    np.testing.assert_array_equal(best_i, want)
+    np.testing.assert_array_equal(best_d, np.take_along_axis(values, want, 1))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_refine_or_scan_full_rows_scan_every_word(seed):
+    rng = np.random.default_rng(seed)
+    cents = rng.integers(-2, 3, size=(25, 3)).astype(np.float32)  # duplicates → exact ties
+    x = rng.integers(-2, 3, size=(40, 3)).astype(np.float32)
+    cand = np.stack([rng.permutation(25)[:5] for _ in range(40)]).astype(np.int64)
+    full = rng.random(40) < 0.5
+    got = kas.refine_or_scan(x, cents, cand, full, 3)
+    for i in range(40):
+        pool = np.arange(25) if full[i] else cand[i]
+        d = ((x[i].astype(np.float64) - cents[pool].astype(np.float64)) ** 2).sum(1)
+        np.testing.assert_array_equal(got[i], pool[np.lexsort((pool, d))[:3]])
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_group_residuals(seed):
     rng = np.random.default_rng(seed)

@@ -17,7 +17,7 @@ import d2r
 from d2r._lock import LockedError
 
 # Sub-command modules, in the order --help lists them.
-COMMANDS: list[str] = ["demo", "index", "search", "extract", "train_codebook", "import_codebook", "bench"]
+COMMANDS: list[str] = ["demo", "index", "search", "extract", "train_codebook", "import_codebook", "bench", "serve"]
 
 OK, FAILURE, USAGE, PARTIAL = 0, 1, 2, 3
 

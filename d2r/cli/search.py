@@ -1,22 +1,26 @@
-"""``d2r search``: query an index with a photo."""
+"""``d2r search``: query an index with one or many photos."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("search", help="search an index with a photo",
+    p = subparsers.add_parser("search", help="search an index with photos",
                               description="Rank the images of an index by how well they show the same instance "
-                                          "as the query photo (optionally cropped to a box).")
-    p.add_argument("image", help="query image file")
+                                          "as each query photo (optionally cropped to a box). Queries: image "
+                                          "files, folders (searched recursively) or list files (one path a line); "
+                                          "several are searched in one process, in parallel threads.")
+    p.add_argument("image", nargs="+", help="query image file(s), folder(s) or list file(s)")
     p.add_argument("--index", required=True, help="engine folder (made by `d2r index create`)")
-    p.add_argument("--bbox", help="crop the query to x1,y1,x2,y2 (pixels)")
+    p.add_argument("--bbox", help="crop the query to x1,y1,x2,y2 (pixels; a single query image only)")
     p.add_argument("--top-k", type=int, default=10, help="results to show (default 10)")
     p.add_argument("--no-rerank", action="store_true", help="skip geometric-verification re-ranking")
+    p.add_argument("--workers", type=int, default=None, help="query threads (default: CPU count)")
     p.add_argument("--quiet", action="store_true", help="no log lines")
-    p.add_argument("--json", action="store_true", help="print the hits as JSON")
+    p.add_argument("--json", action="store_true", help="print one JSON line per query")
     p.set_defaults(func=run)
 
 
@@ -31,6 +35,29 @@ def parse_bbox(text: str):
     return values
 
 
+def _queries(sources) -> list[str]:
+    """Expand image files, folders and list files into query paths, in the order given."""
+    from d2r.features.image import IMAGE_EXTENSIONS, list_images
+
+    out = []
+    for source in sources:
+        p = Path(source)
+        if p.is_file() and p.suffix.lower() in {e.lower() for e in IMAGE_EXTENSIONS}:
+            out.append(source)
+        elif p.is_dir() or p.is_file():
+            if p.is_dir():
+                found = sorted(str(path) for _, path in list_images(p))
+            else:  # a list file, in its own order; relative paths are relative to its folder
+                lines = [line.strip() for line in p.read_text().splitlines()]
+                found = [str(p.parent / line) for line in lines if line and not line.startswith("#")]
+            if not found:
+                raise ValueError(f"{source}: no images found")
+            out.extend(found)
+        else:  # a missing path stays a query, so its error names it
+            out.append(source)
+    return out
+
+
 def run(args) -> int:
     import time
 
@@ -38,24 +65,48 @@ def run(args) -> int:
 
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
     bbox = parse_bbox(args.bbox) if args.bbox else None
-    if not Path(args.image).is_file():
-        raise FileNotFoundError(f"{args.image}: query image not found")
+    queries = _queries(args.image)
+    if bbox is not None and len(queries) > 1:
+        raise ValueError(f"--bbox applies to a single query image, got {len(queries)} queries")
     engine = Engine.open(args.index)
-    t0 = time.perf_counter()
-    hits = engine.search(args.image, bbox=bbox, top_k=args.top_k, rerank=not args.no_rerank)
-    seconds = time.perf_counter() - t0
-    if not hits and len(engine):
-        raise ValueError(f"{args.image}: the query has no local features (blank, tiny or featureless image); "
-                         "nothing to search with")
-    if args.json:
-        print(json.dumps({"query": args.image, "bbox": bbox, "seconds": round(seconds, 4),
-                          "hits": [h.to_dict() for h in hits]}))
-        return 0
-    print(f"{'rank':>4}  {'score':>9}  {'inliers':>7}  image")
-    for h in hits:
-        inl = "-" if h.inliers < 0 else str(h.inliers)
-        print(f"{h.rank:>4}  {h.score:>9.4f}  {inl:>7}  {h.image_id}")
-    if not args.quiet:
-        print(f"({seconds * 1000:.0f} ms)")
-    return 0
+    if len(queries) == 1:  # a single query: errors are the command's own (exit 1, one line)
+        t0 = time.perf_counter()
+        results = [engine.search(queries[0], bbox=bbox, top_k=args.top_k, rerank=not args.no_rerank)]
+        seconds = [time.perf_counter() - t0]
+    else:
+        t0 = time.perf_counter()
+        results = engine.search_batch(queries, top_k=args.top_k, rerank=not args.no_rerank, workers=args.workers)
+        seconds = [(time.perf_counter() - t0) / len(queries)] * len(queries)
+    failed = 0
+    for query, hits, sec in zip(queries, results, seconds):
+        if not isinstance(hits, Exception) and not hits and len(engine):
+            hits = ValueError(f"{query}: the query has no local features (blank, tiny or featureless image); "
+                              "nothing to search with")
+        if isinstance(hits, Exception):
+            failed += 1
+            message = hits.args[0] if isinstance(hits, KeyError) and hits.args else str(hits)
+            if str(query) not in message:
+                message = f"{query}: {message}"
+            print(f"d2r search: error: {message}", file=sys.stderr)
+            if args.json:
+                print(json.dumps({"query": str(query), "error": message}), flush=True)
+            continue
+        if args.json:
+            print(json.dumps({"query": str(query), "bbox": bbox, "seconds": round(sec, 4),
+                              "hits": [h.to_dict() for h in hits]}), flush=True)
+            continue
+        if len(queries) > 1:
+            print(f"# {query}")
+        print(f"{'rank':>4}  {'score':>9}  {'inliers':>7}  image")
+        for h in hits:
+            inl = "-" if h.inliers < 0 else str(h.inliers)
+            print(f"{h.rank:>4}  {h.score:>9.4f}  {inl:>7}  {h.image_id}")
+        if not args.quiet:
+            print(f"({sec * 1000:.0f} ms)" if len(queries) == 1 else f"({sec * 1000:.0f} ms per query, batch)")
+    if failed and failed < len(queries):
+        print(f"d2r search: partial failure: {failed} of {len(queries)} queries failed", file=sys.stderr)
+        return 3  # partial failure
+    return 1 if failed else 0

@@ -98,7 +98,7 @@ def ransac_affine(src, dst, max_trials, residual_threshold, seed):
     return best, best_sample
 
 
-@njit(parallel=True)
+@njit(parallel=True, cache=True)
 def ransac_affine_batch(src, dst, offsets, max_trials, residual_threshold, seed, min_matches):
     """``ransac_affine`` for many pairs at once, in parallel over pairs.
 
