@@ -54,7 +54,7 @@ def test_cli_several_images_folders_and_list_files(small_engine, tmp_path, capsy
                          "--json", "--top-k", "3", "--workers", "2"])
     out, err = capsys.readouterr()
     lines = [json.loads(line) for line in out.splitlines()]
-    assert code == 1 and "broken.png" in err and "Traceback" not in err  # one bad query: reported, exit 1
+    assert code == 3 and "broken.png" in err and "Traceback" not in err  # one bad query: reported, exit 3 (partial)
     assert [line["query"] for line in lines] == [str(folder / "s0_0.png"), str(sub / "q.png"),
                                                  str(folder / "s2_0.png"), str(folder / "broken.png")]
     assert "error" in lines[3] and "hits" not in lines[3]

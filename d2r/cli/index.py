@@ -261,10 +261,15 @@ def _report_damage(args, damage, action) -> int:
     if args.json:
         print(json.dumps({"healthy": False, "damaged": damage}, sort_keys=True))
     else:
+        hint = f"`d2r index repair {args.path}` drops damaged segments (their images must then be indexed again)"
+        if len(damage) == 1:  # one damaged file: one line naming it
+            d = damage[0]
+            print(f"d2r index {action}: error: {args.path}: damaged {d['file']}: {d['problem']}; {hint}",
+                  file=sys.stderr)
+            return 1
         for d in damage:
             print(f"damaged: {d['file']}: {d['problem']}", file=sys.stderr)
-        print(f"d2r index {action}: {args.path}: {len(damage)} damaged file(s); `d2r index repair {args.path}` "
-              f"drops damaged segments (their images must then be indexed again)", file=sys.stderr)
+        print(f"d2r index {action}: {args.path}: {len(damage)} damaged file(s); {hint}", file=sys.stderr)
     return 1
 
 

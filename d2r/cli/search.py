@@ -91,7 +91,7 @@ def run(args) -> int:
             if str(query) not in message:
                 message = f"{query}: {message}"
             print(f"d2r search: error: {message}", file=sys.stderr)
-            if args.json:
+            if args.json and len(queries) > 1:  # one line per query; a single query's error is the exit code
                 print(json.dumps({"query": str(query), "error": message}), flush=True)
             continue
         if args.json:
