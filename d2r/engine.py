@@ -234,8 +234,10 @@ class Engine:
 
     def _feature_store(self):
         from d2r.features.store import FeatureStore
+        from d2r.pipeline import recover_store
 
         if self._store is None:
+            recover_store(self.path / "features")
             self._store = FeatureStore.create(self.path / "features", self.pipeline.store_info(),
                                               shard_size=self.pipeline.batch_size)
         return self._store
@@ -353,12 +355,24 @@ class Engine:
 
     def remove(self, ids) -> int:
         """Remove images by id (a single id or a list); returns how many were removed. Unknown ids: KeyError."""
+        from d2r.pipeline import drop_from_store
+
         ids = [ids] if isinstance(ids, (str, int)) else list(dict.fromkeys(ids))
         if self._db is None:
             raise KeyError(f"{ids[0]!r}: the engine has no images yet")
         for image_id in ids:
             self._db.remove(image_id)
         self._db.save()
+        # their features and sources go too: the id may come back with another file, never with stale features
+        with self._store_lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+            if (self.path / "features" / "manifest.json").exists():
+                drop_from_store(self.path / "features", [str(i) for i in ids], shard_size=self.pipeline.batch_size)
+        for image_id in ids:
+            self._sources.pop(str(image_id), None)
+        self._save_tables()
         return len(ids)
 
     # ---- search --------------------------------------------------------------------------------------------------

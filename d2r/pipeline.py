@@ -313,6 +313,52 @@ class Pipeline:
             bar.close()
 
 
+def drop_from_store(path, ids, shard_size: int = 1000) -> int:
+    """Remove ``ids`` from the feature store at ``path`` by streaming every other image into a new store and
+    swapping folders (``path.new`` → ``path``; :func:`recover_store` completes a swap a crash interrupted).
+    Returns how many were dropped. O(store size): meant for occasional removals."""
+    import os
+    import shutil
+
+    from d2r.features.store import FeatureStore
+
+    path = Path(path)
+    recover_store(path)
+    old = FeatureStore.open(path)
+    drop = {str(i) for i in ids} & set(old.ids())
+    if not drop:
+        return 0
+    new_path, old_path = path.with_name(path.name + ".new"), path.with_name(path.name + ".old")
+    shutil.rmtree(new_path, ignore_errors=True)
+    info = {**old.extractor, "dim": old.dim}
+    with FeatureStore.create(new_path, info, shard_size=shard_size, exist_ok=False) as new:
+        for image_id in old.ids():
+            if image_id not in drop:
+                new.add(image_id, old.get(image_id))
+        new.failures.update({k: v for k, v in old.failures.items() if k not in drop})
+    os.replace(path, old_path)  # the commit point: from here on path.new is the store
+    os.replace(new_path, path)
+    shutil.rmtree(old_path, ignore_errors=True)
+    return len(drop)
+
+
+def recover_store(path) -> None:
+    """Finish a :func:`drop_from_store` swap that a crash interrupted."""
+    import os
+    import shutil
+
+    path = Path(path)
+    new_path, old_path = path.with_name(path.name + ".new"), path.with_name(path.name + ".old")
+    if not path.exists():
+        if new_path.exists() and old_path.exists():  # crashed between the two renames: the copy is complete
+            os.replace(new_path, path)
+        elif old_path.exists():
+            os.replace(old_path, path)
+    if path.exists():
+        shutil.rmtree(old_path, ignore_errors=True)
+        shutil.rmtree(new_path, ignore_errors=True)  # an unfinished copy: the store itself is whole
+
+
 def crop(pixels: np.ndarray, bbox, name: str = "image") -> np.ndarray:
     """Crop (H, W, 3) pixels to ``bbox`` = (x1, y1, x2, y2), rounded to whole pixels and clipped to the image.
     A box that is malformed or does not overlap the image raises ValueError naming the image."""
