@@ -7,11 +7,11 @@ as in Teichmann et al., "Detect-to-Retrieve", CVPR 2019.
 
 __version__ = "0.1.0"
 
-from d2r.aggregate import Aggregated, Aggregator, median_thresholds, similarity  # noqa: E402
+from d2r.aggregate import Aggregated, Aggregator, similarity  # noqa: E402
 from d2r.codebook import Codebook  # noqa: E402
 from d2r.index import Database, DatabaseConfig, Ranking  # noqa: E402
 from d2r.engine import Engine, EngineConfig, Hit  # noqa: E402
 
 __all__ = ["Aggregated", "Aggregator", "Codebook", "Database", "DatabaseConfig", "Engine", "EngineConfig", "Hit",
-           "Ranking", "median_thresholds",
+           "Ranking",
            "similarity", "__version__"]

@@ -23,7 +23,6 @@ from d2r.kernels.aggregate import combine_regions, group_residuals, normalize_wo
 from d2r.kernels.binary import as_words64, pack_bits
 from d2r.kernels.match import asmk_score, asmk_star_score
 
-KERNELS = ("vlad", "asmk", "asmk_star")
 _NO_WEIGHTS = np.zeros(0, np.float64)
 L2_EPSILON = 1e-12  # on the squared norm, as tf.nn.l2_normalize
 MIN_WORD_NORM = 1e-6  # ASMK drops words whose aggregated residual is not larger than this
@@ -56,13 +55,13 @@ class Aggregated:
     @property
     def is_empty(self) -> bool:
         """True when no visual word survives (ASMK kinds) or the vector is all zero (VLAD)."""
-        if self.kernel == "vlad":
+        if not get_kernel(self.kernel).per_word:
             return not np.any(self.vector)
         return self.words.shape[0] == 0
 
     def __len__(self) -> int:
         """Number of visual words kept (ASMK kinds); K·D for VLAD."""
-        return int(self.vector.shape[0] if self.kernel == "vlad" else self.words.shape[0])
+        return int(self.words.shape[0] if get_kernel(self.kernel).per_word else self.vector.shape[0])
 
 
 class Aggregator:
@@ -76,35 +75,22 @@ class Aggregator:
         l2_normalize: VLAD kinds only. None follows the official configs: True for VLAD, False for R-VLAD
             (which is then divided by R). ASMK kinds normalise at comparison time (``similarity(normalize=...)``),
             so passing a value for them is an error.
-        thresholds: ASMK* only: (K, D) per-word binarisation thresholds (e.g. :func:`median_thresholds`, the
-            Hamming-embedding variant); None binarises by sign as the official code.
 
     Call ``agg(descriptors)`` for one image, ``agg(descriptors, regions=counts)`` for the regional variants
     (descriptors concatenated region by region, ``counts[r]`` of them in region r, zeros allowed).
     """
 
-    def __init__(self, codebook, kernel: str = "asmk_star", num_assignments: int = 1, l2_normalize=None,
-                 thresholds=None):
+    def __init__(self, codebook, kernel: str = "asmk_star", num_assignments: int = 1, l2_normalize=None):
         self.codebook = codebook if isinstance(codebook, Codebook) else Codebook(codebook)
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-        self.kernel = kernel
-        k, d = self.codebook.size, self.codebook.dim
+        self.kernel = get_kernel(kernel).name
+        k = self.codebook.size
         if not 1 <= int(num_assignments) <= k:
             raise ValueError(f"num_assignments must be in [1, K={k}], got {num_assignments}")
         self.num_assignments = int(num_assignments)
-        if l2_normalize is not None and kernel != "vlad":
+        if l2_normalize is not None and get_kernel(kernel).per_word:
             raise ValueError(f"l2_normalize applies to VLAD only; for {kernel!r} normalisation is chosen at "
                              "comparison time: similarity(..., normalize=True/False)")
         self.l2_normalize = l2_normalize
-        if thresholds is not None:
-            if kernel != "asmk_star":
-                raise ValueError("thresholds apply to kernel='asmk_star' only")
-            thresholds = np.asarray(thresholds)
-            if thresholds.shape != (k, d):
-                raise ValueError(f"thresholds: expected shape ({k}, {d}), got {thresholds.shape}")
-            thresholds = as_descriptors(thresholds, d, name="thresholds")
-        self.thresholds = thresholds
 
     def __repr__(self) -> str:
         return (f"Aggregator(kernel={self.kernel!r}, K={self.codebook.size}, D={self.codebook.dim}, "
@@ -137,7 +123,7 @@ class Aggregator:
         return [self._aggregate(x[a:b], assignments[a:b], None) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def _aggregate(self, x, assignments, counts) -> Aggregated:
-        k, d = self.codebook.size, self.codebook.dim
+        k = self.codebook.size
         regional = counts is not None
         num_regions = int(counts.shape[0]) if regional else 0
         region_of = (np.repeat(np.arange(num_regions, dtype=np.int64), counts) if regional
@@ -147,28 +133,85 @@ class Aggregator:
             words, sums = combine_regions(keys, sums, k, L2_EPSILON)
         else:
             words = keys  # a single region 0: keys are the words
-        if self.kernel == "vlad":
-            return self._vlad(words, sums, num_regions)
-        scale = 1.0 / num_regions if num_regions else 1.0
-        keep, unit = normalize_words(sums, scale, MIN_WORD_NORM)
-        kept = words[keep].astype(np.uint32)
-        if self.kernel == "asmk":
-            return Aggregated("asmk", d, k, num_regions, words=kept, descriptors=unit)
-        thr = self.thresholds if self.thresholds is not None else np.zeros((0, d), np.float32)
-        bits = pack_bits(unit, kept.astype(np.int64), thr)
-        return Aggregated("asmk_star", d, k, num_regions, words=kept, bits=bits)
+        return get_kernel(self.kernel).finish(self, words, sums, num_regions)
 
-    def _vlad(self, words, sums, num_regions) -> Aggregated:
-        k, d = self.codebook.size, self.codebook.dim
-        v = np.zeros((k, d), np.float64)
-        v[words] = sums
-        v = v.ravel()
-        l2 = self.l2_normalize if self.l2_normalize is not None else num_regions == 0
-        if l2:
-            v /= np.sqrt(max(float(v @ v), L2_EPSILON))
-        elif num_regions:
-            v /= num_regions
-        return Aggregated("vlad", d, k, num_regions, vector=v.astype(np.float32))
+
+# ---- the kernels, by name --------------------------------------------------------------------------------------
+def _asmk_words(agg: Aggregator, words, sums, num_regions):
+    """ASMK kinds: per-word unit vectors of the (region-averaged) residual sums; near-zero words dropped."""
+    scale = 1.0 / num_regions if num_regions else 1.0
+    keep, unit = normalize_words(sums, scale, MIN_WORD_NORM)
+    return words[keep].astype(np.uint32), unit
+
+
+def _finish_asmk(agg: Aggregator, words, sums, num_regions) -> Aggregated:
+    kept, unit = _asmk_words(agg, words, sums, num_regions)
+    return Aggregated("asmk", agg.codebook.dim, agg.codebook.size, num_regions, words=kept, descriptors=unit)
+
+
+def _finish_asmk_star(agg: Aggregator, words, sums, num_regions) -> Aggregated:
+    d = agg.codebook.dim
+    kept, unit = _asmk_words(agg, words, sums, num_regions)
+    bits = pack_bits(unit, kept.astype(np.int64), np.zeros((0, d), np.float32))  # sign binarisation (official)
+    return Aggregated("asmk_star", d, agg.codebook.size, num_regions, words=kept, bits=bits)
+
+
+def _finish_vlad(agg: Aggregator, words, sums, num_regions) -> Aggregated:
+    """VLAD: the dense (K·D,) residual sum; L2-normalised (whole image) or divided by R (R-VLAD) by default."""
+    k, d = agg.codebook.size, agg.codebook.dim
+    v = np.zeros((k, d), np.float64)
+    v[words] = sums
+    v = v.ravel()
+    l2 = agg.l2_normalize if agg.l2_normalize is not None else num_regions == 0
+    if l2:
+        v /= np.sqrt(max(float(v @ v), L2_EPSILON))
+    elif num_regions:
+        v /= num_regions
+    return Aggregated("vlad", d, k, num_regions, vector=v.astype(np.float32))
+
+
+def _score_vlad(a: Aggregated, b: Aggregated, alpha, tau, tau_inclusive, weights) -> float:
+    return float(np.dot(a.vector.astype(np.float64), b.vector.astype(np.float64)))
+
+
+def _score_asmk(a: Aggregated, b: Aggregated, alpha, tau, tau_inclusive, weights) -> float:
+    return asmk_score(a.words, a.descriptors, b.words, b.descriptors, float(alpha), float(tau), bool(tau_inclusive),
+                      weights)
+
+
+def _score_asmk_star(a: Aggregated, b: Aggregated, alpha, tau, tau_inclusive, weights) -> float:
+    return asmk_star_score(a.words, as_words64(a.bits), b.words, as_words64(b.bits), a.dim, float(alpha),
+                           float(tau), bool(tau_inclusive), weights)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One match kernel: how an image's residual sums become its representation (``finish``) and how two
+    representations score (``score``, before normalisation). ``per_word``: a sparse set of visual words (ASMK
+    kinds: IDF and score normalisation apply) rather than one dense vector (VLAD)."""
+
+    name: str
+    per_word: bool
+    finish: object
+    score: object
+
+
+# The one table of kernels: a config string maps to one entry here (d2r.index stores the per-word payload of
+# the ASMK kinds: float unit vectors for "asmk", packed sign bits for "asmk_star").
+KERNEL_REGISTRY: dict[str, Kernel] = {
+    "vlad": Kernel("vlad", False, _finish_vlad, _score_vlad),
+    "asmk": Kernel("asmk", True, _finish_asmk, _score_asmk),
+    "asmk_star": Kernel("asmk_star", True, _finish_asmk_star, _score_asmk_star),
+}
+KERNELS = tuple(KERNEL_REGISTRY)
+
+
+def get_kernel(name) -> Kernel:
+    """The registry entry of a kernel name; ValueError listing the known ones."""
+    kernel = KERNEL_REGISTRY.get(name) if isinstance(name, str) else None
+    if kernel is None:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {name!r}")
+    return kernel
 
 
 def similarity(a: Aggregated, b: Aggregated, alpha: float = 3.0, tau: float = 0.0, normalize: bool = True,
@@ -186,18 +229,14 @@ def similarity(a: Aggregated, b: Aggregated, alpha: float = 3.0, tau: float = 0.
     if (a.dim, a.num_words) != (b.dim, b.num_words):
         raise ValueError(f"representations differ in shape: D={a.dim}, K={a.num_words} vs D={b.dim}, "
                          f"K={b.num_words}")
-    if a.kernel == "vlad":
-        return float(np.dot(a.vector.astype(np.float64), b.vector.astype(np.float64)))
+    kernel = get_kernel(a.kernel)
+    if not kernel.per_word:
+        return kernel.score(a, b, alpha, tau, tau_inclusive, None)
     weights = idf_weights(idf, a.num_words)
     if a.words.shape[0] == 0 or b.words.shape[0] == 0:
         return -1.0
     wa, wb = a.words, b.words
-    if a.kernel == "asmk":
-        s = asmk_score(wa, a.descriptors, wb, b.descriptors, float(alpha), float(tau), bool(tau_inclusive),
-                       weights)
-    else:
-        s = asmk_star_score(wa, as_words64(a.bits), wb, as_words64(b.bits), a.dim, float(alpha), float(tau), bool(tau_inclusive),
-                            weights)
+    s = kernel.score(a, b, alpha, tau, tau_inclusive, weights)
     if normalize:
         if weights.shape[0]:
             norm = np.sqrt(weights[wa].sum() * weights[wb].sum())
@@ -215,27 +254,3 @@ def idf_weights(idf, num_words: int) -> np.ndarray:
     if idf.shape != (num_words,):
         raise ValueError(f"idf: expected shape ({num_words},), got {idf.shape}")
     return idf * idf
-
-
-def median_thresholds(aggregator: Aggregator, descriptor_sets) -> np.ndarray:
-    """Learn per-word binarisation thresholds (K, D) float32: the median of each component of the per-word unit
-    vectors over a training set of images (Hamming embedding, as the original ASMK*). Words never seen get 0
-    (plain sign binarisation)."""
-    asmk = Aggregator(aggregator.codebook, "asmk", aggregator.num_assignments)
-    k, d = asmk.codebook.size, asmk.codebook.dim
-    words, units = [], []
-    for x in descriptor_sets:
-        r = asmk(x)
-        words.append(r.words.astype(np.int64))
-        units.append(r.descriptors)
-    thresholds = np.zeros((k, d), np.float32)
-    if not words:
-        return thresholds
-    words = np.concatenate(words)
-    units = np.concatenate(units)
-    order = np.argsort(words, kind="stable")
-    words, units = words[order], units[order]
-    bounds = np.flatnonzero(np.diff(words)) + 1
-    for w, block in zip(words[np.concatenate([[0], bounds])] if words.size else [], np.split(units, bounds)):
-        thresholds[w] = np.median(block, axis=0)
-    return thresholds

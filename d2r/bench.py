@@ -32,8 +32,9 @@ import numpy as np
 from d2r import _io
 from d2r.codebook import Codebook
 from d2r.engine import EngineConfig
+from d2r.features.base import LocalFeatures, whole_image  # noqa: F401  (whole_image: part of this module's API)
+from d2r.pipeline import Pipeline, check_setup, crop
 from d2r.rerank import order_by_inliers
-from d2r.features.base import LocalFeatures, RegionFeatures
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,6 @@ def query_box(bbx):
 
 def crop_query(image, bbx, name: str = "query") -> np.ndarray:
     """Load ``image`` and crop it to the rounded ``bbx`` (clipped to the image); the whole image when None."""
-    from d2r.engine import crop
     from d2r.features.image import load_image
 
     pixels = load_image(image)
@@ -151,69 +151,45 @@ class _Timer:
         return _Ctx()
 
 
-class _Pipeline:
-    """Shared steps of both protocols (features, codebook, index, search, verification)."""
+class _Pipeline(Pipeline):
+    """The shared :class:`~d2r.pipeline.Pipeline` plus what a benchmark run adds: the run folder, a cache of
+    feature stores and codebooks keyed by content, step timings and notes."""
 
     def __init__(self, config: BenchConfig, out, cache=None, progress: bool = True):
-        self.config = config
-        self.out = Path(out)
-        self.cache = Path(cache) if cache is not None else self.out / "cache"
-        self.progress = progress
-        self.timer = _Timer()
-        self.notes: dict = {}
-        from d2r.pipeline import check_setup
-
         if config.codebook_images is not None and not Path(config.codebook_images).exists():
             raise FileNotFoundError(f"codebook_images: {config.codebook_images} not found")
-        self._extractor, self._codebook = check_setup(config)  # before any image is read or folder made
-
-    @property
-    def extractor(self):
-        if self._extractor is None:
-            self._extractor = self.config.features.build()
-        return self._extractor
+        extractor, self._codebook = check_setup(config)  # before any image is read or folder made
+        super().__init__(config, extractor, progress)
+        self.out = Path(out)
+        self.cache = Path(cache) if cache is not None else self.out / "cache"
+        self.timer = _Timer()
+        self.notes: dict = {}
 
     def _workers(self) -> int:
-        return max(1, int(self.config.workers))
+        return self.workers
 
     def database_store(self, pairs, root):
         """Feature store of the database images (with regions when configured); extracted when missing."""
-        from d2r.features.store import FeatureStore, extract_to_store
+        from d2r.features.store import FeatureStore
 
         name = "db-" + _key(_features_key(self.extractor), _regions_key(self.config), str(Path(root).resolve()))
-        path = self.cache / name
-        region_fn = None
-        if _regions_key(self.config) != "none":
-            from d2r.detect.regions import extract_regions
-            from d2r.features.image import load_image
-
-            proposer = self.config.regions.build_proposer()
-            reextract = self.config.regions.reextract
-
-            def region_fn(image_id, source, extractor):
-                return extract_regions(load_image(source), extractor, proposer, reextract=reextract,
-                                       name=str(image_id))
-
         with self.timer("extract_database"):
-            report = extract_to_store(pairs, self.extractor, path, region_fn=region_fn, progress=self.progress,
-                                      workers=self._workers(), shard_size=max(1, self.config.batch_size))
+            report = self.extract_to_store(self.cache / name, pairs, desc=f"extract {self.extractor.name}")
         self.notes["database_extraction"] = report
-        return FeatureStore.open(path)
+        return FeatureStore.open(self.cache / name)
 
     def query_store(self, items, key_parts):
         """Feature store of the queries: ``items`` = [(query_id, path, bbx or None)]; cropped, no regions."""
-        from d2r.features.store import FeatureStore, extract_to_store
+        from d2r.features.store import FeatureStore
 
         path = self.cache / ("queries-" + _key(_features_key(self.extractor), key_parts))
         boxes = {qid: bbx for qid, _, bbx in items}
 
-        def crop_fn(image_id, source, extractor):
-            return extractor.extract(crop_query(source, boxes[image_id], name=str(image_id)))
+        def crop_fn(image_id, source):
+            return self.extract_query(source, query_box(boxes[image_id]), name=str(image_id))
 
         with self.timer("extract_queries"):
-            report = extract_to_store([(q, p) for q, p, _ in items], self.extractor, path, region_fn=crop_fn,
-                                      progress=self.progress, workers=self._workers(),
-                                      shard_size=max(1, self.config.batch_size))
+            report = self.extract_to_store(path, [(q, p) for q, p, _ in items], fn=crop_fn, desc="extract queries")
         self.notes["query_extraction"] = report
         return FeatureStore.open(path)
 
@@ -223,8 +199,6 @@ class _Pipeline:
         if self._codebook is not None:
             self.notes["codebook_trained_on"] = f"given: {c.path}"
             return self._codebook
-        from d2r.train import sample_descriptors, train_codebook
-
         source = self.config.codebook_images
         train_on = str(Path(source).resolve()) if source else f"database images ({Path(db_root).resolve()})"
         self.notes["codebook_trained_on"] = train_on
@@ -233,68 +207,35 @@ class _Pipeline:
         if path.is_file():
             self.notes["codebook_cached"] = str(path)
             return Codebook.load(path)
+        store = db_store
         if source:
             from d2r.features.image import list_images
-            from d2r.features.store import FeatureStore, extract_to_store
+            from d2r.features.store import FeatureStore
 
             tpath = self.cache / ("train-" + _key(_features_key(self.extractor), train_on))
             with self.timer("extract_codebook_images"):
-                extract_to_store(list_images(source), self.extractor, tpath, progress=self.progress,
-                                 workers=self._workers())
+                self.extract_to_store(tpath, list_images(source), fn=lambda _, p: self.extract_query(p),
+                                      desc="extract codebook images")
             store = FeatureStore.open(tpath)
-        else:
-            store = db_store
         with self.timer("train_codebook"):
-            x, _ = sample_descriptors(store, per_image=c.sample_per_image, max_total=c.max_samples, seed=c.seed,
-                                      progress=self.progress)
-            k = min(c.size, x.shape[0])
-            if k < c.size:
-                log.warning("only %d training descriptors: %d words instead of %d", x.shape[0], k, c.size)
-            book, _ = train_codebook(x, k, iterations=c.iterations, method=c.method, seed=c.seed,
-                                     progress=self.progress,
-                                     metadata={"feature": self.extractor.name, "trainset": train_on,
-                                               "feature_fingerprint": self.extractor.fingerprint()})
+            book = self.train_codebook(store, train_on)
         self.cache.mkdir(parents=True, exist_ok=True)
         book.save(path)
         return book
 
     def build_index(self, book: Codebook, db_store, ids):
         """A fresh database in OUT/index holding ``ids`` (in this order) from the store."""
-        from d2r.index.database import Database
-
         path = self.out / "index"
         if path.exists():
             shutil.rmtree(path)
-        c = self.config.index
         with self.timer("index"):
-            db = Database.create(path, book, kernel=c.kernel, mode=c.mode, alpha=c.alpha, tau=c.tau,
-                                 tau_inclusive=c.tau_inclusive, normalize=c.normalize,
-                                 num_assignments=c.num_assignments, query_num_assignments=c.query_num_assignments,
-                                 idf=c.idf)
-
-            def items():
-                for image_id in ids:
-                    f = db_store.get(image_id)
-                    if isinstance(f, RegionFeatures):
-                        yield image_id, f.features.descriptors, f.counts
-                    else:
-                        yield image_id, f.descriptors, None
-
-            db.add_batch(items(), progress=self.progress)
-            db.save()
+            db = self.create_database(path, book)
+            self.fill_database(db, db_store, ids, save_every=len(ids))
         return db
 
     def search(self, db, queries: list[np.ndarray], depth: int):
         with self.timer("search"):
-            return db.search_batch(queries, top_k=depth, workers=self._workers())
-
-
-def whole_image(features) -> LocalFeatures:
-    """The whole-image features of a stored item (region 0 of RegionFeatures, as the engine stores them)."""
-    if isinstance(features, RegionFeatures):
-        whole = np.flatnonzero(np.asarray(features.box_ids) == -1)
-        return features.region(int(whole[0]) if whole.size else 0)
-    return features
+            return db.search_batch(queries, top_k=depth, workers=self.workers)
 
 
 def verify_candidates(query: LocalFeatures, candidate_ids, get_features, config) -> dict:

@@ -31,8 +31,9 @@ from d2r import _io
 from d2r.codebook import Codebook
 from d2r.config import Config
 from d2r.detect.config import RegionsConfig
-from d2r.features.base import LocalFeatures, RegionFeatures
+from d2r.features.base import LocalFeatures, RegionFeatures, whole_image
 from d2r.index.database import Database, DatabaseConfig
+from d2r.pipeline import Pipeline, crop  # noqa: F401  (crop: part of this module's API)
 from d2r.rerank import RerankConfig
 
 log = logging.getLogger(__name__)
@@ -89,19 +90,21 @@ class EngineConfig(Config):
 
     def check(self) -> "EngineConfig":
         """Refuse a bad config before anything is extracted or written (ValueError naming the option)."""
-        from d2r.aggregate import KERNELS
+        from d2r.aggregate import get_kernel
         from d2r.features import EXTRACTORS
         from d2r.index.database import MODES
 
         c = self.index
         if self.features.name not in EXTRACTORS:
             raise ValueError(f"features.name must be one of {list(EXTRACTORS)}, got {self.features.name!r}")
-        if c.kernel not in KERNELS:
-            raise ValueError(f"index.kernel must be one of {list(KERNELS)}, got {c.kernel!r}")
+        try:
+            kernel = get_kernel(c.kernel)
+        except ValueError as exc:
+            raise ValueError(f"index.{exc}") from None
         if c.mode not in MODES:
             raise ValueError(f"index.mode must be one of {list(MODES)}, got {c.mode!r}")
-        if c.idf and c.kernel == "vlad":
-            raise ValueError("index.idf applies to the ASMK kernels, not to VLAD")
+        if c.idf and not kernel.per_word:
+            raise ValueError(f"index.idf applies to the ASMK kernels, not to {c.kernel!r}")
         for name, value in [("index.num_assignments", c.num_assignments),
                             ("index.query_num_assignments", c.query_num_assignments), ("batch_size", self.batch_size),
                             ("workers", self.workers), ("codebook.size", self.codebook.size)]:
@@ -150,8 +153,7 @@ class Engine:
     def __init__(self, path: Path, config: EngineConfig):
         self.path = Path(path)
         self.config = config
-        self._extractor = None
-        self._proposer = None
+        self.pipeline = Pipeline(config)
         self._db: Database | None = None
         self._store = None
         self._store_lock = threading.Lock()
@@ -178,7 +180,7 @@ class Engine:
         try:
             path.mkdir(parents=True, exist_ok=True)
             engine = cls(path, config)
-            engine._extractor = extractor
+            engine.pipeline = Pipeline(config, extractor)
             if book is not None:
                 engine._create_database(book)
             _io.write_json(path / "engine.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
@@ -216,11 +218,7 @@ class Engine:
         return engine
 
     def _create_database(self, codebook: Codebook) -> None:
-        c = self.config.index
-        self._db = Database.create(self.path / "index", codebook, kernel=c.kernel, mode=c.mode, alpha=c.alpha,
-                                   tau=c.tau, tau_inclusive=c.tau_inclusive, normalize=c.normalize,
-                                   num_assignments=c.num_assignments,
-                                   query_num_assignments=c.query_num_assignments, idf=c.idf)
+        self._db = self.pipeline.create_database(self.path / "index", codebook)
 
     # ---- parts ---------------------------------------------------------------------------------------------------
     @property
@@ -229,15 +227,11 @@ class Engine:
 
     @property
     def extractor(self):
-        if self._extractor is None:
-            self._extractor = self.config.features.build()
-        return self._extractor
+        return self.pipeline.extractor
 
     @property
     def proposer(self):
-        if self._proposer is None and str(self.config.regions.proposer).lower() != "none":
-            self._proposer = self.config.regions.build_proposer()
-        return self._proposer
+        return self.pipeline.proposer
 
     def _feature_store(self):
         """The feature store: the writer's while ``index`` runs, else a lock-free reader (opened once)."""
@@ -255,14 +249,14 @@ class Engine:
         """Be the one writer of this engine: lock it (the index) and its feature store before any work, reload
         what another writer may have saved meanwhile, release both at the end."""
         from d2r._lock import WriterLock
-        from d2r.features.store import FeatureStore, _extractor_info
+        from d2r.features.store import FeatureStore
 
         with WriterLock(self.path, timeout=lock_timeout, what="index"):
             if (self.path / "index" / "manifest.json").exists():
                 self._db = Database.open(self.path / "index")
             self._sources = _read_json(self.path / "sources.json", {})
             self._failures = _read_json(self.path / "failures.json", {})
-            store = FeatureStore.create(self.path / "features", _extractor_info(self.extractor),
+            store = FeatureStore.create(self.path / "features", self.pipeline.store_info(),
                                         lock_timeout=lock_timeout)
             with self._store_lock:
                 self._store = store
@@ -297,15 +291,7 @@ class Engine:
     # ---- indexing ------------------------------------------------------------------------------------------------
     def extract(self, image) -> LocalFeatures | RegionFeatures:
         """Index-side features of one image: whole image plus regions when a proposer is configured."""
-        from d2r.features.image import load_image
-
-        pixels = load_image(image)
-        if self.proposer is None:
-            return self.extractor.extract(pixels)
-        from d2r.detect.regions import extract_regions
-
-        return extract_regions(pixels, self.extractor, self.proposer, reextract=self.config.regions.reextract,
-                               name=str(image))
+        return self.pipeline.extract(image)
 
     def index(self, images, progress: bool = True, on_done=None, retry_failed: bool = False,
               lock_timeout: float | None = 0.0, id_prefix: str = "") -> IndexReport:
@@ -375,21 +361,14 @@ class Engine:
             report.codebook_trained = True
         # Phase 3: into the database, saved batch by batch; a batch is reported done once saved.
         ready = [i for i in todo if i in store and i not in self._db]
-        bar = _bar(len(ready), "indexing", progress)
-        for start in range(0, len(ready), self.config.batch_size):
-            batch = ready[start:start + self.config.batch_size]
-            for image_id in batch:
-                feats = store.get(image_id)
-                if isinstance(feats, RegionFeatures):
-                    self._db.add(image_id, feats.features.descriptors, regions=feats.counts)
-                else:
-                    self._db.add(image_id, feats.descriptors)
-            self._db.save()
+
+        def saved(batch):
             report.indexed.extend(batch)
-            bar.update(len(batch))
             if on_done is not None:
                 on_done(batch)
-        bar.close()
+
+        self.pipeline.progress = progress
+        self.pipeline.fill_database(self._db, store, ready, on_batch=saved)
         self._save_tables()
 
     def _resolve(self, images, report: IndexReport, id_prefix: str = "") -> list[tuple[str, Path]]:
@@ -429,42 +408,18 @@ class Engine:
         return kept
 
     def _extract_batches(self, todo, store, report: IndexReport, progress: bool) -> None:
-        from concurrent.futures import ThreadPoolExecutor
+        def record(image_id, p, error):
+            if error is None:
+                self._failures.pop(str(p), None)  # a retried image that now works
+            else:
+                report.failed[str(p)] = self._failures[str(p)] = error
 
-        def work(item):
-            image_id, p = item
-            try:
-                return image_id, p, self.extract(p), None
-            except Exception as exc:  # one bad image never kills the batch: record why and go on
-                return image_id, p, None, f"{type(exc).__name__}: {exc}"
-
-        bar = _bar(len(todo), "extracting", progress)
-        workers = max(1, int(self.config.workers))
-        with ThreadPoolExecutor(workers) as pool:
-            for start in range(0, len(todo), self.config.batch_size):
-                for image_id, p, feats, error in pool.map(work, todo[start:start + self.config.batch_size]):
-                    if error is None:
-                        store.add(image_id, feats)
-                        self._failures.pop(str(p), None)  # a retried image that now works
-                    else:
-                        log.warning("%s: %s", p, error)
-                        report.failed[str(p)] = error
-                        self._failures[str(p)] = error
-                    bar.update(1)
-                store.flush()
-                self._save_tables()
-        bar.close()
+        self.pipeline.progress = progress
+        self.pipeline.extract_into(store, todo, on_image=record, on_batch=self._save_tables)
 
     def _train_codebook(self, store, progress: bool) -> None:
-        from d2r.pipeline import check_training_size, codebook_metadata
-        from d2r.train import sample_descriptors, train_codebook
-
-        c = self.config.codebook
-        x, _ = sample_descriptors(store, per_image=c.sample_per_image, max_total=c.max_samples, seed=c.seed,
-                                  progress=progress)
-        check_training_size(x.shape[0], c.size)
-        book, _ = train_codebook(x, c.size, iterations=c.iterations, method=c.method, seed=c.seed,
-                                 progress=progress, metadata=codebook_metadata(self.extractor, str(self.path)))
+        self.pipeline.progress = progress
+        book = self.pipeline.train_codebook(store, trainset=str(self.path))
         book.save(self.path / "codebook.npz")
         self._create_database(book)
 
@@ -474,18 +429,22 @@ class Engine:
 
     def remove(self, ids, lock_timeout: float | None = 0.0) -> int:
         """Remove images by id (a single id or a list); returns how many were removed. Unknown ids: KeyError.
+        Their features and sources go too (the id may come back with another file, never with stale features).
         Takes the engine's writer lock (waiting up to ``lock_timeout`` seconds)."""
-        from d2r._lock import WriterLock
-
         ids = [ids] if isinstance(ids, (str, int)) else list(dict.fromkeys(ids))
-        with WriterLock(self.path, timeout=lock_timeout, what="index"):
-            if (self.path / "index" / "manifest.json").exists():
-                self._db = Database.open(self.path / "index")
+        with self._writing(lock_timeout) as store:
             if self._db is None:
                 raise KeyError(f"{ids[0]!r}: the engine has no images yet")
+            missing = [i for i in ids if i not in self._db]
+            if missing:
+                raise KeyError(f"{missing[0]!r} is not in the index ({len(missing)} unknown id(s))")
             for image_id in ids:
                 self._db.remove(image_id)
             self._db.save()
+            store.remove([str(i) for i in ids])
+            for image_id in ids:
+                self._sources.pop(str(image_id), None)
+            self._save_tables()
         return len(ids)
 
     def check(self, digests: bool = True) -> list[dict]:
@@ -573,8 +532,7 @@ class Engine:
         return self._feature_store().get(image_id)
 
     def _whole_image_features(self, image_id) -> LocalFeatures:
-        feats = self._stored(image_id)
-        return feats.region(0) if isinstance(feats, RegionFeatures) else feats
+        return whole_image(self._stored(image_id))
 
     def _box(self, image_id, region: int):
         if self._db.mode != "search":  # aggregation mode matches the image as a whole
@@ -594,22 +552,6 @@ class Engine:
         return feats.boxes if include_whole else feats.boxes[feats.box_ids >= 0]
 
 
-def crop(pixels: np.ndarray, bbox, name: str = "image") -> np.ndarray:
-    """Crop (H, W, 3) pixels to ``bbox`` = (x1, y1, x2, y2), rounded to whole pixels and clipped to the image.
-    A box that is malformed or does not overlap the image raises ValueError naming the image."""
-    try:
-        x1, y1, x2, y2 = (float(v) for v in bbox)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: bbox must be four numbers x1,y1,x2,y2, got {bbox!r}") from None
-    h, w = pixels.shape[:2]
-    if not all(np.isfinite([x1, y1, x2, y2])) or x2 <= x1 or y2 <= y1:
-        raise ValueError(f"{name}: bbox {bbox} is empty or not finite (need x1 < x2, y1 < y2)")
-    c = [max(0, int(round(x1))), max(0, int(round(y1))), min(w, int(round(x2))), min(h, int(round(y2)))]
-    if c[2] <= c[0] or c[3] <= c[1]:
-        raise ValueError(f"{name}: bbox {bbox} lies outside the {w}x{h} image")
-    return np.ascontiguousarray(pixels[c[1]:c[3], c[0]:c[2]])
-
-
 def _read_json(path: Path, default):
     """The JSON in ``path`` (``default`` when absent); ValueError naming the file when it is not valid JSON or
     not of the type of ``default``."""
@@ -625,19 +567,3 @@ def _read_json(path: Path, default):
     if default is not None and not isinstance(data, type(default)):
         raise ValueError(f"{path}: expected a JSON {type(default).__name__}, got {type(data).__name__}")
     return data
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-
-def _bar(total: int, desc: str, progress: bool):
-    if not progress or total == 0:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img")

@@ -39,14 +39,9 @@ CHECKPOINT_VERSION = 1
 # ---- sampling --------------------------------------------------------------------------------------------
 def _descriptors_of(item, name: str) -> np.ndarray:
     """Whole-image descriptors of one store item (LocalFeatures, RegionFeatures or an (N, D) array)."""
-    feats = item
-    if hasattr(feats, "counts") and hasattr(feats, "features"):  # RegionFeatures: keep the whole-image region
-        box_ids = np.asarray(feats.box_ids)
-        whole = np.flatnonzero(box_ids == -1)
-        if whole.size:
-            feats = feats.region(int(whole[0]))
-        else:
-            feats = feats.features
+    from d2r.features.base import whole_image
+
+    feats = whole_image(item)  # RegionFeatures: keep the whole-image region
     desc = getattr(feats, "descriptors", feats)
     return as_descriptors(desc, name=name)
 

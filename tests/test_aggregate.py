@@ -157,20 +157,6 @@ def test_per_region_equals_separate_calls():
         np.testing.assert_array_equal(part.bits, whole.bits)
 
 
-def test_median_thresholds_split_training_bits_evenly():
-    rng = np.random.default_rng(5)
-    cents = _unit(rng, 8, 16)
-    train = [_unit(rng, 100, 16) for _ in range(40)]
-    agg = Aggregator(cents, "asmk_star")
-    thr = d2r.median_thresholds(agg, train)
-    assert thr.shape == (8, 16) and thr.dtype == np.float32 and np.any(thr != 0)
-    he = Aggregator(cents, "asmk_star", thresholds=thr)
-    bits = np.concatenate([np.unpackbits(he(x).bits, axis=1) for x in train])
-    assert abs(bits.mean() - 0.5) < 0.05
-    want = ref.aggregate(train[0], cents, "asmk_star", thresholds=thr)
-    np.testing.assert_array_equal(he(train[0]).bits, want["bits"])
-
-
 def test_precomputed_assignments_are_used():
     rng = np.random.default_rng(2)
     cents, x = _unit(rng, 16, 4), _unit(rng, 30, 4)

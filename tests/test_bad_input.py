@@ -60,8 +60,6 @@ def test_bad_options(book):
         book.assign(np.ones((1, 4), np.float32), 0)
     with pytest.raises(ValueError, match="VLAD only"):
         Aggregator(book, "asmk", l2_normalize=True)
-    with pytest.raises(ValueError, match="thresholds: expected shape"):
-        Aggregator(book, "asmk_star", thresholds=np.zeros((3, 4)))
     with pytest.raises(ValueError, match="assignments"):
         Aggregator(book, "asmk")(np.ones((2, 4), np.float32), assignments=np.array([[0], [9]]))
 

@@ -254,5 +254,17 @@ def test_engine_bookkeeping_edges(tmp_path, capsys):
     # removing the same id twice in one call is one removal; an unknown id is a message, not a traceback
     code, out, err = _cli(capsys, "index", "remove", eng, "im1", "im1", "--json")
     assert code == 0 and json.loads(out)["removed"] == 1
+    # its features went too: the id comes back with another file, described afresh
+    from d2r.features.store import FeatureStore
+
+    assert "im1" not in FeatureStore.open(eng / "features") and "im0" in FeatureStore.open(eng / "features")
+    assert not (eng / "features.new").exists() and not (eng / "features.old").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.fromarray(textured(rng, 200, 300)).save(other / "im1.png")
+    code, out, _ = _cli(capsys, "index", "add", eng, other, "--json", "--quiet")
+    assert code == 0 and json.loads(out)["indexed"] == 1
+    assert Engine.open(eng).search(other / "im1.png", top_k=1)[0].image_id == "im1"
+    assert Engine.open(eng).remove("im1") == 1
     code, _, err = _cli(capsys, "index", "remove", eng, "im1")
     assert code == 1 and "not in the index" in err

@@ -281,3 +281,29 @@ def test_failed_flush_keeps_the_buffer(tmp_path, rng, monkeypatch):
     reopened = FeatureStore.open(tmp_path / "s")
     assert sorted(reopened.ids()) == ["a", "b"]
     _same(reopened.get("b"), b)
+
+
+def test_remove_masks_rows_readers_keep_their_generation_and_compaction_reclaims(tmp_path, rng):
+    info = {"name": "t", "config": {}, "fingerprint": "f", "dim": 8}
+    feats = {f"im{i}": _local(rng, 5 + i) for i in range(6)}
+    with FeatureStore.create(tmp_path / "s", info, shard_bytes=1 << 20) as store:
+        for i, (k, f) in enumerate(feats.items()):
+            store.add(k, f)
+            if i % 2:
+                store.flush()  # three small shards
+        store.add_failure("bad", "ImageError: broken")
+    reader = FeatureStore.open(tmp_path / "s")
+    with FeatureStore.open(tmp_path / "s", "a") as store:
+        assert store.remove(["im1", "im4", "nope", "bad", "im1"]) == 2
+        assert "im1" not in store and "bad" not in store.failures and len(store) == 4
+        assert store.remove(["im1"]) == 0
+    _same(reader.get("im1"), feats["im1"])  # a reader of the previous generation still reads its images
+    again = FeatureStore.open(tmp_path / "s")
+    assert sorted(again.ids()) == ["im0", "im2", "im3", "im5"]
+    with FeatureStore.open(tmp_path / "s", "a") as store:
+        store.compact(full=True)
+    after = FeatureStore.open(tmp_path / "s")
+    assert sorted(after.ids()) == ["im0", "im2", "im3", "im5"] and after.num_shards == 1
+    assert after.manifest["num_images"] == 4
+    for k in after.ids():
+        _same(after.get(k), feats[k])

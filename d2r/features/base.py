@@ -102,3 +102,12 @@ class RegionFeatures:
     def region(self, r: int) -> LocalFeatures:
         start = int(self.counts[:r].sum())
         return self.features.select(slice(start, start + int(self.counts[r])))
+
+
+def whole_image(features) -> LocalFeatures:
+    """The whole-image features of a stored item: LocalFeatures as they are; for RegionFeatures the region
+    with box id -1 (the first region by convention; region 0 if none is marked). The one rule d2r uses."""
+    if isinstance(features, RegionFeatures):
+        whole = np.flatnonzero(np.asarray(features.box_ids) == -1)
+        return features.region(int(whole[0]) if whole.size else 0)
+    return features

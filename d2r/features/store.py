@@ -682,6 +682,37 @@ class FeatureStore:
         self._maybe_compact()
         return out
 
+    def remove(self, image_ids) -> int:
+        """Drop images from the store: their rows are masked in a new manifest generation (readers of the
+        previous one keep working) and compaction reclaims their bytes. Ids not stored are ignored; their
+        failure records go too. Returns how many stored images were removed."""
+        self._need_writable()
+        wanted = list(dict.fromkeys(str(i) for i in image_ids))
+        with self._lock:
+            gone = set(wanted)
+            self._writer._buffer.drop([(i, f) for i, f in self._writer._buffer.take() if i in gone])
+            index = self._view.index
+            rows: dict[str, set] = {}
+            for image_id in wanted:
+                if image_id in index:
+                    name, row = index[image_id]
+                    rows.setdefault(name, set()).add(row)
+            manifest = json.loads(json.dumps(self.manifest))
+            dropped_failures = [i for i in wanted if i in manifest["failures"]]
+            if not rows and not dropped_failures:
+                return 0
+            for rec in manifest["shards"]:
+                if rec["name"] in rows:
+                    rec["skip"] = sorted(set(rec.get("skip", [])) | rows[rec["name"]])
+            for image_id in dropped_failures:
+                del manifest["failures"][image_id]
+            self._write_manifest(manifest)
+            self._view.by_name.update({r["name"]: r for r in manifest["shards"]})
+            removed = [i for i in wanted if i in index]
+            for image_id in removed:
+                del index[image_id]
+        return len(removed)
+
     def _commit(self, results, verify: bool) -> dict:
         manifest = json.loads(json.dumps(self.manifest))  # committed only once everything checks out
         have = {r["name"] for r in manifest["shards"]}
