@@ -201,3 +201,64 @@ def test_sharded_on_ray_actors(cluster, tmp_path, idf):
         _assert_same(single, sharded, queries)
         batch = sharded.search_batch(queries, 10)
         assert [list(r.ids) for r in batch] == [list(single.search(q, 10).ids) for q in queries]
+
+
+# ---- real photos: sharded engines, distributed extraction ------------------------------------------------------
+CODEBOOK = __import__("pathlib").Path(__file__).resolve().parents[1] / "codebooks" / "rootsift-128d-k256-skimage-s0.npz"
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Ten scikit-image photos (some two views of one scene: a crop and a flip) and one broken file."""
+    skdata = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("photos")
+    for name in ("astronaut", "camera", "coffee", "chelsea", "rocket", "coins", "moon", "brick"):
+        img = np.asarray(getattr(skdata, name)())
+        Image.fromarray(img).save(folder / f"{name}.png")
+    Image.fromarray(np.asarray(skdata.astronaut())[40:400, 60:460]).save(folder / "astronaut_crop.png")
+    Image.fromarray(np.asarray(skdata.coffee())[:, ::-1].copy()).save(folder / "coffee_flip.png")
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    return folder
+
+
+def _engine_config():
+    return {"features": {"name": "rootsift", "options": {"max_features": 300}}, "codebook": {"path": str(CODEBOOK)},
+            "index": {"mode": "aggregation"}}
+
+
+def test_sharded_engines_search_like_one_engine(cluster, photos, tmp_path, capsys):
+    import json
+
+    from d2r.cli import main
+    from d2r.distributed import shard_bounds
+    from d2r.engine import Engine
+    from d2r.features import list_images
+
+    pairs = [p for p in list_images(photos) if p[0] != "broken"]
+    Engine.create(tmp_path / "one", _engine_config()).index(pairs, progress=False)
+    bounds = shard_bounds(len(pairs), 2)
+    shards = [tmp_path / f"shard{s}" for s in range(2)]
+    for s, path in enumerate(shards):
+        Engine.create(path, _engine_config()).index(pairs[bounds[s]:bounds[s + 1]], progress=False)
+
+    def hits(*index):
+        args = ["search", str(photos / "astronaut_crop.png"), "--top-k", "10", "--json", "--quiet"]
+        for i in index:
+            args += ["--index", str(i)]
+        assert main(args) == 0
+        return json.loads(capsys.readouterr().out)["hits"]
+
+    one = hits(tmp_path / "one")
+    assert one[0]["image_id"] == "astronaut_crop" and one[1]["image_id"] == "astronaut"
+    assert one[1]["inliers"] > 0 and one[1]["path"].endswith("astronaut.png")
+    assert hits(*shards) == one
+    from d2r.distributed import ShardedEngine
+
+    with ShardedEngine(shards, ray=True) as engine:  # shards held by Ray actors; features fetched from them
+        got = engine.search(photos / "astronaut_crop.png", top_k=10)
+    assert [h.to_dict() for h in got] == one
+    assert main(["search", str(photos / "coffee.png"), "--index", str(shards[0]), "--index",
+                 str(tmp_path / "missing"), "--quiet"]) == 1
+    assert "shard not found" in capsys.readouterr().err

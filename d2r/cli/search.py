@@ -10,7 +10,12 @@ def add_parser(subparsers) -> None:
                               description="Rank the images of an index by how well they show the same instance "
                                           "as the query photo (optionally cropped to a box).")
     p.add_argument("image", help="query image file")
-    p.add_argument("--index", required=True, help="engine folder (made by `d2r index create`)")
+    p.add_argument("--index", required=True, action="append",
+                   help="engine folder (made by `d2r index create`); repeat it for the shards of a sharded "
+                        "index (each indexes a block of the images, same config and codebook)")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="search the shards on Ray actors: a cluster address ('auto', HOST:PORT) or none for a "
+                        "local Ray; a shard NODE_IP:/path is opened on that node (pip install -e '.[ray]')")
     p.add_argument("--bbox", help="crop the query to x1,y1,x2,y2 (pixels)")
     p.add_argument("--top-k", type=int, default=10, help="results to show (default 10)")
     p.add_argument("--no-rerank", action="store_true", help="skip geometric-verification re-ranking")
@@ -38,7 +43,12 @@ def run(args) -> int:
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     bbox = parse_bbox(args.bbox) if args.bbox else None
-    engine = Engine.open(args.index)
+    if len(args.index) > 1 or args.ray is not None:
+        from d2r.distributed import ShardedEngine
+
+        engine = ShardedEngine(args.index, ray=args.ray is not None, address=args.ray or None)
+    else:
+        engine = Engine.open(args.index[0])
     t0 = time.perf_counter()
     hits = engine.search(args.image, bbox=bbox, top_k=args.top_k, rerank=not args.no_rerank)
     seconds = time.perf_counter() - t0

@@ -78,10 +78,7 @@ def run(args) -> int:
             raise ValueError(f"--ray runs --method lloyd, not {args.method!r}")
         from d2r.distributed import import_ray
 
-        try:
-            import_ray()  # the extra is installed, before any work
-        except ImportError as exc:
-            raise ValueError(str(exc)) from None
+        import_ray()  # the extra is installed, before any work
     progress = not args.quiet
     x, meta = load_training_descriptors(
         store=args.store, images=args.images, descriptors=args.descriptors, feature=args.features,
