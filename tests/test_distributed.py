@@ -262,3 +262,73 @@ def test_sharded_engines_search_like_one_engine(cluster, photos, tmp_path, capsy
     assert main(["search", str(photos / "coffee.png"), "--index", str(shards[0]), "--index",
                  str(tmp_path / "missing"), "--quiet"]) == 1
     assert "shard not found" in capsys.readouterr().err
+
+
+def _same_store(a, b):
+    from d2r.features import FeatureStore
+
+    sa, sb = FeatureStore.open(a), FeatureStore.open(b)
+    ids = sa.ids()
+    assert len(ids) == len(set(ids)) and sorted(ids) == sorted(sb.ids())
+    for image_id in ids:
+        fa, fb = sa.get(image_id), sb.get(image_id)
+        for name in ("locations", "scales", "scores", "descriptors"):
+            np.testing.assert_array_equal(getattr(fa, name), getattr(fb, name))
+    assert sa.failures.keys() == sb.failures.keys()
+    return ids
+
+
+def test_distributed_extraction_equals_one_process(cluster, photos, tmp_path, capsys):
+    import json
+
+    from d2r.cli import main
+
+    common = ["extract", "--images", str(photos), "--features", "rootsift", "--max-features", "300", "--quiet",
+              "--json"]
+    assert main(common + ["--out", str(tmp_path / "one")]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert main(common + ["--out", str(tmp_path / "ray"), "--ray", "--workers", "2"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (got["extracted"], got["failed"], got["workers"]) == (one["extracted"], 1, 2)
+    ids = _same_store(tmp_path / "ray", tmp_path / "one")
+    assert len(ids) == 10
+    assert main(common + ["--out", str(tmp_path / "ray"), "--ray"]) == 0  # resumed: nothing left to do
+    again = json.loads(capsys.readouterr().out)
+    assert (again["extracted"], again["skipped"]) == (0, 11)
+    assert main(common + ["--out", str(tmp_path / "bad"), "--ray", "--gpus-per-worker", "-1"]) == 2
+    assert not (tmp_path / "bad").exists()
+
+
+def test_killed_worker_loses_and_duplicates_nothing(cluster, photos, tmp_path):
+    import os
+    import threading
+    import time
+
+    from d2r.distributed import extract
+    from d2r.distributed.extract import ACTOR_PREFIX
+    from d2r.features import FeatureStore, extract_to_store, get_extractor, list_images
+
+    pairs = [(f"{i}-{c}", p) for i, p in list_images(photos) for c in range(4)]
+    extract_to_store(pairs, get_extractor("rootsift", max_features=200), tmp_path / "one", progress=False)
+    out, result = tmp_path / "ray", {}
+
+    def run():
+        result.update(extract(pairs, out, "rootsift", options={"max_features": 200}, workers=2, batch_size=1,
+                              shard_bytes=1, progress=False))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # kill worker 0 once a few images are committed
+        try:
+            if len(FeatureStore.open(out)) >= 3:
+                break
+        except (FileNotFoundError, ValueError):
+            pass
+        time.sleep(0.005)
+    ray.kill(ray.get_actor(f"{ACTOR_PREFIX}{os.getpid()}-0"), no_restart=True)
+    thread.join(300)
+    assert result["restarts"] == 1 and result["failed"] == 4
+    assert len(_same_store(out, tmp_path / "one")) == 40
+    again = extract(pairs, out, "rootsift", options={"max_features": 200}, progress=False)
+    assert (again["extracted"], again["skipped"]) == (0, 44)

@@ -29,6 +29,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--lock-timeout", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long for another writer of the store to finish (default 0: fail at once)")
     p.add_argument("--retry-failed", action="store_true", help="re-attempt images listed in failures.json")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="extract on Ray actors (one extractor each; --workers = actors): a cluster address "
+                        "('auto', HOST:PORT) or none for a local Ray; images and --out must be reachable from "
+                        "every node (pip install -e '.[ray]')")
+    p.add_argument("--gpus-per-worker", type=float, metavar="F", help="with --ray: GPU fraction per actor")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
@@ -39,7 +44,7 @@ def run(args) -> int:
     from d2r.features import extract_to_store, get_extractor
 
     for flag, value in (("--shard-mb", args.shard_mb), ("--shard-size", args.shard_size),
-                        ("--lock-timeout", args.lock_timeout)):
+                        ("--lock-timeout", args.lock_timeout), ("--gpus-per-worker", args.gpus_per_worker)):
         if value is not None and (value < 0 or (value == 0 and flag != "--lock-timeout")):
             print(f"d2r extract: error: {flag} must be positive, got {value}", file=sys.stderr)
             return 2
@@ -49,6 +54,11 @@ def run(args) -> int:
         kw["max_features"] = args.max_features
     if args.max_side is not None:
         kw["max_side"] = args.max_side
+    if args.gpus_per_worker is not None and args.ray is None:
+        print("d2r extract: error: --gpus-per-worker needs --ray", file=sys.stderr)
+        return 2
+    if args.ray is not None:
+        return _run_ray(args, kw)
     if args.features == "delf":
         if args.no_pca:
             kw["use_pca"] = False
@@ -66,6 +76,35 @@ def run(args) -> int:
     except LockedError as exc:
         print(f"d2r extract: error: {exc}", file=sys.stderr)
         return 1
+    return _report(args, summary)
+
+
+def _run_ray(args, kw) -> int:
+    from d2r._lock import LockedError
+    from d2r.distributed import extract
+
+    if args.model and args.features != "delf":
+        print("d2r extract: error: --model is only for --features delf", file=sys.stderr)
+        return 2
+    if args.shard_size is not None:
+        print("d2r extract: error: --shard-size is not used with --ray (shards roll over by --shard-mb)",
+              file=sys.stderr)
+        return 2
+    if args.features == "delf" and args.no_pca:
+        kw["use_pca"] = False
+    pca = None if args.features == "delf" and args.no_pca else args.pca
+    try:
+        summary = extract(args.images, args.out, args.features, model=args.model, pca=pca, options=kw,
+                          address=args.ray or None, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                          shard_bytes=max(1, int(args.shard_mb * (1 << 20))), retry_failed=args.retry_failed,
+                          lock_timeout=args.lock_timeout, progress=not args.quiet)
+    except LockedError as exc:
+        print(f"d2r extract: error: {exc}", file=sys.stderr)
+        return 1
+    return _report(args, summary)
+
+
+def _report(args, summary) -> int:
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     elif not args.quiet:
