@@ -332,3 +332,42 @@ def test_killed_worker_loses_and_duplicates_nothing(cluster, photos, tmp_path):
     assert len(_same_store(out, tmp_path / "one")) == 40
     again = extract(pairs, out, "rootsift", options={"max_features": 200}, progress=False)
     assert (again["extracted"], again["skipped"]) == (0, 44)
+
+
+@pytest.mark.dev
+@pytest.mark.slow
+def test_dev_photos_killed_driver_then_rerun_equals_one_process(bench_dev, tmp_path):
+    """`d2r extract --ray` on the dev photos, its driver (and so its local Ray) killed mid-run, then run again:
+    the store equals the single-process one (same ids, same arrays, nothing duplicated)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from d2r.cli import main
+
+    images = bench_dev / "images"
+    common = ["extract", "--images", str(images), "--features", "rootsift", "--max-side", "512",
+              "--max-features", "300", "--quiet"]
+    assert main(common + ["--out", str(tmp_path / "one")]) == 0
+    out = tmp_path / "ray"
+    cmd = [sys.executable, "-m", "d2r"] + common + ["--out", str(out), "--ray", "--workers", "2", "--shard-mb", "0.2"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        committed = 0
+        while time.monotonic() < deadline and proc.poll() is None and committed < 40:
+            try:
+                committed = json.loads((out / "manifest.json").read_text())["num_images"]
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert 40 <= committed < 367
+    assert subprocess.run(cmd, timeout=600).returncode == 0
+    assert len(_same_store(out, tmp_path / "one")) == 367
