@@ -39,7 +39,7 @@ from d2r.config import Config
 from d2r.index import search as _search
 from d2r.index import store as _store
 from d2r.index.search import EMPTY_SCORE, Ranking
-from d2r.index.segment import PAYLOAD, DamagedError, Segment, file_names
+from d2r.index.segment import DamagedError, Segment, file_names
 from d2r.index.store import FORMAT, FORMAT_VERSION, MergePolicy
 
 log = logging.getLogger(__name__)
