@@ -201,3 +201,173 @@ def test_sharded_on_ray_actors(cluster, tmp_path, idf):
         _assert_same(single, sharded, queries)
         batch = sharded.search_batch(queries, 10)
         assert [list(r.ids) for r in batch] == [list(single.search(q, 10).ids) for q in queries]
+
+
+# ---- real photos: sharded engines, distributed extraction ------------------------------------------------------
+CODEBOOK = __import__("pathlib").Path(__file__).resolve().parents[1] / "codebooks" / "rootsift-128d-k256-skimage-s0.npz"
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Ten scikit-image photos (some two views of one scene: a crop and a flip) and one broken file."""
+    skdata = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("photos")
+    for name in ("astronaut", "camera", "coffee", "chelsea", "rocket", "coins", "moon", "brick"):
+        img = np.asarray(getattr(skdata, name)())
+        Image.fromarray(img).save(folder / f"{name}.png")
+    Image.fromarray(np.asarray(skdata.astronaut())[40:400, 60:460]).save(folder / "astronaut_crop.png")
+    Image.fromarray(np.asarray(skdata.coffee())[:, ::-1].copy()).save(folder / "coffee_flip.png")
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    return folder
+
+
+def _engine_config():
+    return {"features": {"name": "rootsift", "options": {"max_features": 300}}, "codebook": {"path": str(CODEBOOK)},
+            "index": {"mode": "aggregation"}}
+
+
+def test_sharded_engines_search_like_one_engine(cluster, photos, tmp_path, capsys):
+    import json
+
+    from d2r.cli import main
+    from d2r.distributed import shard_bounds
+    from d2r.engine import Engine
+    from d2r.features import list_images
+
+    pairs = [p for p in list_images(photos) if p[0] != "broken"]
+    Engine.create(tmp_path / "one", _engine_config()).index(pairs, progress=False)
+    bounds = shard_bounds(len(pairs), 2)
+    shards = [tmp_path / f"shard{s}" for s in range(2)]
+    for s, path in enumerate(shards):
+        Engine.create(path, _engine_config()).index(pairs[bounds[s]:bounds[s + 1]], progress=False)
+
+    def hits(*index):
+        args = ["search", str(photos / "astronaut_crop.png"), "--top-k", "10", "--json", "--quiet"]
+        for i in index:
+            args += ["--index", str(i)]
+        assert main(args) == 0
+        return json.loads(capsys.readouterr().out)["hits"]
+
+    one = hits(tmp_path / "one")
+    assert one[0]["image_id"] == "astronaut_crop" and one[1]["image_id"] == "astronaut"
+    assert one[1]["inliers"] > 0 and one[1]["path"].endswith("astronaut.png")
+    assert hits(*shards) == one
+    from d2r.distributed import ShardedEngine
+
+    with ShardedEngine(shards, ray=True) as engine:  # shards held by Ray actors; features fetched from them
+        got = engine.search(photos / "astronaut_crop.png", top_k=10)
+    assert [h.to_dict() for h in got] == one
+    assert main(["search", str(photos / "coffee.png"), "--index", str(shards[0]), "--index",
+                 str(tmp_path / "missing"), "--quiet"]) == 1
+    assert "shard not found" in capsys.readouterr().err
+
+
+def _same_store(a, b):
+    from d2r.features import FeatureStore
+
+    sa, sb = FeatureStore.open(a), FeatureStore.open(b)
+    ids = sa.ids()
+    assert len(ids) == len(set(ids)) and sorted(ids) == sorted(sb.ids())
+    for image_id in ids:
+        fa, fb = sa.get(image_id), sb.get(image_id)
+        for name in ("locations", "scales", "scores", "descriptors"):
+            np.testing.assert_array_equal(getattr(fa, name), getattr(fb, name))
+    assert sa.failures.keys() == sb.failures.keys()
+    return ids
+
+
+def test_distributed_extraction_equals_one_process(cluster, photos, tmp_path, capsys):
+    import json
+
+    from d2r.cli import main
+
+    common = ["extract", "--images", str(photos), "--features", "rootsift", "--max-features", "300", "--quiet",
+              "--json"]
+    assert main(common + ["--out", str(tmp_path / "one")]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert main(common + ["--out", str(tmp_path / "ray"), "--ray", "--workers", "2"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (got["extracted"], got["failed"], got["workers"]) == (one["extracted"], 1, 2)
+    ids = _same_store(tmp_path / "ray", tmp_path / "one")
+    assert len(ids) == 10
+    assert main(common + ["--out", str(tmp_path / "ray"), "--ray"]) == 0  # resumed: nothing left to do
+    again = json.loads(capsys.readouterr().out)
+    assert (again["extracted"], again["skipped"]) == (0, 11)
+    assert main(common + ["--out", str(tmp_path / "bad"), "--ray", "--gpus-per-worker", "-1"]) == 2
+    assert not (tmp_path / "bad").exists()
+
+
+def test_killed_worker_loses_and_duplicates_nothing(cluster, photos, tmp_path):
+    import os
+    import threading
+    import time
+
+    from d2r.distributed import extract
+    from d2r.distributed.extract import ACTOR_PREFIX
+    from d2r.features import FeatureStore, extract_to_store, get_extractor, list_images
+
+    pairs = [(f"{i}-{c}", p) for i, p in list_images(photos) for c in range(4)]
+    extract_to_store(pairs, get_extractor("rootsift", max_features=200), tmp_path / "one", progress=False)
+    out, result = tmp_path / "ray", {}
+
+    def run():
+        result.update(extract(pairs, out, "rootsift", options={"max_features": 200}, workers=2, batch_size=1,
+                              shard_bytes=1, progress=False))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # kill worker 0 once a few images are committed
+        try:
+            if len(FeatureStore.open(out)) >= 3:
+                break
+        except (FileNotFoundError, ValueError):
+            pass
+        time.sleep(0.005)
+    ray.kill(ray.get_actor(f"{ACTOR_PREFIX}{os.getpid()}-0"), no_restart=True)
+    thread.join(300)
+    assert result["restarts"] == 1 and result["failed"] == 4
+    assert len(_same_store(out, tmp_path / "one")) == 40
+    again = extract(pairs, out, "rootsift", options={"max_features": 200}, progress=False)
+    assert (again["extracted"], again["skipped"]) == (0, 44)
+
+
+@pytest.mark.dev
+@pytest.mark.slow
+def test_dev_photos_killed_driver_then_rerun_equals_one_process(bench_dev, tmp_path):
+    """`d2r extract --ray` on the dev photos, its driver (and so its local Ray) killed mid-run, then run again:
+    the store equals the single-process one (same ids, same arrays, nothing duplicated)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from d2r.cli import main
+
+    images = bench_dev / "images"
+    common = ["extract", "--images", str(images), "--features", "rootsift", "--max-side", "512",
+              "--max-features", "300", "--quiet"]
+    assert main(common + ["--out", str(tmp_path / "one")]) == 0
+    out = tmp_path / "ray"
+    cmd = [sys.executable, "-m", "d2r"] + common + ["--out", str(out), "--ray", "--workers", "2", "--shard-mb", "0.2"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        committed = 0
+        while time.monotonic() < deadline and proc.poll() is None and committed < 40:
+            try:
+                committed = json.loads((out / "manifest.json").read_text())["num_images"]
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert 40 <= committed < 367
+    assert subprocess.run(cmd, timeout=600).returncode == 0
+    assert len(_same_store(out, tmp_path / "one")) == 367

@@ -28,6 +28,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--lock-timeout", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long for another writer of the store to finish (default 0: fail at once)")
     p.add_argument("--retry-failed", action="store_true", help="re-attempt images listed in failures.json")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="extract on Ray actors (one extractor each; --workers = actors): a cluster address "
+                        "('auto', HOST:PORT) or none for a local Ray; images and --out must be reachable from "
+                        "every node (pip install -e '.[ray]')")
+    p.add_argument("--gpus-per-worker", type=float, metavar="F", help="with --ray: GPU fraction per actor")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
@@ -42,6 +47,10 @@ def run(args) -> int:
 
     if args.model and args.features != "delf":
         raise UsageError("--model is only for --features delf")
+    if args.gpus_per_worker is not None and (args.ray is None or args.gpus_per_worker <= 0):
+        raise UsageError("--gpus-per-worker needs --ray and a positive fraction")
+    if args.ray is not None and args.shard_size is not None:
+        raise UsageError("--shard-size is not used with --ray (shards roll over by --shard-mb)")
     if not Path(args.images).exists():
         raise FileNotFoundError(f"--images {args.images}: no such folder or list file")
     for flag, value in (("--max-features", args.max_features), ("--max-side", args.max_side),
@@ -57,10 +66,22 @@ def run(args) -> int:
         options["use_pca"] = False
     pca = None if args.no_pca else args.pca
     extractor = FeaturesConfig(args.features, args.model, pca, options).build()  # checked before the store exists
+    if args.ray is not None:
+        from d2r.distributed import extract
+
+        summary = extract(args.images, args.out, args.features, model=args.model, pca=pca, options=options,
+                          address=args.ray or None, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                          shard_bytes=max(1, int(args.shard_mb * (1 << 20))), retry_failed=args.retry_failed,
+                          lock_timeout=args.lock_timeout, progress=not args.quiet)
+        return _report(args, summary)
     summary = extract_to_store(args.images, extractor, args.out, progress=not args.quiet,
                                workers=args.workers, shard_size=args.shard_size,
                                shard_bytes=max(1, int(args.shard_mb * (1 << 20))),
                                retry_failed=args.retry_failed, lock_timeout=args.lock_timeout)
+    return _report(args, summary)
+
+
+def _report(args, summary) -> int:
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     elif not args.quiet:

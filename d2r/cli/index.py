@@ -247,12 +247,10 @@ def _database_damage(path, quick: bool = False) -> list[dict]:
     from d2r.index.database import check
 
     db = _database_dir(path)
-    if not (db / "manifest.json").exists():
-        if not Path(path).exists():
-            raise FileNotFoundError(f"{path}: no such folder")
-        if quick:
-            return []
-        return [{"file": "manifest.json", "problem": "missing"}] if (Path(path) / "index").is_dir() else []
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: no such folder")
+    if quick and not (db / "manifest.json").exists() and not any(db.glob("manifest-*.json")):
+        return []  # an engine without an index yet
     return [dict(d, file=str(Path(db.name) / d["file"]) if db != Path(path) else d["file"])
             for d in check(db, digests=not quick)]
 

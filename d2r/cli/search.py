@@ -14,7 +14,12 @@ def add_parser(subparsers) -> None:
                                           "files, folders (searched recursively) or list files (one path a line); "
                                           "several are searched in one process, in parallel threads.")
     p.add_argument("image", nargs="+", help="query image file(s), folder(s) or list file(s)")
-    p.add_argument("--index", required=True, help="engine folder (made by `d2r index create`)")
+    p.add_argument("--index", required=True, action="append",
+                   help="engine folder (made by `d2r index create`); repeat it for the shards of a sharded "
+                        "index (each indexes a block of the images, same config and codebook)")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="search the shards on Ray actors: a cluster address ('auto', HOST:PORT) or none for a "
+                        "local Ray; a shard NODE_IP:/path is opened on that node (pip install -e '.[ray]')")
     p.add_argument("--bbox", help="crop the query to x1,y1,x2,y2 (pixels; a single query image only)")
     p.add_argument("--top-k", type=int, default=10, help="results to show (default 10)")
     p.add_argument("--no-rerank", action="store_true", help="skip geometric-verification re-ranking")
@@ -71,7 +76,12 @@ def run(args) -> int:
     queries = _queries(args.image)
     if bbox is not None and len(queries) > 1:
         raise ValueError(f"--bbox applies to a single query image, got {len(queries)} queries")
-    engine = Engine.open(args.index)
+    if len(args.index) > 1 or args.ray is not None:
+        from d2r.distributed import ShardedEngine
+
+        engine = ShardedEngine(args.index, ray=args.ray is not None, address=args.ray or None)
+    else:
+        engine = Engine.open(args.index[0])
     if len(queries) == 1:  # a single query: errors are the command's own (exit 1, one line)
         t0 = time.perf_counter()
         results = [engine.search(queries[0], bbox=bbox, top_k=args.top_k, rerank=not args.no_rerank)]

@@ -8,7 +8,9 @@ Importing this package does not import Ray; each entry point does, with a clear 
 """
 
 from d2r.distributed._ray import import_ray, init, session
+from d2r.distributed.extract import extract
 from d2r.distributed.kmeans import train_codebook
-from d2r.distributed.sharded import ShardedDatabase, build_shards, shard_bounds
+from d2r.distributed.sharded import ShardedDatabase, ShardedEngine, build_shards, shard_bounds
 
-__all__ = ["import_ray", "init", "session", "train_codebook", "ShardedDatabase", "build_shards", "shard_bounds"]
+__all__ = ["import_ray", "init", "session", "extract", "train_codebook", "ShardedDatabase", "ShardedEngine", "build_shards",
+           "shard_bounds"]

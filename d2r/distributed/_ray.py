@@ -12,12 +12,17 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install -e '.[ray]'"
 
 
+class RayMissing(ImportError, ValueError):
+    """Ray is not installed (an ImportError; also a ValueError, so the CLI reports it as a one-line error)."""
+
+
 def import_ray():
-    """The ``ray`` module; ImportError with the install command when the optional extra is missing."""
+    """The ``ray`` module; :class:`RayMissing` (an ImportError) with the install command when the optional
+    extra is missing."""
     try:
         import ray
     except ImportError:
-        raise ImportError(f"this needs Ray, an optional extra of d2r: {INSTALL_HINT}") from None
+        raise RayMissing(f"this needs Ray, an optional extra of d2r: {INSTALL_HINT}") from None
     return ray
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from d2r.engine import Engine, EngineConfig
 from d2r.index.database import Database, Ranking
 
 # "NODE_IP:/path": open this shard on the Ray node with that IP (the path is on that node).
@@ -43,9 +44,16 @@ class _Shard:
             raise FileNotFoundError(f"{path}: shard not found")
         folder = _database_folder(path)
         self.db = Database.open(folder)
-        self.engine_config = None
-        if folder != path:
+        self.engine_config = self._store = None
+        self._sources: dict = {}
+        if folder != path:  # an engine folder: its feature store and sources serve re-ranking and hits
             self.engine_config = json.loads((path / "engine.json").read_text()).get("config")
+            if (path / "sources.json").is_file():
+                self._sources = json.loads((path / "sources.json").read_text())
+            if (path / "features" / "manifest.json").is_file():
+                from d2r.features.store import FeatureStore
+
+                self._store = FeatureStore.open(path / "features")
 
     def describe(self) -> dict:
         db = self.db
@@ -61,6 +69,15 @@ class _Shard:
 
     def ids(self):
         return self.db.ids()
+
+    def features(self, image_id):
+        """Stored features of ``image_id`` (None when this shard has no store or not this image)."""
+        if self._store is None or image_id not in self._store:
+            return None
+        return self._store.get(image_id)
+
+    def source(self, image_id):
+        return self._sources.get(image_id)
 
     def search(self, queries, top_k: int, idf):
         kw = {} if idf is None else {"idf": idf}
@@ -149,6 +166,25 @@ class ShardedDatabase:
         return self._ray.get(getattr(s, method).remote(*args)) if self._ray is not None else getattr(s, method)(*args)
 
     # ---- contents ----------------------------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    @property
+    def kernel(self) -> str:
+        return self.config.kernel
+
+    def features(self, image_id):
+        """Stored features of ``image_id`` from the shard (engine folder) holding it; KeyError if none has."""
+        for f in self._call("features", image_id):
+            if f is not None:
+                return f
+        raise KeyError(f"{image_id!r} is not in the feature store of any shard")
+
+    def source(self, image_id):
+        """The image file recorded for ``image_id`` by its shard's engine (None when unknown)."""
+        return next((s for s in self._call("source", image_id) if s is not None), None)
+
     @property
     def num_shards(self) -> int:
         return len(self._shards)
@@ -279,3 +315,55 @@ def build_shards(images, shards, codebook, *, progress: bool = False, **config) 
             db.save()
         out.append(db)
     return out
+
+
+class _Sources:
+    """``.get(image_id)`` of the image file, asked of the shards (an engine's ``sources.json`` stays there)."""
+
+    def __init__(self, sharded: ShardedDatabase):
+        self._sharded = sharded
+
+    def get(self, image_id, default=None):
+        found = self._sharded.source(image_id)
+        return default if found is None else found
+
+
+class ShardedEngine(Engine):
+    """An :class:`~d2r.engine.Engine` (search side) over engine folders that each index a block of the images:
+    the query is extracted and aggregated once, ranked by a :class:`ShardedDatabase`, re-ranked with features
+    fetched from the shard holding each image. Every shard must have the same features, regions and index
+    settings. Read-only: index each shard with its own engine."""
+
+    def __init__(self, shards, *, ray: bool = False, address: str | None = None):
+        shards = list(shards)
+        sharded = ShardedDatabase(shards, ray=ray, address=address)
+        try:
+            configs = [d["engine_config"] for d in sharded._describe]
+            for s, c in zip(shards, configs):
+                if c is None:
+                    raise ValueError(f"{s}: not an engine folder (engine.json missing)")
+                for key in ("features", "regions"):
+                    if c[key] != configs[0][key]:
+                        raise ValueError(f"{s}: shard has {key} {c[key]}, the first shard {configs[0][key]}")
+        except Exception:
+            sharded.close()
+            raise
+        super().__init__(Path(str(shards[0])), EngineConfig.from_dict(configs[0]))
+        self._db = sharded
+        self._sources = _Sources(sharded)
+        self._failures = {}
+
+    def _stored(self, image_id):
+        return self._db.features(str(image_id))
+
+    def index(self, *args, **kwargs):
+        raise ValueError("a sharded engine is read-only: index each shard with its own engine")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

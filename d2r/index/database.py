@@ -39,7 +39,7 @@ from d2r.config import Config
 from d2r.index import search as _search
 from d2r.index import store as _store
 from d2r.index.search import EMPTY_SCORE, Ranking
-from d2r.index.segment import PAYLOAD, DamagedError, Segment, file_names
+from d2r.index.segment import DamagedError, Segment, file_names
 from d2r.index.store import FORMAT, FORMAT_VERSION, MergePolicy
 
 log = logging.getLogger(__name__)
@@ -435,6 +435,7 @@ class Database:
         self._writing()
         name = self._new_name()
         seg.write(self.path, name, self.kernel)
+        self.merge_stats["bytes_written"] = self.merge_stats.get("bytes_written", 0) + seg.nbytes()
         return Segment.read(self.path, seg.record(), self.kernel, self.mode, self.codebook.size, self.codebook.dim)
 
     def _new_name(self) -> str:
@@ -679,6 +680,11 @@ def check(path, digests: bool = True) -> list[dict]:
     except DamagedError as exc:
         bad(exc.file, exc.problem)
         return damaged
+    except FileNotFoundError:
+        if not any(path.glob("manifest-*.json")):
+            raise  # not a database at all
+        bad(path / _store.MANIFEST, "missing")
+        return damaged
     book = None
     cb = manifest["codebook"]
     if "file" in cb:
@@ -738,7 +744,7 @@ def repair(path, lock_timeout: float | None = 0.0) -> dict:
     with WriterLock(path, lock_timeout, what="index"):
         try:
             _store.read_manifest(path)
-        except DamagedError:  # fall back on the newest readable recent generation
+        except (DamagedError, FileNotFoundError):  # fall back on the newest readable recent generation
             for gen in sorted((int(p.name[9:-5]) for p in path.glob("manifest-*.json")), reverse=True):
                 try:
                     _io.write_json(path / _store.MANIFEST,

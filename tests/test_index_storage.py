@@ -1,0 +1,519 @@
+"""Index storage: streaming merges equal brute force, many saves equal one batch, bounded merge memory, write
+amplification, writer lock across processes, readers during writes, and a corruption corpus for every file kind."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import d2r
+from d2r._lock import LockedError
+from d2r.aggregate import Aggregator, similarity
+from d2r.cli import main as cli_main
+from d2r.index import DamagedError, Database, MergePolicy
+from d2r.index import store as store_mod
+from d2r.index.database import check
+from d2r.index.segment import PAYLOAD, Segment
+from d2r.kernels.merge import merge_postings
+
+ENV = {**os.environ, "PYTHONPATH": os.getcwd()}
+
+
+def _unit(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
+
+
+def _desc(image_id: int, d=16):
+    """Descriptors determined by the (int) id, so another process can recompute them."""
+    rng = np.random.default_rng(1000 + int(image_id))
+    return _unit(rng, int(rng.integers(0, 40)), d)
+
+
+# ---- the merge kernel against numpy ------------------------------------------------------------------------------
+def _numpy_merge(segments, removed, K):
+    """Slow obvious merge: every live posting as (word, new item, payload row), stably sorted by word."""
+    words, items, payload, next_item = [], [], [], 0
+    for s, rem in zip(segments, removed):
+        live_item = ~rem[np.asarray(s.item_image)]
+        new = np.full(s.num_items, -1)
+        new[live_item] = next_item + np.arange(live_item.sum())
+        next_item += live_item.sum()
+        w = np.repeat(np.arange(K), np.diff(s.offsets))
+        keep = live_item[s.items]
+        words.append(w[keep])
+        items.append(new[s.items[keep]])
+        payload.append(s.payload[keep])
+    words = np.concatenate(words)
+    order = np.argsort(words, kind="stable")
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(words, minlength=K))])
+    return offsets, np.concatenate(items)[order], np.concatenate(payload)[order]
+
+
+def _random_segments(rng, K, D, count, kernel="asmk_star", mode="search"):
+    segments, removed = [], []
+    for _ in range(count):
+        n_img = int(rng.integers(0, 12))
+        per = rng.integers(0, 3, n_img) if mode == "search" else np.ones(n_img, int)
+        item_image = np.repeat(np.arange(n_img), per).astype(np.int32)
+        records = []
+        for _ in item_image:
+            w = np.sort(rng.choice(K, int(rng.integers(0, min(K, 8))), replace=False)).astype(np.uint32)
+            if kernel == "asmk_star":
+                records.append(d2r.Aggregated(kernel, D, K, words=w, bits=rng.integers(0, 256, (len(w), (D + 7) // 8),
+                                                                                      dtype=np.uint8)))
+            else:
+                records.append(d2r.Aggregated(kernel, D, K, words=w, descriptors=_unit(rng, len(w), D)))
+        ids = [f"s{len(segments)}-{i}" for i in range(n_img)]
+        seg = Segment.build(kernel, K, D, ids, item_image, np.zeros(len(item_image), np.int32), records)
+        segments.append(seg)
+        removed.append(rng.random(n_img) < 0.3)
+    return segments, removed
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("kernel", ["asmk_star", "asmk"])
+def test_streaming_merge_equals_numpy(tmp_path, seed, kernel):
+    rng = np.random.default_rng(seed)
+    K, D = int(rng.choice([5, 64])), int(rng.choice([8, 24]))
+    segments, removed = _random_segments(rng, K, D, int(rng.integers(1, 14)), kernel)
+    want = _numpy_merge(segments, removed, K)
+    for chunk in (1, 7, 1000):
+        stats = {}
+        got = store_mod.merge(segments, removed, kernel, K, D, "search", chunk, stats=stats)
+        np.testing.assert_array_equal(got.offsets, want[0])
+        np.testing.assert_array_equal(got.items, want[1])
+        np.testing.assert_array_equal(got.payload, want[2])
+        assert list(got.image_ids) == [i for s, r in zip(segments, removed) for i, x in zip(s.image_ids, r) if not x]
+    # the same merge from files, written in chunks, memory-mapped back
+    for i, s in enumerate(segments):
+        s.write(tmp_path, f"seg-{i:04d}", kernel)
+    got = store_mod.merge(segments, removed, kernel, K, D, "search", 5, root=tmp_path, name="seg-ffff")
+    np.testing.assert_array_equal(got.items, want[1])
+    np.testing.assert_array_equal(got.payload, want[2])
+    assert isinstance(got.items, np.memmap)
+
+
+def test_merge_kernel_drops_removed_and_keeps_word_order():
+    items = np.array([0, 1, 0, 2, 1], np.uint32)
+    payload = np.arange(10, dtype=np.uint8).reshape(5, 2)
+    seg_off = np.array([[0, 2, 2], [2, 3, 5]], np.int64)  # seg 0: word 0 {0, 1}; seg 1: word 0 {0}, word 1 {2, 1}
+    item_map = np.array([0, -1, 1, 2, -1], np.int64)  # seg0 items 0,1; seg1 items 0,1,2 (base 2)
+    out_i, out_p, counts = np.empty(5, np.uint32), np.empty((5, 2), np.uint8), np.empty(2, np.int64)
+    n = merge_postings(seg_off, items, payload, item_map, np.array([0, 2]), out_i, out_p, counts)
+    assert n == 3 and list(out_i[:n]) == [0, 1, 2] and list(counts) == [2, 1]
+    np.testing.assert_array_equal(out_p[:n], payload[[0, 2, 4]])
+
+
+# ---- many saves equal one batch ------------------------------------------------------------------------------------
+def _reference(cents, cfg, live):
+    ref = Database.create(None, d2r.Codebook(cents), **cfg)
+    for image_id, x, regions in live:
+        ref.add(image_id, x, regions)
+    return ref
+
+
+@pytest.mark.parametrize("seed,cfg", [
+    (0, dict(kernel="asmk_star")),
+    (1, dict(kernel="asmk_star", mode="search", idf=True)),
+    (2, dict(kernel="asmk", normalize=False)),
+    (3, dict(kernel="asmk_star", idf=True, normalize=False)),
+])
+def test_random_saves_equal_single_batch(tmp_path, seed, cfg):
+    rng = np.random.default_rng(seed)
+    D = 16
+    cents = _unit(rng, 48, D)
+    db = Database.create(tmp_path / "db", d2r.Codebook(cents), **cfg)
+    db.merge_policy = MergePolicy(factor=3, floor_bytes=256, max_segments=12, chunk_entries=17, spill_bytes=3000)
+    live: dict = {}
+    next_id = 0
+    queries = [_unit(rng, 25, D) for _ in range(2)]
+    saves = 0
+    while saves < 100:
+        r = rng.random()
+        if r < 0.55 or not live:
+            x = _unit(rng, int(rng.choice([0, 3, 20, 40])), D)
+            regions = None
+            if cfg.get("mode") == "search" and len(x) and rng.random() < 0.5:
+                regions = [len(x) // 2, len(x) - len(x) // 2]
+            db.add(next_id, x, regions)
+            live[next_id] = (next_id, x, regions)
+            next_id += 1
+        elif r < 0.7:
+            victim = list(live)[int(rng.integers(len(live)))]
+            db.remove(victim)
+            del live[victim]
+            if rng.random() < 0.3:  # add it back: it goes to the end
+                db.add(victim, live_x := _unit(rng, 10, D))
+                live[victim] = (victim, live_x, None)
+        else:
+            if rng.random() < 0.05:
+                db.compact()
+            db.save()
+            saves += 1
+            if saves % 25 == 0:
+                db.close()
+                db = Database.open(tmp_path / "db")
+                db.merge_policy = MergePolicy(factor=3, floor_bytes=256, max_segments=12, chunk_entries=17,
+                                              spill_bytes=3000)
+                ref = _reference(cents, cfg, list(live.values()))
+                assert list(db.ids()) == list(ref.ids()) == list(live)
+                for q in queries:
+                    a, b = db.search(q, top_k=len(live)), ref.search(q, top_k=len(live))
+                    assert list(a.ids) == list(b.ids)
+                    np.testing.assert_allclose(a.scores, b.scores, atol=1e-9, rtol=0)
+                    np.testing.assert_array_equal(a.regions, b.regions)
+                if cfg.get("idf"):
+                    np.testing.assert_array_equal(db.statistics()["df"], ref.statistics()["df"])
+    assert len(db._segments) <= 12
+    db.close()
+
+
+def test_statistics_and_shared_idf():
+    rng = np.random.default_rng(3)
+    cents = _unit(rng, 32, 16)
+    a = Database.create(None, d2r.Codebook(cents), kernel="asmk", idf=True)
+    b = Database.create(None, d2r.Codebook(cents), kernel="asmk", idf=True)
+    whole = Database.create(None, d2r.Codebook(cents), kernel="asmk", idf=True)
+    for i in range(30):
+        x = _unit(rng, 25, 16)
+        (a if i % 2 else b).add(i, x)
+        whole.add(i, x)
+    a.remove(5)
+    whole.remove(5)
+    sa, sb, sw = a.statistics(), b.statistics(), whole.statistics()
+    np.testing.assert_array_equal(sa["df"] + sb["df"], sw["df"])
+    assert sa["items"] + sb["items"] == sw["items"] == 29 and sa["images"] == 14
+    idf = np.log(sw["items"] / np.maximum(sw["df"], 1))
+    np.testing.assert_allclose(idf, whole.idf())
+    q = _unit(rng, 20, 16)
+    merged = {**dict(zip(*a.search(q, 100, idf=idf))), **dict(zip(*b.search(q, 100, idf=idf)))}
+    full = dict(zip(*whole.search(q, 100)))
+    assert merged.keys() == full.keys()
+    for k in full:
+        assert merged[k] == pytest.approx(full[k], abs=1e-12)
+    plain = Database.create(None, d2r.Codebook(cents))
+    plain.add(0, q)
+    with pytest.raises(ValueError, match="idf"):
+        plain.search(q, idf=idf)
+    with pytest.raises(ValueError, match="idf"):
+        a.search(q, idf=idf[:3])
+
+
+def test_ties_rank_by_insertion_across_merges(tmp_path):
+    rng = np.random.default_rng(4)
+    cents = _unit(rng, 16, 8)
+    x = _unit(rng, 20, 8)
+    db = Database.create(tmp_path / "db", d2r.Codebook(cents))
+    db.merge_policy = MergePolicy(factor=2, floor_bytes=1)
+    for i in range(20):
+        db.add(f"i{i:02d}", x)  # identical images: all scores tie
+        db.save()
+    assert list(db.search(x, 7).ids) == [f"i{i:02d}" for i in range(7)]
+
+
+# ---- memory and write amplification --------------------------------------------------------------------------------
+def test_merge_memory_is_bounded_by_the_chunk(tmp_path):
+    rng = np.random.default_rng(5)
+    K, D = 1024, 128
+    cents = _unit(rng, K, D)
+    agg = Aggregator(cents, "asmk_star")
+    db = Database.create(tmp_path / "db", d2r.Codebook(cents))
+    db.merge_policy = MergePolicy(factor=100, max_segments=100, chunk_entries=1000)  # no merges until compact
+    for s in range(30):
+        for i in range(50):
+            db.add_aggregated(f"{s}-{i}", agg(_unit(rng, 150, D)))
+        db.save()
+    postings = sum(seg.items.nbytes + seg.payload.nbytes for seg in db._segments)
+    assert len(db._segments) == 30 and postings > 2_000_000
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    db.compact()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert db.merge_stats["max_chunk_entries"] <= 1000
+    assert peak < postings / 5, (peak, postings)
+    db.save()
+    assert len(db._segments) == 1 and len(db) == 1500
+
+
+def test_write_amplification_grows_logarithmically(tmp_path):
+    rng = np.random.default_rng(6)
+    cents = _unit(rng, 64, 16)
+    agg = Aggregator(cents, "asmk_star")
+    db = Database.create(tmp_path / "db", d2r.Codebook(cents))
+    db.merge_policy = MergePolicy(factor=4, floor_bytes=1000)
+    saves = 128
+    for s in range(saves):
+        for i in range(4):
+            db.add_aggregated(s * 4 + i, agg(_unit(rng, 30, 16)))
+        db.save()
+    final = sum(seg.nbytes() for seg in db._segments)
+    wa = db.merge_stats["bytes_written"] / final
+    assert wa <= np.log(saves) / np.log(4) + 2, wa  # each posting rewritten once per tier
+    assert len(db._segments) <= 3 * 5  # at most factor - 1 per tier
+
+
+# ---- processes ---------------------------------------------------------------------------------------------------
+HOLDER = """
+import sys, time
+from d2r.index import Database
+db = Database.open(sys.argv[1], writable=True)
+open(sys.argv[2], "w").write("locked")
+time.sleep(float(sys.argv[3]))
+"""
+
+
+def test_second_writer_refused_up_front_or_waits(tmp_path):
+    cents = _unit(np.random.default_rng(7), 16, 8)
+    Database.create(tmp_path / "db", d2r.Codebook(cents)).close()
+    (tmp_path / "holder.py").write_text(HOLDER)
+    marker = tmp_path / "marker"
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "holder.py"), str(tmp_path / "db"), str(marker), "3"],
+                            env=ENV)
+    try:
+        deadline = time.time() + 60
+        while not marker.exists() and time.time() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(LockedError, match=r"another writer \(pid \d+\) is using this index"):
+            Database.open(tmp_path / "db", writable=True)
+        reader = Database.open(tmp_path / "db")  # readers never wait
+        assert len(reader) == 0
+        with pytest.raises(LockedError):
+            reader.add(1, _unit(np.random.default_rng(0), 5, 8))
+        t0 = time.time()
+        db = Database.open(tmp_path / "db", writable=True, lock_timeout=60)  # waits for the holder to exit
+        assert time.time() - t0 > 0.5
+        db.add(1, _unit(np.random.default_rng(0), 5, 8))
+        db.save()
+        db.close()
+    finally:
+        proc.kill()
+        proc.wait()
+    code = cli_main(["index", "check", str(tmp_path / "db")])
+    assert code == 0
+
+
+WRITER = """
+import json, sys, numpy as np
+from d2r.index import Database, MergePolicy
+sys.path.insert(0, sys.argv[3])
+from test_index_storage import _desc
+path, log = sys.argv[1], sys.argv[2]
+db = Database.open(path, writable=True)
+db.merge_policy = MergePolicy(factor=3, floor_bytes=512, chunk_entries=50)
+rng = np.random.default_rng(0)
+nid = 0
+for round in range(40):
+    for _ in range(4):
+        db.add(nid, _desc(nid))
+        nid += 1
+    if round % 3 == 2:
+        ids = list(db.ids())
+        for victim in rng.choice(ids, 2, replace=False):
+            db.remove(int(victim))
+    if round % 10 == 9:
+        db.compact()
+    db.save()
+    with open(log, "a") as f:
+        f.write(json.dumps({"generation": db.generation, "ids": [int(i) for i in db.ids()]}) + "\\n")
+"""
+
+
+def test_reader_sees_consistent_generations_while_writer_saves(tmp_path):
+    cents = _unit(np.random.default_rng(8), 32, 16)
+    Database.create(tmp_path / "db", d2r.Codebook(cents)).close()
+    (tmp_path / "writer.py").write_text(WRITER)
+    log = tmp_path / "log.jsonl"
+    log.touch()
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "writer.py"), str(tmp_path / "db"), str(log),
+                             str(Path(__file__).parent)], env=ENV)
+    agg = Aggregator(cents, "asmk_star")
+    q = _unit(np.random.default_rng(9), 30, 16)
+    seen = {}
+    try:
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            db = Database.open(tmp_path / "db")
+            ranking = db.search(q, top_k=10)
+            seen[db.generation] = (list(db.ids()), list(ranking.ids), list(ranking.scores))
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    logged = {g["generation"]: g["ids"] for g in map(json.loads, log.read_text().splitlines())}
+    checked = 0
+    for generation, (ids, top, scores) in seen.items():
+        if generation not in logged:
+            continue  # the empty first generation
+        assert ids == logged[generation]
+        want = {i: similarity(agg(q), agg(_desc(i))) for i in ids}
+        assert top == sorted(ids, key=lambda i: (-want[i], ids.index(i)))[:10]
+        np.testing.assert_allclose(scores, [want[i] for i in top], atol=1e-9)
+        checked += 1
+    assert checked >= 3, seen.keys()
+    assert check(tmp_path / "db") == []
+
+
+# ---- corruption corpus -------------------------------------------------------------------------------------------
+def _damage(path: Path, how: str):
+    data = path.read_bytes() if path.exists() else b""
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "flip":
+        b = bytearray(data)
+        for i in range(len(b) - 1, max(len(b) - 4, 0), -1):
+            b[i] ^= 0xFF
+        path.write_bytes(bytes(b))
+    elif how == "missing":
+        path.unlink()
+    elif how == "garbage":
+        path.write_bytes(b"\x00garbage" * 7)
+    else:
+        a = np.load(path, allow_pickle=False)
+        if how == "dtype":
+            a = a.astype("S") if a.dtype.kind == "U" else a.astype(np.int64 if a.dtype != np.int64 else np.int32)
+        elif how == "shape":
+            a = np.concatenate([a, a[:1]]) if a.shape[0] else np.zeros((1,) + a.shape[1:], a.dtype)
+        elif how == "range":
+            a = a.copy()
+            a[-1] = np.iinfo(a.dtype).max if path.name != "offsets.npy" else a[-1] + 5
+            if path.name == "offsets.npy":
+                a[3] = -1
+        np.save(path, a)
+
+
+SEGMENT_FILES = ["image_ids.npy", "item_image.npy", "item_region.npy", "item_words.npy", "offsets.npy",
+                 "items.npy", "bits.npy"]
+CORPUS = ([(f, how) for f in SEGMENT_FILES for how in ("truncate", "flip", "dtype", "shape", "missing")]
+          + [(f, "range") for f in ("items.npy", "offsets.npy", "item_image.npy")]
+          + [("removed", how) for how in ("truncate", "flip", "dtype", "shape", "missing")]
+          + [("codebook.npz", how) for how in ("truncate", "flip", "missing", "garbage")]
+          + [("manifest.json", how) for how in ("truncate", "missing", "garbage")])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """One healthy database (2 segments + removal table) and a damaged copy of it per corpus case."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(10)
+    cents = _unit(rng, 32, 16)
+    db = Database.create(root / "healthy", d2r.Codebook(cents), mode="search")
+    for s in range(2):
+        for i in range(12):
+            db.add(f"{s}-{i}", _unit(rng, 30, 16), [15, 15] if i % 2 else None)
+        db.save()
+    db.remove("0-3")
+    db.save()
+    db.close()
+    manifest = json.loads((root / "healthy" / "manifest.json").read_text())
+    seg = manifest["segments"][-1]["name"]
+    cases = {}
+    for fname, how in CORPUS:
+        target = root / f"{fname}-{how}"
+        shutil.copytree(root / "healthy", target)
+        rel = {"removed": manifest["removed"]["name"], "codebook.npz": fname, "manifest.json": fname}.get(
+            fname, f"{seg}/{fname}")
+        _damage(target / rel, how)
+        cases[(fname, how)] = (target, rel)
+    return root, cases
+
+
+@pytest.mark.parametrize("fname,how", CORPUS, ids=[f"{f}-{h}" for f, h in CORPUS])
+def test_corruption_is_named(corpus, fname, how, capsys):
+    root, cases = corpus
+    path, rel = cases[(fname, how)]
+    assert [d["file"] for d in check(path)] == [rel]
+    assert check(root / "healthy") == []
+    try:
+        Database.open(path).search(_unit(np.random.default_rng(0), 20, 16), 5)
+        assert how == "flip" and fname in ("bits.npy", "removed", "item_region.npy", "image_ids.npy"), \
+            "structural damage went unnoticed"
+    except DamagedError as exc:
+        assert rel in str(exc).replace(os.sep, "/") and "\n" not in str(exc)
+    except (FileNotFoundError, ValueError) as exc:
+        assert fname == "manifest.json" and "manifest.json" in str(exc)
+    capsys.readouterr()
+    assert cli_main(["index", "check", str(path), "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert [d["file"] for d in out["damaged"]] == [rel] and out["healthy"] is False
+    assert cli_main(["index", "check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert rel in err and "Traceback" not in err
+
+
+SEARCH_ALL = """
+import sys, numpy as np
+from d2r.index import Database
+q = np.random.default_rng(0).standard_normal((20, 16)).astype(np.float32)
+for path in sys.argv[1:]:
+    try:
+        Database.open(path).search(q, 5)
+        print("ok", path, flush=True)
+    except (ValueError, OSError) as exc:
+        print("error", path, str(exc).splitlines()[0], flush=True)
+"""
+
+
+def test_damaged_indexes_never_crash_the_interpreter(corpus, tmp_path):
+    root, cases = corpus
+    script = tmp_path / "search_all.py"
+    script.write_text(SEARCH_ALL)
+    paths = [str(p) for p, _ in cases.values()]
+    proc = subprocess.run([sys.executable, str(script), *paths], env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # a segfault would be negative
+    lines = proc.stdout.splitlines()
+    assert len(lines) == len(paths) and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("kernel,mode", [("asmk", "aggregation"), ("vlad", "search")])
+@pytest.mark.parametrize("how", ["truncate", "shape", "dtype"])
+def test_payload_corruption_other_kernels(tmp_path, kernel, mode, how):
+    rng = np.random.default_rng(11)
+    cents = _unit(rng, 8, 8)
+    db = Database.create(tmp_path / "db", d2r.Codebook(cents), kernel=kernel, mode=mode)
+    for i in range(6):
+        db.add(i, _unit(rng, 20, 8))
+    db.save()
+    db.close()
+    seg = json.loads((tmp_path / "db" / "manifest.json").read_text())["segments"][0]["name"]
+    rel = f"{seg}/{PAYLOAD[kernel]}.npy"
+    _damage(tmp_path / "db" / rel, how)
+    assert [d["file"] for d in check(tmp_path / "db")] == [rel]
+    with pytest.raises(DamagedError, match=PAYLOAD[kernel]):
+        Database.open(tmp_path / "db")
+
+
+def test_repair_drops_damaged_segments(tmp_path, capsys):
+    rng = np.random.default_rng(12)
+    cents = _unit(rng, 16, 8)
+    db = Database.create(tmp_path / "db", d2r.Codebook(cents))
+    db.merge_policy = MergePolicy(factor=50, max_segments=50)
+    for s in range(3):
+        for i in range(5):
+            db.add(f"{s}-{i}", _unit(rng, 20, 8))
+        db.save()
+    db.remove("2-0")
+    db.save()
+    db.close()
+    seg = json.loads((tmp_path / "db" / "manifest.json").read_text())["segments"][1]["name"]
+    _damage(tmp_path / "db" / seg / "items.npy", "flip")
+    assert cli_main(["index", "info", str(tmp_path / "db")]) in (0, 1)
+    capsys.readouterr()
+    assert cli_main(["index", "repair", str(tmp_path / "db"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in report["dropped_segments"]] == [seg]
+    assert check(tmp_path / "db") == []
+    again = Database.open(tmp_path / "db")
+    assert list(again.ids()) == [f"0-{i}" for i in range(5)] + [f"2-{i}" for i in range(1, 5)]
+    # a damaged manifest.json falls back on the newest readable generation
+    _damage(tmp_path / "db" / "manifest.json", "garbage")
+    assert cli_main(["index", "repair", str(tmp_path / "db")]) == 0
+    assert list(Database.open(tmp_path / "db").ids()) == list(again.ids())
