@@ -32,7 +32,7 @@ def add_parser(subparsers) -> None:
     _lock_timeout(c)
     c.set_defaults(func=run_create)
 
-    a = sub.add_parser("add", help="index images (a folder, list file or paths) or a feature store; resumable")
+    a = sub.add_parser("add", help="index images (folder, list file or paths) or a feature store; resumable")
     a.add_argument("path", help="engine folder")
     a.add_argument("images", nargs="*", help="folder, list file, or image paths")
     a.add_argument("--store", help="index the features of this feature store (made by `d2r extract` with the "
