@@ -119,8 +119,10 @@ class Database:
         """A new, empty database at ``path`` (a directory that must not hold a database yet), or in memory when
         ``path`` is None. ``codebook`` is a :class:`Codebook` or a path to one; it is copied into the database."""
         book = codebook if isinstance(codebook, Codebook) else Codebook.load(codebook)
-        config = DatabaseConfig(kernel, mode, float(alpha), float(tau), bool(tau_inclusive), bool(normalize),
-                                int(num_assignments), int(query_num_assignments), bool(idf))
+        config = DatabaseConfig(kernel=kernel, mode=mode, alpha=float(alpha), tau=float(tau),
+                                tau_inclusive=bool(tau_inclusive), normalize=bool(normalize),
+                                num_assignments=int(num_assignments),
+                                query_num_assignments=int(query_num_assignments), idf=bool(idf))
         config.check(book)
         db = cls(path, book, config, [], np.zeros(0, bool), 0, None)
         if path is not None:
