@@ -142,24 +142,16 @@ class EngineConfig(Config):
 
     def check(self) -> "EngineConfig":
         """Refuse a bad config before anything is extracted or written (ValueError naming the option)."""
-        from d2r.aggregate import get_kernel
         from d2r.features import EXTRACTORS
-        from d2r.index.database import MODES
 
-        c = self.index
         if self.features.name not in EXTRACTORS:
             raise ValueError(f"features.name must be one of {list(EXTRACTORS)}, got {self.features.name!r}")
         try:
-            kernel = get_kernel(c.kernel)
+            self.index.check()
         except ValueError as exc:
             raise ValueError(f"index.{exc}") from None
-        if c.mode not in MODES:
-            raise ValueError(f"index.mode must be one of {list(MODES)}, got {c.mode!r}")
-        if c.idf and not kernel.per_word:
-            raise ValueError(f"index.idf applies to the ASMK kernels, not to {c.kernel!r}")
-        for name, value in [("index.num_assignments", c.num_assignments),
-                            ("index.query_num_assignments", c.query_num_assignments), ("batch_size", self.batch_size),
-                            ("workers", self.workers), ("codebook.size", self.codebook.size)]:
+        for name, value in [("batch_size", self.batch_size), ("workers", self.workers),
+                            ("codebook.size", self.codebook.size)]:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.codebook.method not in ("lloyd", "minibatch"):
