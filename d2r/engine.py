@@ -73,6 +73,35 @@ class CodebookConfig(Config):
     seed: int = 0
 
 
+# Defaults that depend on the feature type, applied where a config does not set them (and followed when the
+# feature type changes by override). GV putative-match distance: 0.4 separates true RootSIFT matches best
+# (benchmarks/results/dev_results.md); 0.9 is the official DELF value.
+FEATURE_DEFAULTS: dict[str, dict] = {
+    "rootsift": {"rerank.descriptor_distance": 0.4},
+    "delf": {"rerank.descriptor_distance": 0.9},
+}
+
+
+def _get(data: dict, dotted: str):
+    node = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _set(data: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+_MISSING = object()
+
+
 @dataclass
 class EngineConfig(Config):
     """Everything an engine does, in one place; saved with the index. Defaults: RootSIFT, whole image + no boxes
@@ -82,32 +111,48 @@ class EngineConfig(Config):
     regions: RegionsConfig = field(default_factory=RegionsConfig)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     index: DatabaseConfig = field(default_factory=DatabaseConfig)
-    # 0.4: the RootSIFT descriptor distance that separates true matches best (benchmarks/results/dev_results.md);
-    # the official DELF value is 0.9 (set rerank.descriptor_distance with DELF features).
+    # per feature type (FEATURE_DEFAULTS): 0.4 for RootSIFT (the default features), 0.9 for DELF
     rerank: RerankConfig = field(default_factory=lambda: RerankConfig(descriptor_distance=0.4))
     batch_size: int = 64
     workers: int = 2
 
+    @classmethod
+    def from_dict(cls, data: dict | None, _where: str = ""):
+        """As :meth:`Config.from_dict`, with the feature type's defaults (:data:`FEATURE_DEFAULTS`) for the
+        options ``data`` does not set."""
+        data = json.loads(json.dumps(data or {}, default=str)) if isinstance(data, dict) else data
+        if isinstance(data, dict):
+            name = _get(data, "features.name")
+            for key, value in FEATURE_DEFAULTS.get(name if name is not _MISSING else "rootsift", {}).items():
+                if _get(data, key) is _MISSING and isinstance(data.get(key.split(".")[0], {}), dict):
+                    _set(data, key, value)
+        return super().from_dict(data, _where)
+
+    def override(self, dotted: dict):
+        """As :meth:`Config.override`; when ``features.name`` changes, options still at the old feature type's
+        default take the new one's (unless overridden too)."""
+        new_name = dotted.get("features.name")
+        if new_name is not None and new_name != self.features.name:
+            current = self.to_dict()
+            dotted = dict(dotted)
+            old_defaults = FEATURE_DEFAULTS.get(self.features.name, {})
+            for key, value in FEATURE_DEFAULTS.get(new_name, {}).items():
+                if dotted.get(key) is None and _get(current, key) == old_defaults.get(key, _MISSING):
+                    dotted[key] = value
+        return super().override(dotted)
+
     def check(self) -> "EngineConfig":
         """Refuse a bad config before anything is extracted or written (ValueError naming the option)."""
-        from d2r.aggregate import get_kernel
         from d2r.features import EXTRACTORS
-        from d2r.index.database import MODES
 
-        c = self.index
         if self.features.name not in EXTRACTORS:
             raise ValueError(f"features.name must be one of {list(EXTRACTORS)}, got {self.features.name!r}")
         try:
-            kernel = get_kernel(c.kernel)
+            self.index.check()
         except ValueError as exc:
             raise ValueError(f"index.{exc}") from None
-        if c.mode not in MODES:
-            raise ValueError(f"index.mode must be one of {list(MODES)}, got {c.mode!r}")
-        if c.idf and not kernel.per_word:
-            raise ValueError(f"index.idf applies to the ASMK kernels, not to {c.kernel!r}")
-        for name, value in [("index.num_assignments", c.num_assignments),
-                            ("index.query_num_assignments", c.query_num_assignments), ("batch_size", self.batch_size),
-                            ("workers", self.workers), ("codebook.size", self.codebook.size)]:
+        for name, value in [("batch_size", self.batch_size), ("workers", self.workers),
+                            ("codebook.size", self.codebook.size)]:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.codebook.method not in ("lloyd", "minibatch"):

@@ -100,6 +100,7 @@ def test_shipped_configs_load():
         assert c.index.kernel in ("vlad", "asmk", "asmk_star"), path
         if "paper" in path.name:
             assert (c.features.name, c.index.normalize, c.rerank.descriptor_distance) == ("delf", False, 0.9), path
+            assert c.features.options == {"max_side": None}, path  # the paper's DELF: never downscaled
 
 
 def _features(rng, n, locations=None, descriptors=None):

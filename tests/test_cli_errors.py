@@ -203,6 +203,12 @@ def test_extract_train_import_bench_bad_inputs(photos, books, tmp_path, capsys):
         else:
             _one_line_error(code, err, want, *needles)
     assert not store.exists() and not (tmp_path / "run").exists() and not (tmp_path / "o.npz").exists()
+    # a partial failure: exit 3 and a summary naming where the reasons are
+    mixed = tmp_path / "mixed"
+    shutil.copytree(photos, mixed)
+    (mixed / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    code, _, err = _cli(capsys, "extract", "--images", mixed, "--features", "rootsift", "--out", store, "--quiet")
+    assert code == 3 and "partial failure: 1 image(s) failed, 4 extracted" in err and "Traceback" not in err
 
 
 def test_bench_validates_before_touching_images(photos, books, tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 
 def add_parser(subparsers) -> None:
@@ -87,5 +88,12 @@ def _report(args, summary) -> int:
     elif not args.quiet:
         print(f"{summary['extracted']} extracted, {summary['skipped']} skipped, {summary['failed']} failed "
               f"of {summary['images']} images in {summary['seconds']:.1f} s -> {summary['store']}")
-    all_failed = summary["failed"] > 0 and summary["extracted"] == 0 and summary["skipped"] == 0
-    return 1 if all_failed else 0
+    if not summary["failed"]:
+        return 0
+    if summary["extracted"] == 0 and summary["skipped"] == 0:
+        print(f"d2r extract: error: none of the {summary['failed']} image(s) could be extracted (reasons in "
+              f"{summary['store']}/failures.json)", file=sys.stderr)
+        return 1
+    print(f"d2r extract: partial failure: {summary['failed']} image(s) failed, {summary['extracted']} extracted "
+          f"(reasons in {summary['store']}/failures.json; retry with --retry-failed)", file=sys.stderr)
+    return 3

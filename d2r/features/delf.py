@@ -45,15 +45,17 @@ META_FILE = "d2r_delf.json"
 class DELFConfig(Config):
     """Extraction options; defaults are the D2R paper config (``delf_gld_config.pbtxt``).
 
-    ``max_side``: downscale the image first so its longer side is at most this (None: never, as in the paper);
-    locations are mapped back to original pixels either way."""
+    ``max_side``: downscale the image first so its longer side is at most this; locations are mapped back to
+    original pixels either way. Default 1024 (revisitop and GLDv2 photos are at most that, so nothing changes
+    there), because the 2.0 scale of a 12-megapixel phone photo does not fit in memory; None never downscales,
+    as the paper (the shipped paper configs set it)."""
 
     scales: tuple = PAPER_SCALES
     score_threshold: float = 100.0
     max_features: int = 1000
     use_pca: bool = True
     pca_dim: int = 128
-    max_side: int | None = None
+    max_side: int | None = 1024
 
     def __post_init__(self):
         self.scales = tuple(float(s) for s in self.scales)

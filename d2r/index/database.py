@@ -68,13 +68,22 @@ class DatabaseConfig(Config):
     query_num_assignments: int = 1
     idf: bool = False
 
-    def check(self, codebook: Codebook) -> None:
+    def check(self, codebook: Codebook | None = None) -> None:
+        """ValueError naming the option; without ``codebook`` the assignment counts are checked against K later."""
+        from d2r.aggregate import get_kernel
+
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        Aggregator(codebook, self.kernel, self.num_assignments)  # validates kernel and assignments
-        Aggregator(codebook, self.kernel, self.query_num_assignments)
-        if self.idf and self.kernel == "vlad":
-            raise ValueError("idf applies to the ASMK kernels, not to VLAD")
+        kernel = get_kernel(self.kernel)
+        for name in ("num_assignments", "query_num_assignments"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if codebook is not None:
+            Aggregator(codebook, self.kernel, self.num_assignments)  # validates the assignments against K
+            Aggregator(codebook, self.kernel, self.query_num_assignments)
+        if self.idf and not kernel.per_word:
+            raise ValueError(f"idf applies to the ASMK kernels, not to {self.kernel!r}")
 
 
 _CASTS = {f.name: f.type for f in fields(DatabaseConfig)}
