@@ -392,9 +392,12 @@ class Engine:
         return len(ids)
 
     # ---- search --------------------------------------------------------------------------------------------------
-    def search(self, image, bbox=None, top_k: int = 10, rerank: bool = True) -> list[Hit]:
+    def search(self, image, bbox=None, top_k: int = 10, rerank: bool = True, query_num_assignments: int | None = None,
+               query_expansion: str | None = None) -> list[Hit]:
         """Search with a photo (path, array or PIL image), optionally cropped to ``bbox`` = (x1, y1, x2, y2) in
-        pixels. Re-ranks the top ``config.rerank.num_to_rerank`` by geometric verification when ``rerank``.
+        pixels. Re-ranks the top ``config.rerank.num_to_rerank`` by geometric verification when ``rerank``, then
+        expands the query (``query_expansion``, default ``config.query_expansion``: none, aqe, hqe).
+        ``query_num_assignments`` overrides ``index.query_num_assignments`` for this query.
         A query without features returns the database in insertion order with score -1 (ASMK kinds)."""
         from d2r.features.image import load_image
 
@@ -406,7 +409,20 @@ class Engine:
         query = self.extractor.extract(pixels)
         verify = rerank and self.config.rerank.num_to_rerank > 0 and len(query) > 0
         depth = max(int(top_k), self.config.rerank.num_to_rerank if verify else 0)
-        ranking = self._db.search(query.descriptors, top_k=depth)
+        qe = self.config.query_expansion if query_expansion is None else query_expansion
+        from d2r.expand import check_method
+
+        check_method(qe)
+        ma = query_num_assignments
+        if ma is not None:
+            from d2r.aggregate import Aggregator
+
+            if not isinstance(ma, int) or not 1 <= ma <= self._db.codebook.size:
+                raise ValueError(f"query_num_assignments must be in [1, {self._db.codebook.size}], got {ma!r}")
+            q = Aggregator(self._db.codebook, self._db.kernel, ma)(query.descriptors)
+        else:
+            q = query.descriptors
+        ranking = self._db.search(q, top_k=depth)
         ids, scores, regions = np.asarray(ranking.ids), ranking.scores, ranking.regions
         inliers = np.full(len(ids), -1, np.int64)
         if verify and len(ids):
@@ -416,13 +432,13 @@ class Engine:
             ids, scores, inliers = verify_ranking(query, ids, scores, self._whole_image_features,
                                                   self.config.rerank)
             regions = regions[[position[i] for i in ids.tolist()]]
-        if self.config.query_expansion != "none" and len(query) and len(ids):
+        if qe != "none" and len(query) and len(ids):
             from d2r.expand import search_expanded
 
             counts = {i: int(n) for i, n in zip(ids.tolist(), inliers.tolist()) if n >= 0} if verify else None
             ids, scores, regions, inliers, _ = search_expanded(
-                self.config.query_expansion, self._db, query, ids, scores, counts, self._whole_image_features,
-                self.config.qe, self.config.rerank, depth)
+                qe, self._db, query, ids, scores, counts, self._whole_image_features,
+                self.config.qe, self.config.rerank, depth, query_num_assignments=ma)
         hits = []
         for rank, (image_id, score, region, inl) in enumerate(zip(ids[:top_k], scores, regions, inliers)):
             hits.append(Hit(str(image_id), self._sources.get(str(image_id)), float(score),

@@ -233,18 +233,20 @@ def reliable_neighbours(ids, scores, inliers: dict | None, top: int, min_inliers
 
 
 def expanded_query(method: str, db, query_descriptors: np.ndarray, neighbours, get_descriptors,
-                   config: ExpansionConfig, verified: bool):
+                   config: ExpansionConfig, verified: bool, query_num_assignments: int | None = None):
     """The expanded query of ``method`` ("aqe" / "hqe") for a :class:`~d2r.index.Database` ``db``.
 
     neighbours: [(id, score)] from :func:`reliable_neighbours`; get_descriptors: id -> (F, D) float32
-    whole-image descriptors. Returns (Aggregated, info dict: neighbours used, descriptors added)."""
+    whole-image descriptors; query_num_assignments: None = the database's. Returns (Aggregated, info dict:
+    neighbours used, descriptors added)."""
     check_method(method)
     config = config.validate()
     cfg = db.config
     book = db.codebook
-    qagg = Aggregator(book, cfg.kernel, cfg.query_num_assignments)
+    ma = int(query_num_assignments or cfg.query_num_assignments)
+    qagg = Aggregator(book, cfg.kernel, ma)
     qx = np.ascontiguousarray(query_descriptors, np.float32)
-    qwords = book.assign(qx, cfg.query_num_assignments)
+    qwords = book.assign(qx, ma)
     query = qagg(qx, assignments=qwords)
     if not neighbours:
         return query, {"neighbours": 0}
@@ -263,7 +265,7 @@ def expanded_query(method: str, db, query_descriptors: np.ndarray, neighbours, g
 
 
 def search_expanded(method: str, db, query, ids, scores, inliers: dict | None, get_features, config: ExpansionConfig,
-                    rerank_config, depth: int, exclude=()):
+                    rerank_config, depth: int, exclude=(), query_num_assignments: int | None = None):
     """One query-expansion step of a search: neighbours, expanded query, second search and, when the first
     ranking was verified (``inliers``: id -> count), verification of the new top candidates with the same rule.
 
@@ -276,7 +278,7 @@ def search_expanded(method: str, db, query, ids, scores, inliers: dict | None, g
     neighbours = reliable_neighbours(ids, scores, inliers, config.top,
                                      rerank_config.min_inliers if verified else 0, exclude)
     rec, info = expanded_query(method, db, query.descriptors, neighbours,
-                               lambda i: get_features(i).descriptors, config, verified)
+                               lambda i: get_features(i).descriptors, config, verified, query_num_assignments)
     ranking = db.search(rec, top_k=depth)
     new_ids, new_scores, regions = np.asarray(ranking.ids), ranking.scores, ranking.regions
     inl = np.full(len(new_ids), -1, np.int64)

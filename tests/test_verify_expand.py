@@ -354,3 +354,30 @@ def test_report_renders_in_headless_chromium(tmp_path):
         with Image.open(out / s) as im:
             assert im.format == "JPEG" and max(im.size) <= 160
     assert "console" not in r.stderr.lower() or "error" not in r.stderr.lower(), r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- engine: expansion in both database modes
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["aggregation", "search"])
+def test_engine_search_with_expansion_and_query_assignments(bench_dev, tmp_path, mode):
+    from d2r.engine import Engine, EngineConfig
+
+    images = bench_dev / "images"
+    paths = sorted((images / "sacre_coeur").iterdir()) + sorted((images / "dis_cbsd68").iterdir())[:6]
+    cfg = EngineConfig.from_dict({"features": {"options": {"max_features": 300}},
+                                  "codebook": {"size": 128, "iterations": 3},
+                                  "regions": {"proposer": "density" if mode == "search" else "none"},
+                                  "index": {"mode": mode}, "rerank": {"num_to_rerank": 10}, "batch_size": 8})
+    engine = Engine.create(tmp_path / "eng", cfg)
+    engine.index([str(p) for p in paths], progress=False)
+    query = paths[1]
+    plain = engine.search(query, top_k=5, query_expansion="none")
+    for qe in ("aqe", "hqe"):
+        hits = engine.search(query, top_k=5, query_expansion=qe)
+        assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
+        assert sum("sacre_coeur" in h.path for h in hits) >= sum("sacre_coeur" in h.path for h in plain) - 1
+        assert hits[0].inliers >= 10  # verified images stay on top
+    ma = engine.search(query, top_k=5, rerank=False, query_num_assignments=3)
+    assert len(ma) == 5 and ma[0].inliers == -1
+    with pytest.raises(ValueError, match="query_expansion"):
+        engine.search(query, query_expansion="dqe")

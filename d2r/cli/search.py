@@ -14,6 +14,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--bbox", help="crop the query to x1,y1,x2,y2 (pixels)")
     p.add_argument("--top-k", type=int, default=10, help="results to show (default 10)")
     p.add_argument("--no-rerank", action="store_true", help="skip geometric-verification re-ranking")
+    p.add_argument("--query-num-assignments", type=int, metavar="M",
+                   help="query-side multiple assignment (default: the index's index.query_num_assignments)")
+    p.add_argument("--query-expansion", choices=("none", "aqe", "hqe"),
+                   help="query expansion (default: the index's query_expansion)")
     p.add_argument("--quiet", action="store_true", help="no log lines")
     p.add_argument("--json", action="store_true", help="print the hits as JSON")
     p.set_defaults(func=run)
@@ -37,10 +41,13 @@ def run(args) -> int:
 
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.query_num_assignments is not None and args.query_num_assignments < 1:
+        raise ValueError(f"--query-num-assignments must be at least 1, got {args.query_num_assignments}")
     bbox = parse_bbox(args.bbox) if args.bbox else None
     engine = Engine.open(args.index)
     t0 = time.perf_counter()
-    hits = engine.search(args.image, bbox=bbox, top_k=args.top_k, rerank=not args.no_rerank)
+    hits = engine.search(args.image, bbox=bbox, top_k=args.top_k, rerank=not args.no_rerank,
+                         query_num_assignments=args.query_num_assignments, query_expansion=args.query_expansion)
     seconds = time.perf_counter() - t0
     if args.json:
         print(json.dumps({"query": args.image, "bbox": bbox, "seconds": round(seconds, 4),
