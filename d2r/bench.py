@@ -32,9 +32,9 @@ import numpy as np
 from d2r import _io
 from d2r.codebook import Codebook
 from d2r.engine import EngineConfig
-from d2r.features.base import LocalFeatures, whole_image  # noqa: F401  (whole_image: part of this module's API)
+from d2r.features.base import LocalFeatures, whole_image  # noqa: F401  (whole_image: part of this API)
 from d2r.pipeline import Pipeline, check_setup, crop
-from d2r.rerank import order_by_inliers
+from d2r.rerank import order_verified
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,8 @@ def _finish(pipe: _Pipeline, result: dict, extra_outputs: dict) -> dict:
 
 # ---- revisitop -----------------------------------------------------------------------------------------------
 def run_revisitop(gnd, images_root, config: BenchConfig | None = None, out="bench-run", cache=None,
-                  query_in_database: bool | None = None, progress: bool = True) -> dict:
+                  query_in_database: bool | None = None, progress: bool = True,
+                  write_report: bool = True) -> dict:
     """Run the revisitop protocol end to end; returns (and writes to OUT/metrics.json) the result dict.
 
     Args:
@@ -325,44 +326,126 @@ def run_revisitop(gnd, images_root, config: BenchConfig | None = None, out="benc
         metrics = evaluate(ranks, g, query_in_database=query_in_database)
     result: dict = {}
     extra = {}
-    if config.verify and config.rerank.num_to_rerank > 0:
-        result["before_rerank"] = metrics
-        rr = config.rerank.validate()
-        junk_lists = {p: g.protocol(p, query_in_database=query_in_database)[1] for p in PROTOCOLS}
-        reranked = {p: [] for p in PROTOCOLS}
-        verified = 0
-        from tqdm.auto import tqdm
-
-        with pipe.timer("rerank"):
-            for qi in tqdm(range(g.num_queries), desc="verifying", unit="query", disable=not progress):
-                ranked = ranks[qi]
-                scores = rankings[qi].scores
-                cands: list[int] = []
-                for p in PROTOCOLS:
-                    jk = set(junk_lists[p][qi].tolist())
-                    cands.extend([x for x in ranked.tolist() if x not in jk][: rr.num_to_rerank])
-                cands = list(dict.fromkeys(cands))
-                verified += len(cands)
-                inl = verify_candidates(query_feats[qi], cands, lambda i: whole_image(db_store.get(g.imlist[i])),
-                                        rr)
-                for p in PROTOCOLS:
-                    new_ids, _, _ = order_by_inliers(ranked, scores, inl, rr.num_to_rerank,
-                                                     junk_lists[p][qi].tolist())
-                    reranked[p].append(new_ids)
-        pipe.notes["pairs_verified"] = verified
+    stages = {"initial": {p: ranks for p in PROTOCOLS}}
+    if (config.verify and config.rerank.num_to_rerank > 0) or config.query_expansion != "none":
+        stages = _revisitop_stages(pipe, g, db, db_store, query_feats, ranks, rankings, depth, query_in_database,
+                                   progress)
+        if "verified" in stages:
+            result["before_rerank"] = metrics
+            extra["ranks_reranked_medium.npy"] = ("npy", _pad(stages["verified"]["medium"], depth))
+        if "expanded" in stages:
+            extra["ranks_expanded_medium.npy"] = ("npy", _pad(stages["expanded"]["medium"], depth))
         with pipe.timer("evaluate"):
-            for p in PROTOCOLS:
-                metrics = {**metrics, p: evaluate(reranked[p], g, protocols=[p],
-                                                  query_in_database=query_in_database)[p]}
-        extra["ranks_reranked_medium.npy"] = ("npy", _pad(reranked["medium"], depth))
+            final = stages[list(stages)[-1]]
+            metrics = {p: evaluate(final[p], g, protocols=[p], query_in_database=query_in_database)[p]
+                       for p in PROTOCOLS}
+            result["stages"] = {name: {p: evaluate(r[p], g, protocols=[p], query_in_database=query_in_database)[p]
+                                       for p in PROTOCOLS} for name, r in stages.items()}
+    result["per_query"] = per_query_ap(stages, g, query_in_database)
     result.update({p: metrics[p] for p in PROTOCOLS})
     result["index"] = db.info()
     result["dataset"] = {"gnd": gnd_key, "images_root": str(root), "num_db": g.num_db, "indexed": len(ids),
                          "num_queries": g.num_queries, "query_in_database": bool(query_in_database)}
     pipe.timer.timing["total"] = round(time.perf_counter() - t_start, 3)
     pipe.timer.timing["search_ms_per_query"] = round(1000 * pipe.timer.timing["search"] / max(g.num_queries, 1), 3)
+    query_time = sum(pipe.timer.timing.get(k, 0.0) for k in ("search", "rerank", "expand"))
+    pipe.timer.timing["seconds_per_query"] = round(query_time / max(g.num_queries, 1), 4)
     extra["ranks.npy"] = ("npy", _pad(ranks, depth))
-    return _finish(pipe, result, extra)
+    out = _finish(pipe, result, extra)
+    if write_report:
+        from d2r.report import write_revisitop_report
+
+        write_revisitop_report(pipe.out, out, g, stages, root, query_in_database, progress=progress)
+    return out
+
+
+def per_query_ap(stages: dict, g, query_in_database: bool) -> dict:
+    """Per-query AP in percent for Medium and Hard at every stage: {"queries": names, "medium": {stage: [AP or
+    None (no positives)]}, "hard": {...}} (stages in order: initial, verified, expanded)."""
+    from d2r.eval.revisitop import per_query_metrics
+
+    out: dict = {"queries": list(g.qimlist), "stages": list(stages)}
+    for p in ("medium", "hard"):
+        pos, junk = g.protocol(p, query_in_database=query_in_database)
+        out[p] = {}
+        for name, rows in stages.items():
+            ap = per_query_metrics(rows[p], pos, junk, g.num_db)["ap"]
+            out[p][name] = [None if np.isnan(a) else 100.0 * float(a) for a in ap]
+    return out
+
+
+def _revisitop_stages(pipe: _Pipeline, g, db, db_store, query_feats, ranks, rankings, depth: int,
+                      query_in_database: bool, progress: bool) -> dict:
+    """Rankings per stage and protocol: {"initial", "verified" (with ``verify``), "expanded" (with query
+    expansion)} -> {protocol: [per-query database indices]}. Verification works on each protocol's junk-free
+    top ``rerank.num_to_rerank`` (the official protocol); expansion neighbours are chosen without ground truth
+    (only the query's own image is skipped when queries are database images)."""
+    from tqdm.auto import tqdm
+
+    from d2r.eval.revisitop import PROTOCOLS
+    from d2r.expand import expanded_query, reliable_neighbours
+    from d2r.rerank import order_verified
+
+    config = pipe.config
+    rr = config.rerank.validate()
+    verify = bool(config.verify and rr.num_to_rerank > 0)
+    method = config.query_expansion
+    junk_lists = {p: g.protocol(p, query_in_database=query_in_database)[1] for p in PROTOCOLS}
+    self_ids = g.query_db_ids() if query_in_database else None
+    stages = {"initial": {p: list(ranks) for p in PROTOCOLS}}
+
+    def features(i):
+        return whole_image(db_store.get(g.imlist[i]))
+
+    def verify_missing(qi, ranked, inl: dict) -> int:
+        cands: list[int] = []
+        for p in PROTOCOLS:
+            jk = set(junk_lists[p][qi].tolist())
+            cands.extend([x for x in ranked.tolist() if x not in jk][: rr.num_to_rerank])
+        cands = [c for c in dict.fromkeys(cands) if c not in inl]
+        inl.update(verify_candidates(query_feats[qi], cands, features, rr))
+        return len(cands)
+
+    def reorder(qi, ranked, scores, inl):
+        return {p: order_verified(ranked, scores, inl, rr, junk_lists[p][qi].tolist())[0] for p in PROTOCOLS}
+
+    inliers = [dict() for _ in range(g.num_queries)]
+    pairs = 0
+    if verify:
+        stages["verified"] = {p: [] for p in PROTOCOLS}
+        with pipe.timer("rerank"):
+            for qi in tqdm(range(g.num_queries), desc="verifying", unit="query", disable=not progress):
+                pairs += verify_missing(qi, ranks[qi], inliers[qi])
+                for p, r in reorder(qi, ranks[qi], rankings[qi].scores, inliers[qi]).items():
+                    stages["verified"][p].append(r)
+    if method != "none":
+        qe = config.qe.validate()
+        position = {n: i for i, n in enumerate(g.imlist)}
+        stages["expanded"] = {p: [] for p in PROTOCOLS}
+        used = []
+        with pipe.timer("expand"):
+            for qi in tqdm(range(g.num_queries), desc=f"expanding ({method})", unit="query", disable=not progress):
+                exclude = () if self_ids is None else (int(self_ids[qi]),)
+                nb = reliable_neighbours(ranks[qi], rankings[qi].scores, inliers[qi] if verify else None, qe.top,
+                                         rr.min_inliers, exclude)
+                rec, info = expanded_query(method, db, query_feats[qi].descriptors, nb,
+                                           lambda i: features(i).descriptors, qe, verify)
+                used.append(info)
+                ranking = db.search(rec, top_k=max(depth, 1))
+                ranked = np.array([position[i] for i in ranking.ids.tolist()], np.int64)
+                if verify:
+                    pairs += verify_missing(qi, ranked, inliers[qi])
+                    for p, r in reorder(qi, ranked, ranking.scores, inliers[qi]).items():
+                        stages["expanded"][p].append(r)
+                else:
+                    for p in PROTOCOLS:
+                        stages["expanded"][p].append(ranked)
+        pipe.notes["expansion"] = {"method": method,
+                                   "mean_neighbours": float(np.mean([u["neighbours"] for u in used])),
+                                   "mean_added": float(np.mean([u.get("added", 0) for u in used]))}
+    if verify:
+        pipe.notes["pairs_verified"] = pairs
+    return stages
 
 
 def _pad(rows, depth: int) -> np.ndarray:
@@ -424,8 +507,7 @@ def run_gldv2(index_csv, test_csv, solution_csv, images_root, config: BenchConfi
             for qi, q in enumerate(query_feats):
                 cands = ranked[qi][: rr.num_to_rerank]
                 inl = verify_candidates(q, cands, lambda i: whole_image(db_store.get(i)), rr)
-                new_ids, _, _ = order_by_inliers(np.array(ranked[qi], dtype=object), rankings[qi].scores, inl,
-                                                 rr.num_to_rerank)
+                new_ids, _, _ = order_verified(np.array(ranked[qi], dtype=object), rankings[qi].scores, inl, rr)
                 ranked[qi] = [str(x) for x in new_ids.tolist()]
     pipe.out.mkdir(parents=True, exist_ok=True)
     write_predictions(pipe.out / "predictions.csv", test_ids, ranked, max_predictions=100)

@@ -31,6 +31,7 @@ from d2r import _io
 from d2r.codebook import Codebook
 from d2r.config import Config
 from d2r.detect.config import RegionsConfig
+from d2r.expand import ExpansionConfig
 from d2r.features.base import LocalFeatures, RegionFeatures, whole_image
 from d2r.index.database import Database, DatabaseConfig
 from d2r.pipeline import Pipeline, crop  # noqa: F401  (crop: part of this module's API)
@@ -112,7 +113,10 @@ class EngineConfig(Config):
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     index: DatabaseConfig = field(default_factory=DatabaseConfig)
     # per feature type (FEATURE_DEFAULTS): 0.4 for RootSIFT (the default features), 0.9 for DELF
-    rerank: RerankConfig = field(default_factory=lambda: RerankConfig(descriptor_distance=0.4))
+    rerank: RerankConfig = field(default_factory=lambda: RerankConfig(descriptor_distance=0.4, method="usac"))
+    # "none" | "aqe" | "hqe" (d2r.expand), parameters in ``qe``.
+    query_expansion: str = "none"
+    qe: ExpansionConfig = field(default_factory=ExpansionConfig)
     batch_size: int = 64
     workers: int = 2
 
@@ -158,6 +162,12 @@ class EngineConfig(Config):
         if self.codebook.method not in ("lloyd", "minibatch"):
             raise ValueError(f"codebook.method must be 'lloyd' or 'minibatch', got {self.codebook.method!r}")
         self.rerank.validate()
+        from d2r.expand import check_method
+
+        check_method(self.query_expansion)
+        self.qe.validate()
+        if self.query_expansion == "hqe" and self.index.kernel == "vlad":
+            raise ValueError("query_expansion 'hqe' needs an ASMK kernel (index.kernel asmk or asmk_star)")
         return self
 
 
@@ -507,9 +517,12 @@ class Engine:
         return damaged
 
     # ---- search --------------------------------------------------------------------------------------------------
-    def search(self, image, bbox=None, top_k: int = 10, rerank: bool = True) -> list[Hit]:
+    def search(self, image, bbox=None, top_k: int = 10, rerank: bool = True, query_num_assignments: int | None = None,
+               query_expansion: str | None = None) -> list[Hit]:
         """Search with a photo (path, array or PIL image), optionally cropped to ``bbox`` = (x1, y1, x2, y2) in
-        pixels. Re-ranks the top ``config.rerank.num_to_rerank`` by geometric verification when ``rerank``.
+        pixels. Re-ranks the top ``config.rerank.num_to_rerank`` by geometric verification when ``rerank``, then
+        expands the query (``query_expansion``, default ``config.query_expansion``: none, aqe, hqe).
+        ``query_num_assignments`` overrides ``index.query_num_assignments`` for this query.
         A query without local features (blank, tiny, featureless) logs a warning and returns no hits."""
         from d2r.features.image import load_image
 
@@ -525,7 +538,20 @@ class Engine:
             return []
         verify = rerank and self.config.rerank.num_to_rerank > 0 and len(query) > 0
         depth = max(int(top_k), self.config.rerank.num_to_rerank if verify else 0)
-        ranking = self._db.search(query.descriptors, top_k=depth)
+        qe = self.config.query_expansion if query_expansion is None else query_expansion
+        from d2r.expand import check_method
+
+        check_method(qe)
+        ma = query_num_assignments
+        if ma is not None:
+            from d2r.aggregate import Aggregator
+
+            if not isinstance(ma, int) or not 1 <= ma <= self._db.codebook.size:
+                raise ValueError(f"query_num_assignments must be in [1, {self._db.codebook.size}], got {ma!r}")
+            q = Aggregator(self._db.codebook, self._db.kernel, ma)(query.descriptors)
+        else:
+            q = query.descriptors
+        ranking = self._db.search(q, top_k=depth)
         ids, scores, regions = np.asarray(ranking.ids), ranking.scores, ranking.regions
         inliers = np.full(len(ids), -1, np.int64)
         if verify and len(ids):
@@ -535,6 +561,13 @@ class Engine:
             ids, scores, inliers = verify_ranking(query, ids, scores, self._whole_image_features,
                                                   self.config.rerank)
             regions = regions[[position[i] for i in ids.tolist()]]
+        if qe != "none" and len(query) and len(ids):
+            from d2r.expand import search_expanded
+
+            counts = {i: int(n) for i, n in zip(ids.tolist(), inliers.tolist()) if n >= 0} if verify else None
+            ids, scores, regions, inliers, _ = search_expanded(
+                qe, self._db, query, ids, scores, counts, self._whole_image_features,
+                self.config.qe, self.config.rerank, depth, query_num_assignments=ma)
         hits = []
         for rank, (image_id, score, region, inl) in enumerate(zip(ids[:top_k], scores, regions, inliers)):
             hits.append(Hit(str(image_id), self._sources.get(str(image_id)), float(score),
@@ -542,11 +575,12 @@ class Engine:
         return hits
 
     def search_batch(self, images, bbox=None, top_k: int = 10, rerank: bool = True,
-                     workers: int | None = None) -> list:
+                     workers: int | None = None, **options) -> list:
         """:meth:`search` for many query photos in threads (feature extraction, the index scan and RANSAC release
         the GIL). Returns one entry per image, in order: its list of :class:`Hit`, or the exception that query
         raised (one bad photo never stops the others). ``bbox`` applies to every image; ``workers`` defaults to
-        the CPU count. Each thread runs numba and BLAS single-threaded, so the pools never compete."""
+        the CPU count; ``options`` (query_num_assignments, query_expansion) go to :meth:`search`. Each thread runs
+        numba and BLAS single-threaded, so the pools never compete."""
         import os
         from concurrent.futures import ThreadPoolExecutor
 
@@ -561,7 +595,7 @@ class Engine:
             previous = numba.get_num_threads()  # thread-local in numba
             try:
                 numba.set_num_threads(1 if workers > 1 else previous)
-                return self.search(image, bbox=bbox, top_k=top_k, rerank=rerank)
+                return self.search(image, bbox=bbox, top_k=top_k, rerank=rerank, **options)
             except Exception as exc:  # reported per query; the batch goes on
                 return exc
             finally:

@@ -1,4 +1,6 @@
-"""Geometric-verification re-ranking with the official Detect-to-Retrieve semantics.
+"""Geometric-verification re-ranking: the official Detect-to-Retrieve rule and a robust one that never hurts.
+
+``method: official`` (paper reproduction) is described first; ``method: usac`` at the end.
 
 For each candidate image: every QUERY descriptor finds its nearest neighbour among the candidate's descriptors
 and becomes a putative match if their Euclidean distance is < ``descriptor_distance`` (strict, like the official
@@ -12,6 +14,15 @@ always runs all trials and reports the best trial's count.
 Re-ranking (``rerank``): the first ``num_to_rerank`` ranked ids that are not junk are verified and sorted by
 (inliers, initial score) descending (ties keep their input order); everything else follows in its input order.
 For a score-sorted input this is the official order except for where junk lands, which no metric sees.
+
+``method: usac`` (the default for RootSIFT): tentative correspondences are MUTUAL nearest neighbours that pass
+Lowe's ratio test (distance to the nearest < ``ratio`` × distance to the second nearest; Lowe 2004 uses 0.8);
+an affine (or homography) model from candidate to query locations is fitted with OpenCV's USAC MAGSAC++
+(``cv2.USAC_MAGSAC``, or ``USAC_ACCURATE``: LO-RANSAC with GC) and the score is its inlier count. The decision
+rule treats inliers as evidence, not as a score: candidates with at least ``min_inliers`` inliers move above the
+rest, ordered by inliers (ties by initial order); every other candidate keeps its initial order. An image without
+enough geometric evidence is therefore never pushed down by one that merely has a few chance inliers, so with a
+threshold above the chance level the initial ranking can only be refined.
 """
 
 from __future__ import annotations
@@ -27,6 +38,10 @@ import numpy as np
 from d2r.config import Config
 from d2r.features.base import LocalFeatures
 from d2r.kernels.ransac import ransac_affine_batch
+
+METHODS = ("official", "usac")
+MODELS = ("affine", "homography")
+ESTIMATORS = ("magsac", "accurate")
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +61,12 @@ class RerankConfig(Config):
         max_trials: RANSAC trials per pair (all are run).
         seed: RANSAC seed; every pair starts from it, so a pair's score never depends on the batch or threads.
         workers: threads for feature loading, matching and RANSAC; 0 = numba's default thread count.
+        method: "official" (all verified candidates sorted by inliers, distance-threshold matches, affine RANSAC)
+            or "usac" (mutual nearest neighbours + ratio test, OpenCV USAC, inlier-threshold decision rule).
+        ratio: "usac": Lowe's ratio-test threshold (nearest / second-nearest distance, strict <).
+        model: "usac": "affine" or "homography" (query <- candidate).
+        estimator: "usac": "magsac" (cv2.USAC_MAGSAC, MAGSAC++) or "accurate" (cv2.USAC_ACCURATE).
+        min_inliers: "usac": candidates with at least this many inliers move above the others.
     """
 
     num_to_rerank: int = 100
@@ -55,6 +76,11 @@ class RerankConfig(Config):
     max_trials: int = 1000
     seed: int = 0
     workers: int = 0
+    method: str = "official"
+    ratio: float = 0.8
+    model: str = "affine"
+    estimator: str = "magsac"
+    min_inliers: int = 10
 
     def validate(self) -> "RerankConfig":
         if self.num_to_rerank < 0:
@@ -73,6 +99,16 @@ class RerankConfig(Config):
             raise ValueError(f"RerankConfig.seed must be in [0, 2**63), got {self.seed}")
         if self.workers < 0:
             raise ValueError(f"RerankConfig.workers must be >= 0, got {self.workers}")
+        if self.method not in METHODS:
+            raise ValueError(f"RerankConfig.method must be one of {list(METHODS)}, got {self.method!r}")
+        if not 0 < self.ratio <= 1:
+            raise ValueError(f"RerankConfig.ratio must be in (0, 1], got {self.ratio}")
+        if self.model not in MODELS:
+            raise ValueError(f"RerankConfig.model must be one of {list(MODELS)}, got {self.model!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"RerankConfig.estimator must be one of {list(ESTIMATORS)}, got {self.estimator!r}")
+        if not isinstance(self.min_inliers, int) or self.min_inliers < 1:
+            raise ValueError(f"RerankConfig.min_inliers must be a positive integer, got {self.min_inliers!r}")
         return self
 
     def num_workers(self) -> int:
@@ -130,6 +166,8 @@ def geometric_verification(
     for i, c in enumerate(candidates):
         _check_dim(query, c, i)
     workers = config.num_workers()
+    if config.method == "usac":
+        return _verify_usac(query, candidates, config, workers)
 
     def match(c: LocalFeatures):
         qi, ii = putative_matches(query.descriptors, c.descriptors, config.descriptor_distance)
@@ -228,7 +266,111 @@ def rerank(
         if not isinstance(f, LocalFeatures):
             raise ValueError(f"rerank: get_features({cand_ids[k]!r}) returned {type(f).__name__}, not LocalFeatures")
     counts = geometric_verification(query, feats, config)
-    return order_by_inliers(ids, sc, dict(zip(cand_ids, counts.tolist())), config.num_to_rerank, junk or ())
+    return order_verified(ids, sc, dict(zip(cand_ids, counts.tolist())), config, junk or ())
+
+
+def order_verified(ids, scores, inliers: dict, config: RerankConfig, junk=()):
+    """The final order of ``config.method``: :func:`order_by_inliers` (official) or :func:`order_by_threshold`."""
+    if config.method == "official":
+        return order_by_inliers(ids, scores, inliers, config.num_to_rerank, junk)
+    return order_by_threshold(ids, scores, inliers, config.num_to_rerank, config.min_inliers, junk)
+
+
+def order_by_threshold(ids, scores, inliers: dict, num_to_rerank: int, min_inliers: int, junk=()):
+    """The "usac" decision rule: of the first ``num_to_rerank`` ids not in ``junk``, those with at least
+    ``min_inliers`` inliers move to the front, sorted by inliers descending (ties in input order); everything
+    else keeps its input order behind them. Returns (ids, scores, inliers with -1 for unverified)."""
+    ids = np.asarray(ids)
+    sc = np.asarray(scores, np.float64)
+    junk = set(junk)
+    chosen = np.array([i for i, x in enumerate(ids.tolist()) if x not in junk][:num_to_rerank], np.int64)
+    inl = np.full(len(ids), -1, np.int64)
+    if chosen.size:
+        inl[chosen] = [inliers[x] for x in ids[chosen].tolist()]
+    strong = chosen[inl[chosen] >= min_inliers] if chosen.size else chosen
+    strong = strong[np.lexsort((strong, -inl[strong]))]
+    rest = np.setdiff1d(np.arange(len(ids)), strong, assume_unique=True)
+    final = np.concatenate([strong, rest]).astype(np.int64)
+    return ids[final], sc[final], inl[final]
+
+
+# ---- method "usac" ---------------------------------------------------------------------------------------------
+def mutual_ratio_matches(query_descriptors: np.ndarray, index_descriptors: np.ndarray, ratio: float = 0.8):
+    """Tentative correspondences: mutual nearest neighbours passing Lowe's ratio test.
+
+    query_descriptors (Nq, D), index_descriptors (Ni, D) float32, L2-normalised rows (squared distance
+    2 − 2⟨q, x⟩). A pair (i, j) is kept when j is i's nearest neighbour, i is j's nearest neighbour, and
+    d(i, j) < ratio · d(i, j2) with j2 i's second-nearest neighbour (with one index descriptor, no ratio test).
+    Returns (query_ids, index_ids) int64, query_ids ascending; either side empty → two empty arrays.
+    """
+    nq, ni = query_descriptors.shape[0], index_descriptors.shape[0]
+    if nq == 0 or ni == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    q = np.ascontiguousarray(query_descriptors, dtype=np.float32)
+    x = np.ascontiguousarray(index_descriptors, dtype=np.float32)
+    dots = q @ x.T  # (nq, ni)
+    rows = np.arange(nq)
+    nn = np.argmax(dots, axis=1)
+    best = dots[rows, nn].astype(np.float64)
+    back = np.argmax(dots, axis=0)
+    keep = back[nn] == rows
+    if ni > 1:
+        dots[rows, nn] = -np.inf
+        second = dots.max(axis=1).astype(np.float64)
+        d1 = np.sqrt(np.maximum(2.0 - 2.0 * best, 0.0))
+        d2 = np.sqrt(np.maximum(2.0 - 2.0 * second, 0.0))
+        keep &= d1 < float(ratio) * d2
+    qi = np.flatnonzero(keep).astype(np.int64)
+    return qi, nn[qi].astype(np.int64)
+
+
+def fit_inliers(src: np.ndarray, dst: np.ndarray, config: RerankConfig) -> np.ndarray:
+    """Inlier mask (n,) bool of a robust ``config.model`` fit src -> dst ((n, 2) pixel coordinates) with OpenCV
+    USAC; fewer than ``config.min_matches`` (or than the minimal sample) matches, or no model → all False."""
+    import cv2
+
+    n = src.shape[0]
+    minimal = 3 if config.model == "affine" else 4
+    if n < max(config.min_matches, minimal):
+        return np.zeros(n, bool)
+    method = cv2.USAC_MAGSAC if config.estimator == "magsac" else cv2.USAC_ACCURATE
+    a = np.ascontiguousarray(src, np.float32).reshape(-1, 1, 2)
+    b = np.ascontiguousarray(dst, np.float32).reshape(-1, 1, 2)
+    try:
+        if config.model == "affine":
+            model, mask = cv2.estimateAffine2D(a, b, method=method,
+                                               ransacReprojThreshold=float(config.residual_threshold),
+                                               maxIters=int(config.max_trials), confidence=0.999)
+        else:
+            model, mask = cv2.findHomography(a, b, method, float(config.residual_threshold),
+                                             maxIters=int(config.max_trials), confidence=0.999)
+    except cv2.error:  # degenerate configurations (all points equal, ...) are no evidence
+        return np.zeros(n, bool)
+    if model is None or mask is None:
+        return np.zeros(n, bool)
+    return mask.reshape(-1).astype(bool)
+
+
+def verify_pair(query: LocalFeatures, cand: LocalFeatures, config: RerankConfig):
+    """One pair with the "usac" method: (query_ids, index_ids) of the inlier correspondences, int64."""
+    qi, ii = mutual_ratio_matches(query.descriptors, cand.descriptors, config.ratio)
+    mask = fit_inliers(cand.locations[ii].astype(np.float64), query.locations[qi].astype(np.float64), config)
+    return qi[mask], ii[mask]
+
+
+def _verify_usac(query: LocalFeatures, candidates, config: RerankConfig, workers: int) -> np.ndarray:
+    def one(c: LocalFeatures) -> int:
+        if len(c) == 0:
+            return 0
+        return int(verify_pair(query, c, config)[0].shape[0])
+
+    with _single_threaded_blas():
+        if workers > 1 and len(candidates) > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                counts = list(pool.map(one, candidates))
+        else:
+            counts = [one(c) for c in candidates]
+    return np.asarray(counts, np.int64)
 
 
 def order_by_inliers(ids, scores, inliers: dict, num_to_rerank: int, junk=()):

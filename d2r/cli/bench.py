@@ -44,6 +44,15 @@ def _common(p) -> None:
     p.add_argument("--rerank-distance", type=float, metavar="D",
                    help="putative-match descriptor distance (rerank.descriptor_distance; official 0.9)")
     p.add_argument("--num-to-rerank", type=int, metavar="N", help="candidates verified (rerank.num_to_rerank)")
+    p.add_argument("--rerank-method", choices=("official", "usac"),
+                   help="verification rule (rerank.method): official = sort by inliers (paper), usac = mutual NN + "
+                        "ratio test, MAGSAC++, images with >= rerank.min_inliers move up")
+    p.add_argument("--min-inliers", type=int, metavar="N", help="usac decision threshold (rerank.min_inliers)")
+    p.add_argument("--query-expansion", choices=("none", "aqe", "hqe"),
+                   help="query expansion after the first search (query_expansion)")
+    p.add_argument("--qe-top", type=int, metavar="N", help="reliable top images that expand the query (qe.top)")
+    p.add_argument("--query-num-assignments", type=int, metavar="M",
+                   help="query-side multiple assignment (index.query_num_assignments)")
     p.add_argument("--top-k", type=int, metavar="N", help="search depth (default: whole database / 100)")
     p.add_argument("--workers", type=int, metavar="N", help="threads for extraction and search")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -68,7 +77,19 @@ def add_parser(subparsers) -> None:
                           "query names in imlist)")
     qin.add_argument("--no-query-in-database", dest="query_in_database", action="store_false")
     _common(r)
+    r.add_argument("--no-report", dest="report", action="store_false", help="skip OUT/report.html")
     r.set_defaults(func=run)
+    c = sub.add_parser("compare", help="paired per-query comparison of two revisitop runs",
+                       description="Mean paired difference of per-query AP (B - A) with a bootstrap 95%% interval "
+                                   "and wins/losses, Medium and Hard, final stages of both runs.")
+    c.add_argument("run_a", metavar="RUN_A", help="run folder (or its metrics.json)")
+    c.add_argument("run_b", metavar="RUN_B", help="run folder (or its metrics.json)")
+    c.add_argument("--stage-a", metavar="STAGE", help="stage of RUN_A (initial, verified, expanded; default final)")
+    c.add_argument("--stage-b", metavar="STAGE", help="stage of RUN_B (default final)")
+    c.add_argument("--resamples", type=int, default=10000, metavar="N", help="bootstrap resamples (10000)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--json", metavar="FILE", help="also write the comparison JSON here ('-': stdout)")
+    c.set_defaults(func=compare)
     g = sub.add_parser("gldv2", help="Google Landmarks v2 retrieval protocol",
                        description="mAP@100 and mP@k (Public / Private) in percent; writes OUT/predictions.csv.")
     g.add_argument("--index-csv", required=True, metavar="CSV")
@@ -95,6 +116,9 @@ def config_from_args(args):
         "index.kernel": args.kernel, "index.mode": args.mode, "index.normalize": args.normalize,
         "verify": args.rerank, "rerank.descriptor_distance": args.rerank_distance,
         "rerank.num_to_rerank": args.num_to_rerank, "top_k": args.top_k, "workers": args.workers,
+        "rerank.method": args.rerank_method, "rerank.min_inliers": args.min_inliers,
+        "query_expansion": args.query_expansion, "qe.top": args.qe_top,
+        "index.query_num_assignments": args.query_num_assignments,
     }
     from d2r.config import parse_overrides
 
@@ -120,7 +144,8 @@ def run(args) -> int:
     progress = not args.quiet
     if args.protocol == "revisitop":
         result = bench.run_revisitop(args.gnd, args.images_root, config, args.out, cache=args.cache,
-                                     query_in_database=args.query_in_database, progress=progress)
+                                     query_in_database=args.query_in_database, progress=progress,
+                                     write_report=args.report)
         keys = ("mAP", "mP@1", "mP@5", "mP@10")
     else:
         result = bench.run_gldv2(args.index_csv, args.test_csv, args.solution_csv, args.images_root, config,
@@ -138,4 +163,25 @@ def run(args) -> int:
         print(_table(result, keys))
         print(f"total {result['timing'].get('total', 0):.1f} s; metrics in {args.out}/metrics.json",
               file=sys.stderr)
+    return 0
+
+
+def compare(args) -> int:
+    from d2r.eval.compare import compare_runs, format_comparison
+
+    try:
+        res = compare_runs(args.run_a, args.run_b, stage_a=args.stage_a, stage_b=args.stage_b,
+                           resamples=args.resamples, seed=args.seed)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"d2r bench compare: {exc}", file=sys.stderr)
+        return 1
+    text = json.dumps(res, indent=2)
+    if args.json == "-":
+        print(text)
+        return 0
+    if args.json:
+        from d2r import _io
+
+        _io.write_bytes(args.json, (text + "\n").encode())
+    print(format_comparison(res))
     return 0

@@ -24,6 +24,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=10, help="results to show (default 10)")
     p.add_argument("--no-rerank", action="store_true", help="skip geometric-verification re-ranking")
     p.add_argument("--workers", type=int, default=None, help="query threads (default: CPU count)")
+    p.add_argument("--query-num-assignments", type=int, metavar="M",
+                   help="query-side multiple assignment (default: the index's index.query_num_assignments)")
+    p.add_argument("--query-expansion", choices=("none", "aqe", "hqe"),
+                   help="query expansion (default: the index's query_expansion)")
     p.add_argument("--quiet", action="store_true", help="no log lines")
     p.add_argument("--json", action="store_true", help="print one JSON line per query")
     p.set_defaults(func=run)
@@ -72,7 +76,10 @@ def run(args) -> int:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    if args.query_num_assignments is not None and args.query_num_assignments < 1:
+        raise ValueError(f"--query-num-assignments must be at least 1, got {args.query_num_assignments}")
     bbox = parse_bbox(args.bbox) if args.bbox else None
+    options = dict(query_num_assignments=args.query_num_assignments, query_expansion=args.query_expansion)
     queries = _queries(args.image)
     if bbox is not None and len(queries) > 1:
         raise ValueError(f"--bbox applies to a single query image, got {len(queries)} queries")
@@ -84,11 +91,13 @@ def run(args) -> int:
         engine = Engine.open(args.index[0])
     if len(queries) == 1:  # a single query: errors are the command's own (exit 1, one line)
         t0 = time.perf_counter()
-        results = [engine.search(queries[0], bbox=bbox, top_k=args.top_k, rerank=not args.no_rerank)]
+        results = [engine.search(queries[0], bbox=bbox, top_k=args.top_k, rerank=not args.no_rerank,
+                                 **options)]
         seconds = [time.perf_counter() - t0]
     else:
         t0 = time.perf_counter()
-        results = engine.search_batch(queries, top_k=args.top_k, rerank=not args.no_rerank, workers=args.workers)
+        results = engine.search_batch(queries, top_k=args.top_k, rerank=not args.no_rerank, workers=args.workers,
+                                       **options)
         seconds = [(time.perf_counter() - t0) / len(queries)] * len(queries)
     failed = 0
     for query, hits, sec in zip(queries, results, seconds):
