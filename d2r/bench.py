@@ -32,7 +32,7 @@ import numpy as np
 from d2r import _io
 from d2r.codebook import Codebook
 from d2r.engine import EngineConfig
-from d2r.features.base import LocalFeatures, whole_image  # noqa: F401  (whole_image: part of this module's API)
+from d2r.features.base import LocalFeatures, whole_image  # noqa: F401  (whole_image: API of this module)
 from d2r.pipeline import Pipeline, check_setup, crop
 from d2r.rerank import order_by_inliers
 
@@ -189,7 +189,8 @@ class _Pipeline(Pipeline):
             return self.extract_query(source, query_box(boxes[image_id]), name=str(image_id))
 
         with self.timer("extract_queries"):
-            report = self.extract_to_store(path, [(q, p) for q, p, _ in items], fn=crop_fn, desc="extract queries")
+            report = self.extract_to_store(path, [(q, p) for q, p, _ in items], fn=crop_fn,
+                                           desc="extract queries")
         self.notes["query_extraction"] = report
         return FeatureStore.open(path)
 

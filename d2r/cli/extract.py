@@ -45,11 +45,12 @@ def run(args) -> int:
                         ("--workers", args.workers), ("--shard-size", args.shard_size)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
-    options = {k: v for k, v in (("max_features", args.max_features), ("max_side", args.max_side)) if v is not None}
+    options = {k: v for k, v in (("max_features", args.max_features), ("max_side", args.max_side))
+               if v is not None}
     if args.features == "delf" and args.no_pca:
         options["use_pca"] = False
     pca = None if args.no_pca else args.pca
-    extractor = FeaturesConfig(args.features, args.model, pca, options).build()  # checked before the store exists
+    extractor = FeaturesConfig(args.features, args.model, pca, options).build()  # checked before the store
     summary = extract_to_store(args.images, extractor, args.out, progress=not args.quiet,
                                workers=args.workers, shard_size=args.shard_size,
                                retry_failed=args.retry_failed)
@@ -64,6 +65,7 @@ def run(args) -> int:
         print(f"d2r extract: error: none of the {summary['failed']} image(s) could be extracted (reasons in "
               f"{summary['store']}/failures.json)", file=sys.stderr)
         return 1
-    print(f"d2r extract: partial failure: {summary['failed']} image(s) failed, {summary['extracted']} extracted "
+    print(f"d2r extract: partial failure: {summary['failed']} image(s) failed, {summary['extracted']} "
+          "extracted "
           f"(reasons in {summary['store']}/failures.json; retry with --retry-failed)", file=sys.stderr)
     return 3
