@@ -136,7 +136,7 @@ class Aggregator:
         return get_kernel(self.kernel).finish(self, words, sums, num_regions)
 
 
-# ---- the kernels, by name --------------------------------------------------------------------------------------
+# ---- the kernels, by name ----------------------------------------------------------------------------------
 def _asmk_words(agg: Aggregator, words, sums, num_regions):
     """ASMK kinds: per-word unit vectors of the (region-averaged) residual sums; near-zero words dropped."""
     scale = 1.0 / num_regions if num_regions else 1.0
@@ -152,12 +152,12 @@ def _finish_asmk(agg: Aggregator, words, sums, num_regions) -> Aggregated:
 def _finish_asmk_star(agg: Aggregator, words, sums, num_regions) -> Aggregated:
     d = agg.codebook.dim
     kept, unit = _asmk_words(agg, words, sums, num_regions)
-    bits = pack_bits(unit, kept.astype(np.int64), np.zeros((0, d), np.float32))  # sign binarisation (official)
+    bits = pack_bits(unit, kept.astype(np.int64), np.zeros((0, d), np.float32))  # sign bits (official)
     return Aggregated("asmk_star", d, agg.codebook.size, num_regions, words=kept, bits=bits)
 
 
 def _finish_vlad(agg: Aggregator, words, sums, num_regions) -> Aggregated:
-    """VLAD: the dense (K·D,) residual sum; L2-normalised (whole image) or divided by R (R-VLAD) by default."""
+    """VLAD: the dense (K·D,) residual sum; L2-normalised (whole image) or divided by R (R-VLAD)."""
     k, d = agg.codebook.size, agg.codebook.dim
     v = np.zeros((k, d), np.float64)
     v[words] = sums
@@ -175,8 +175,8 @@ def _score_vlad(a: Aggregated, b: Aggregated, alpha, tau, tau_inclusive, weights
 
 
 def _score_asmk(a: Aggregated, b: Aggregated, alpha, tau, tau_inclusive, weights) -> float:
-    return asmk_score(a.words, a.descriptors, b.words, b.descriptors, float(alpha), float(tau), bool(tau_inclusive),
-                      weights)
+    return asmk_score(a.words, a.descriptors, b.words, b.descriptors, float(alpha), float(tau),
+                      bool(tau_inclusive), weights)
 
 
 def _score_asmk_star(a: Aggregated, b: Aggregated, alpha, tau, tau_inclusive, weights) -> float:

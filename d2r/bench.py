@@ -189,7 +189,8 @@ class _Pipeline(Pipeline):
             return self.extract_query(source, query_box(boxes[image_id]), name=str(image_id))
 
         with self.timer("extract_queries"):
-            report = self.extract_to_store(path, [(q, p) for q, p, _ in items], fn=crop_fn, desc="extract queries")
+            report = self.extract_to_store(path, [(q, p) for q, p, _ in items], fn=crop_fn,
+                                           desc="extract queries")
         self.notes["query_extraction"] = report
         return FeatureStore.open(path)
 

@@ -41,7 +41,8 @@ def read_mapping(path) -> dict:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+            raise ValueError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: "
+                             f"{exc.msg}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -96,7 +97,7 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     def override(self: T, dotted: dict[str, Any]) -> T:
-        """Apply ``{"section.field": value}`` overrides (command-line style) and return a new (checked) config.
+        """Apply ``{"section.field": value}`` overrides (command-line style); returns a new, checked config.
 
         None values are skipped (a flag that was not given). Keys inside a free-form mapping field (such as
         ``features.options.max_features``) may be new; every other key must exist."""
@@ -124,7 +125,7 @@ class Config:
 
 
 def parse_value(text: str):
-    """A command-line value: YAML scalars and lists (``0.5``, ``true``, ``null``, ``[1, 2]``), else the string."""
+    """A command-line value: YAML scalars and lists (``0.5``, ``true``, ``null``, ``[1, 2]``), else text."""
     import yaml
 
     try:
@@ -141,7 +142,8 @@ def parse_overrides(items, flag: str = "--set") -> dict[str, Any]:
         key, sep, value = str(item).partition("=")
         key = key.strip()
         if not sep or not key or any(not part for part in key.split(".")):
-            raise ValueError(f"{flag} expects KEY=VALUE with a dotted KEY (e.g. index.kernel=asmk), got {item!r}")
+            raise ValueError(f"{flag} expects KEY=VALUE with a dotted KEY (e.g. index.kernel=asmk), "
+                             f"got {item!r}")
         out[key] = parse_value(value.strip())
     return out
 
@@ -201,7 +203,7 @@ def _checked(value, hint, where: str):
 
 
 def _is_free_form(cls, parts) -> bool:
-    """Whether the dotted field path ``parts`` of config class ``cls`` is a free-form mapping (``options``)."""
+    """Whether the dotted field path ``parts`` of config class ``cls`` is a free-form mapping."""
     import typing
 
     for i, name in enumerate(parts):

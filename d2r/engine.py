@@ -257,8 +257,9 @@ class Engine:
         meta = _read_json(meta_path, None)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ValueError(f"{meta_path}: not a d2r engine file")
-        if not isinstance(meta.get("format_version", 0), int) or meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{meta_path}: format version {meta.get('format_version')!r} is not one this d2r reads")
+        version = meta.get("format_version", 0)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(f"{meta_path}: format version {version!r} is not one this d2r reads")
         try:
             config = EngineConfig.from_dict(meta.get("config"))
         except ValueError as exc:
@@ -352,8 +353,8 @@ class Engine:
               lock_timeout: float | None = 0.0, id_prefix: str = "") -> IndexReport:
         """Index images: a folder (searched recursively), a list file, or paths / ``(image_id, path)`` pairs.
 
-        Image ids are the canonical paths relative to the folder / list file's folder (absolute paths for single
-        files), without extension, preceded by ``id_prefix`` (to index a second folder with the same names).
+        Image ids are the canonical paths relative to the folder / list file's folder (absolute paths for
+        single files), without extension, preceded by ``id_prefix`` (for a second folder with the same names).
 
         Images already indexed are skipped (so an interrupted call can simply be repeated); images that cannot be
         read or described are reported in ``report.failed`` with the reason, and skipped again next time unless
@@ -456,7 +457,7 @@ class Engine:
                 report.failed[str(p)] = self._failures[str(p)] = reason
                 continue
             seen[image_id] = source
-            if self._failures.get(str(p), "").startswith("image id "):  # an id conflict resolved (--id-prefix)
+            if self._failures.get(str(p), "").startswith("image id "):  # id conflict resolved (--id-prefix)
                 del self._failures[str(p)]
             kept.append((image_id, p))
         for image_id, source in seen.items():

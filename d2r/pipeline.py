@@ -4,9 +4,10 @@
 extraction (whole image + regions), the one extraction loop into a feature store (threads, batches, failures
 reported per image), codebook training on a store, and building / filling a database.
 
-Everything that can be wrong with a configuration is checked here, before an image is read or a folder created:
-:func:`check_setup` builds the extractor (a wrong model path or a typo in ``features.options`` fails here), checks
-the region source and loads the codebook, checking it against the features (dimension, feature type, PCA).
+Everything that can be wrong with a configuration is checked here, before an image is read or a folder is
+created: :func:`check_setup` builds the extractor (a wrong model path or a typo in ``features.options`` fails
+here), checks the region source and loads the codebook, checking it against the features (dimension, feature
+type, PCA).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def _config_class(name: str):
 
 def build_extractor(features):
     """The extractor of a ``FeaturesConfig``; ValueError naming the option for an unknown name, a model path
-    that is not a SavedModel folder, a missing PCA folder, or an unknown / mistyped ``features.options`` key."""
+    that is not a SavedModel folder, a missing PCA folder, or an unknown / mistyped ``features.options``
+    key."""
     from d2r.features import EXTRACTORS, get_extractor
 
     name = str(features.name).lower()
@@ -86,7 +88,7 @@ def pca_fingerprint(extractor) -> str | None:
 
 
 def codebook_metadata(extractor, trainset: str) -> dict:
-    """What a codebook trained on this extractor's features records about them (checked by :func:`fit_codebook`)."""
+    """What a codebook trained on this extractor's features records (checked by :func:`fit_codebook`)."""
     meta = {"feature": extractor.name, "trainset": trainset, "feature_fingerprint": extractor.fingerprint()}
     pca = pca_fingerprint(extractor)
     if pca is not None:
@@ -138,14 +140,14 @@ def check_training_size(n_descriptors: int, k: int, option: str = "--codebook-si
             f"(at most {max(1, n_descriptors // MIN_DESCRIPTORS_PER_WORD)})")
 
 
-# ---- the pipeline --------------------------------------------------------------------------------------------
+# ---- the pipeline ------------------------------------------------------------------------------------------
 class Pipeline:
     """Features → codebook → database for one :class:`~d2r.engine.EngineConfig` (or ``BenchConfig``).
 
     Args:
         config: the resolved config (``features``, ``regions``, ``codebook``, ``index``, ``batch_size``,
             ``workers``).
-        extractor: an already built (checked) extractor; default: built from ``config.features`` when first used.
+        extractor: an already built (checked) extractor; default: built from ``config.features`` when used.
         progress: show tqdm bars.
     """
 
@@ -182,7 +184,7 @@ class Pipeline:
 
         return _extractor_info(self.extractor)
 
-    # ---- extraction ------------------------------------------------------------------------------------------
+    # ---- extraction ----------------------------------------------------------------------------------------
     def extract(self, image, name: str | None = None) -> LocalFeatures | RegionFeatures:
         """Index-side features of one image (path, array or PIL image): the whole image, plus its regions
         (re-extracted per ``config.regions``) when a proposer is configured."""
@@ -197,7 +199,7 @@ class Pipeline:
                                name=name or str(image))
 
     def extract_query(self, image, bbox=None, name: str = "query") -> LocalFeatures:
-        """Query-side features: the whole image, or its crop to ``bbox`` = (x1, y1, x2, y2) (never regions)."""
+        """Query-side features: the whole image or its crop to ``bbox`` = (x1, y1, x2, y2); never regions."""
         from d2r.features.image import load_image
 
         pixels = load_image(image)
@@ -205,13 +207,15 @@ class Pipeline:
             pixels = crop(pixels, bbox, name=name)
         return self.extractor.extract(pixels)
 
-    def extract_into(self, store, todo, fn=None, on_image=None, on_batch=None, desc: str = "extracting") -> dict:
+    def extract_into(self, store, todo, fn=None, on_image=None, on_batch=None,
+                     desc: str = "extracting") -> dict:
         """The one extraction loop: features of ``todo`` = [(image_id, source)] into ``store``.
 
-        ``fn(image_id, source)`` computes one image's features (default :meth:`extract`); a failure never stops
-        the loop. ``config.workers`` threads; the store is flushed every ``config.batch_size`` images, then
-        ``on_batch()`` runs (an interruption keeps every flushed batch). ``on_image(image_id, source, error)``
-        runs after each image (``error`` None when extracted, else ``"Type: message"``).
+        ``fn(image_id, source)`` computes one image's features (default :meth:`extract`); a failure never
+        stops the loop. ``config.workers`` threads; the store is flushed every ``config.batch_size`` images,
+        then ``on_batch()`` runs (an interruption keeps every flushed batch).
+        ``on_image(image_id, source, error)`` runs after each image (``error`` None when extracted, else
+        ``"Type: message"``).
         Returns ``{"extracted": n, "failed": n}``."""
         fn = fn or (lambda image_id, source: self.extract(source, name=str(image_id)))
 
@@ -226,7 +230,8 @@ class Pipeline:
         try:
             with ThreadPoolExecutor(self.workers) as pool:
                 for start in range(0, len(todo), self.batch_size):
-                    for (image_id, source), feats, error in pool.map(work, todo[start:start + self.batch_size]):
+                    batch = todo[start:start + self.batch_size]
+                    for (image_id, source), feats, error in pool.map(work, batch):
                         if error is None:
                             store.add(image_id, feats)
                             counts["extracted"] += 1
@@ -266,7 +271,7 @@ class Pipeline:
         return {"images": len(pairs), **counts, "skipped": len(pairs) - len(todo),
                 "seconds": round(time.perf_counter() - t0, 3), "store": str(store.path)}
 
-    # ---- codebook and database -------------------------------------------------------------------------------
+    # ---- codebook and database -----------------------------------------------------------------------------
     def train_codebook(self, store, trainset: str) -> Codebook:
         """A codebook trained with ``config.codebook`` on a sample of the store's (whole-image) descriptors;
         ValueError when there are fewer than K × :data:`MIN_DESCRIPTORS_PER_WORD` of them."""
@@ -288,8 +293,9 @@ class Pipeline:
 
     def fill_database(self, db, store, ids, on_batch=None, save_every: int | None = None,
                       desc: str = "indexing") -> None:
-        """Add ``ids`` (in order) from the store to ``db``, region by region, saving after every ``save_every``
-        images (default ``config.batch_size``); ``on_batch(ids)`` runs once a batch is saved."""
+        """Add ``ids`` (in order) from the store to ``db``, region by region, saving after every
+        ``save_every`` images (default ``config.batch_size``); ``on_batch(ids)`` runs once a batch is
+        saved."""
         bar = progress_bar(len(ids), desc, self.progress)
         every = max(1, int(save_every or self.batch_size))
 
@@ -346,6 +352,7 @@ def progress_bar(total: int, desc: str, progress: bool, unit: str = "img"):
     return tqdm(total=total, desc=desc, unit=unit)
 
 
-__all__ = ["Pipeline", "check_setup", "build_extractor", "check_regions", "fit_codebook", "check_training_size",
+__all__ = ["Pipeline", "check_setup", "build_extractor", "check_regions", "fit_codebook",
+           "check_training_size",
            "codebook_metadata", "pca_fingerprint", "crop", "whole_image", "progress_bar",
            "MIN_DESCRIPTORS_PER_WORD"]

@@ -1,4 +1,4 @@
-"""Top-k selection shared by every ranking in d2r: best score first, equal scores in index (insertion) order."""
+"""Top-k selection for d2r's rankings: best score first, equal scores in index (insertion) order."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 
 
 def top_k_stable(scores, k: int) -> np.ndarray:
-    """Indices of the ``k`` highest ``scores`` (1-D, float; NaN not allowed), best first, equal scores by lower
-    index — the same as ``np.argsort(-scores, kind="stable")[:k]`` but O(n + m log m) with a partial selection
-    (m = how many scores reach the k-th best, ties included). Returns int64 (min(k, n),)."""
+    """Indices of the ``k`` highest ``scores`` (1-D, float; NaN not allowed), best first, equal scores by
+    lower index — the same as ``np.argsort(-scores, kind="stable")[:k]``, but O(n + m log m) with a partial
+    selection (m = how many scores reach the k-th best, ties included). Returns int64 (min(k, n),)."""
     s = np.asarray(scores)
     n = s.shape[0]
     k = max(0, min(int(k), n))

@@ -1,10 +1,10 @@
 """Test-suite switches.
 
 - ``dev`` tests need the shared dev photos / reference vectors (``../shared`` beside the checkout, or
-  ``D2R_SHARED``). Without that folder they are skipped with the reason; under CI (``CI`` set) a missing folder
-  fails them instead, so CI can never pass by skipping.
-- ``slow`` tests (end to end, TensorFlow-heavy) run under CI, with ``-m slow`` (or any ``-m`` expression) or with
-  ``D2R_SLOW=1``; a plain ``python -m pytest`` on a fresh clone skips them to stay within a few minutes.
+  ``D2R_SHARED``). Without that folder they are skipped with the reason; under CI (``CI`` set) a missing
+  folder fails them instead, so CI can never pass by skipping.
+- ``slow`` tests (end to end, TensorFlow-heavy) run under CI, with ``-m slow`` (or any ``-m`` expression) or
+  with ``D2R_SLOW=1``; a plain ``python -m pytest`` on a fresh clone skips them to stay within a few minutes.
 """
 
 import os
@@ -36,7 +36,8 @@ def pytest_collection_modifyitems(config, items):
     run_slow = in_ci() or os.environ.get("D2R_SLOW", "") not in ("", "0") or bool(config.option.markexpr)
     skip_slow = pytest.mark.skip(reason="slow: runs under CI, with -m slow or D2R_SLOW=1")
     for item in items:
-        if SHARED_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("dev") is None:
+        uses_shared = SHARED_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if uses_shared and item.get_closest_marker("dev") is None:
             item.add_marker(pytest.mark.dev)
         if item.get_closest_marker("dev") is not None and not have_shared and not in_ci():
             item.add_marker(pytest.mark.skip(reason="dev: " + _missing_shared_message()))

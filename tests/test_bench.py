@@ -111,7 +111,7 @@ def _features(rng, n, locations=None, descriptors=None):
 
 
 def test_order_by_inliers_hand_cases():
-    """The first ``num_to_rerank`` non-junk ids sorted by (inliers, initial score), the rest in input order."""
+    """The first ``num_to_rerank`` non-junk ids by (inliers, initial score), the rest in input order."""
     ids = np.array([7, 3, 9, 1, 4, 8])
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
     inl = {7: 0, 3: 12, 9: 12, 1: 40, 4: 5}
@@ -119,7 +119,7 @@ def test_order_by_inliers_hand_cases():
     assert new.tolist() == [1, 3, 4, 7, 9, 8]  # 9 is junk: never verified, keeps its place among the rest
     assert il.tolist() == [40, 12, 5, 0, -1, -1]
     assert sc.tolist() == [0.6, 0.8, 0.5, 0.9, 0.7, 0.4]
-    new, _, il = order_by_inliers(ids, scores, {7: 5, 3: 5, 9: 5, 1: 6}, 4)  # equal inliers: higher score first
+    new, _, il = order_by_inliers(ids, scores, {7: 5, 3: 5, 9: 5, 1: 6}, 4)  # equal inliers: score first
     assert new.tolist() == [1, 7, 3, 9, 4, 8] and il.tolist() == [6, 5, 5, 5, -1, -1]
     new, _, il = order_by_inliers(ids, scores, {}, 0)
     assert new.tolist() == ids.tolist() and (il == -1).all()

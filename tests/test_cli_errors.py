@@ -1,5 +1,5 @@
-"""A bad-input corpus per command: one line on stderr naming the file or option, the right exit code (1 failure,
-2 usage, 3 partial), no traceback, no folder left behind, nothing already indexed lost."""
+"""A bad-input corpus per command: one line on stderr naming the file or option, the right exit code
+(1 failure, 2 usage, 3 partial), no traceback, no folder left behind, nothing already indexed lost."""
 
 import json
 import os
@@ -54,8 +54,8 @@ def books(tmp_path_factory):
     rng = np.random.default_rng(4)
     d2r.Codebook(rng.random((16, 64), np.float32), {"feature": "rootsift"}).save(folder / "d64.npz")
     d2r.Codebook(rng.random((16, 128), np.float32), {"feature": "delf"}).save(folder / "delf.npz")
-    d2r.Codebook(rng.random((16, 128), np.float32), {"feature": "rootsift", "pca_fingerprint": "0badc0de"}).save(
-        folder / "pca.npz")
+    pca_meta = {"feature": "rootsift", "pca_fingerprint": "0badc0de"}
+    d2r.Codebook(rng.random((16, 128), np.float32), pca_meta).save(folder / "pca.npz")
     good = folder / "good.npz"
     d2r.Codebook(rng.random((16, 128), np.float32), {"feature": "rootsift"}).save(good)
     (folder / "truncated.npz").write_bytes(good.read_bytes()[:200])
@@ -67,7 +67,8 @@ def books(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine_dir(photos, tmp_path_factory):
     path = tmp_path_factory.mktemp("eng") / "engine"
-    code = d2r.cli.main(["index", "create", str(path), "--codebook-size", "16", "--set", "codebook.iterations=3",
+    code = d2r.cli.main(["index", "create", str(path), "--codebook-size", "16",
+                         "--set", "codebook.iterations=3",
                          "--set", "features.options.max_features=200", "--images", str(photos), "--quiet"])
     assert code == 0
     return path
@@ -92,7 +93,8 @@ def _create_cases(photos, books, tmp):
         (["--set", "features.options.max_features=many"], 1, ["features.options.max_features", "integer"]),
         (["--set", "batch_size=0"], 1, ["batch_size", "positive"]),
         (["--regions", "foo", "--images", photos], 1, ["regions.proposer", "'foo'"]),
-        (["--features", "delf", "--model", tmp / "no-model", "--images", photos], 1, ["features.model", "no-model"]),
+        (["--features", "delf", "--model", tmp / "no-model", "--images", photos], 1,
+         ["features.model", "no-model"]),
         (["--features", "delf"], 1, ["features.model", "SavedModel"]),
         (["--model", tmp], 1, ["features.model", "rootsift takes no model"]),
         (["--images", tmp / "no-photos"], 1, ["--images", "no-photos"]),
@@ -111,13 +113,15 @@ def test_index_create_bad_inputs_leave_no_folder(photos, books, tmp_path, capsys
             _one_line_error(code, err, want, *needles)
         assert not target.exists(), (extra, sorted(p.name for p in target.iterdir()))
     # the failed creates left nothing that blocks the right one
-    code, _, err = _cli(capsys, "index", "create", tmp_path / "eng0", "--codebook", books / "good.npz", "--quiet")
+    code, _, err = _cli(capsys, "index", "create", tmp_path / "eng0", "--codebook", books / "good.npz",
+                        "--quiet")
     assert code == 0, err
 
 
 def test_debug_shows_the_traceback(books, tmp_path):
     with pytest.raises(ValueError, match="truncated.npz"):
-        d2r.cli.main(["index", "create", str(tmp_path / "e"), "--codebook", str(books / "truncated.npz"), "--debug"])
+        d2r.cli.main(["index", "create", str(tmp_path / "e"), "--codebook", str(books / "truncated.npz"),
+                      "--debug"])
     assert not (tmp_path / "e").exists()
 
 
@@ -151,8 +155,9 @@ def test_index_add_search_info_remove_bad_inputs(engine_dir, photos, tmp_path, c
     assert "Traceback" not in err
     assert len(Engine.open(work)) == before + 1
     # corrupt bookkeeping files: one line naming the file, for every command that opens the engine
-    for name, content in [("engine.json", "{not json"), ("sources.json", "[1, 2"), ("failures.json", "\x00\x01"),
-                          ("engine.json", json.dumps({"format": "d2r-engine", "config": {"index": {"kernl": 1}}}))]:
+    bad_config = json.dumps({"format": "d2r-engine", "config": {"index": {"kernl": 1}}})
+    for name, content in [("engine.json", "{not json"), ("sources.json", "[1, 2"),
+                          ("failures.json", "\x00\x01"), ("engine.json", bad_config)]:
         broken = tmp_path / f"broken-{name}"
         shutil.copytree(work, broken, dirs_exist_ok=True)
         (broken / name).write_text(content)
@@ -174,6 +179,8 @@ def test_index_add_search_info_remove_bad_inputs(engine_dir, photos, tmp_path, c
 
 def test_extract_train_import_bench_bad_inputs(photos, books, tmp_path, capsys):
     store = tmp_path / "store"
+    bench = ["bench", "revisitop", "--gnd", tmp_path / "gnd.pkl", "--images-root", photos,
+             "--out", tmp_path / "run"]
     cases = [
         (["extract", "--images", tmp_path / "none", "--features", "rootsift", "--out", store], 1, ["none"]),
         (["extract", "--images", photos, "--features", "rootsift", "--model", tmp_path, "--out", store], 2,
@@ -182,19 +189,16 @@ def test_extract_train_import_bench_bad_inputs(photos, books, tmp_path, capsys):
          ["--max-features"]),
         (["extract", "--images", photos, "--features", "delf", "--model", tmp_path / "m", "--out", store], 1,
          ["features.model"]),
-        (["train-codebook", "--descriptors", books / "truncated.npz", "--size", "4", "--out", tmp_path / "o.npz"], 1,
-         ["truncated.npz"]),
+        (["train-codebook", "--descriptors", books / "truncated.npz", "--size", "4",
+          "--out", tmp_path / "o.npz"], 1, ["truncated.npz"]),
         (["train-codebook", "--store", tmp_path / "nostore", "--size", "4", "--out", tmp_path / "o.npz"], 1,
          ["nostore"]),
         (["train-codebook", "--images", photos, "--size", "4", "--out", tmp_path / "nodir" / "o.npz"], 1,
          ["nodir"]),
         (["import-codebook", tmp_path / "no-ckpt", "--out", tmp_path / "o.npz"], 1, ["no-ckpt"]),
-        (["bench", "revisitop", "--gnd", tmp_path / "gnd.pkl", "--images-root", photos, "--out", tmp_path / "run"],
-         1, ["gnd.pkl"]),
-        (["bench", "revisitop", "--gnd", tmp_path / "gnd.pkl", "--images-root", photos, "--out", tmp_path / "run",
-          "--config", books / "bad.yaml"], 1, ["bad.yaml", "invalid YAML"]),
-        (["bench", "revisitop", "--gnd", tmp_path / "gnd.pkl", "--images-root", photos, "--out", tmp_path / "run",
-          "--set", "rerank.descriptor_distance=abc"], 1, ["rerank.descriptor_distance"]),
+        (bench + [], 1, ["gnd.pkl"]),
+        (bench + ["--config", books / "bad.yaml"], 1, ["bad.yaml", "invalid YAML"]),
+        (bench + ["--set", "rerank.descriptor_distance=abc"], 1, ["rerank.descriptor_distance"]),
     ]
     for argv, want, needles in cases:
         code, _, err = _cli(capsys, *argv)
@@ -207,7 +211,8 @@ def test_extract_train_import_bench_bad_inputs(photos, books, tmp_path, capsys):
     mixed = tmp_path / "mixed"
     shutil.copytree(photos, mixed)
     (mixed / "broken.jpg").write_bytes(b"\xff\xd8 not really")
-    code, _, err = _cli(capsys, "extract", "--images", mixed, "--features", "rootsift", "--out", store, "--quiet")
+    code, _, err = _cli(capsys, "extract", "--images", mixed, "--features", "rootsift", "--out", store,
+                        "--quiet")
     assert code == 3 and "partial failure: 1 image(s) failed, 4 extracted" in err and "Traceback" not in err
 
 
@@ -229,7 +234,8 @@ def test_bench_validates_before_touching_images(photos, books, tmp_path, capsys)
 
 def test_subprocess_prints_one_line_and_debug_prints_a_traceback(books, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    argv = [sys.executable, "-m", "d2r", "index", "create", str(tmp_path / "e"), "--config", str(books / "bad.yaml")]
+    argv = [sys.executable, "-m", "d2r", "index", "create", str(tmp_path / "e"),
+            "--config", str(books / "bad.yaml")]
     run = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 1 and run.stderr.count("\n") == 1 and "bad.yaml" in run.stderr, run.stderr
     run = subprocess.run(argv + ["--debug"], capture_output=True, text=True, env=env, timeout=300)

@@ -1,4 +1,4 @@
-"""The shared pipeline: per-feature-type defaults, the config override parser, store rewrites after removals."""
+"""The shared pipeline: per-feature-type defaults, the override parser, store rewrites after removals."""
 
 import numpy as np
 import pytest
@@ -45,8 +45,9 @@ def _store(path, ids):
     info = {"name": "rootsift", "fingerprint": "f", "dim": 4}
     with FeatureStore.create(path, info, shard_size=2) as store:
         for k, image_id in enumerate(ids):
-            store.add(image_id, LocalFeatures(np.full((k + 1, 2), k, np.float32), np.ones(k + 1, np.float32),
-                                              np.ones(k + 1, np.float32), np.eye(4, dtype=np.float32)[: k + 1]))
+            ones = np.ones(k + 1, np.float32)
+            store.add(image_id, LocalFeatures(np.full((k + 1, 2), k, np.float32), ones, ones,
+                                              np.eye(4, dtype=np.float32)[: k + 1]))
         store.add_failure("bad", "corrupt")
 
 

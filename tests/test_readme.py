@@ -21,7 +21,8 @@ def _readme_commands() -> list[str]:
 
 @pytest.mark.slow
 def test_readme_commands_on_a_fresh_clone(tmp_path):
-    """Clone this checkout (its last commit) into an empty folder (no ../shared beside it), then run the README's commands there.
+    """Clone this checkout (its last commit) into an empty folder (no ../shared beside it), then run the
+    README's commands there.
 
     Reuses the current Python environment instead of a new venv (the machines here cannot afford a TensorFlow
     install per test run): ``pip install -e .`` is replaced by putting the clone first on PYTHONPATH, which is
@@ -43,7 +44,7 @@ def test_readme_commands_on_a_fresh_clone(tmp_path):
                               capture_output=True, text=True, timeout=900)
     assert demo_run.returncode == 0, demo_run.stderr[-2000:]
     assert "queries have the right instance first" in demo_run.stdout
-    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=clone, env=env,
-                           capture_output=True, text=True, timeout=1800)
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=clone,
+                           env=env, capture_output=True, text=True, timeout=1800)
     assert tests.returncode == 0, tests.stdout[-3000:]
     assert " passed" in tests.stdout and "error" not in tests.stdout.splitlines()[-1]

@@ -210,8 +210,8 @@ def test_deterministic_across_runs_and_thread_counts(rng):
         assert geometric_verification(q, cands, RerankConfig(workers=workers)).tolist() == base.tolist()
     # a candidate's score does not depend on its position in the batch
     assert geometric_verification(q, cands[::-1], RerankConfig(workers=2)).tolist() == base[::-1].tolist()
-    # another RANSAC seed samples other hypotheses: never more inliers than planted (+2 by chance), the planted
-    # model found whenever it has 20+ inliers, and the same counts again when repeated
+    # another RANSAC seed samples other hypotheses: never more inliers than planted (+2 by chance), the
+    # planted model found whenever it has 20+ inliers, and the same counts again when repeated
     other = geometric_verification(q, cands, RerankConfig(seed=12345, workers=2))
     for counts in (base, other):
         assert (counts <= planted + 2).all(), (counts, planted)

@@ -388,7 +388,7 @@ def test_cli_checkpoint_resume(rng, tmp_path, capsys):
     assert "k=12" in capsys.readouterr().err
 
 
-# ---- feature store / images ----------------------------------------------------------------------------------
+# ---- feature store / images --------------------------------------------------------------------------------
 def test_store_source(rng, tmp_path, capsys):
     from d2r.features import store as store_mod
 

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="d2r", description="Detect-to-Retrieve instance image retrieval.",
                                      epilog="exit codes: 0 ok, 1 failure, 2 usage, 3 partial failure")
     parser.add_argument("--version", action="version", version=f"d2r {d2r.__version__}")
-    parser.add_argument("--debug", action="store_true", help="show a traceback on errors (anywhere on the line)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (allowed anywhere on the line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"d2r.cli.{name}").add_parser(sub)

@@ -56,7 +56,7 @@ def _common(p) -> None:
     p.add_argument("--top-k", type=int, metavar="N", help="search depth (default: whole database / 100)")
     p.add_argument("--workers", type=int, metavar="N", help="threads for extraction and search")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config option by dotted path, e.g. --set features.options.max_features=300")
+                   help="override a config option by dotted path, e.g. features.options.max_features=300")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder (metrics.json, config.yaml, index/)")
     p.add_argument("--cache", metavar="DIR", help="feature/codebook cache shared between runs (default OUT/cache)")
     p.add_argument("--json", metavar="FILE", help="also write the metrics JSON here ('-': stdout)")

@@ -94,6 +94,7 @@ def _report(args, summary) -> int:
         print(f"d2r extract: error: none of the {summary['failed']} image(s) could be extracted (reasons in "
               f"{summary['store']}/failures.json)", file=sys.stderr)
         return 1
-    print(f"d2r extract: partial failure: {summary['failed']} image(s) failed, {summary['extracted']} extracted "
+    print(f"d2r extract: partial failure: {summary['failed']} image(s) failed, {summary['extracted']} "
+          "extracted "
           f"(reasons in {summary['store']}/failures.json; retry with --retry-failed)", file=sys.stderr)
     return 3

@@ -104,7 +104,7 @@ def _writer(run):
 
 
 def build_config(args):
-    """The --config file, then the flags, then the --set overrides (one parser: d2r.config.parse_overrides)."""
+    """The --config file, then the flags, then the --set overrides (d2r.config.parse_overrides)."""
     from d2r.config import parse_overrides
     from d2r.engine import EngineConfig
 
@@ -145,7 +145,8 @@ def _index(engine, images, args) -> int:
     if not report.failed:
         return 0
     if not report.indexed and not report.skipped:
-        print(f"d2r index: error: none of the {len(report.failed)} image(s) could be indexed", file=sys.stderr)
+        print(f"d2r index: error: none of the {len(report.failed)} image(s) could be indexed",
+              file=sys.stderr)
         return 1
     print(f"d2r index: partial failure: {len(report.failed)} image(s) failed, {len(report.indexed)} indexed "
           f"(retry them with `d2r index add {engine.path} ... --retry-failed`)", file=sys.stderr)

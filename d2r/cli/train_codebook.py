@@ -78,7 +78,8 @@ def run(args) -> int:
         raise UsageError("--model is only used with --features delf")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
-    for flag, value in (("--store", args.store), ("--images", args.images), ("--descriptors", args.descriptors),
+    for flag, value in (("--store", args.store), ("--images", args.images),
+                        ("--descriptors", args.descriptors),
                         ("--checkpoint", Path(args.checkpoint).parent if args.checkpoint else None)):
         if value is not None and not Path(value).exists():
             raise FileNotFoundError(f"{flag} {value}: not found")

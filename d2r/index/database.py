@@ -69,7 +69,7 @@ class DatabaseConfig(Config):
     idf: bool = False
 
     def check(self, codebook: Codebook | None = None) -> None:
-        """ValueError naming the option; without ``codebook`` the assignment counts are checked against K later."""
+        """ValueError naming the option; without ``codebook``, assignments are checked against K later."""
         from d2r.aggregate import get_kernel
 
         if self.mode not in MODES:
