@@ -210,7 +210,8 @@ def extract(images, store, features="rootsift", *, model=None, pca=None, options
                     bar.total += len(lost) + (len(batch) if batch else 0)
                     bar.refresh()
                 if restarts >= max_restarts:
-                    raise RuntimeError(f"Ray extraction worker died ({type(exc).__name__}); {restarts} "
+                    why = " ".join(str(exc).split())[:300]
+                    raise ChildProcessError(f"Ray extraction worker died ({type(exc).__name__}: {why}); {restarts} "
                                        f"worker(s) replaced already, giving up") from None
                 log.warning("extraction worker died (%s); starting another", type(exc).__name__)
                 restarts += 1
