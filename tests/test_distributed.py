@@ -197,6 +197,8 @@ def test_sharded_on_ray_actors(cluster, tmp_path, idf):
     single.add_batch(images)
     paths = [tmp_path / f"shard{s}" for s in range(4)]
     build_shards(images, paths, book, **cfg)
+    with pytest.raises(FileNotFoundError, match="shard not found"):
+        ShardedDatabase([paths[0], tmp_path / "missing"], ray=True)
     with ShardedDatabase(paths, ray=True) as sharded:
         _assert_same(single, sharded, queries)
         batch = sharded.search_batch(queries, 10)

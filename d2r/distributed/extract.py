@@ -118,8 +118,8 @@ def extract(images, store, features="rootsift", *, model=None, pca=None, options
 
     The extractor is built once on the driver first (validating model and settings before any image is read
     or folder created) and once per actor. Returns ``{"images", "extracted", "skipped", "failed", "seconds",
-    "store", "workers", "restarts", "worker_seconds" (summed extraction time), "driver_seconds" (time the
-    driver spent listing, committing and waiting on nothing but its own work)}``.
+    "store", "workers", "restarts", "worker_seconds" (extraction time summed over the workers),
+    "setup_seconds" (driver: extractor check, listing, store), "driver_seconds" (driver: committing)}``.
     """
     from d2r.distributed._ray import cluster_cpus, import_ray, init
     from d2r.features import get_extractor
@@ -138,7 +138,8 @@ def extract(images, store, features="rootsift", *, model=None, pca=None, options
     pairs = _pairs(images)
     shard_bytes = int(shard_bytes or DEFAULT_SHARD_BYTES)
     fs = FeatureStore.create(store, info, shard_bytes=shard_bytes, lock_timeout=lock_timeout)
-    driver = time.perf_counter() - t0
+    setup = time.perf_counter() - t0
+    driver = 0.0
     worker_seconds = 0.0
     extracted = failed = restarts = 0
     try:
@@ -146,7 +147,7 @@ def extract(images, store, features="rootsift", *, model=None, pca=None, options
         todo = [(i, p) for i, p in pairs if i not in fs and (retry_failed or i not in known_failures)]
         skipped = len(pairs) - len(todo)
         if not todo:
-            return _summary(pairs, 0, skipped, 0, t0, fs, 0, 0, 0.0, driver)
+            return _summary(pairs, 0, skipped, 0, t0, fs, 0, 0, 0.0, setup, driver)
         ray, started = init(address, num_cpus=num_cpus)
         try:
             import ray.exceptions as rex
@@ -209,7 +210,8 @@ def extract(images, store, features="rootsift", *, model=None, pca=None, options
                     bar.total += len(lost) + (len(batch) if batch else 0)
                     bar.refresh()
                 if restarts >= max_restarts:
-                    raise RuntimeError(f"Ray extraction worker died ({type(exc).__name__}); {restarts} "
+                    why = " ".join(str(exc).split())[:300]
+                    raise ChildProcessError(f"Ray extraction worker died ({type(exc).__name__}: {why}); {restarts} "
                                        f"worker(s) replaced already, giving up") from None
                 log.warning("extraction worker died (%s); starting another", type(exc).__name__)
                 restarts += 1
@@ -266,10 +268,11 @@ def extract(images, store, features="rootsift", *, model=None, pca=None, options
                 ray.shutdown()
     finally:
         fs.close()
-    return _summary(pairs, extracted, skipped, failed, t0, fs, workers, restarts, worker_seconds, driver)
+    return _summary(pairs, extracted, skipped, failed, t0, fs, workers, restarts, worker_seconds, setup, driver)
 
 
-def _summary(pairs, extracted, skipped, failed, t0, fs, workers, restarts, worker_seconds, driver) -> dict:
+def _summary(pairs, extracted, skipped, failed, t0, fs, workers, restarts, worker_seconds, setup, driver) -> dict:
     return {"images": len(pairs), "extracted": extracted, "skipped": skipped, "failed": failed,
             "seconds": round(time.perf_counter() - t0, 3), "store": str(fs.path), "workers": workers,
-            "restarts": restarts, "worker_seconds": round(worker_seconds, 3), "driver_seconds": round(driver, 3)}
+            "restarts": restarts, "worker_seconds": round(worker_seconds, 3), "setup_seconds": round(setup, 3),
+            "driver_seconds": round(driver, 3)}

@@ -110,6 +110,9 @@ class ShardedDatabase:
 
             if any(isinstance(s, Database) for s in shards):
                 raise ValueError("Ray shards are opened from folders, not from Database objects")
+            for s in shards:  # a shard on a named node is checked there
+                if not _NODE_PATH.match(str(s)) and not Path(s).exists():
+                    raise FileNotFoundError(f"{s}: shard not found")
             self._ray, self._started = init(address or None)
             actor = self._ray.remote(num_cpus=0)(_Shard)
             self._shards = []
@@ -156,14 +159,26 @@ class ShardedDatabase:
     # ---- calls on every shard ----------------------------------------------------------------------------
     def _call(self, method: str, *args) -> list:
         if self._ray is not None:
-            return self._ray.get([getattr(s, method).remote(*args) for s in self._shards])
+            return self._get([getattr(s, method).remote(*args) for s in self._shards])
         if self._pool is not None:
             return list(self._pool.map(lambda s: getattr(s, method)(*args), self._shards))
         return [getattr(s, method)(*args) for s in self._shards]
 
     def _call_one(self, i: int, method: str, *args):
         s = self._shards[i]
-        return self._ray.get(getattr(s, method).remote(*args)) if self._ray is not None else getattr(s, method)(*args)
+        return self._get(getattr(s, method).remote(*args)) if self._ray is not None else getattr(s, method)(*args)
+
+    def _get(self, refs):
+        """``ray.get``, re-raising an error of a shard actor as itself (e.g. FileNotFoundError naming the shard)."""
+        from ray.exceptions import RayTaskError
+
+        try:
+            return self._ray.get(refs)
+        except RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise
 
     # ---- contents ----------------------------------------------------------------------------------------
     @property
