@@ -1,4 +1,4 @@
-"""The shared pipeline: per-feature-type defaults, the override parser, store rewrites after removals."""
+"""The shared pipeline: per-feature-type defaults, the override parser, store removals."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ from d2r.engine import EngineConfig
 from d2r.features.base import LocalFeatures
 from d2r.features.delf import DELFConfig
 from d2r.features.store import FeatureStore
-from d2r.pipeline import check_training_size, drop_from_store, recover_store
+from d2r.pipeline import check_training_size
 
 
 def test_gv_distance_and_max_side_follow_the_feature_type():
@@ -51,27 +51,13 @@ def _store(path, ids):
         store.add_failure("bad", "corrupt")
 
 
-def test_drop_from_store_keeps_the_rest(tmp_path):
+def test_store_remove_keeps_the_rest(tmp_path):
     path = tmp_path / "features"
     _store(path, ["a", "b", "c", "d"])
-    assert drop_from_store(path, ["b", "x"], shard_size=2) == 1
+    with FeatureStore.open(path, "a") as store:
+        assert store.remove(["b", "x"]) == 1
     store = FeatureStore.open(path)
     assert store.ids() == ["a", "c", "d"] and store.failures == {"bad": "corrupt"}
     assert len(store.get("c")) == 3 and float(store.get("d").locations[0, 0]) == 3.0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["features"]
-    assert drop_from_store(path, ["x"]) == 0
-
-
-@pytest.mark.parametrize("crash", ["during-copy", "between-renames", "after-renames"])
-def test_recover_store_after_a_crash(tmp_path, crash):
-    path, new, old = tmp_path / "features", tmp_path / "features.new", tmp_path / "features.old"
-    _store(path, ["a", "b"])
-    _store(new, ["a"])
-    if crash != "during-copy":
-        path.rename(old)
-    if crash == "after-renames":
-        new.rename(path)
-    recover_store(path)
-    want = ["a", "b"] if crash == "during-copy" else ["a"]
-    assert FeatureStore.open(path).ids() == want
-    assert not new.exists() and not old.exists()
+    with FeatureStore.open(path, "a") as store:
+        assert store.remove(["x"]) == 0
