@@ -317,7 +317,12 @@ class Engine:
         read or described are reported in ``report.failed`` with the reason, and skipped again next time unless
         ``retry_failed``. ``on_done(ids)`` is called after each saved batch.
         """
+        from d2r.pipeline import check_regions
+
         t0 = time.perf_counter()
+        self.pipeline.extractor  # a model or region source gone since the engine was made: one error, up front
+        check_regions(self.config.regions)
+        self.pipeline.proposer
         report = IndexReport()
         pairs = self._resolve(images, report, id_prefix)
         store = self._feature_store()
