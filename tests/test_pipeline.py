@@ -75,3 +75,16 @@ def test_recover_store_after_a_crash(tmp_path, crash):
     want = ["a", "b"] if crash == "during-copy" else ["a"]
     assert FeatureStore.open(path).ids() == want
     assert not new.exists() and not old.exists()
+
+
+def test_one_override_parser_for_every_command(tmp_path):
+    from d2r.cli import build_parser
+    from d2r.cli.bench import config_from_args
+    from d2r.cli.index import build_config
+
+    sets = ["--set", "features.options.max_features=300", "--set", "rerank.descriptor_distance=0.5"]
+    create = build_parser().parse_args(["index", "create", str(tmp_path / "e"), *sets])
+    bench = build_parser().parse_args(["bench", "revisitop", "--gnd", "g.pkl", "--images-root", ".",
+                                       "--out", str(tmp_path / "r"), *sets])
+    for config in (build_config(create), config_from_args(bench)):
+        assert config.features.options == {"max_features": 300} and config.rerank.descriptor_distance == 0.5
