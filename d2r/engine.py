@@ -369,7 +369,12 @@ class Engine:
         ``retry_failed``. ``on_done(ids)`` is called after each saved batch. The engine's writer lock is taken
         first: another writer makes this call fail at once (or wait up to ``lock_timeout`` seconds).
         """
+        from d2r.pipeline import check_regions
+
         t0 = time.perf_counter()
+        self.pipeline.extractor  # a model or region source gone since the engine was made: one error, up front
+        check_regions(self.config.regions)
+        self.pipeline.proposer
         report = IndexReport()
         with self._writing(lock_timeout) as store:
             pairs = self._resolve(images, report, id_prefix)

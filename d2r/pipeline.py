@@ -74,7 +74,7 @@ def check_regions(regions) -> None:
         return
     path = Path(name).expanduser()
     if not path.is_dir():
-        raise ValueError(f"regions.proposer: {name!r} is neither one of {['none', *sorted(PROPOSERS)]} "
+        raise ValueError(f"regions.proposer: {name!r} is neither one of {sorted({'none', *PROPOSERS})} "
                          f"nor a detector SavedModel folder")
     if not (path / "saved_model.pb").exists() and not (path / "saved_model.pbtxt").exists():
         raise ValueError(f"regions.proposer: {path} is not a SavedModel folder (no saved_model.pb)")

@@ -165,6 +165,16 @@ def test_index_add_search_info_remove_bad_inputs(engine_dir, photos, tmp_path, c
                      ["index", "remove", broken, "good"], ["search", photos / "im0.png", "--index", broken]):
             code, _, err = _cli(capsys, *argv)
             _one_line_error(code, err, 1, name)
+    # a region source gone since the engine was made: one error before any image, nothing marked failed
+    broken = tmp_path / "broken-regions"
+    shutil.copytree(work, broken)
+    meta = json.loads((broken / "engine.json").read_text())
+    meta["config"]["regions"]["proposer"] = str(tmp_path / "gone-detector")
+    (broken / "engine.json").write_text(json.dumps(meta))
+    failures = (broken / "failures.json").read_text()
+    code, _, err = _cli(capsys, "index", "add", broken, extra, "--quiet")
+    _one_line_error(code, err, 1, "regions.proposer", "gone-detector")
+    assert (broken / "failures.json").read_text() == failures
     # a manifest missing a key names the manifest
     broken = tmp_path / "broken-manifest"
     shutil.copytree(work, broken)

@@ -61,3 +61,16 @@ def test_store_remove_keeps_the_rest(tmp_path):
     assert len(store.get("c")) == 3 and float(store.get("d").locations[0, 0]) == 3.0
     with FeatureStore.open(path, "a") as store:
         assert store.remove(["x"]) == 0
+
+
+def test_one_override_parser_for_every_command(tmp_path):
+    from d2r.cli import build_parser
+    from d2r.cli.bench import config_from_args
+    from d2r.cli.index import build_config
+
+    sets = ["--set", "features.options.max_features=300", "--set", "rerank.descriptor_distance=0.5"]
+    create = build_parser().parse_args(["index", "create", str(tmp_path / "e"), *sets])
+    bench = build_parser().parse_args(["bench", "revisitop", "--gnd", "g.pkl", "--images-root", ".",
+                                       "--out", str(tmp_path / "r"), *sets])
+    for config in (build_config(create), config_from_args(bench)):
+        assert config.features.options == {"max_features": 300} and config.rerank.descriptor_distance == 0.5
