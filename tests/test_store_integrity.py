@@ -443,10 +443,12 @@ def test_shard_writers_commit_contract(tmp_path):
         sw.add_failure("bad", "DecodeError: truncated")
         results.append(json.loads(json.dumps(sw.close())))  # travels as JSON
     assert all(r["name"].startswith("shard-w") for res in results for r in res["shards"])
-    assert len(FeatureStore.open(path)) == 1  # nothing visible before the commit
+    reader_before = FeatureStore.open(path)
+    assert len(reader_before) == 1  # nothing visible before the commit
     out = driver.commit(results)
     assert out["images"] == 5 and out["duplicates"] == 2 and out["failures"] == 1
     assert driver.commit(results)["shards"] == 0  # idempotent per shard name
+    same(reader_before.get("d0"), feats_of("d0"))  # a reader opened earlier finds newly committed images
     reader = FeatureStore.open(path)
     assert sorted(reader.ids()) == ["a0", "b0", "b1", "c0", "d0", "d1"]
     for i in reader.ids():
