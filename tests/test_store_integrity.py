@@ -155,6 +155,7 @@ def test_second_writer_refused_readers_never_blocked(tmp_path):
 
 HOLDER = """
 import sys, time
+from pathlib import Path
 from d2r.features import FeatureStore
 from tests.test_store_integrity import INFO, feats_of
 store = FeatureStore.create(sys.argv[1], INFO)
@@ -162,49 +163,54 @@ for i in range(20):
     store.add(f"p{i}", feats_of(f"p{i}"))
 store.flush()
 print("holding", flush=True)
-time.sleep(float(sys.argv[2]))
+deadline = time.monotonic() + 120
+while not Path(sys.argv[2]).exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
 for i in range(20, 40):
     store.add(f"p{i}", feats_of(f"p{i}"))
 store.close()
-print("done", flush=True)
+"""
+
+WAITER = """
+import sys
+from d2r.features import FeatureStore
+from tests.test_store_integrity import feats_of
+with FeatureStore.open(sys.argv[1], mode="a", lock_timeout=120) as s:
+    for i in range(10):
+        s.add(f"q{i}", feats_of(f"q{i}"))
 """
 
 
 def test_two_processes_one_store_second_refused_then_waits_nothing_lost(tmp_path):
-    path = tmp_path / "s"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(path), "1.5"], stdout=subprocess.PIPE, text=True, env=ENV, cwd=REPO
-    )
+    path, release = tmp_path / "s", tmp_path / "release"
+    img = tmp_path / "imgs"
+    img.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(img / "a.png")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), str(release)], stdout=subprocess.PIPE,
+                              text=True, env=ENV, cwd=REPO)
+    waiter = None
     try:
         assert holder.stdout.readline().strip() == "holding"
-        code = (
-            "import sys; from d2r.features import FeatureStore; FeatureStore.open(sys.argv[1], mode='a', "
-            "lock_timeout=float(sys.argv[2]))"
-        )
-        refused = subprocess.run(
-            [sys.executable, "-c", code, str(path), "0"], capture_output=True, text=True, env=ENV, timeout=60
-        )
+        code = "import sys; from d2r.features import FeatureStore; FeatureStore.open(sys.argv[1], mode='a')"
+        refused = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                                 env=ENV, timeout=60)
         assert refused.returncode != 0 and "another writer" in refused.stderr
-        waiter = """
-import sys
-from d2r.features import FeatureStore
-from tests.test_store_integrity import feats_of
-with FeatureStore.open(sys.argv[1], mode='a', lock_timeout=60) as s:
-    for i in range(10):
-        s.add(f"q{i}", feats_of(f"q{i}"))
-"""
-        waited = subprocess.run(
-            [sys.executable, "-c", waiter, str(path)],
-            capture_output=True,
-            text=True,
-            env=ENV,
-            cwd=REPO,
-            timeout=120,
-        )
-        assert waited.returncode == 0, waited.stderr
+        # the CLI: refused before extracting anything, one line, exit 1
+        cli = subprocess.run([sys.executable, "-m", "d2r", "extract", "--images", str(img), "--features",
+                              "rootsift", "--out", str(path), "--quiet"], capture_output=True, text=True,
+                             env=ENV, timeout=120)
+        assert cli.returncode == 1 and "another writer" in cli.stderr and "feature store" in cli.stderr
+        assert len(cli.stderr.strip().splitlines()) == 1
+        waiter = subprocess.Popen([sys.executable, "-c", WAITER, str(path)], stderr=subprocess.PIPE, text=True,
+                                  env=ENV, cwd=REPO)
+        time.sleep(0.5)
+        release.touch()
+        assert waiter.wait(timeout=120) == 0, waiter.stderr.read()
         assert holder.wait(timeout=60) == 0
     finally:
-        holder.kill()
+        for p in (holder, waiter):
+            if p is not None and p.poll() is None:
+                p.kill()
     store = FeatureStore.open(path)
     want = [f"p{i}" for i in range(40)] + [f"q{i}" for i in range(10)]
     assert sorted(store.ids()) == sorted(want)
@@ -443,10 +449,12 @@ def test_shard_writers_commit_contract(tmp_path):
         sw.add_failure("bad", "DecodeError: truncated")
         results.append(json.loads(json.dumps(sw.close())))  # travels as JSON
     assert all(r["name"].startswith("shard-w") for res in results for r in res["shards"])
-    assert len(FeatureStore.open(path)) == 1  # nothing visible before the commit
+    reader_before = FeatureStore.open(path)
+    assert len(reader_before) == 1  # nothing visible before the commit
     out = driver.commit(results)
     assert out["images"] == 5 and out["duplicates"] == 2 and out["failures"] == 1
     assert driver.commit(results)["shards"] == 0  # idempotent per shard name
+    same(reader_before.get("d0"), feats_of("d0"))  # a reader opened earlier finds newly committed images
     reader = FeatureStore.open(path)
     assert sorted(reader.ids()) == ["a0", "b0", "b1", "c0", "d0", "d1"]
     for i in reader.ids():

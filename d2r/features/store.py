@@ -375,6 +375,15 @@ def _load_shard(folder: Path, rec: dict, dim: int) -> Shard:
     return Shard(name, a)
 
 
+def _stamp(path: Path):
+    """Changes whenever a new manifest is committed (each is a new file renamed into place)."""
+    try:
+        st = (path / MANIFEST).stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def _read_manifest(path: Path) -> dict:
     mpath = path / MANIFEST
     if not mpath.exists():
@@ -600,6 +609,7 @@ class FeatureStore:
         self._fill_lock = threading.Lock()  # only around loading a shard into the cache
         self._cache: OrderedDict[str, Shard] = OrderedDict()
         self._view = _View(self.path, manifest)
+        self._stamp = None
         self._writer = ShardWriter.__new__(ShardWriter)  # the same machinery as a distributed worker
         if writable:
             self._writer.__init__(self.path, manifest["dim"], self.shard_bytes)
@@ -688,9 +698,11 @@ class FeatureStore:
         if not (path / MANIFEST).exists():
             raise FileNotFoundError(f"{path}: not a feature store (no {MANIFEST})")
         if mode == "r":
-            return cls(
-                path, _read_manifest(path), writable=False, shard_bytes=shard_bytes, shard_size=shard_size
-            )
+            stamp = _stamp(path)  # taken before reading: a commit in between shows as a change later
+            store = cls(path, _read_manifest(path), writable=False, shard_bytes=shard_bytes,
+                        shard_size=shard_size)
+            store._stamp = stamp
+            return store
         lock = WriterLock(path, timeout=lock_timeout, what="feature store").acquire()
         try:
             return cls._open_locked(path, lock, shard_bytes, shard_size)
@@ -1060,7 +1072,9 @@ class FeatureStore:
     def refresh(self) -> None:
         """Read-only stores: move to the newest committed generation."""
         if not self.writable:
+            stamp = _stamp(self.path)
             self._view = _View(self.path, _read_manifest(self.path))
+            self._stamp = stamp
 
     def _shard(self, rec: dict) -> Shard:
         name = rec["name"]
@@ -1097,6 +1111,10 @@ class FeatureStore:
                     return feats
                 view = self._view
                 loc = view.index.get(image_id)
+        if loc is None and not self.writable and self._stamp != _stamp(self.path):
+            self.refresh()  # committed by a writer since this reader opened the store
+            view = self._view
+            loc = view.index.get(image_id)
         if loc is None:
             raise KeyError(f"{image_id!r} is not in the feature store {self.path}")
         return view.by_name[loc[0]], loc[1]
