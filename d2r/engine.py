@@ -396,7 +396,8 @@ class Engine:
                query_expansion: str | None = None) -> list[Hit]:
         """Search with a photo (path, array or PIL image), optionally cropped to ``bbox`` = (x1, y1, x2, y2) in
         pixels. Re-ranks the top ``config.rerank.num_to_rerank`` by geometric verification when ``rerank``, then
-        expands the query (``query_expansion``, default ``config.query_expansion``: none, aqe, hqe).
+        expands the query (``query_expansion``: none, aqe, hqe; default ``config.query_expansion`` when verifying,
+        else none).
         ``query_num_assignments`` overrides ``index.query_num_assignments`` for this query.
         A query without features returns the database in insertion order with score -1 (ASMK kinds)."""
         from d2r.features.image import load_image
@@ -409,7 +410,9 @@ class Engine:
         query = self.extractor.extract(pixels)
         verify = rerank and self.config.rerank.num_to_rerank > 0 and len(query) > 0
         depth = max(int(top_k), self.config.rerank.num_to_rerank if verify else 0)
-        qe = self.config.query_expansion if query_expansion is None else query_expansion
+        # The configured expansion relies on verified neighbours: without verification it applies only on request
+        # (unverified top images are mostly distractors on small groups; benchmarks/results/dev_results.md).
+        qe = (self.config.query_expansion if verify else "none") if query_expansion is None else query_expansion
         from d2r.expand import check_method
 
         check_method(qe)
