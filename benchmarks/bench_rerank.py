@@ -3,7 +3,8 @@
 Compares, on the same pairs:
   official  — scipy cKDTree nearest neighbours (distance_upper_bound 0.9) + skimage.measure.ransac(AffineTransform,
               3 samples, 10 px, 1000 trials), the official ``MatchFeatures`` recipe;
-  d2r       — ``d2r.rerank.geometric_verification`` (BLAS matching + numba RANSAC kernel, all 1000 trials).
+  d2r       — ``d2r.rerank.geometric_verification`` (BLAS matching + numba RANSAC kernel, all 1000 trials);
+  usac      — the same with ``method: usac`` (mutual NN + ratio test, OpenCV MAGSAC++, affine and homography).
 and each half apart (matching: cKDTree vs BLAS; RANSAC: skimage vs numba on the same putative matches).
 
 Pairs: ``--source synthetic`` (default; clustered 128-D descriptors so that many nearest neighbours fall under 0.9,
@@ -134,6 +135,13 @@ def main():
     w, _ = timed(lambda: geometric_verification(query, cands, RerankConfig(workers=2)))
     res["d2r_ms_per_pair_workers2"] = w * per
     counts = geometric_verification(query, cands, RerankConfig(workers=1))
+    # method "usac": mutual NN + ratio test, OpenCV MAGSAC++ (affine / homography)
+    for model in ("affine", "homography"):
+        cfg = RerankConfig(method="usac", model=model, workers=1)
+        with threadpool_limits(1):
+            w, c = timed(lambda: geometric_verification(query, cands, cfg))
+        res[f"usac_{model}_ms_per_pair_1thread"], res[f"usac_{model}_cpu_ms_per_pair"] = w * per, c * per
+    res["usac_affine_inliers"] = geometric_verification(query, cands, RerankConfig(method="usac", workers=1)).tolist()
 
     # the halves, single-threaded: matching (BLAS vs cKDTree) and RANSAC (numba vs skimage below)
     with threadpool_limits(1):

@@ -52,11 +52,13 @@ class BenchConfig(EngineConfig):
         codebook_images: folder / list file of the images a codebook is trained on (academic convention: the
             other dataset); None trains on the database images. Ignored when ``codebook.path`` is set.
         top_k: search depth; None ranks the whole database (revisitop) or the top 100 (GLDv2).
+        query_expansion: "none" here (the engine's default is "aqe"): a benchmark expands only when asked.
     """
 
     verify: bool = False
     codebook_images: str | None = None
     top_k: int | None = None
+    query_expansion: str = "none"
 
 
 def load_config(path=None, overrides: dict | None = None) -> BenchConfig:

@@ -114,8 +114,8 @@ class EngineConfig(Config):
     index: DatabaseConfig = field(default_factory=DatabaseConfig)
     # per feature type (FEATURE_DEFAULTS): 0.4 for RootSIFT (the default features), 0.9 for DELF
     rerank: RerankConfig = field(default_factory=lambda: RerankConfig(descriptor_distance=0.4, method="usac"))
-    # "none" | "aqe" | "hqe" (d2r.expand), parameters in ``qe``.
-    query_expansion: str = "none"
+    # "none" | "aqe" | "hqe" (d2r.expand), parameters in ``qe``; aqe over verified images: best on the dev table.
+    query_expansion: str = "aqe"
     qe: ExpansionConfig = field(default_factory=ExpansionConfig)
     batch_size: int = 64
     workers: int = 2
@@ -535,7 +535,8 @@ class Engine:
                query_expansion: str | None = None) -> list[Hit]:
         """Search with a photo (path, array or PIL image), optionally cropped to ``bbox`` = (x1, y1, x2, y2) in
         pixels. Re-ranks the top ``config.rerank.num_to_rerank`` by geometric verification when ``rerank``, then
-        expands the query (``query_expansion``, default ``config.query_expansion``: none, aqe, hqe).
+        expands the query (``query_expansion``: none, aqe, hqe; default ``config.query_expansion`` when verifying,
+        else none).
         ``query_num_assignments`` overrides ``index.query_num_assignments`` for this query.
         A query without local features (blank, tiny, featureless) logs a warning and returns no hits."""
         from d2r.features.image import load_image
@@ -552,7 +553,9 @@ class Engine:
             return []
         verify = rerank and self.config.rerank.num_to_rerank > 0 and len(query) > 0
         depth = max(int(top_k), self.config.rerank.num_to_rerank if verify else 0)
-        qe = self.config.query_expansion if query_expansion is None else query_expansion
+        # The configured expansion relies on verified neighbours: without verification it applies only on request
+        # (unverified top images are mostly distractors on small groups; benchmarks/results/dev_results.md).
+        qe = (self.config.query_expansion if verify else "none") if query_expansion is None else query_expansion
         from d2r.expand import check_method
 
         check_method(qe)

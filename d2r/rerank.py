@@ -301,6 +301,7 @@ def mutual_ratio_matches(query_descriptors: np.ndarray, index_descriptors: np.nd
     query_descriptors (Nq, D), index_descriptors (Ni, D) float32, L2-normalised rows (squared distance
     2 − 2⟨q, x⟩). A pair (i, j) is kept when j is i's nearest neighbour, i is j's nearest neighbour, and
     d(i, j) < ratio · d(i, j2) with j2 i's second-nearest neighbour (with one index descriptor, no ratio test).
+    Exact ties of similarity count as mutual for every tied query descriptor.
     Returns (query_ids, index_ids) int64, query_ids ascending; either side empty → two empty arrays.
     """
     nq, ni = query_descriptors.shape[0], index_descriptors.shape[0]
@@ -311,9 +312,9 @@ def mutual_ratio_matches(query_descriptors: np.ndarray, index_descriptors: np.nd
     dots = q @ x.T  # (nq, ni)
     rows = np.arange(nq)
     nn = np.argmax(dots, axis=1)
-    best = dots[rows, nn].astype(np.float64)
-    back = np.argmax(dots, axis=0)
-    keep = back[nn] == rows
+    best_f32 = dots[rows, nn]
+    keep = best_f32 >= dots.max(axis=0)[nn]  # i is also j's nearest (a contiguous max, not a strided argmax)
+    best = best_f32.astype(np.float64)
     if ni > 1:
         dots[rows, nn] = -np.inf
         second = dots.max(axis=1).astype(np.float64)

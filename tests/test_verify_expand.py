@@ -58,7 +58,8 @@ def test_mutual_ratio_matches_equal_brute_force(rng):
     for _ in range(5):
         q = _unit(rng.normal(size=(int(rng.integers(1, 40)), 16)))
         x = _unit(rng.normal(size=(int(rng.integers(1, 40)), 16)))
-        x[: min(len(x), len(q)) // 2] = _unit(q[: min(len(x), len(q)) // 2] + rng.normal(0, 0.05, (min(len(x), len(q)) // 2, 16)))
+        h = min(len(x), len(q)) // 2
+        x[:h] = _unit(q[:h] + rng.normal(0, 0.05, (h, 16)))
         d = np.sqrt(((q[:, None, :].astype(np.float64) - x[None, :, :]) ** 2).sum(-1))
         want = []
         for i in range(len(q)):
