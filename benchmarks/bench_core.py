@@ -121,13 +121,16 @@ def main():
     p.add_argument("--assign-grid", action="store_true", help="assignment vs faiss table only")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--m", type=int, nargs="+", default=[1], help="nearest words (faiss k) for --assign-grid")
+    p.add_argument("--ns", type=int, nargs="+", default=[50, 150, 1000, 10000], help="--assign-grid descriptors")
+    p.add_argument("--ks", type=int, nargs="+", default=[1024, 8192, 65536], help="--assign-grid words")
+    p.add_argument("--budget", type=float, default=1.5, help="--assign-grid seconds per cell")
     p.add_argument("--images", type=int, default=20)
     p.add_argument("--k", type=int, default=65536)
     p.add_argument("--features", type=int, default=1000)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if args.assign_grid:
-        rows = assign_grid(args.threads, tuple(args.m))
+        rows = assign_grid(args.threads, tuple(args.m), tuple(args.ns), tuple(args.ks), args.budget)
         if args.json:
             print(json.dumps(rows, indent=2))
         return
