@@ -373,3 +373,38 @@ def test_dev_photos_killed_driver_then_rerun_equals_one_process(bench_dev, tmp_p
     assert 40 <= committed < 367
     assert subprocess.run(cmd, timeout=600).returncode == 0
     assert len(_same_store(out, tmp_path / "one")) == 367
+
+
+@pytest.mark.slow
+def test_sampling_on_workers_equals_one_machine(cluster, photos, tmp_path, capsys):
+    import json
+
+    from d2r.cli import main
+    from d2r.codebook import Codebook
+    from d2r.distributed import sample_descriptors as sample_ray
+    from d2r.features import extract_to_store, get_extractor, list_images
+    from d2r.train import load_training_descriptors, sample_descriptors
+
+    extract_to_store(photos, get_extractor("rootsift", max_features=300), tmp_path / "store", progress=False)
+    from d2r.features import FeatureStore
+
+    one, info1 = sample_descriptors(FeatureStore.open(tmp_path / "store"), per_image=50, max_total=300, seed=4,
+                                    progress=False)
+    got, info2 = sample_ray(tmp_path / "store", per_image=50, max_total=300, seed=4, progress=False, block=3)
+    np.testing.assert_array_equal(got, one)
+    assert {k: info2[k] for k in info1} == info1
+    # images extracted on the workers; the broken file fails there and keeps its place in the seeding
+    spec = {"name": "rootsift", "options": {}}
+    x1, m1 = load_training_descriptors(images=photos, per_image=40, seed=2, progress=False)
+    x2, m2 = load_training_descriptors(images=photos, per_image=40, seed=2, progress=False,
+                                       sampler=lambda src, **kw: sample_ray(src, features=spec, block=2, **kw))
+    np.testing.assert_array_equal(x2, x1)
+    assert m2 == m1 and m1["training_images_failed"] == 1 and m1["training_images"] == 10
+    common = ["train-codebook", "--images", str(photos), "-k", "12", "--iterations", "3", "--quiet",
+              "--sample-per-image", "40", "--json"]
+    assert main(common + ["--out", str(tmp_path / "one.npz")]) == 0
+    assert main(common + ["--out", str(tmp_path / "ray.npz"), "--ray"]) == 0
+    np.testing.assert_allclose(Codebook.load(tmp_path / "ray.npz").centroids,
+                               Codebook.load(tmp_path / "one.npz").centroids, rtol=0, atol=1e-5)
+    assert len(list_images(photos)) == 11
+    capsys.readouterr()
