@@ -31,8 +31,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--retry-failed", action="store_true", help="re-attempt images listed in failures.json")
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="extract on Ray actors (one extractor each; --workers = actors): a cluster address "
-                        "('auto', HOST:PORT) or none for a local Ray; images and --out must be reachable from "
-                        "every node (pip install -e '.[ray]')")
+                        "('auto', HOST:PORT) or none for a local Ray; images and --out must be reachable "
+                        "from every node (pip install -e '.[ray]')")
     p.add_argument("--gpus-per-worker", type=float, metavar="F", help="with --ray: GPU fraction per actor")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -95,7 +95,8 @@ def _run_ray(args, kw) -> int:
     pca = None if args.features == "delf" and args.no_pca else args.pca
     try:
         summary = extract(args.images, args.out, args.features, model=args.model, pca=pca, options=kw,
-                          address=args.ray or None, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                          address=args.ray or None, workers=args.workers,
+                          gpus_per_worker=args.gpus_per_worker,
                           shard_bytes=max(1, int(args.shard_mb * (1 << 20))), retry_failed=args.retry_failed,
                           lock_timeout=args.lock_timeout, progress=not args.quiet)
     except LockedError as exc:

@@ -14,8 +14,8 @@ def add_parser(subparsers) -> None:
                    help="engine folder (made by `d2r index create`); repeat it for the shards of a sharded "
                         "index (each indexes a block of the images, same config and codebook)")
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
-                   help="search the shards on Ray actors: a cluster address ('auto', HOST:PORT) or none for a "
-                        "local Ray; a shard NODE_IP:/path is opened on that node (pip install -e '.[ray]')")
+                   help="search the shards on Ray actors: a cluster address ('auto', HOST:PORT) or none for "
+                        "a local Ray; a shard NODE_IP:/path is opened on that node (pip install -e '.[ray]')")
     p.add_argument("--bbox", help="crop the query to x1,y1,x2,y2 (pixels)")
     p.add_argument("--top-k", type=int, default=10, help="results to show (default 10)")
     p.add_argument("--no-rerank", action="store_true", help="skip geometric-verification re-ranking")

@@ -64,7 +64,7 @@ def _expected_dim(args) -> int | None:
 
 
 def _train(args, ray: bool):
-    """Sample, then train: with ``ray`` the sampling (store or images) and Lloyd's assignment on Ray workers."""
+    """Sample, then train; with ``ray`` the sampling (store or images) and Lloyd's assignment on Ray."""
     from functools import partial
 
     from d2r.train import load_training_descriptors, train_codebook

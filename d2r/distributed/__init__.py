@@ -13,5 +13,5 @@ from d2r.distributed.extract import extract
 from d2r.distributed.kmeans import sample_descriptors, train_codebook
 from d2r.distributed.sharded import ShardedDatabase, ShardedEngine, build_shards, shard_bounds
 
-__all__ = ["import_ray", "init", "session", "extract", "sample_descriptors", "train_codebook", "ShardedDatabase", "ShardedEngine", "build_shards",
-           "shard_bounds"]
+__all__ = ["import_ray", "init", "session", "extract", "sample_descriptors", "train_codebook",
+           "ShardedDatabase", "ShardedEngine", "build_shards", "shard_bounds"]

@@ -128,7 +128,7 @@ def train_codebook(descriptors, k: int, *, address: str | None = None, workers: 
     return book, info
 
 
-# ---- descriptor sampling on workers ----------------------------------------------------------------------------
+# ---- descriptor sampling on workers ---------------------------------------------------------------------
 class _Sampler:
     """A worker sampling images of a feature store (``store``) or extracted on the fly (``features`` spec)."""
 
@@ -166,11 +166,12 @@ class _Sampler:
 def sample_descriptors(source, per_image: int = 300, max_total: int = 1_000_000, seed: int = 0,
                        progress: bool = True, *, features: dict | None = None, address: str | None = None,
                        workers: int | None = None, block: int = 64):
-    """:func:`d2r.train.sample_descriptors` on Ray workers: each samples blocks of images (read from the store,
-    or extracted with the ``features`` spec {name, model, pca, options} when ``source`` is a list of
+    """:func:`d2r.train.sample_descriptors` on Ray workers: each samples blocks of images (read from the
+    store, or extracted with the ``features`` spec {name, model, pca, options} when ``source`` is a list of
     ``(image_id, path)``), the driver puts the samples together in image order. The same seed gives the same
-    sample as on one machine (for up to 2·``max_total`` images; one machine compacts beyond that). Returns ``(x float32 (n, D), info)``; info as
-    :func:`d2r.train.sample_descriptors`, plus ``failed`` (ids of images that could not be extracted)."""
+    sample as on one machine (for up to 2·``max_total`` images; one machine compacts beyond that).
+    Returns ``(x float32 (n, D), info)``; info as :func:`d2r.train.sample_descriptors`, plus ``failed``
+    (ids of images that could not be extracted)."""
     from d2r.features import FeatureStore
     from d2r.train import image_quota
 
@@ -231,7 +232,8 @@ def sample_descriptors(source, per_image: int = 300, max_total: int = 1_000_000,
         if dim is None:
             dim = sample.shape[1]
         elif sample.shape[1] != dim:
-            raise ValueError(f"image {image_id!r}: descriptors have D={sample.shape[1]}, earlier images D={dim}")
+            raise ValueError(f"image {image_id!r}: descriptors have D={sample.shape[1]}, "
+                             f"earlier images D={dim}")
         seen_desc += count
         used += 1
         chunks.append(sample)
