@@ -9,7 +9,7 @@ iterations); the other half is assigned (MA 1) and the distinct words per image 
 spread like the data, so collisions are roughly those of a trained codebook; real k-means would merge a few more.
 
 ``build``: synthetic aggregated ASMK* records (K = 65,536, D = 128): per image a distinct-word count drawn from the
-measured distribution, words drawn from a Zipf(0.6)-skewed word distribution, random 128-bit signatures; added with
+measured distribution, words drawn from a Zipf distribution whose skew (K Σ p²) equals the measured one, random 128-bit signatures; added with
 ``add_aggregated`` and ``save`` every ``--save-every`` images (default tiered policy: factor 10, 1 MiB floor). Then
 ``--queries`` aggregated queries (copies of indexed images with 30 % of their words replaced) and ``--raw-queries``
 searches from raw descriptors (1,000 random 128-D unit vectors: assignment to 65,536 words + aggregation + scan).
@@ -53,14 +53,20 @@ def measure_words(args) -> None:
     pick = rng.choice(train.shape[0], K, replace=train.shape[0] < K)
     book = d2r.Codebook(train[pick] + 1e-4 * rng.standard_normal((K, D)).astype(np.float32))
     counts, features = [], []
+    df = np.zeros(K, np.int64)
     for x in feats[half:]:
         features.append(int(x.shape[0]))
-        counts.append(int(np.unique(book.assign(x)[:, 0]).shape[0]) if x.shape[0] else 0)
+        words = np.unique(book.assign(x)[:, 0]) if x.shape[0] else np.zeros(0, np.int64)
+        counts.append(int(words.shape[0]))
+        df[words] += 1
     c = np.array(counts)
+    # Skew of the word distribution: K Σ_w λ_w² / (Σ_w λ_w)² for per-word rates λ (1 when uniform), estimated
+    # without the Poisson noise of few images by Σ df (df - 1) in place of Σ df².
     out = {"k": K, "codebook": f"{K} sampled RootSIFT descriptors of {half} dev photos (k-means initialisation)",
            "images": len(counts), "distinct_words": counts, "features": features,
            "mean": float(c.mean()), "median": float(np.median(c)), "p5": float(np.percentile(c, 5)),
-           "p95": float(np.percentile(c, 95)), "mean_features": float(np.mean(features))}
+           "p95": float(np.percentile(c, 95)), "mean_features": float(np.mean(features)),
+           "word_skew": float(K * (df * (df - 1)).sum() / max(df.sum(), 1) ** 2)}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({k: v for k, v in out.items() if k not in ("distinct_words", "features")}))
 
@@ -117,7 +123,14 @@ def build(args) -> None:
     dist = dist[dist > 0]
     rng = np.random.default_rng(args.seed)
     ranks = np.arange(1, K + 1, dtype=np.float64)
-    p = ranks ** -0.6
+    skew = json.loads(Path(args.words).read_text()).get("word_skew", 1.0)
+    lo, hi = 0.0, 2.0  # Zipf exponent whose K Σ p² equals the measured skew
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        p = ranks ** -mid
+        lo, hi = (mid, hi) if K * (p * p).sum() / p.sum() ** 2 < skew else (lo, mid)
+    zipf = lo
+    p = ranks ** -zipf
     cdf = np.cumsum(p[rng.permutation(K)])
     cdf /= cdf[-1]
     nbits = D // 8
@@ -207,7 +220,7 @@ def build(args) -> None:
     sampler.stop()
     ms = lambda v, q: round(float(np.percentile(v, q)) * 1e3, 2) if v else None  # noqa: E731
     out = {
-        "images": args.images, "save_every": args.save_every, "K": K, "D": D, "entries": entries,
+        "images": args.images, "save_every": args.save_every, "word_skew": skew, "zipf_exponent": round(zipf, 3), "K": K, "D": D, "entries": entries,
         "segments": segments, "build_seconds": round(build_s, 1),
         "build_ms_per_image": round(build_s / args.images * 1e3, 3),
         "merges": stats.get("merges", 0), "merge_seconds": round(stats.get("merge_seconds", 0.0), 1),

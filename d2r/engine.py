@@ -257,6 +257,14 @@ class Engine:
     def __contains__(self, image_id) -> bool:
         return self._db is not None and image_id in self._db
 
+    def check(self) -> list[dict]:
+        """Damaged index files (sizes, BLAKE2 digests, structure): ``[{"file": "index/...", "problem": ...}]``."""
+        from d2r.index.database import check
+
+        if not (self.path / "index").is_dir():
+            return []
+        return [dict(d, file=f"index/{d['file']}") for d in check(self.path / "index")]
+
     def info(self) -> dict:
         out = {"path": str(self.path), "images": len(self), "failures": len(self._failures),
                "config": self.config.to_dict()}

@@ -517,3 +517,33 @@ def test_repair_drops_damaged_segments(tmp_path, capsys):
     _damage(tmp_path / "db" / "manifest.json", "garbage")
     assert cli_main(["index", "repair", str(tmp_path / "db")]) == 0
     assert list(Database.open(tmp_path / "db").ids()) == list(again.ids())
+
+
+def test_engine_folder_check_and_old_manifests(tmp_path, capsys):
+    rng = np.random.default_rng(13)
+    cents = _unit(rng, 16, 8)
+    db = Database.create(tmp_path / "eng" / "index", d2r.Codebook(cents))
+    for i in range(6):
+        db.add(i, _unit(rng, 20, 8))
+    db.save()
+    db.remove(2)
+    db.save()
+    db.close()
+    root = tmp_path / "eng" / "index"
+    manifest = json.loads((root / "manifest.json").read_text())
+    q = _unit(rng, 20, 8)
+    want = Database.open(root).search(q, 5)
+    # a version-1 manifest (names only, no file records) still opens, and the next save upgrades it
+    old = dict(manifest, format_version=1, segments=[s["name"] for s in manifest["segments"]],
+               removed=manifest["removed"]["name"])
+    (root / "manifest.json").write_text(json.dumps(old))
+    got = Database.open(root).search(q, 5)
+    assert list(got.ids) == list(want.ids) and 2 not in list(Database.open(root))
+    db = Database.open(root)
+    db.add(10, _unit(rng, 20, 8))
+    db.save()
+    assert check(root) == []
+    seg = json.loads((root / "manifest.json").read_text())["segments"][0]["name"]
+    _damage(root / seg / "offsets.npy", "range")
+    assert cli_main(["index", "check", str(tmp_path / "eng"), "--json"]) == 1
+    assert [d["file"] for d in json.loads(capsys.readouterr().out)["damaged"]] == [f"index/{seg}/offsets.npy"]

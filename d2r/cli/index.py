@@ -204,11 +204,13 @@ def run_info(args) -> int:
         return _report_damage(args, damage, "info")
     info = Engine.open(args.path).info()
     damaged = info.get("store", {}).get("damaged", [])
+    info["healthy"] = not damaged  # sizes and structure; `d2r index check` also verifies every checksum
     if args.json:
         print(json.dumps(info, sort_keys=True, default=str))
     else:
         idx = info.get("index", {})
-        print(f"{info['path']}: {info['images']} images, {info['failures']} failures")
+        print(f"{info['path']}: {info['images']} images, {info['failures']} failures, healthy "
+              f"(sizes and structure; `d2r index check` verifies checksums)")
         if idx:
             cfg = idx["config"]
             print(f"  kernel {cfg['kernel']}, mode {cfg['mode']}, codebook K={idx['codebook']['k']} "

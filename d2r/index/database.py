@@ -711,12 +711,14 @@ def check(path, digests: bool = True) -> list[dict]:
                 bad(d / fname, "missing")
         if len(damaged) == before and book is not None:
             try:
-                seg = Segment.read(path, rec, config.kernel, config.mode, book.size, book.dim)
-                total += seg.num_images
+                total += Segment.read(path, rec, config.kernel, config.mode, book.size, book.dim).num_images
+                continue
             except DamagedError as exc:
                 bad(exc.file, exc.problem)
-        else:
-            total += int(rec.get("images", 0))
+        if "images" not in rec:
+            total = None  # unknown: the removal table's length cannot be checked
+        elif total is not None:
+            total += int(rec["images"])
     rec = manifest.get("removed")
     if rec:
         file = path / rec["name"]
@@ -726,7 +728,7 @@ def check(path, digests: bool = True) -> list[dict]:
         if len(damaged) == before:
             try:
                 removed = np.load(file, allow_pickle=False)
-                if removed.dtype != np.bool_ or removed.shape != (total,):
+                if removed.dtype != np.bool_ or removed.ndim != 1 or total not in (None, removed.shape[0]):
                     bad(file, f"removal table is {removed.dtype} {removed.shape}, expected bool ({total},)")
             except Exception as exc:
                 bad(file, f"unreadable ({str(exc).splitlines()[0][:120]})")
