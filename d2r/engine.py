@@ -306,7 +306,8 @@ class Engine:
         report = IndexReport()
         with self._writing(lock_timeout) as store:
             pairs = self._resolve(images, report)
-            todo = [(i, p) for i, p in pairs if i not in self and (retry_failed or str(p) not in self._failures)]
+            todo = [(i, p) for i, p in pairs
+                    if i not in self and (retry_failed or str(p) not in self._failures)]
             report.skipped = len(pairs) - len(todo)
             # Phase 1: features into the store, batch by batch (flushed, so an interruption keeps them).
             self._extract_batches([t for t in todo if t[0] not in store], store, report, progress)
@@ -318,10 +319,10 @@ class Engine:
                     lock_timeout: float | None = 0.0) -> IndexReport:
         """Index features already extracted into a feature store (``d2r extract``), without re-extracting.
 
-        store: a store folder or :class:`~d2r.features.FeatureStore`; its extractor fingerprint and D must match
-        this engine's features config (else ValueError). ids: the images to index (default: all of the store).
-        The store's shards are linked (or copied) into the engine's own store, verified by checksum, then indexed
-        in saved batches like :meth:`index`; images already indexed are skipped.
+        store: a store folder or :class:`~d2r.features.FeatureStore`; its extractor fingerprint and D must
+        match this engine's features config (else ValueError). ids: the images to index (default: all of the
+        store). The store's shards are linked (or copied) into the engine's own store, verified by checksum,
+        then indexed in saved batches like :meth:`index`; images already indexed are skipped.
         """
         from d2r.features.store import FeatureStore, _extractor_info, import_shards
 
@@ -340,7 +341,8 @@ class Engine:
             raise KeyError(f"{missing[0]!r} is not in the feature store {src.path} ({len(missing)} missing)")
         regions = str(self.config.regions.proposer).lower() != "none"
         if chosen and isinstance(src.get(chosen[0]), RegionFeatures) != regions:
-            raise ValueError(f"{src.path}: the store holds {'region' if not regions else 'whole-image'} features "
+            kind = "region" if not regions else "whole-image"
+            raise ValueError(f"{src.path}: the store holds {kind} features "
                              f"but this engine's regions.proposer is {self.config.regions.proposer!r}")
         with self._writing(lock_timeout) as own:
             import_shards(own, src, set(chosen))
@@ -351,7 +353,7 @@ class Engine:
         return report
 
     def _index_stored(self, store, todo: list, report: IndexReport, progress: bool, on_done) -> None:
-        """Phases 2 and 3 of indexing: a codebook if needed, then the stored images ``todo`` in saved batches."""
+        """Phases 2 and 3 of indexing: a codebook if needed, then the stored images ``todo`` by saved batch."""
         # Phase 2: a codebook, trained on the store when none was given.
         if self._db is None:
             self._train_codebook(store, progress)
@@ -472,7 +474,7 @@ class Engine:
 
     def check(self, digests: bool = True) -> list[dict]:
         """Damaged files of the engine, ``[{"file", "problem"}]`` (empty: healthy): the feature store (every
-        checksum unless ``digests=False``) and the index (``Database.check()`` where the index provides it)."""
+        checksum unless ``digests=False``) and the index (``Database.check()`` where it exists)."""
         from d2r.features.store import check_store
 
         damaged = []

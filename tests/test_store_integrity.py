@@ -1,5 +1,6 @@
 """Feature store at scale: size-based unique shards, compaction, one writer (real processes), damage detected
-(a corruption corpus for every file kind), ShardWriter/commit, and `d2r index add --store` on a real extract."""
+(a corruption corpus for every file kind), ShardWriter/commit, and `d2r index add --store` on a real
+extract."""
 
 import json
 import os
@@ -28,12 +29,21 @@ def feats_of(image_id: str, dim: int = 8):
     seed = int.from_bytes(image_id.encode()[-8:].rjust(8, b"\0"), "little")
     rng = np.random.default_rng(seed)
     n = int(rng.integers(0, 30))
-    f = LocalFeatures(rng.standard_normal((n, 2)).astype(np.float32), rng.random(n).astype(np.float32),
-                      rng.random(n).astype(np.float32), rng.standard_normal((n, dim)).astype(np.float32))
+    f = LocalFeatures(
+        rng.standard_normal((n, 2)).astype(np.float32),
+        rng.random(n).astype(np.float32),
+        rng.random(n).astype(np.float32),
+        rng.standard_normal((n, dim)).astype(np.float32),
+    )
     if n and rng.random() < 0.3:
         k = n // 2
-        return RegionFeatures(f, np.array([n - k, k]), rng.random((2, 4)).astype(np.float32),
-                              np.array([-1, 0]), rng.random(2).astype(np.float32))
+        return RegionFeatures(
+            f,
+            np.array([n - k, k]),
+            rng.random((2, 4)).astype(np.float32),
+            np.array([-1, 0]),
+            rng.random(2).astype(np.float32),
+        )
     return f
 
 
@@ -51,7 +61,7 @@ def shard_files(path):
     return sorted(p.name for p in Path(path).glob("shard-*.npy"))
 
 
-# ---- shards: unique names, rolled over by size, compacted ------------------------------------------------------
+# ---- shards: unique names, rolled over by size, compacted --------------------------------------------------
 def test_shards_roll_over_by_size_with_unique_names(tmp_path):
     ids = [f"im{i:04d}" for i in range(300)]
     with FeatureStore.create(tmp_path / "s", INFO, shard_bytes=16 * 1024) as store:
@@ -73,12 +83,13 @@ def test_shards_roll_over_by_size_with_unique_names(tmp_path):
     assert store.check() == []
 
 
-def test_small_flushes_are_compacted_in_tiers(tmp_path):
+def test_small_flushes_are_compacted_in_tiers(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_mod, "RETIRE_GRACE_SECONDS", 0.0)  # retired files go one generation later
     ids = [f"im{i:04d}" for i in range(400)]
     store = FeatureStore.create(tmp_path / "s", INFO, shard_bytes=64 * 1024)
     written = 0
     for k in range(0, len(ids), 4):  # an engine-like writer: a small shard at every save
-        for i in ids[k:k + 4]:
+        for i in ids[k : k + 4]:
             store.add(i, feats_of(i))
         store.flush()
         written += 1
@@ -94,6 +105,7 @@ def test_small_flushes_are_compacted_in_tiers(tmp_path):
     retired = {r["name"] for r in reader.manifest["retired"]}
     on_disk = {n.split(".")[0] for n in shard_files(tmp_path / "s")}
     assert live <= on_disk <= live | retired
+    assert len(retired) <= 2 * store_mod.COMPACT_AT
     assert reader.check() == []
 
 
@@ -126,7 +138,7 @@ def test_failed_compaction_keeps_the_committed_store(tmp_path, monkeypatch):
     assert len(reader) == store_mod.COMPACT_AT and reader.check() == []
 
 
-# ---- one writer ----------------------------------------------------------------------------------------------------
+# ---- one writer --------------------------------------------------------------------------------------------
 def test_second_writer_refused_readers_never_blocked(tmp_path):
     w = FeatureStore.create(tmp_path / "s", INFO)
     w.add("a", feats_of("a"))
@@ -143,6 +155,7 @@ def test_second_writer_refused_readers_never_blocked(tmp_path):
 
 HOLDER = """
 import sys, time
+from pathlib import Path
 from d2r.features import FeatureStore
 from tests.test_store_integrity import INFO, feats_of
 store = FeatureStore.create(sys.argv[1], INFO)
@@ -150,39 +163,54 @@ for i in range(20):
     store.add(f"p{i}", feats_of(f"p{i}"))
 store.flush()
 print("holding", flush=True)
-time.sleep(float(sys.argv[2]))
+deadline = time.monotonic() + 120
+while not Path(sys.argv[2]).exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
 for i in range(20, 40):
     store.add(f"p{i}", feats_of(f"p{i}"))
 store.close()
-print("done", flush=True)
+"""
+
+WAITER = """
+import sys
+from d2r.features import FeatureStore
+from tests.test_store_integrity import feats_of
+with FeatureStore.open(sys.argv[1], mode="a", lock_timeout=120) as s:
+    for i in range(10):
+        s.add(f"q{i}", feats_of(f"q{i}"))
 """
 
 
 def test_two_processes_one_store_second_refused_then_waits_nothing_lost(tmp_path):
-    path = tmp_path / "s"
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), "1.5"], stdout=subprocess.PIPE,
+    path, release = tmp_path / "s", tmp_path / "release"
+    img = tmp_path / "imgs"
+    img.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(img / "a.png")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), str(release)], stdout=subprocess.PIPE,
                               text=True, env=ENV, cwd=REPO)
+    waiter = None
     try:
         assert holder.stdout.readline().strip() == "holding"
-        code = "import sys; from d2r.features import FeatureStore; FeatureStore.open(sys.argv[1], mode='a', " \
-               "lock_timeout=float(sys.argv[2]))"
-        refused = subprocess.run([sys.executable, "-c", code, str(path), "0"], capture_output=True, text=True,
+        code = "import sys; from d2r.features import FeatureStore; FeatureStore.open(sys.argv[1], mode='a')"
+        refused = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
                                  env=ENV, timeout=60)
         assert refused.returncode != 0 and "another writer" in refused.stderr
-        waiter = """
-import sys
-from d2r.features import FeatureStore
-from tests.test_store_integrity import feats_of
-with FeatureStore.open(sys.argv[1], mode='a', lock_timeout=60) as s:
-    for i in range(10):
-        s.add(f"q{i}", feats_of(f"q{i}"))
-"""
-        waited = subprocess.run([sys.executable, "-c", waiter, str(path)], capture_output=True, text=True,
-                                env=ENV, cwd=REPO, timeout=120)
-        assert waited.returncode == 0, waited.stderr
+        # the CLI: refused before extracting anything, one line, exit 1
+        cli = subprocess.run([sys.executable, "-m", "d2r", "extract", "--images", str(img), "--features",
+                              "rootsift", "--out", str(path), "--quiet"], capture_output=True, text=True,
+                             env=ENV, timeout=120)
+        assert cli.returncode == 1 and "another writer" in cli.stderr and "feature store" in cli.stderr
+        assert len(cli.stderr.strip().splitlines()) == 1
+        waiter = subprocess.Popen([sys.executable, "-c", WAITER, str(path)], stderr=subprocess.PIPE, text=True,
+                                  env=ENV, cwd=REPO)
+        time.sleep(0.5)
+        release.touch()
+        assert waiter.wait(timeout=120) == 0, waiter.stderr.read()
         assert holder.wait(timeout=60) == 0
     finally:
-        holder.kill()
+        for p in (holder, waiter):
+            if p is not None and p.poll() is None:
+                p.kill()
     store = FeatureStore.open(path)
     want = [f"p{i}" for i in range(40)] + [f"q{i}" for i in range(10)]
     assert sorted(store.ids()) == sorted(want)
@@ -206,8 +234,9 @@ store.close()
 def test_reader_sees_consistent_generations_while_writer_commits_and_compacts(tmp_path):
     path = tmp_path / "s"
     FeatureStore.create(path, INFO).close()
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path), "600"], env=ENV, cwd=REPO,
-                              stderr=subprocess.PIPE, text=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path), "300"], env=ENV, cwd=REPO, stderr=subprocess.PIPE, text=True
+    )
     reads, last = 0, 0
     deadline = time.monotonic() + 120
     try:
@@ -229,10 +258,10 @@ def test_reader_sees_consistent_generations_while_writer_commits_and_compacts(tm
         if writer.poll() is None:
             writer.kill()
     assert writer.wait() == 0, writer.stderr.read()
-    assert last == 600 and reads >= 2
+    assert last == 300 and reads >= 2
 
 
-# ---- damage detected, never executed --------------------------------------------------------------------------
+# ---- damage detected, never executed -----------------------------------------------------------------------
 def _damage(path: Path, key: str, how: str) -> Path:
     """Damage the ``key`` file of the first shard of the store at ``path`` in one way; returns the file."""
     rec = json.loads((path / "manifest.json").read_text())["shards"][0]
@@ -248,8 +277,12 @@ def _damage(path: Path, key: str, how: str) -> Path:
     elif how == "missing":
         f.unlink()
     elif how == "dtype":
-        np.save(f, np.arange(a.size, dtype=np.float64).reshape(a.shape) if a.dtype.kind != "f"
-                else a.astype(np.int32))
+        np.save(
+            f,
+            np.arange(a.size, dtype=np.float64).reshape(a.shape)
+            if a.dtype.kind != "f"
+            else a.astype(np.int32),
+        )
     elif how == "shape":
         np.save(f, np.concatenate([a, a[:1]]) if len(a) else np.zeros((3,) + a.shape[1:], a.dtype))
     elif how == "range":  # offsets pointing past the data
@@ -277,8 +310,16 @@ def good_store(tmp_path_factory):
     path = tmp_path_factory.mktemp("good") / "s"
     with FeatureStore.create(path, _rootsift_info(), shard_bytes=1 << 20) as store:
         for i in range(12):
-            store.add(f"r{i}", RegionFeatures(_local(i), np.array([2, 1]), np.ones((2, 4), np.float32),
-                                              np.array([-1, 0]), np.ones(2, np.float32)))
+            store.add(
+                f"r{i}",
+                RegionFeatures(
+                    _local(i),
+                    np.array([2, 1]),
+                    np.ones((2, 4), np.float32),
+                    np.array([-1, 0]),
+                    np.ones(2, np.float32),
+                ),
+            )
         store.flush()
         for i in range(5):
             store.add(f"l{i}", feats_of(f"l{i}", dim=128))
@@ -287,8 +328,12 @@ def good_store(tmp_path_factory):
 
 def _local(i):
     rng = np.random.default_rng(i)
-    return LocalFeatures(rng.random((3, 2), np.float32), rng.random(3, np.float32), rng.random(3, np.float32),
-                         rng.random((3, 128), np.float32))
+    return LocalFeatures(
+        rng.random((3, 2), np.float32),
+        rng.random(3, np.float32),
+        rng.random(3, np.float32),
+        rng.random((3, 128), np.float32),
+    )
 
 
 def test_damage_case_count():
@@ -308,8 +353,8 @@ def test_corruption_corpus(good_store, tmp_path, key, how, capsys):
     damaged = check_store(path)
     assert damaged and {d["file"] for d in damaged} == {str(bad)}, damaged
     assert all(str(bad) in d["problem"] for d in damaged)
-    # opening and reading every image gives a clear error naming the file, or (bytes flipped in the data, which
-    # only the checksum sees) values, never a crash
+    # opening and reading every image gives a clear error naming the file, or (bytes flipped in the data,
+    # which only the checksum sees) values, never a crash
     try:
         store = FeatureStore.open(path)
         for image_id in store.ids():
@@ -322,7 +367,9 @@ def test_corruption_corpus(good_store, tmp_path, key, how, capsys):
     # the CLI: one line naming the file, exit 1, no traceback
     engine = tmp_path / "eng"
     cfg = tmp_path / "cfg.json"
-    cfg.write_text(json.dumps({"features": {"options": {"max_features": 200}}, "regions": {"proposer": "grid"}}))
+    cfg.write_text(
+        json.dumps({"features": {"options": {"max_features": 200}}, "regions": {"proposer": "grid"}})
+    )
     assert main(["index", "create", str(engine), "--config", str(cfg), "--quiet"]) == 0
     assert main(["index", "add", str(engine), "--store", str(path), "--quiet"]) == 1
     err = capsys.readouterr().err
@@ -367,10 +414,11 @@ def test_version_1_store_is_read_and_upgraded(tmp_path):
     assert len(new) == 6 and new.check() == [] and new.failures == {"bad": "broken"}
 
 
-# ---- reads -------------------------------------------------------------------------------------------------------
-def test_concurrent_get_many_and_cache(tmp_path):
+# ---- reads -------------------------------------------------------------------------------------------------
+def test_concurrent_get_many_and_cache(tmp_path, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
+    monkeypatch.setattr(store_mod, "CACHE_SHARDS", 8)
     ids = [f"im{i:04d}" for i in range(200)]
     with FeatureStore.create(tmp_path / "s", INFO, shard_bytes=4096) as store:
         for i in ids:
@@ -387,7 +435,7 @@ def test_concurrent_get_many_and_cache(tmp_path):
     assert len(reader._cache) <= store_mod.CACHE_SHARDS
 
 
-# ---- distributed writers: ShardWriter + commit --------------------------------------------------------------------
+# ---- distributed writers: ShardWriter + commit -------------------------------------------------------------
 def test_shard_writers_commit_contract(tmp_path):
     path = tmp_path / "s"
     driver = FeatureStore.create(path, INFO, shard_bytes=1 << 20)  # holds the lock; workers need none
@@ -401,10 +449,12 @@ def test_shard_writers_commit_contract(tmp_path):
         sw.add_failure("bad", "DecodeError: truncated")
         results.append(json.loads(json.dumps(sw.close())))  # travels as JSON
     assert all(r["name"].startswith("shard-w") for res in results for r in res["shards"])
-    assert len(FeatureStore.open(path)) == 1  # nothing visible before the commit
+    reader_before = FeatureStore.open(path)
+    assert len(reader_before) == 1  # nothing visible before the commit
     out = driver.commit(results)
     assert out["images"] == 5 and out["duplicates"] == 2 and out["failures"] == 1
     assert driver.commit(results)["shards"] == 0  # idempotent per shard name
+    same(reader_before.get("d0"), feats_of("d0"))  # a reader opened earlier finds newly committed images
     reader = FeatureStore.open(path)
     assert sorted(reader.ids()) == ["a0", "b0", "b1", "c0", "d0", "d1"]
     for i in reader.ids():
@@ -434,7 +484,7 @@ def test_shard_writers_commit_contract(tmp_path):
     driver.close()
 
 
-# ---- d2r index add --store ------------------------------------------------------------------------------------------
+# ---- d2r index add --store ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     d = tmp_path_factory.mktemp("photos")
@@ -450,11 +500,34 @@ def test_index_add_store_from_a_real_extract(tmp_path, photos, capsys):
     from d2r.engine import Engine
 
     store = tmp_path / "store"
-    assert main(["extract", "--images", str(photos), "--features", "rootsift", "--out", str(store),
-                 "--max-features", "200", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--images",
+                str(photos),
+                "--features",
+                "rootsift",
+                "--out",
+                str(store),
+                "--max-features",
+                "200",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     cfg = tmp_path / "cfg.json"
-    cfg.write_text(json.dumps({"features": {"options": {"max_features": 200}}, "codebook": {"size": 32},
-                               "rerank": {"num_to_rerank": 3}, "batch_size": 4}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "features": {"options": {"max_features": 200}},
+                "codebook": {"size": 32},
+                "rerank": {"num_to_rerank": 3},
+                "batch_size": 4,
+            }
+        )
+    )
     by_store, by_images = tmp_path / "e1", tmp_path / "e2"
     for eng in (by_store, by_images):
         assert main(["index", "create", str(eng), "--config", str(cfg), "--quiet"]) == 0
@@ -472,8 +545,23 @@ def test_index_add_store_from_a_real_extract(tmp_path, photos, capsys):
     assert main(["index", "add", str(by_store), "--store", str(store), "--quiet", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["skipped"] == 6
     other = tmp_path / "other"
-    assert main(["extract", "--images", str(photos), "--features", "rootsift", "--out", str(other),
-                 "--max-features", "50", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--images",
+                str(photos),
+                "--features",
+                "rootsift",
+                "--out",
+                str(other),
+                "--max-features",
+                "50",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert main(["index", "add", str(by_store), "--store", str(other), "--quiet"]) == 1
     assert "fingerprint" in capsys.readouterr().err
     assert main(["index", "add", str(by_store), "--quiet"]) == 2  # neither images nor --store
@@ -513,27 +601,44 @@ def test_two_index_add_on_one_engine_never_lose_images(tmp_path, photos):
     for k, p in enumerate(sorted(photos.glob("*.jpg"))):
         shutil.copy(p, (first if k < 4 else second) / f"{'ab'[k >= 4]}{p.name}")
     cfg = tmp_path / "cfg.json"
-    cfg.write_text(json.dumps({"features": {"options": {"max_features": 200}}, "codebook": {"size": 16},
-                               "rerank": {"num_to_rerank": 0}, "batch_size": 1}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "features": {"options": {"max_features": 200}},
+                "codebook": {"size": 16},
+                "rerank": {"num_to_rerank": 0},
+                "batch_size": 1,
+            }
+        )
+    )
     eng = tmp_path / "eng"
     assert main(["index", "create", str(eng), "--config", str(cfg), "--quiet"]) == 0
-    proc = subprocess.Popen([sys.executable, "-c", ADDER, str(eng), str(first)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ADDER, str(eng), str(first)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        cwd=REPO,
+    )
     try:
         assert proc.stdout.readline().strip() == "saved"
         cli = [sys.executable, "-m", "d2r", "index", "add", str(eng), str(second), "--quiet"]
         refused = subprocess.run(cli, capture_output=True, text=True, env=ENV, timeout=120)
         assert refused.returncode == 1 and "another writer" in refused.stderr
         assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
-        waited = subprocess.run(cli + ["--lock-timeout", "120"], capture_output=True, text=True, env=ENV,
-                                timeout=240)
+        waited = subprocess.run(
+            cli + ["--lock-timeout", "120"], capture_output=True, text=True, env=ENV, timeout=240
+        )
         assert waited.returncode == 0, waited.stderr
         assert proc.wait(timeout=120) == 0, proc.stderr.read()
     finally:
         proc.kill()
     engine = Engine.open(eng)
-    want = sorted([f"a{p.stem}" for p in sorted(photos.glob("*.jpg"))[:4]] +
-                  [f"b{p.stem}" for p in sorted(photos.glob("*.jpg"))[4:]])
+    want = sorted(
+        [f"a{p.stem}" for p in sorted(photos.glob("*.jpg"))[:4]]
+        + [f"b{p.stem}" for p in sorted(photos.glob("*.jpg"))[4:]]
+    )
     assert sorted(engine.database.ids().tolist()) == want
     for image_id in want:  # and every indexed image has its features
         assert len(engine._stored(image_id)) > 0

@@ -31,7 +31,7 @@ def add_parser(subparsers) -> None:
     _lock_timeout(c)
     c.set_defaults(func=run_create)
 
-    a = sub.add_parser("add", help="index images (a folder, list file or paths) or a feature store; resumable")
+    a = sub.add_parser("add", help="index images (folder, list file or paths) or a feature store; resumable")
     a.add_argument("path", help="engine folder")
     a.add_argument("images", nargs="*", help="folder, list file, or image paths")
     a.add_argument("--store", help="index the features of this feature store (made by `d2r extract` with the "
@@ -95,7 +95,8 @@ def _writer(run):
         from d2r._lock import LockedError
 
         if getattr(args, "lock_timeout", 0) is not None and args.lock_timeout < 0:
-            print(f"d2r index: error: --lock-timeout must be >= 0 seconds, got {args.lock_timeout}", file=sys.stderr)
+            print(f"d2r index: error: --lock-timeout must be >= 0 seconds, got {args.lock_timeout}",
+                  file=sys.stderr)
             return 2
         try:
             return run(args)
@@ -140,7 +141,8 @@ def _index(engine, images, args) -> int:
     else:
         sources = images[0] if len(images) == 1 else images
         report = engine.index(sources, progress=not args.quiet, on_done=done,
-                              retry_failed=getattr(args, "retry_failed", False), lock_timeout=args.lock_timeout)
+                              retry_failed=getattr(args, "retry_failed", False),
+                              lock_timeout=args.lock_timeout)
     out = report.to_dict()
     out["images_in_index"] = len(engine)
     if args.json:

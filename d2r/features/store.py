@@ -2,9 +2,9 @@
 
 Layout of a store folder::
 
-    manifest.json                  the only commit point: format, version, generation, extractor {name, config,
-                                   fingerprint}, dim, shards [{name, num_images, num_features, bytes,
-                                   files {key: {size, digest}}, skip}], retired shards, failures {id: reason}
+    manifest.json                  the only commit point: format, version, generation, extractor {name,
+                                   config, fingerprint}, dim, shards [{name, num_images, num_features,
+                                   bytes, files {key: {size, digest}}, skip}], retired, failures {id: reason}
     failures.json                  a readable copy of the manifest's failures
     .lock                          held (fcntl) by the one writer; readers never take it
     shard-<hex>.ids.npy            (n,) str image ids
@@ -20,17 +20,18 @@ Layout of a store folder::
     shard-<hex>.box_ids.npy        (R,) int64 (-1 = whole image)
     shard-<hex>.box_scores.npy     (R,) float32
 
-Writing: one writer per store (an OS lock on ``.lock``, taken by ``create`` / ``open(mode="a")`` before anything
-else). Images are buffered and written as a shard once ``shard_bytes`` (default 256 MiB) are buffered, or at an
-explicit ``flush``; every file is written atomically under a unique name, then the manifest is rewritten (the
-commit). Small shards are merged into large ones by a tiered compaction that runs after a commit when ``COMPACT_AT``
-shards of similar size accumulate: the merged shard is written and committed before the old ones are retired;
-retired files are deleted one generation later (so a reader of the previous generation keeps working), and shard
-files no manifest lists are deleted only once they are older than ``GC_GRACE_SECONDS`` (a :class:`ShardWriter`
-of a distributed run may still be writing or about to commit them).
+Writing: one writer per store (an OS lock on ``.lock``, taken by ``create`` / ``open(mode="a")`` before
+anything else). Images are buffered and written as a shard once ``shard_bytes`` (default 256 MiB) are
+buffered, or at an explicit ``flush``; every file is written atomically under a unique name, then the manifest
+is rewritten (the commit). Small shards are merged into large ones by a tiered compaction that runs after a
+commit when ``COMPACT_AT`` shards of similar size accumulate: the merged shard is written and committed before
+the old ones are retired; retired files are deleted one generation and ``RETIRE_GRACE_SECONDS`` later (so a
+reader of an older generation keeps working; one whose shards are gone moves to the newest generation, never
+reading an image twice), and shard files no manifest lists are deleted only once they are older than
+``GC_GRACE_SECONDS`` (a distributed run's :class:`ShardWriter` may still be writing or about to commit them).
 
-Reading never locks: ``open`` reads one manifest generation, checks every file's size and every shard's ids, and
-each shard is validated (dtypes, shapes, offsets) when first used, so a damaged file raises
+Reading never locks: ``open`` reads one manifest generation, checks every file's size and every shard's ids,
+and each shard is validated (dtypes, shapes, offsets) when first used, so a damaged file raises
 :class:`StoreDamagedError` naming it instead of reaching a kernel. ``check()`` verifies every BLAKE2 digest.
 """
 
@@ -63,14 +64,23 @@ FAILURES = "failures.json"
 MiB = 1 << 20
 DEFAULT_SHARD_BYTES = 256 * MiB
 COMPACT_AT = 8  # this many small shards of one size tier are merged into one
+RETIRE_GRACE_SECONDS = 60.0  # shards retired by a compaction stay readable this long (and one generation)
 GC_GRACE_SECONDS = 6 * 3600  # uncommitted shard files younger than this may belong to a live ShardWriter
-CACHE_SHARDS = 8  # memory-mapped shards kept open per store
+CACHE_SHARDS = 256  # shards whose headers and small arrays are cached per store (no files held open)
 # key: (dtype or "U" for str, ndim, length) with lengths n = images, F = features, R = regions
 _SPEC = {
-    "ids": ("U", 1, "n"), "kinds": (np.uint8, 1, "n"), "offsets": (np.int64, 1, "n+1"),
-    "locations": (np.float32, 2, "F"), "scales": (np.float32, 1, "F"), "scores": (np.float32, 1, "F"),
-    "descriptors": (np.float32, 2, "F"), "region_offsets": (np.int64, 1, "n+1"), "counts": (np.int64, 1, "R"),
-    "boxes": (np.float32, 2, "R"), "box_ids": (np.int64, 1, "R"), "box_scores": (np.float32, 1, "R"),
+    "ids": ("U", 1, "n"),
+    "kinds": (np.uint8, 1, "n"),
+    "offsets": (np.int64, 1, "n+1"),
+    "locations": (np.float32, 2, "F"),
+    "scales": (np.float32, 1, "F"),
+    "scores": (np.float32, 1, "F"),
+    "descriptors": (np.float32, 2, "F"),
+    "region_offsets": (np.int64, 1, "n+1"),
+    "counts": (np.int64, 1, "R"),
+    "boxes": (np.float32, 2, "R"),
+    "box_ids": (np.int64, 1, "R"),
+    "box_scores": (np.float32, 1, "R"),
 }
 _ARRAYS = tuple(_SPEC)
 _NAME = re.compile(r"^shard-[A-Za-z0-9_-]{1,128}$")
@@ -78,11 +88,13 @@ _FILE = re.compile(r"^(shard-[A-Za-z0-9_-]{1,128})\.([a-z_]+)\.npy$")
 
 
 class StoreDamagedError(ValueError):
-    """A store file is missing, truncated, altered or inconsistent with the manifest (the message names it)."""
+    """A store file is missing, truncated, altered or inconsistent with the manifest (named in the error)."""
 
 
 class Shard:
-    """One shard's validated arrays (memory-mapped); ``shard[i]`` → the i-th image's features (a copy)."""
+    """One shard's validated arrays: the per-image and per-region ones in memory, the per-feature ones
+    (locations, scales, scores, descriptors) read from the file by rows; ``shard[i]`` → the i-th image's
+    features (new arrays)."""
 
     def __init__(self, name: str, arrays: dict):
         self.name = name
@@ -153,8 +165,14 @@ def _write_shard(folder: Path, name: str, arrays: dict) -> dict:
     except BaseException:
         _remove_shard_files(folder, name)
         raise
-    return {"name": name, "num_images": int(arrays["ids"].shape[0]), "num_features": int(arrays["offsets"][-1]),
-            "bytes": int(sum(f["size"] for f in files.values())), "files": files, "skip": []}
+    return {
+        "name": name,
+        "num_images": int(arrays["ids"].shape[0]),
+        "num_features": int(arrays["offsets"][-1]),
+        "bytes": int(sum(f["size"] for f in files.values())),
+        "files": files,
+        "skip": [],
+    }
 
 
 def _remove_shard_files(folder: Path, name: str) -> None:
@@ -181,9 +199,14 @@ def _check_record(rec, where: str) -> None:
             raise StoreDamagedError(f"{where}: shard {rec['name']}: bad {key} {rec.get(key)!r}")
     files = rec.get("files")
     if files is not None:
-        if not isinstance(files, dict) or set(files) != set(_ARRAYS) or not all(
+        if (
+            not isinstance(files, dict)
+            or set(files) != set(_ARRAYS)
+            or not all(
                 isinstance(f, dict) and isinstance(f.get("size"), int) and isinstance(f.get("digest"), str)
-                for f in files.values()):
+                for f in files.values()
+            )
+        ):
             raise StoreDamagedError(f"{where}: shard {rec['name']}: bad file records")
     skip = rec.get("skip", [])
     if not isinstance(skip, list) or not all(isinstance(s, int) and 0 <= s < rec["num_images"] for s in skip):
@@ -200,25 +223,89 @@ def _check_sizes(folder: Path, rec: dict) -> None:
             raise StoreDamagedError(f"{path}: missing (listed in the store manifest)") from None
         want = (rec.get("files") or {}).get(key, {}).get("size")
         if want is not None and size != want:
-            raise StoreDamagedError(f"{path}: {size} bytes, the manifest records {want} (truncated or altered)")
+            raise StoreDamagedError(
+                f"{path}: {size} bytes, the manifest records {want} (truncated or altered)"
+            )
 
 
-def _load_array(path: Path, key: str, mmap: bool = True) -> np.ndarray:
+_ROWS = ("locations", "scales", "scores", "descriptors")  # the big per-feature arrays: read by rows on demand
+
+
+class _RowFile:
+    """The data of a validated .npy file, read by rows on demand (``rows[a:b]`` → a new array); holds no file
+    open, so any number of shards can be cached and any number of threads can read."""
+
+    def __init__(self, path: Path, offset: int, dtype: np.dtype, shape: tuple):
+        self.path, self.offset, self.dtype, self.shape = path, offset, dtype, shape
+        self.ndim = len(shape)
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        a, b, _ = rows.indices(self.shape[0])
+        n = max(0, b - a)
+        out = np.empty((n,) + self.shape[1:], self.dtype)
+        if n and self.row_bytes:
+            try:
+                with open(self.path, "rb") as fh:
+                    fh.seek(self.offset + a * self.row_bytes)
+                    got = fh.readinto(memoryview(out).cast("B"))
+            except FileNotFoundError:
+                raise StoreDamagedError(f"{self.path}: missing (listed in the store manifest)") from None
+            if got != n * self.row_bytes:
+                raise StoreDamagedError(f"{self.path}: truncated (read {got} of {n * self.row_bytes} bytes)")
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        return self[0 : self.shape[0]] if dtype is None else self[0 : self.shape[0]].astype(dtype)
+
+
+def _load_array(path: Path, key: str, mmap: bool = True):
+    """Parse and check a .npy header (dtype, dimensions, file size) before reading any data; small arrays are
+    read whole, the per-feature ones (``_ROWS``) come back as a :class:`_RowFile` unless ``mmap=False``."""
     dtype, ndim, _ = _SPEC[key]
+    fmt = np.lib.format
     try:
-        a = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        with open(path, "rb") as fh:
+            try:
+                version = fmt.read_magic(fh)
+                if version == (1, 0):
+                    shape, fortran, dt = fmt.read_array_header_1_0(fh)
+                elif version in ((2, 0), (3, 0)):
+                    shape, fortran, dt = fmt.read_array_header_2_0(fh)
+                else:
+                    raise ValueError(f"unknown .npy version {version}")
+            except Exception as exc:  # a torn or altered header: numpy raises many kinds
+                raise StoreDamagedError(
+                    f"{path}: not a readable .npy file ({type(exc).__name__}: {exc})"
+                ) from None
+            ok = dt.kind == "U" and dt.byteorder in ("=", "<", "|") if dtype == "U" else dt == np.dtype(dtype)
+            if not ok:
+                raise StoreDamagedError(
+                    f"{path}: dtype {dt}, expected {'str' if dtype == 'U' else np.dtype(dtype)}"
+                )
+            if len(shape) != ndim or fortran:
+                raise StoreDamagedError(
+                    f"{path}: {len(shape)}-D array of shape {shape}, expected {ndim}-D C order"
+                )
+            offset = fh.tell()
+            count = int(np.prod([int(x) for x in shape], dtype=object))
+            size = os.fstat(fh.fileno()).st_size
+            if size != offset + count * dt.itemsize:
+                raise StoreDamagedError(
+                    f"{path}: {size} bytes, its header needs {offset + count * dt.itemsize} "
+                    f"(truncated or altered)"
+                )
+            if key in _ROWS and mmap:
+                return _RowFile(path, offset, dt, tuple(shape))
+            data = np.fromfile(fh, dtype=dt, count=count)
     except FileNotFoundError:
         raise StoreDamagedError(f"{path}: missing (listed in the store manifest)") from None
-    except Exception as exc:  # a torn or altered header: numpy raises many kinds
-        raise StoreDamagedError(f"{path}: not a readable .npy file ({type(exc).__name__}: {exc})") from None
-    if not isinstance(a, np.ndarray):
-        raise StoreDamagedError(f"{path}: not a .npy array")
-    ok = a.dtype.kind == "U" if dtype == "U" else a.dtype == np.dtype(dtype)
-    if not ok:
-        raise StoreDamagedError(f"{path}: dtype {a.dtype}, expected {'str' if dtype == 'U' else np.dtype(dtype)}")
-    if a.ndim != ndim:
-        raise StoreDamagedError(f"{path}: {a.ndim}-D array of shape {a.shape}, expected {ndim}-D")
-    return a
+    if data.size != count:
+        raise StoreDamagedError(f"{path}: truncated")
+    return data.reshape(shape)
 
 
 def _load_ids(folder: Path, rec: dict) -> list[str]:
@@ -240,16 +327,28 @@ def _id_list(ids: np.ndarray, path: Path) -> list[str]:
 
 
 def _load_shard(folder: Path, rec: dict, dim: int) -> Shard:
-    """Load (memory-mapped) and validate one shard; StoreDamagedError naming the first bad file."""
+    """Load and validate one shard (headers, sizes, offsets; no feature data read); StoreDamagedError naming
+    the first bad file."""
     _check_sizes(folder, rec)
     name = rec["name"]
     a = {key: _load_array(_file(folder, name, key), key) for key in _ARRAYS}
     path = lambda key: _file(folder, name, key)  # noqa: E731
     n, n_feat = rec["num_images"], rec["num_features"]
     n_reg = a["counts"].shape[0]
-    want = {"ids": (n,), "kinds": (n,), "offsets": (n + 1,), "locations": (n_feat, 2), "scales": (n_feat,),
-            "scores": (n_feat,), "descriptors": (n_feat, dim), "region_offsets": (n + 1,),
-            "counts": (n_reg,), "boxes": (n_reg, 4), "box_ids": (n_reg,), "box_scores": (n_reg,)}
+    want = {
+        "ids": (n,),
+        "kinds": (n,),
+        "offsets": (n + 1,),
+        "locations": (n_feat, 2),
+        "scales": (n_feat,),
+        "scores": (n_feat,),
+        "descriptors": (n_feat, dim),
+        "region_offsets": (n + 1,),
+        "counts": (n_reg,),
+        "boxes": (n_reg, 4),
+        "box_ids": (n_reg,),
+        "box_scores": (n_reg,),
+    }
     for key, shape in want.items():
         if a[key].shape != shape:
             raise StoreDamagedError(f"{path(key)}: shape {a[key].shape}, expected {shape}")
@@ -276,6 +375,15 @@ def _load_shard(folder: Path, rec: dict, dim: int) -> Shard:
     return Shard(name, a)
 
 
+def _stamp(path: Path):
+    """Changes whenever a new manifest is committed (each is a new file renamed into place)."""
+    try:
+        st = (path / MANIFEST).stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def _read_manifest(path: Path) -> dict:
     mpath = path / MANIFEST
     if not mpath.exists():
@@ -285,12 +393,20 @@ def _read_manifest(path: Path) -> dict:
     except (ValueError, UnicodeDecodeError) as exc:
         raise StoreDamagedError(f"{mpath}: not valid JSON ({exc})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise StoreDamagedError(f"{mpath}: format {m.get('format') if isinstance(m, dict) else m!r} "
-                                f"is not {FORMAT!r}")
+        raise StoreDamagedError(
+            f"{mpath}: format {m.get('format') if isinstance(m, dict) else m!r} is not {FORMAT!r}"
+        )
     if not isinstance(m.get("version"), int) or m["version"] > VERSION:
-        raise StoreDamagedError(f"{mpath}: version {m.get('version')!r} is not one this d2r reads (<= {VERSION})")
-    if not isinstance(m.get("dim"), int) or m["dim"] < 1 or not isinstance(m.get("shards"), list) \
-            or not isinstance(m.get("extractor"), dict) or "fingerprint" not in m["extractor"]:
+        raise StoreDamagedError(
+            f"{mpath}: version {m.get('version')!r} is not one this d2r reads (<= {VERSION})"
+        )
+    if (
+        not isinstance(m.get("dim"), int)
+        or m["dim"] < 1
+        or not isinstance(m.get("shards"), list)
+        or not isinstance(m.get("extractor"), dict)
+        or "fingerprint" not in m["extractor"]
+    ):
         raise StoreDamagedError(f"{mpath}: missing or bad dim / shards / extractor")
     names = set()
     for rec in m["shards"]:
@@ -330,8 +446,10 @@ class _View:
             if row in skip:
                 continue
             if image_id in self.index:
-                raise StoreDamagedError(f"{_file(self.folder, name, 'ids')}: image {image_id!r} is already in "
-                                        f"shard {self.index[image_id][0]} (the manifest does not mask it)")
+                raise StoreDamagedError(
+                    f"{_file(self.folder, name, 'ids')}: image {image_id!r} is already in "
+                    f"shard {self.index[image_id][0]} (the manifest does not mask it)"
+                )
             self.index[image_id] = (name, row)
 
     def apply(self, manifest: dict, doomed: list[str]) -> None:
@@ -374,7 +492,9 @@ class _Buffer:
 
 def _check_features(image_id, features, dim: int) -> None:
     if not isinstance(features, (LocalFeatures, RegionFeatures)):
-        raise ValueError(f"{image_id}: expected LocalFeatures or RegionFeatures, got {type(features).__name__}")
+        raise ValueError(
+            f"{image_id}: expected LocalFeatures or RegionFeatures, got {type(features).__name__}"
+        )
     local = features.features if isinstance(features, RegionFeatures) else features
     if local.dim != dim:
         raise ValueError(f"{image_id}: expected D={dim}, got {local.dim}")
@@ -458,17 +578,24 @@ class ShardWriter:
 
 # ---------------------------------------------------------------------------------------------- FeatureStore
 class FeatureStore:
-    """A feature store folder. ``create`` / ``open`` it; ``add`` buffers and writes a shard every ``shard_bytes``;
-    ``flush`` writes and commits what is buffered; ``close`` (or leaving a ``with`` block) flushes, collects
-    garbage and releases the writer lock.
+    """A feature store folder. ``create`` / ``open`` it; ``add`` buffers and writes a shard every
+    ``shard_bytes``; ``flush`` writes and commits what is buffered; ``close`` (or leaving a ``with`` block)
+    flushes, collects garbage and releases the writer lock.
 
     Reading (lock-free, any number of threads): ``len(store)``, ``store.ids()``, ``image_id in store``,
-    ``store.get(image_id)``, ``store.get_many(ids)``, ``for image_id, feats in store`` (streams shard by shard),
-    ``store.load_shard(i)``; ``store.check()`` verifies every checksum.
+    ``store.get(image_id)``, ``store.get_many(ids)``, ``for image_id, feats in store`` (streams shard by
+    shard), ``store.load_shard(i)``; ``store.check()`` verifies every checksum.
     """
 
-    def __init__(self, path, manifest: dict, writable: bool, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 shard_size: int | None = None, lock: WriterLock | None = None):
+    def __init__(
+        self,
+        path,
+        manifest: dict,
+        writable: bool,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+        shard_size: int | None = None,
+        lock: WriterLock | None = None,
+    ):
         self.path = Path(path)
         if not isinstance(shard_bytes, (int, np.integer)) or shard_bytes < 1:
             raise ValueError(f"shard_bytes must be a positive integer, got {shard_bytes!r}")
@@ -482,6 +609,7 @@ class FeatureStore:
         self._fill_lock = threading.Lock()  # only around loading a shard into the cache
         self._cache: OrderedDict[str, Shard] = OrderedDict()
         self._view = _View(self.path, manifest)
+        self._stamp = None
         self._writer = ShardWriter.__new__(ShardWriter)  # the same machinery as a distributed worker
         if writable:
             self._writer.__init__(self.path, manifest["dim"], self.shard_bytes)
@@ -489,20 +617,30 @@ class FeatureStore:
 
     # ------------------------------------------------------------------------------------------ open/create
     @classmethod
-    def create(cls, path, extractor_info: dict, shard_bytes: int = DEFAULT_SHARD_BYTES, exist_ok: bool = True,
-               lock_timeout: float | None = 0.0, shard_size: int | None = None) -> "FeatureStore":
+    def create(
+        cls,
+        path,
+        extractor_info: dict,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+        exist_ok: bool = True,
+        lock_timeout: float | None = 0.0,
+        shard_size: int | None = None,
+    ) -> "FeatureStore":
         """Create a store for features of the extractor described by ``extractor_info`` ({name, config,
         fingerprint, dim}) and open it for writing (taking the writer lock, waiting up to ``lock_timeout``
-        seconds). An existing store is reopened for appending if ``exist_ok`` and its extractor fingerprint and dim
-        match; otherwise ValueError (features of different extractors never mix)."""
+        seconds). An existing store is reopened for appending if ``exist_ok`` and its extractor fingerprint
+        and dim match; otherwise ValueError (features of different extractors never mix)."""
         path = Path(path)
         for key in ("name", "fingerprint", "dim"):
             if key not in extractor_info:
                 raise ValueError(f"extractor_info needs {key!r}, got keys {sorted(extractor_info)}")
         if (path / MANIFEST).exists() and not exist_ok:
             raise FileExistsError(f"{path}: a feature store already exists")
-        if not (path / MANIFEST).exists() and path.exists() and \
-                any(p.name != ".lock" for p in path.iterdir()):
+        if (
+            not (path / MANIFEST).exists()
+            and path.exists()
+            and any(p.name != ".lock" for p in path.iterdir())
+        ):
             raise FileExistsError(f"{path}: folder exists, is not empty and holds no feature store")
         path.mkdir(parents=True, exist_ok=True)
         lock = WriterLock(path, timeout=lock_timeout, what="feature store").acquire()
@@ -514,26 +652,44 @@ class FeatureStore:
                 if not same or int(store.dim) != int(extractor_info["dim"]):
                     store.close()
                     raise ValueError(
-                        f"{path}: store holds {have.get('name')} features (fingerprint {have['fingerprint']}, "
-                        f"D={store.dim}), not {extractor_info['name']} "
-                        f"(fingerprint {extractor_info['fingerprint']}, D={extractor_info['dim']})")
+                        f"{path}: store holds {have.get('name')} features "
+                        f"(fingerprint {have['fingerprint']}, D={store.dim}), not {extractor_info['name']} "
+                        f"(fingerprint {extractor_info['fingerprint']}, D={extractor_info['dim']})"
+                    )
                 return store
             manifest = {
-                "format": FORMAT, "version": VERSION, "generation": 0,
-                "extractor": {"name": extractor_info["name"], "config": extractor_info.get("config", {}),
-                              "fingerprint": extractor_info["fingerprint"]},
-                "dim": int(extractor_info["dim"]), "num_images": 0, "num_features": 0,
-                "shards": [], "retired": [], "failures": {},
+                "format": FORMAT,
+                "version": VERSION,
+                "generation": 0,
+                "extractor": {
+                    "name": extractor_info["name"],
+                    "config": extractor_info.get("config", {}),
+                    "fingerprint": extractor_info["fingerprint"],
+                },
+                "dim": int(extractor_info["dim"]),
+                "num_images": 0,
+                "num_features": 0,
+                "shards": [],
+                "retired": [],
+                "failures": {},
             }
             write_json(path / MANIFEST, manifest)
-            return cls(path, manifest, writable=True, shard_bytes=shard_bytes, shard_size=shard_size, lock=lock)
+            return cls(
+                path, manifest, writable=True, shard_bytes=shard_bytes, shard_size=shard_size, lock=lock
+            )
         except BaseException:
             lock.release()
             raise
 
     @classmethod
-    def open(cls, path, mode: str = "r", shard_bytes: int = DEFAULT_SHARD_BYTES,
-             lock_timeout: float | None = 0.0, shard_size: int | None = None) -> "FeatureStore":
+    def open(
+        cls,
+        path,
+        mode: str = "r",
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+        lock_timeout: float | None = 0.0,
+        shard_size: int | None = None,
+    ) -> "FeatureStore":
         """Open an existing store for reading (``"r"``, no lock) or appending (``"a"``: takes the writer lock,
         waiting up to ``lock_timeout`` seconds, None = forever)."""
         path = Path(path)
@@ -542,7 +698,11 @@ class FeatureStore:
         if not (path / MANIFEST).exists():
             raise FileNotFoundError(f"{path}: not a feature store (no {MANIFEST})")
         if mode == "r":
-            return cls(path, _read_manifest(path), writable=False, shard_bytes=shard_bytes, shard_size=shard_size)
+            stamp = _stamp(path)  # taken before reading: a commit in between shows as a change later
+            store = cls(path, _read_manifest(path), writable=False, shard_bytes=shard_bytes,
+                        shard_size=shard_size)
+            store._stamp = stamp
+            return store
         lock = WriterLock(path, timeout=lock_timeout, what="feature store").acquire()
         try:
             return cls._open_locked(path, lock, shard_bytes, shard_size)
@@ -607,10 +767,17 @@ class FeatureStore:
 
     def info(self) -> dict:
         m = self.manifest
-        return {"path": str(self.path), "images": len(self), "shards": self.num_shards,
-                "features": int(m["num_features"]), "generation": self.generation,
-                "bytes": int(sum(r.get("bytes", 0) for r in m["shards"])), "failures": len(m["failures"]),
-                "extractor": self.extractor, "dim": self.dim}
+        return {
+            "path": str(self.path),
+            "images": len(self),
+            "shards": self.num_shards,
+            "features": int(m["num_features"]),
+            "generation": self.generation,
+            "bytes": int(sum(r.get("bytes", 0) for r in m["shards"])),
+            "failures": len(m["failures"]),
+            "extractor": self.extractor,
+            "dim": self.dim,
+        }
 
     # ------------------------------------------------------------------------------------------ writing
     def _need_writable(self):
@@ -630,8 +797,9 @@ class FeatureStore:
             self._writer._buffer.add(image_id, features)
             self._pending_failures.pop(image_id, None)
             buf = self._writer._buffer
-            full = buf.bytes >= self.shard_bytes or (self.shard_size is not None
-                                                     and len(buf.items) >= self.shard_size)
+            full = buf.bytes >= self.shard_bytes or (
+                self.shard_size is not None and len(buf.items) >= self.shard_size
+            )
         if full:
             self.flush()
 
@@ -664,19 +832,26 @@ class FeatureStore:
         self._maybe_compact()
 
     def commit(self, results: list[dict]) -> dict:
-        """Commit shards written by :class:`ShardWriter` s (their ``close()`` results) into this store, atomically.
+        """Commit shards written by :class:`ShardWriter` s (their ``close()`` results) into this store,
+        atomically.
 
         Each shard file's size and digest are verified and each shard is validated before the commit; a shard
-        already committed (same name) is skipped, so a retried commit is harmless; an image id already in the store
+        already committed (same name) is skipped, so a retried commit is harmless; an image id already in the
+        store
         (or earlier in ``results``) keeps its first copy, later ones are masked. Failures of ids that are not
-        stored are recorded. Returns ``{"shards", "images", "duplicates", "failures"}`` counts of what was added.
+        stored are recorded. Returns ``{"shards", "images", "duplicates", "failures"}`` counts of what was
+        added.
         """
         self._need_writable()
         if not isinstance(results, (list, tuple)) or not all(
-                isinstance(r, dict) and isinstance(r.get("shards", []), list)
-                and isinstance(r.get("failures", {}), dict) for r in results):
-            raise ValueError("commit expects a list of ShardWriter.close() results "
-                             "({'shards': [...], 'failures': {...}})")
+            isinstance(r, dict)
+            and isinstance(r.get("shards", []), list)
+            and isinstance(r.get("failures", {}), dict)
+            for r in results
+        ):
+            raise ValueError(
+                "commit expects a list of ShardWriter.close() results ({'shards': [...], 'failures': {...}})"
+            )
         with self._lock:
             out = self._commit(results, verify=True)
         self._maybe_compact()
@@ -729,7 +904,8 @@ class FeatureStore:
         return added
 
     def _write_manifest(self, manifest: dict, retire: list | None = None) -> None:
-        """Commit a new generation; delete files retired two generations ago (the previous one stays readable)."""
+        """Commit a new generation; delete files retired two generations ago (the previous one stays
+        readable)."""
         gen = int(manifest.get("generation", 0)) + 1
         manifest["generation"] = gen
         manifest["version"] = VERSION
@@ -737,26 +913,35 @@ class FeatureStore:
         manifest["num_images"] = int(sum(r["num_images"] - len(r.get("skip", [])) for r in live))
         manifest["num_features"] = int(sum(r["num_features"] for r in live))
         old = manifest.get("retired", [])
-        doomed = [r for r in old if r["generation"] < gen - 1]
-        manifest["retired"] = [r for r in old if r["generation"] >= gen - 1]
-        manifest["retired"] += [{"name": n, "generation": gen - 1} for n in (retire or [])]
+        now = time.time()
+        expired = [
+            r for r in old if r["generation"] < gen - 1 and now - r.get("time", 0) >= RETIRE_GRACE_SECONDS
+        ]
+        doomed = {r["name"] for r in expired}
+        manifest["retired"] = [r for r in old if r["name"] not in doomed]
+        manifest["retired"] += [{"name": n, "generation": gen - 1, "time": now} for n in (retire or [])]
         write_json(self.path / MANIFEST, manifest)
-        self._view.apply(manifest, [r["name"] for r in doomed])
+        self._view.apply(manifest, sorted(doomed))
         try:
             write_json(self.path / FAILURES, manifest["failures"])
         except OSError as exc:
             log.warning("%s: could not write %s: %s", self.path, FAILURES, exc)
-        for r in doomed:
-            _remove_shard_files(self.path, r["name"])
-            self._cache.pop(r["name"], None)
+        for name in doomed:
+            _remove_shard_files(self.path, name)
+            self._cache.pop(name, None)
 
     def _upgrade(self) -> None:
         """Record sizes and digests of a version-1 store's shards (once, when first opened for writing)."""
         manifest = json.loads(json.dumps(self.manifest))
         for rec in manifest["shards"]:
             if "files" not in rec:
-                rec["files"] = {k: {"size": _file(self.path, rec["name"], k).stat().st_size,
-                                    "digest": file_digest(_file(self.path, rec["name"], k))} for k in _ARRAYS}
+                rec["files"] = {
+                    k: {
+                        "size": _file(self.path, rec["name"], k).stat().st_size,
+                        "digest": file_digest(_file(self.path, rec["name"], k)),
+                    }
+                    for k in _ARRAYS
+                }
                 rec["bytes"] = int(sum(f["size"] for f in rec["files"].values()))
                 rec.setdefault("skip", [])
         self._write_manifest(manifest)
@@ -769,10 +954,11 @@ class FeatureStore:
             log.warning("%s: compaction skipped: %s", self.path, exc)
 
     def compact(self, full: bool = True) -> int:
-        """Merge small shards (< shard_bytes / 2) into shards of up to ``shard_bytes``; returns how many merges
-        were done. ``full=False`` (automatic, after a commit): only when ``COMPACT_AT`` small shards of one size
-        tier (a factor of ``COMPACT_AT`` in bytes) accumulate, so each byte is rewritten O(log) times. Crash-safe:
-        the merged shards are committed before the old ones are retired."""
+        """Merge small shards (< shard_bytes / 2) into shards of up to ``shard_bytes``; returns how many
+        merges were done. ``full=False`` (automatic, after a commit): only when ``COMPACT_AT`` small shards of
+        one size
+        tier (a factor of ``COMPACT_AT`` in bytes) accumulate, so each byte is rewritten O(log) times.
+        Crash-safe: the merged shards are committed before the old ones are retired."""
         self._need_writable()
         merges = 0
         with self._lock:
@@ -800,7 +986,9 @@ class FeatureStore:
                     buf.add(str(shard.ids[row]), shard[row])
                     if buf.bytes >= self.shard_bytes:
                         items = buf.take()
-                        written.append(_write_shard(self.path, self._writer.new_name(), _pack(items, self.dim)))
+                        written.append(
+                            _write_shard(self.path, self._writer.new_name(), _pack(items, self.dim))
+                        )
                         buf.drop(items)
                 del shard
             if buf.items:
@@ -809,7 +997,7 @@ class FeatureStore:
             first = next(i for i, r in enumerate(manifest["shards"]) if r["name"] in names)
             rest = [r for r in manifest["shards"] if r["name"] not in names]
             before = [r for r in manifest["shards"][:first] if r["name"] not in names]
-            manifest["shards"] = before + written + rest[len(before):]
+            manifest["shards"] = before + written + rest[len(before) :]
             self._write_manifest(manifest, retire=list(names))
         except BaseException:
             for rec in written:
@@ -818,9 +1006,9 @@ class FeatureStore:
             raise
 
     def gc(self, grace_seconds: float = GC_GRACE_SECONDS) -> list[str]:
-        """Delete shard files no manifest generation needs (neither live nor retired in the previous generation)
-        and older than ``grace_seconds`` (younger ones may be a ShardWriter's, about to be committed), and stale
-        temporary files. Returns the deleted file names."""
+        """Delete shard files no manifest generation needs (neither live nor retired in the previous
+        generation) and older than ``grace_seconds`` (younger ones may be a ShardWriter's, about to be
+        committed), and stale temporary files. Returns the deleted file names."""
         self._need_writable()
         keep = {r["name"] for r in self.manifest["shards"]} | {r["name"] for r in self.manifest["retired"]}
         now = time.time()
@@ -853,7 +1041,9 @@ class FeatureStore:
     def refresh(self) -> None:
         """Read-only stores: move to the newest committed generation."""
         if not self.writable:
+            stamp = _stamp(self.path)
             self._view = _View(self.path, _read_manifest(self.path))
+            self._stamp = stamp
 
     def _shard(self, rec: dict) -> Shard:
         name = rec["name"]
@@ -874,7 +1064,7 @@ class FeatureStore:
         return shard
 
     def load_shard(self, i: int, mmap: bool = True) -> Shard:
-        """Validated arrays of shard ``i`` in store order (memory-mapped)."""
+        """Validated arrays of shard ``i`` in store order (per-feature arrays are read by rows on demand)."""
         if not 0 <= i < self.num_shards:
             raise IndexError(f"shard {i} out of range (store has {self.num_shards})")
         return self._shard(self._view.records[i])
@@ -890,12 +1080,17 @@ class FeatureStore:
                     return feats
                 view = self._view
                 loc = view.index.get(image_id)
+        if loc is None and not self.writable and self._stamp != _stamp(self.path):
+            self.refresh()  # committed by a writer since this reader opened the store
+            view = self._view
+            loc = view.index.get(image_id)
         if loc is None:
             raise KeyError(f"{image_id!r} is not in the feature store {self.path}")
         return view.by_name[loc[0]], loc[1]
 
     def get(self, image_id: str) -> LocalFeatures | RegionFeatures:
-        """Features of one image (KeyError if it is not in the store; StoreDamagedError naming a damaged file)."""
+        """Features of one image (KeyError if it is not in the store; StoreDamagedError naming a damaged
+        file)."""
         for attempt in range(3):
             found = self._locate(image_id)
             if not isinstance(found, tuple):
@@ -917,35 +1112,46 @@ class FeatureStore:
             newer = _read_manifest(self.path)
         except (OSError, StoreDamagedError):
             return False
-        return newer["generation"] != self.generation and \
-            rec["name"] not in {r["name"] for r in newer["shards"]}
+        return newer["generation"] != self.generation and rec["name"] not in {
+            r["name"] for r in newer["shards"]
+        }
 
     def get_many(self, image_ids) -> list:
         """Features of many images, in the given order; each shard is opened once."""
         return [self.get(i) for i in image_ids]
 
     def __iter__(self):
-        """Yield ``(image_id, features)`` of this generation image by image, one shard at a time, in store order.
-        If a compaction retires shards meanwhile, the rest is read from the newer generation (no image twice)."""
+        """Yield ``(image_id, features)`` of this generation image by image, one shard at a time, in store
+        order. If a compaction retires shards meanwhile, the rest is read from the newer generation (no image
+        twice)."""
         return self._iter(self._view, None)
 
-    def _iter(self, view: _View, wanted: set | None, attempts: int = 3):
+    def _iter(self, view: _View, wanted: set | None, attempts: int = 10):
         records = list(view.records)
         for k, rec in enumerate(records):
+            row = 0
             try:
                 shard = self._shard(rec)
+                ids = shard.ids.tolist()
+                skip = set(rec.get("skip", []))
+                for row, image_id in enumerate(ids):
+                    if row in skip or (wanted is not None and image_id not in wanted):
+                        continue
+                    feats = shard[row]
+                    yield image_id, feats
             except StoreDamagedError:
                 if attempts == 0 or not self._moved_on(rec):
                     raise
-                later = {r["name"] for r in records[k:]}
-                rest = {i for i, (name, _) in view.index.items() if name in later and (wanted is None or i in wanted)}
+                later = {r["name"] for r in records[k + 1 :]}
+                rest = {
+                    i
+                    for i, (name, r) in view.index.items()
+                    if (name in later or (name == rec["name"] and r >= row))
+                    and (wanted is None or i in wanted)
+                }
                 self.refresh()
                 yield from self._iter(self._view, rest, attempts - 1)
                 return
-            skip = set(rec.get("skip", []))
-            for row, image_id in enumerate(shard.ids.tolist()):
-                if row not in skip and (wanted is None or image_id in wanted):
-                    yield image_id, shard[row]
 
     def check(self, digests: bool = True) -> list[dict]:
         """Verify every committed file (size, BLAKE2 digest unless ``digests=False``, structure); returns the
@@ -954,16 +1160,21 @@ class FeatureStore:
 
     def __repr__(self) -> str:
         name = self.manifest["extractor"].get("name")
-        return (f"FeatureStore({str(self.path)!r}, extractor={name}, D={self.dim}, "
-                f"images={len(self)}, shards={self.num_shards})")
+        return (
+            f"FeatureStore({str(self.path)!r}, extractor={name}, D={self.dim}, "
+            f"images={len(self)}, shards={self.num_shards})"
+        )
 
     def __del__(self):
         lock = getattr(self, "_writer_lock", None)
         if lock is not None and lock.held:
             writer = getattr(self, "_writer", None)
             if getattr(writer, "_buffer", None) is not None and writer._buffer.items:
-                log.warning("%s: feature store not closed; %d unflushed images are lost", self.path,
-                            len(writer._buffer.items))
+                log.warning(
+                    "%s: feature store not closed; %d unflushed images are lost",
+                    self.path,
+                    len(writer._buffer.items),
+                )
             lock.release()
 
 
@@ -1008,8 +1219,10 @@ def _check_view(folder: Path, manifest: dict, digests: bool) -> list[dict]:
                 skip = set(rec.get("skip", []))
                 for row, image_id in enumerate(shard.ids.tolist()):
                     if row not in skip and seen.setdefault(image_id, rec["name"]) != rec["name"]:
-                        raise StoreDamagedError(f"{_file(folder, rec['name'], 'ids')}: image {image_id!r} is "
-                                                f"also in shard {seen[image_id]}")
+                        raise StoreDamagedError(
+                            f"{_file(folder, rec['name'], 'ids')}: image {image_id!r} is "
+                            f"also in shard {seen[image_id]}"
+                        )
                 del shard
             except StoreDamagedError as exc:
                 msg = str(exc)
@@ -1029,8 +1242,9 @@ def _check_sizes_one(path: Path, rec: dict, key: str) -> None:
 
 
 def check_store(path, digests: bool = True) -> list[dict]:
-    """Check the feature store at ``path`` without opening it for use: ``[{"file", "problem"}]`` for every damaged
-    file (a damaged manifest is one entry); empty when healthy. ``digests=False`` skips the BLAKE2 checksums
+    """Check the feature store at ``path`` without opening it for use: ``[{"file", "problem"}]`` for every
+    damaged file (a damaged manifest is one entry); empty when healthy. ``digests=False`` skips the BLAKE2
+    checksums
     (sizes and structure only: cheap enough for ``index info``)."""
     path = Path(path)
     try:
@@ -1044,9 +1258,9 @@ def check_store(path, digests: bool = True) -> list[dict]:
 
 def import_shards(dest: FeatureStore, src: FeatureStore, wanted: set | None = None) -> dict:
     """Bring ``src``'s shards that hold images of ``wanted`` (default: all) not yet in ``dest`` into ``dest``
-    (a store open for writing, same extractor): files are hard-linked (copied across file systems), then committed
-    with their checksums verified; images ``dest`` already holds are masked. Returns :meth:`FeatureStore.commit`'s
-    counts."""
+    (a store open for writing, same extractor): files are hard-linked (copied across file systems), then
+    committed with their checksums verified; images ``dest`` already holds are masked. Returns
+    :meth:`FeatureStore.commit`'s counts."""
     import shutil
 
     dest._need_writable()
@@ -1054,15 +1268,23 @@ def import_shards(dest: FeatureStore, src: FeatureStore, wanted: set | None = No
         raise ValueError(f"{src.path}: features of another extractor than {dest.path}'s")
     recs = []
     view = src._view
-    need = {name for image_id, (name, _) in view.index.items()
-            if (wanted is None or image_id in wanted) and image_id not in dest}
+    need = {
+        name
+        for image_id, (name, _) in view.index.items()
+        if (wanted is None or image_id in wanted) and image_id not in dest
+    }
     for rec in view.records:
         if rec["name"] not in need or rec["name"] in dest._view.by_name:
             continue
         rec = json.loads(json.dumps(rec))
         if "files" not in rec:  # a version-1 store
-            rec["files"] = {k: {"size": _file(src.path, rec["name"], k).stat().st_size,
-                                "digest": file_digest(_file(src.path, rec["name"], k))} for k in _ARRAYS}
+            rec["files"] = {
+                k: {
+                    "size": _file(src.path, rec["name"], k).stat().st_size,
+                    "digest": file_digest(_file(src.path, rec["name"], k)),
+                }
+                for k in _ARRAYS
+            }
             rec["bytes"] = int(sum(f["size"] for f in rec["files"].values()))
         _verify_digests(src.path, rec)  # untrusted input: checked where it lies, before anything is linked
         _load_shard(src.path, rec, src.dim)
@@ -1111,10 +1333,17 @@ def _pack(buffer, dim: int) -> dict:
         box_scores = np.zeros(0, np.float32)
     ids = np.array([i for i, _ in buffer], dtype=str) if n else np.zeros(0, "U1")
     return {
-        "ids": ids, "kinds": kinds, "offsets": offsets,
-        "locations": allf.locations.reshape(-1, 2), "scales": allf.scales, "scores": allf.scores,
+        "ids": ids,
+        "kinds": kinds,
+        "offsets": offsets,
+        "locations": allf.locations.reshape(-1, 2),
+        "scales": allf.scales,
+        "scores": allf.scores,
         "descriptors": allf.descriptors.reshape(-1, dim),
-        "region_offsets": region_offsets, "counts": counts, "boxes": boxes, "box_ids": box_ids,
+        "region_offsets": region_offsets,
+        "counts": counts,
+        "boxes": boxes,
+        "box_ids": box_ids,
         "box_scores": box_scores,
     }
 
@@ -1122,13 +1351,26 @@ def _pack(buffer, dim: int) -> dict:
 def _extractor_info(extractor) -> dict:
     if hasattr(extractor, "info"):
         return extractor.info()
-    return {"name": extractor.name, "config": {}, "fingerprint": extractor.fingerprint(),
-            "dim": extractor.dim}
+    return {
+        "name": extractor.name,
+        "config": {},
+        "fingerprint": extractor.fingerprint(),
+        "dim": extractor.dim,
+    }
 
 
-def extract_to_store(images, extractor, store_path, region_fn=None, progress: bool = True,
-                     workers: int | None = None, shard_size: int | None = None, retry_failed: bool = False,
-                     shard_bytes: int = DEFAULT_SHARD_BYTES, lock_timeout: float | None = 0.0) -> dict:
+def extract_to_store(
+    images,
+    extractor,
+    store_path,
+    region_fn=None,
+    progress: bool = True,
+    workers: int | None = None,
+    shard_size: int | None = None,
+    retry_failed: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    lock_timeout: float | None = 0.0,
+) -> dict:
     """Extract features of ``images`` into the store at ``store_path``; resumable.
 
     Args:
@@ -1167,8 +1409,13 @@ def extract_to_store(images, extractor, store_path, region_fn=None, progress: bo
         if image_id in seen:
             raise ValueError(f"image id {image_id!r} appears twice in the input")
         seen.add(image_id)
-    store = FeatureStore.create(store_path, _extractor_info(extractor), shard_bytes=shard_bytes,
-                                shard_size=shard_size, lock_timeout=lock_timeout)
+    store = FeatureStore.create(
+        store_path,
+        _extractor_info(extractor),
+        shard_bytes=shard_bytes,
+        shard_size=shard_size,
+        lock_timeout=lock_timeout,
+    )
     try:
         failures = store.failures
         todo = [(i, p) for i, p in pairs if i not in store and (retry_failed or i not in failures)]
@@ -1205,8 +1452,14 @@ def extract_to_store(images, extractor, store_path, region_fn=None, progress: bo
                 bar.close()
     finally:
         store.close()
-    return {"images": len(pairs), "extracted": extracted, "skipped": skipped, "failed": failed,
-            "seconds": round(time.perf_counter() - t0, 3), "store": str(store.path)}
+    return {
+        "images": len(pairs),
+        "extracted": extracted,
+        "skipped": skipped,
+        "failed": failed,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "store": str(store.path),
+    }
 
 
 def _ordered_map(fn, items, workers: int):
