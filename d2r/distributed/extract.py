@@ -160,7 +160,8 @@ def extract(images, store, features="rootsift", *, model=None, pca=None, options
             workers = min(workers, len(todo))
             max_restarts = workers if max_restarts is None else int(max_restarts)
             remote = ray.remote(_Worker)
-            opts = {"num_cpus": 1}
+            # more workers than CPUs share them (an actor waiting for a CPU would never start)
+            opts = {"num_cpus": min(1.0, cluster_cpus(ray) / workers)}
             if gpus_per_worker:
                 opts["num_gpus"] = float(gpus_per_worker)
             serial = [0]

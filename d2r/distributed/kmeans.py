@@ -194,7 +194,8 @@ def sample_descriptors(source, per_image: int = 300, max_total: int = 1_000_000,
     results = []
     with session(address) as ray:
         n = max(1, min(int(workers or cluster_cpus(ray)), len(blocks)))
-        actors = [ray.remote(num_cpus=1)(_Sampler).remote(**init_kw) for _ in range(n)]
+        cpus = min(1.0, cluster_cpus(ray) / n)  # more workers than CPUs share them
+        actors = [ray.remote(num_cpus=cpus)(_Sampler).remote(**init_kw) for _ in range(n)]
         bar = None
         if progress:
             from tqdm.auto import tqdm
