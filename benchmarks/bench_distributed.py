@@ -1,15 +1,15 @@
-"""Ray scale-out on this machine: extraction throughput with 1 vs 2 workers, and a sharded search against one index.
+"""Ray scale-out on this machine: extraction throughput with 1 vs 2 workers, sharded search against one index.
 
     python benchmarks/bench_distributed.py extract --photos 24 --delf-photos 2
     python benchmarks/bench_distributed.py search --images 100000 --dir /tmp/d2r-sharded
 
 ``extract``: the first ``--photos`` dev photos (``$D2R_SHARED/data/instance_bench_dev/images``), RootSIFT with
 default settings, extracted by one process (``extract_to_store``, 1 thread) and by ``d2r.distributed.extract``
-on a local Ray (2 CPUs) with 1 and 2 workers; then our ResNet50 DELF with random weights (7 scales, exported as
-a SavedModel and loaded by path in each actor) on ``--delf-photos`` photos. Per run: wall seconds (actor start-up
-and model loading included), images/s, the per-image extraction cost measured inside the workers, and the
-driver's own time (setup: extractor check, listing, store; commits per image) and the commits' share of the wall
-time. With W workers on N nodes the
+on a local Ray (2 CPUs) with 1 and 2 workers; then our ResNet50 DELF with random weights (7 scales, exported
+as a SavedModel and loaded by path in each actor) on ``--delf-photos`` photos. Per run: wall seconds (actor
+start-up and model loading included), images/s, the per-image extraction cost measured inside the workers,
+the driver's own time (setup: extractor check, listing, store; commits per image) and the commits' share of
+the wall time. With W workers on N nodes the
 throughput is about W·N / (per-image cost) until the driver saturates at 1 / (driver seconds per image).
 
 ``search``: a synthetic ASMK* index (K = 65,536, D = 128; per image a distinct-word count drawn from the dev
@@ -56,7 +56,8 @@ def _ray_runs(pairs, root: Path, features, **kw) -> list[dict]:
         s = extract(pairs, root / f"{features}-ray{workers}", features, workers=workers, progress=False, **kw)
         wall = time.perf_counter() - t
         n = s["extracted"]
-        out.append({"workers": workers, "images": n, "wall_s": round(wall, 2), "images_per_s": round(n / wall, 3),
+        out.append({"workers": workers, "images": n, "wall_s": round(wall, 2),
+                    "images_per_s": round(n / wall, 3),
                     "per_image_worker_s": round(s["worker_seconds"] / n, 3),
                     "driver_setup_s": s["setup_seconds"], "driver_commit_s": s["driver_seconds"],
                     "driver_commit_per_image_s": round(s["driver_seconds"] / n, 4),

@@ -329,14 +329,6 @@ class Engine:
     def __contains__(self, image_id) -> bool:
         return self._db is not None and image_id in self._db
 
-    def check(self) -> list[dict]:
-        """Damaged index files (sizes, BLAKE2 digests, structure): ``[{"file": "index/...", "problem": ...}]``."""
-        from d2r.index.database import check
-
-        if not (self.path / "index").is_dir():
-            return []
-        return [dict(d, file=f"index/{d['file']}") for d in check(self.path / "index")]
-
     def info(self) -> dict:
         out = {"path": str(self.path), "images": len(self), "failures": len(self._failures),
                "config": self.config.to_dict()}
@@ -518,16 +510,16 @@ class Engine:
         return len(ids)
 
     def check(self, digests: bool = True) -> list[dict]:
-        """Damaged files of the engine, ``[{"file", "problem"}]`` (empty: healthy): the feature store (every
-        checksum unless ``digests=False``) and the index (``Database.check()`` where it exists)."""
+        """Damaged files of the engine, ``[{"file", "problem"}]`` (empty: healthy): the feature store and the
+        index (``index/...``: sizes, structure and, unless ``digests=False``, every BLAKE2 checksum)."""
         from d2r.features.store import check_store
+        from d2r.index.database import check
 
         damaged = []
         if (self.path / "features").exists():
             damaged += check_store(self.path / "features", digests=digests)
-        db_check = getattr(self._db, "check", None)
-        if callable(db_check):
-            damaged += list(db_check())
+        if (self.path / "index").is_dir():
+            damaged += [dict(d, file=f"index/{d['file']}") for d in check(self.path / "index", digests=digests)]
         return damaged
 
     # ---- search --------------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def sample_descriptors(source, per_image: int = 300, max_total: int = 1_000_000,
         n_images = len(source)
     except TypeError:
         n_images = None
-    quota = per_image if not n_images else min(per_image, max(1, max_total // n_images))
+    quota = image_quota(per_image, max_total, n_images)
     chunks: list[np.ndarray] = []
     held = 0
     dim = None
@@ -90,10 +90,8 @@ def sample_descriptors(source, per_image: int = 300, max_total: int = 1_000_000,
                              f"earlier images D={dim}")
         total += desc.shape[0]
         used += 1
-        if desc.shape[0] > quota:
-            pick = np.sort(np.random.default_rng([seed, i]).choice(desc.shape[0], quota, replace=False))
-            desc = desc[pick]
-        chunks.append(np.array(desc, dtype=np.float32, copy=True))
+        desc = sample_image(desc, quota, seed, i)
+        chunks.append(desc)
         held += desc.shape[0]
         if held > 2 * max_total:  # unknown length: keep memory bounded by compacting to max_total
             all_ = np.concatenate(chunks)
@@ -110,6 +108,19 @@ def sample_descriptors(source, per_image: int = 300, max_total: int = 1_000_000,
     return np.ascontiguousarray(x), info
 
 
+def image_quota(per_image: int, max_total: int, n_images: int | None) -> int:
+    """Descriptors sampled per image: ``per_image``, shrunk to ``max_total // n_images`` (≥ 1) when known."""
+    return per_image if not n_images else min(per_image, max(1, max_total // n_images))
+
+
+def sample_image(desc: np.ndarray, quota: int, seed: int, i: int) -> np.ndarray:
+    """The sample of image number ``i`` (its position in the source): at most ``quota`` rows of ``desc``
+    (N, D), chosen with the generator seeded ``[seed, i]``, in their original order; a float32 copy."""
+    if desc.shape[0] > quota:
+        desc = desc[np.sort(np.random.default_rng([seed, i]).choice(desc.shape[0], quota, replace=False))]
+    return np.array(desc, dtype=np.float32, copy=True)
+
+
 def _extractor_provenance(info: dict, pca_fingerprint=None) -> dict:
     out = {"feature": info.get("name"), "feature_config": info.get("config", {}),
            "feature_fingerprint": info.get("fingerprint")}
@@ -121,7 +132,7 @@ def _extractor_provenance(info: dict, pca_fingerprint=None) -> dict:
 
 def load_training_descriptors(*, store=None, images=None, descriptors=None, feature: str | None = None,
                               model=None, pca=None, dim: int | None = None, per_image: int = 300,
-                              max_total: int = 1_000_000, seed: int = 0, progress: bool = True):
+                              max_total: int = 1_000_000, seed: int = 0, progress: bool = True, sampler=None):
     """Gather training descriptors from exactly one source and describe where they came from.
 
     store: a feature-store folder (:class:`d2r.features.FeatureStore`); images: a folder (searched
@@ -129,6 +140,9 @@ def load_training_descriptors(*, store=None, images=None, descriptors=None, feat
     ``get_extractor(feature or "rootsift", model, pca)`` (an image that fails is logged and skipped);
     descriptors: an (N, D) float32 ``.npy`` file or array.
     ``feature`` / ``dim``, when given, must agree with the store's extractor / the data (else ValueError).
+    sampler: replaces :func:`sample_descriptors` for a store or images source, called as ``sampler(source,
+    per_image=, max_total=, seed=, progress=)`` with the open store or the ``(image_id, path)`` list; returns
+    ``(x, info)`` like it (plus ``failed``, ids, for images) — :func:`d2r.distributed.sample_descriptors`.
     Returns ``(descriptors float32 (n, D), metadata dict)``: feature, feature_config, feature_fingerprint,
     pca_fingerprint (when known), training_source, training_images, training_descriptors_seen, samples.
     """
@@ -176,8 +190,8 @@ def load_training_descriptors(*, store=None, images=None, descriptors=None, feat
             raise ValueError(f"{path}: the store holds D={fs.dim} descriptors, expected D={dim}")
         if len(fs) == 0:
             raise ValueError(f"{path}: the feature store is empty")
-        x, sinfo = sample_descriptors(fs, per_image=per_image, max_total=max_total, seed=seed,
-                                      progress=progress)
+        x, sinfo = (sampler or sample_descriptors)(fs, per_image=per_image, max_total=max_total, seed=seed,
+                                                   progress=progress)
         if x.shape[1] != fs.dim:
             raise ValueError(f"{path}: manifest says D={fs.dim} but descriptors have D={x.shape[1]}")
         meta.update(_extractor_provenance(info))
@@ -199,6 +213,8 @@ def load_training_descriptors(*, store=None, images=None, descriptors=None, feat
                 except Exception as exc:  # one bad image never kills the run
                     log.warning("%s: feature extraction failed: %s", p, exc)
                     failed.append(str(image_id))
+                    # keeps its place: image i is sampled with seed [seed, i] whatever fails before it
+                    yield image_id, np.zeros((0, extractor.dim), np.float32)
 
         class _Sized:  # lets sample_descriptors spread the quota evenly over the images
             def __len__(self):
@@ -207,8 +223,12 @@ def load_training_descriptors(*, store=None, images=None, descriptors=None, feat
             def __iter__(self):
                 return extracted()
 
-        x, sinfo = sample_descriptors(_Sized(), per_image=per_image, max_total=max_total, seed=seed,
-                                      progress=progress)
+        if sampler is not None:
+            x, sinfo = sampler(pairs, per_image=per_image, max_total=max_total, seed=seed, progress=progress)
+            failed.extend(sinfo.get("failed", []))
+        else:
+            x, sinfo = sample_descriptors(_Sized(), per_image=per_image, max_total=max_total, seed=seed,
+                                          progress=progress)
         info = extractor.info() if hasattr(extractor, "info") else {
             "name": extractor.name, "config": {}, "fingerprint": extractor.fingerprint()}
         pca_obj = getattr(extractor, "pca", None)

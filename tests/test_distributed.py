@@ -1,6 +1,8 @@
-"""Ray scale-out: distributed Lloyd, sharded index, distributed extraction — each against its one-machine twin.
+"""Ray scale-out: distributed Lloyd, sharded index, distributed extraction, each against its one-machine twin.
 
 A local Ray cluster (2 CPUs, loopback) is started once for the module."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,7 +76,7 @@ def test_train_codebook_cli_ray(cluster, tmp_path, capsys):
     assert "--ray runs --method lloyd" in capsys.readouterr().err
 
 
-# ---- sharded index ---------------------------------------------------------------------------------------------
+# ---- sharded index -----------------------------------------------------------------------------------------
 def _unit(rng, n, d):
     x = rng.standard_normal((n, d)).astype(np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
@@ -101,8 +103,9 @@ def _corpus(seed, count=90, d=16, k=24):
             x[:m] = base[:m] + 0.1 * rng.standard_normal((m, d)).astype(np.float32)
         cut = np.sort(rng.integers(0, n + 1, size=2))
         images.append((f"im{i}", x, [int(cut[0]), 0, int(cut[1] - cut[0]), int(n - cut[1])]))
-    queries = [np.concatenate([base[:40] + 0.05 * rng.standard_normal((40, d)).astype(np.float32),
-                               _unit(rng, 20, d)]), images[3][1], _unit(rng, 30, d), np.zeros((0, d), np.float32)]
+    noisy = base[:40] + 0.05 * rng.standard_normal((40, d)).astype(np.float32)
+    near = np.concatenate([noisy, _unit(rng, 20, d)])
+    queries = [near, images[3][1], _unit(rng, 30, d), np.zeros((0, d), np.float32)]
     return book, images, queries
 
 
@@ -205,8 +208,8 @@ def test_sharded_on_ray_actors(cluster, tmp_path, idf):
         assert [list(r.ids) for r in batch] == [list(single.search(q, 10).ids) for q in queries]
 
 
-# ---- real photos: sharded engines, distributed extraction ------------------------------------------------------
-CODEBOOK = __import__("pathlib").Path(__file__).resolve().parents[1] / "codebooks" / "rootsift-128d-k256-skimage-s0.npz"
+# ---- real photos: sharded engines, distributed extraction --------------------------------------------------
+CODEBOOK = Path(__file__).resolve().parents[1] / "codebooks" / "rootsift-128d-k256-skimage-s0.npz"
 
 
 @pytest.fixture(scope="module")
@@ -226,8 +229,8 @@ def photos(tmp_path_factory):
 
 
 def _engine_config():
-    return {"features": {"name": "rootsift", "options": {"max_features": 300}}, "codebook": {"path": str(CODEBOOK)},
-            "index": {"mode": "aggregation"}}
+    return {"features": {"name": "rootsift", "options": {"max_features": 300}},
+            "codebook": {"path": str(CODEBOOK)}, "index": {"mode": "aggregation"}}
 
 
 def test_sharded_engines_search_like_one_engine(cluster, photos, tmp_path, capsys):
@@ -297,6 +300,10 @@ def test_distributed_extraction_equals_one_process(cluster, photos, tmp_path, ca
     assert main(common + ["--out", str(tmp_path / "ray"), "--ray"]) == 0  # resumed: nothing left to do
     again = json.loads(capsys.readouterr().out)
     assert (again["extracted"], again["skipped"]) == (0, 11)
+    # more workers than the cluster's 2 CPUs: they share them instead of waiting forever
+    assert main(common + ["--out", str(tmp_path / "ray5"), "--ray", "--workers", "5"]) == 0
+    assert json.loads(capsys.readouterr().out)["workers"] == 5
+    _same_store(tmp_path / "ray5", tmp_path / "one")
     assert main(common + ["--out", str(tmp_path / "bad"), "--ray", "--gpus-per-worker", "-1"]) == 2
     assert not (tmp_path / "bad").exists()
 
@@ -339,8 +346,8 @@ def test_killed_worker_loses_and_duplicates_nothing(cluster, photos, tmp_path):
 @pytest.mark.dev
 @pytest.mark.slow
 def test_dev_photos_killed_driver_then_rerun_equals_one_process(bench_dev, tmp_path):
-    """`d2r extract --ray` on the dev photos, its driver (and so its local Ray) killed mid-run, then run again:
-    the store equals the single-process one (same ids, same arrays, nothing duplicated)."""
+    """`d2r extract --ray` on the dev photos, its driver (and so its local Ray) killed mid-run, then run
+    again: the store equals the single-process one (same ids, same arrays, nothing duplicated)."""
     import json
     import os
     import signal
@@ -355,7 +362,8 @@ def test_dev_photos_killed_driver_then_rerun_equals_one_process(bench_dev, tmp_p
               "--max-features", "300", "--quiet"]
     assert main(common + ["--out", str(tmp_path / "one")]) == 0
     out = tmp_path / "ray"
-    cmd = [sys.executable, "-m", "d2r"] + common + ["--out", str(out), "--ray", "--workers", "2", "--shard-mb", "0.2"]
+    cmd = [sys.executable, "-m", "d2r"] + common + ["--out", str(out), "--ray", "--workers", "2",
+                                                    "--shard-mb", "0.2"]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
@@ -373,3 +381,37 @@ def test_dev_photos_killed_driver_then_rerun_equals_one_process(bench_dev, tmp_p
     assert 40 <= committed < 367
     assert subprocess.run(cmd, timeout=600).returncode == 0
     assert len(_same_store(out, tmp_path / "one")) == 367
+
+
+@pytest.mark.slow
+def test_sampling_on_workers_equals_one_machine(cluster, photos, tmp_path, capsys):
+    from d2r.cli import main
+    from d2r.codebook import Codebook
+    from d2r.distributed import sample_descriptors as sample_ray
+    from d2r.features import extract_to_store, get_extractor, list_images
+    from d2r.train import load_training_descriptors, sample_descriptors
+
+    extract_to_store(photos, get_extractor("rootsift", max_features=300), tmp_path / "store", progress=False)
+    from d2r.features import FeatureStore
+
+    one, info1 = sample_descriptors(FeatureStore.open(tmp_path / "store"), per_image=50, max_total=300,
+                                    seed=4, progress=False)
+    got, info2 = sample_ray(tmp_path / "store", per_image=50, max_total=300, seed=4, progress=False, block=3)
+    np.testing.assert_array_equal(got, one)
+    assert {k: info2[k] for k in info1} == info1
+    # images extracted on the workers; the broken file fails there and keeps its place in the seeding
+    spec = {"name": "rootsift", "options": {}}
+    x1, m1 = load_training_descriptors(images=photos, per_image=40, seed=2, progress=False)
+    x2, m2 = load_training_descriptors(
+        images=photos, per_image=40, seed=2, progress=False,
+        sampler=lambda src, **kw: sample_ray(src, features=spec, block=2, **kw))
+    np.testing.assert_array_equal(x2, x1)
+    assert m2 == m1 and m1["training_images_failed"] == 1 and m1["training_images"] == 10
+    common = ["train-codebook", "--images", str(photos), "-k", "12", "--iterations", "3", "--quiet",
+              "--sample-per-image", "40", "--json"]
+    assert main(common + ["--out", str(tmp_path / "one.npz")]) == 0
+    assert main(common + ["--out", str(tmp_path / "ray.npz"), "--ray"]) == 0
+    np.testing.assert_allclose(Codebook.load(tmp_path / "ray.npz").centroids,
+                               Codebook.load(tmp_path / "one.npz").centroids, rtol=0, atol=1e-5)
+    assert len(list_images(photos)) == 11
+    capsys.readouterr()

@@ -31,8 +31,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--retry-failed", action="store_true", help="re-attempt images listed in failures.json")
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="extract on Ray actors (one extractor each; --workers = actors): a cluster address "
-                        "('auto', HOST:PORT) or none for a local Ray; images and --out must be reachable from "
-                        "every node (pip install -e '.[ray]')")
+                        "('auto', HOST:PORT) or none for a local Ray; images and --out must be reachable "
+                        "from every node (pip install -e '.[ray]')")
     p.add_argument("--gpus-per-worker", type=float, metavar="F", help="with --ray: GPU fraction per actor")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -63,14 +63,40 @@ def _expected_dim(args) -> int | None:
     return None
 
 
-def run(args) -> int:
+def _train(args, ray: bool):
+    """Sample, then train; with ``ray`` the sampling (store or images) and Lloyd's assignment on Ray."""
+    from functools import partial
+
+    from d2r.pipeline import check_training_size
     from d2r.train import load_training_descriptors, train_codebook
 
+    progress = not args.quiet
+    sampler, train = None, train_codebook
+    if ray:
+        from d2r.distributed import sample_descriptors, train_codebook as train_ray
+
+        spec = {"name": args.features or "rootsift", "model": args.model, "pca": args.pca, "options": {}}
+        sampler = partial(sample_descriptors, features=spec)
+        train = train_ray
+    x, meta = load_training_descriptors(
+        store=args.store, images=args.images, descriptors=args.descriptors, feature=args.features,
+        model=args.model, pca=args.pca, dim=_expected_dim(args), per_image=args.sample_per_image,
+        max_total=args.max_samples, seed=args.seed, progress=progress, sampler=sampler)
+    check_training_size(x.shape[0], args.size, "--size")
+    if args.trainset:
+        meta["trainset"] = args.trainset
+    log.info("training K=%d on %d descriptors of D=%d", args.size, x.shape[0], x.shape[1])
+    book, info = train(x, args.size, iterations=args.iterations, init=args.init, method=args.method,
+                       seed=args.seed, batch_size=args.batch_size, checkpoint=args.checkpoint,
+                       progress=progress, metadata=meta)
+    return book, info, meta
+
+
+def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists; pass --force to overwrite it")
     from d2r.cli import UsageError
-    from d2r.pipeline import check_training_size
 
     if args.size < 1:
         raise UsageError(f"--size must be positive, got {args.size}")
@@ -86,28 +112,12 @@ def run(args) -> int:
     if args.ray is not None:
         if args.method != "lloyd":
             raise UsageError(f"--ray runs --method lloyd, not {args.method!r}")
-        from d2r.distributed import import_ray
+        from d2r.distributed import session
 
-        import_ray()  # the extra is installed, before any work (ImportError: a one-line message)
-    progress = not args.quiet
-    x, meta = load_training_descriptors(
-        store=args.store, images=args.images, descriptors=args.descriptors, feature=args.features,
-        model=args.model, pca=args.pca, dim=_expected_dim(args), per_image=args.sample_per_image,
-        max_total=args.max_samples, seed=args.seed, progress=progress)
-    check_training_size(x.shape[0], args.size, "--size")
-    if args.trainset:
-        meta["trainset"] = args.trainset
-    log.info("training K=%d on %d descriptors of D=%d", args.size, x.shape[0], x.shape[1])
-    train = train_codebook
-    if args.ray is not None:
-        from functools import partial
-
-        from d2r.distributed import train_codebook as train_ray
-
-        train = partial(train_ray, address=args.ray or None)
-    book, info = train(x, args.size, iterations=args.iterations, init=args.init, method=args.method,
-                       seed=args.seed, batch_size=args.batch_size, checkpoint=args.checkpoint,
-                       progress=progress, metadata=meta)
+        with session(args.ray or None):  # one Ray session for the sampling and the training
+            book, info, meta = _train(args, ray=True)
+    else:
+        book, info, meta = _train(args, ray=False)
     book.save(out)
     log.info("wrote %s (%r)", out, book)
     summary = {"out": str(out), "k": book.size, "D": book.dim, "samples": info["samples"],

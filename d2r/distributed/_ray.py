@@ -43,7 +43,7 @@ def init(address: str | None = None, *, num_cpus: int | None = None, num_gpus: i
         kwargs["runtime_env"] = {"env_vars": env}
     if address:
         if num_cpus is not None or num_gpus is not None:
-            raise ValueError("num_cpus/num_gpus size a local Ray cluster; a cluster at an address has its own")
+            raise ValueError("num_cpus/num_gpus size a local Ray; a cluster at an address has its own size")
         _reachable(address)
         try:
             ray.init(address=address, **kwargs)

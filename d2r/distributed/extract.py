@@ -1,7 +1,7 @@
 """Feature extraction by Ray actors into one feature store.
 
-Each actor builds one extractor (the DELF model is loaded once per actor; with ``gpus_per_worker`` Ray gives it
-that fraction of a GPU) and one :class:`~d2r.features.store.ShardWriter`, and extracts batches of images,
+Each actor builds one extractor (the DELF model is loaded once per actor; with ``gpus_per_worker`` Ray gives
+it that fraction of a GPU) and one :class:`~d2r.features.store.ShardWriter`, and extracts batches of images,
 writing uniquely named shards straight into the store folder (shared storage: every node must see the image
 paths and the store). The driver holds the store's writer lock and commits each written shard with
 :meth:`FeatureStore.commit <d2r.features.FeatureStore.commit>`, so the manifest has one writer.
@@ -160,7 +160,8 @@ def extract(images, store, features="rootsift", *, model=None, pca=None, options
             workers = min(workers, len(todo))
             max_restarts = workers if max_restarts is None else int(max_restarts)
             remote = ray.remote(_Worker)
-            opts = {"num_cpus": 1}
+            # more workers than CPUs share them (an actor waiting for a CPU would never start)
+            opts = {"num_cpus": min(1.0, cluster_cpus(ray) / workers)}
             if gpus_per_worker:
                 opts["num_gpus"] = float(gpus_per_worker)
             serial = [0]
@@ -181,7 +182,8 @@ def extract(images, store, features="rootsift", *, model=None, pca=None, options
             if progress:
                 from tqdm.auto import tqdm
 
-                bar = tqdm(total=len(todo), desc=f"extract {spec['name']} on Ray ({workers} workers)", unit="img")
+                bar = tqdm(total=len(todo), desc=f"extract {spec['name']} on Ray ({workers} workers)",
+                           unit="img")
 
             def submit(k):
                 if queue and k in actors:
@@ -196,7 +198,7 @@ def extract(images, store, features="rootsift", *, model=None, pca=None, options
                 driver += time.perf_counter() - c0
 
             def died(k, exc, batch=None):
-                """Actor ``k`` is gone: its batch and its unwritten images go back to the queue; replace it."""
+                """Actor ``k`` is gone: its batch and unwritten images go back to the queue; replace it."""
                 nonlocal restarts
                 if batch is not None:
                     queue.appendleft(batch)
@@ -211,8 +213,8 @@ def extract(images, store, features="rootsift", *, model=None, pca=None, options
                     bar.refresh()
                 if restarts >= max_restarts:
                     why = " ".join(str(exc).split())[:300]
-                    raise ChildProcessError(f"Ray extraction worker died ({type(exc).__name__}: {why}); {restarts} "
-                                       f"worker(s) replaced already, giving up") from None
+                    raise ChildProcessError(f"Ray extraction worker died ({type(exc).__name__}: {why}); "
+                                            f"{restarts} worker(s) replaced already, giving up") from None
                 log.warning("extraction worker died (%s); starting another", type(exc).__name__)
                 restarts += 1
                 k2 = serial[0]
@@ -268,11 +270,13 @@ def extract(images, store, features="rootsift", *, model=None, pca=None, options
                 ray.shutdown()
     finally:
         fs.close()
-    return _summary(pairs, extracted, skipped, failed, t0, fs, workers, restarts, worker_seconds, setup, driver)
+    return _summary(pairs, extracted, skipped, failed, t0, fs, workers, restarts, worker_seconds, setup,
+                    driver)
 
 
-def _summary(pairs, extracted, skipped, failed, t0, fs, workers, restarts, worker_seconds, setup, driver) -> dict:
+def _summary(pairs, extracted, skipped, failed, t0, fs, workers, restarts, worker_seconds, setup,
+             driver) -> dict:
     return {"images": len(pairs), "extracted": extracted, "skipped": skipped, "failed": failed,
             "seconds": round(time.perf_counter() - t0, 3), "store": str(fs.path), "workers": workers,
-            "restarts": restarts, "worker_seconds": round(worker_seconds, 3), "setup_seconds": round(setup, 3),
-            "driver_seconds": round(driver, 3)}
+            "restarts": restarts, "worker_seconds": round(worker_seconds, 3),
+            "setup_seconds": round(setup, 3), "driver_seconds": round(driver, 3)}

@@ -12,10 +12,15 @@ are those of :func:`d2r.train.train_codebook`, which this calls.
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import numpy as np
 
 from d2r._validate import as_descriptors
 from d2r.distributed._ray import cluster_cpus, session
+
+log = logging.getLogger(__name__)
 
 
 class _Partition:
@@ -121,3 +126,123 @@ def train_codebook(descriptors, k: int, *, address: str | None = None, workers: 
     info["workers"] = used
     book.metadata["distributed"] = "ray"
     return book, info
+
+
+# ---- descriptor sampling on workers ---------------------------------------------------------------------
+class _Sampler:
+    """A worker sampling images of a feature store (``store``) or extracted on the fly (``features`` spec)."""
+
+    def __init__(self, store=None, features=None):
+        self.store = self.extractor = None
+        if store is not None:
+            from d2r.features import FeatureStore
+
+            self.store = FeatureStore.open(store)
+        else:
+            from d2r.features import get_extractor
+
+            self.extractor = get_extractor(features["name"], model=features.get("model"),
+                                           pca=features.get("pca"), **features.get("options", {}))
+
+    def sample(self, block, quota: int, seed: int):
+        """``block`` [(position i, image_id, path_or_None)] → [(i, image_id, seen descriptors, sample or None,
+        error or None)], sampled as :func:`d2r.train.sample_descriptors` samples image number i."""
+        from d2r.train import _descriptors_of, sample_image
+
+        out = []
+        for i, image_id, source in block:
+            try:
+                feats = self.store.get(image_id) if self.store is not None else self.extractor.extract(source)
+            except Exception as exc:  # an image that fails is reported, never fatal
+                if self.store is not None:
+                    raise
+                out.append((i, image_id, 0, None, f"{type(exc).__name__}: {exc}"))
+                continue
+            desc = _descriptors_of(feats, name=f"descriptors of image {image_id!r}")
+            out.append((i, image_id, int(desc.shape[0]), sample_image(desc, quota, seed, i), None))
+        return out
+
+
+def sample_descriptors(source, per_image: int = 300, max_total: int = 1_000_000, seed: int = 0,
+                       progress: bool = True, *, features: dict | None = None, address: str | None = None,
+                       workers: int | None = None, block: int = 64):
+    """:func:`d2r.train.sample_descriptors` on Ray workers: each samples blocks of images (read from the
+    store, or extracted with the ``features`` spec {name, model, pca, options} when ``source`` is a list of
+    ``(image_id, path)``), the driver puts the samples together in image order. The same seed gives the same
+    sample as on one machine (for up to 2·``max_total`` images; one machine compacts beyond that).
+    Returns ``(x float32 (n, D), info)``; info as :func:`d2r.train.sample_descriptors`, plus ``failed``
+    (ids of images that could not be extracted)."""
+    from d2r.features import FeatureStore
+    from d2r.train import image_quota
+
+    per_image, max_total = int(per_image), int(max_total)
+    if per_image < 1 or max_total < 1:
+        raise ValueError(f"per_image and max_total must be ≥ 1, got {per_image} and {max_total}")
+    if isinstance(source, (FeatureStore, str, Path)):
+        store = str(source.path if isinstance(source, FeatureStore) else source)
+        items = [(i, image_id, None) for i, image_id in enumerate(FeatureStore.open(store).ids())]
+        init_kw = {"store": store}
+    else:
+        if features is None:
+            raise ValueError("sampling images on Ray needs the extractor spec (features={'name': ...})")
+        items = [(i, str(image_id), str(p)) for i, (image_id, p) in enumerate(source)]
+        init_kw = {"features": features}
+    if not items:
+        raise ValueError("no descriptors found: the source is empty")
+    quota = image_quota(per_image, max_total, len(items))
+    blocks = [items[a:a + block] for a in range(0, len(items), block)]
+    results = []
+    with session(address) as ray:
+        n = max(1, min(int(workers or cluster_cpus(ray)), len(blocks)))
+        cpus = min(1.0, cluster_cpus(ray) / n)  # more workers than CPUs share them
+        actors = [ray.remote(num_cpus=cpus)(_Sampler).remote(**init_kw) for _ in range(n)]
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(items), desc=f"sampling descriptors on Ray ({n} workers)", unit="img")
+        try:
+            queue = list(reversed(blocks))
+            inflight = {}
+            for a in actors * 2:
+                if queue:
+                    inflight[a.sample.remote(queue.pop(), quota, seed)] = a
+            while inflight:
+                ready, _ = ray.wait(list(inflight), num_returns=1)
+                a = inflight.pop(ready[0])
+                got = ray.get(ready[0])
+                results.extend(got)
+                if bar is not None:
+                    bar.update(len(got))
+                if queue:
+                    inflight[a.sample.remote(queue.pop(), quota, seed)] = a
+        finally:
+            if bar is not None:
+                bar.close()
+            for a in actors:
+                ray.kill(a)
+    results.sort(key=lambda r: r[0])
+    chunks, failed, dim, seen_desc, used = [], [], None, 0, 0
+    for _, image_id, count, sample, error in results:
+        if error is not None:
+            log.warning("%s: feature extraction failed: %s", image_id, error)
+            failed.append(image_id)
+            continue
+        if count == 0:
+            continue
+        if dim is None:
+            dim = sample.shape[1]
+        elif sample.shape[1] != dim:
+            raise ValueError(f"image {image_id!r}: descriptors have D={sample.shape[1]}, "
+                             f"earlier images D={dim}")
+        seen_desc += count
+        used += 1
+        chunks.append(sample)
+    if not chunks:
+        raise ValueError(f"no descriptors found ({len(items)} image(s), all empty or failed)")
+    x = np.concatenate(chunks)
+    if x.shape[0] > max_total:
+        x = x[np.sort(np.random.default_rng([seed, 8]).choice(x.shape[0], max_total, replace=False))]
+    info = {"images": len(items), "images_used": used, "descriptors_seen": seen_desc,
+            "samples": int(x.shape[0]), "dim": int(dim), "failed": failed}
+    return np.ascontiguousarray(x), info

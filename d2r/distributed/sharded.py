@@ -148,7 +148,8 @@ class ShardedDatabase:
         for s, d in zip(shards, self._describe):
             name = d["path"] or repr(s)
             if d["codebook"] != first["codebook"]:
-                raise ValueError(f"{name}: shard uses codebook {d['codebook']}, the first shard {first['codebook']}")
+                raise ValueError(f"{name}: shard uses codebook {d['codebook']}, "
+                                 f"the first shard {first['codebook']}")
             for key in _SAME:
                 if d["config"][key] != first["config"][key]:
                     raise ValueError(f"{name}: shard has {key}={d['config'][key]!r}, the first shard "
@@ -166,10 +167,12 @@ class ShardedDatabase:
 
     def _call_one(self, i: int, method: str, *args):
         s = self._shards[i]
-        return self._get(getattr(s, method).remote(*args)) if self._ray is not None else getattr(s, method)(*args)
+        if self._ray is not None:
+            return self._get(getattr(s, method).remote(*args))
+        return getattr(s, method)(*args)
 
     def _get(self, refs):
-        """``ray.get``, re-raising an error of a shard actor as itself (e.g. FileNotFoundError naming the shard)."""
+        """``ray.get``, re-raising a shard actor's error as itself (e.g. FileNotFoundError naming it)."""
         from ray.exceptions import RayTaskError
 
         try:
@@ -219,7 +222,7 @@ class ShardedDatabase:
                 "items": int(sum(s["items"] for s in stats)), "images": int(sum(s["images"] for s in stats))}
 
     def idf(self) -> np.ndarray:
-        """(K,) float64 idf_c = log(N / max(df_c, 1)) over the live items of all shards (as one index has it)."""
+        """(K,) float64 idf_c = log(N / max(df_c, 1)) over the live items of all shards (as one index)."""
         if self._idf is None:
             s = self.statistics()
             self._idf = np.log(max(s["items"], 1) / np.maximum(s["df"], 1))
@@ -281,7 +284,7 @@ def _merge(results, top_k: int) -> Ranking:
 
 
 def shard_bounds(n: int, shards: int) -> np.ndarray:
-    """(shards + 1,) int64 boundaries of ``shards`` contiguous blocks of ``n`` images, sizes differing by ≤ 1."""
+    """(shards + 1,) int64 bounds of ``shards`` contiguous blocks of ``n`` images, sizes differing by ≤ 1."""
     shards = int(shards)
     if shards < 1:
         raise ValueError(f"shards must be ≥ 1, got {shards}")
@@ -294,7 +297,7 @@ def build_shards(images, shards, codebook, *, progress: bool = False, **config) 
 
     images: a sized sequence of ``(image_id, descriptors, regions_or_None)`` (as :meth:`Database.add_batch`
     takes) or a :class:`~d2r.features.FeatureStore`. shards: a number of in-memory databases, or a list of
-    folders (each created, filled and saved). config: :meth:`Database.create` settings (kernel, mode, idf, ...).
+    folders (each created, filled and saved). config: :meth:`Database.create` settings (kernel, mode, idf...).
     Returns the databases.
     """
     from d2r.features.base import RegionFeatures
@@ -333,7 +336,7 @@ def build_shards(images, shards, codebook, *, progress: bool = False, **config) 
 
 
 class _Sources:
-    """``.get(image_id)`` of the image file, asked of the shards (an engine's ``sources.json`` stays there)."""
+    """``.get(image_id)``: the image file, asked of the shards (an engine's ``sources.json`` stays there)."""
 
     def __init__(self, sharded: ShardedDatabase):
         self._sharded = sharded
