@@ -73,7 +73,7 @@ def assign_grid(threads: int, ms=(1,), ns=(50, 150, 1000, 10000), ks=(1024, 8192
 
     rng = np.random.default_rng(0)
     rows = []
-    print(f"| n | K | k | d2r ms | faiss ms | d2r / faiss |")
+    print("| n | K | k | d2r ms | faiss ms | d2r / faiss |")
     print("|---:|---:|---:|---:|---:|---:|")
     previous = numba.get_num_threads()
     try:

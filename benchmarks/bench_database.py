@@ -173,6 +173,14 @@ def load_queries(path):
     return [(z["words"][a:b], z["bits"][a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def raw_from_aggregated(centroids, words, bits, eps=1e-3):
+    """Raw descriptors (one per query word) that aggregate back to ``words`` and ``bits`` with MA 1: the word's
+    centroid plus a residual of size ``eps`` whose signs are the bits (MSB first). With MA > 1 each descriptor
+    also lands on its next-nearest words, as real descriptors do."""
+    signs = 2.0 * np.unpackbits(np.asarray(bits, np.uint8), axis=1)[:, :DIM] - 1.0
+    return np.ascontiguousarray(centroids[words] + (eps / np.sqrt(DIM)) * signs, np.float32)
+
+
 # ---- measurement helpers ---------------------------------------------------------------------------------------
 def memory_mb(field):
     """VmRSS (current) or VmHWM (peak since start or the last :func:`reset_peak`) of this process, in MB.
@@ -247,9 +255,7 @@ def side_d2r(args, work):
         info = db.info(files=False)
         res["load_s"] = time.perf_counter() - t
         if args.raw_queries:
-            pc = _prototypes(args.seed)
-            queries = [query_descriptors(args.seed, j, args.images, args.query_descriptors, pc)
-                       for j in range(args.queries)]
+            queries = [raw_from_aggregated(book.centroids, w, b) for w, b in load_queries(work)]
         else:
             queries = [Aggregated("asmk_star", DIM, args.k, words=w, bits=b) for w, b in load_queries(work)]
     res["bytes_per_entry"] = info["bytes_per_entry"]
@@ -328,7 +334,7 @@ def side_asmk(args, work):
         t = time.perf_counter()
         offsets = np.load(work / "offsets.npy")
         items = np.load(work / "items.npy").astype(np.int64)  # asmk's own add stores int64 image ids
-        bits = np.load(work / "bits.npy").view(np.uint32)  # 4 × uint32 per signature; same Hamming distances
+        bits = _asmk_bits(np.load(work / "bits.npy", mmap_mode="r"))  # asmk's own packing of the same signs
         item_words = np.load(work / "item_words.npy")
         vecs, imids = [], []
         for w in range(args.k):
@@ -348,11 +354,9 @@ def side_asmk(args, work):
         ivf = inverted_file.IVF.initialize_from_state(state)
         res["load_s"] = time.perf_counter() - t
         if args.raw_queries:
-            pc = _prototypes(args.seed)
-            queries = [query_descriptors(args.seed, j, args.images, args.query_descriptors, pc)
-                       for j in range(args.queries)]
+            queries = [raw_from_aggregated(centroids, w, b) for w, b in load_queries(work)]
         else:
-            queries = [(b.view(np.uint32), w.astype(np.int64)) for w, b in load_queries(work)]
+            queries = [(_asmk_bits(b), w.astype(np.int64)) for w, b in load_queries(work)]
     kern = asmk_kernel.ASMKKernel(cdb, binary=True)
     allocated = sum(a.nbytes for a in ivf.ivf_vecs if a is not None)
     allocated += sum(a.nbytes for a in ivf.ivf_image_ids if a is not None)
@@ -398,6 +402,17 @@ def side_asmk(args, work):
     res["peak_query_mb"] = memory_mb("VmHWM")
     res["ids"], res["scores"] = ids, scores
     return res
+
+
+def _asmk_bits(packed, chunk=1 << 20):
+    """MSB-first uint8 signatures (d2r's packing) → asmk's own uint32 packing of the same signs."""
+    from asmk import hamming
+
+    out = []
+    for s in range(0, packed.shape[0], chunk):
+        signs = np.unpackbits(np.asarray(packed[s:s + chunk]), axis=1)[:, :DIM].astype(np.float32) - 0.5
+        out.append(hamming.binarize_and_pack_2D(signs))
+    return np.concatenate(out) if out else np.zeros((0, DIM // 32), np.uint32)
 
 
 # ---- comparison ------------------------------------------------------------------------------------------------
@@ -446,8 +461,9 @@ def main(argv=None):
     p.add_argument("--words-per-image", type=int, default=1000, help="distinct words per image (synthetic-index)")
     p.add_argument("--query-words", type=int, default=3000, help="distinct words per query (synthetic-index)")
     p.add_argument("--raw-queries", action="store_true",
-                   help="synthetic-index: queries are raw descriptors (--query-descriptors of them), so the query "
-                        "time is end to end: assignment + aggregation + scan + top-k")
+                   help="synthetic-index: queries are raw descriptors (one per query word, built to aggregate back "
+                        "to the synthetic query), so the query time is end to end: assignment + aggregation + "
+                        "scan + top-k")
     p.add_argument("--repeat", type=int, default=1,
                    help="time each query this many times and keep its best (both libraries; default 1)")
     p.add_argument("--chunk", type=int, default=200, help="images generated and added at once (full mode)")

@@ -1,7 +1,6 @@
 """``d2r serve`` as a real server process on loopback: API round trips, bad requests, the page in Chromium."""
 
 import io
-import json
 import os
 import shutil
 import socket
@@ -11,7 +10,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -169,7 +167,7 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
 
 
 def test_concurrent_searches_agree_with_sequential(server):
-    c, pics = server["client"], server["photos"]
+    pics = server["photos"]
     names = ["coffee", "chelsea", "rocket", "ihc"] * 3
     files = {n: _jpeg(pics[n][20:-20, 20:-20]) for n in set(names)}
 
