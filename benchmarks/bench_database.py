@@ -240,7 +240,7 @@ def side_d2r(args, work):
         seg = Segment(np.arange(n).astype(str), np.arange(n, dtype=np.int32), np.zeros(n, np.int32),
                       np.load(work / "item_words.npy"), np.load(work / "offsets.npy"), np.load(work / "items.npy"),
                       np.load(work / "bits.npy"))
-        seg.check("asmk_star", work)
+        seg.validate(work, "asmk_star", "aggregation", args.k, DIM)
         config = DatabaseConfig(alpha=3.0, tau=0.0, **db_args)
         db = Database(None, book, config, [seg], np.zeros(n, bool), 0, "int")
         info = db.info(files=False)
