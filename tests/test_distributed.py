@@ -305,6 +305,8 @@ def test_distributed_extraction_equals_one_process(cluster, photos, tmp_path, ca
     assert json.loads(capsys.readouterr().out)["workers"] == 5
     _same_store(tmp_path / "ray5", tmp_path / "one")
     assert main(common + ["--out", str(tmp_path / "bad"), "--ray", "--gpus-per-worker", "-1"]) == 2
+    assert main(common + ["--out", str(tmp_path / "bad"), "--ray", "--gpus-per-worker", "0.5"]) == 1
+    assert "needs more GPUs than the Ray cluster has (0)" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 

@@ -121,9 +121,9 @@ def extract(images, store, features="rootsift", *, model=None, pca=None, options
     "store", "workers", "restarts", "worker_seconds" (extraction time summed over the workers),
     "setup_seconds" (driver: extractor check, listing, store), "driver_seconds" (driver: committing)}``.
     """
-    from d2r.distributed._ray import cluster_cpus, import_ray, init
+    from d2r.distributed._ray import import_ray, init
     from d2r.features import get_extractor
-    from d2r.features.store import DEFAULT_SHARD_BYTES, FeatureStore, _extractor_info
+    from d2r.features.store import DEFAULT_SHARD_BYTES, _extractor_info
 
     t0 = time.perf_counter()
     spec = _features_spec(features, model, pca, options)
@@ -137,6 +137,24 @@ def extract(images, store, features="rootsift", *, model=None, pca=None, options
     info = _extractor_info(extractor)
     pairs = _pairs(images)
     shard_bytes = int(shard_bytes or DEFAULT_SHARD_BYTES)
+    ray, started = init(address, num_cpus=num_cpus)
+    try:
+        return _extract(ray, pairs, store, spec, info, workers, gpus_per_worker, batch_size, shard_bytes,
+                        retry_failed, lock_timeout, progress, max_restarts, t0)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _extract(ray, pairs, store, spec, info, workers, gpus_per_worker, batch_size, shard_bytes, retry_failed,
+             lock_timeout, progress, max_restarts, t0) -> dict:
+    from d2r.distributed._ray import cluster_cpus
+    from d2r.features.store import FeatureStore
+
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    if gpus_per_worker and float(gpus_per_worker) * (workers or 1) > gpus:
+        raise ValueError(f"gpus_per_worker={gpus_per_worker} × {workers or 1} worker(s) needs more GPUs than "
+                         f"the Ray cluster has ({gpus:g})")
     fs = FeatureStore.create(store, info, shard_bytes=shard_bytes, lock_timeout=lock_timeout)
     setup = time.perf_counter() - t0
     driver = 0.0
@@ -148,126 +166,121 @@ def extract(images, store, features="rootsift", *, model=None, pca=None, options
         skipped = len(pairs) - len(todo)
         if not todo:
             return _summary(pairs, 0, skipped, 0, t0, fs, 0, 0, 0.0, setup, driver)
-        ray, started = init(address, num_cpus=num_cpus)
-        try:
-            import ray.exceptions as rex
+        import ray.exceptions as rex
 
-            if workers is None:
-                if gpus_per_worker:
-                    workers = max(1, int(ray.cluster_resources().get("GPU", 0) / float(gpus_per_worker)))
-                else:
-                    workers = cluster_cpus(ray)
-            workers = min(workers, len(todo))
-            max_restarts = workers if max_restarts is None else int(max_restarts)
-            remote = ray.remote(_Worker)
-            # more workers than CPUs share them (an actor waiting for a CPU would never start)
-            opts = {"num_cpus": min(1.0, cluster_cpus(ray) / workers)}
+        if workers is None:
             if gpus_per_worker:
-                opts["num_gpus"] = float(gpus_per_worker)
-            serial = [0]
+                workers = max(1, int(gpus / float(gpus_per_worker)))
+            else:
+                workers = cluster_cpus(ray)
+        workers = min(workers, len(todo))
+        max_restarts = workers if max_restarts is None else int(max_restarts)
+        remote = ray.remote(_Worker)
+        # more workers than CPUs share them (an actor waiting for a CPU would never start)
+        opts = {"num_cpus": min(1.0, cluster_cpus(ray) / workers)}
+        if gpus_per_worker:
+            opts["num_gpus"] = float(gpus_per_worker)
+        serial = [0]
 
-            def start():
-                k = serial[0]
-                serial[0] += 1
-                log.debug("starting extraction worker %d", k)
-                return remote.options(name=f"{ACTOR_PREFIX}{os.getpid()}-{k}", **opts).remote(
-                    spec, str(fs.path), fs.dim, shard_bytes, f"r{k}x")
+        def start():
+            k = serial[0]
+            serial[0] += 1
+            log.debug("starting extraction worker %d", k)
+            return remote.options(name=f"{ACTOR_PREFIX}{os.getpid()}-{k}", **opts).remote(
+                spec, str(fs.path), fs.dim, shard_bytes, f"r{k}x")
 
-            actors = {k: start() for k in range(workers)}
-            queue = deque(todo[i:i + batch_size] for i in range(0, len(todo), batch_size))
-            pending = {k: [] for k in actors}  # ids extracted by actor k, not yet in a committed shard
-            by_id = dict(todo)
-            inflight: dict = {}
-            bar = None
-            if progress:
-                from tqdm.auto import tqdm
+        actors = {k: start() for k in range(workers)}
+        queue = deque(todo[i:i + batch_size] for i in range(0, len(todo), batch_size))
+        pending = {k: [] for k in actors}  # ids extracted by actor k, not yet in a committed shard
+        by_id = dict(todo)
+        inflight: dict = {}
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
 
-                bar = tqdm(total=len(todo), desc=f"extract {spec['name']} on Ray ({workers} workers)",
-                           unit="img")
+            bar = tqdm(total=len(todo), desc=f"extract {spec['name']} on Ray ({workers} workers)",
+                       unit="img")
 
-            def submit(k):
-                if queue and k in actors:
-                    batch = queue.popleft()
-                    inflight[actors[k].run.remote(batch)] = (k, batch)
+        def submit(k):
+            if queue and k in actors:
+                batch = queue.popleft()
+                inflight[actors[k].run.remote(batch)] = (k, batch)
 
-            def commit(res):
-                nonlocal driver
-                c0 = time.perf_counter()
-                if res["shards"] or res["failures"]:
-                    fs.commit([{"shards": res["shards"], "failures": res["failures"]}])
-                driver += time.perf_counter() - c0
+        def commit(res):
+            nonlocal driver
+            c0 = time.perf_counter()
+            if res["shards"] or res["failures"]:
+                fs.commit([{"shards": res["shards"], "failures": res["failures"]}])
+            driver += time.perf_counter() - c0
 
-            def died(k, exc, batch=None):
-                """Actor ``k`` is gone: its batch and unwritten images go back to the queue; replace it."""
-                nonlocal restarts
-                if batch is not None:
-                    queue.appendleft(batch)
-                if k not in actors:  # already handled (another of its tasks failed first)
-                    return
-                lost = pending.pop(k)
-                del actors[k]
-                if lost:
-                    queue.appendleft([(i, by_id[i]) for i in lost])
-                if bar is not None:
-                    bar.total += len(lost) + (len(batch) if batch else 0)
-                    bar.refresh()
-                if restarts >= max_restarts:
-                    why = " ".join(str(exc).split())[:300]
-                    raise ChildProcessError(f"Ray extraction worker died ({type(exc).__name__}: {why}); "
-                                            f"{restarts} worker(s) replaced already, giving up") from None
-                log.warning("extraction worker died (%s); starting another", type(exc).__name__)
-                restarts += 1
-                k2 = serial[0]
-                actors[k2] = start()
-                pending[k2] = []
+        def died(k, exc, batch=None):
+            """Actor ``k`` is gone: its batch and unwritten images go back to the queue; replace it."""
+            nonlocal restarts
+            if batch is not None:
+                queue.appendleft(batch)
+            if k not in actors:  # already handled (another of its tasks failed first)
+                return
+            lost = pending.pop(k)
+            del actors[k]
+            if lost:
+                queue.appendleft([(i, by_id[i]) for i in lost])
+            if bar is not None:
+                bar.total += len(lost) + (len(batch) if batch else 0)
+                bar.refresh()
+            if restarts >= max_restarts:
+                why = " ".join(str(exc).split())[:300]
+                raise ChildProcessError(f"Ray extraction worker died ({type(exc).__name__}: {why}); "
+                                        f"{restarts} worker(s) replaced already, giving up") from None
+            log.warning("extraction worker died (%s); starting another", type(exc).__name__)
+            restarts += 1
+            k2 = serial[0]
+            actors[k2] = start()
+            pending[k2] = []
 
-            def done_with(k, res, batch=()):
-                nonlocal worker_seconds, extracted, failed
-                worker_seconds += res["seconds"]
-                commit(res)
-                durable = set(res["durable"])
-                extracted += len(durable)
-                pending[k] = [i for i in pending[k] if i not in durable]
-                pending[k].extend(i for i, _ in batch if i not in durable and i not in res["failures"])
-                failed += len(res["failures"])
-                for image_id, reason in res["failures"].items():
-                    log.warning("%s: extraction failed: %s", image_id, reason)
+        def done_with(k, res, batch=()):
+            nonlocal worker_seconds, extracted, failed
+            worker_seconds += res["seconds"]
+            commit(res)
+            durable = set(res["durable"])
+            extracted += len(durable)
+            pending[k] = [i for i in pending[k] if i not in durable]
+            pending[k].extend(i for i, _ in batch if i not in durable and i not in res["failures"])
+            failed += len(res["failures"])
+            for image_id, reason in res["failures"].items():
+                log.warning("%s: extraction failed: %s", image_id, reason)
 
-            dead = (rex.RayActorError, rex.ActorUnavailableError)
-            try:
-                while queue:
-                    for k in list(actors):
-                        submit(k)
-                        submit(k)
-                    while inflight:
-                        ready, _ = ray.wait(list(inflight), num_returns=1)
-                        k, batch = inflight.pop(ready[0])
-                        try:
-                            res = ray.get(ready[0])
-                        except dead as exc:
-                            died(k, exc, batch)
-                            for k2 in actors:  # a replacement starts working
-                                if not any(v[0] == k2 for v in inflight.values()):
-                                    submit(k2)
-                                    submit(k2)
-                            continue
-                        done_with(k, res, batch)
-                        if bar is not None:
-                            bar.update(len(batch))
-                        submit(k)
-                    for k, a in list(actors.items()):  # each worker writes the rest of its buffer
-                        try:
-                            done_with(k, ray.get(a.finish.remote()))
-                        except dead as exc:
-                            died(k, exc)
-            finally:
-                if bar is not None:
-                    bar.close()
-                for a in actors.values():
-                    ray.kill(a)
+        dead = (rex.RayActorError, rex.ActorUnavailableError)
+        try:
+            while queue:
+                for k in list(actors):
+                    submit(k)
+                    submit(k)
+                while inflight:
+                    ready, _ = ray.wait(list(inflight), num_returns=1)
+                    k, batch = inflight.pop(ready[0])
+                    try:
+                        res = ray.get(ready[0])
+                    except dead as exc:
+                        died(k, exc, batch)
+                        for k2 in actors:  # a replacement starts working
+                            if not any(v[0] == k2 for v in inflight.values()):
+                                submit(k2)
+                                submit(k2)
+                        continue
+                    done_with(k, res, batch)
+                    if bar is not None:
+                        bar.update(len(batch))
+                    submit(k)
+                for k, a in list(actors.items()):  # each worker writes the rest of its buffer
+                    try:
+                        done_with(k, ray.get(a.finish.remote()))
+                    except dead as exc:
+                        died(k, exc)
         finally:
-            if started:
-                ray.shutdown()
+            if bar is not None:
+                bar.close()
+            for a in actors.values():
+                ray.kill(a)
     finally:
         fs.close()
     return _summary(pairs, extracted, skipped, failed, t0, fs, workers, restarts, worker_seconds, setup,
