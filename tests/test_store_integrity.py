@@ -576,6 +576,8 @@ def test_index_add_store_from_a_real_extract(tmp_path, photos, capsys):
     err = capsys.readouterr().err
     assert str(bad) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert [d["file"] for d in Engine.open(by_store).check()] == [str(bad)]
+    assert main(["index", "check", str(by_store), "--json"]) == 1  # the engine's store is checked too
+    assert [d["file"] for d in json.loads(capsys.readouterr().out)["damaged"]] == [str(bad)]
 
 
 ADDER = """

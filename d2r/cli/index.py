@@ -275,7 +275,12 @@ def _report_damage(args, damage, action) -> int:
 
 
 def run_check(args) -> int:
+    from d2r.features.store import check_store
+
     damage = _database_damage(args.path)
+    features = Path(args.path) / "features"
+    if (features / "manifest.json").exists():  # an engine folder: its feature store too
+        damage += check_store(features)
     if damage:
         return _report_damage(args, damage, "check")
     if args.json:
