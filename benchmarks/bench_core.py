@@ -102,16 +102,22 @@ def assign_grid(threads: int, ms=(1,), ns=(50, 150, 1000, 10000), ks=(1024, 8192
 
 
 def _interleaved(fa, fb, budget):
-    """Best time of each of two functions, alternating calls until ``budget`` seconds (at least 3 each)."""
-    fa(), fb()  # warm-up
-    ta, tb, t_end, i = [], [], time.perf_counter() + budget, 0
-    while i < 3 or time.perf_counter() < t_end:
+    """Best time of each of two functions, in alternating blocks of calls (at least 3 calls each) for ``budget``
+    seconds. Blocks, not single alternating calls: one library's OpenMP threads still spin-waiting after its call
+    would otherwise slow the other library's first BLAS call down."""
+    ta, tb = [], []
+    t_end = time.perf_counter() + budget
+    while len(ta) < 3 or time.perf_counter() < t_end:
         for f, ts in ((fa, ta), (fb, tb)):
-            t = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t)
-        i += 1
-        if i >= 200:
+            f()  # the block's warm-up call is not timed
+            block_end = time.perf_counter() + budget / 8
+            for _ in range(50):
+                t = time.perf_counter()
+                f()
+                ts.append(time.perf_counter() - t)
+                if t > block_end:
+                    break
+        if len(ta) >= 400:
             break
     return min(ta), min(tb)
 
