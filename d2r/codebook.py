@@ -117,7 +117,7 @@ class Codebook:
         return refine_or_scan(x, self.centroids, best_i, full, m)
 
     def _run_blocks(self, n, work) -> None:
-        """Call ``work(start, stop)`` on row blocks: on Python threads (BLAS at one thread) for large inputs."""
+        """Call ``work(start, stop)`` on row blocks, on Python threads (BLAS at one thread) if large."""
         threads = _threads() if n * self.size >= _PARALLEL_MIN_PAIRS else 1
         if threads > 1 and n > 1:
             step = min(_BLOCK_ROWS, -(-n // threads))

@@ -95,14 +95,15 @@ def test_select_candidates_matches_numpy_twin(seed):
     cand_d, cand_i = np.empty((n, cap), np.float32), np.empty((n, cap), np.int64)
     cnt = np.zeros(n, np.int64)
     for a, b in zip(edges[:-1], edges[1:]):
-        kas.select_candidates(np.ascontiguousarray(dots[:, a:b]), norms[a:b], a, margin, wit, cand_d, cand_i, cnt)
+        kas.select_candidates(np.ascontiguousarray(dots[:, a:b]), norms[a:b], a, margin, wit, cand_d, cand_i,
+                              cnt)
     values = norms[None, :] - 2 * dots
     want_wit, keep = _select_twin(values, edges, m, margin)
     np.testing.assert_array_equal(wit, want_wit)
     for i in range(n):
         np.testing.assert_array_equal(np.sort(cand_i[i, :cnt[i]]), np.flatnonzero(keep[i]))
         np.testing.assert_array_equal(cand_d[i, :cnt[i]], values[i, cand_i[i, :cnt[i]]])
-    # A small capacity: a row either overflows (cnt = −1) or still holds every word within the final threshold.
+    # A small capacity: a row overflows (cnt = −1) or still holds every word within the final threshold.
     small = max(int(np.median(cnt)), 1)  # about half the rows overflow
     cd, ci, c = np.empty((n, small), np.float32), np.empty((n, small), np.int64), np.zeros(n, np.int64)
     w2 = np.full((n, m), np.inf, np.float32)
@@ -118,7 +119,7 @@ def test_select_candidates_matches_numpy_twin(seed):
 def test_finish_candidates_equals_float64_brute_force(seed):
     rng = np.random.default_rng(seed)
     n, k, d, m = 60, int(rng.integers(300, 700)), 3, int(rng.integers(1, 5))
-    cents = rng.integers(-3, 4, size=(k, d)).astype(np.float32)  # small integers: float32 is exact, ties exact
+    cents = rng.integers(-3, 4, size=(k, d)).astype(np.float32)  # small integers: exact float32, exact ties
     x = rng.integers(-3, 4, size=(n, d)).astype(np.float32)
     dots, norms = x @ cents.T, (cents * cents).sum(1)
     margin = np.full(n, 0.5, np.float32)  # exact arithmetic: any margin ≥ 0 is a valid rounding bound

@@ -117,14 +117,14 @@ def refine_or_scan(x, centroids, candidates, full, m):
     return out
 
 
-# ---- two-pass selection: vectorised chunk minima, then the rare candidates within the rounding margin ----------
+# ---- two-pass selection: vectorised chunk minima, then the rare candidates within the rounding margin ---
 CHUNK = 64  # words per chunk minimum
 
 
 @njit(cache=True, nogil=True)
 def _key(b):
-    """Order-preserving int32 key of float32 bits ``b`` (and its own inverse): integer min vectorises, float min
-    does not in numba."""
+    """Order-preserving int32 key of float32 bits ``b`` (and its own inverse): integer min vectorises,
+    float min does not in numba."""
     return b ^ ((b >> 31) & np.int32(0x7FFFFFFF))
 
 
@@ -132,13 +132,13 @@ def _key(b):
 def select_candidates(dots, centroid_sq_norms, k0, margin, wit, cand_d, cand_i, cnt):
     """Merge one column block of words into each row's witnesses and candidates (two passes, no sort).
 
-    dots: (n, B) float32 ⟨x_i, c_k⟩ for words k0 … k0 + B − 1; centroid_sq_norms: (B,) float32; margin: (n,) float32
-    rounding margin per row. Updated in place: wit (n, m) float32 ascending (start +inf), the minima of m
-    distinct chunks of words, so wit[i, m − 1] ≥ the m-th smallest ``‖c_k‖² − 2⟨x_i, c_k⟩`` seen; cand_d (n, C)
-    float32 / cand_i (n, C) int64 / cnt (n,) int64 (start 0): every word seen with a value ≤ wit[i, m − 1] +
-    margin[i] at its block (a superset of those within the final threshold); cnt[i] = −1 once C overflow.
-    Pass 1 stores the row's values and their CHUNK-word minima (vectorised); pass 2 scans only chunks whose
-    minimum is within the threshold.
+    dots: (n, B) float32 ⟨x_i, c_k⟩ for words k0 … k0 + B − 1; centroid_sq_norms: (B,) float32;
+    margin: (n,) float32 rounding margin per row. Updated in place: wit (n, m) float32 ascending (start +inf),
+    the minima of m distinct chunks of words, so wit[i, m − 1] ≥ the m-th smallest ``‖c_k‖² − 2⟨x_i, c_k⟩``
+    seen; cand_d (n, C) float32 / cand_i (n, C) int64 / cnt (n,) int64 (start 0): every word seen with a value
+    ≤ wit[i, m − 1] + margin[i] at its block (a superset of those within the final threshold); cnt[i] = −1
+    once C overflow. Pass 1 stores the row's values and their CHUNK-word minima (vectorised); pass 2 scans
+    only chunks whose minimum is within the threshold.
     """
     n, B = dots.shape
     m = wit.shape[1]
@@ -225,8 +225,9 @@ def _scan_row(x, centroids, i, m, dist, idx, out):
 @njit(cache=True, nogil=True)
 def finish_candidates(x, centroids, margin, cand_d, cand_i, cnt, out):
     """The m nearest words per row, equal to a float64 brute force (ties by lower word index), from
-    :func:`select_candidates`' state: the words within ``margin`` of the m-th smallest float32 value are re-ranked
-    in float64 unless their float32 order is already settled (gaps above the margin); rows with cnt = −1 are scanned in float64 over all K.
+    :func:`select_candidates`' state: the words within ``margin`` of the m-th smallest float32 value are
+    re-ranked in float64 unless their float32 order is already settled (exactly m words, gaps above the
+    margin); rows with cnt = −1 are scanned in float64 over all K.
 
     x: (n, D) float32; centroids: (K, D) float32; margin (n,) float32; cand_d (n, C) float32; cand_i (n, C)
     int64; cnt (n,) int64; out (n, m) int64, written.
