@@ -13,7 +13,7 @@ import numpy as np
 
 from d2r import _io
 from d2r._validate import as_descriptors
-from d2r.kernels.assign import refine_or_scan, update_shortlist
+from d2r.kernels.assign import CHUNK, finish_candidates, refine_or_scan, select_candidates, update_shortlist
 
 FORMAT = "d2r-codebook"
 FORMAT_VERSION = 1
@@ -21,6 +21,10 @@ FORMAT_VERSION = 1
 # Extra float32 candidates re-ranked exactly per descriptor. A row whose shortlist is not provably wide enough
 # (float32 rounding bound, see ``assign``) is scanned in float64 over all words instead; that is rare.
 _SHORTLIST_EXTRA = 4
+# Two-pass selection (``kernels.assign.select_candidates``) for m ≤ _SELECT_MAX_M: float32 candidates kept per
+# descriptor before a row falls back to the float64 scan.
+_SELECT_MAX_M = 8
+_CANDIDATES = 32
 # GEMM blocks: rows of descriptors × columns of words; the (rows × words) float32 block stays in cache.
 _BLOCK_ROWS = 256
 _BLOCK_WORDS = 1024
@@ -92,30 +96,62 @@ class Codebook:
         n = x.shape[0]
         if n == 0:
             return np.empty((0, m), np.int64)
-        c = min(m + _SHORTLIST_EXTRA, self.size)
         xc = x - self._mean
+        # |float32 value − exact value| ≤ (D + 5)·u·R² with R = ‖x − μ‖ + max‖c − μ‖ (GEMM, norms, centring
+        # rounding); bound is twice that. A word whose float32 value exceeds the m-th smallest by more than
+        # 2·bound is provably farther than each of the m nearest.
+        # ‖x − μ‖² summed in float32 (relative error ≤ D·u), rounded up by 4·D·u.
+        up = 1.0 + 2.0 * self.dim * float(np.finfo(np.float32).eps)
+        r = np.sqrt(np.einsum("nd,nd->n", xc, xc).astype(np.float64) * up) + self._max_norm
+        bound = 2.0 * (self.dim + 8) * np.finfo(np.float32).eps / 2 * r * r
+        if m <= _SELECT_MAX_M and min(self.size, _BLOCK_WORDS) >= 2 * m * CHUNK:
+            return self._assign_two_pass(x, xc, m, (2.0 * bound * 1.001).astype(np.float32))
+        c = min(m + _SHORTLIST_EXTRA, self.size)
         best_d = np.full((n, c), np.inf, np.float32)
         best_i = np.full((n, c), -1, np.int64)
+        self._run_blocks(n, lambda s, e: self._shortlist(xc, s, e, best_d, best_i))
+        if c < self.size:
+            full = (best_d[:, c - 1].astype(np.float64) - best_d[:, m - 1]) <= 2.0 * bound
+        else:
+            full = np.zeros(n, bool)
+        return refine_or_scan(x, self.centroids, best_i, full, m)
+
+    def _run_blocks(self, n, work) -> None:
+        """Call ``work(start, stop)`` on row blocks, on Python threads (BLAS at one thread) if large."""
         threads = _threads() if n * self.size >= _PARALLEL_MIN_PAIRS else 1
         if threads > 1 and n > 1:
             step = min(_BLOCK_ROWS, -(-n // threads))
             starts = range(0, n, step)
             with _parallel_lock, _one_blas_thread():
                 with ThreadPoolExecutor(min(threads, len(starts))) as pool:
-                    list(pool.map(lambda s: self._shortlist(xc, s, min(s + step, n), best_d, best_i), starts))
+                    list(pool.map(lambda s: work(s, min(s + step, n)), starts))
         else:
             for s in range(0, n, _BLOCK_ROWS):
-                self._shortlist(xc, s, min(s + _BLOCK_ROWS, n), best_d, best_i)
-        if c < self.size:
-            # |float32 value − exact value| ≤ (D + 5)·u·R² with R = ‖x − μ‖ + max‖c − μ‖ (GEMM, norms, centring
-            # rounding); a factor 2 on top. Words outside the shortlist are provably farther when the gap exceeds
-            # twice that.
-            r = np.sqrt(np.einsum("nd,nd->n", xc, xc, dtype=np.float64)) + self._max_norm
-            bound = 2.0 * (self.dim + 8) * np.finfo(np.float32).eps / 2 * r * r
-            full = (best_d[:, c - 1].astype(np.float64) - best_d[:, m - 1]) <= 2.0 * bound
-        else:
-            full = np.zeros(n, bool)
-        return refine_or_scan(x, self.centroids, best_i, full, m)
+                work(s, min(s + _BLOCK_ROWS, n))
+
+    def _assign_two_pass(self, x, xc, m, margin) -> np.ndarray:
+        n = x.shape[0]
+        wit = np.full((n, m), np.inf, np.float32)
+        cand_d = np.empty((n, _CANDIDATES), np.float32)
+        cand_i = np.empty((n, _CANDIDATES), np.int64)
+        cnt = np.zeros(n, np.int64)
+        out = np.empty((n, m), np.int64)
+        ct = self._centred_t
+
+        def work(start, stop):
+            block = np.empty((stop - start, min(_BLOCK_WORDS, self.size)), np.float32)
+            rows = slice(start, stop)
+            for k0 in range(0, self.size, _BLOCK_WORDS):
+                k1 = min(k0 + _BLOCK_WORDS, self.size)
+                dots = block[:, : k1 - k0]
+                np.matmul(xc[rows], ct[:, k0:k1], out=dots)
+                select_candidates(dots, self._sq_norms[k0:k1], k0, margin[rows], wit[rows], cand_d[rows],
+                                  cand_i[rows], cnt[rows])
+            finish_candidates(x[rows], self.centroids, margin[rows], cand_d[rows], cand_i[rows], cnt[rows],
+                              out[rows])
+
+        self._run_blocks(n, work)
+        return out
 
     def _shortlist(self, xc, start, stop, best_d, best_i) -> None:
         rows = stop - start

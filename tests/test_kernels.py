@@ -68,6 +68,71 @@ def test_refine_or_scan_full_rows_scan_every_word(seed):
         np.testing.assert_array_equal(got[i], pool[np.lexsort((pool, d))[:3]])
 
 
+def _select_twin(values, edges, m, margin):
+    """Plain numpy: witnesses (m smallest CHUNK-word minima per block) and the candidates each block keeps."""
+    n = values.shape[0]
+    wit = np.full((n, m), np.inf, np.float32)
+    keep = np.zeros(values.shape, bool)
+    for a, b in zip(edges[:-1], edges[1:]):
+        blk = values[:, a:b]
+        mins = [blk[:, s:s + kas.CHUNK].min(1) for s in range(0, b - a, kas.CHUNK)]
+        wit = np.sort(np.concatenate([wit, np.stack(mins, 1)], 1), 1)[:, :m]
+        t = wit[:, m - 1] + margin
+        keep[:, a:b] = blk <= t[:, None]
+    return wit, keep
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_select_candidates_matches_numpy_twin(seed):
+    rng = np.random.default_rng(seed)
+    n, k, m = 40, int(rng.integers(300, 900)), int(rng.integers(1, 4))
+    dots = rng.integers(-6, 6, size=(n, k)).astype(np.float32)  # exact ties, also across blocks
+    norms = rng.integers(0, 4, size=k).astype(np.float32)
+    margin = rng.choice([0.0, 1.0, 2.5], size=n).astype(np.float32)
+    edges = np.unique(np.concatenate([[0, k], rng.integers(2 * m * kas.CHUNK, k, size=3)]))
+    wit = np.full((n, m), np.inf, np.float32)
+    cap = k  # never overflows
+    cand_d, cand_i = np.empty((n, cap), np.float32), np.empty((n, cap), np.int64)
+    cnt = np.zeros(n, np.int64)
+    for a, b in zip(edges[:-1], edges[1:]):
+        kas.select_candidates(np.ascontiguousarray(dots[:, a:b]), norms[a:b], a, margin, wit, cand_d, cand_i,
+                              cnt)
+    values = norms[None, :] - 2 * dots
+    want_wit, keep = _select_twin(values, edges, m, margin)
+    np.testing.assert_array_equal(wit, want_wit)
+    for i in range(n):
+        np.testing.assert_array_equal(np.sort(cand_i[i, :cnt[i]]), np.flatnonzero(keep[i]))
+        np.testing.assert_array_equal(cand_d[i, :cnt[i]], values[i, cand_i[i, :cnt[i]]])
+    # A small capacity: a row overflows (cnt = −1) or still holds every word within the final threshold.
+    small = max(int(np.median(cnt)), 1)  # about half the rows overflow
+    cd, ci, c = np.empty((n, small), np.float32), np.empty((n, small), np.int64), np.zeros(n, np.int64)
+    w2 = np.full((n, m), np.inf, np.float32)
+    for a, b in zip(edges[:-1], edges[1:]):
+        kas.select_candidates(np.ascontiguousarray(dots[:, a:b]), norms[a:b], a, margin, w2, cd, ci, c)
+    final = values <= (want_wit[:, m - 1] + margin)[:, None]
+    assert (c == -1).any() and (c >= 0).any()
+    for i in np.flatnonzero(c >= 0):
+        assert set(np.flatnonzero(final[i])) <= set(ci[i, :c[i]])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_finish_candidates_equals_float64_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n, k, d, m = 60, int(rng.integers(300, 700)), 3, int(rng.integers(1, 5))
+    cents = rng.integers(-3, 4, size=(k, d)).astype(np.float32)  # small integers: exact float32, exact ties
+    x = rng.integers(-3, 4, size=(n, d)).astype(np.float32)
+    dots, norms = x @ cents.T, (cents * cents).sum(1)
+    margin = np.full(n, 0.5, np.float32)  # exact arithmetic: any margin ≥ 0 is a valid rounding bound
+    wit = np.full((n, m), np.inf, np.float32)
+    cand_d, cand_i = np.empty((n, 16), np.float32), np.empty((n, 16), np.int64)
+    cnt = np.zeros(n, np.int64)
+    kas.select_candidates(dots, norms, 0, margin, wit, cand_d, cand_i, cnt)
+    cnt[rng.random(n) < 0.2] = -1  # rows scanned over every word
+    out = np.empty((n, m), np.int64)
+    kas.finish_candidates(x, cents, margin, cand_d, cand_i, cnt, out)
+    np.testing.assert_array_equal(out, ref.assign(x, cents, m))
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_group_residuals(seed):
     rng = np.random.default_rng(seed)
