@@ -203,22 +203,12 @@ def build(args) -> None:
         bits = r.bits[first].copy()
         bits[swap[first]] = rng.integers(0, 256, (int(swap[first].sum()), nbits), dtype=np.uint8)
         queries.append(Aggregated("asmk_star", D, K, words=w.astype(np.uint32), bits=bits))
-    db.search(queries[0], 100)  # caches (item tables) once, as a server would
-    lat = []
-    for q in queries:
-        t = time.perf_counter()
-        db.search(q, 100)
-        lat.append(time.perf_counter() - t)
-    raw = []
-    sampler.phase = "search_raw"
-    for _ in range(args.raw_queries):
-        x = rng.standard_normal((1000, D)).astype(np.float32)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        t = time.perf_counter()
-        db.search(x, 100)
-        raw.append(time.perf_counter() - t)
+    if args.keep:  # the queries travel with the kept index, for `search` runs on later code
+        np.savez(path.with_name(path.name + ".queries.npz"),
+                 **{f"w{i}": q.words for i, q in enumerate(queries)},
+                 **{f"b{i}": q.bits for i, q in enumerate(queries)})
+    lat, raw = time_searches(db, queries, args.raw_queries, rng, sampler)
     sampler.stop()
-    ms = lambda v, q: round(float(np.percentile(v, q)) * 1e3, 2) if v else None  # noqa: E731
     out = {
         "images": args.images, "save_every": args.save_every, "word_skew": skew, "zipf_exponent": round(zipf, 3), "K": K, "D": D, "entries": entries,
         "segments": segments, "build_seconds": round(build_s, 1),
@@ -229,12 +219,66 @@ def build(args) -> None:
         "bytes_per_entry": round(live / entries, 2),
         "peak_rss_gb": {k: round(v["rss"] / 2**30, 2) for k, v in sampler.peaks.items()},
         "peak_anon_gb": {k: round(v["anon"] / 2**30, 2) for k, v in sampler.peaks.items()},
-        "search_ms": {"queries": len(lat), "p50": ms(lat, 50), "p95": ms(lat, 95)},
-        "search_raw_ms": {"queries": len(raw), "p50": ms(raw, 50), "p95": ms(raw, 95)},
+        **latency_figures(lat, raw),
     }
     print(json.dumps(out, indent=1))
     if not args.keep:
         shutil.rmtree(path)
+
+
+def time_searches(db, queries, raw_queries, rng, sampler):
+    """Latencies (s) of aggregated queries, then of ``raw_queries`` searches from 1,000 raw descriptors."""
+    db.search(queries[0], 100)  # caches (item tables) once, as a server would
+    lat = []
+    for q in queries:
+        t = time.perf_counter()
+        db.search(q, 100)
+        lat.append(time.perf_counter() - t)
+    raw = []
+    sampler.phase = "search_raw"
+    for _ in range(raw_queries):
+        x = rng.standard_normal((1000, D)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        t = time.perf_counter()
+        db.search(x, 100)
+        raw.append(time.perf_counter() - t)
+    return lat, raw
+
+
+def latency_figures(lat, raw) -> dict:
+    ms = lambda v, q: round(float(np.percentile(v, q)) * 1e3, 2) if v else None  # noqa: E731
+    return {"search_ms": {"queries": len(lat), "p50": ms(lat, 50), "p95": ms(lat, 95)},
+            "search_raw_ms": {"queries": len(raw), "p50": ms(raw, 50), "p95": ms(raw, 95)}}
+
+
+def search(args) -> None:
+    """Search an index kept by ``build --keep`` with the queries saved beside it (latest search code)."""
+    from d2r.aggregate import Aggregated
+    from d2r.index import Database
+
+    path = Path(args.dir)
+    saved = np.load(path.with_name(path.name + ".queries.npz"))
+    n = len(saved.files) // 2
+    queries = [Aggregated("asmk_star", D, K, words=saved[f"w{i}"], bits=saved[f"b{i}"]) for i in range(n)]
+    sampler = Sampler()
+    sampler.phase = "open"
+    t = time.perf_counter()
+    db = Database.open(path)
+    open_s = time.perf_counter() - t
+    if args.warm:  # read every index file once: the figures of a server whose index sits in the page cache
+        for f in sorted(path.rglob("*")):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    while fh.read(1 << 24):
+                        pass
+    sampler.phase = "search"
+    lat, raw = time_searches(db, queries[: args.queries], args.raw_queries, np.random.default_rng(args.seed), sampler)
+    sampler.stop()
+    out = {"images": len(db), "open_seconds": round(open_s, 2), "warm": args.warm,
+           "peak_rss_gb": {k: round(v["rss"] / 2**30, 2) for k, v in sampler.peaks.items()},
+           "peak_anon_gb": {k: round(v["anon"] / 2**30, 2) for k, v in sampler.peaks.items()},
+           **latency_figures(lat, raw)}
+    print(json.dumps(out, indent=1))
 
 
 def main() -> None:
@@ -255,8 +299,14 @@ def main() -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--keep", action="store_true", help="keep the index folder")
     b.add_argument("--quiet", action="store_true")
+    s = sub.add_parser("search", help="search an index kept by build --keep")
+    s.add_argument("--dir", required=True)
+    s.add_argument("--queries", type=int, default=200)
+    s.add_argument("--raw-queries", type=int, default=20)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--warm", action="store_true", help="read the index files once before timing")
     args = ap.parse_args()
-    measure_words(args) if args.cmd == "words" else build(args)
+    {"words": measure_words, "build": build, "search": search}[args.cmd](args)
 
 
 if __name__ == "__main__":
