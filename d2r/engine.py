@@ -122,13 +122,20 @@ class EngineConfig(Config):
 
     @classmethod
     def from_dict(cls, data: dict | None, _where: str = ""):
-        """As :meth:`Config.from_dict`, with the feature type's defaults (:data:`FEATURE_DEFAULTS`) for the
-        options ``data`` does not set."""
+        """As :meth:`Config.from_dict`, with the feature type's defaults (:data:`FEATURE_DEFAULTS`), then the
+        engine's own section defaults (:func:`_engine_defaults`, e.g. ``rerank.method`` "usac"), for the options
+        ``data`` does not set: a partial dict gives what ``EngineConfig()`` gives."""
         data = json.loads(json.dumps(data or {}, default=str)) if isinstance(data, dict) else data
         if isinstance(data, dict):
             name = _get(data, "features.name")
-            for key, value in FEATURE_DEFAULTS.get(name if name is not _MISSING else "rootsift", {}).items():
-                if _get(data, key) is _MISSING and isinstance(data.get(key.split(".")[0], {}), dict):
+            defaults = dict(FEATURE_DEFAULTS.get(name if name is not _MISSING else "rootsift", {}))
+            for key, value in _engine_defaults().items():
+                defaults.setdefault(key, value)
+            for key, value in defaults.items():
+                section = key.split(".")[0]
+                if section in data and data[section] is None:
+                    data[section] = {}
+                if _get(data, key) is _MISSING and isinstance(data.get(section, {}), dict):
                     _set(data, key, value)
         return super().from_dict(data, _where)
 
@@ -169,6 +176,23 @@ class EngineConfig(Config):
         if self.query_expansion == "hqe" and self.index.kernel == "vlad":
             raise ValueError("query_expansion 'hqe' needs an ASMK kernel (index.kernel asmk or asmk_star)")
         return self
+
+
+def _engine_defaults() -> dict:
+    """Dotted options whose :class:`EngineConfig` default differs from their section class's own default
+    (``{"rerank.method": "usac", ...}``): sections built from a partial mapping must keep them."""
+    out = {}
+    for f in dataclasses.fields(EngineConfig):
+        if f.default_factory is dataclasses.MISSING:
+            continue
+        engine_value = f.default_factory()
+        if not isinstance(engine_value, Config):
+            continue
+        own = type(engine_value)().to_dict()
+        for key, value in engine_value.to_dict().items():
+            if own.get(key) != value:
+                out[f"{f.name}.{key}"] = value
+    return out
 
 
 @dataclass(frozen=True)
@@ -302,26 +326,31 @@ class Engine:
 
     @contextlib.contextmanager
     def _writing(self, lock_timeout):
-        """Be the one writer of this engine: lock it (the index) and its feature store before any work, reload
-        what another writer may have saved meanwhile, release both at the end."""
+        """Be the one writer of this engine: lock it, its database (opened writable, so its lock is held from
+        the start) and its feature store before any work, reload what another writer may have saved meanwhile,
+        release all three at the end, also when the work raises (else this process would lock itself out)."""
         from d2r._lock import WriterLock
         from d2r.features.store import FeatureStore
 
         with WriterLock(self.path, timeout=lock_timeout, what="index"):
-            if (self.path / "index" / "manifest.json").exists():
-                self._db = Database.open(self.path / "index")
-            self._sources = _read_json(self.path / "sources.json", {})
-            self._failures = _read_json(self.path / "failures.json", {})
-            store = FeatureStore.create(self.path / "features", self.pipeline.store_info(),
-                                        lock_timeout=lock_timeout)
-            with self._store_lock:
-                self._store = store
             try:
-                yield store
-            finally:
+                if (self.path / "index" / "manifest.json").exists():
+                    self._db = Database.open(self.path / "index", writable=True, lock_timeout=lock_timeout)
+                self._sources = _read_json(self.path / "sources.json", {})
+                self._failures = _read_json(self.path / "failures.json", {})
+                store = FeatureStore.create(self.path / "features", self.pipeline.store_info(),
+                                            lock_timeout=lock_timeout)
                 with self._store_lock:
-                    self._store = None
-                store.close()
+                    self._store = store
+                try:
+                    yield store
+                finally:
+                    with self._store_lock:
+                        self._store = None
+                    store.close()
+            finally:
+                if self._db is not None:  # also a database created meanwhile (codebook trained here)
+                    self._db.close()
 
     def __len__(self) -> int:
         return 0 if self._db is None else len(self._db)
@@ -371,10 +400,11 @@ class Engine:
         with self._writing(lock_timeout) as store:
             pairs = self._resolve(images, report, id_prefix)
             todo = [(i, p) for i, p in pairs if i not in self and (retry_failed or str(p) not in self._failures)]
-            report.skipped = len(pairs) - len(todo)
+            report.skipped += len(pairs) - len(todo)  # plus the duplicates _resolve skipped
             # Phase 1: features into the store, batch by batch (flushed, so an interruption keeps them).
             self._extract_batches([t for t in todo if t[0] not in store], store, report, progress)
-            self._index_stored(store, [i for i, _ in todo], report, progress, on_done)
+            extracted = [i for i, p in todo if str(p) not in report.failed]  # failures are reported by file
+            self._index_stored(store, extracted, report, progress, on_done)
         report.seconds = time.perf_counter() - t0
         return report
 
@@ -423,6 +453,9 @@ class Engine:
             report.codebook_trained = True
         # Phase 3: into the database, saved batch by batch; a batch is reported done once saved.
         ready = [i for i in todo if i in store and i not in self._db]
+        for image_id in todo:
+            if image_id not in store:  # never silently dropped
+                report.failed[image_id] = f"not in the feature store {store.path}"
 
         def saved(batch):
             report.indexed.extend(batch)
@@ -460,6 +493,9 @@ class Engine:
             if known is not None and known != source:  # same id, another file: never skip or mix them up
                 reason = f"image id {image_id!r} is already used by {known}"
                 report.failed[str(p)] = self._failures[str(p)] = reason
+                continue
+            if seen.get(image_id) == source:  # the same file listed twice: once is enough
+                report.skipped += 1
                 continue
             seen[image_id] = source
             if self._failures.get(str(p), "").startswith("image id "):  # id conflict resolved (--id-prefix)

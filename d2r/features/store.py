@@ -1290,8 +1290,9 @@ def check_store(path, digests: bool = True) -> list[dict]:
 def import_shards(dest: FeatureStore, src: FeatureStore, wanted: set | None = None) -> dict:
     """Bring ``src``'s shards that hold images of ``wanted`` (default: all) not yet in ``dest`` into ``dest``
     (a store open for writing, same extractor): files are hard-linked (copied across file systems), then
-    committed with their checksums verified; images ``dest`` already holds are masked. Returns
-    :meth:`FeatureStore.commit`'s counts."""
+    committed with their checksums verified; images ``dest`` already holds are masked. A shard ``dest``
+    already has under the same name (imported before, then some of its images removed) cannot be linked again:
+    its wanted images are copied into a new shard instead. Returns :meth:`FeatureStore.commit`'s counts."""
     import shutil
 
     dest._need_writable()
@@ -1304,8 +1305,12 @@ def import_shards(dest: FeatureStore, src: FeatureStore, wanted: set | None = No
         for image_id, (name, _) in view.index.items()
         if (wanted is None or image_id in wanted) and image_id not in dest
     }
+    copied = 0
     for rec in view.records:
-        if rec["name"] not in need or rec["name"] in dest._view.by_name:
+        if rec["name"] not in need:
+            continue
+        if rec["name"] in dest._view.by_name:  # linked before: copy the images by id
+            copied += _copy_images(dest, src, rec, wanted)
             continue
         rec = json.loads(json.dumps(rec))
         if "files" not in rec:  # a version-1 store
@@ -1329,10 +1334,29 @@ def import_shards(dest: FeatureStore, src: FeatureStore, wanted: set | None = No
                 with atomic_path(b) as tmp:
                     shutil.copyfile(a, tmp)
         recs.append(rec)
+    if copied:
+        dest.flush()
     with dest._lock:
         out = dest._commit([{"shards": recs, "failures": {}}], verify=False)
+    out["images"] += copied
     dest._maybe_compact()
     return out
+
+
+def _copy_images(dest: FeatureStore, src: FeatureStore, rec: dict, wanted: set | None) -> int:
+    """Add the images of ``src``'s shard ``rec`` that are wanted and not in ``dest`` to ``dest`` (buffered);
+    the shard is verified first. Returns how many were added."""
+    if "files" in rec:
+        _verify_digests(src.path, rec)
+    shard = _load_shard(src.path, rec, src.dim)
+    skip = set(rec.get("skip", []))
+    added = 0
+    for row, image_id in enumerate(shard.ids.tolist()):
+        if row in skip or (wanted is not None and image_id not in wanted) or image_id in dest:
+            continue
+        dest.add(image_id, shard[row])
+        added += 1
+    return added
 
 
 def _pack(buffer, dim: int) -> dict:

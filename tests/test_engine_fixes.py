@@ -1,0 +1,119 @@
+"""Regression tests for engine bookkeeping defects: locks after a failed write, re-importing removed images,
+config defaults, duplicate inputs, `index check` / `repair` on engine folders, sharded engines."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import d2r.cli
+from d2r.engine import Engine, EngineConfig
+from tests.corpus import textured
+
+CODEBOOK = Path(__file__).resolve().parents[1] / "codebooks" / "rootsift-128d-k256-skimage-s0.npz"
+
+
+def _config(**extra):
+    cfg = {"features": {"options": {"max_features": 200}}, "codebook": {"path": str(CODEBOOK)},
+           "rerank": {"num_to_rerank": 5}, "batch_size": 2}
+    cfg.update(extra)
+    return cfg
+
+
+@pytest.fixture
+def photos(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(11)
+    for i in range(4):
+        Image.fromarray(textured(rng, 160, 200)).save(folder / f"im{i}.png")
+    return folder
+
+
+def _cli(capsys, *args):
+    code = d2r.cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_failed_save_does_not_lock_the_process_out(photos, tmp_path):
+    engine = Engine.create(tmp_path / "eng", _config())
+    gen = json.loads((tmp_path / "eng" / "index" / "manifest.json").read_text())["generation"]
+    blocker = tmp_path / "eng" / "index" / f"manifest-{gen + 1:08d}.json"
+    blocker.mkdir()  # the next commit cannot write its generation file: the save fails after the adds
+    (blocker / "x").write_text("x")
+    with pytest.raises(OSError) as failure:  # kept: its traceback holds the failed call's objects
+        engine.index(photos, progress=False)
+    from d2r._lock import WriterLock
+
+    with WriterLock(tmp_path / "eng" / "index", timeout=0):  # released although the failed database lives on
+        pass
+    (blocker / "x").unlink()
+    blocker.rmdir()
+    report = engine.index(photos, progress=False)  # the same process writes again (no LockedError)
+    assert sorted(report.indexed) == [f"im{i}" for i in range(4)] and not report.failed
+    assert engine.remove("im0") == 1
+    assert len(Engine.open(tmp_path / "eng")) == 3
+    del failure
+
+
+def test_removed_images_come_back_from_the_store(photos, tmp_path, capsys):
+    from d2r.features.store import FeatureStore
+
+    engine = Engine.create(tmp_path / "eng", _config())
+    with FeatureStore.create(tmp_path / "store", engine.pipeline.store_info()) as src:
+        for p in sorted(photos.iterdir()):
+            src.add(p.stem, engine.extract(p))
+    assert len(engine.index_store(tmp_path / "store", progress=False).indexed) == 4
+    engine.remove(["im1", "im2"])
+    assert "im1" not in engine
+    code, out, err = _cli(capsys, "index", "add", tmp_path / "eng", "--store", tmp_path / "store", "--json",
+                          "--quiet")
+    report = json.loads(out)
+    assert code == 0 and report["indexed"] == 2 and report["skipped"] == 2, err
+    engine = Engine.open(tmp_path / "eng")
+    assert {"im1", "im2"} <= set(FeatureStore.open(tmp_path / "eng" / "features").ids())
+    assert engine.search(photos / "im1.png", top_k=1)[0].image_id == "im1"
+
+
+def test_index_store_reports_ids_the_store_lacks(photos, tmp_path):
+    from d2r.features.store import FeatureStore
+
+    engine = Engine.create(tmp_path / "eng", _config())
+    with FeatureStore.create(tmp_path / "eng" / "features", engine.pipeline.store_info()) as own:
+        own.add("im0", engine.extract(photos / "im0.png"))
+    report = engine.index(photos, progress=False)  # im0 is stored already: not extracted again
+    assert len(report.indexed) == 4 and not report.failed
+    with engine._writing(0.0) as store:  # an id asked for that the store does not hold is a failure
+        from d2r.engine import IndexReport
+
+        report = IndexReport()
+        engine._index_stored(store, ["im1", "ghost"], report, False, None)
+    assert "ghost" in report.failed and "not in the feature store" in report.failed["ghost"]
+
+
+def test_engine_config_keeps_engine_defaults(tmp_path):
+    default = EngineConfig()
+    assert default.rerank.method == "usac"
+    assert EngineConfig.from_dict(default.to_dict()) == default
+    assert EngineConfig.from_dict({}) == default
+    partial = EngineConfig.from_dict({"rerank": {"num_to_rerank": 7}, "batch_size": 3})
+    assert partial.rerank.method == "usac" and partial.rerank.num_to_rerank == 7
+    assert partial.rerank.descriptor_distance == 0.4
+    assert EngineConfig.from_dict({"rerank": None}).rerank == default.rerank
+    assert EngineConfig.from_dict({"rerank": {"method": "official"}}).rerank.method == "official"
+    delf = EngineConfig.from_dict({"features": {"name": "delf"}})
+    assert delf.rerank.descriptor_distance == 0.9 and delf.rerank.method == "usac"
+    (tmp_path / "c.yaml").write_text("rerank:\n  num_to_rerank: 9\n")
+    assert EngineConfig.from_file(tmp_path / "c.yaml").rerank.method == "usac"
+
+
+def test_the_same_file_twice_is_skipped_a_conflict_is_not(photos, tmp_path):
+    engine = Engine.create(tmp_path / "eng", _config())
+    p = photos / "im0.png"
+    report = engine.index([("a", p), ("a", p), ("b", photos / "im1.png")], progress=False)
+    assert sorted(report.indexed) == ["a", "b"] and report.skipped == 1 and not report.failed
+    report = engine.index([("c", p), ("c", photos / "im2.png")], progress=False)
+    assert report.indexed == ["c"] and "already used by" in report.failed[str(photos / "im2.png")]
