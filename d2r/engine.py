@@ -548,15 +548,7 @@ class Engine:
     def check(self, digests: bool = True) -> list[dict]:
         """Damaged files of the engine, ``[{"file", "problem"}]`` (empty: healthy): the feature store and the
         index (``index/...``: sizes, structure and, unless ``digests=False``, every BLAKE2 checksum)."""
-        from d2r.features.store import check_store
-        from d2r.index.database import check
-
-        damaged = []
-        if (self.path / "features").exists():
-            damaged += check_store(self.path / "features", digests=digests)
-        if (self.path / "index").is_dir():
-            damaged += [dict(d, file=f"index/{d['file']}") for d in check(self.path / "index", digests=digests)]
-        return damaged
+        return check_engine(self.path, digests)
 
     # ---- search --------------------------------------------------------------------------------------------------
     def search(self, image, bbox=None, top_k: int = 10, rerank: bool = True, query_num_assignments: int | None = None,
@@ -675,6 +667,22 @@ class Engine:
         if not isinstance(feats, RegionFeatures):
             return np.zeros((0, 4), np.float32)
         return feats.boxes if include_whole else feats.boxes[feats.box_ids >= 0]
+
+
+def check_engine(path, digests: bool = True) -> list[dict]:
+    """:meth:`Engine.check` of the engine folder ``path`` without opening it (a damaged index cannot be
+    opened but can be checked); an engine with no feature store or no index yet has nothing to check there."""
+    from d2r.features.store import check_store
+    from d2r.index.database import check
+
+    path = Path(path)
+    damaged = []
+    features = path / "features"
+    if features.is_dir() and any(p.name != ".lock" for p in features.iterdir()):  # not just a lock file
+        damaged += check_store(features, digests=digests)
+    if (path / "index").is_dir():
+        damaged += [dict(d, file=f"index/{d['file']}") for d in check(path / "index", digests=digests)]
+    return damaged
 
 
 def _read_json(path: Path, default):

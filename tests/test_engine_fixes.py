@@ -117,3 +117,43 @@ def test_the_same_file_twice_is_skipped_a_conflict_is_not(photos, tmp_path):
     assert sorted(report.indexed) == ["a", "b"] and report.skipped == 1 and not report.failed
     report = engine.index([("c", p), ("c", photos / "im2.png")], progress=False)
     assert report.indexed == ["c"] and "already used by" in report.failed[str(photos / "im2.png")]
+
+
+def test_index_check_on_an_engine_without_an_index(photos, tmp_path, capsys):
+    from d2r.features.store import FeatureStore
+
+    eng = tmp_path / "eng"
+    cfg = _config(codebook={"size": 16, "iterations": 2})  # no codebook file: no index until the first add
+    engine = Engine.create(eng, cfg)
+    with FeatureStore.create(eng / "features", engine.pipeline.store_info()) as store:
+        store.add("im0", engine.extract(photos / "im0.png"))
+    assert not (eng / "index").exists()
+    code, out, err = _cli(capsys, "index", "check", eng, "--json")
+    assert code == 0 and json.loads(out)["healthy"] and json.loads(out)["index"] is False, err
+    code, out, err = _cli(capsys, "index", "check", eng)
+    assert code == 0 and "no index yet" in out and not err
+    shard = next((eng / "features").glob("shard-*ids*"))
+    shard.write_bytes(shard.read_bytes()[:-3])  # a damaged store is still found
+    code, _, err = _cli(capsys, "index", "check", eng)
+    assert code == 1 and "damaged" in err and "Traceback" not in err
+
+
+def test_repair_takes_the_engine_lock_and_serve_maps_it_to_409(photos, tmp_path, capsys):
+    from fastapi.testclient import TestClient
+
+    from d2r._lock import WriterLock
+    from d2r.serve.app import create_app
+
+    eng = tmp_path / "eng"
+    Engine.create(eng, _config()).index(photos, progress=False)
+    with WriterLock(eng, what="index"):  # another writer of the engine (e.g. `d2r index add`)
+        code, _, err = _cli(capsys, "index", "repair", eng)
+        assert code == 1 and "another writer" in err and len(err.strip().splitlines()) == 1
+        client = TestClient(create_app(eng))
+        r = client.delete("/api/images/im0")
+        assert r.status_code == 409 and "another writer" in r.json()["error"], r.text
+    assert client.delete("/api/images/im0").status_code == 200
+    code, out, err = _cli(capsys, "index", "repair", eng)
+    assert code == 0 and "nothing to repair" in out
+    code, _, err = _cli(capsys, "index", "repair", eng, "--lock-timeout", "-1")
+    assert code == 2 and "--lock-timeout" in err

@@ -275,26 +275,37 @@ def _report_damage(args, damage, action) -> int:
 
 
 def run_check(args) -> int:
-    from d2r.features.store import check_store
+    from d2r.engine import check_engine
 
-    damage = _database_damage(args.path)
-    features = Path(args.path) / "features"
-    if (features / "manifest.json").exists():  # an engine folder: its feature store too
-        damage += check_store(features)
+    path = Path(args.path)
+    engine = (path / "engine.json").is_file()
+    damage = check_engine(path) if engine else _database_damage(path)  # an engine: its feature store too
     if damage:
         return _report_damage(args, damage, "check")
+    no_index = engine and not (path / "index" / "manifest.json").exists()
     if args.json:
-        print(json.dumps({"healthy": True, "damaged": []}, sort_keys=True))
+        print(json.dumps({"healthy": True, "damaged": [], "index": not no_index}, sort_keys=True))
     elif not args.quiet:
-        print(f"{args.path}: healthy")
+        print(f"{args.path}: healthy" + (" (no index yet: nothing indexed)" if no_index else ""))
     return 0
 
 
+@_writer
 @_locked_is_an_error
 def run_repair(args) -> int:
+    import contextlib
+
+    from d2r._lock import WriterLock
     from d2r.index.database import repair
 
-    report = repair(_database_dir(args.path), lock_timeout=args.lock_timeout)
+    path = Path(args.path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such folder")
+    # an engine folder: its writer lock first, as every other writer of the engine takes it
+    engine_lock = (WriterLock(path, args.lock_timeout, what="index") if (path / "engine.json").is_file()
+                   else contextlib.nullcontext())
+    with engine_lock:
+        report = repair(_database_dir(path), lock_timeout=args.lock_timeout)
     if args.json:
         print(json.dumps(report, sort_keys=True))
     elif not args.quiet:

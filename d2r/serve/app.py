@@ -318,6 +318,12 @@ def create_app(path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int =
             parts.append(f"{where or 'request'}: {e.get('msg', 'invalid')}")
         return JSONResponse({"error": "; ".join(parts) or "invalid request"}, status_code=400)
 
+    from d2r._lock import LockedError
+
+    @app.exception_handler(LockedError)
+    async def _locked(request: Request, exc: LockedError):  # another process writes the index: retry later
+        return JSONResponse({"error": " ".join(str(exc).split())}, status_code=409)
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):  # logged; the server keeps serving
         log.exception("%s %s failed", request.method, request.url.path)
