@@ -142,7 +142,7 @@ def test_index_add_search_info_remove_bad_inputs(engine_dir, photos, tmp_path, c
     _one_line_error(code, err, 1, "blank.png", "no local features")
     assert out == ""
     code, _, err = _cli(capsys, "search", photos / "im0.png", "--index", work, "--top-k", "0")
-    _one_line_error(code, err, 1, "--top-k")
+    _one_line_error(code, err, 2, "--top-k")  # a bad flag value: usage
     code, _, err = _cli(capsys, "search", photos / "im0.png", "--index", work, "--bbox", "1,2")
     _one_line_error(code, err, 1, "--bbox")
     # a partial failure: exit 3 and a summary; the good image is indexed

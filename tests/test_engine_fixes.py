@@ -157,3 +157,21 @@ def test_repair_takes_the_engine_lock_and_serve_maps_it_to_409(photos, tmp_path,
     assert code == 0 and "nothing to repair" in out
     code, _, err = _cli(capsys, "index", "repair", eng, "--lock-timeout", "-1")
     assert code == 2 and "--lock-timeout" in err
+
+
+def test_flag_combinations_are_usage_errors(tmp_path, capsys):
+    def usage(*args):
+        code, _, err = _cli(capsys, *args)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err, (args, err)
+        return lines[0]
+
+    q = [tmp_path / "a.png", tmp_path / "b.png"]
+    assert "--bbox" in usage("search", *q, "--index", tmp_path / "eng", "--bbox", "1,2,3,4")
+    assert "--workers" in usage("search", q[0], "--index", tmp_path / "eng", "--workers", "0")
+    assert "--port" in usage("serve", tmp_path / "eng", "--port", "70000")
+    assert "--max-upload-mb" in usage("serve", tmp_path / "eng", "--max-upload-mb", "0")
+    assert "--id-prefix" in usage("index", "add", tmp_path / "eng", "--store", tmp_path / "s", "--id-prefix", "x/")
+    assert "--retry-failed" in usage("index", "add", tmp_path / "eng", "--store", tmp_path / "s", "--retry-failed")
+    assert "--lock-timeout" in usage("index", "repair", tmp_path / "eng", "--lock-timeout", "-2")
+    assert not (tmp_path / "eng").exists()

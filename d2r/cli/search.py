@@ -70,19 +70,20 @@ def _queries(sources) -> list[str]:
 def run(args) -> int:
     import time
 
+    from d2r.cli import UsageError
     from d2r.engine import Engine
 
     if args.top_k < 1:
-        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+        raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
     if args.workers is not None and args.workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+        raise UsageError(f"--workers must be at least 1, got {args.workers}")
     if args.query_num_assignments is not None and args.query_num_assignments < 1:
-        raise ValueError(f"--query-num-assignments must be at least 1, got {args.query_num_assignments}")
+        raise UsageError(f"--query-num-assignments must be at least 1, got {args.query_num_assignments}")
     bbox = parse_bbox(args.bbox) if args.bbox else None
     options = dict(query_num_assignments=args.query_num_assignments, query_expansion=args.query_expansion)
     queries = _queries(args.image)
     if bbox is not None and len(queries) > 1:
-        raise ValueError(f"--bbox applies to a single query image, got {len(queries)} queries")
+        raise UsageError(f"--bbox applies to a single query image, got {len(queries)} queries")
     if len(args.index) > 1 or args.ray is not None:
         from d2r.distributed import ShardedEngine
 

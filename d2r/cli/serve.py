@@ -20,10 +20,12 @@ def run(args) -> int:
     import importlib.util
     from pathlib import Path
 
+    from d2r.cli import UsageError
+
     if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     if not args.max_upload_mb > 0:
-        raise ValueError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+        raise UsageError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     if not (Path(args.index) / "engine.json").is_file():
         raise FileNotFoundError(f"{args.index}: no d2r engine here (engine.json missing)")
     missing = [m for m in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(m) is None]

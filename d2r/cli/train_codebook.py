@@ -52,7 +52,9 @@ def add_parser(subparsers) -> None:
 def _expected_dim(args) -> int | None:
     if args.dim is not None:
         if args.dim < 1:
-            raise ValueError(f"--dim must be positive, got {args.dim}")
+            from d2r.cli import UsageError
+
+            raise UsageError(f"--dim must be positive, got {args.dim}")
         return args.dim
     if args.descriptors is not None and args.features == "rootsift":
         if args.pca is None:
