@@ -123,7 +123,7 @@ class EngineConfig(Config):
     @classmethod
     def from_dict(cls, data: dict | None, _where: str = ""):
         """As :meth:`Config.from_dict`, with the feature type's defaults (:data:`FEATURE_DEFAULTS`), then the
-        engine's own section defaults (:func:`_engine_defaults`, e.g. ``rerank.method`` "usac"), for the options
+        engine's own section defaults (:func:`_engine_defaults`: ``rerank.method`` "usac"...), for the options
         ``data`` does not set: a partial dict gives what ``EngineConfig()`` gives."""
         data = json.loads(json.dumps(data or {}, default=str)) if isinstance(data, dict) else data
         if isinstance(data, dict):

@@ -187,9 +187,9 @@ def run_add(args) -> int:
 
     if bool(args.images) == bool(args.store):
         raise UsageError("give images or --store STORE (one of them)")
-    if args.store and (args.id_prefix or args.retry_failed):  # a store's ids are its own; nothing failed there
+    if args.store and (args.id_prefix or args.retry_failed):  # a store's ids are its own, none failed there
         flag = "--id-prefix" if args.id_prefix else "--retry-failed"
-        raise UsageError(f"{flag} applies to images, not to --store (the store's image ids are indexed as they are)")
+        raise UsageError(f"{flag} applies to images, not to --store (its image ids are indexed as they are)")
     return _index(Engine.open(args.path), args.images, args)
 
 
