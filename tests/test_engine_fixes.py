@@ -176,3 +176,26 @@ def test_flag_combinations_are_usage_errors(tmp_path, capsys):
     assert "--retry-failed" in usage(*add, "--retry-failed")
     assert "--lock-timeout" in usage("index", "repair", tmp_path / "eng", "--lock-timeout", "-2")
     assert not (tmp_path / "eng").exists()
+
+
+def test_store_remove_counts_buffered_images_and_drops_pending_failures(tmp_path):
+    from d2r.features.base import LocalFeatures
+    from d2r.features.store import FeatureStore
+
+    info = {"name": "test", "fingerprint": "f" * 16, "dim": 8}
+    rng = np.random.default_rng(0)
+
+    def feats(n):
+        return LocalFeatures(rng.random((n, 2), dtype=np.float32) * 50, np.ones(n, np.float32),
+                             np.ones(n, np.float32), rng.random((n, 8), dtype=np.float32))
+
+    with FeatureStore.create(tmp_path / "s", info) as store:
+        store.add("a", feats(5))
+        store.flush()  # "a" committed
+        store.add("b", feats(4))  # "b" buffered
+        store.add_failure("c", "unreadable")  # pending
+        store.add_failure("d", "unreadable")
+        assert store.remove(["a", "b", "c", "zzz"]) == 2
+        assert "b" not in store and "c" not in store.failures and store.remove(["b"]) == 0
+    store = FeatureStore.open(tmp_path / "s")
+    assert store.ids() == [] and store.failures == {"d": "unreadable"}

@@ -860,12 +860,16 @@ class FeatureStore:
     def remove(self, image_ids) -> int:
         """Drop images from the store: their rows are masked in a new manifest generation (readers of the
         previous one keep working) and compaction reclaims their bytes. Ids not stored are ignored; their
-        failure records go too. Returns how many stored images were removed."""
+        failure records go too (also those not flushed yet). Returns how many stored images were removed,
+        buffered ones included."""
         self._need_writable()
         wanted = list(dict.fromkeys(str(i) for i in image_ids))
         with self._lock:
             gone = set(wanted)
-            self._writer._buffer.drop([(i, f) for i, f in self._writer._buffer.take() if i in gone])
+            buffered = [(i, f) for i, f in self._writer._buffer.take() if i in gone]
+            self._writer._buffer.drop(buffered)
+            for image_id in wanted:
+                self._pending_failures.pop(image_id, None)
             index = self._view.index
             rows: dict[str, set] = {}
             for image_id in wanted:
@@ -875,7 +879,7 @@ class FeatureStore:
             manifest = json.loads(json.dumps(self.manifest))
             dropped_failures = [i for i in wanted if i in manifest["failures"]]
             if not rows and not dropped_failures:
-                return 0
+                return len(buffered)
             for rec in manifest["shards"]:
                 if rec["name"] in rows:
                     rec["skip"] = sorted(set(rec.get("skip", [])) | rows[rec["name"]])
@@ -886,7 +890,7 @@ class FeatureStore:
             removed = [i for i in wanted if i in index]
             for image_id in removed:
                 del index[image_id]
-        return len(removed)
+        return len(removed) + len(buffered)
 
     def _commit(self, results, verify: bool) -> dict:
         manifest = json.loads(json.dumps(self.manifest))  # committed only once everything checks out
