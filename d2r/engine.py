@@ -164,7 +164,7 @@ class EngineConfig(Config):
             raise ValueError(f"index.{exc}") from None
         for name, value in [("batch_size", self.batch_size), ("workers", self.workers),
                             ("codebook.size", self.codebook.size)]:
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # True is no count
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.codebook.method not in ("lloyd", "minibatch"):
             raise ValueError(f"codebook.method must be 'lloyd' or 'minibatch', got {self.codebook.method!r}")
@@ -583,7 +583,7 @@ class Engine:
         if ma is not None:
             from d2r.aggregate import Aggregator
 
-            if not isinstance(ma, int) or not 1 <= ma <= self._db.codebook.size:
+            if isinstance(ma, bool) or not isinstance(ma, int) or not 1 <= ma <= self._db.codebook.size:
                 raise ValueError(f"query_num_assignments must be in [1, {self._db.codebook.size}], got {ma!r}")
             q = Aggregator(self._db.codebook, self._db.kernel, ma)(query.descriptors)
         else:

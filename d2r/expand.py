@@ -57,13 +57,14 @@ class ExpansionConfig(Config):
     min_matches: int = 10
 
     def validate(self) -> "ExpansionConfig":
-        if not isinstance(self.top, int) or self.top < 1:
+        if isinstance(self.top, bool) or not isinstance(self.top, int) or self.top < 1:
             raise ValueError(f"qe.top must be a positive integer, got {self.top!r}")
         if not self.alpha >= 0:
             raise ValueError(f"qe.alpha must be >= 0, got {self.alpha}")
         if not 0 <= self.hamming <= 1:
             raise ValueError(f"qe.hamming must be a fraction of the descriptor bits in [0, 1], got {self.hamming}")
-        if not isinstance(self.min_matches, int) or self.min_matches < 0:
+        n = self.min_matches
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"qe.min_matches must be a non-negative integer, got {self.min_matches!r}")
         return self
 

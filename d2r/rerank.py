@@ -107,7 +107,8 @@ class RerankConfig(Config):
             raise ValueError(f"RerankConfig.model must be one of {list(MODELS)}, got {self.model!r}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"RerankConfig.estimator must be one of {list(ESTIMATORS)}, got {self.estimator!r}")
-        if not isinstance(self.min_inliers, int) or self.min_inliers < 1:
+        n = self.min_inliers
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:  # True is no count
             raise ValueError(f"RerankConfig.min_inliers must be a positive integer, got {self.min_inliers!r}")
         return self
 

@@ -199,3 +199,29 @@ def test_store_remove_counts_buffered_images_and_drops_pending_failures(tmp_path
         assert "b" not in store and "c" not in store.failures and store.remove(["b"]) == 0
     store = FeatureStore.open(tmp_path / "s")
     assert store.ids() == [] and store.failures == {"d": "unreadable"}
+
+
+def test_bools_are_not_integer_settings(photos, tmp_path, capsys):
+    from d2r.expand import ExpansionConfig
+    from d2r.rerank import RerankConfig
+
+    engine = Engine.create(tmp_path / "eng", _config())
+    engine.index(photos, progress=False)
+    with pytest.raises(ValueError, match="query_num_assignments"):
+        engine.search(photos / "im0.png", query_num_assignments=True)
+    assert engine.search(photos / "im0.png", top_k=1, query_num_assignments=1)[0].image_id == "im0"
+    for bad in ({"batch_size": True}, {"workers": True}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            EngineConfig(**bad).check()
+    with pytest.raises(ValueError, match="codebook.size"):
+        EngineConfig(codebook=EngineConfig().codebook.replace(size=True)).check()
+    with pytest.raises(ValueError, match="min_inliers"):
+        RerankConfig(min_inliers=True).validate()
+    with pytest.raises(ValueError, match="qe.top"):
+        ExpansionConfig(top=True).validate()
+    with pytest.raises(ValueError, match="qe.min_matches"):
+        ExpansionConfig(min_matches=False).validate()
+    with pytest.raises(SystemExit):
+        d2r.cli.main(["search", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "none with --no-rerank" in help_text

@@ -27,7 +27,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--query-num-assignments", type=int, metavar="M",
                    help="query-side multiple assignment (default: the index's index.query_num_assignments)")
     p.add_argument("--query-expansion", choices=("none", "aqe", "hqe"),
-                   help="query expansion (default: the index's query_expansion)")
+                   help="query expansion (default: the index's query_expansion when re-ranking, none with "
+                        "--no-rerank; given with --no-rerank, it expands over the unverified top images)")
     p.add_argument("--quiet", action="store_true", help="no log lines")
     p.add_argument("--json", action="store_true", help="print one JSON line per query")
     p.set_defaults(func=run)

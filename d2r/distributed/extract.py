@@ -128,7 +128,7 @@ def extract(images, store, features="rootsift", *, model=None, pca=None, options
     t0 = time.perf_counter()
     spec = _features_spec(features, model, pca, options)
     for name, value in (("workers", workers), ("batch_size", batch_size), ("shard_bytes", shard_bytes)):
-        if value is not None and (not isinstance(value, int) or value < 1):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if gpus_per_worker is not None and not 0 < float(gpus_per_worker) <= 8:
         raise ValueError(f"gpus_per_worker must be in (0, 8], got {gpus_per_worker!r}")
