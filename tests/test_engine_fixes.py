@@ -225,3 +225,28 @@ def test_bools_are_not_integer_settings(photos, tmp_path, capsys):
         d2r.cli.main(["search", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "none with --no-rerank" in help_text
+
+
+def test_sharded_engine_is_read_only_and_reports_all_shards(photos, tmp_path):
+    from d2r.distributed import ShardedEngine
+    from d2r.features import list_images
+
+    pairs = list_images(photos)
+    shards = [tmp_path / "s0", tmp_path / "s1"]
+    for s, part in zip(shards, (pairs[:2], pairs[2:])):
+        Engine.create(s, _config()).index(part, progress=False)
+    with ShardedEngine(shards) as engine:
+        info = engine.info()
+        assert info["images"] == 4 and [s["images"] for s in info["shards"]] == [2, 2]
+        assert info["config"]["rerank"]["method"] == "usac" and len(engine) == 4
+        assert "im3" in engine and "im0" in engine and "nope" not in engine
+        for call in (lambda: engine.remove("im3"), lambda: engine.index_store(tmp_path / "s1" / "features"),
+                     lambda: engine.index(photos)):
+            with pytest.raises(ValueError, match="read-only"):
+                call()
+        assert engine.check() == []
+        assert len(Engine.open(shards[0])) == 2 and len(Engine.open(shards[1])) == 2  # nothing removed
+        seg = next((tmp_path / "s1" / "index").glob("seg*/*.npy"))
+        seg.write_bytes(seg.read_bytes()[:-4])
+        damaged = engine.check()
+        assert damaged and all(d["file"].startswith(str(tmp_path / "s1")) for d in damaged)

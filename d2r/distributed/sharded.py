@@ -70,6 +70,9 @@ class _Shard:
     def ids(self):
         return self.db.ids()
 
+    def contains(self, image_id) -> bool:
+        return image_id in self.db
+
     def features(self, image_id):
         """Stored features of ``image_id`` (None when this shard has no store or not this image)."""
         if self._store is None or image_id not in self._store:
@@ -209,6 +212,9 @@ class ShardedDatabase:
 
     def __len__(self) -> int:
         return sum(d["images"] for d in self._describe)
+
+    def __contains__(self, image_id) -> bool:
+        return any(self._call("contains", image_id))
 
     def ids(self) -> np.ndarray:
         """Live image ids, shard by shard, in insertion order."""
@@ -367,6 +373,7 @@ class ShardedEngine(Engine):
             sharded.close()
             raise
         super().__init__(Path(str(shards[0])), EngineConfig.from_dict(configs[0]))
+        self.shards = [str(s) for s in shards]
         self._db = sharded
         self._sources = _Sources(sharded)
         self._failures = {}
@@ -376,6 +383,28 @@ class ShardedEngine(Engine):
 
     def index(self, *args, **kwargs):
         raise ValueError("a sharded engine is read-only: index each shard with its own engine")
+
+    def _writing(self, lock_timeout):  # every writer (remove, index_store...) would change shard 0 only
+        raise ValueError("a sharded engine is read-only: add or remove images with the engine of their shard")
+
+    def info(self) -> dict:
+        """Counts over all shards, the shared config, and each shard's path and image count."""
+        db = self._db
+        return {"path": self.shards, "images": len(db), "failures": None, "config": self.config.to_dict(),
+                "index": {"config": db.config.to_dict(), "codebook": {"fingerprint": db.codebook.fingerprint,
+                                                                      "k": db.codebook.size,
+                                                                      "dim": db.codebook.dim}},
+                "shards": [{"path": p, "images": d["images"]} for p, d in zip(self.shards, db._describe)]}
+
+    def check(self, digests: bool = True) -> list[dict]:
+        """:meth:`Engine.check` of every shard on this machine (files named ``SHARD/...``); a shard on a Ray
+        node (``NODE_IP:/path``) is checked there with ``d2r index check``, not here (ValueError)."""
+        from d2r.engine import check_engine
+
+        remote = [s for s in self.shards if _NODE_PATH.match(s)]
+        if remote:
+            raise ValueError(f"{remote[0]}: a shard on another node; run `d2r index check` there")
+        return [dict(d, file=str(Path(s) / d["file"])) for s in self.shards for d in check_engine(s, digests)]
 
     def close(self) -> None:
         self._db.close()
