@@ -13,7 +13,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 
 
 def bench_rootsift(paths, workers):

@@ -1,6 +1,5 @@
 """Database search equals brute-force d2r.similarity; persistence, removal, compaction and crash safety."""
 
-import itertools
 import json
 import os
 import signal

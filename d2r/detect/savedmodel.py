@@ -70,7 +70,6 @@ class SavedModelDetector:
         logger.info("loaded detector %s (%s)", self.path, self.mode)
 
     def _bind(self, model):
-        tf = self._tf
         graph = getattr(model, "graph", None)
         if graph is not None and hasattr(model, "prune"):  # TF1 SavedModel: feed/fetch tensors by name
             names = {op.name for op in graph.get_operations()}

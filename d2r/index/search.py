@@ -9,9 +9,11 @@ from __future__ import annotations
 import numpy as np
 
 from d2r.aggregate import Aggregated
-from d2r.ranking import top_k_stable as top_k  # noqa: F401  (best first, ties in insertion order)
 from d2r.kernels.binary import as_words64
 from d2r.kernels.ivf import document_frequency, item_weight_sums, max_per_image, scan_bits, scan_residuals
+from d2r.ranking import top_k_stable
+
+top_k = top_k_stable  # best first, ties in insertion order (Database.search calls it through this module)
 
 EMPTY_SCORE = -1.0  # an ASMK-kind image (or region) without visual words
 
