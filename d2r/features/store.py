@@ -970,14 +970,7 @@ class FeatureStore:
         manifest = json.loads(json.dumps(self.manifest))
         for rec in manifest["shards"]:
             if "files" not in rec:
-                rec["files"] = {
-                    k: {
-                        "size": _file(self.path, rec["name"], k).stat().st_size,
-                        "digest": file_digest(_file(self.path, rec["name"], k)),
-                    }
-                    for k in _ARRAYS
-                }
-                rec["bytes"] = int(sum(f["size"] for f in rec["files"].values()))
+                _record_files(self.path, rec)
                 rec.setdefault("skip", [])
         self._write_manifest(manifest)
 
@@ -1227,6 +1220,13 @@ def _compaction_group(records: list, shard_bytes: int, full: bool) -> list[str]:
     return []
 
 
+def _record_files(folder: Path, rec: dict) -> None:
+    """Give a version-1 shard record (no file records) the sizes and digests of its files, and ``bytes``."""
+    paths = {k: _file(folder, rec["name"], k) for k in _ARRAYS}
+    rec["files"] = {k: {"size": p.stat().st_size, "digest": file_digest(p)} for k, p in paths.items()}
+    rec["bytes"] = int(sum(f["size"] for f in rec["files"].values()))
+
+
 def _verify_digests(folder: Path, rec: dict) -> None:
     _check_sizes(folder, rec)
     for key in _ARRAYS:
@@ -1318,14 +1318,7 @@ def import_shards(dest: FeatureStore, src: FeatureStore, wanted: set | None = No
             continue
         rec = json.loads(json.dumps(rec))
         if "files" not in rec:  # a version-1 store
-            rec["files"] = {
-                k: {
-                    "size": _file(src.path, rec["name"], k).stat().st_size,
-                    "digest": file_digest(_file(src.path, rec["name"], k)),
-                }
-                for k in _ARRAYS
-            }
-            rec["bytes"] = int(sum(f["size"] for f in rec["files"].values()))
+            _record_files(src.path, rec)
         _verify_digests(src.path, rec)  # untrusted input: checked where it lies, before anything is linked
         _load_shard(src.path, rec, src.dim)
         for key in _ARRAYS:
