@@ -6,14 +6,31 @@ Pure functions over :class:`~d2r.index.segment.Segment` lists; :class:`~d2r.inde
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from d2r.aggregate import Aggregated
 from d2r.ranking import top_k_stable as top_k  # noqa: F401  (best first, ties in insertion order)
 from d2r.kernels.binary import as_words64
-from d2r.kernels.ivf import document_frequency, item_weight_sums, max_per_image, scan_bits, scan_residuals
+from d2r.kernels.ivf import (document_frequency, item_weight_sums, max_per_image, scan_bits_items,
+                             scan_residuals)
 
 EMPTY_SCORE = -1.0  # an ASMK-kind image (or region) without visual words
+SCAN_THREADS = min(2, os.cpu_count() or 1)  # threads of one ASMK* query's scan (item ranges split between them)
+PARALLEL_POSTINGS = 1_000_000  # scans shorter than this run on one thread (thread hand-off would dominate)
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _scan_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max(1, SCAN_THREADS - 1), thread_name_prefix="d2r-scan")
+        return _pool
 
 
 class Ranking:
@@ -51,12 +68,32 @@ def weight_sums(segments, weights: np.ndarray) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
+def query_postings(segments, words: np.ndarray) -> int:
+    """Posting entries an ASMK query with these ``words`` scans over ``segments``."""
+    w = np.asarray(words, np.int64)
+    return sum(int((s.offsets[w + 1] - s.offsets[w]).sum()) for s in segments if s.offsets is not None)
+
+
+def _scan_bits_part(segments, q: Aggregated, config, weights, scores, part: int, parts: int) -> None:
+    """Scan item range ``part`` of ``parts`` (equal slices of every segment's items) into ``scores``."""
+    qb, c = as_words64(q.bits), config
+    start = 0
+    for s in segments:
+        m = s.num_items
+        scan_bits_items(q.words, qb, s.offsets, s.items, as_words64(s.payload), q.dim, c.alpha, c.tau,
+                        c.tau_inclusive, weights, scores[start:start + m], m * part // parts,
+                        m * (part + 1) // parts)
+        start += m
+
+
 def item_scores(segments, q: Aggregated, kernel: str, config, weights: np.ndarray, item_words: np.ndarray,
-                weight_sum=None) -> np.ndarray:
+                weight_sum=None, threads: int | None = None) -> np.ndarray:
     """Score of every item of ``segments`` (in order): exactly ``similarity(q, item)``.
 
     weights: (K,) float64 idf² or empty; item_words: (items,) |W_i|; weight_sum: () -> (items,) Σ w_c (called only
-    when normalising with weights)."""
+    when normalising with weights). threads: for ASMK*, scan on this many threads (default :data:`SCAN_THREADS`
+    when the query scans at least :data:`PARALLEL_POSTINGS` entries); each thread takes a fixed item range, so
+    scores are bit-identical whatever the thread count."""
     total = sum(s.num_items for s in segments)
     if kernel == "vlad":
         v = q.vector
@@ -67,16 +104,26 @@ def item_scores(segments, q: Aggregated, kernel: str, config, weights: np.ndarra
         scores[:] = EMPTY_SCORE
         return scores
     c = config
-    start = 0
-    for s in segments:
-        out = scores[start:start + s.num_items]
-        if kernel == "asmk_star":
-            scan_bits(q.words, as_words64(q.bits), s.offsets, s.items, as_words64(s.payload), q.dim, c.alpha,
-                      c.tau, c.tau_inclusive, weights, out)
+    if kernel == "asmk_star":
+        if threads is None:
+            threads = SCAN_THREADS if query_postings(segments, q.words) >= PARALLEL_POSTINGS else 1
+        threads = max(1, int(threads))
+        if threads == 1:
+            _scan_bits_part(segments, q, c, weights, scores, 0, 1)
         else:
+            pool = _scan_pool()
+            futures = [pool.submit(_scan_bits_part, segments, q, c, weights, scores, p, threads)
+                       for p in range(1, threads)]
+            _scan_bits_part(segments, q, c, weights, scores, 0, threads)
+            for f in futures:
+                f.result()
+    else:
+        start = 0
+        for s in segments:
+            out = scores[start:start + s.num_items]
             scan_residuals(q.words, q.descriptors, s.offsets, s.items, s.payload, c.alpha, c.tau,
                            c.tau_inclusive, weights, out)
-        start += s.num_items
+            start += s.num_items
     if c.normalize:
         if weights.shape[0]:
             norm = np.sqrt(weights[q.words].sum() * weight_sum())
