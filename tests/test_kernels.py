@@ -311,3 +311,34 @@ def test_check_postings_flags_range_and_order():
     assert check_postings(offsets, items, 5) == 2
     items[:] = [3, 4, 4, 0, 1]
     assert check_postings(offsets, items, 5) == 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_top_k_equals_stable_argsort(seed):
+    from d2r.index.search import top_k
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 400))
+    s = rng.integers(-3, 4, n).astype(np.float64)  # many exact ties
+    if seed % 2:
+        s = np.sort(s) if seed == 1 else rng.standard_normal(n)  # ascending input: every element displaces
+    s[rng.random(n) < 0.1] = -np.inf
+    for k in (1, 2, 7, n // 2, n, n + 3):
+        np.testing.assert_array_equal(top_k(s, k), np.argsort(-s, kind="stable")[:k])
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_normalize_scores_matches_numpy(weighted):
+    from d2r.kernels.ivf import normalize_scores
+
+    rng = np.random.default_rng(5)
+    m = 300
+    item_words = rng.integers(0, 4, m).astype(np.uint32)
+    sums = rng.uniform(0, 2, m) * (item_words > 0) if weighted else item_words
+    scores = rng.standard_normal(m)
+    norm = np.sqrt(7.3 * sums)
+    want = scores.copy()
+    np.divide(want, norm, out=want, where=norm > 0)
+    want[item_words == 0] = -1.0
+    normalize_scores(scores, 7.3, sums, item_words, -1.0)
+    np.testing.assert_array_equal(scores, want)

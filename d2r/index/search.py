@@ -13,10 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from d2r.aggregate import Aggregated
-from d2r.ranking import top_k_stable as top_k  # noqa: F401  (best first, ties in insertion order)
 from d2r.kernels.binary import as_words64
-from d2r.kernels.ivf import (document_frequency, item_weight_sums, max_per_image, scan_bits_items,
-                             scan_residuals)
+from d2r.kernels.ivf import (document_frequency, item_weight_sums, max_per_image, normalize_scores,
+                             scan_bits_items, scan_residuals, top_k_heap)
 
 EMPTY_SCORE = -1.0  # an ASMK-kind image (or region) without visual words
 SCAN_THREADS = min(2, os.cpu_count() or 1)  # threads of one ASMK* query's scan (item ranges split between them)
@@ -66,6 +65,16 @@ def weight_sums(segments, weights: np.ndarray) -> np.ndarray:
     """(items,) float64 Σ_{c ∈ W_i} w_c of every item (the IDF-weighted word count used to normalise)."""
     parts = [item_weight_sums(s.offsets, s.items, weights, s.num_items) for s in segments]
     return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` highest ``scores`` (1-D float64, no NaN), best first, equal scores by lower index: the
+    same as ``np.argsort(-scores, kind="stable")[:k]`` in one O(n) pass (a k-heap, numba). Returns int64."""
+    k = max(0, min(int(k), scores.shape[0]))
+    if k == 0:
+        return np.zeros(0, np.int64)
+    hs, hi = top_k_heap(np.ascontiguousarray(scores, np.float64), k)
+    return hi[np.lexsort((hi, -hs))]
 
 
 def query_postings(segments, words: np.ndarray) -> int:
@@ -126,19 +135,20 @@ def item_scores(segments, q: Aggregated, kernel: str, config, weights: np.ndarra
             start += s.num_items
     if c.normalize:
         if weights.shape[0]:
-            norm = np.sqrt(weights[q.words].sum() * weight_sum())
+            normalize_scores(scores, float(weights[q.words].sum()), weight_sum(), item_words, EMPTY_SCORE)
         else:
-            norm = np.sqrt(float(q.words.shape[0]) * item_words)
-        np.divide(scores, norm, out=scores, where=norm > 0)
-    scores[item_words == 0] = EMPTY_SCORE
+            normalize_scores(scores, float(q.words.shape[0]), item_words, item_words, EMPTY_SCORE)
+    else:
+        scores[item_words == 0] = EMPTY_SCORE
     return scores
 
 
 def image_scores(items: np.ndarray, item_image: np.ndarray, num_images: int, mode: str,
                  removed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, best item) per image from item scores; removed images score -inf."""
+    """(scores, best item) per image from item scores (in aggregation mode ``items`` itself becomes the image
+    scores: pass a fresh array); removed images score -inf."""
     if mode == "aggregation":  # exactly one item per image, in image order
-        scores = items.copy()
+        scores = items
         best = np.arange(num_images)
     else:
         scores = max_per_image(items, item_image, num_images, EMPTY_SCORE)

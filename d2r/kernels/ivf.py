@@ -138,3 +138,49 @@ def check_postings(offsets, items, num_items):
                 return 2
             prev = v
     return 0
+
+
+@njit(cache=True, nogil=True)
+def normalize_scores(scores, query_sum, item_sums, item_words, empty_value):
+    """In place: scores[i] /= sqrt(query_sum · item_sums[i]) where that is > 0, then ``empty_value`` for items
+    without words (item_words[i] == 0). item_sums (M,) float64 Σ w_c or (M,) uint32 |W_i|. One pass (M,)."""
+    for i in range(scores.shape[0]):
+        norm = np.sqrt(query_sum * np.float64(item_sums[i]))
+        if norm > 0:
+            scores[i] = scores[i] / norm
+        if item_words[i] == 0:
+            scores[i] = empty_value
+
+
+@njit(cache=True, nogil=True)
+def _sift_down(hs, hi, pos, k):
+    """Restore the heap below ``pos``: the root is the worst kept entry (lowest score; among equal scores, the
+    highest index)."""
+    while True:
+        c = 2 * pos + 1
+        if c >= k:
+            return
+        if c + 1 < k and (hs[c + 1] < hs[c] or (hs[c + 1] == hs[c] and hi[c + 1] > hi[c])):
+            c += 1
+        if hs[c] < hs[pos] or (hs[c] == hs[pos] and hi[c] > hi[pos]):
+            hs[c], hs[pos] = hs[pos], hs[c]
+            hi[c], hi[pos] = hi[pos], hi[c]
+            pos = c
+        else:
+            return
+
+
+@njit(cache=True, nogil=True)
+def top_k_heap(scores, k):
+    """(scores, indices) of the ``k`` highest ``scores`` (1-D float64, no NaN; 1 ≤ k ≤ n), unordered: the set of
+    ``argsort(-scores, stable)[:k]`` (equal scores: lower index kept). One pass with a k-heap, O(n log k) worst."""
+    hs = scores[:k].copy()
+    hi = np.arange(k)
+    for p in range(k // 2 - 1, -1, -1):
+        _sift_down(hs, hi, p, k)
+    for i in range(k, scores.shape[0]):
+        if scores[i] > hs[0]:  # a later index must be strictly better to displace an equal score
+            hs[0] = scores[i]
+            hi[0] = i
+            _sift_down(hs, hi, 0, k)
+    return hs, hi
