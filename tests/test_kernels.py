@@ -342,3 +342,21 @@ def test_normalize_scores_matches_numpy(weighted):
     want[item_words == 0] = -1.0
     normalize_scores(scores, 7.3, sums, item_words, -1.0)
     np.testing.assert_array_equal(scores, want)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lower_bound_equals_searchsorted(seed):
+    from d2r.kernels.ivf import _lower_bound
+
+    rng = np.random.default_rng(seed)
+    for _ in range(200):
+        m = int(rng.integers(1, 60))
+        n = int(rng.integers(0, 40))
+        items = np.sort(rng.integers(0, m, n)).astype(np.uint32)  # duplicates and clusters, not only even spreads
+        if rng.random() < 0.3:
+            items = np.sort(rng.integers(0, max(1, m // 5), n)).astype(np.uint32)
+        pad = int(rng.integers(0, 3))
+        arr = np.concatenate([np.full(pad, m - 1, np.uint32), items, np.zeros(pad, np.uint32)])
+        for value in range(-1, m + 2):
+            want = pad + int(np.searchsorted(items, value, side="left"))
+            assert _lower_bound(arr, pad, pad + n, value, m) == want

@@ -6,6 +6,7 @@ Pure functions over :class:`~d2r.index.segment.Segment` lists; :class:`~d2r.inde
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,8 @@ from d2r.kernels.ivf import (document_frequency, item_weight_sums, max_per_image
 EMPTY_SCORE = -1.0  # an ASMK-kind image (or region) without visual words
 SCAN_THREADS = min(2, os.cpu_count() or 1)  # threads of one ASMK* query's scan (item ranges split between them)
 PARALLEL_POSTINGS = 1_000_000  # scans shorter than this run on one thread (thread hand-off would dominate)
+PARTS_PER_THREAD = 4  # at most this many item ranges per scan thread (a range costs two searches per query word)
+PART_POSTINGS = 2_000_000  # and at least this many posting entries per range
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -101,8 +104,9 @@ def item_scores(segments, q: Aggregated, kernel: str, config, weights: np.ndarra
 
     weights: (K,) float64 idf² or empty; item_words: (items,) |W_i|; weight_sum: () -> (items,) Σ w_c (called only
     when normalising with weights). threads: for ASMK*, scan on this many threads (default :data:`SCAN_THREADS`
-    when the query scans at least :data:`PARALLEL_POSTINGS` entries); each thread takes a fixed item range, so
-    scores are bit-identical whatever the thread count."""
+    when the query scans at least :data:`PARALLEL_POSTINGS` entries); the threads take fixed item ranges (disjoint
+    scores, each summed in the same order as one scan), so scores are bit-identical whatever the thread count or
+    scheduling."""
     total = sum(s.num_items for s in segments)
     if kernel == "vlad":
         v = q.vector
@@ -114,16 +118,23 @@ def item_scores(segments, q: Aggregated, kernel: str, config, weights: np.ndarra
         return scores
     c = config
     if kernel == "asmk_star":
+        postings = query_postings(segments, q.words)
         if threads is None:
-            threads = SCAN_THREADS if query_postings(segments, q.words) >= PARALLEL_POSTINGS else 1
+            threads = SCAN_THREADS if postings >= PARALLEL_POSTINGS else 1
         threads = max(1, int(threads))
         if threads == 1:
             _scan_bits_part(segments, q, c, weights, scores, 0, 1)
-        else:
+        else:  # threads take item ranges from a queue: a descheduled thread's share goes to the others
+            parts = min(PARTS_PER_THREAD * threads, max(threads, postings // PART_POSTINGS))
+            queue = itertools.count()
+
+            def work():
+                while (p := next(queue)) < parts:
+                    _scan_bits_part(segments, q, c, weights, scores, p, parts)
+
             pool = _scan_pool()
-            futures = [pool.submit(_scan_bits_part, segments, q, c, weights, scores, p, threads)
-                       for p in range(1, threads)]
-            _scan_bits_part(segments, q, c, weights, scores, 0, threads)
+            futures = [pool.submit(work) for _ in range(1, threads)]
+            work()
             for f in futures:
                 f.result()
     else:

@@ -21,15 +21,33 @@ def scan_bits(q_words, q_bits, offsets, items, bits, dim, alpha, tau, tau_inclus
 
 
 @njit(cache=True, nogil=True)
-def _lower_bound(items, lo, hi, value):
-    """First e in [lo, hi) with items[e] >= value (items ascending there), else hi."""
-    while lo < hi:
-        mid = (lo + hi) >> 1
+def _lower_bound(items, lo, hi, value, num_items):
+    """First e in [lo, hi) with items[e] >= value (items ascending there), else hi. Item ids of a posting list
+    spread evenly over [0, num_items), so the search starts at the interpolated position and gallops outwards:
+    a few cache lines instead of log2(hi − lo) random reads."""
+    if lo >= hi:
+        return lo
+    g = lo + np.int64((hi - lo) * (value / max(num_items, 1)))
+    g = min(max(g, lo), hi - 1)
+    if np.int64(items[g]) < value:  # answer in (g, hi]
+        a, step = g + 1, 1
+        while a + step <= hi and np.int64(items[a + step - 1]) < value:
+            a += step
+            step *= 2
+        b = min(a + step, hi)
+    else:  # answer in [lo, g]
+        b, step = g, 1
+        while b - step >= lo and np.int64(items[b - step]) >= value:
+            b -= step
+            step *= 2
+        a = max(b - step + 1, lo)
+    while a < b:  # items[a - 1] < value (or a == lo) and items[b] >= value (or b == hi)
+        mid = (a + b) >> 1
         if np.int64(items[mid]) < value:
-            lo = mid + 1
+            a = mid + 1
         else:
-            hi = mid
-    return lo
+            b = mid
+    return a
 
 
 @njit(cache=True, nogil=True)
@@ -51,8 +69,8 @@ def scan_bits_items(q_words, q_bits, offsets, items, bits, dim, alpha, tau, tau_
         wt = weights[w] if use_w else 1.0
         lo, hi = offsets[w], offsets[w + 1]
         if not whole:
-            lo = _lower_bound(items, lo, hi, first)
-            hi = _lower_bound(items, lo, hi, stop)
+            lo = _lower_bound(items, lo, hi, first, scores.shape[0])
+            hi = _lower_bound(items, lo, hi, stop, scores.shape[0])
         if chunks == 2 and q_bits.itemsize == 8:  # 128-bit signatures as two uint64 words
             q0, q1 = np.uint64(q_bits[qi, 0]), np.uint64(q_bits[qi, 1])
             for e in range(lo, hi):
