@@ -560,3 +560,38 @@ def test_engine_folder_check_and_old_manifests(tmp_path, capsys):
     _damage(root / seg / "offsets.npy", "range")
     assert cli_main(["index", "check", str(tmp_path / "eng"), "--json"]) == 1
     assert [d["file"] for d in json.loads(capsys.readouterr().out)["damaged"]] == [f"index/{seg}/offsets.npy"]
+
+
+def test_repair_reindex_rebuilds_dropped_images_from_the_feature_store(tmp_path, capsys):
+    from PIL import Image
+
+    from d2r.engine import Engine
+    from tests.corpus import textured
+
+    rng = np.random.default_rng(21)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(5):
+        Image.fromarray(textured(rng, 200, 260)).save(folder / f"im{i}.png")
+    eng = tmp_path / "eng"
+    assert cli_main([str(a) for a in ("index", "create", eng, "--codebook-size", 16, "--images", folder,
+                                      "--json", "--quiet")]) == 0
+    capsys.readouterr()
+    before = Engine.open(eng)
+    ids = sorted(before.database.ids())
+    query = np.asarray(before._whole_image_features(ids[2]).descriptors)
+    want = before.database.search(query, 5)
+    seg = json.loads((eng / "index" / "manifest.json").read_text())["segments"][0]["name"]
+    _damage(eng / "index" / seg / "items.npy", "flip")
+    assert cli_main(["index", "repair", str(tmp_path / "imgs"), "--reindex"]) == 2  # not an engine folder
+    assert "engine folder" in capsys.readouterr().err
+    assert cli_main(["index", "repair", str(eng), "--reindex", "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in report["dropped_segments"]] == [seg]
+    assert report["reindexed"] == report["dropped_segments"][0]["images"] > 0
+    assert check(eng / "index") == []
+    after = Engine.open(eng).database
+    assert sorted(after.ids()) == ids
+    got = after.search(query, 5)
+    assert sorted(got.ids) == sorted(want.ids)
+    np.testing.assert_allclose(np.sort(got.scores), np.sort(want.scores), atol=1e-9)
