@@ -246,21 +246,23 @@ def time_searches(db, queries, raw_queries, rng, sampler):
 
 
 def latency_figures(lat, raw, postings=None) -> dict:
-    """p50/p95 (ms); with ``postings`` (entries each aggregated query scans): their mean and the median time per
-    posting entry over the queries (ns, whole search)."""
+    """p50/p95 (ms); with ``postings`` (entries each aggregated query scans): their mean and the median
+    time per posting entry over the queries (ns, whole search)."""
     ms = lambda v, q: round(float(np.percentile(v, q)) * 1e3, 2) if v else None  # noqa: E731
     out = {"search_ms": {"queries": len(lat), "p50": ms(lat, 50), "p95": ms(lat, 95)},
            "search_raw_ms": {"queries": len(raw), "p50": ms(raw, 50), "p95": ms(raw, 95)}}
     if postings:
         out["search_ms"]["postings_mean"] = int(np.mean(postings))
-        out["search_ms"]["ns_per_posting"] = round(float(np.median(np.array(lat) / np.array(postings))) * 1e9, 2)
+        per = np.median(np.array(lat) / np.array(postings))
+        out["search_ms"]["ns_per_posting"] = round(float(per) * 1e9, 2)
     return out
 
 
 def query_postings(db, queries) -> list[int]:
     """Posting entries each query's words hold over the index's segments."""
-    return [sum(int((np.asarray(s.offsets)[w + 1] - np.asarray(s.offsets)[w]).sum()) for s in db._searchable())
-            for w in (np.asarray(q.words, np.int64) for q in queries)]
+    from d2r.index.search import query_postings as count
+
+    return [count(db._searchable(), q.words) for q in queries]
 
 
 def search(args) -> None:

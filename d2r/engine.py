@@ -416,8 +416,9 @@ class Engine:
         return report
 
     def reindex_from_store(self, progress: bool = True, lock_timeout: float | None = 0.0) -> IndexReport:
-        """Index again, from the engine's own feature store (no re-extraction), every stored image the database
-        lacks: the images of segments that ``d2r index repair`` dropped as damaged. Takes the writer lock."""
+        """Index again, from the engine's own feature store (no re-extraction), every stored image the
+        database lacks: the images of segments that ``d2r index repair`` dropped as damaged. Takes the writer
+        lock."""
         t0 = time.perf_counter()
         report = IndexReport()
         with self._writing(lock_timeout) as store:

@@ -279,7 +279,7 @@ def test_scan_bits_matches_numpy_twin_and_item_ranges_are_exact(seed, dim):
     m, k, nbytes = 60, 25, (dim + 7) // 8
     offsets, items, bits = _postings(rng, m, k, nbytes)
     if dim % 8:
-        bits[:, -1] &= np.uint8((0xFF << (8 - dim % 8)) & 0xFF)  # padding bits are 0, as pack_bits writes them
+        bits[:, -1] &= np.uint8((0xFF << (8 - dim % 8)) & 0xFF)  # padding bits 0, as pack_bits writes
     q_words = rng.choice(k, 12, replace=False).astype(np.uint32)
     q_bits = rng.integers(0, 256, size=(12, nbytes)).astype(np.uint8)
     if dim % 8:
@@ -294,7 +294,8 @@ def test_scan_bits_matches_numpy_twin_and_item_ranges_are_exact(seed, dim):
         cuts = np.sort(rng.integers(0, m + 1, 3))  # item ranges in any split: disjoint writes, same sums
         parts = np.zeros(m)
         for first, stop in zip([0, *cuts], [*cuts, m]):
-            scan_bits_items(q_words, qb, offsets, items, b, dim, 3.0, tau, inclusive, weights, parts, first, stop)
+            scan_bits_items(q_words, qb, offsets, items, b, dim, 3.0, tau, inclusive, weights, parts, first,
+                            stop)
         np.testing.assert_array_equal(parts, want)
 
 
@@ -352,7 +353,7 @@ def test_lower_bound_equals_searchsorted(seed):
     for _ in range(200):
         m = int(rng.integers(1, 60))
         n = int(rng.integers(0, 40))
-        items = np.sort(rng.integers(0, m, n)).astype(np.uint32)  # duplicates and clusters, not only even spreads
+        items = np.sort(rng.integers(0, m, n)).astype(np.uint32)  # duplicates; clusters below
         if rng.random() < 0.3:
             items = np.sort(rng.integers(0, max(1, m // 5), n)).astype(np.uint32)
         pad = int(rng.integers(0, 3))

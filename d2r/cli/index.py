@@ -65,7 +65,8 @@ def add_parser(subparsers) -> None:
     f.add_argument("path", help="engine folder (or a database folder)")
     f.add_argument("--lock-timeout", type=float, default=0.0, help="seconds to wait for another writer")
     f.add_argument("--reindex", action="store_true",
-                   help="then index the dropped images again from the engine's feature store (no re-extraction)")
+                   help="then index the dropped images again from the engine's feature store "
+                        "(no re-extraction)")
     _common(f)
     f.set_defaults(func=run_repair)
 
@@ -264,7 +265,8 @@ def _report_damage(args, damage, action) -> int:
     if args.json:
         print(json.dumps({"healthy": False, "damaged": damage}, sort_keys=True))
     else:
-        hint = f"`d2r index repair {args.path}` drops damaged segments (`--reindex`: indexes their images again from the feature store)"
+        hint = (f"`d2r index repair {args.path}` drops damaged segments (`--reindex`: indexes their images "
+                "again from the feature store)")
         if len(damage) == 1:  # one damaged file: one line naming it
             d = damage[0]
             print(f"d2r index {action}: error: {args.path}: damaged {d['file']}: {d['problem']}; {hint}",
@@ -304,7 +306,8 @@ def run_repair(args) -> int:
     if args.reindex and not report["unrepairable"]:
         from d2r.engine import Engine
 
-        done = Engine.open(args.path).reindex_from_store(progress=not args.quiet, lock_timeout=args.lock_timeout)
+        engine = Engine.open(args.path)
+        done = engine.reindex_from_store(progress=not args.quiet, lock_timeout=args.lock_timeout)
         report["reindexed"] = len(done.indexed)
     if args.json:
         print(json.dumps(report, sort_keys=True))

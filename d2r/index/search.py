@@ -19,9 +19,9 @@ from d2r.kernels.ivf import (document_frequency, item_weight_sums, max_per_image
                              scan_bits_items, scan_residuals, top_k_heap)
 
 EMPTY_SCORE = -1.0  # an ASMK-kind image (or region) without visual words
-SCAN_THREADS = min(2, os.cpu_count() or 1)  # threads of one ASMK* query's scan (item ranges split between them)
+SCAN_THREADS = min(2, os.cpu_count() or 1)  # threads of one ASMK* query's scan (they split the item ids)
 PARALLEL_POSTINGS = 1_000_000  # scans shorter than this run on one thread (thread hand-off would dominate)
-PARTS_PER_THREAD = 4  # at most this many item ranges per scan thread (a range costs two searches per query word)
+PARTS_PER_THREAD = 4  # at most this many item ranges per scan thread (a range: two searches per query word)
 PART_POSTINGS = 2_000_000  # and at least this many posting entries per range
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -71,8 +71,8 @@ def weight_sums(segments, weights: np.ndarray) -> np.ndarray:
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` highest ``scores`` (1-D float64, no NaN), best first, equal scores by lower index: the
-    same as ``np.argsort(-scores, kind="stable")[:k]`` in one O(n) pass (a k-heap, numba). Returns int64."""
+    """Indices of the ``k`` highest ``scores`` (1-D float64, no NaN), best first, equal scores by lower index:
+    the same as ``np.argsort(-scores, kind="stable")[:k]`` in one O(n) pass (a k-heap, numba). int64 (k,)."""
     k = max(0, min(int(k), scores.shape[0]))
     if k == 0:
         return np.zeros(0, np.int64)
@@ -102,11 +102,11 @@ def item_scores(segments, q: Aggregated, kernel: str, config, weights: np.ndarra
                 weight_sum=None, threads: int | None = None) -> np.ndarray:
     """Score of every item of ``segments`` (in order): exactly ``similarity(q, item)``.
 
-    weights: (K,) float64 idf² or empty; item_words: (items,) |W_i|; weight_sum: () -> (items,) Σ w_c (called only
-    when normalising with weights). threads: for ASMK*, scan on this many threads (default :data:`SCAN_THREADS`
-    when the query scans at least :data:`PARALLEL_POSTINGS` entries); the threads take fixed item ranges (disjoint
-    scores, each summed in the same order as one scan), so scores are bit-identical whatever the thread count or
-    scheduling."""
+    weights: (K,) float64 idf² or empty; item_words: (items,) |W_i|; weight_sum: () -> (items,) Σ w_c (called
+    only when normalising with weights). threads: for ASMK*, scan on this many threads (default
+    :data:`SCAN_THREADS` when the query scans at least :data:`PARALLEL_POSTINGS` entries); the threads take
+    fixed item ranges (disjoint scores, each summed in the same order as one scan), so scores are
+    bit-identical whatever the thread count or scheduling."""
     total = sum(s.num_items for s in segments)
     if kernel == "vlad":
         v = q.vector

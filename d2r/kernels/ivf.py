@@ -11,10 +11,11 @@ from d2r.kernels.match import selectivity
 def scan_bits(q_words, q_bits, offsets, items, bits, dim, alpha, tau, tau_inclusive, weights, scores):
     """Accumulate Σ_c w_c σ(1 − 2·h/D) into ``scores[item]`` for every posting of every query word.
 
-    q_words (Wq,) int; q_bits (Wq, B) and bits (E, B) packed signatures of the same unsigned dtype (uint64 words
-    of 128-bit signatures take two popcounts); offsets (K+1,) int64 CSR word offsets into items/bits; items (E,)
-    uint32 item ids; weights (K,) float64 or empty; scores (num_items,) float64, updated in place. Cost: the total
-    length of the query words' posting lists. σ depends only on the Hamming distance h, so it is tabulated once.
+    q_words (Wq,) int; q_bits (Wq, B) and bits (E, B) packed signatures of the same unsigned dtype (uint64
+    words of 128-bit signatures take two popcounts); offsets (K+1,) int64 CSR word offsets into items/bits;
+    items (E,) uint32 item ids; weights (K,) float64 or empty; scores (num_items,) float64, updated in place.
+    Cost: the total length of the query words' posting lists. σ depends only on the Hamming distance h, so it
+    is tabulated once.
     """
     scan_bits_items(q_words, q_bits, offsets, items, bits, dim, alpha, tau, tau_inclusive, weights, scores,
                     0, scores.shape[0])
@@ -53,10 +54,10 @@ def _lower_bound(items, lo, hi, value, num_items):
 @njit(cache=True, nogil=True)
 def scan_bits_items(q_words, q_bits, offsets, items, bits, dim, alpha, tau, tau_inclusive, weights, scores,
                     first, stop):
-    """:func:`scan_bits` restricted to the postings of items in [first, stop): each posting list is ascending in
-    item id (validated when a segment is opened), so two binary searches find the range. Threads scanning disjoint
-    item ranges write disjoint scores, and every item's sum is taken in the same order as one full scan
-    (bit-identical results)."""
+    """:func:`scan_bits` restricted to the postings of items in [first, stop): each posting list is ascending
+    in item id (validated when a segment is opened), so two searches per word find the range. Threads scanning
+    disjoint item ranges write disjoint scores, and every item's sum is taken in the same order as one full
+    scan (bit-identical results)."""
     nbits = q_bits.shape[1] * q_bits.itemsize * 8
     table = np.empty(nbits + 1)  # h can exceed dim only through padding bits of a damaged file
     for h in range(nbits + 1):
@@ -190,8 +191,9 @@ def _sift_down(hs, hi, pos, k):
 
 @njit(cache=True, nogil=True)
 def top_k_heap(scores, k):
-    """(scores, indices) of the ``k`` highest ``scores`` (1-D float64, no NaN; 1 ≤ k ≤ n), unordered: the set of
-    ``argsort(-scores, stable)[:k]`` (equal scores: lower index kept). One pass with a k-heap, O(n log k) worst."""
+    """(scores, indices) of the ``k`` highest ``scores`` (1-D float64, no NaN; 1 ≤ k ≤ n), unordered: the set
+    of ``argsort(-scores, stable)[:k]`` (equal scores: lower index kept). One pass with a k-heap, O(n log k)
+    at worst."""
     hs = scores[:k].copy()
     hi = np.arange(k)
     for p in range(k // 2 - 1, -1, -1):
