@@ -21,7 +21,7 @@ from d2r.kernels.ivf import (document_frequency, item_weight_sums, max_per_image
 EMPTY_SCORE = -1.0  # an ASMK-kind image (or region) without visual words
 SCAN_THREADS = min(2, os.cpu_count() or 1)  # threads of one ASMK* query's scan (they split the item ids)
 PARALLEL_POSTINGS = 1_000_000  # scans shorter than this run on one thread (thread hand-off would dominate)
-PARTS_PER_THREAD = 4  # at most this many item ranges per scan thread (a range: two searches per query word)
+PARTS_PER_THREAD = 2  # at most this many item ranges per scan thread (a range: two searches per query word)
 PART_POSTINGS = 2_000_000  # and at least this many posting entries per range
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
