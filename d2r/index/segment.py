@@ -31,7 +31,8 @@ from d2r._io import fsync_dir
 from d2r.kernels.ivf import check_postings
 
 PAYLOAD = {"asmk_star": "bits", "asmk": "residuals", "vlad": "vectors"}
-HINT = "index damaged; `d2r index check` lists the damaged files, `d2r index repair` drops them"
+HINT = ("index damaged; `d2r index check` lists the damaged files, `d2r index repair` drops them (`--reindex`: "
+        "indexes their images again from the engine's feature store)")
 
 
 class DamagedError(ValueError):
