@@ -445,6 +445,19 @@ class Engine:
         report.seconds = time.perf_counter() - t0
         return report
 
+    def reindex_from_store(self, progress: bool = True, lock_timeout: float | None = 0.0) -> IndexReport:
+        """Index again, from the engine's own feature store (no re-extraction), every stored image the
+        database lacks: the images of segments that ``d2r index repair`` dropped as damaged. Takes the writer
+        lock."""
+        t0 = time.perf_counter()
+        report = IndexReport()
+        with self._writing(lock_timeout) as store:
+            if self._db is not None:
+                todo = [i for i in store.ids() if i not in self]
+                self._index_stored(store, todo, report, progress, None)
+        report.seconds = time.perf_counter() - t0
+        return report
+
     def _index_stored(self, store, todo: list, report: IndexReport, progress: bool, on_done) -> None:
         """Phases 2 and 3 of indexing: a codebook if needed, then the stored images ``todo`` by saved batch."""
         # Phase 2: a codebook, trained on the store when none was given.

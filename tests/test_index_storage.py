@@ -170,6 +170,9 @@ def test_random_saves_equal_single_batch(tmp_path, seed, cfg):
                     assert list(a.ids) == list(b.ids)
                     np.testing.assert_allclose(a.scores, b.scores, atol=1e-9, rtol=0)
                     np.testing.assert_array_equal(a.regions, b.regions)
+                    one = db.item_scores(q, _threads=1)  # item ranges on threads: bit-identical sums
+                    for threads in (2, 3):
+                        np.testing.assert_array_equal(db.item_scores(q, _threads=threads), one)
                 if cfg.get("idf"):
                     np.testing.assert_array_equal(db.statistics()["df"], ref.statistics()["df"])
     assert len(db._segments) <= 12
@@ -386,6 +389,11 @@ def _damage(path: Path, how: str):
             a = a.astype("S") if a.dtype.kind == "U" else a.astype(np.int64 if a.dtype != np.int64 else np.int32)
         elif how == "shape":
             a = np.concatenate([a, a[:1]]) if a.shape[0] else np.zeros((1,) + a.shape[1:], a.dtype)
+        elif how == "order":  # two postings of one word swapped: ids in range, but the list out of order
+            off = np.load(path.with_name("offsets.npy"))
+            w = int(np.flatnonzero(np.diff(off) >= 2)[0])
+            a = a.copy()
+            a[off[w]], a[off[w] + 1] = a[off[w] + 1], a[off[w]]
         elif how == "range":
             a = a.copy()
             a[-1] = np.iinfo(a.dtype).max if path.name != "offsets.npy" else a[-1] + 5
@@ -397,7 +405,7 @@ def _damage(path: Path, how: str):
 SEGMENT_FILES = ["image_ids.npy", "item_image.npy", "item_region.npy", "item_words.npy", "offsets.npy",
                  "items.npy", "bits.npy"]
 CORPUS = ([(f, how) for f in SEGMENT_FILES for how in ("truncate", "flip", "dtype", "shape", "missing")]
-          + [(f, "range") for f in ("items.npy", "offsets.npy", "item_image.npy")]
+          + [(f, "range") for f in ("items.npy", "offsets.npy", "item_image.npy")] + [("items.npy", "order")]
           + [("removed", how) for how in ("truncate", "flip", "dtype", "shape", "missing")]
           + [("codebook.npz", how) for how in ("truncate", "flip", "missing", "garbage")]
           + [("manifest.json", how) for how in ("truncate", "missing", "garbage")])
@@ -552,3 +560,38 @@ def test_engine_folder_check_and_old_manifests(tmp_path, capsys):
     _damage(root / seg / "offsets.npy", "range")
     assert cli_main(["index", "check", str(tmp_path / "eng"), "--json"]) == 1
     assert [d["file"] for d in json.loads(capsys.readouterr().out)["damaged"]] == [f"index/{seg}/offsets.npy"]
+
+
+def test_repair_reindex_rebuilds_dropped_images_from_the_feature_store(tmp_path, capsys):
+    from PIL import Image
+
+    from d2r.engine import Engine
+    from tests.corpus import textured
+
+    rng = np.random.default_rng(21)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(5):
+        Image.fromarray(textured(rng, 200, 260)).save(folder / f"im{i}.png")
+    eng = tmp_path / "eng"
+    assert cli_main([str(a) for a in ("index", "create", eng, "--codebook-size", 16, "--images", folder,
+                                      "--json", "--quiet")]) == 0
+    capsys.readouterr()
+    before = Engine.open(eng)
+    ids = sorted(before.database.ids())
+    query = np.asarray(before._whole_image_features(ids[2]).descriptors)
+    want = before.database.search(query, 5)
+    seg = json.loads((eng / "index" / "manifest.json").read_text())["segments"][0]["name"]
+    _damage(eng / "index" / seg / "items.npy", "flip")
+    assert cli_main(["index", "repair", str(tmp_path / "imgs"), "--reindex"]) == 2  # not an engine folder
+    assert "engine folder" in capsys.readouterr().err
+    assert cli_main(["index", "repair", str(eng), "--reindex", "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in report["dropped_segments"]] == [seg]
+    assert report["reindexed"] == report["dropped_segments"][0]["images"] > 0
+    assert check(eng / "index") == []
+    after = Engine.open(eng).database
+    assert sorted(after.ids()) == ids
+    got = after.search(query, 5)
+    assert sorted(got.ids) == sorted(want.ids)
+    np.testing.assert_allclose(np.sort(got.scores), np.sort(want.scores), atol=1e-9)

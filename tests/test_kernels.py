@@ -234,3 +234,130 @@ def test_popcount_on_uint64_views_equals_bytes():
     for i in range(29):
         assert kb.hamming(wide[i], wide[i + 1]) == kb.hamming(rows[i], rows[i + 1]) == ref.hamming(rows[i], rows[i + 1])
     assert kb.as_words64(rows[:, :3]).dtype == np.uint8  # 3 bytes: no 64-bit view
+
+
+def test_popcount64_matches_numpy_bit_count():
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.integers(0, 256, (200, 8), dtype=np.uint8).view(np.uint64).ravel(),
+                        np.array([0, 1, 2**63, 2**64 - 1, 0x5555555555555555], np.uint64)])
+    want = np.unpackbits(x.view(np.uint8)).reshape(len(x), 64).sum(1)
+    from numba import njit
+
+    count = njit(lambda v: np.array([kb.popcount64(e) for e in v]))
+    np.testing.assert_array_equal(count(x), want)
+
+
+def _postings(rng, num_items, num_words, nbytes):
+    """Random CSR posting lists (items ascending within a word) with packed signatures."""
+    lists = [np.sort(rng.choice(num_items, int(rng.integers(0, num_items + 1)), replace=False))
+             for _ in range(num_words)]
+    offsets = np.zeros(num_words + 1, np.int64)
+    offsets[1:] = np.cumsum([len(x) for x in lists])
+    items = np.concatenate(lists).astype(np.uint32)
+    bits = rng.integers(0, 256, size=(items.shape[0], nbytes)).astype(np.uint8)
+    return offsets, items, bits
+
+
+def _scan_twin(q_words, q_bits, offsets, items, bits, dim, alpha, tau, inclusive, weights, num_items):
+    """Plain numpy: per query word, Hamming distances by unpackbits, σ from the same tabulated selectivity."""
+    table = np.array([km.selectivity(1.0 - 2.0 * h / dim, alpha, tau, inclusive) for h in range(dim + 1)])
+    scores = np.zeros(num_items)
+    for qi, w in enumerate(q_words):
+        lo, hi = offsets[w], offsets[w + 1]
+        h = np.unpackbits(np.bitwise_xor(bits[lo:hi], q_bits[qi]), axis=1).sum(1)
+        wt = weights[w] if weights.shape[0] else 1.0
+        np.add.at(scores, items[lo:hi].astype(np.int64), table[h] * wt)  # in posting order, like the kernel
+    return scores
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("dim", [128, 64, 96, 100, 256])
+def test_scan_bits_matches_numpy_twin_and_item_ranges_are_exact(seed, dim):
+    from d2r.kernels.ivf import scan_bits, scan_bits_items
+
+    rng = np.random.default_rng(seed)
+    m, k, nbytes = 60, 25, (dim + 7) // 8
+    offsets, items, bits = _postings(rng, m, k, nbytes)
+    if dim % 8:
+        bits[:, -1] &= np.uint8((0xFF << (8 - dim % 8)) & 0xFF)  # padding bits 0, as pack_bits writes
+    q_words = rng.choice(k, 12, replace=False).astype(np.uint32)
+    q_bits = rng.integers(0, 256, size=(12, nbytes)).astype(np.uint8)
+    if dim % 8:
+        q_bits[:, -1] &= np.uint8((0xFF << (8 - dim % 8)) & 0xFF)
+    for tau, inclusive, weights in ((0.0, False, np.zeros(0)), (-0.25, True, rng.uniform(0.5, 3, k))):
+        want = _scan_twin(q_words, q_bits, offsets, items, bits, dim, 3.0, tau, inclusive, weights, m)
+        qb, b = kb.as_words64(q_bits), kb.as_words64(bits)
+        assert (qb.dtype == np.uint64) == (dim % 64 == 0)
+        got = np.zeros(m)
+        scan_bits(q_words, qb, offsets, items, b, dim, 3.0, tau, inclusive, weights, got)
+        np.testing.assert_array_equal(got, want)
+        cuts = np.sort(rng.integers(0, m + 1, 3))  # item ranges in any split: disjoint writes, same sums
+        parts = np.zeros(m)
+        for first, stop in zip([0, *cuts], [*cuts, m]):
+            scan_bits_items(q_words, qb, offsets, items, b, dim, 3.0, tau, inclusive, weights, parts, first,
+                            stop)
+        np.testing.assert_array_equal(parts, want)
+
+
+def test_check_postings_flags_range_and_order():
+    from d2r.kernels.ivf import check_postings
+
+    offsets = np.array([0, 3, 3, 5], np.int64)
+    items = np.array([0, 2, 2, 1, 4], np.uint32)
+    assert check_postings(offsets, items, 5) == 0
+    assert check_postings(offsets, items, 4) == 1
+    items[1] = 3  # 3 then 2 within word 0
+    assert check_postings(offsets, items, 5) == 2
+    items[:] = [0, 1, 4, 4, 3]  # 4 then 3 within word 2
+    assert check_postings(offsets, items, 5) == 2
+    items[:] = [3, 4, 4, 0, 1]
+    assert check_postings(offsets, items, 5) == 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_top_k_equals_stable_argsort(seed):
+    from d2r.index.search import top_k
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 400))
+    s = rng.integers(-3, 4, n).astype(np.float64)  # many exact ties
+    if seed % 2:
+        s = np.sort(s) if seed == 1 else rng.standard_normal(n)  # ascending input: every element displaces
+    s[rng.random(n) < 0.1] = -np.inf
+    for k in (1, 2, 7, n // 2, n, n + 3):
+        np.testing.assert_array_equal(top_k(s, k), np.argsort(-s, kind="stable")[:k])
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_normalize_scores_matches_numpy(weighted):
+    from d2r.kernels.ivf import normalize_scores
+
+    rng = np.random.default_rng(5)
+    m = 300
+    item_words = rng.integers(0, 4, m).astype(np.uint32)
+    sums = rng.uniform(0, 2, m) * (item_words > 0) if weighted else item_words
+    scores = rng.standard_normal(m)
+    norm = np.sqrt(7.3 * sums)
+    want = scores.copy()
+    np.divide(want, norm, out=want, where=norm > 0)
+    want[item_words == 0] = -1.0
+    normalize_scores(scores, 7.3, sums, item_words, -1.0)
+    np.testing.assert_array_equal(scores, want)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lower_bound_equals_searchsorted(seed):
+    from d2r.kernels.ivf import _lower_bound
+
+    rng = np.random.default_rng(seed)
+    for _ in range(200):
+        m = int(rng.integers(1, 60))
+        n = int(rng.integers(0, 40))
+        items = np.sort(rng.integers(0, m, n)).astype(np.uint32)  # duplicates; clusters below
+        if rng.random() < 0.3:
+            items = np.sort(rng.integers(0, max(1, m // 5), n)).astype(np.uint32)
+        pad = int(rng.integers(0, 3))
+        arr = np.concatenate([np.full(pad, m - 1, np.uint32), items, np.zeros(pad, np.uint32)])
+        for value in range(-1, m + 2):
+            want = pad + int(np.searchsorted(items, value, side="left"))
+            assert _lower_bound(arr, pad, pad + n, value, m) == want

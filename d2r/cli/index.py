@@ -64,6 +64,9 @@ def add_parser(subparsers) -> None:
     f = sub.add_parser("repair", help="drop damaged segments (their images must be indexed again) and commit")
     f.add_argument("path", help="engine folder (or a database folder)")
     f.add_argument("--lock-timeout", type=float, default=0.0, help="seconds to wait for another writer")
+    f.add_argument("--reindex", action="store_true",
+                   help="then index the dropped images again from the engine's feature store "
+                        "(no re-extraction)")
     _common(f)
     f.set_defaults(func=run_repair)
 
@@ -265,7 +268,8 @@ def _report_damage(args, damage, action) -> int:
     if args.json:
         print(json.dumps({"healthy": False, "damaged": damage}, sort_keys=True))
     else:
-        hint = f"`d2r index repair {args.path}` drops damaged segments (their images must then be indexed again)"
+        hint = (f"`d2r index repair {args.path}` drops damaged segments (`--reindex`: indexes their images "
+                "again from the feature store)")
         if len(damage) == 1:  # one damaged file: one line naming it
             d = damage[0]
             print(f"d2r index {action}: error: {args.path}: damaged {d['file']}: {d['problem']}; {hint}",
@@ -304,11 +308,21 @@ def run_repair(args) -> int:
     path = Path(args.path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such folder")
+    is_engine = (path / "engine.json").is_file()
+    if args.reindex and not is_engine:
+        print(f"error: {args.path}: --reindex needs an engine folder (its feature store holds the features)",
+              file=sys.stderr)
+        return 2
     # an engine folder: its writer lock first, as every other writer of the engine takes it
-    engine_lock = (WriterLock(path, args.lock_timeout, what="index") if (path / "engine.json").is_file()
-                   else contextlib.nullcontext())
+    engine_lock = WriterLock(path, args.lock_timeout, what="index") if is_engine else contextlib.nullcontext()
     with engine_lock:
         report = repair(_database_dir(path), lock_timeout=args.lock_timeout)
+    if args.reindex and not report["unrepairable"]:
+        from d2r.engine import Engine
+
+        engine = Engine.open(args.path)
+        done = engine.reindex_from_store(progress=not args.quiet, lock_timeout=args.lock_timeout)
+        report["reindexed"] = len(done.indexed)
     if args.json:
         print(json.dumps(report, sort_keys=True))
     elif not args.quiet:
@@ -316,6 +330,8 @@ def run_repair(args) -> int:
             print(f"{args.path}: nothing to repair")
         for seg in report["dropped_segments"]:
             print(f"dropped {seg['name']} ({seg['images']} images lost: index them again)")
+        if "reindexed" in report:
+            print(f"indexed {report['reindexed']} image(s) again from the feature store")
         if report["removal_table_reset"]:
             print("removal table was damaged: removed images are back in the index (remove them again)")
     return 1 if report["unrepairable"] else 0

@@ -551,25 +551,25 @@ class Database:
             return query
         return self._query_agg(getattr(query, "descriptors", query))
 
-    def item_scores(self, query, *, idf=None) -> np.ndarray:
+    def item_scores(self, query, *, idf=None, _threads=None) -> np.ndarray:
         """Score of every item (over all segments, removed ones included): exactly ``similarity(q, item)``.
         ``idf`` (K,) float64 replaces the database's own idf (e.g. statistics combined over shards)."""
         q = self._as_query(query)
         segments = self._searchable()
         weights = self._weights(idf) if self.kernel != "vlad" else np.zeros(0)
         return _search.item_scores(segments, q, self.kernel, self.config, weights, self._item_words(),
-                                   lambda: self._item_weight_sums(weights))
+                                   lambda: self._item_weight_sums(weights), threads=_threads)
 
-    def image_scores(self, query, *, idf=None) -> tuple[np.ndarray, np.ndarray]:
+    def image_scores(self, query, *, idf=None, _threads=None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, best item) per image (global index); removed images score -inf."""
-        items = self.item_scores(query, idf=idf)
+        items = self.item_scores(query, idf=idf, _threads=_threads)
         return _search.image_scores(items, self._item_image(), self._num_images_total(), self.mode, self._removed)
 
-    def search(self, query, top_k: int = 100, *, idf=None) -> Ranking:
+    def search(self, query, top_k: int = 100, *, idf=None, _threads=None) -> Ranking:
         """Rank the database for a query: (N, D) descriptors (aggregated with ``query_num_assignments``, no
         regions), an object with ``.descriptors``, or an :class:`Aggregated` record. Top-k by partial selection;
         equal scores are ordered by insertion. ``idf``: as in :meth:`item_scores`."""
-        scores, best = self.image_scores(query, idf=idf)
+        scores, best = self.image_scores(query, idf=idf, _threads=_threads)
         k = min(int(top_k), len(self))
         if k <= 0:
             return Ranking(self._out_ids(np.zeros(0, str)), np.zeros(0), np.zeros(0, np.int64))
@@ -591,7 +591,8 @@ class Database:
         if workers <= 1:
             return [self.search(q, top_k, idf=idf) for q in queries]
         with ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(lambda q: self.search(q, top_k, idf=idf), queries))
+            # one scan thread per query: the queries already fill the cores
+            return list(pool.map(lambda q: self.search(q, top_k, idf=idf, _threads=1), queries))
 
     def _item_regions(self) -> np.ndarray:
         return np.concatenate([np.asarray(s.item_region, np.int64) for s in self._searchable()])

@@ -6,16 +6,33 @@ Pure functions over :class:`~d2r.index.segment.Segment` lists; :class:`~d2r.inde
 
 from __future__ import annotations
 
+import itertools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from d2r.aggregate import Aggregated
 from d2r.kernels.binary import as_words64
-from d2r.kernels.ivf import document_frequency, item_weight_sums, max_per_image, scan_bits, scan_residuals
-from d2r.ranking import top_k_stable
-
-top_k = top_k_stable  # best first, ties in insertion order (Database.search calls it through this module)
+from d2r.kernels.ivf import (document_frequency, item_weight_sums, max_per_image, normalize_scores,
+                             scan_bits_items, scan_residuals, top_k_heap)
 
 EMPTY_SCORE = -1.0  # an ASMK-kind image (or region) without visual words
+SCAN_THREADS = min(2, os.cpu_count() or 1)  # threads of one ASMK* query's scan (they split the item ids)
+PARALLEL_POSTINGS = 1_000_000  # scans shorter than this run on one thread (thread hand-off would dominate)
+PARTS_PER_THREAD = 2  # at most this many item ranges per scan thread (a range: two searches per query word)
+PART_POSTINGS = 2_000_000  # and at least this many posting entries per range
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _scan_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max(1, SCAN_THREADS - 1), thread_name_prefix="d2r-scan")
+        return _pool
 
 
 class Ranking:
@@ -53,12 +70,43 @@ def weight_sums(segments, weights: np.ndarray) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` highest ``scores`` (1-D float64, no NaN), best first, equal scores by lower index:
+    the same as ``np.argsort(-scores, kind="stable")[:k]`` in one O(n) pass (a k-heap, numba). int64 (k,)."""
+    k = max(0, min(int(k), scores.shape[0]))
+    if k == 0:
+        return np.zeros(0, np.int64)
+    hs, hi = top_k_heap(np.ascontiguousarray(scores, np.float64), k)
+    return hi[np.lexsort((hi, -hs))]
+
+
+def query_postings(segments, words: np.ndarray) -> int:
+    """Posting entries an ASMK query with these ``words`` scans over ``segments``."""
+    w = np.asarray(words, np.int64)
+    return sum(int((s.offsets[w + 1] - s.offsets[w]).sum()) for s in segments if s.offsets is not None)
+
+
+def _scan_bits_part(segments, q: Aggregated, config, weights, scores, part: int, parts: int) -> None:
+    """Scan item range ``part`` of ``parts`` (equal slices of every segment's items) into ``scores``."""
+    qb, c = as_words64(q.bits), config
+    start = 0
+    for s in segments:
+        m = s.num_items
+        scan_bits_items(q.words, qb, s.offsets, s.items, as_words64(s.payload), q.dim, c.alpha, c.tau,
+                        c.tau_inclusive, weights, scores[start:start + m], m * part // parts,
+                        m * (part + 1) // parts)
+        start += m
+
+
 def item_scores(segments, q: Aggregated, kernel: str, config, weights: np.ndarray, item_words: np.ndarray,
-                weight_sum=None) -> np.ndarray:
+                weight_sum=None, threads: int | None = None) -> np.ndarray:
     """Score of every item of ``segments`` (in order): exactly ``similarity(q, item)``.
 
-    weights: (K,) float64 idf² or empty; item_words: (items,) |W_i|; weight_sum: () -> (items,) Σ w_c (called only
-    when normalising with weights)."""
+    weights: (K,) float64 idf² or empty; item_words: (items,) |W_i|; weight_sum: () -> (items,) Σ w_c (called
+    only when normalising with weights). threads: for ASMK*, scan on this many threads (default
+    :data:`SCAN_THREADS` when the query scans at least :data:`PARALLEL_POSTINGS` entries); the threads take
+    fixed item ranges (disjoint scores, each summed in the same order as one scan), so scores are
+    bit-identical whatever the thread count or scheduling."""
     total = sum(s.num_items for s in segments)
     if kernel == "vlad":
         v = q.vector
@@ -69,31 +117,49 @@ def item_scores(segments, q: Aggregated, kernel: str, config, weights: np.ndarra
         scores[:] = EMPTY_SCORE
         return scores
     c = config
-    start = 0
-    for s in segments:
-        out = scores[start:start + s.num_items]
-        if kernel == "asmk_star":
-            scan_bits(q.words, as_words64(q.bits), s.offsets, s.items, as_words64(s.payload), q.dim, c.alpha,
-                      c.tau, c.tau_inclusive, weights, out)
-        else:
+    if kernel == "asmk_star":
+        postings = query_postings(segments, q.words)
+        if threads is None:
+            threads = SCAN_THREADS if postings >= PARALLEL_POSTINGS else 1
+        threads = max(1, int(threads))
+        if threads == 1:
+            _scan_bits_part(segments, q, c, weights, scores, 0, 1)
+        else:  # threads take item ranges from a queue: a descheduled thread's share goes to the others
+            parts = min(PARTS_PER_THREAD * threads, max(threads, postings // PART_POSTINGS))
+            queue = itertools.count()
+
+            def work():
+                while (p := next(queue)) < parts:
+                    _scan_bits_part(segments, q, c, weights, scores, p, parts)
+
+            pool = _scan_pool()
+            futures = [pool.submit(work) for _ in range(1, threads)]
+            work()
+            for f in futures:
+                f.result()
+    else:
+        start = 0
+        for s in segments:
+            out = scores[start:start + s.num_items]
             scan_residuals(q.words, q.descriptors, s.offsets, s.items, s.payload, c.alpha, c.tau,
                            c.tau_inclusive, weights, out)
-        start += s.num_items
+            start += s.num_items
     if c.normalize:
         if weights.shape[0]:
-            norm = np.sqrt(weights[q.words].sum() * weight_sum())
+            normalize_scores(scores, float(weights[q.words].sum()), weight_sum(), item_words, EMPTY_SCORE)
         else:
-            norm = np.sqrt(float(q.words.shape[0]) * item_words)
-        np.divide(scores, norm, out=scores, where=norm > 0)
-    scores[item_words == 0] = EMPTY_SCORE
+            normalize_scores(scores, float(q.words.shape[0]), item_words, item_words, EMPTY_SCORE)
+    else:
+        scores[item_words == 0] = EMPTY_SCORE
     return scores
 
 
 def image_scores(items: np.ndarray, item_image: np.ndarray, num_images: int, mode: str,
                  removed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, best item) per image from item scores; removed images score -inf."""
+    """(scores, best item) per image from item scores (in aggregation mode ``items`` itself becomes the image
+    scores: pass a fresh array); removed images score -inf."""
     if mode == "aggregation":  # exactly one item per image, in image order
-        scores = items.copy()
+        scores = items
         best = np.arange(num_images)
     else:
         scores = max_per_image(items, item_image, num_images, EMPTY_SCORE)

@@ -28,9 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from d2r._io import fsync_dir
+from d2r.kernels.ivf import check_postings
 
 PAYLOAD = {"asmk_star": "bits", "asmk": "residuals", "vlad": "vectors"}
-HINT = "index damaged; `d2r index check` lists the damaged files, `d2r index repair` drops them"
+HINT = ("index damaged; `d2r index check` lists the damaged files, `d2r index repair` drops them (`--reindex`: "
+        "indexes their images again from the engine's feature store)")
 
 
 class DamagedError(ValueError):
@@ -283,8 +285,10 @@ class Segment:
             if self.payload.shape[0] != e:
                 raise DamagedError(where / f"{PAYLOAD[kernel]}.npy", f"{self.payload.shape[0]} rows for {e} "
                                    f"posting entries")
-            if e and int(np.asarray(self.items).max()) >= m:
-                raise DamagedError(where / "items.npy", f"item ids outside [0, {m})")
+            bad = check_postings(off, self.items, m) if e else 0
+            if bad:
+                raise DamagedError(where / "items.npy", f"item ids outside [0, {m})" if bad == 1 else
+                                   "item ids not ascending within a word's posting list")
             if int(np.asarray(self.item_words, np.int64).sum()) != e:
                 raise DamagedError(where / "item_words.npy", f"word counts do not add up to {e} entries")
         if record is not None:

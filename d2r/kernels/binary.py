@@ -1,7 +1,9 @@
 """Binary signatures (ASMK*): sign or threshold binarisation packed MSB-first, and popcount Hamming distance."""
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 
 @njit(cache=True)
@@ -31,19 +33,23 @@ def pack_bits(unit, words, thresholds):
     return out
 
 
-_M1 = np.uint64(0x5555555555555555)
-_M2 = np.uint64(0x3333333333333333)
-_M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
-_H01 = np.uint64(0x0101010101010101)
+@intrinsic
+def _ctpop64(typingctx, x):
+    """llvm.ctpop.i64: one POPCNT instruction on CPUs that have it (numba compiles for the host CPU)."""
+    if x != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        fn = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(64)])
+        return builder.call(fn, [args[0]])
+
+    return types.int64(types.uint64), codegen
 
 
 @njit(cache=True, inline="always")
 def popcount64(x):
-    """Set bits of a uint64 (SWAR; all constants uint64 so numba never mixes signedness)."""
-    x = x - ((x >> np.uint64(1)) & _M1)
-    x = (x & _M2) + ((x >> np.uint64(2)) & _M2)
-    x = (x + (x >> np.uint64(4))) & _M4
-    return np.int64((x * _H01) >> np.uint64(56))
+    """Set bits of a uint64 (hardware popcount)."""
+    return _ctpop64(np.uint64(x))
 
 
 @njit(cache=True, inline="always")

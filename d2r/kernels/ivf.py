@@ -3,7 +3,7 @@
 import numpy as np
 from numba import njit
 
-from d2r.kernels.binary import popcount
+from d2r.kernels.binary import popcount, popcount64
 from d2r.kernels.match import selectivity
 
 
@@ -11,25 +11,79 @@ from d2r.kernels.match import selectivity
 def scan_bits(q_words, q_bits, offsets, items, bits, dim, alpha, tau, tau_inclusive, weights, scores):
     """Accumulate Σ_c w_c σ(1 − 2·h/D) into ``scores[item]`` for every posting of every query word.
 
-    q_words (Wq,) int; q_bits (Wq, B) and bits (E, B) packed signatures of the same unsigned dtype; offsets
-    (K+1,) int64 CSR word offsets into items/bits; items (E,) uint32 item ids; weights (K,) float64 or empty;
-    scores (num_items,) float64, updated in place. Cost: the total length of the query words' posting lists.
-    σ depends only on the Hamming distance h ∈ [0, D], so it is tabulated once and added without a branch.
+    q_words (Wq,) int; q_bits (Wq, B) and bits (E, B) packed signatures of the same unsigned dtype (uint64
+    words of 128-bit signatures take two popcounts); offsets (K+1,) int64 CSR word offsets into items/bits;
+    items (E,) uint32 item ids; weights (K,) float64 or empty; scores (num_items,) float64, updated in place.
+    Cost: the total length of the query words' posting lists. σ depends only on the Hamming distance h, so it
+    is tabulated once.
     """
-    table = np.empty(dim + 1)
-    for h in range(dim + 1):
-        table[h] = selectivity(1.0 - 2.0 * h / dim, alpha, tau, tau_inclusive)
+    scan_bits_items(q_words, q_bits, offsets, items, bits, dim, alpha, tau, tau_inclusive, weights, scores,
+                    0, scores.shape[0])
+
+
+@njit(cache=True, nogil=True)
+def _lower_bound(items, lo, hi, value, num_items):
+    """First e in [lo, hi) with items[e] >= value (items ascending there), else hi. Item ids of a posting list
+    spread evenly over [0, num_items), so the search starts at the interpolated position and gallops outwards:
+    a few cache lines instead of log2(hi − lo) random reads."""
+    if lo >= hi:
+        return lo
+    g = lo + np.int64((hi - lo) * (value / max(num_items, 1)))
+    g = min(max(g, lo), hi - 1)
+    if np.int64(items[g]) < value:  # answer in (g, hi]
+        a, step = g + 1, 1
+        while a + step <= hi and np.int64(items[a + step - 1]) < value:
+            a += step
+            step *= 2
+        b = min(a + step, hi)
+    else:  # answer in [lo, g]
+        b, step = g, 1
+        while b - step >= lo and np.int64(items[b - step]) >= value:
+            b -= step
+            step *= 2
+        a = max(b - step + 1, lo)
+    while a < b:  # items[a - 1] < value (or a == lo) and items[b] >= value (or b == hi)
+        mid = (a + b) >> 1
+        if np.int64(items[mid]) < value:
+            a = mid + 1
+        else:
+            b = mid
+    return a
+
+
+@njit(cache=True, nogil=True)
+def scan_bits_items(q_words, q_bits, offsets, items, bits, dim, alpha, tau, tau_inclusive, weights, scores,
+                    first, stop):
+    """:func:`scan_bits` restricted to the postings of items in [first, stop): each posting list is ascending
+    in item id (validated when a segment is opened), so two searches per word find the range. Threads scanning
+    disjoint item ranges write disjoint scores, and every item's sum is taken in the same order as one full
+    scan (bit-identical results)."""
+    nbits = q_bits.shape[1] * q_bits.itemsize * 8
+    table = np.empty(nbits + 1)  # h can exceed dim only through padding bits of a damaged file
+    for h in range(nbits + 1):
+        table[h] = selectivity(1.0 - 2.0 * min(h, dim) / dim, alpha, tau, tau_inclusive)
     use_w = weights.shape[0] > 0
     chunks = q_bits.shape[1]
+    whole = first <= 0 and stop >= scores.shape[0]
     for qi in range(q_words.shape[0]):
         w = q_words[qi]
         wt = weights[w] if use_w else 1.0
-        q = q_bits[qi]
-        for e in range(offsets[w], offsets[w + 1]):
-            h = 0
-            for t in range(chunks):
-                h += popcount(q[t] ^ bits[e, t])
-            scores[items[e]] += table[h] * wt
+        lo, hi = offsets[w], offsets[w + 1]
+        if not whole:
+            lo = _lower_bound(items, lo, hi, first, scores.shape[0])
+            hi = _lower_bound(items, lo, hi, stop, scores.shape[0])
+        if chunks == 2 and q_bits.itemsize == 8:  # 128-bit signatures as two uint64 words
+            q0, q1 = np.uint64(q_bits[qi, 0]), np.uint64(q_bits[qi, 1])
+            for e in range(lo, hi):
+                h = popcount64(q0 ^ np.uint64(bits[e, 0])) + popcount64(q1 ^ np.uint64(bits[e, 1]))
+                scores[items[e]] += table[h] * wt
+        else:
+            q = q_bits[qi]
+            for e in range(lo, hi):
+                h = 0
+                for t in range(chunks):
+                    h += popcount(q[t] ^ bits[e, t])
+                scores[items[e]] += table[h] * wt
 
 
 @njit(cache=True, nogil=True)
@@ -86,3 +140,67 @@ def item_weight_sums(offsets, items, weights, num_items):
         for e in range(offsets[w], offsets[w + 1]):
             out[items[e]] += weights[w]
     return out
+
+
+@njit(cache=True, nogil=True)
+def check_postings(offsets, items, num_items):
+    """0 when every item id is < num_items and non-decreasing within each word's posting list (what
+    :func:`scan_bits_items` relies on); 1: an id out of range; 2: a list out of order. offsets: valid CSR."""
+    K = offsets.shape[0] - 1
+    for w in range(K):
+        prev = -1
+        for e in range(offsets[w], offsets[w + 1]):
+            v = np.int64(items[e])
+            if v >= num_items:
+                return 1
+            if v < prev:
+                return 2
+            prev = v
+    return 0
+
+
+@njit(cache=True, nogil=True)
+def normalize_scores(scores, query_sum, item_sums, item_words, empty_value):
+    """In place: scores[i] /= sqrt(query_sum · item_sums[i]) where that is > 0, then ``empty_value`` for items
+    without words (item_words[i] == 0). item_sums (M,) float64 Σ w_c or (M,) uint32 |W_i|. One pass (M,)."""
+    for i in range(scores.shape[0]):
+        norm = np.sqrt(query_sum * np.float64(item_sums[i]))
+        if norm > 0:
+            scores[i] = scores[i] / norm
+        if item_words[i] == 0:
+            scores[i] = empty_value
+
+
+@njit(cache=True, nogil=True)
+def _sift_down(hs, hi, pos, k):
+    """Restore the heap below ``pos``: the root is the worst kept entry (lowest score; among equal scores, the
+    highest index)."""
+    while True:
+        c = 2 * pos + 1
+        if c >= k:
+            return
+        if c + 1 < k and (hs[c + 1] < hs[c] or (hs[c + 1] == hs[c] and hi[c + 1] > hi[c])):
+            c += 1
+        if hs[c] < hs[pos] or (hs[c] == hs[pos] and hi[c] > hi[pos]):
+            hs[c], hs[pos] = hs[pos], hs[c]
+            hi[c], hi[pos] = hi[pos], hi[c]
+            pos = c
+        else:
+            return
+
+
+@njit(cache=True, nogil=True)
+def top_k_heap(scores, k):
+    """(scores, indices) of the ``k`` highest ``scores`` (1-D float64, no NaN; 1 ≤ k ≤ n), unordered: the set
+    of ``argsort(-scores, stable)[:k]`` (equal scores: lower index kept). One pass with a k-heap, O(n log k)
+    at worst."""
+    hs = scores[:k].copy()
+    hi = np.arange(k)
+    for p in range(k // 2 - 1, -1, -1):
+        _sift_down(hs, hi, p, k)
+    for i in range(k, scores.shape[0]):
+        if scores[i] > hs[0]:  # a later index must be strictly better to displace an equal score
+            hs[0] = scores[i]
+            hi[0] = i
+            _sift_down(hs, hi, 0, k)
+    return hs, hi
