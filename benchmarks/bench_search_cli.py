@@ -4,13 +4,16 @@
 
 Runs ``d2r search IMAGE --index DIR --json`` ``--runs`` times per image, each in a new Python process, and prints
 the wall time of every run; the first run of a fresh install also fills numba's cache (compilation), later runs
-load from it. Also prints the time spent inside the query as reported by the command itself.
+load from it. Also prints the time spent inside the query as reported by the command itself, the process's CPU
+time (user + sys, from ``resource.getrusage(RUSAGE_CHILDREN)``) and the 1-minute load average (the machine may be shared).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import subprocess
 import sys
 import time
@@ -25,22 +28,32 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--no-rerank", action="store_true")
     args = p.parse_args(argv)
-    walls, inner = [], []
+    walls, inner, cpus = [], [], []
     for image in args.images:
         for run in range(args.runs):
             cmd = [sys.executable, "-m", "d2r", "search", image, "--index", args.index, "--json", "--quiet"]
             if args.no_rerank:
                 cmd.append("--no-rerank")
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             t = time.perf_counter()
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            proc = subprocess.run(cmd, capture_output=True, text=True)
             wall = time.perf_counter() - t
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            if proc.returncode:
+                raise SystemExit(f"{image}: d2r search failed: {proc.stderr.strip()[-500:]}")
+            out = proc.stdout
+            cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
             seconds = json.loads(out.splitlines()[-1])["seconds"]
-            print(f"{image}  run {run + 1}: wall {wall:.3f} s (query itself {seconds:.3f} s)", flush=True)
-            (walls if run else []).append(wall)
-            (inner if run else []).append(seconds)
+            print(f"{image}  run {run + 1}: wall {wall:.3f} s, cpu {cpu:.3f} s (query itself {seconds:.3f} s), "
+                  f"load {os.getloadavg()[0]:.2f}", flush=True)
+            if run:
+                walls.append(wall)
+                inner.append(seconds)
+                cpus.append(cpu)
     if walls:
         print(f"second run onward: wall median {np.median(walls):.3f} s, max {np.max(walls):.3f} s; "
-              f"query itself median {np.median(inner):.3f} s ({len(walls)} runs)")
+              f"cpu median {np.median(cpus):.3f} s; query itself median {np.median(inner):.3f} s "
+              f"({len(walls)} runs)")
     return 0
 
 

@@ -62,8 +62,8 @@ def test_importing_d2r_does_not_import_tensorflow():
     assert proc.stdout.strip() == "False"
 
 
-@pytest.mark.slow
-def test_second_search_process_compiles_nothing(tmp_path):
+def _small_engine(tmp_path):
+    """Six photos (three shifted copies of one texture, three others) in a RootSIFT engine; returns the folder."""
     folder = tmp_path / "photos"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -73,6 +73,27 @@ def test_second_search_process_compiles_nothing(tmp_path):
     cfg = EngineConfig.from_dict({"features": {"options": {"max_features": 300}},
                                   "codebook": {"size": 32, "iterations": 3}, "rerank": {"num_to_rerank": 5}})
     Engine.create(tmp_path / "eng", cfg).index(folder, progress=False)
+    return folder
+
+
+def test_warm_up_thread_leaves_search_results_unchanged(tmp_path):
+    folder = _small_engine(tmp_path)
+    expected = [h.to_dict() for h in Engine.open(tmp_path / "eng").search(folder / "p0.png", top_k=6)]
+    assert expected and expected[0]["image_id"] == "p0"  # the query photo itself comes first
+    engine = Engine.open(tmp_path / "eng")
+    thread = engine.warm_up()
+    assert thread is not None and thread.daemon
+    got = [h.to_dict() for h in engine.search(folder / "p0.png", top_k=6)]  # while the warm-up may still run
+    thread.join()
+    assert got == expected
+    assert not thread.is_alive()
+    Engine.create(tmp_path / "empty", EngineConfig.from_dict({"codebook": {"size": 32}}))
+    assert Engine.open(tmp_path / "empty").warm_up() is None  # nothing indexed: nothing to warm
+
+
+@pytest.mark.slow
+def test_second_search_process_compiles_nothing(tmp_path):
+    folder = _small_engine(tmp_path)
     args = ["search", folder / "p0.png", "--index", tmp_path / "eng", "--json", "--quiet"]
     cache = str(tmp_path / "numba-cache")  # an empty cache: the first process must compile
     first = _run_probe(tmp_path, "first", args, NUMBA_CACHE_DIR=cache)
