@@ -78,6 +78,9 @@ def run(args) -> int:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
     if args.query_num_assignments is not None and args.query_num_assignments < 1:
         raise ValueError(f"--query-num-assignments must be at least 1, got {args.query_num_assignments}")
+    # Run as a program, the process may end without the interpreter's slow finalization once the results are
+    # printed (nothing to clean up), except with Ray, whose shutdown runs at exit.
+    args.exit_now = args.ray is None
     bbox = parse_bbox(args.bbox) if args.bbox else None
     options = dict(query_num_assignments=args.query_num_assignments, query_expansion=args.query_expansion)
     queries = _queries(args.image)
