@@ -68,8 +68,6 @@ def _queries(sources) -> list[str]:
 
 
 def run(args) -> int:
-    import time
-
     from d2r.engine import Engine
 
     if args.top_k < 1:
