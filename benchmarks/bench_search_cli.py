@@ -4,12 +4,12 @@
     python benchmarks/bench_search_cli.py --index DIR --runs 5 --tree OLD_SRC --tree . IMAGE [IMAGE ...]
 
 Runs ``d2r search IMAGE --index DIR --json`` ``--runs`` times per image, each in a new Python process, and
-prints the wall time of every run; the first run of a fresh install also fills numba's cache (compilation), later
-runs load from it. Also prints the time spent inside the query as reported by the command itself, the process's
-CPU time (user + sys, from ``resource.getrusage(RUSAGE_CHILDREN)``) and the 1-minute load average (the machine
-may be shared). ``--tree`` (repeated) compares source trees (each put first on PYTHONPATH; e.g. a ``git archive`` of an
-older commit): their runs are interleaved, so a shared machine's load affects them alike; the first round is a
-warm-up.
+prints the wall time of every run; the first run of a fresh install also fills numba's cache (compilation),
+later runs load from it. Also prints the time spent inside the query as reported by the command itself, the
+process's CPU time (user + sys, from ``resource.getrusage(RUSAGE_CHILDREN)``) and the 1-minute load average
+(the machine may be shared). ``--tree`` (repeated) compares source trees (each put first on PYTHONPATH; e.g. a
+``git archive`` of an older commit): their runs are interleaved, so a shared machine's load affects them
+alike; the first round is a warm-up.
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def main(argv=None) -> int:
         if walls:
             label = f"[{tree}] " if tree is not None else ""
             print(f"{label}second run onward: wall median {np.median(walls):.3f} s, "
-                  f"min {np.min(walls):.3f} s, max {np.max(walls):.3f} s; cpu median {np.median(cpus):.3f} s; "
-                  f"query itself median "
+                  f"min {np.min(walls):.3f} s, max {np.max(walls):.3f} s; "
+                  f"cpu median {np.median(cpus):.3f} s; query itself median "
                   f"{np.median(inner):.3f} s ({len(walls)} runs)")
     print(f"load average {min(loads):.2f}-{max(loads):.2f}")
     return 0
