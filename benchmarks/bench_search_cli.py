@@ -27,16 +27,17 @@ import numpy as np
 
 def _run(image, args, tree):
     """One fresh ``d2r search`` process: (wall s, cpu s, seconds the command reports for the query)."""
-    cmd = [sys.executable, "-m", "d2r", "search", image, "--index", args.index, "--json", "--quiet"]
+    cmd = [sys.executable, "-m", "d2r", "search", os.path.abspath(image), "--index", os.path.abspath(args.index),
+           "--json", "--quiet"]
     if args.no_rerank:
         cmd.append("--no-rerank")
-    env = None
-    if tree is not None:
-        path = os.pathsep.join([os.path.abspath(tree), os.environ.get("PYTHONPATH", "")])
-        env = dict(os.environ, PYTHONPATH=path)
+    env = cwd = None
+    if tree is not None:  # ``python -m`` puts the working directory first on sys.path: run in the tree
+        cwd = os.path.abspath(tree)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([cwd, os.environ.get("PYTHONPATH", "")]))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
     wall = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode:
