@@ -93,8 +93,8 @@ def run(args) -> int:
     from threadpoolctl import threadpool_limits
 
     # This process only searches: BLAS at one thread throughout. A query's GEMMs are small (the re-ranking and
-    # batches already run BLAS single-threaded in their own threads), and an idle OpenBLAS worker spins after
-    # each call: measured 0.3 s of CPU per query, and slower on a loaded machine.
+    # batches already run BLAS single-threaded in their own threads); with two, OpenBLAS's second thread spins
+    # (measured: 0.26 s more CPU per query; on a loaded box 64 ms instead of 4 ms for the index search).
     with threadpool_limits(limits=1, user_api="blas"):
         # numba's one-time start-up (≈ 0.3 s: its registries, scipy.linalg) in a thread while the query is
         # decoded and its features extracted (OpenCV runs without the GIL): a fresh process answers sooner.
