@@ -624,6 +624,26 @@ class Engine:
                             self._box(image_id, int(region)), int(inl), rank + 1))
         return hits
 
+    def warm_up(self) -> threading.Thread | None:
+        """Start loading the query path's numba kernels from numba's cache in a daemon thread (a search with two
+        codebook words), so that a fresh process does it while the caller decodes the query and extracts its
+        features (OpenCV releases the GIL). Returns the started thread (join it before exiting), or None when
+        nothing is indexed. Results are unaffected: the search only reads, and its caches are built here first."""
+        if self._db is None or len(self._db) == 0:
+            return None
+        self._db.search_batch([], top_k=1)  # shared caches built once, before the thread
+        probe = np.array(self._db.codebook.centroids[:2], np.float32)  # writable, like a real query
+
+        def work():
+            try:
+                self._db.search(probe, top_k=1)
+            except Exception:  # only a warm-up: the real search reports any problem itself
+                log.debug("warm-up search failed", exc_info=True)
+
+        thread = threading.Thread(target=work, name="d2r-warm-up", daemon=True)
+        thread.start()
+        return thread
+
     def search_batch(self, images, bbox=None, top_k: int = 10, rerank: bool = True,
                      workers: int | None = None, **options) -> list:
         """:meth:`search` for many query photos in threads (feature extraction, the index scan and RANSAC release

@@ -43,7 +43,21 @@ def _one_line(exc: BaseException) -> str:
     return text
 
 
+def _exit_now(code: int) -> None:
+    """Flush and end the process without the interpreter's finalization (LLVM, OpenBLAS and OpenCV tear-down:
+    0.15-0.4 s measured after a ``d2r search``)."""
+    import os
+
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+    finally:
+        os._exit(code)
+
+
 def main(argv=None) -> int:
+    program = argv is None  # run as the ``d2r`` program (not called with arguments from Python)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -57,7 +71,10 @@ def main(argv=None) -> int:
     name = " ".join(filter(None, ["d2r", args.command, getattr(args, "action", None),
                                   getattr(args, "protocol", None)]))
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        if program and getattr(args, "exit_now", False):  # a command that leaves nothing behind (d2r search)
+            _exit_now(code)
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
