@@ -241,14 +241,14 @@ class _Pipeline(Pipeline):
             return db.search_batch(queries, top_k=depth, workers=self.workers)
 
 
-def verify_candidates(query: LocalFeatures, candidate_ids, get_features, config) -> dict:
+def verify_candidates(query: LocalFeatures, candidate_ids, get_features, config, codebook=None) -> dict:
     """Inlier count of each candidate id (geometric verification, :func:`d2r.rerank.geometric_verification`)."""
     from d2r.rerank import geometric_verification
 
     candidate_ids = list(candidate_ids)
     if not candidate_ids:
         return {}
-    counts = geometric_verification(query, [get_features(i) for i in candidate_ids], config)
+    counts = geometric_verification(query, [get_features(i) for i in candidate_ids], config, codebook)
     return dict(zip(candidate_ids, counts.tolist()))
 
 
@@ -406,7 +406,7 @@ def _revisitop_stages(pipe: _Pipeline, g, db, db_store, query_feats, ranks, rank
             jk = set(junk_lists[p][qi].tolist())
             cands.extend([x for x in ranked.tolist() if x not in jk][: rr.num_to_rerank])
         cands = [c for c in dict.fromkeys(cands) if c not in inl]
-        inl.update(verify_candidates(query_feats[qi], cands, features, rr))
+        inl.update(verify_candidates(query_feats[qi], cands, features, rr, db.codebook))
         return len(cands)
 
     def reorder(qi, ranked, scores, inl):
@@ -509,7 +509,7 @@ def run_gldv2(index_csv, test_csv, solution_csv, images_root, config: BenchConfi
         with pipe.timer("rerank"):
             for qi, q in enumerate(query_feats):
                 cands = ranked[qi][: rr.num_to_rerank]
-                inl = verify_candidates(q, cands, lambda i: whole_image(db_store.get(i)), rr)
+                inl = verify_candidates(q, cands, lambda i: whole_image(db_store.get(i)), rr, db.codebook)
                 new_ids, _, _ = order_verified(np.array(ranked[qi], dtype=object), rankings[qi].scores, inl, rr)
                 ranked[qi] = [str(x) for x in new_ids.tolist()]
     pipe.out.mkdir(parents=True, exist_ok=True)

@@ -568,7 +568,7 @@ class Engine:
 
             position = {i: k for k, i in enumerate(ids.tolist())}
             ids, scores, inliers = verify_ranking(query, ids, scores, self._whole_image_features,
-                                                  self.config.rerank)
+                                                  self.config.rerank, codebook=self._db.codebook)
             regions = regions[[position[i] for i in ids.tolist()]]
         if qe != "none" and len(query) and len(ids):
             from d2r.expand import search_expanded

@@ -285,7 +285,7 @@ def search_expanded(method: str, db, query, ids, scores, inliers: dict | None, g
     if verified and len(new_ids) and rerank_config.num_to_rerank > 0:
         todo = [i for i in new_ids[: rerank_config.num_to_rerank].tolist() if i not in inliers]
         if todo:
-            counts = geometric_verification(query, [get_features(i) for i in todo], rerank_config)
+            counts = geometric_verification(query, [get_features(i) for i in todo], rerank_config, db.codebook)
             inliers.update(zip(todo, counts.tolist()))
         position = {i: k for k, i in enumerate(new_ids.tolist())}
         new_ids, new_scores, inl = order_verified(new_ids, new_scores, inliers, rerank_config)

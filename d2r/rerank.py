@@ -23,6 +23,12 @@ rule treats inliers as evidence, not as a score: candidates with at least ``min_
 rest, ordered by inliers (ties by initial order); every other candidate keeps its initial order. An image without
 enough geometric evidence is therefore never pushed down by one that merely has a few chance inliers, so with a
 threshold above the chance level the initial ranking can only be refined.
+
+``correspondences: hamming`` (with ``method: usac``) replaces the ratio-test correspondences by those of Hamming
+embedding / ASMK*+SP (Jégou et al. 2008; Tolias et al. 2013): every pair of a query and a candidate descriptor
+assigned to the same visual word (nearest centroid of the index's codebook) whose binary signatures, sign(x − c_w),
+differ in at most ``floor(hamming · D)`` bits. Pairs are many-to-many, so the score is the number of distinct
+query descriptors and of distinct candidate descriptors among the inliers, whichever is smaller.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from d2r.kernels.ransac import ransac_affine_batch
 METHODS = ("official", "usac")
 MODELS = ("affine", "homography")
 ESTIMATORS = ("magsac", "accurate")
+CORRESPONDENCES = ("ratio", "hamming")
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +74,10 @@ class RerankConfig(Config):
         model: "usac": "affine" or "homography" (query <- candidate).
         estimator: "usac": "magsac" (cv2.USAC_MAGSAC, MAGSAC++) or "accurate" (cv2.USAC_ACCURATE).
         min_inliers: "usac": candidates with at least this many inliers move above the others.
+        correspondences: "usac": "ratio" (mutual nearest neighbours + ratio test) or "hamming" (same visual word
+            and signatures within ``hamming`` × D bits; needs the index's codebook).
+        hamming: "hamming" correspondences: the Hamming threshold as a fraction of the descriptor bits (0.375:
+            Hamming embedding's 24 of 64 bits, Jégou et al. 2008).
     """
 
     num_to_rerank: int = 100
@@ -81,6 +92,8 @@ class RerankConfig(Config):
     model: str = "affine"
     estimator: str = "magsac"
     min_inliers: int = 10
+    correspondences: str = "ratio"
+    hamming: float = 0.375
 
     def validate(self) -> "RerankConfig":
         if self.num_to_rerank < 0:
@@ -109,6 +122,14 @@ class RerankConfig(Config):
             raise ValueError(f"RerankConfig.estimator must be one of {list(ESTIMATORS)}, got {self.estimator!r}")
         if not isinstance(self.min_inliers, int) or self.min_inliers < 1:
             raise ValueError(f"RerankConfig.min_inliers must be a positive integer, got {self.min_inliers!r}")
+        if self.correspondences not in CORRESPONDENCES:
+            raise ValueError(f"RerankConfig.correspondences must be one of {list(CORRESPONDENCES)}, "
+                             f"got {self.correspondences!r}")
+        if self.correspondences == "hamming" and self.method != "usac":
+            raise ValueError("RerankConfig.correspondences 'hamming' needs method 'usac'")
+        if not 0 <= self.hamming <= 1:
+            raise ValueError(f"RerankConfig.hamming must be a fraction of the descriptor bits in [0, 1], "
+                             f"got {self.hamming}")
         return self
 
     def num_workers(self) -> int:
@@ -150,9 +171,11 @@ def _check_dim(query: LocalFeatures, cand: LocalFeatures, i: int) -> None:
 
 
 def geometric_verification(
-    query: LocalFeatures, candidates: Sequence[LocalFeatures], config: RerankConfig | None = None
+    query: LocalFeatures, candidates: Sequence[LocalFeatures], config: RerankConfig | None = None, codebook=None
 ) -> np.ndarray:
     """Inlier count of each candidate against the query: int64 (len(candidates),).
+
+    ``codebook``: the index's :class:`~d2r.codebook.Codebook`, needed (only) by ``correspondences: hamming``.
 
     Empty query or candidate features give 0. Deterministic: the same inputs give the same counts whatever the
     thread count or the order of the candidates. Runs ``config.workers`` threads itself and limits BLAS to one
@@ -167,6 +190,12 @@ def geometric_verification(
         _check_dim(query, c, i)
     workers = config.num_workers()
     if config.method == "usac":
+        if config.correspondences == "hamming":
+            if codebook is None:
+                raise ValueError("rerank.correspondences 'hamming' needs the index's codebook")
+            if codebook.dim != query.dim:
+                raise ValueError(f"codebook dimension {codebook.dim} differs from the query's {query.dim}")
+            return _verify_hamming(query, candidates, config, workers, codebook)
         return _verify_usac(query, candidates, config, workers)
 
     def match(c: LocalFeatures):
@@ -227,6 +256,7 @@ def rerank(
     get_features: Callable[[object], LocalFeatures],
     config: RerankConfig | None = None,
     junk=None,
+    codebook=None,
 ):
     """Re-rank one query's ranking by geometric verification.
 
@@ -238,6 +268,7 @@ def rerank(
             (from ``config.workers`` threads at once).
         config: :class:`RerankConfig`.
         junk: ids never verified (the protocol's junk list); they keep their place among the unverified.
+        codebook: the index's codebook (``correspondences: hamming`` only).
 
     Returns:
         (ids (L,), scores (L,) float64 — the initial scores in the new order, inliers (L,) int64 with -1 for ids
@@ -265,7 +296,7 @@ def rerank(
     for k, f in enumerate(feats):
         if not isinstance(f, LocalFeatures):
             raise ValueError(f"rerank: get_features({cand_ids[k]!r}) returned {type(f).__name__}, not LocalFeatures")
-    counts = geometric_verification(query, feats, config)
+    counts = geometric_verification(query, feats, config, codebook)
     return order_verified(ids, sc, dict(zip(cand_ids, counts.tolist())), config, junk or ())
 
 
@@ -371,6 +402,63 @@ def _verify_usac(query: LocalFeatures, candidates, config: RerankConfig, workers
                 counts = list(pool.map(one, candidates))
         else:
             counts = [one(c) for c in candidates]
+    return np.asarray(counts, np.int64)
+
+
+# ---- "hamming" correspondences (Hamming embedding) --------------------------------------------------------------
+def word_signatures(descriptors: np.ndarray, codebook):
+    """Nearest visual word (N,) int64 and binary signature sign(x − c_w) packed MSB-first (N, ceil(D/8)) uint8."""
+    from d2r.expand import signatures
+
+    x = np.ascontiguousarray(descriptors, np.float32)
+    if x.shape[0] == 0:
+        return np.zeros(0, np.int64), np.zeros((0, (codebook.dim + 7) // 8), np.uint8)
+    words = np.asarray(codebook.assign(x, 1), np.int64)[:, 0]
+    return words, np.ascontiguousarray(signatures(x, words, codebook.centroids))
+
+
+def hamming_correspondences(q_words, q_sigs, x_words, x_sigs, max_bits: int):
+    """Pairs (i, j) of query row i and candidate row j with the same word and Hamming distance <= ``max_bits``
+    (any order of the inputs). Returns (query_ids, index_ids) int64 sorted by (i, j)."""
+    from d2r.kernels.binary import as_words64
+    from d2r.kernels.correspond import hamming_pairs
+
+    if len(q_words) == 0 or len(x_words) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    oq = np.argsort(q_words, kind="stable")
+    ox = np.argsort(x_words, kind="stable")
+    a, b = hamming_pairs(np.ascontiguousarray(q_words[oq], np.int64), as_words64(np.ascontiguousarray(q_sigs[oq])),
+                         np.ascontiguousarray(x_words[ox], np.int64), as_words64(np.ascontiguousarray(x_sigs[ox])),
+                         int(max_bits))
+    qi, xi = oq[a], ox[b]
+    order = np.lexsort((xi, qi))
+    return qi[order].astype(np.int64), xi[order].astype(np.int64)
+
+
+def _verify_hamming(query: LocalFeatures, candidates, config: RerankConfig, workers: int, codebook) -> np.ndarray:
+    max_bits = int(np.floor(config.hamming * codebook.dim + 1e-9))
+    qw, qs = word_signatures(query.descriptors, codebook)
+    # One assignment call for all candidates (it parallelises itself), then the pairs and fits in threads.
+    sizes = [len(c) for c in candidates]
+    allw, alls = word_signatures(np.concatenate([c.descriptors for c in candidates]).reshape(-1, codebook.dim),
+                                 codebook)
+    cuts = np.cumsum(sizes)[:-1]
+    parts = list(zip(candidates, np.split(allw, cuts), np.split(alls, cuts)))
+
+    def one(part) -> int:
+        c, cw, cs = part
+        if len(c) == 0:
+            return 0
+        qi, ii = hamming_correspondences(qw, qs, cw, cs, max_bits)
+        mask = fit_inliers(c.locations[ii].astype(np.float64), query.locations[qi].astype(np.float64), config)
+        return min(np.unique(qi[mask]).size, np.unique(ii[mask]).size)
+
+    with _single_threaded_blas():
+        if workers > 1 and len(candidates) > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                counts = list(pool.map(one, parts))
+        else:
+            counts = [one(p) for p in parts]
     return np.asarray(counts, np.int64)
 
 
