@@ -252,6 +252,49 @@ def verify_candidates(query: LocalFeatures, candidate_ids, get_features, config,
     return dict(zip(candidate_ids, counts.tolist()))
 
 
+def augment_index(pipe: _Pipeline, db, book: Codebook, db_store, ids):
+    """Database-side augmentation (``qe.dba_top``, :func:`d2r.expand.augment_database`): every image's record is
+    averaged with its ``dba_top`` nearest database images (only those with at least ``rerank.min_inliers``
+    inliers when ``verify`` is on), then OUT/index is rebuilt from the augmented records. Aggregation mode only.
+    Offline cost: one search per database image (quadratic; fine for benchmark-sized databases)."""
+    from d2r.aggregate import Aggregator
+    from d2r.expand import augment_database
+    from d2r.features.base import RegionFeatures
+
+    config = pipe.config
+    qe, rr = config.qe.validate(), config.rerank.validate()
+    if db.mode != "aggregation":
+        raise ValueError("qe.dba_top needs index.mode 'aggregation'")
+    agg = Aggregator(book, db.kernel, db.config.num_assignments)
+    verify = bool(config.verify and rr.num_to_rerank > 0)
+
+    def features(i):
+        return whole_image(db_store.get(i))
+
+    with pipe.timer("dba"):
+        records, neighbours, kept = {}, {}, []
+        for i in ids:
+            f = db_store.get(i)
+            records[i] = agg(f.features.descriptors, f.counts) if isinstance(f, RegionFeatures) else agg(f.descriptors)
+        for i in ids:
+            ranked = [n for n in db.search(records[i], top_k=qe.dba_top + 1).ids.tolist() if n != i][: qe.dba_top]
+            if verify and ranked:
+                inl = verify_candidates(features(i), ranked, features, rr, book)
+                ranked = [n for n in ranked if inl[n] >= rr.min_inliers]
+            neighbours[i] = ranked
+            kept.append(len(ranked))
+        augmented = augment_database(records, neighbours, qe.alpha, db.config.normalize)
+        path = pipe.out / "index"
+        db.close()
+        shutil.rmtree(path)
+        db = pipe.create_database(path, book)
+        for i in ids:
+            db.add_aggregated(i, augmented[i])
+        db.save()
+    pipe.notes["dba"] = {"top": qe.dba_top, "verified": verify, "mean_neighbours": float(np.mean(kept))}
+    return db
+
+
 def _finish(pipe: _Pipeline, result: dict, extra_outputs: dict) -> dict:
     config_dict = pipe.config.to_dict()
     config_dict["codebook_trained_on"] = pipe.notes.get("codebook_trained_on")
@@ -320,6 +363,8 @@ def run_revisitop(gnd, images_root, config: BenchConfig | None = None, out="benc
     book = pipe.codebook(db_store, root)
     ids = [n for n in g.imlist if n in db_store]
     db = pipe.build_index(book, db_store, ids)
+    if config.qe.dba_top > 0:
+        db = augment_index(pipe, db, book, db_store, ids)
     depth = int(config.top_k) if config.top_k else len(ids)
     rankings = pipe.search(db, [q.descriptors for q in query_feats], max(depth, 1))
     position = {n: i for i, n in enumerate(g.imlist)}

@@ -17,6 +17,11 @@ geometric verification ran, else the top-scored ones.
   match. The joined set is re-aggregated (ASMK residual sums per word, normalised, binarised for ASMK*): the word
   set stays the query's, so the expanded query costs no more to search.
 
+- database-side augmentation, DBA (Arandjelović & Zisserman 2012; with αQE, Gordo et al. 2017): offline, every
+  database image's representation is replaced by the αQE average of itself and its ``dba_top`` nearest database
+  images (the verified ones among them when verification is on), re-binarised for ASMK*; queries then search the
+  augmented database as usual (and may be expanded as well).
+
 The expanded query is an :class:`~d2r.aggregate.Aggregated` (whole image, no regions), so it searches a
 database in either mode (regional aggregation or regional search).
 """
@@ -49,12 +54,15 @@ class ExpansionConfig(Config):
             differ in at most ``hamming`` × D bits (0.375: Hamming embedding's 24 of 64 bits, Jégou et al. 2008).
         min_matches: HQE without verification: a top image is reliable with at least this many query
             descriptors matched (and it must then reach ``min_matches`` to add anything at all).
+        dba_top: database-side augmentation: each database image is averaged with (the verified ones of) its
+            ``dba_top`` nearest database images at index time (αQE weights with ``alpha``); 0 = off.
     """
 
     top: int = 10
     alpha: float = 0.0
     hamming: float = 0.375
     min_matches: int = 10
+    dba_top: int = 0
 
     def validate(self) -> "ExpansionConfig":
         if not isinstance(self.top, int) or self.top < 1:
@@ -63,6 +71,8 @@ class ExpansionConfig(Config):
             raise ValueError(f"qe.alpha must be >= 0, got {self.alpha}")
         if not 0 <= self.hamming <= 1:
             raise ValueError(f"qe.hamming must be a fraction of the descriptor bits in [0, 1], got {self.hamming}")
+        if not isinstance(self.dba_top, int) or self.dba_top < 0:
+            raise ValueError(f"qe.dba_top must be a non-negative integer, got {self.dba_top!r}")
         if not isinstance(self.min_matches, int) or self.min_matches < 0:
             raise ValueError(f"qe.min_matches must be a non-negative integer, got {self.min_matches!r}")
         return self
@@ -136,6 +146,19 @@ def aqe_weights(query: Aggregated, neighbours: Sequence[Aggregated], alpha: floa
         return np.ones(len(neighbours))
     s = np.array([max(similarity(query, n, normalize=normalize), 0.0) for n in neighbours])
     return (s / sq) ** float(alpha)
+
+
+def augment_database(records: dict, neighbours: dict, alpha: float = 0.0, normalize: bool = True) -> dict:
+    """Database-side augmentation: {id: αQE average of records[id] and records[n] for n in neighbours[id]}.
+
+    records: id -> whole-image :class:`Aggregated`; neighbours: id -> ids (the image itself is skipped; ids
+    without an entry keep their record). Every average uses the ORIGINAL records, so the result does not depend
+    on the order of the images. Returns a new dict with the same keys."""
+    out = {}
+    for i, rec in records.items():
+        nb = [records[n] for n in neighbours.get(i, ()) if n != i]
+        out[i] = average_expansion(rec, nb, aqe_weights(rec, nb, alpha, normalize)) if nb else rec
+    return out
 
 
 # ---- HQE ------------------------------------------------------------------------------------------------------
