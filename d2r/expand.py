@@ -9,7 +9,7 @@ geometric verification ran, else the top-scored ones.
   s_i a neighbour's similarity, s_q the query's self-similarity; α = 0 is the plain average). VLAD: average
   vector, L2-normalised. ASMK: per visual word, the weighted sum of the unit vectors of every record holding the
   word, renormalised. ASMK*: the same sum of ±1 vectors (bit b → 2b − 1), binarised by sign (a weighted majority
-  vote per bit; a tie gives 0). The word set is the union.
+  vote per bit; a tie keeps the query's bit, else gives 0). The word set is the union.
 - ``hqe`` (Tolias & Jégou, Pattern Recognition 2014): per visual word, the query's local descriptors are joined
   by the neighbours' descriptors assigned to the same word whose binary signature (sign of the residual to the
   word's centroid) is within ``hamming`` × D bits of a query descriptor's signature. A neighbour is reliable
@@ -118,6 +118,14 @@ def average_expansion(query: Aggregated, neighbours: Sequence[Aggregated], weigh
     uniq, inverse = np.unique(words, return_inverse=True)
     sums = np.zeros((uniq.shape[0], query.dim))
     np.add.at(sums, inverse, vecs)
+    if query.kernel == "asmk_star":
+        # A tied vote keeps the query's own bit (with an even number of records, one neighbour say, a tie
+        # would otherwise clear every bit where the two disagree); only the sign of a sum is used.
+        rows = np.searchsorted(uniq, query.words.astype(np.int64))
+        block = sums[rows]
+        tied = block == 0
+        block[tied] = 1e-3 * _signs(query.bits, query.dim)[tied]
+        sums[rows] = block
     return _finish(query.kernel, query.dim, query.num_words, uniq, sums)
 
 

@@ -33,8 +33,11 @@ query descriptors and of distinct candidate descriptors among the inliers, which
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -417,6 +420,29 @@ def word_signatures(descriptors: np.ndarray, codebook):
     return words, np.ascontiguousarray(signatures(x, words, codebook.centroids))
 
 
+_SIG_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_SIG_CACHE_SIZE = 2048  # images; ~24 kB each at 1,000 RootSIFT features
+_SIG_LOCK = threading.Lock()
+
+
+def cached_word_signatures(descriptors: np.ndarray, codebook):
+    """:func:`word_signatures` memoised by (codebook, BLAKE2b of the descriptor bytes), LRU over the last
+    2,048 images: a database image verified for many queries is assigned once."""
+    x = np.ascontiguousarray(descriptors, np.float32)
+    key = (id(codebook), codebook.size, x.shape, hashlib.blake2b(x.tobytes(), digest_size=16).digest())
+    with _SIG_LOCK:
+        hit = _SIG_CACHE.get(key)
+        if hit is not None and hit[0] is codebook:
+            _SIG_CACHE.move_to_end(key)
+            return hit[1], hit[2]
+    words, sigs = word_signatures(x, codebook)
+    with _SIG_LOCK:
+        _SIG_CACHE[key] = (codebook, words, sigs)
+        while len(_SIG_CACHE) > _SIG_CACHE_SIZE:
+            _SIG_CACHE.popitem(last=False)
+    return words, sigs
+
+
 def hamming_correspondences(q_words, q_sigs, x_words, x_sigs, max_bits: int):
     """Pairs (i, j) of query row i and candidate row j with the same word and Hamming distance <= ``max_bits``
     (any order of the inputs). Returns (query_ids, index_ids) int64 sorted by (i, j)."""
@@ -437,13 +463,37 @@ def hamming_correspondences(q_words, q_sigs, x_words, x_sigs, max_bits: int):
 
 def _verify_hamming(query: LocalFeatures, candidates, config: RerankConfig, workers: int, codebook) -> np.ndarray:
     max_bits = int(np.floor(config.hamming * codebook.dim + 1e-9))
-    qw, qs = word_signatures(query.descriptors, codebook)
-    # One assignment call for all candidates (it parallelises itself), then the pairs and fits in threads.
-    sizes = [len(c) for c in candidates]
-    allw, alls = word_signatures(np.concatenate([c.descriptors for c in candidates]).reshape(-1, codebook.dim),
-                                 codebook)
-    cuts = np.cumsum(sizes)[:-1]
-    parts = list(zip(candidates, np.split(allw, cuts), np.split(alls, cuts)))
+    qw, qs = cached_word_signatures(query.descriptors, codebook)
+    # Candidates not seen before are assigned in one call (it parallelises itself), then cached.
+    digests = [None] * len(candidates)
+    todo = []
+    for k, c in enumerate(candidates):
+        x = np.ascontiguousarray(c.descriptors, np.float32)
+        key = (id(codebook), codebook.size, x.shape, hashlib.blake2b(x.tobytes(), digest_size=16).digest())
+        digests[k] = key
+        with _SIG_LOCK:
+            if key not in _SIG_CACHE or _SIG_CACHE[key][0] is not codebook:
+                todo.append(k)
+    if todo:
+        sizes = [len(candidates[k]) for k in todo]
+        allw, alls = word_signatures(
+            np.concatenate([candidates[k].descriptors for k in todo]).reshape(-1, codebook.dim), codebook)
+        cuts = np.cumsum(sizes)[:-1]
+        with _SIG_LOCK:
+            for k, w, sg in zip(todo, np.split(allw, cuts), np.split(alls, cuts)):
+                _SIG_CACHE[digests[k]] = (codebook, w, sg)
+    parts = []
+    for k, c in enumerate(candidates):
+        with _SIG_LOCK:
+            hit = _SIG_CACHE.get(digests[k])
+        if hit is None:  # evicted meanwhile by another thread's images
+            cw, cs = word_signatures(c.descriptors, codebook)
+        else:
+            cw, cs = hit[1], hit[2]
+        parts.append((c, cw, cs))
+    with _SIG_LOCK:
+        while len(_SIG_CACHE) > _SIG_CACHE_SIZE:
+            _SIG_CACHE.popitem(last=False)
 
     def one(part) -> int:
         c, cw, cs = part
