@@ -34,6 +34,7 @@ def main():
     ap.add_argument("--top", type=int, default=100)
     ap.add_argument("--model", default="affine")
     ap.add_argument("--correspondences", choices=("ratio", "hamming"), default="ratio")
+    ap.add_argument("--query-assignments", type=int, default=1, help="hamming: query-side multiple assignment")
     ap.add_argument("--codebook", type=Path, help="the run's codebook (needed by --correspondences hamming)")
     args = ap.parse_args()
     g = load_gnd(args.gnd)
@@ -41,7 +42,8 @@ def main():
     store_path = json.loads((args.run / "metrics.json").read_text())["notes"]["database_extraction"].get("store")
     store = FeatureStore.open(store_path) if store_path else FeatureStore.open(sorted(args.cache.glob("db-*"))[0])
     self_ids = g.query_db_ids()
-    cfg = RerankConfig(method="usac", model=args.model, workers=2, correspondences=args.correspondences)
+    cfg = RerankConfig(method="usac", model=args.model, workers=2, correspondences=args.correspondences,
+                       query_assignments=args.query_assignments)
     book = Codebook.load(args.codebook) if args.codebook else None
     counts = {"easy": [], "hard": [], "negative": []}
     for q in range(g.num_queries):

@@ -81,6 +81,8 @@ class RerankConfig(Config):
             and signatures within ``hamming`` × D bits; needs the index's codebook).
         hamming: "hamming" correspondences: the Hamming threshold as a fraction of the descriptor bits (0.375:
             Hamming embedding's 24 of 64 bits, Jégou et al. 2008).
+        query_assignments: "hamming" correspondences: each query descriptor is paired in its this many nearest
+            words (query-side multiple assignment, Jégou et al. 2010); database descriptors keep one.
     """
 
     num_to_rerank: int = 100
@@ -97,6 +99,7 @@ class RerankConfig(Config):
     min_inliers: int = 10
     correspondences: str = "ratio"
     hamming: float = 0.375
+    query_assignments: int = 1
 
     def validate(self) -> "RerankConfig":
         if self.num_to_rerank < 0:
@@ -130,6 +133,9 @@ class RerankConfig(Config):
                              f"got {self.correspondences!r}")
         if self.correspondences == "hamming" and self.method != "usac":
             raise ValueError("RerankConfig.correspondences 'hamming' needs method 'usac'")
+        if not isinstance(self.query_assignments, int) or self.query_assignments < 1:
+            raise ValueError(f"RerankConfig.query_assignments must be a positive integer, "
+                             f"got {self.query_assignments!r}")
         if not 0 <= self.hamming <= 1:
             raise ValueError(f"RerankConfig.hamming must be a fraction of the descriptor bits in [0, 1], "
                              f"got {self.hamming}")
@@ -409,15 +415,18 @@ def _verify_usac(query: LocalFeatures, candidates, config: RerankConfig, workers
 
 
 # ---- "hamming" correspondences (Hamming embedding) --------------------------------------------------------------
-def word_signatures(descriptors: np.ndarray, codebook):
-    """Nearest visual word (N,) int64 and binary signature sign(x − c_w) packed MSB-first (N, ceil(D/8)) uint8."""
+def word_signatures(descriptors: np.ndarray, codebook, num_assignments: int = 1):
+    """The ``num_assignments`` (m) nearest visual words of each descriptor (N·m,) int64 and the binary signature
+    in each, sign(x − c_w) packed MSB-first (N·m, ceil(D/8)) uint8; row r belongs to descriptor r // m."""
     from d2r.expand import signatures
 
     x = np.ascontiguousarray(descriptors, np.float32)
+    m = int(num_assignments)
     if x.shape[0] == 0:
         return np.zeros(0, np.int64), np.zeros((0, (codebook.dim + 7) // 8), np.uint8)
-    words = np.asarray(codebook.assign(x, 1), np.int64)[:, 0]
-    return words, np.ascontiguousarray(signatures(x, words, codebook.centroids))
+    words = np.asarray(codebook.assign(x, m), np.int64).reshape(-1)
+    rows = np.repeat(np.arange(x.shape[0]), m)
+    return words, np.ascontiguousarray(signatures(x[rows], words, codebook.centroids))
 
 
 _SIG_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
@@ -425,17 +434,18 @@ _SIG_CACHE_SIZE = 2048  # images; ~24 kB each at 1,000 RootSIFT features
 _SIG_LOCK = threading.Lock()
 
 
-def cached_word_signatures(descriptors: np.ndarray, codebook):
+def cached_word_signatures(descriptors: np.ndarray, codebook, num_assignments: int = 1):
     """:func:`word_signatures` memoised by (codebook, BLAKE2b of the descriptor bytes), LRU over the last
     2,048 images: a database image verified for many queries is assigned once."""
     x = np.ascontiguousarray(descriptors, np.float32)
-    key = (id(codebook), codebook.size, x.shape, hashlib.blake2b(x.tobytes(), digest_size=16).digest())
+    key = (id(codebook), codebook.size, x.shape, hashlib.blake2b(x.tobytes(), digest_size=16).digest(),
+           int(num_assignments))
     with _SIG_LOCK:
         hit = _SIG_CACHE.get(key)
         if hit is not None and hit[0] is codebook:
             _SIG_CACHE.move_to_end(key)
             return hit[1], hit[2]
-    words, sigs = word_signatures(x, codebook)
+    words, sigs = word_signatures(x, codebook, num_assignments)
     with _SIG_LOCK:
         _SIG_CACHE[key] = (codebook, words, sigs)
         while len(_SIG_CACHE) > _SIG_CACHE_SIZE:
@@ -463,13 +473,14 @@ def hamming_correspondences(q_words, q_sigs, x_words, x_sigs, max_bits: int):
 
 def _verify_hamming(query: LocalFeatures, candidates, config: RerankConfig, workers: int, codebook) -> np.ndarray:
     max_bits = int(np.floor(config.hamming * codebook.dim + 1e-9))
-    qw, qs = cached_word_signatures(query.descriptors, codebook)
+    m = int(config.query_assignments)
+    qw, qs = cached_word_signatures(query.descriptors, codebook, m)
     # Candidates not seen before are assigned in one call (it parallelises itself), then cached.
     digests = [None] * len(candidates)
     todo = []
     for k, c in enumerate(candidates):
         x = np.ascontiguousarray(c.descriptors, np.float32)
-        key = (id(codebook), codebook.size, x.shape, hashlib.blake2b(x.tobytes(), digest_size=16).digest())
+        key = (id(codebook), codebook.size, x.shape, hashlib.blake2b(x.tobytes(), digest_size=16).digest(), 1)
         digests[k] = key
         with _SIG_LOCK:
             if key not in _SIG_CACHE or _SIG_CACHE[key][0] is not codebook:
@@ -500,6 +511,7 @@ def _verify_hamming(query: LocalFeatures, candidates, config: RerankConfig, work
         if len(c) == 0:
             return 0
         qi, ii = hamming_correspondences(qw, qs, cw, cs, max_bits)
+        qi //= m  # assignment row -> query descriptor
         mask = fit_inliers(c.locations[ii].astype(np.float64), query.locations[qi].astype(np.float64), config)
         return min(np.unique(qi[mask]).size, np.unique(ii[mask]).size)
 

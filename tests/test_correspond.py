@@ -99,3 +99,36 @@ def test_correspondences_validation():
         RerankConfig(method="official", correspondences="hamming").validate()
     with pytest.raises(ValueError, match="hamming"):
         RerankConfig(method="usac", hamming=1.5).validate()
+
+
+def test_signature_cache_is_keyed_by_codebook_and_content(rng):
+    from d2r.rerank import cached_word_signatures
+
+    a, b = _book(rng), _book(rng)
+    x = rng.normal(size=(40, 32)).astype(np.float32)
+    for book in (a, b, a):
+        w, s = cached_word_signatures(x, book)
+        w0, s0 = word_signatures(x, book)
+        assert np.array_equal(w, w0) and np.array_equal(s, s0)
+    y = x.copy()
+    y[0] += 1.0
+    assert np.array_equal(cached_word_signatures(y, a)[0], word_signatures(y, a)[0])
+
+
+def test_query_multiple_assignment(rng):
+    book = _book(rng)
+    x = rng.normal(size=(25, 32)).astype(np.float32)
+    w3, s3 = word_signatures(x, book, 3)
+    w1, s1 = word_signatures(x, book)
+    assert w3.shape == (75,) and np.array_equal(w3[::3], w1) and np.array_equal(s3[::3], s1)
+    d = ((x[:, None] - book.centroids[None]) ** 2).sum(-1)
+    assert w3.reshape(25, 3).tolist() == np.argsort(d, 1, kind="stable")[:, :3].tolist()
+    # a candidate whose descriptors are the query's: with m = 3 every query descriptor still counts once
+    loc = rng.uniform(0, 1000, (25, 2))
+    q = _feats(loc, x)
+    c = _feats(loc * 1.1 + 5, x)
+    for m in (1, 3):
+        cfg = RerankConfig(method="usac", correspondences="hamming", query_assignments=m, workers=1)
+        assert geometric_verification(q, [c], cfg, book).tolist() == [25]
+    with pytest.raises(ValueError, match="query_assignments"):
+        RerankConfig(query_assignments=0).validate()
