@@ -34,7 +34,8 @@ def main():
     ap.add_argument("--top", type=int, default=100)
     ap.add_argument("--model", default="affine")
     ap.add_argument("--correspondences", choices=("ratio", "hamming"), default="ratio")
-    ap.add_argument("--query-assignments", type=int, default=1, help="hamming: query-side multiple assignment")
+    ap.add_argument("--query-assignments", type=int, default=1,
+                    help="hamming: query-side multiple assignment")
     ap.add_argument("--codebook", type=Path, help="the run's codebook (needed by --correspondences hamming)")
     args = ap.parse_args()
     g = load_gnd(args.gnd)

@@ -253,9 +253,10 @@ def verify_candidates(query: LocalFeatures, candidate_ids, get_features, config,
 
 
 def augment_index(pipe: _Pipeline, db, book: Codebook, db_store, ids):
-    """Database-side augmentation (``qe.dba_top``, :func:`d2r.expand.augment_database`): every image's record is
-    averaged with its ``dba_top`` nearest database images (only those with at least ``rerank.min_inliers``
-    inliers when ``verify`` is on), then OUT/index is rebuilt from the augmented records. Aggregation mode only.
+    """Database-side augmentation (``qe.dba_top``, :func:`d2r.expand.augment_database`): every image's
+    record is averaged with its ``dba_top`` nearest database images (only those with at least
+    ``rerank.min_inliers`` inliers when ``verify`` is on), then OUT/index is rebuilt from the augmented
+    records. Aggregation mode only.
     Offline cost: one search per database image (quadratic; fine for benchmark-sized databases)."""
     from d2r.aggregate import Aggregator
     from d2r.expand import augment_database
@@ -275,9 +276,11 @@ def augment_index(pipe: _Pipeline, db, book: Codebook, db_store, ids):
         records, neighbours, kept = {}, {}, []
         for i in ids:
             f = db_store.get(i)
-            records[i] = agg(f.features.descriptors, f.counts) if isinstance(f, RegionFeatures) else agg(f.descriptors)
+            regional = isinstance(f, RegionFeatures)
+            records[i] = agg(f.features.descriptors, f.counts) if regional else agg(f.descriptors)
         for i in ids:
-            ranked = [n for n in db.search(records[i], top_k=qe.dba_top + 1).ids.tolist() if n != i][: qe.dba_top]
+            found = db.search(records[i], top_k=qe.dba_top + 1).ids.tolist()
+            ranked = [n for n in found if n != i][: qe.dba_top]
             if verify and ranked:
                 inl = verify_candidates(features(i), ranked, features, rr, book)
                 ranked = [n for n in ranked if inl[n] >= rr.min_inliers]

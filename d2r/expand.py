@@ -18,9 +18,9 @@ geometric verification ran, else the top-scored ones.
   set stays the query's, so the expanded query costs no more to search.
 
 - database-side augmentation, DBA (Arandjelović & Zisserman 2012; with αQE, Gordo et al. 2017): offline, every
-  database image's representation is replaced by the αQE average of itself and its ``dba_top`` nearest database
-  images (the verified ones among them when verification is on), re-binarised for ASMK*; queries then search the
-  augmented database as usual (and may be expanded as well).
+  database image's representation is replaced by the αQE average of itself and its ``dba_top`` nearest
+  database images (the verified ones among them when verification is on), re-binarised for ASMK*; queries then
+  search the augmented database as usual (and may be expanded as well).
 
 The expanded query is an :class:`~d2r.aggregate.Aggregated` (whole image, no regions), so it searches a
 database in either mode (regional aggregation or regional search).
@@ -160,8 +160,8 @@ def augment_database(records: dict, neighbours: dict, alpha: float = 0.0, normal
     """Database-side augmentation: {id: αQE average of records[id] and records[n] for n in neighbours[id]}.
 
     records: id -> whole-image :class:`Aggregated`; neighbours: id -> ids (the image itself is skipped; ids
-    without an entry keep their record). Every average uses the ORIGINAL records, so the result does not depend
-    on the order of the images. Returns a new dict with the same keys."""
+    without an entry keep their record). Every average uses the ORIGINAL records, so the result does not
+    depend on the order of the images. Returns a new dict with the same keys."""
     out = {}
     for i, rec in records.items():
         nb = [records[n] for n in neighbours.get(i, ()) if n != i]
@@ -316,7 +316,8 @@ def search_expanded(method: str, db, query, ids, scores, inliers: dict | None, g
     if verified and len(new_ids) and rerank_config.num_to_rerank > 0:
         todo = [i for i in new_ids[: rerank_config.num_to_rerank].tolist() if i not in inliers]
         if todo:
-            counts = geometric_verification(query, [get_features(i) for i in todo], rerank_config, db.codebook)
+            counts = geometric_verification(query, [get_features(i) for i in todo], rerank_config,
+                                            db.codebook)
             inliers.update(zip(todo, counts.tolist()))
         position = {i: k for k, i in enumerate(new_ids.tolist())}
         new_ids, new_scores, inl = order_verified(new_ids, new_scores, inliers, rerank_config)

@@ -24,11 +24,12 @@ rest, ordered by inliers (ties by initial order); every other candidate keeps it
 enough geometric evidence is therefore never pushed down by one that merely has a few chance inliers, so with a
 threshold above the chance level the initial ranking can only be refined.
 
-``correspondences: hamming`` (with ``method: usac``) replaces the ratio-test correspondences by those of Hamming
-embedding / ASMK*+SP (Jégou et al. 2008; Tolias et al. 2013): every pair of a query and a candidate descriptor
-assigned to the same visual word (nearest centroid of the index's codebook) whose binary signatures, sign(x − c_w),
-differ in at most ``floor(hamming · D)`` bits. Pairs are many-to-many, so the score is the number of distinct
-query descriptors and of distinct candidate descriptors among the inliers, whichever is smaller.
+``correspondences: hamming`` (with ``method: usac``) replaces the ratio-test correspondences by those of
+Hamming embedding / ASMK*+SP (Jégou et al. 2008; Tolias et al. 2013): every pair of a query and a candidate
+descriptor assigned to the same visual word (nearest centroid of the index's codebook) whose binary
+signatures, sign(x − c_w), differ in at most ``floor(hamming · D)`` bits. Pairs are many-to-many, so the
+score is the number of distinct query descriptors and of distinct candidate descriptors among the inliers,
+whichever is smaller.
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ class RerankConfig(Config):
         model: "usac": "affine" or "homography" (query <- candidate).
         estimator: "usac": "magsac" (cv2.USAC_MAGSAC, MAGSAC++) or "accurate" (cv2.USAC_ACCURATE).
         min_inliers: "usac": candidates with at least this many inliers move above the others.
-        correspondences: "usac": "ratio" (mutual nearest neighbours + ratio test) or "hamming" (same visual word
-            and signatures within ``hamming`` × D bits; needs the index's codebook).
+        correspondences: "usac": "ratio" (mutual nearest neighbours + ratio test) or "hamming" (same visual
+            word and signatures within ``hamming`` × D bits; needs the index's codebook).
         hamming: "hamming" correspondences: the Hamming threshold as a fraction of the descriptor bits (0.375:
             Hamming embedding's 24 of 64 bits, Jégou et al. 2008).
         query_assignments: "hamming" correspondences: each query descriptor is paired in its this many nearest
@@ -180,7 +181,10 @@ def _check_dim(query: LocalFeatures, cand: LocalFeatures, i: int) -> None:
 
 
 def geometric_verification(
-    query: LocalFeatures, candidates: Sequence[LocalFeatures], config: RerankConfig | None = None, codebook=None
+    query: LocalFeatures,
+    candidates: Sequence[LocalFeatures],
+    config: RerankConfig | None = None,
+    codebook=None,
 ) -> np.ndarray:
     """Inlier count of each candidate against the query: int64 (len(candidates),).
 
@@ -414,10 +418,10 @@ def _verify_usac(query: LocalFeatures, candidates, config: RerankConfig, workers
     return np.asarray(counts, np.int64)
 
 
-# ---- "hamming" correspondences (Hamming embedding) --------------------------------------------------------------
+# ---- "hamming" correspondences (Hamming embedding) -------------------------------------------------------
 def word_signatures(descriptors: np.ndarray, codebook, num_assignments: int = 1):
-    """The ``num_assignments`` (m) nearest visual words of each descriptor (N·m,) int64 and the binary signature
-    in each, sign(x − c_w) packed MSB-first (N·m, ceil(D/8)) uint8; row r belongs to descriptor r // m."""
+    """The ``num_assignments`` (m) nearest visual words of each descriptor (N·m,) int64 and the binary
+    signature in each, sign(x − c_w) packed MSB-first (N·m, ceil(D/8)) uint8; row r belongs to descriptor r // m."""
     from d2r.expand import signatures
 
     x = np.ascontiguousarray(descriptors, np.float32)
@@ -463,15 +467,17 @@ def hamming_correspondences(q_words, q_sigs, x_words, x_sigs, max_bits: int):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     oq = np.argsort(q_words, kind="stable")
     ox = np.argsort(x_words, kind="stable")
-    a, b = hamming_pairs(np.ascontiguousarray(q_words[oq], np.int64), as_words64(np.ascontiguousarray(q_sigs[oq])),
-                         np.ascontiguousarray(x_words[ox], np.int64), as_words64(np.ascontiguousarray(x_sigs[ox])),
-                         int(max_bits))
+    a, b = hamming_pairs(np.ascontiguousarray(q_words[oq], np.int64),
+                         as_words64(np.ascontiguousarray(q_sigs[oq])),
+                         np.ascontiguousarray(x_words[ox], np.int64),
+                         as_words64(np.ascontiguousarray(x_sigs[ox])), int(max_bits))
     qi, xi = oq[a], ox[b]
     order = np.lexsort((xi, qi))
     return qi[order].astype(np.int64), xi[order].astype(np.int64)
 
 
-def _verify_hamming(query: LocalFeatures, candidates, config: RerankConfig, workers: int, codebook) -> np.ndarray:
+def _verify_hamming(query: LocalFeatures, candidates, config: RerankConfig, workers: int,
+                    codebook) -> np.ndarray:
     max_bits = int(np.floor(config.hamming * codebook.dim + 1e-9))
     m = int(config.query_assignments)
     qw, qs = cached_word_signatures(query.descriptors, codebook, m)

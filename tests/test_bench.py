@@ -269,7 +269,7 @@ def test_bench_gldv2_synthetic_end_to_end(bench_dev, tmp_path):
 @pytest.mark.dev
 def test_bench_dba_and_hamming_verification_dev(bench_dev, tmp_path):
     """Database-side augmentation over verified neighbours with Hamming correspondences, end to end: the index
-    is rebuilt from augmented records, and an image without verified neighbours keeps its own record."""
+    is rebuilt from augmented records, and images still find themselves first."""
     from d2r.aggregate import Aggregator
     from d2r.bench import load_config, run_revisitop
     from d2r.features.base import whole_image

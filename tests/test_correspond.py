@@ -1,4 +1,4 @@
-"""Issue 13: Hamming-embedding correspondences (same visual word, signatures within h bits) for verification."""
+"""Issue 13: Hamming-embedding correspondences (same word, signatures within h bits) for verification."""
 
 import numpy as np
 import pytest

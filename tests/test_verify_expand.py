@@ -398,8 +398,8 @@ def test_database_augmentation_hand_computed():
     # b + a: word 3's bits (0,1,0,1,0,1,0,1) and (1,0,1,0,1,0,1,0) tie on every bit: b's own bits are kept
     assert out["b"].words.tolist() == [1, 3, 5]
     assert np.array_equal(np.unpackbits(out["b"].bits, axis=1),
-                          np.array([[1, 1, 1, 1, 0, 0, 0, 0], [0, 1, 0, 1, 0, 1, 0, 1], [1, 1, 0, 0, 1, 1, 0, 0]],
-                                   np.uint8))
+                          np.array([[1, 1, 1, 1, 0, 0, 0, 0], [0, 1, 0, 1, 0, 1, 0, 1],
+                                    [1, 1, 0, 0, 1, 1, 0, 0]], np.uint8))
     assert out["c"] is c  # no neighbours: unchanged, and the averages used the ORIGINAL records
     with pytest.raises(ValueError, match="dba_top"):
         ExpansionConfig(dba_top=-1).validate()

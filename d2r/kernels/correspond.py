@@ -1,4 +1,4 @@
-"""Tentative correspondences from visual words and binary signatures (Hamming embedding, Jégou et al. 2008)."""
+"""Tentative correspondences from visual words and binary signatures (Hamming embedding, Jégou 2008)."""
 
 import numpy as np
 from numba import njit
@@ -11,8 +11,8 @@ def hamming_pairs(q_words, q_sigs, x_words, x_sigs, max_bits):
     """All pairs (i, j) with q_words[i] == x_words[j] and Hamming(q_sigs[i], x_sigs[j]) <= max_bits.
 
     q_words (P,) int64 and x_words (F,) int64 SORTED ascending; q_sigs (P, B), x_sigs (F, B) packed signatures
-    (uint8 or uint64, same B). Returns (qi, xj) int64 in row-major order of (i, j). Two passes over the blocks of
-    equal words: count, then fill, so the output is allocated once.
+    (uint8 or uint64, same B). Returns (qi, xj) int64 in row-major order of (i, j). Two passes over the
+    blocks of equal words: count, then fill, so the output is allocated once.
     """
     out_n = 0
     for phase in range(2):
