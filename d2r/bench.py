@@ -24,6 +24,7 @@ import json
 import logging
 import shutil
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class BenchConfig(EngineConfig):
         query_expansion: "none" here (the engine's default is "aqe"): a benchmark expands only when asked.
     """
 
+    _index_time_dba: typing.ClassVar[bool] = True
     verify: bool = False
     codebook_images: str | None = None
     top_k: int | None = None

@@ -403,3 +403,14 @@ def test_database_augmentation_hand_computed():
     assert out["c"] is c  # no neighbours: unchanged, and the averages used the ORIGINAL records
     with pytest.raises(ValueError, match="dba_top"):
         ExpansionConfig(dba_top=-1).validate()
+
+
+def test_dba_setting_is_validated_up_front():
+    from d2r.bench import BenchConfig
+    from d2r.engine import EngineConfig
+
+    BenchConfig().override({"qe.dba_top": 3}).check()
+    with pytest.raises(ValueError, match="benchmark-runner setting"):
+        EngineConfig().override({"qe.dba_top": 3}).check()
+    with pytest.raises(ValueError, match="index.mode 'aggregation'"):
+        BenchConfig().override({"qe.dba_top": 3, "index.mode": "search"}).check()
