@@ -24,3 +24,14 @@ bench --config $CFG --no-rerank --query-expansion hqe --out $RUNS/hqe
 bench --config $CFG --rerank --rerank-method usac --query-expansion aqe --out $RUNS/usac_aqe
 bench --config $CFG --rerank --rerank-method usac --query-expansion hqe --out $RUNS/usac_hqe
 bench --config benchmarks/configs/dev_rootsift_rasmk_star_density_best.yaml --out $RUNS/rasmk_usac_aqe
+# Round 2 (Hamming correspondences, DBA; rows in dev_results.md): min_inliers from benchmarks/calibrate_inliers.py
+bench --config $CFG --rerank --rerank-method usac --query-expansion aqe --out $RUNS/usac_aqe
+bench --config $CFG --rerank --rerank-method usac --set rerank.correspondences=hamming --out $RUNS/usac_ham
+bench --config $CFG --rerank --rerank-method usac --set rerank.correspondences=hamming --min-inliers 12 --out $RUNS/usac_ham12
+bench --config $CFG --rerank --rerank-method usac --set rerank.correspondences=hamming --set rerank.query_assignments=3 \
+  --min-inliers 17 --out $RUNS/usac_ham_ma3_17
+bench --config $CFG --rerank --rerank-method usac --set rerank.correspondences=hamming --query-expansion aqe --out $RUNS/usac_ham_aqe
+bench --config $CFG --rerank --rerank-method usac --set rerank.correspondences=hamming --min-inliers 12 \
+  --query-expansion aqe --out $RUNS/usac_ham12_aqe
+bench --config $CFG --no-rerank --set qe.dba_top=10 --out $RUNS/dba
+bench --config $CFG --rerank --rerank-method usac --set rerank.correspondences=hamming --set qe.dba_top=10 --out $RUNS/usac_ham_dba

@@ -24,6 +24,7 @@ import json
 import logging
 import shutil
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class BenchConfig(EngineConfig):
         query_expansion: "none" here (the engine's default is "aqe"): a benchmark expands only when asked.
     """
 
+    _index_time_dba: typing.ClassVar[bool] = True
     verify: bool = False
     codebook_images: str | None = None
     top_k: int | None = None
@@ -241,15 +243,61 @@ class _Pipeline(Pipeline):
             return db.search_batch(queries, top_k=depth, workers=self.workers)
 
 
-def verify_candidates(query: LocalFeatures, candidate_ids, get_features, config) -> dict:
+def verify_candidates(query: LocalFeatures, candidate_ids, get_features, config, codebook=None) -> dict:
     """Inlier count of each candidate id (geometric verification, :func:`d2r.rerank.geometric_verification`)."""
     from d2r.rerank import geometric_verification
 
     candidate_ids = list(candidate_ids)
     if not candidate_ids:
         return {}
-    counts = geometric_verification(query, [get_features(i) for i in candidate_ids], config)
+    counts = geometric_verification(query, [get_features(i) for i in candidate_ids], config, codebook)
     return dict(zip(candidate_ids, counts.tolist()))
+
+
+def augment_index(pipe: _Pipeline, db, book: Codebook, db_store, ids):
+    """Database-side augmentation (``qe.dba_top``, :func:`d2r.expand.augment_database`): every image's
+    record is averaged with its ``dba_top`` nearest database images (only those with at least
+    ``rerank.min_inliers`` inliers when ``verify`` is on), then OUT/index is rebuilt from the augmented
+    records. Aggregation mode only.
+    Offline cost: one search per database image (quadratic; fine for benchmark-sized databases)."""
+    from d2r.aggregate import Aggregator
+    from d2r.expand import augment_database
+    from d2r.features.base import RegionFeatures
+
+    config = pipe.config
+    qe, rr = config.qe.validate(), config.rerank.validate()
+    if db.mode != "aggregation":
+        raise ValueError("qe.dba_top needs index.mode 'aggregation'")
+    agg = Aggregator(book, db.kernel, db.config.num_assignments)
+    verify = bool(config.verify and rr.num_to_rerank > 0)
+
+    def features(i):
+        return whole_image(db_store.get(i))
+
+    with pipe.timer("dba"):
+        records, neighbours, kept = {}, {}, []
+        for i in ids:
+            f = db_store.get(i)
+            regional = isinstance(f, RegionFeatures)
+            records[i] = agg(f.features.descriptors, f.counts) if regional else agg(f.descriptors)
+        for i in ids:
+            found = db.search(records[i], top_k=qe.dba_top + 1).ids.tolist()
+            ranked = [n for n in found if n != i][: qe.dba_top]
+            if verify and ranked:
+                inl = verify_candidates(features(i), ranked, features, rr, book)
+                ranked = [n for n in ranked if inl[n] >= rr.min_inliers]
+            neighbours[i] = ranked
+            kept.append(len(ranked))
+        augmented = augment_database(records, neighbours, qe.alpha, db.config.normalize)
+        path = pipe.out / "index"
+        db.close()
+        shutil.rmtree(path)
+        db = pipe.create_database(path, book)
+        for i in ids:
+            db.add_aggregated(i, augmented[i])
+        db.save()
+    pipe.notes["dba"] = {"top": qe.dba_top, "verified": verify, "mean_neighbours": float(np.mean(kept))}
+    return db
 
 
 def _finish(pipe: _Pipeline, result: dict, extra_outputs: dict) -> dict:
@@ -320,6 +368,8 @@ def run_revisitop(gnd, images_root, config: BenchConfig | None = None, out="benc
     book = pipe.codebook(db_store, root)
     ids = [n for n in g.imlist if n in db_store]
     db = pipe.build_index(book, db_store, ids)
+    if config.qe.dba_top > 0:
+        db = augment_index(pipe, db, book, db_store, ids)
     depth = int(config.top_k) if config.top_k else len(ids)
     rankings = pipe.search(db, [q.descriptors for q in query_feats], max(depth, 1))
     position = {n: i for i, n in enumerate(g.imlist)}
@@ -406,7 +456,7 @@ def _revisitop_stages(pipe: _Pipeline, g, db, db_store, query_feats, ranks, rank
             jk = set(junk_lists[p][qi].tolist())
             cands.extend([x for x in ranked.tolist() if x not in jk][: rr.num_to_rerank])
         cands = [c for c in dict.fromkeys(cands) if c not in inl]
-        inl.update(verify_candidates(query_feats[qi], cands, features, rr))
+        inl.update(verify_candidates(query_feats[qi], cands, features, rr, db.codebook))
         return len(cands)
 
     def reorder(qi, ranked, scores, inl):
@@ -509,7 +559,7 @@ def run_gldv2(index_csv, test_csv, solution_csv, images_root, config: BenchConfi
         with pipe.timer("rerank"):
             for qi, q in enumerate(query_feats):
                 cands = ranked[qi][: rr.num_to_rerank]
-                inl = verify_candidates(q, cands, lambda i: whole_image(db_store.get(i)), rr)
+                inl = verify_candidates(q, cands, lambda i: whole_image(db_store.get(i)), rr, db.codebook)
                 new_ids, _, _ = order_verified(np.array(ranked[qi], dtype=object), rankings[qi].scores, inl, rr)
                 ranked[qi] = [str(x) for x in new_ids.tolist()]
     pipe.out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import typing
 import json
 import logging
 import os
@@ -115,6 +116,7 @@ class EngineConfig(Config):
     # per feature type (FEATURE_DEFAULTS): 0.4 for RootSIFT (the default features), 0.9 for DELF
     rerank: RerankConfig = field(default_factory=lambda: RerankConfig(descriptor_distance=0.4, method="usac"))
     # "none" | "aqe" | "hqe" (d2r.expand), parameters in ``qe``; aqe over verified images: best on the dev table.
+    _index_time_dba: typing.ClassVar[bool] = False  # qe.dba_top: the bench runner only (d2r.bench)
     query_expansion: str = "aqe"
     qe: ExpansionConfig = field(default_factory=ExpansionConfig)
     batch_size: int = 64
@@ -175,6 +177,11 @@ class EngineConfig(Config):
         self.qe.validate()
         if self.query_expansion == "hqe" and self.index.kernel == "vlad":
             raise ValueError("query_expansion 'hqe' needs an ASMK kernel (index.kernel asmk or asmk_star)")
+        if self.qe.dba_top and not self._index_time_dba:
+            raise ValueError("qe.dba_top (database-side augmentation) is a benchmark-runner setting; "
+                             "Engine indexes do not support it")
+        if self.qe.dba_top and self.index.mode != "aggregation":
+            raise ValueError("qe.dba_top needs index.mode 'aggregation'")
         return self
 
 
@@ -609,7 +616,7 @@ class Engine:
 
             position = {i: k for k, i in enumerate(ids.tolist())}
             ids, scores, inliers = verify_ranking(query, ids, scores, self._whole_image_features,
-                                                  self.config.rerank)
+                                                  self.config.rerank, codebook=self._db.codebook)
             regions = regions[[position[i] for i in ids.tolist()]]
         if qe != "none" and len(query) and len(ids):
             from d2r.expand import search_expanded

@@ -9,13 +9,18 @@ geometric verification ran, else the top-scored ones.
   s_i a neighbour's similarity, s_q the query's self-similarity; α = 0 is the plain average). VLAD: average
   vector, L2-normalised. ASMK: per visual word, the weighted sum of the unit vectors of every record holding the
   word, renormalised. ASMK*: the same sum of ±1 vectors (bit b → 2b − 1), binarised by sign (a weighted majority
-  vote per bit; a tie gives 0). The word set is the union.
+  vote per bit; a tie keeps the query's bit, else gives 0). The word set is the union.
 - ``hqe`` (Tolias & Jégou, Pattern Recognition 2014): per visual word, the query's local descriptors are joined
   by the neighbours' descriptors assigned to the same word whose binary signature (sign of the residual to the
   word's centroid) is within ``hamming`` × D bits of a query descriptor's signature. A neighbour is reliable
   when it is verified or, without verification, when at least ``min_matches`` query descriptors find such a
   match. The joined set is re-aggregated (ASMK residual sums per word, normalised, binarised for ASMK*): the word
   set stays the query's, so the expanded query costs no more to search.
+
+- database-side augmentation, DBA (Arandjelović & Zisserman 2012; with αQE, Gordo et al. 2017): offline, every
+  database image's representation is replaced by the αQE average of itself and its ``dba_top`` nearest
+  database images (the verified ones among them when verification is on), re-binarised for ASMK*; queries then
+  search the augmented database as usual (and may be expanded as well).
 
 The expanded query is an :class:`~d2r.aggregate.Aggregated` (whole image, no regions), so it searches a
 database in either mode (regional aggregation or regional search).
@@ -49,12 +54,15 @@ class ExpansionConfig(Config):
             differ in at most ``hamming`` × D bits (0.375: Hamming embedding's 24 of 64 bits, Jégou et al. 2008).
         min_matches: HQE without verification: a top image is reliable with at least this many query
             descriptors matched (and it must then reach ``min_matches`` to add anything at all).
+        dba_top: database-side augmentation: each database image is averaged with (the verified ones of) its
+            ``dba_top`` nearest database images at index time (αQE weights with ``alpha``); 0 = off.
     """
 
     top: int = 10
     alpha: float = 0.0
     hamming: float = 0.375
     min_matches: int = 10
+    dba_top: int = 0
 
     def validate(self) -> "ExpansionConfig":
         if isinstance(self.top, bool) or not isinstance(self.top, int) or self.top < 1:
@@ -63,6 +71,8 @@ class ExpansionConfig(Config):
             raise ValueError(f"qe.alpha must be >= 0, got {self.alpha}")
         if not 0 <= self.hamming <= 1:
             raise ValueError(f"qe.hamming must be a fraction of the descriptor bits in [0, 1], got {self.hamming}")
+        if isinstance(self.dba_top, bool) or not isinstance(self.dba_top, int) or self.dba_top < 0:
+            raise ValueError(f"qe.dba_top must be a non-negative integer, got {self.dba_top!r}")
         n = self.min_matches
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"qe.min_matches must be a non-negative integer, got {self.min_matches!r}")
@@ -109,6 +119,14 @@ def average_expansion(query: Aggregated, neighbours: Sequence[Aggregated], weigh
     uniq, inverse = np.unique(words, return_inverse=True)
     sums = np.zeros((uniq.shape[0], query.dim))
     np.add.at(sums, inverse, vecs)
+    if query.kernel == "asmk_star":
+        # A tied vote keeps the query's own bit (with an even number of records, one neighbour say, a tie
+        # would otherwise clear every bit where the two disagree); only the sign of a sum is used.
+        rows = np.searchsorted(uniq, query.words.astype(np.int64))
+        block = sums[rows]
+        tied = block == 0
+        block[tied] = 1e-3 * _signs(query.bits, query.dim)[tied]
+        sums[rows] = block
     return _finish(query.kernel, query.dim, query.num_words, uniq, sums)
 
 
@@ -137,6 +155,19 @@ def aqe_weights(query: Aggregated, neighbours: Sequence[Aggregated], alpha: floa
         return np.ones(len(neighbours))
     s = np.array([max(similarity(query, n, normalize=normalize), 0.0) for n in neighbours])
     return (s / sq) ** float(alpha)
+
+
+def augment_database(records: dict, neighbours: dict, alpha: float = 0.0, normalize: bool = True) -> dict:
+    """Database-side augmentation: {id: αQE average of records[id] and records[n] for n in neighbours[id]}.
+
+    records: id -> whole-image :class:`Aggregated`; neighbours: id -> ids (the image itself is skipped; ids
+    without an entry keep their record). Every average uses the ORIGINAL records, so the result does not
+    depend on the order of the images. Returns a new dict with the same keys."""
+    out = {}
+    for i, rec in records.items():
+        nb = [records[n] for n in neighbours.get(i, ()) if n != i]
+        out[i] = average_expansion(rec, nb, aqe_weights(rec, nb, alpha, normalize)) if nb else rec
+    return out
 
 
 # ---- HQE ------------------------------------------------------------------------------------------------------
@@ -286,7 +317,8 @@ def search_expanded(method: str, db, query, ids, scores, inliers: dict | None, g
     if verified and len(new_ids) and rerank_config.num_to_rerank > 0:
         todo = [i for i in new_ids[: rerank_config.num_to_rerank].tolist() if i not in inliers]
         if todo:
-            counts = geometric_verification(query, [get_features(i) for i in todo], rerank_config)
+            counts = geometric_verification(query, [get_features(i) for i in todo], rerank_config,
+                                            db.codebook)
             inliers.update(zip(todo, counts.tolist()))
         position = {i: k for k, i in enumerate(new_ids.tolist())}
         new_ids, new_scores, inl = order_verified(new_ids, new_scores, inliers, rerank_config)

@@ -23,12 +23,22 @@ rule treats inliers as evidence, not as a score: candidates with at least ``min_
 rest, ordered by inliers (ties by initial order); every other candidate keeps its initial order. An image without
 enough geometric evidence is therefore never pushed down by one that merely has a few chance inliers, so with a
 threshold above the chance level the initial ranking can only be refined.
+
+``correspondences: hamming`` (with ``method: usac``) replaces the ratio-test correspondences by those of
+Hamming embedding / ASMK*+SP (Jégou et al. 2008; Tolias et al. 2013): every pair of a query and a candidate
+descriptor assigned to the same visual word (nearest centroid of the index's codebook) whose binary
+signatures, sign(x − c_w), differ in at most ``floor(hamming · D)`` bits. Pairs are many-to-many, so the
+score is the number of distinct query descriptors and of distinct candidate descriptors among the inliers,
+whichever is smaller.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -42,6 +52,7 @@ from d2r.kernels.ransac import ransac_affine_batch
 METHODS = ("official", "usac")
 MODELS = ("affine", "homography")
 ESTIMATORS = ("magsac", "accurate")
+CORRESPONDENCES = ("ratio", "hamming")
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +78,12 @@ class RerankConfig(Config):
         model: "usac": "affine" or "homography" (query <- candidate).
         estimator: "usac": "magsac" (cv2.USAC_MAGSAC, MAGSAC++) or "accurate" (cv2.USAC_ACCURATE).
         min_inliers: "usac": candidates with at least this many inliers move above the others.
+        correspondences: "usac": "ratio" (mutual nearest neighbours + ratio test) or "hamming" (same visual
+            word and signatures within ``hamming`` × D bits; needs the index's codebook).
+        hamming: "hamming" correspondences: the Hamming threshold as a fraction of the descriptor bits (0.375:
+            Hamming embedding's 24 of 64 bits, Jégou et al. 2008).
+        query_assignments: "hamming" correspondences: each query descriptor is paired in its this many nearest
+            words (query-side multiple assignment, Jégou et al. 2010); database descriptors keep one.
     """
 
     num_to_rerank: int = 100
@@ -81,6 +98,9 @@ class RerankConfig(Config):
     model: str = "affine"
     estimator: str = "magsac"
     min_inliers: int = 10
+    correspondences: str = "ratio"
+    hamming: float = 0.375
+    query_assignments: int = 1
 
     def validate(self) -> "RerankConfig":
         if self.num_to_rerank < 0:
@@ -110,6 +130,17 @@ class RerankConfig(Config):
         n = self.min_inliers
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:  # True is no count
             raise ValueError(f"RerankConfig.min_inliers must be a positive integer, got {self.min_inliers!r}")
+        if self.correspondences not in CORRESPONDENCES:
+            raise ValueError(f"RerankConfig.correspondences must be one of {list(CORRESPONDENCES)}, "
+                             f"got {self.correspondences!r}")
+        if self.correspondences == "hamming" and self.method != "usac":
+            raise ValueError("RerankConfig.correspondences 'hamming' needs method 'usac'")
+        if not isinstance(self.query_assignments, int) or self.query_assignments < 1:
+            raise ValueError(f"RerankConfig.query_assignments must be a positive integer, "
+                             f"got {self.query_assignments!r}")
+        if not 0 <= self.hamming <= 1:
+            raise ValueError(f"RerankConfig.hamming must be a fraction of the descriptor bits in [0, 1], "
+                             f"got {self.hamming}")
         return self
 
     def num_workers(self) -> int:
@@ -151,9 +182,14 @@ def _check_dim(query: LocalFeatures, cand: LocalFeatures, i: int) -> None:
 
 
 def geometric_verification(
-    query: LocalFeatures, candidates: Sequence[LocalFeatures], config: RerankConfig | None = None
+    query: LocalFeatures,
+    candidates: Sequence[LocalFeatures],
+    config: RerankConfig | None = None,
+    codebook=None,
 ) -> np.ndarray:
     """Inlier count of each candidate against the query: int64 (len(candidates),).
+
+    ``codebook``: the index's :class:`~d2r.codebook.Codebook`, needed (only) by ``correspondences: hamming``.
 
     Empty query or candidate features give 0. Deterministic: the same inputs give the same counts whatever the
     thread count or the order of the candidates. Runs ``config.workers`` threads itself and limits BLAS to one
@@ -168,6 +204,12 @@ def geometric_verification(
         _check_dim(query, c, i)
     workers = config.num_workers()
     if config.method == "usac":
+        if config.correspondences == "hamming":
+            if codebook is None:
+                raise ValueError("rerank.correspondences 'hamming' needs the index's codebook")
+            if codebook.dim != query.dim:
+                raise ValueError(f"codebook dimension {codebook.dim} differs from the query's {query.dim}")
+            return _verify_hamming(query, candidates, config, workers, codebook)
         return _verify_usac(query, candidates, config, workers)
 
     def match(c: LocalFeatures):
@@ -228,6 +270,7 @@ def rerank(
     get_features: Callable[[object], LocalFeatures],
     config: RerankConfig | None = None,
     junk=None,
+    codebook=None,
 ):
     """Re-rank one query's ranking by geometric verification.
 
@@ -239,6 +282,7 @@ def rerank(
             (from ``config.workers`` threads at once).
         config: :class:`RerankConfig`.
         junk: ids never verified (the protocol's junk list); they keep their place among the unverified.
+        codebook: the index's codebook (``correspondences: hamming`` only).
 
     Returns:
         (ids (L,), scores (L,) float64 — the initial scores in the new order, inliers (L,) int64 with -1 for ids
@@ -266,7 +310,7 @@ def rerank(
     for k, f in enumerate(feats):
         if not isinstance(f, LocalFeatures):
             raise ValueError(f"rerank: get_features({cand_ids[k]!r}) returned {type(f).__name__}, not LocalFeatures")
-    counts = geometric_verification(query, feats, config)
+    counts = geometric_verification(query, feats, config, codebook)
     return order_verified(ids, sc, dict(zip(cand_ids, counts.tolist())), config, junk or ())
 
 
@@ -372,6 +416,118 @@ def _verify_usac(query: LocalFeatures, candidates, config: RerankConfig, workers
                 counts = list(pool.map(one, candidates))
         else:
             counts = [one(c) for c in candidates]
+    return np.asarray(counts, np.int64)
+
+
+# ---- "hamming" correspondences (Hamming embedding) -------------------------------------------------------
+def word_signatures(descriptors: np.ndarray, codebook, num_assignments: int = 1):
+    """The ``num_assignments`` (m) nearest visual words of each descriptor (N·m,) int64 and the binary
+    signature in each, sign(x − c_w) packed MSB-first (N·m, ceil(D/8)) uint8; row r belongs to descriptor r // m."""
+    from d2r.expand import signatures
+
+    x = np.ascontiguousarray(descriptors, np.float32)
+    m = int(num_assignments)
+    if x.shape[0] == 0:
+        return np.zeros(0, np.int64), np.zeros((0, (codebook.dim + 7) // 8), np.uint8)
+    words = np.asarray(codebook.assign(x, m), np.int64).reshape(-1)
+    rows = np.repeat(np.arange(x.shape[0]), m)
+    return words, np.ascontiguousarray(signatures(x[rows], words, codebook.centroids))
+
+
+_SIG_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_SIG_CACHE_SIZE = 2048  # images; ~24 kB each at 1,000 RootSIFT features
+_SIG_LOCK = threading.Lock()
+
+
+def cached_word_signatures(descriptors: np.ndarray, codebook, num_assignments: int = 1):
+    """:func:`word_signatures` memoised by (codebook, BLAKE2b of the descriptor bytes), LRU over the last
+    2,048 images: a database image verified for many queries is assigned once."""
+    x = np.ascontiguousarray(descriptors, np.float32)
+    key = (id(codebook), codebook.size, x.shape, hashlib.blake2b(x.tobytes(), digest_size=16).digest(),
+           int(num_assignments))
+    with _SIG_LOCK:
+        hit = _SIG_CACHE.get(key)
+        if hit is not None and hit[0] is codebook:
+            _SIG_CACHE.move_to_end(key)
+            return hit[1], hit[2]
+    words, sigs = word_signatures(x, codebook, num_assignments)
+    with _SIG_LOCK:
+        _SIG_CACHE[key] = (codebook, words, sigs)
+        while len(_SIG_CACHE) > _SIG_CACHE_SIZE:
+            _SIG_CACHE.popitem(last=False)
+    return words, sigs
+
+
+def hamming_correspondences(q_words, q_sigs, x_words, x_sigs, max_bits: int):
+    """Pairs (i, j) of query row i and candidate row j with the same word and Hamming distance <= ``max_bits``
+    (any order of the inputs). Returns (query_ids, index_ids) int64 sorted by (i, j)."""
+    from d2r.kernels.binary import as_words64
+    from d2r.kernels.correspond import hamming_pairs
+
+    if len(q_words) == 0 or len(x_words) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    oq = np.argsort(q_words, kind="stable")
+    ox = np.argsort(x_words, kind="stable")
+    a, b = hamming_pairs(np.ascontiguousarray(q_words[oq], np.int64),
+                         as_words64(np.ascontiguousarray(q_sigs[oq])),
+                         np.ascontiguousarray(x_words[ox], np.int64),
+                         as_words64(np.ascontiguousarray(x_sigs[ox])), int(max_bits))
+    qi, xi = oq[a], ox[b]
+    order = np.lexsort((xi, qi))
+    return qi[order].astype(np.int64), xi[order].astype(np.int64)
+
+
+def _verify_hamming(query: LocalFeatures, candidates, config: RerankConfig, workers: int,
+                    codebook) -> np.ndarray:
+    max_bits = int(np.floor(config.hamming * codebook.dim + 1e-9))
+    m = int(config.query_assignments)
+    qw, qs = cached_word_signatures(query.descriptors, codebook, m)
+    # Candidates not seen before are assigned in one call (it parallelises itself), then cached.
+    digests = [None] * len(candidates)
+    todo = []
+    for k, c in enumerate(candidates):
+        x = np.ascontiguousarray(c.descriptors, np.float32)
+        key = (id(codebook), codebook.size, x.shape, hashlib.blake2b(x.tobytes(), digest_size=16).digest(), 1)
+        digests[k] = key
+        with _SIG_LOCK:
+            if key not in _SIG_CACHE or _SIG_CACHE[key][0] is not codebook:
+                todo.append(k)
+    if todo:
+        sizes = [len(candidates[k]) for k in todo]
+        allw, alls = word_signatures(
+            np.concatenate([candidates[k].descriptors for k in todo]).reshape(-1, codebook.dim), codebook)
+        cuts = np.cumsum(sizes)[:-1]
+        with _SIG_LOCK:
+            for k, w, sg in zip(todo, np.split(allw, cuts), np.split(alls, cuts)):
+                _SIG_CACHE[digests[k]] = (codebook, w, sg)
+    parts = []
+    for k, c in enumerate(candidates):
+        with _SIG_LOCK:
+            hit = _SIG_CACHE.get(digests[k])
+        if hit is None:  # evicted meanwhile by another thread's images
+            cw, cs = word_signatures(c.descriptors, codebook)
+        else:
+            cw, cs = hit[1], hit[2]
+        parts.append((c, cw, cs))
+    with _SIG_LOCK:
+        while len(_SIG_CACHE) > _SIG_CACHE_SIZE:
+            _SIG_CACHE.popitem(last=False)
+
+    def one(part) -> int:
+        c, cw, cs = part
+        if len(c) == 0:
+            return 0
+        qi, ii = hamming_correspondences(qw, qs, cw, cs, max_bits)
+        qi //= m  # assignment row -> query descriptor
+        mask = fit_inliers(c.locations[ii].astype(np.float64), query.locations[qi].astype(np.float64), config)
+        return min(np.unique(qi[mask]).size, np.unique(ii[mask]).size)
+
+    with _single_threaded_blas():
+        if workers > 1 and len(candidates) > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                counts = list(pool.map(one, parts))
+        else:
+            counts = [one(p) for p in parts]
     return np.asarray(counts, np.int64)
 
 

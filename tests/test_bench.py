@@ -263,3 +263,33 @@ def test_bench_gldv2_synthetic_end_to_end(bench_dev, tmp_path):
     assert lines[0] == "id,images" and len(lines) == 1 + len(test_rows)
     assert all(len(line.split(",")[1].split(" ")) == len(index_rows) for line in lines[1:])
     assert r["dataset"]["indexed"] == len(index_rows)
+
+
+@pytest.mark.slow
+@pytest.mark.dev
+def test_bench_dba_and_hamming_verification_dev(bench_dev, tmp_path):
+    """Database-side augmentation over verified neighbours with Hamming correspondences, end to end: the index
+    is rebuilt from augmented records, and images still find themselves first."""
+    from d2r.aggregate import Aggregator
+    from d2r.bench import load_config, run_revisitop
+    from d2r.features.base import whole_image
+    from d2r.features.store import FeatureStore
+    from d2r.index.database import Database
+
+    cfg = load_config(None, {"features.options.max_features": 300, "codebook.size": 256,
+                             "codebook.sample_per_image": 50, "index.kernel": "asmk_star", "verify": True,
+                             "rerank.method": "usac", "rerank.correspondences": "hamming", "qe.dba_top": 3,
+                             "workers": 2})
+    r = run_revisitop(bench_dev / "gnd.pkl", bench_dev, cfg, tmp_path / "run", progress=False,
+                      write_report=False)
+    assert r["notes"]["dba"]["verified"] is True and 0 < r["notes"]["dba"]["mean_neighbours"] <= 3
+    assert r["medium"]["mAP"] >= CI_MEDIUM_FLOOR
+    store = FeatureStore.open(r["notes"]["database_extraction"]["store"])
+    db = Database.open(tmp_path / "run" / "index")
+    assert len(db) == 367
+    agg = Aggregator(db.codebook, "asmk_star", 1)
+    # every image's own (augmented) record is its best match, and the augmented index differs from a plain one
+    names = list(db.ids())[:20]
+    own = [agg(whole_image(store.get(n)).descriptors) for n in names]
+    tops = [db.search(rec, top_k=1).ids[0] for rec in own]
+    assert sum(t == n for t, n in zip(tops, names)) >= 18

@@ -382,3 +382,35 @@ def test_engine_search_with_expansion_and_query_assignments(bench_dev, tmp_path,
     assert len(ma) == 5 and ma[0].inliers == -1
     with pytest.raises(ValueError, match="query_expansion"):
         engine.search(query, query_expansion="dqe")
+
+
+def test_database_augmentation_hand_computed():
+    from d2r.expand import augment_database
+
+    a = _star([1, 3], [[1, 1, 1, 1, 0, 0, 0, 0], [1, 0, 1, 0, 1, 0, 1, 0]])
+    b = _star([3, 5], [[0, 1, 0, 1, 0, 1, 0, 1], [1, 1, 0, 0, 1, 1, 0, 0]])
+    c = _star([3], [[0, 0, 0, 1, 1, 1, 0, 0]])
+    out = augment_database({"a": a, "b": b, "c": c}, {"a": ["a", "b", "c"], "b": ["a"]})
+    # a: as the αQE case above (itself skipped among its neighbours); b: b + a, words 1, 3, 5
+    assert out["a"].words.tolist() == [1, 3, 5]
+    want = np.array([[1, 1, 1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1, 0, 0], [1, 1, 0, 0, 1, 1, 0, 0]], np.uint8)
+    assert np.array_equal(np.unpackbits(out["a"].bits, axis=1), want)
+    # b + a: word 3's bits (0,1,0,1,0,1,0,1) and (1,0,1,0,1,0,1,0) tie on every bit: b's own bits are kept
+    assert out["b"].words.tolist() == [1, 3, 5]
+    assert np.array_equal(np.unpackbits(out["b"].bits, axis=1),
+                          np.array([[1, 1, 1, 1, 0, 0, 0, 0], [0, 1, 0, 1, 0, 1, 0, 1],
+                                    [1, 1, 0, 0, 1, 1, 0, 0]], np.uint8))
+    assert out["c"] is c  # no neighbours: unchanged, and the averages used the ORIGINAL records
+    with pytest.raises(ValueError, match="dba_top"):
+        ExpansionConfig(dba_top=-1).validate()
+
+
+def test_dba_setting_is_validated_up_front():
+    from d2r.bench import BenchConfig
+    from d2r.engine import EngineConfig
+
+    BenchConfig().override({"qe.dba_top": 3}).check()
+    with pytest.raises(ValueError, match="benchmark-runner setting"):
+        EngineConfig().override({"qe.dba_top": 3}).check()
+    with pytest.raises(ValueError, match="index.mode 'aggregation'"):
+        BenchConfig().override({"qe.dba_top": 3, "index.mode": "search"}).check()
