@@ -280,8 +280,11 @@ def search(args) -> None:
     db = Database.open(path)
     open_s = time.perf_counter() - t
     if args.warm:  # read every index file once: the figures of a server whose index sits in the page cache
+        import re
+
+        live = set(re.findall(r"seg-[0-9]+-[0-9a-f]+", (path / "manifest.json").read_text()))
         for f in sorted(path.rglob("*")):
-            if f.is_file():
+            if f.is_file() and (f.parent == path or f.parent.name in live):  # not the kept older generations
                 with open(f, "rb") as fh:
                     while fh.read(1 << 24):
                         pass
