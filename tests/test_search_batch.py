@@ -67,7 +67,7 @@ def test_cli_several_images_folders_and_list_files(small_engine, tmp_path, capsy
     code = d2r.cli.main(["search", str(folder / "s0_0.png"), str(sub), "--index", str(engine.path), "--bbox",
                          "1,1,50,50"])
     _, err = capsys.readouterr()
-    assert code == 1 and "--bbox" in err
+    assert code == 2 and "--bbox" in err  # a usage error: --bbox needs a single query
     empty = tmp_path / "empty"
     empty.mkdir()
     code = d2r.cli.main(["search", str(empty), "--index", str(engine.path)])
