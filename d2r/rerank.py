@@ -410,12 +410,18 @@ def _verify_usac(query: LocalFeatures, candidates, config: RerankConfig, workers
             return 0
         return int(verify_pair(query, c, config)[0].shape[0])
 
+    return _count_each(one, candidates, workers)
+
+
+def _count_each(count, items, workers: int) -> np.ndarray:
+    """``count(item)`` for every item, (len(items),) int64, on ``workers`` threads (OpenCV and numpy release
+    the GIL) with BLAS held at one thread so its pool does not compete with ours."""
     with _single_threaded_blas():
-        if workers > 1 and len(candidates) > 1:
+        if workers > 1 and len(items) > 1:
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                counts = list(pool.map(one, candidates))
+                counts = list(pool.map(count, items))
         else:
-            counts = [one(c) for c in candidates]
+            counts = [count(item) for item in items]
     return np.asarray(counts, np.int64)
 
 
@@ -522,13 +528,7 @@ def _verify_hamming(query: LocalFeatures, candidates, config: RerankConfig, work
         mask = fit_inliers(c.locations[ii].astype(np.float64), query.locations[qi].astype(np.float64), config)
         return min(np.unique(qi[mask]).size, np.unique(ii[mask]).size)
 
-    with _single_threaded_blas():
-        if workers > 1 and len(candidates) > 1:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                counts = list(pool.map(one, parts))
-        else:
-            counts = [one(p) for p in parts]
-    return np.asarray(counts, np.int64)
+    return _count_each(one, parts, workers)
 
 
 def order_by_inliers(ids, scores, inliers: dict, num_to_rerank: int, junk=()):
