@@ -38,6 +38,21 @@ def _desc(image_id: int, d=16):
 
 
 # ---- the merge kernel against numpy ------------------------------------------------------------------------------
+def _postings(s):
+    """(word, full item id) of every posting entry of a segment, from its blocked CSR (any format)."""
+    blocks = s.blocks
+    run = np.repeat(np.arange(s.offsets.shape[0] - 1), np.diff(s.offsets))
+    return run // blocks, (run % blocks) * 65536 + np.asarray(s.items, np.int64)
+
+
+def _blocked(words, items, K, M):
+    """Blocked CSR (offsets (K·blocks+1,), uint16 ids) of postings sorted by word then item."""
+    blocks = max(1, -(-M // 65536))
+    runs = np.asarray(words, np.int64) * blocks + np.asarray(items, np.int64) // 65536
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(runs, minlength=K * blocks))])
+    return offsets, (np.asarray(items, np.int64) % 65536).astype(np.uint16)
+
+
 def _numpy_merge(segments, removed, K):
     """Slow obvious merge: every live posting as (word, new item, payload row), stably sorted by word."""
     words, items, payload, next_item = [], [], [], 0
@@ -46,15 +61,15 @@ def _numpy_merge(segments, removed, K):
         new = np.full(s.num_items, -1)
         new[live_item] = next_item + np.arange(live_item.sum())
         next_item += live_item.sum()
-        w = np.repeat(np.arange(K), np.diff(s.offsets))
-        keep = live_item[s.items]
+        w, full = _postings(s)
+        keep = live_item[full]
         words.append(w[keep])
-        items.append(new[s.items[keep]])
+        items.append(new[full[keep]])
         payload.append(s.payload[keep])
     words = np.concatenate(words)
     order = np.argsort(words, kind="stable")
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(words, minlength=K))])
-    return offsets, np.concatenate(items)[order], np.concatenate(payload)[order]
+    offsets, ids = _blocked(words[order], np.concatenate(items)[order], K, int(next_item))
+    return offsets, ids, np.concatenate(payload)[order]
 
 
 def _random_segments(rng, K, D, count, kernel="asmk_star", mode="search"):
@@ -104,12 +119,60 @@ def test_streaming_merge_equals_numpy(tmp_path, seed, kernel):
 def test_merge_kernel_drops_removed_and_keeps_word_order():
     items = np.array([0, 1, 0, 2, 1], np.uint32)
     payload = np.arange(10, dtype=np.uint8).reshape(5, 2)
-    seg_off = np.array([[0, 2, 2], [2, 3, 5]], np.int64)  # seg 0: word 0 {0, 1}; seg 1: word 0 {0}, word 1 {2, 1}
+    seg_off = np.array([0, 2, 2, 2, 3, 5], np.int64)  # seg 0: word 0 {0, 1}; seg 1: word 0 {0}, word 1 {2, 1}
     item_map = np.array([0, -1, 1, 2, -1], np.int64)  # seg0 items 0,1; seg1 items 0,1,2 (base 2)
-    out_i, out_p, counts = np.empty(5, np.uint32), np.empty((5, 2), np.uint8), np.empty(2, np.int64)
-    n = merge_postings(seg_off, items, payload, item_map, np.array([0, 2]), out_i, out_p, counts)
+    out_i, out_p, counts = np.empty(5, np.uint16), np.empty((5, 2), np.uint8), np.zeros(2, np.int64)
+    n = merge_postings(seg_off, np.array([0, 3]), np.array([1, 1]), items, payload, item_map, np.array([0, 2]),
+                       out_i, out_p, counts, 1)
     assert n == 3 and list(out_i[:n]) == [0, 1, 2] and list(counts) == [2, 1]
     np.testing.assert_array_equal(out_p[:n], payload[[0, 2, 4]])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_merge_kernel_blocks_equal_numpy(seed):
+    """Segments of several item blocks (and one of the previous format's uint32 full ids) merge into blocks."""
+    rng = np.random.default_rng(seed)
+    K, B = 3, 2
+    sizes = [70_000, 1_000, 140_000]
+    segs, item_map, next_item = [], [], 0
+    for j, m in enumerate(sizes):
+        per = [np.sort(rng.choice(m, int(rng.integers(0, min(m, 3000))), replace=False)) for _ in range(K)]
+        words = np.repeat(np.arange(K), [len(p) for p in per])
+        full = np.concatenate(per)
+        old = j == 1  # format version 2: one block of uint32 ids
+        off, ids = _blocked(words, full, K, m) if not old else (
+            np.concatenate([[0], np.cumsum([len(p) for p in per])]), full.astype(np.uint32))
+        live = rng.random(m) < 0.8
+        new = np.full(m, -1)
+        new[live] = next_item + np.arange(live.sum())
+        next_item += int(live.sum())
+        item_map.append(new)
+        segs.append((off, ids, full, words, 1 if old else max(1, -(-m // 65536))))
+    ids_all = np.concatenate([s[1].astype(np.uint32) for s in segs])
+    payload = rng.integers(0, 256, (ids_all.shape[0], B), dtype=np.uint8)
+    seg_off, seg_start, base, start = [], [], 0, 0
+    for off, ids, *_ in segs:
+        seg_off.append(off + base)
+        seg_start.append(start)
+        start += off.shape[0]
+        base += ids.shape[0]
+    item_map = np.concatenate(item_map)
+    item_base = np.cumsum([0] + sizes[:-1])
+    out_blocks = max(1, -(-next_item // 65536))
+    e = ids_all.shape[0]
+    out_i, out_p, counts = np.empty(e, np.uint16), np.empty((e, B), np.uint8), np.zeros(K * out_blocks, np.int64)
+    n = merge_postings(np.concatenate(seg_off), np.array(seg_start), np.array([s[4] for s in segs]), ids_all,
+                       payload, item_map, item_base, out_i, out_p, counts, out_blocks)
+    # numpy: every live posting (word, new id, payload), stably sorted by word
+    words = np.concatenate([s[3] for s in segs])
+    new_ids = item_map[np.concatenate([s[2] + b for s, b in zip(segs, item_base)])]
+    keep = new_ids >= 0
+    order = np.argsort(words[keep], kind="stable")
+    want_off, want_ids = _blocked(words[keep][order], new_ids[keep][order], K, next_item)
+    assert n == int(keep.sum()) and out_blocks > 1
+    np.testing.assert_array_equal(np.concatenate([[0], np.cumsum(counts)]), want_off)
+    np.testing.assert_array_equal(out_i[:n], want_ids)
+    np.testing.assert_array_equal(out_p[:n], payload[keep][order])
 
 
 # ---- many saves equal one batch ------------------------------------------------------------------------------------
@@ -238,9 +301,9 @@ def test_merge_memory_is_bounded_by_the_chunk(tmp_path):
     postings = sum(seg.items.nbytes + seg.payload.nbytes for seg in db._segments)
     assert len(db._segments) == 30 and postings > 2_000_000
     # load the merge kernel first (numba's one-time imports and cache loading are not merge memory)
-    merge_postings(np.zeros((1, 2), np.int64), np.zeros(0, np.uint32), np.zeros((0, D // 8), np.uint8),
-                   np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, np.uint32),
-                   np.zeros((0, D // 8), np.uint8), np.zeros(1, np.int64))
+    merge_postings(np.zeros(2, np.int64), np.zeros(1, np.int64), np.ones(1, np.int64), np.zeros(0, np.uint16),
+                   np.zeros((0, D // 8), np.uint8), np.zeros(0, np.int64), np.zeros(1, np.int64),
+                   np.zeros(0, np.uint16), np.zeros((0, D // 8), np.uint8), np.zeros(1, np.int64), 1)
     tracemalloc.start()
     tracemalloc.reset_peak()
     db.compact()

@@ -247,56 +247,120 @@ def test_popcount64_matches_numpy_bit_count():
     np.testing.assert_array_equal(count(x), want)
 
 
-def _postings(rng, num_items, num_words, nbytes):
-    """Random CSR posting lists (items ascending within a word) with packed signatures."""
-    lists = [np.sort(rng.choice(num_items, int(rng.integers(0, num_items + 1)), replace=False))
+def _blocked(lists, num_items, old=False):
+    """Blocked CSR of per-word ascending item lists: offsets (K·blocks+1,) int64, uint16 ids within the block,
+    blocks; ``old``: the previous format (one block of uint32 full ids)."""
+    blocks = 1 if old else max(1, -(-num_items // 65536))
+    runs = [x[(x >> 16) == b] if blocks > 1 else x for x in lists for b in range(blocks)]
+    offsets = np.zeros(len(runs) + 1, np.int64)
+    offsets[1:] = np.cumsum([len(x) for x in runs])
+    items = np.concatenate(runs) if runs else np.zeros(0, np.int64)
+    return offsets, (items.astype(np.uint32) if old else (items % 65536).astype(np.uint16)), blocks
+
+
+def _postings(rng, num_items, num_words, nbytes, old=False, longest=None):
+    """Random blocked CSR posting lists (items ascending within a word) with packed signatures."""
+    longest = num_items if longest is None else longest
+    lists = [np.sort(rng.choice(num_items, int(rng.integers(0, longest + 1)), replace=False))
              for _ in range(num_words)]
-    offsets = np.zeros(num_words + 1, np.int64)
-    offsets[1:] = np.cumsum([len(x) for x in lists])
-    items = np.concatenate(lists).astype(np.uint32)
+    offsets, items, blocks = _blocked(lists, num_items, old)
     bits = rng.integers(0, 256, size=(items.shape[0], nbytes)).astype(np.uint8)
-    return offsets, items, bits
+    return offsets, items, blocks, bits
 
 
-def _scan_twin(q_words, q_bits, offsets, items, bits, dim, alpha, tau, inclusive, weights, num_items):
+def _entries(offsets, items, blocks):
+    """(word, full item id) of every posting entry of a blocked CSR: the slow obvious decoding."""
+    run = np.repeat(np.arange(offsets.shape[0] - 1), np.diff(offsets))
+    return run // blocks, (run % blocks) * 65536 + items.astype(np.int64)
+
+
+def _scan_twin(q_words, q_bits, offsets, items, blocks, bits, dim, alpha, tau, inclusive, weights, num_items):
     """Plain numpy: per query word, Hamming distances by unpackbits, σ from the same tabulated selectivity."""
     table = np.array([km.selectivity(1.0 - 2.0 * h / dim, alpha, tau, inclusive) for h in range(dim + 1)])
     scores = np.zeros(num_items)
+    word, full = _entries(offsets, items, blocks)
     for qi, w in enumerate(q_words):
-        lo, hi = offsets[w], offsets[w + 1]
-        h = np.unpackbits(np.bitwise_xor(bits[lo:hi], q_bits[qi]), axis=1).sum(1)
+        sel = np.flatnonzero(word == w)
+        h = np.unpackbits(np.bitwise_xor(bits[sel], q_bits[qi]), axis=1).sum(1)
         wt = weights[w] if weights.shape[0] else 1.0
-        np.add.at(scores, items[lo:hi].astype(np.int64), table[h] * wt)  # in posting order, like the kernel
+        np.add.at(scores, full[sel], table[h] * wt)  # in posting order, like the kernel
     return scores
+
+
+def _check_scan(rng, m, k, dim, old=False, longest=None, cuts=3):
+    from d2r.kernels.ivf import scan_bits, scan_bits_items
+
+    nbytes = (dim + 7) // 8
+    offsets, items, blocks, bits = _postings(rng, m, k, nbytes, old, longest)
+    if dim % 8:
+        bits[:, -1] &= np.uint8((0xFF << (8 - dim % 8)) & 0xFF)  # padding bits 0, as pack_bits writes
+    nq = min(k, 12)
+    q_words = rng.choice(k, nq, replace=False).astype(np.uint32)
+    q_bits = rng.integers(0, 256, size=(nq, nbytes)).astype(np.uint8)
+    if dim % 8:
+        q_bits[:, -1] &= np.uint8((0xFF << (8 - dim % 8)) & 0xFF)
+    for tau, inclusive, weights in ((0.0, False, np.zeros(0)), (-0.25, True, rng.uniform(0.5, 3, k))):
+        want = _scan_twin(q_words, q_bits, offsets, items, blocks, bits, dim, 3.0, tau, inclusive, weights, m)
+        qb, b = kb.as_words64(q_bits), kb.as_words64(bits)
+        assert (qb.dtype == np.uint64) == (dim % 64 == 0)
+        got = np.zeros(m)
+        scan_bits(q_words, qb, offsets, items, blocks, b, dim, 3.0, tau, inclusive, weights, got)
+        np.testing.assert_array_equal(got, want)
+        edges = list(rng.integers(0, m + 1, cuts))
+        if m > 65536:  # ranges that end on, start on and cross block boundaries
+            edges += [65536, 65535 + int(rng.integers(0, 3)), 131072 + int(rng.integers(-5, 6))]
+        edges = np.sort(np.clip(edges, 0, m))
+        parts = np.zeros(m)  # item ranges in any split: disjoint writes, same sums
+        for first, stop in zip([0, *edges], [*edges, m]):
+            scan_bits_items(q_words, qb, offsets, items, blocks, b, dim, 3.0, tau, inclusive, weights, parts,
+                            first, stop)
+        np.testing.assert_array_equal(parts, want)
 
 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("dim", [128, 64, 96, 100, 256])
 def test_scan_bits_matches_numpy_twin_and_item_ranges_are_exact(seed, dim):
-    from d2r.kernels.ivf import scan_bits, scan_bits_items
+    _check_scan(np.random.default_rng(seed), 60, 25, dim)
 
-    rng = np.random.default_rng(seed)
-    m, k, nbytes = 60, 25, (dim + 7) // 8
-    offsets, items, bits = _postings(rng, m, k, nbytes)
-    if dim % 8:
-        bits[:, -1] &= np.uint8((0xFF << (8 - dim % 8)) & 0xFF)  # padding bits 0, as pack_bits writes
-    q_words = rng.choice(k, 12, replace=False).astype(np.uint32)
-    q_bits = rng.integers(0, 256, size=(12, nbytes)).astype(np.uint8)
-    if dim % 8:
-        q_bits[:, -1] &= np.uint8((0xFF << (8 - dim % 8)) & 0xFF)
-    for tau, inclusive, weights in ((0.0, False, np.zeros(0)), (-0.25, True, rng.uniform(0.5, 3, k))):
-        want = _scan_twin(q_words, q_bits, offsets, items, bits, dim, 3.0, tau, inclusive, weights, m)
-        qb, b = kb.as_words64(q_bits), kb.as_words64(bits)
-        assert (qb.dtype == np.uint64) == (dim % 64 == 0)
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("old", [False, True])
+def test_scan_bits_over_item_blocks(seed, old):
+    """200,000 items: 4 blocks of uint16 ids (or the previous format's uint32 ids); scans over item ranges
+    crossing block boundaries are bit-identical to a full scan and to the numpy twin."""
+    rng = np.random.default_rng(100 + seed)
+    _check_scan(rng, 200_000, 5, [128, 96][seed % 2], old=old, longest=20_000, cuts=6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_posting_walks_over_item_blocks(seed):
+    """document_frequency, item_weight_sums and scan_residuals against numpy on 4 and 1 item blocks."""
+    from d2r.kernels.ivf import document_frequency, item_weight_sums, scan_residuals
+
+    rng = np.random.default_rng(200 + seed)
+    m, k, d = 200_000 - 17 * seed, 4, 8
+    for old in (False, True):
+        offsets, items, blocks, _ = _postings(rng, m, k, 1, old, longest=15_000)
+        word, full = _entries(offsets, items, blocks)
+        live = rng.random(m) < 0.7
+        np.testing.assert_array_equal(document_frequency(offsets, items, blocks, live),
+                                      np.bincount(word[live[full]], minlength=k))
+        weights = rng.uniform(0.5, 2, k)
+        want = np.zeros(m)
+        np.add.at(want, full, weights[word])
+        np.testing.assert_array_equal(item_weight_sums(offsets, items, blocks, weights, m), want)
+        desc = rng.standard_normal((items.shape[0], d)).astype(np.float32)
+        q_words = np.array([1, 3], np.uint32)
+        q_desc = rng.standard_normal((2, d)).astype(np.float32)
+        want = np.zeros(m)
+        for qi, w in enumerate(q_words):
+            sel = np.flatnonzero(word == w)
+            u = desc[sel].astype(np.float64) @ q_desc[qi].astype(np.float64)
+            s = np.array([km.selectivity(x, 3.0, 0.0, False) for x in u])
+            np.add.at(want, full[sel], s)
         got = np.zeros(m)
-        scan_bits(q_words, qb, offsets, items, b, dim, 3.0, tau, inclusive, weights, got)
-        np.testing.assert_array_equal(got, want)
-        cuts = np.sort(rng.integers(0, m + 1, 3))  # item ranges in any split: disjoint writes, same sums
-        parts = np.zeros(m)
-        for first, stop in zip([0, *cuts], [*cuts, m]):
-            scan_bits_items(q_words, qb, offsets, items, b, dim, 3.0, tau, inclusive, weights, parts, first,
-                            stop)
-        np.testing.assert_array_equal(parts, want)
+        scan_residuals(q_words, q_desc, offsets, items, blocks, desc, 3.0, 0.0, False, np.zeros(0), got)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_check_postings_flags_range_and_order():
@@ -304,14 +368,40 @@ def test_check_postings_flags_range_and_order():
 
     offsets = np.array([0, 3, 3, 5], np.int64)
     items = np.array([0, 2, 2, 1, 4], np.uint32)
-    assert check_postings(offsets, items, 5) == 0
-    assert check_postings(offsets, items, 4) == 1
+    assert check_postings(offsets, items, 1, 5) == 0
+    assert check_postings(offsets, items, 1, 4) == 1
     items[1] = 3  # 3 then 2 within word 0
-    assert check_postings(offsets, items, 5) == 2
+    assert check_postings(offsets, items, 1, 5) == 2
     items[:] = [0, 1, 4, 4, 3]  # 4 then 3 within word 2
-    assert check_postings(offsets, items, 5) == 2
+    assert check_postings(offsets, items, 1, 5) == 2
     items[:] = [3, 4, 4, 0, 1]
-    assert check_postings(offsets, items, 5) == 0
+    assert check_postings(offsets, items, 1, 5) == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_check_postings_over_item_blocks(seed):
+    """Codes 1 (an id past the item count in the last block) and 2 (disorder within a (word, block) run);
+    a run starting lower than the previous block's run ended is in order."""
+    from d2r.kernels.ivf import check_postings
+
+    rng = np.random.default_rng(300 + seed)
+    m = 200_000 + int(rng.integers(-1000, 1000))
+    offsets, items, blocks, _ = _postings(rng, m, 3, 1, longest=30_000)
+    assert blocks == 4 and check_postings(offsets, items, blocks, m) == 0
+    last = m - 3 * 65536  # ids of the last block: [0, last)
+    runs = [r for r in range(offsets.shape[0] - 1) if offsets[r + 1] - offsets[r] >= 2]
+    tail = [r for r in runs if r % blocks == blocks - 1]
+    bad = items.copy()
+    bad[offsets[tail[0] + 1] - 1] = last + int(rng.integers(0, 65536 - last))  # past the item count
+    assert check_postings(offsets, bad, blocks, m) == 1
+    assert check_postings(offsets, bad, blocks, m + 65536) == 0  # in range for a bigger segment
+    bad = items.copy()
+    r = runs[int(rng.integers(len(runs)))]
+    bad[offsets[r]], bad[offsets[r] + 1] = bad[offsets[r] + 1], bad[offsets[r]]
+    assert check_postings(offsets, bad, blocks, m) == 2
+    bad = items.copy()
+    bad[offsets[runs[0]]: offsets[runs[0] + 1]] = np.sort(bad[offsets[runs[0]]: offsets[runs[0] + 1]])[::-1]
+    assert check_postings(offsets, bad, blocks, m) == 2
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -59,14 +59,14 @@ def document_frequencies(segments, item_live: np.ndarray, num_words: int) -> np.
     start = 0
     for s in segments:
         if s.offsets is not None:
-            df += document_frequency(s.offsets, s.items, item_live[start:start + s.num_items])
+            df += document_frequency(s.offsets, s.items, s.blocks, item_live[start:start + s.num_items])
         start += s.num_items
     return df
 
 
 def weight_sums(segments, weights: np.ndarray) -> np.ndarray:
     """(items,) float64 Σ_{c ∈ W_i} w_c of every item (the IDF-weighted word count used to normalise)."""
-    parts = [item_weight_sums(s.offsets, s.items, weights, s.num_items) for s in segments]
+    parts = [item_weight_sums(s.offsets, s.items, s.blocks, weights, s.num_items) for s in segments]
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
@@ -83,7 +83,8 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
 def query_postings(segments, words: np.ndarray) -> int:
     """Posting entries an ASMK query with these ``words`` scans over ``segments``."""
     w = np.asarray(words, np.int64)
-    return sum(int((s.offsets[w + 1] - s.offsets[w]).sum()) for s in segments if s.offsets is not None)
+    return sum(int((s.offsets[(w + 1) * s.blocks] - s.offsets[w * s.blocks]).sum())
+               for s in segments if s.offsets is not None)
 
 
 def _scan_bits_part(segments, q: Aggregated, config, weights, scores, part: int, parts: int) -> None:
@@ -92,8 +93,8 @@ def _scan_bits_part(segments, q: Aggregated, config, weights, scores, part: int,
     start = 0
     for s in segments:
         m = s.num_items
-        scan_bits_items(q.words, qb, s.offsets, s.items, as_words64(s.payload), q.dim, c.alpha, c.tau,
-                        c.tau_inclusive, weights, scores[start:start + m], m * part // parts,
+        scan_bits_items(q.words, qb, s.offsets, s.items, s.blocks, as_words64(s.payload), q.dim, c.alpha,
+                        c.tau, c.tau_inclusive, weights, scores[start:start + m], m * part // parts,
                         m * (part + 1) // parts)
         start += m
 
@@ -141,7 +142,7 @@ def item_scores(segments, q: Aggregated, kernel: str, config, weights: np.ndarra
         start = 0
         for s in segments:
             out = scores[start:start + s.num_items]
-            scan_residuals(q.words, q.descriptors, s.offsets, s.items, s.payload, c.alpha, c.tau,
+            scan_residuals(q.words, q.descriptors, s.offsets, s.items, s.blocks, s.payload, c.alpha, c.tau,
                            c.tau_inclusive, weights, out)
             start += s.num_items
     if c.normalize:

@@ -6,11 +6,16 @@ Files of a segment directory (all plain ``.npy``):
 - ``item_image.npy``  (M,) int32    local image index of each item (non-decreasing)
 - ``item_region.npy`` (M,) int32    region index of the item within its image (0 for a whole-image item)
 - ``item_words.npy``  (M,) uint32   |W_i|, visual words the item holds (ASMK kinds)
-- ASMK kinds: ``offsets.npy`` (K+1,) int64 word offsets, ``items.npy`` (E,) uint32 local item ids sorted by word,
-  then ``bits.npy`` (E, ceil(D/8)) uint8 (ASMK*) or ``residuals.npy`` (E, D) float32 (ASMK)
+- ASMK kinds (blocked CSR, ``blocks = max(1, ceil(M / 65536))``): ``offsets.npy`` (K·blocks+1,) int64: the
+  postings of word w whose local item id lies in block b = item >> 16 are entries [offsets[w·blocks + b],
+  offsets[w·blocks + b + 1]); ``items.npy`` (E,) uint16 item − b·65536, ascending within each (w, b) run (so a
+  word's postings, [offsets[w·blocks], offsets[(w+1)·blocks]), are in ascending item order); then ``bits.npy``
+  (E, ceil(D/8)) uint8 (ASMK*) or ``residuals.npy`` (E, D) float32 (ASMK) in the same order
 - VLAD: ``vectors.npy`` (M, K·D) float32
 
-An ASMK* posting entry costs 4 B (item id) + ceil(D/8) B (signature): 20 B for D = 128.
+An ASMK* posting entry costs 2 B (item id) + ceil(D/8) B (signature): 18 B for D = 128. Segments of format
+version 2 (``items.npy`` uint32 full ids, (K+1,) offsets) are read as one block of full ids; merges and new
+segments always write the blocked layout.
 
 Files on disk are untrusted: :meth:`Segment.read` checks sizes against the manifest record and validates every
 structural invariant the numba scans rely on (dtypes, shapes, offsets monotone and within bounds, item ids below the
@@ -28,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from d2r._io import fsync_dir
-from d2r.kernels.ivf import check_postings
+from d2r.kernels.ivf import BLOCK_BITS, check_postings
 
 PAYLOAD = {"asmk_star": "bits", "asmk": "residuals", "vlad": "vectors"}
 HINT = ("index damaged; `d2r index check` lists the damaged files, `d2r index repair` drops them (`--reindex`: "
@@ -42,6 +47,11 @@ class DamagedError(ValueError):
         self.file = str(file)
         self.problem = problem
         super().__init__(f"{file}: {problem} ({HINT})")
+
+
+def num_blocks(num_items: int) -> int:
+    """Item blocks of a segment of ``num_items`` items in the blocked CSR layout."""
+    return max(1, -(-int(num_items) >> BLOCK_BITS))
 
 
 def file_names(kernel: str) -> list[str]:
@@ -59,7 +69,7 @@ def expected_layout(kernel: str, num_words: int, dim: int) -> dict:
         out["vectors.npy"] = (np.float32, (num_words * dim,))
     else:
         out["offsets.npy"] = (np.int64, ())
-        out["items.npy"] = (np.uint32, ())
+        out["items.npy"] = (np.uint16, ())  # uint32 (format version 2, one block) is accepted too
         out[f"{PAYLOAD[kernel]}.npy"] = ((np.uint8, ((dim + 7) // 8,)) if kernel == "asmk_star"
                                          else (np.float32, (dim,)))
     return out
@@ -166,6 +176,11 @@ class Segment:
         return int(self.item_image.shape[0])
 
     @property
+    def blocks(self) -> int:
+        """Item blocks of the posting layout: 1 for the previous format's uint32 full ids."""
+        return 1 if self.items is None or self.items.dtype == np.uint32 else num_blocks(self.num_items)
+
+    @property
     def num_entries(self) -> int:
         return 0 if self.items is None else int(self.items.shape[0])
 
@@ -199,9 +214,12 @@ class Segment:
         dtype = np.uint8 if kernel == "asmk_star" else np.float32
         payload = (np.concatenate([getattr(r, field_) for r in records]) if m else np.zeros((0, width), dtype))
         order = np.argsort(words, kind="stable")  # by word, items ascending within a word
-        offsets = np.zeros(num_words + 1, np.int64)
-        np.cumsum(np.bincount(words, minlength=num_words), out=offsets[1:])
-        return cls(image_ids, item_image, item_region, item_words, offsets, item_of_entry[order],
+        blocks = num_blocks(m)
+        runs = words.astype(np.int64) * blocks + (item_of_entry >> BLOCK_BITS)  # (word, block) of each entry
+        offsets = np.zeros(num_words * blocks + 1, np.int64)
+        np.cumsum(np.bincount(runs, minlength=num_words * blocks), out=offsets[1:])
+        items = (item_of_entry[order] & 0xFFFF).astype(np.uint16)
+        return cls(image_ids, item_image, item_region, item_words, offsets, items,
                    np.ascontiguousarray(payload[order]))
 
     # ---- files ---------------------------------------------------------------------------------------------
@@ -257,6 +275,8 @@ class Segment:
             arrays.update({"offsets.npy": self.offsets, "items.npy": self.items})
         for fname, (dtype, trailing) in expected_layout(kernel, num_words, dim).items():
             a = arrays[fname]
+            if fname == "items.npy" and a.dtype == np.uint32:
+                dtype = np.uint32  # format version 2: full ids, one block (checked with the offsets below)
             if a.dtype != dtype or a.shape[1:] != trailing or a.ndim != 1 + len(trailing):
                 raise DamagedError(where / fname, f"expected {np.dtype(dtype)} (n, {', '.join(map(str, trailing))})"
                                    f" got {a.dtype} {a.shape}".replace(", )", ")"))
@@ -279,13 +299,19 @@ class Segment:
         else:
             off = np.asarray(self.offsets)
             e = self.items.shape[0]
-            if off.shape != (num_words + 1,) or off[0] != 0 or off[-1] != e or np.any(np.diff(off) < 0):
-                raise DamagedError(where / "offsets.npy", f"word offsets are not monotone from 0 to {e} over "
-                                   f"K+1={num_words + 1} words")
+            blocks = self.blocks
+            if (self.items.dtype == np.uint32 and num_blocks(m) > 1
+                    and off.shape == (num_words * num_blocks(m) + 1,)):
+                raise DamagedError(where / "items.npy", f"uint32 item ids (previous format) with {off.shape[0]} "
+                                   f"offsets; expected uint16 ids in {num_blocks(m)} blocks of 65,536 items")
+            runs = num_words * blocks
+            if off.shape != (runs + 1,) or off[0] != 0 or off[-1] != e or np.any(np.diff(off) < 0):
+                raise DamagedError(where / "offsets.npy", f"expected offsets ({runs + 1},) monotone from 0 to {e} "
+                                   f"(K={num_words} words x {blocks} item blocks), got {off.shape}")
             if self.payload.shape[0] != e:
                 raise DamagedError(where / f"{PAYLOAD[kernel]}.npy", f"{self.payload.shape[0]} rows for {e} "
                                    f"posting entries")
-            bad = check_postings(off, self.items, m) if e else 0
+            bad = check_postings(off, self.items, blocks, m) if e else 0
             if bad:
                 raise DamagedError(where / "items.npy", f"item ids outside [0, {m})" if bad == 1 else
                                    "item ids not ascending within a word's posting list")

@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from d2r import _io
-from d2r.index.segment import PAYLOAD, DamagedError, NpyWriter, RowReader, Segment, save_array
+from d2r.index.segment import PAYLOAD, DamagedError, NpyWriter, RowReader, Segment, num_blocks, save_array
 from d2r.kernels.merge import merge_postings
 
 log = logging.getLogger(__name__)
 
 FORMAT = "d2r-database"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: posting item ids uint16 in blocks of 65,536 items (2: uint32)
 MANIFEST = "manifest.json"
 KEEP_GENERATIONS = 3  # the current one and the two before it
 _GENERATION_FILE = re.compile(r"^manifest-(\d+)\.json$")
@@ -249,32 +249,40 @@ def merge(segments: list[Segment], removed: list[np.ndarray], kernel: str, num_w
             outs = {payload_key: out}
         else:
             total_entries = int(tables["item_words"].astype(np.int64).sum())
-            offs = [np.asarray(s.offsets, np.int64) for s in segments]
-            total = np.sum(offs, axis=0) if offs else np.zeros(num_words + 1, np.int64)
+            seg_blocks = np.array([s.blocks for s in segments], np.int64)
+            offs = [np.asarray(s.offsets) for s in segments]  # memory maps: only chunks are read
+            word_offs = [np.asarray(off[::nb], np.int64) for off, nb in zip(offs, seg_blocks)]  # (K+1,) each
+            total = np.sum(word_offs, axis=0) if word_offs else np.zeros(num_words + 1, np.int64)
             item_map = _concat(item_maps, np.int64)
             item_base = np.cumsum([0] + [m.shape[0] for m in item_maps[:-1]]).astype(np.int64)
-            outs = {"items": sink("items", (total_entries,), np.uint32),
+            out_blocks = num_blocks(next_item)
+            wide = any(s.items.dtype == np.uint32 for s in segments)  # a segment of format version 2
+            ids_dtype = np.uint32 if wide else np.uint16
+            outs = {"items": sink("items", (total_entries,), np.uint16),
                     payload_key: sink(payload_key, (total_entries, width), pdtype)}
-            counts = np.zeros(num_words + 1, np.int64)
+            counts = np.zeros(num_words * out_blocks + 1, np.int64)
             w0 = 0
             while w0 < num_words:
                 w1 = int(np.searchsorted(total, total[w0] + chunk_entries, side="right")) - 1
                 w1 = min(max(w1, w0 + 1), num_words)
-                seg_off = np.empty((len(segments), w1 - w0 + 1), np.int64)
-                items, payload, base = [], [], 0
-                for j, (src, off) in enumerate(zip(sources, offs)):
-                    a, b = int(off[w0]), int(off[w1])
-                    seg_off[j] = off[w0:w1 + 1] - a + base
+                seg_off, seg_start, items, payload, base, start = [], [], [], [], 0, 0
+                for src, off, woff, nb in zip(sources, offs, word_offs, seg_blocks):
+                    a, b = int(woff[w0]), int(woff[w1])
+                    seg_off.append(np.asarray(off[w0 * nb:w1 * nb + 1], np.int64) - a + base)
+                    seg_start.append(start)
+                    start += seg_off[-1].shape[0]
                     items.append(src.get("items", a, b))
                     payload.append(src.get(payload_key, a, b))
                     base += b - a
-                items = _concat(items, np.uint32)
+                seg_off = _concat(seg_off, np.int64)
+                items = _concat([i.astype(ids_dtype, copy=False) for i in items], ids_dtype)
                 payload = np.concatenate(payload) if payload else np.zeros((0, width), pdtype)
                 biggest = max(biggest, base)
-                out_items = np.empty(base, np.uint32)
+                out_items = np.empty(base, np.uint16)
                 out_payload = np.empty((base, width), pdtype)
-                n = merge_postings(seg_off, items, payload, item_map, item_base, out_items, out_payload,
-                                   counts[w0 + 1:w1 + 1])
+                n = merge_postings(seg_off, np.array(seg_start, np.int64), seg_blocks, items, payload, item_map,
+                                   item_base, out_items, out_payload,
+                                   counts[w0 * out_blocks + 1:w1 * out_blocks + 1], out_blocks)
                 outs["items"].write(out_items[:n])
                 outs[payload_key].write(out_payload[:n])
                 w0 = w1

@@ -6,19 +6,24 @@ from numba import njit
 from d2r.kernels.binary import popcount, popcount64
 from d2r.kernels.match import selectivity
 
+BLOCK_BITS = 16  # posting item ids are stored per block of 65,536 items, as item − (block << BLOCK_BITS)
+BLOCK = 1 << BLOCK_BITS
+
 
 @njit(cache=True, nogil=True)
-def scan_bits(q_words, q_bits, offsets, items, bits, dim, alpha, tau, tau_inclusive, weights, scores):
+def scan_bits(q_words, q_bits, offsets, items, blocks, bits, dim, alpha, tau, tau_inclusive, weights, scores):
     """Accumulate Σ_c w_c σ(1 − 2·h/D) into ``scores[item]`` for every posting of every query word.
 
     q_words (Wq,) int; q_bits (Wq, B) and bits (E, B) packed signatures of the same unsigned dtype (uint64
-    words of 128-bit signatures take two popcounts); offsets (K+1,) int64 CSR word offsets into items/bits;
-    items (E,) uint32 item ids; weights (K,) float64 or empty; scores (num_items,) float64, updated in place.
+    words of 128-bit signatures take two popcounts); offsets (K·blocks+1,) int64 blocked CSR offsets: the
+    postings of word w with item id in block b (item >> 16 == b) are entries [offsets[w·blocks + b],
+    offsets[w·blocks + b + 1]); items (E,) uint16 item − b·65536 (or uint32 full ids when blocks == 1, the
+    previous format); weights (K,) float64 or empty; scores (num_items,) float64, updated in place.
     Cost: the total length of the query words' posting lists. σ depends only on the Hamming distance h, so it
     is tabulated once.
     """
-    scan_bits_items(q_words, q_bits, offsets, items, bits, dim, alpha, tau, tau_inclusive, weights, scores,
-                    0, scores.shape[0])
+    scan_bits_items(q_words, q_bits, offsets, items, blocks, bits, dim, alpha, tau, tau_inclusive, weights,
+                    scores, 0, scores.shape[0])
 
 
 @njit(cache=True, nogil=True)
@@ -52,55 +57,66 @@ def _lower_bound(items, lo, hi, value, num_items):
 
 
 @njit(cache=True, nogil=True)
-def scan_bits_items(q_words, q_bits, offsets, items, bits, dim, alpha, tau, tau_inclusive, weights, scores,
-                    first, stop):
-    """:func:`scan_bits` restricted to the postings of items in [first, stop): each posting list is ascending
-    in item id (validated when a segment is opened), so two searches per word find the range. Threads scanning
-    disjoint item ranges write disjoint scores, and every item's sum is taken in the same order as one full
-    scan (bit-identical results)."""
+def scan_bits_items(q_words, q_bits, offsets, items, blocks, bits, dim, alpha, tau, tau_inclusive, weights,
+                    scores, first, stop):
+    """:func:`scan_bits` restricted to the postings of items in [first, stop): blocks wholly inside the range
+    are scanned whole, and each (word, block) run is ascending in item id (validated when a segment is opened),
+    so two searches find the range in the (at most two) blocks it cuts. Threads scanning disjoint item ranges
+    write disjoint scores, and every item's sum is taken in the same order as one full scan (bit-identical)."""
+    m = scores.shape[0]
+    first, stop = max(first, 0), min(stop, m)
+    if first >= stop:
+        return
     nbits = q_bits.shape[1] * q_bits.itemsize * 8
     table = np.empty(nbits + 1)  # h can exceed dim only through padding bits of a damaged file
     for h in range(nbits + 1):
         table[h] = selectivity(1.0 - 2.0 * min(h, dim) / dim, alpha, tau, tau_inclusive)
     use_w = weights.shape[0] > 0
     chunks = q_bits.shape[1]
-    whole = first <= 0 and stop >= scores.shape[0]
+    b_first = min(first >> BLOCK_BITS, blocks - 1)
+    b_last = min((stop - 1) >> BLOCK_BITS, blocks - 1)
     for qi in range(q_words.shape[0]):
-        w = q_words[qi]
+        w = np.int64(q_words[qi])
         wt = weights[w] if use_w else 1.0
-        lo, hi = offsets[w], offsets[w + 1]
-        if not whole:
-            lo = _lower_bound(items, lo, hi, first, scores.shape[0])
-            hi = _lower_bound(items, lo, hi, stop, scores.shape[0])
-        if chunks == 2 and q_bits.itemsize == 8:  # 128-bit signatures as two uint64 words
-            q0, q1 = np.uint64(q_bits[qi, 0]), np.uint64(q_bits[qi, 1])
-            for e in range(lo, hi):
-                h = popcount64(q0 ^ np.uint64(bits[e, 0])) + popcount64(q1 ^ np.uint64(bits[e, 1]))
-                scores[items[e]] += table[h] * wt
-        else:
-            q = q_bits[qi]
-            for e in range(lo, hi):
-                h = 0
-                for t in range(chunks):
-                    h += popcount(q[t] ^ bits[e, t])
-                scores[items[e]] += table[h] * wt
+        for b in range(b_first, b_last + 1):
+            base = np.int64(b) << BLOCK_BITS
+            size = m - base if b == blocks - 1 else BLOCK  # ids of the block: [0, size)
+            lo, hi = offsets[w * blocks + b], offsets[w * blocks + b + 1]
+            if first > base:
+                lo = _lower_bound(items, lo, hi, first - base, size)
+            if stop < base + size:
+                hi = _lower_bound(items, lo, hi, stop - base, size)
+            if chunks == 2 and q_bits.itemsize == 8:  # 128-bit signatures as two uint64 words
+                q0, q1 = np.uint64(q_bits[qi, 0]), np.uint64(q_bits[qi, 1])
+                for e in range(lo, hi):
+                    h = popcount64(q0 ^ np.uint64(bits[e, 0])) + popcount64(q1 ^ np.uint64(bits[e, 1]))
+                    scores[base + np.int64(items[e])] += table[h] * wt
+            else:
+                q = q_bits[qi]
+                for e in range(lo, hi):
+                    h = 0
+                    for t in range(chunks):
+                        h += popcount(q[t] ^ bits[e, t])
+                    scores[base + np.int64(items[e])] += table[h] * wt
 
 
 @njit(cache=True, nogil=True)
-def scan_residuals(q_words, q_desc, offsets, items, desc, alpha, tau, tau_inclusive, weights, scores):
+def scan_residuals(q_words, q_desc, offsets, items, blocks, desc, alpha, tau, tau_inclusive, weights, scores):
     """As :func:`scan_bits` with u = ⟨q_c, d_c⟩ on float32 unit vectors (ASMK)."""
     use_w = weights.shape[0] > 0
     D = q_desc.shape[1]
     for qi in range(q_words.shape[0]):
-        w = q_words[qi]
+        w = np.int64(q_words[qi])
         wt = weights[w] if use_w else 1.0
-        for e in range(offsets[w], offsets[w + 1]):
-            u = 0.0
-            for t in range(D):
-                u += np.float64(q_desc[qi, t]) * np.float64(desc[e, t])
-            s = selectivity(u, alpha, tau, tau_inclusive)
-            if s != 0.0:
-                scores[items[e]] += s * wt
+        for b in range(blocks):
+            base = np.int64(b) << BLOCK_BITS
+            for e in range(offsets[w * blocks + b], offsets[w * blocks + b + 1]):
+                u = 0.0
+                for t in range(D):
+                    u += np.float64(q_desc[qi, t]) * np.float64(desc[e, t])
+                s = selectivity(u, alpha, tau, tau_inclusive)
+                if s != 0.0:
+                    scores[base + np.int64(items[e])] += s * wt
 
 
 @njit(cache=True, nogil=True)
@@ -120,38 +136,43 @@ def max_per_image(item_scores, item_image, num_images, empty_value):
 
 
 @njit(cache=True)
-def document_frequency(offsets, items, item_live):
-    """Number of live items holding each word: (K,) int64."""
-    K = offsets.shape[0] - 1
+def document_frequency(offsets, items, blocks, item_live):
+    """Number of live items holding each word: (K,) int64 (offsets/items/blocks as in :func:`scan_bits`)."""
+    K = (offsets.shape[0] - 1) // blocks
     df = np.zeros(K, np.int64)
     for w in range(K):
-        for e in range(offsets[w], offsets[w + 1]):
-            if item_live[items[e]]:
-                df[w] += 1
+        for b in range(blocks):
+            base = np.int64(b) << BLOCK_BITS
+            for e in range(offsets[w * blocks + b], offsets[w * blocks + b + 1]):
+                if item_live[base + np.int64(items[e])]:
+                    df[w] += 1
     return df
 
 
 @njit(cache=True)
-def item_weight_sums(offsets, items, weights, num_items):
-    """Σ_{c ∈ W_i} w_c for every item i (the IDF-weighted word count used to normalise)."""
+def item_weight_sums(offsets, items, blocks, weights, num_items):
+    """Σ_{c ∈ W_i} w_c for every item i (the IDF-weighted word count used to normalise): (num_items,) float64."""
     out = np.zeros(num_items)
-    K = offsets.shape[0] - 1
+    K = (offsets.shape[0] - 1) // blocks
     for w in range(K):
-        for e in range(offsets[w], offsets[w + 1]):
-            out[items[e]] += weights[w]
+        for b in range(blocks):
+            base = np.int64(b) << BLOCK_BITS
+            for e in range(offsets[w * blocks + b], offsets[w * blocks + b + 1]):
+                out[base + np.int64(items[e])] += weights[w]
     return out
 
 
 @njit(cache=True, nogil=True)
-def check_postings(offsets, items, num_items):
-    """0 when every item id is < num_items and non-decreasing within each word's posting list (what
-    :func:`scan_bits_items` relies on); 1: an id out of range; 2: a list out of order. offsets: valid CSR."""
-    K = offsets.shape[0] - 1
-    for w in range(K):
+def check_postings(offsets, items, blocks, num_items):
+    """0 when every item id (b·65536 + items[e]) is < num_items and non-decreasing within each (word, block)
+    run (what :func:`scan_bits_items` relies on); 1: an id out of range; 2: a run out of order. offsets: valid
+    blocked CSR, (K·blocks+1,) monotone from 0 to E."""
+    for r in range(offsets.shape[0] - 1):
+        base = np.int64(r % blocks) << BLOCK_BITS
         prev = -1
-        for e in range(offsets[w], offsets[w + 1]):
+        for e in range(offsets[r], offsets[r + 1]):
             v = np.int64(items[e])
-            if v >= num_items:
+            if base + v >= num_items:
                 return 1
             if v < prev:
                 return 2
