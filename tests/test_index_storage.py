@@ -285,6 +285,135 @@ def test_ties_rank_by_insertion_across_merges(tmp_path):
     assert list(db.search(x, 7).ids) == [f"i{i:02d}" for i in range(7)]
 
 
+# ---- more than 65,536 items: blocked posting ids, and the previous format ------------------------------------------
+def _tiny(rng, K, D, kernel="asmk_star", words=(1, 4)):
+    """A random aggregated record of a few words (cheap: many thousands of items per test)."""
+    w = np.sort(rng.choice(K, int(rng.integers(*words)), replace=False)).astype(np.uint32)
+    if kernel == "asmk_star":
+        return d2r.Aggregated(kernel, D, K, words=w, bits=rng.integers(0, 256, (len(w), (D + 7) // 8),
+                                                                        dtype=np.uint8))
+    return d2r.Aggregated(kernel, D, K, words=w, descriptors=_unit(rng, len(w), D))
+
+
+def _same_search(db, ref, queries, exact=False):
+    for q in queries:
+        a, b = db.search(q, top_k=len(ref)), ref.search(q, top_k=len(ref))
+        assert list(a.ids) == list(b.ids)
+        if exact:
+            np.testing.assert_array_equal(a.scores, b.scores)
+        else:
+            np.testing.assert_allclose(a.scores, b.scores, atol=1e-9, rtol=0)
+        np.testing.assert_array_equal(a.regions, b.regions)
+        one = db.item_scores(q, _threads=1)  # item ranges cross block boundaries: bit-identical sums
+        for threads in (2, 3):
+            np.testing.assert_array_equal(db.item_scores(q, _threads=threads), one)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed,cfg", [(0, dict(mode="search", idf=True)), (1, dict(normalize=False))])
+def test_random_saves_past_65536_items_equal_single_batch(tmp_path, seed, cfg):
+    rng = np.random.default_rng(40 + seed)
+    K, D = 24, 16
+    cents = _unit(rng, K, D)
+    db = Database.create(tmp_path / "db", d2r.Codebook(cents), **cfg)
+    policy = MergePolicy(factor=3, floor_bytes=4096, max_segments=12, chunk_entries=5000, spill_bytes=400_000)
+    db.merge_policy = policy
+    live: dict = {}
+    next_id = 0
+    queries = [_tiny(rng, K, D, words=(4, 12)) for _ in range(2)]
+    for save in range(30):
+        for _ in range(int(rng.integers(1000, 5500))):
+            recs = [_tiny(rng, K, D) for _ in range(int(rng.integers(1, 3)) if cfg.get("mode") else 1)]
+            db.add_aggregated(next_id, recs)
+            live[next_id] = recs
+            next_id += 1
+        for victim in rng.choice(list(live), int(rng.integers(0, 400)), replace=False).tolist():
+            db.remove(victim)
+            del live[victim]
+        if rng.random() < 0.1:
+            db.compact()
+        db.save()
+        if save in (9, 29):
+            db.close()
+            db = Database.open(tmp_path / "db")
+            db.merge_policy = policy
+            ref = Database.create(None, d2r.Codebook(cents), **cfg)
+            for image_id, recs in live.items():
+                ref.add_aggregated(image_id, recs)
+            assert list(db.ids()) == list(ref.ids()) == list(live)
+            _same_search(db, ref, queries)
+            if cfg.get("idf"):
+                np.testing.assert_array_equal(db.statistics()["df"], ref.statistics()["df"])
+    assert max(s.num_items for s in db._segments) > 65536 and max(s.blocks for s in db._segments) > 1
+    assert check(tmp_path / "db") == []
+    db.close()
+
+
+def _to_format_2(root: Path) -> None:
+    """Rewrite a database in the previous format: posting ids uint32 full ids, (K+1,) word offsets."""
+    from d2r import _io
+
+    manifest = json.loads((root / "manifest.json").read_text())
+    for rec in manifest["segments"]:
+        d = root / rec["name"]
+        off, items = np.load(d / "offsets.npy"), np.load(d / "items.npy")
+        blocks = max(1, -(-rec["items"] // 65536))
+        run = np.repeat(np.arange(off.shape[0] - 1), np.diff(off))
+        np.save(d / "items.npy", ((run % blocks) * 65536 + items).astype(np.uint32))
+        np.save(d / "offsets.npy", off[::blocks])
+        for f in ("items.npy", "offsets.npy"):
+            rec["files"][f] = {"size": (d / f).stat().st_size, "blake2b": _io.file_digest(d / f)}
+    manifest["format_version"] = 2
+    for name in ("manifest.json", f"manifest-{manifest['generation']:08d}.json"):
+        (root / name).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("kernel", ["asmk_star", "asmk"])
+def test_previous_format_opens_searches_identically_and_merges_into_blocks(tmp_path, kernel):
+    rng = np.random.default_rng(50)
+    K, D = 16, 8
+    cents = _unit(rng, K, D)
+    root = tmp_path / "db"
+    db = Database.create(root, d2r.Codebook(cents), kernel=kernel, mode="search", idf=True)
+    db.merge_policy = MergePolicy(factor=50, max_segments=50)  # two segments: 70,000 + 300 items
+    for n in (70_000, 300):
+        for _ in range(n):
+            db.add_aggregated(len(db), _tiny(rng, K, D, kernel))
+        db.save()
+    db.remove(5)
+    db.save()
+    db.close()
+    queries = [_tiny(rng, K, D, kernel, words=(4, 9)) for _ in range(2)]
+    new = Database.open(root)
+    assert [s.blocks for s in new._segments] == [2, 1] and new._segments[0].items.dtype == np.uint16
+    want = [(new.search(q, 100), new.item_scores(q)) for q in queries]
+    df = new.statistics()["df"]
+    _to_format_2(root)
+    assert check(root) == []
+    old = Database.open(root)
+    assert [(s.blocks, s.items.dtype, s.offsets.shape) for s in old._segments] == [(1, np.uint32, (K + 1,))] * 2
+    for q, (ranking, items) in zip(queries, want):
+        got = old.search(q, 100)
+        assert list(got.ids) == list(ranking.ids)
+        np.testing.assert_array_equal(got.scores, ranking.scores)
+        np.testing.assert_array_equal(old.item_scores(q), items)
+        for threads in (2, 3):
+            np.testing.assert_array_equal(old.item_scores(q, _threads=threads), items)
+    np.testing.assert_array_equal(old.statistics()["df"], df)
+    old.compact()  # the merge reads the previous format and writes the blocked one
+    old.save()
+    old.close()
+    assert json.loads((root / "manifest.json").read_text())["format_version"] == store_mod.FORMAT_VERSION == 3
+    merged = Database.open(root)
+    (seg,) = merged._segments
+    assert seg.items.dtype == np.uint16 and seg.blocks == 2 and seg.offsets.shape == (2 * K + 1,)
+    for q, (ranking, items) in zip(queries, want):
+        got = merged.search(q, 100)
+        assert list(got.ids) == list(ranking.ids)
+        np.testing.assert_allclose(got.scores, ranking.scores, atol=1e-12, rtol=0)
+    assert check(root) == []
+
+
 # ---- memory and write amplification --------------------------------------------------------------------------------
 def test_merge_memory_is_bounded_by_the_chunk(tmp_path):
     rng = np.random.default_rng(5)
@@ -524,6 +653,76 @@ def test_corruption_is_named(corpus, fname, how, capsys):
     assert rel in err and "Traceback" not in err
 
 
+def _damage_blocks(d: Path, how: str, K: int):
+    """Damage the posting files of a segment of 2 item blocks (ids of the last block: [0, M − 65536))."""
+    off, items = np.load(d / "offsets.npy"), np.load(d / "items.npy")
+    m = np.load(d / "item_image.npy").shape[0]
+    runs = [r for r in range(off.shape[0] - 1) if off[r + 1] - off[r] >= 2]
+    last = [r for r in runs if r % 2 == 1]
+    if how == "range_last_block":  # an id past the item count, in the last block's range of uint16 ids
+        items[off[last[0] + 1] - 1] = m - 65536 + 7
+    elif how == "order_in_run":  # two ids swapped within one (word, block) run of the second block
+        e = off[last[-1]]
+        items[e], items[e + 1] = items[e + 1], items[e]
+    elif how == "uint32_ids":  # the previous format's dtype with the blocked offsets
+        items = items.astype(np.uint32)
+    elif how == "full_ids_uint32":  # previous format's full ids, blocked offsets kept
+        run = np.repeat(np.arange(off.shape[0] - 1), np.diff(off))
+        items = ((run % 2) * 65536 + items).astype(np.uint32)
+    elif how == "word_offsets":  # (K+1,) offsets with uint16 ids
+        off = off[::2]
+    elif how == "offsets_int32":
+        off = off.astype(np.int32)
+    elif how == "offsets_disorder":
+        off[2 * K // 2] = off[-1] + 1
+    np.save(d / BLOCK_CASES[how], items if BLOCK_CASES[how] == "items.npy" else off)
+
+
+BLOCK_CASES = {"range_last_block": "items.npy", "order_in_run": "items.npy", "uint32_ids": "items.npy",
+               "full_ids_uint32": "items.npy", "word_offsets": "offsets.npy", "offsets_int32": "offsets.npy",
+               "offsets_disorder": "offsets.npy"}
+
+
+@pytest.fixture(scope="module")
+def block_corpus(tmp_path_factory):
+    """A database whose first segment holds 70,000 items (2 blocks), and a damaged copy per block case."""
+    root = tmp_path_factory.mktemp("blocks")
+    rng = np.random.default_rng(60)
+    K, D = 12, 16
+    db = Database.create(root / "healthy", d2r.Codebook(_unit(rng, K, D)))
+    db.merge_policy = MergePolicy(factor=50, max_segments=50)
+    for n in (70_000, 50):
+        for _ in range(n):
+            db.add_aggregated(len(db), _tiny(rng, K, D, words=(2, 6)))
+        db.save()
+    db.close()
+    seg = json.loads((root / "healthy" / "manifest.json").read_text())["segments"][0]["name"]
+    cases = {}
+    for how, fname in BLOCK_CASES.items():
+        shutil.copytree(root / "healthy", root / how)
+        _damage_blocks(root / how / seg, how, K)
+        cases[how] = (root / how, f"{seg}/{fname}")
+    return root, seg, K, D, cases
+
+
+@pytest.mark.parametrize("how", list(BLOCK_CASES))
+def test_block_damage_is_named(block_corpus, how, capsys):
+    root, seg, K, D, cases = block_corpus
+    path, rel = cases[how]
+    assert check(root / "healthy") == []
+    assert [d["file"] for d in check(path)] == [rel]
+    with pytest.raises(DamagedError) as exc:  # by the manifest's sizes/digests or the structural checks
+        Database.open(path).search(np.ones((3, D), np.float32), 5)
+    assert rel in str(exc.value).replace(os.sep, "/")
+    with pytest.raises(DamagedError) as exc:  # structure alone (no file records: a version-1 manifest)
+        Segment.read(path, {"name": seg}, "asmk_star", "aggregation", K, D)
+    assert rel in str(exc.value).replace(os.sep, "/") and "\n" not in str(exc.value)
+    capsys.readouterr()
+    assert cli_main(["index", "check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert rel in err and "Traceback" not in err
+
+
 SEARCH_ALL = """
 import sys, numpy as np
 from d2r.index import Database
@@ -537,11 +736,11 @@ for path in sys.argv[1:]:
 """
 
 
-def test_damaged_indexes_never_crash_the_interpreter(corpus, tmp_path):
+def test_damaged_indexes_never_crash_the_interpreter(corpus, block_corpus, tmp_path):
     root, cases = corpus
     script = tmp_path / "search_all.py"
     script.write_text(SEARCH_ALL)
-    paths = [str(p) for p, _ in cases.values()]
+    paths = [str(p) for p, _ in cases.values()] + [str(p) for p, _ in block_corpus[-1].values()]
     proc = subprocess.run([sys.executable, str(script), *paths], env=ENV, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]  # a segfault would be negative

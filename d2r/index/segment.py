@@ -314,7 +314,7 @@ class Segment:
             bad = check_postings(off, self.items, blocks, m) if e else 0
             if bad:
                 raise DamagedError(where / "items.npy", f"item ids outside [0, {m})" if bad == 1 else
-                                   "item ids not ascending within a word's posting list")
+                                   "item ids not ascending within a (word, item block) posting run")
             if int(np.asarray(self.item_words, np.int64).sum()) != e:
                 raise DamagedError(where / "item_words.npy", f"word counts do not add up to {e} entries")
         if record is not None:
