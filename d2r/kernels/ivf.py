@@ -87,17 +87,29 @@ def scan_bits_items(q_words, q_bits, offsets, items, blocks, bits, dim, alpha, t
             if stop < base + size:
                 hi = _lower_bound(items, lo, hi, stop - base, size)
             if chunks == 2 and q_bits.itemsize == 8:  # 128-bit signatures as two uint64 words
-                q0, q1 = np.uint64(q_bits[qi, 0]), np.uint64(q_bits[qi, 1])
-                for e in range(lo, hi):
-                    h = popcount64(q0 ^ np.uint64(bits[e, 0])) + popcount64(q1 ^ np.uint64(bits[e, 1]))
-                    scores[base + np.int64(items[e])] += table[h] * wt
+                _run128(items, bits, lo, hi, np.uint64(q_bits[qi, 0]), np.uint64(q_bits[qi, 1]), table, wt,
+                        scores[base:])
             else:
-                q = q_bits[qi]
-                for e in range(lo, hi):
-                    h = 0
-                    for t in range(chunks):
-                        h += popcount(q[t] ^ bits[e, t])
-                    scores[base + np.int64(items[e])] += table[h] * wt
+                _run(items, bits, lo, hi, q_bits[qi], table, wt, scores[base:])
+
+
+@njit(cache=True, nogil=True)
+def _run128(items, bits, lo, hi, q0, q1, table, wt, out):
+    """The hot loop of :func:`scan_bits_items` for 128-bit signatures (two uint64 words): one (word, block) run,
+    ``out`` the scores from the block's first item on (a loop of its own compiles to a tighter body)."""
+    for e in range(lo, hi):
+        h = popcount64(q0 ^ np.uint64(bits[e, 0])) + popcount64(q1 ^ np.uint64(bits[e, 1]))
+        out[items[e]] += table[h] * wt
+
+
+@njit(cache=True, nogil=True)
+def _run(items, bits, lo, hi, q, table, wt, out):
+    """As :func:`_run128` for any signature width (``q``: the query word's signature)."""
+    for e in range(lo, hi):
+        h = 0
+        for t in range(q.shape[0]):
+            h += popcount(q[t] ^ bits[e, t])
+        out[items[e]] += table[h] * wt
 
 
 @njit(cache=True, nogil=True)
