@@ -114,6 +114,17 @@ def index_bytes(path: Path) -> tuple[int, int]:
     return live, total
 
 
+def entry_bytes(path: Path) -> dict:
+    """Bytes per posting entry of the current generation's segment files: all files (``bytes_per_entry``), and
+    the posting files alone (``items.npy`` + ``bits.npy``: 2 B id + 16 B signature in format version 3)."""
+    m = json.loads((path / "manifest.json").read_text())
+    entries = sum(int(s["entries"]) for s in m["segments"])
+    live = sum(f["size"] for s in m["segments"] for f in s["files"].values())
+    post = sum(s["files"][f]["size"] for s in m["segments"] for f in ("items.npy", "bits.npy"))
+    return {"format_version": m["format_version"], "bytes_per_entry": round(live / max(entries, 1), 3),
+            "posting_bytes_per_entry": round(post / max(entries, 1), 3)}
+
+
 def build(args) -> None:
     import d2r
     from d2r.aggregate import Aggregated
@@ -216,7 +227,7 @@ def build(args) -> None:
         "merges": stats.get("merges", 0), "merge_seconds": round(stats.get("merge_seconds", 0.0), 1),
         "open_seconds": round(open_s, 2), "bytes_written": written, "index_bytes": live, "folder_bytes": total,
         "write_amplification": round(written / live, 2),
-        "bytes_per_entry": round(live / entries, 2),
+        **entry_bytes(path),
         "peak_rss_gb": {k: round(v["rss"] / 2**30, 2) for k, v in sampler.peaks.items()},
         "peak_anon_gb": {k: round(v["anon"] / 2**30, 2) for k, v in sampler.peaks.items()},
         **latency_figures(lat, raw, query_postings(db, queries)),
@@ -291,7 +302,7 @@ def search(args) -> None:
     sampler.phase = "search"
     lat, raw = time_searches(db, queries[: args.queries], args.raw_queries, np.random.default_rng(args.seed), sampler)
     sampler.stop()
-    out = {"images": len(db), "open_seconds": round(open_s, 2), "warm": args.warm,
+    out = {"images": len(db), **entry_bytes(path), "open_seconds": round(open_s, 2), "warm": args.warm,
            "peak_rss_gb": {k: round(v["rss"] / 2**30, 2) for k, v in sampler.peaks.items()},
            "peak_anon_gb": {k: round(v["anon"] / 2**30, 2) for k, v in sampler.peaks.items()},
            **latency_figures(lat, raw, query_postings(db, queries[: args.queries]))}
