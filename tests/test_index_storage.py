@@ -122,15 +122,15 @@ def test_merge_kernel_drops_removed_and_keeps_word_order():
     seg_off = np.array([0, 2, 2, 2, 3, 5], np.int64)  # seg 0: word 0 {0, 1}; seg 1: word 0 {0}, word 1 {2, 1}
     item_map = np.array([0, -1, 1, 2, -1], np.int64)  # seg0 items 0,1; seg1 items 0,1,2 (base 2)
     out_i, out_p, counts = np.empty(5, np.uint16), np.empty((5, 2), np.uint8), np.zeros(2, np.int64)
-    n = merge_postings(seg_off, np.array([0, 3]), np.array([1, 1]), items, payload, item_map, np.array([0, 2]),
-                       out_i, out_p, counts, 1)
+    n = merge_postings(seg_off, np.array([0, 3]), np.array([1, 1]), items, payload, item_map,
+                       np.array([0, 2]), out_i, out_p, counts, 1)
     assert n == 3 and list(out_i[:n]) == [0, 1, 2] and list(counts) == [2, 1]
     np.testing.assert_array_equal(out_p[:n], payload[[0, 2, 4]])
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_merge_kernel_blocks_equal_numpy(seed):
-    """Segments of several item blocks (and one of the previous format's uint32 full ids) merge into blocks."""
+    """Segments of several item blocks (and one of the previous format's uint32 ids) merge into blocks."""
     rng = np.random.default_rng(seed)
     K, B = 3, 2
     sizes = [70_000, 1_000, 140_000]
@@ -160,7 +160,8 @@ def test_merge_kernel_blocks_equal_numpy(seed):
     item_base = np.cumsum([0] + sizes[:-1])
     out_blocks = max(1, -(-next_item // 65536))
     e = ids_all.shape[0]
-    out_i, out_p, counts = np.empty(e, np.uint16), np.empty((e, B), np.uint8), np.zeros(K * out_blocks, np.int64)
+    out_i, out_p = np.empty(e, np.uint16), np.empty((e, B), np.uint8)
+    counts = np.zeros(K * out_blocks, np.int64)
     n = merge_postings(np.concatenate(seg_off), np.array(seg_start), np.array([s[4] for s in segs]), ids_all,
                        payload, item_map, item_base, out_i, out_p, counts, out_blocks)
     # numpy: every live posting (word, new id, payload), stably sorted by word
@@ -285,7 +286,7 @@ def test_ties_rank_by_insertion_across_merges(tmp_path):
     assert list(db.search(x, 7).ids) == [f"i{i:02d}" for i in range(7)]
 
 
-# ---- more than 65,536 items: blocked posting ids, and the previous format ------------------------------------------
+# ---- more than 65,536 items: blocked posting ids, and the previous format ----------------------------------
 def _tiny(rng, K, D, kernel="asmk_star", words=(1, 4)):
     """A random aggregated record of a few words (cheap: many thousands of items per test)."""
     w = np.sort(rng.choice(K, int(rng.integers(*words)), replace=False)).astype(np.uint32)
@@ -391,7 +392,8 @@ def test_previous_format_opens_searches_identically_and_merges_into_blocks(tmp_p
     _to_format_2(root)
     assert check(root) == []
     old = Database.open(root)
-    assert [(s.blocks, s.items.dtype, s.offsets.shape) for s in old._segments] == [(1, np.uint32, (K + 1,))] * 2
+    layout = [(s.blocks, s.items.dtype, s.offsets.shape) for s in old._segments]
+    assert layout == [(1, np.uint32, (K + 1,))] * 2
     for q, (ranking, items) in zip(queries, want):
         got = old.search(q, 100)
         assert list(got.ids) == list(ranking.ids)

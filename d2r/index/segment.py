@@ -302,12 +302,13 @@ class Segment:
             blocks = self.blocks
             if (self.items.dtype == np.uint32 and num_blocks(m) > 1
                     and off.shape == (num_words * num_blocks(m) + 1,)):
-                raise DamagedError(where / "items.npy", f"uint32 item ids (previous format) with {off.shape[0]} "
-                                   f"offsets; expected uint16 ids in {num_blocks(m)} blocks of 65,536 items")
+                raise DamagedError(where / "items.npy", f"uint32 item ids (previous format) with "
+                                   f"{off.shape[0]} offsets; expected uint16 ids in {num_blocks(m)} blocks "
+                                   f"of 65,536 items")
             runs = num_words * blocks
             if off.shape != (runs + 1,) or off[0] != 0 or off[-1] != e or np.any(np.diff(off) < 0):
-                raise DamagedError(where / "offsets.npy", f"expected offsets ({runs + 1},) monotone from 0 to {e} "
-                                   f"(K={num_words} words x {blocks} item blocks), got {off.shape}")
+                raise DamagedError(where / "offsets.npy", f"expected offsets ({runs + 1},) monotone from 0 "
+                                   f"to {e} (K={num_words} words x {blocks} item blocks), got {off.shape}")
             if self.payload.shape[0] != e:
                 raise DamagedError(where / f"{PAYLOAD[kernel]}.npy", f"{self.payload.shape[0]} rows for {e} "
                                    f"posting entries")

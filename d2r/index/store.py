@@ -280,8 +280,8 @@ def merge(segments: list[Segment], removed: list[np.ndarray], kernel: str, num_w
                 biggest = max(biggest, base)
                 out_items = np.empty(base, np.uint16)
                 out_payload = np.empty((base, width), pdtype)
-                n = merge_postings(seg_off, np.array(seg_start, np.int64), seg_blocks, items, payload, item_map,
-                                   item_base, out_items, out_payload,
+                n = merge_postings(seg_off, np.array(seg_start, np.int64), seg_blocks, items, payload,
+                                   item_map, item_base, out_items, out_payload,
                                    counts[w0 * out_blocks + 1:w1 * out_blocks + 1], out_blocks)
                 outs["items"].write(out_items[:n])
                 outs[payload_key].write(out_payload[:n])

@@ -59,10 +59,11 @@ def _lower_bound(items, lo, hi, value, num_items):
 @njit(cache=True, nogil=True)
 def scan_bits_items(q_words, q_bits, offsets, items, blocks, bits, dim, alpha, tau, tau_inclusive, weights,
                     scores, first, stop):
-    """:func:`scan_bits` restricted to the postings of items in [first, stop): blocks wholly inside the range
-    are scanned whole, and each (word, block) run is ascending in item id (validated when a segment is opened),
-    so two searches find the range in the (at most two) blocks it cuts. Threads scanning disjoint item ranges
-    write disjoint scores, and every item's sum is taken in the same order as one full scan (bit-identical)."""
+    """:func:`scan_bits` restricted to the postings of items in [first, stop): blocks wholly inside the
+    range are scanned whole, and each (word, block) run is ascending in item id (validated when a segment is
+    opened), so two searches find the range in the (at most two) blocks it cuts. Threads scanning disjoint
+    item ranges write disjoint scores, and every item's sum is taken in the same order as one full scan
+    (bit-identical)."""
     m = scores.shape[0]
     first, stop = max(first, 0), min(stop, m)
     if first >= stop:
@@ -95,8 +96,8 @@ def scan_bits_items(q_words, q_bits, offsets, items, blocks, bits, dim, alpha, t
 
 @njit(cache=True, nogil=True)
 def _run128(items, bits, lo, hi, q0, q1, table, wt, out):
-    """The hot loop of :func:`scan_bits_items` for 128-bit signatures (two uint64 words): one (word, block) run,
-    ``out`` the scores from the block's first item on (a loop of its own compiles to a tighter body)."""
+    """The hot loop of :func:`scan_bits_items` for 128-bit signatures (two uint64 words): one (word, block)
+    run, ``out`` the scores from the block's first item on (a loop of its own compiles to a tighter body)."""
     for e in range(lo, hi):
         h = popcount64(q0 ^ np.uint64(bits[e, 0])) + popcount64(q1 ^ np.uint64(bits[e, 1]))
         out[items[e]] += table[h] * wt
@@ -163,7 +164,8 @@ def document_frequency(offsets, items, blocks, item_live):
 
 @njit(cache=True)
 def item_weight_sums(offsets, items, blocks, weights, num_items):
-    """Σ_{c ∈ W_i} w_c for every item i (the IDF-weighted word count used to normalise): (num_items,) float64."""
+    """Σ_{c ∈ W_i} w_c for every item i (the IDF-weighted word count used to normalise): (num_items,)
+    float64."""
     out = np.zeros(num_items)
     K = (offsets.shape[0] - 1) // blocks
     for w in range(K):
