@@ -309,6 +309,48 @@ def search(args) -> None:
     print(json.dumps(out, indent=1))
 
 
+def kernel(args) -> None:
+    """The scan kernel alone on a synthetic in-RAM segment: the same postings as format 2 (uint32 ids, one
+    block) and format 3 (uint16 ids in blocks of 65,536 items), one thread, interleaved runs."""
+    from d2r.index.segment import num_blocks
+    from d2r.kernels.binary import as_words64
+    from d2r.kernels.ivf import scan_bits
+
+    rng = np.random.default_rng(args.seed)
+    m, per, wq = args.items, args.postings, args.words
+    full = np.concatenate([np.sort(rng.choice(m, per, replace=False)) for _ in range(wq)]).astype(np.uint32)
+    e = full.shape[0]
+    bits = as_words64(rng.integers(0, 256, (e, D // 8), dtype=np.uint8))
+    words = np.repeat(np.arange(wq), per)
+    blocks = num_blocks(m)
+    layouts = {}
+    for name, nb, ids in (("format 2", 1, full), ("format 3", blocks, (full & 0xFFFF).astype(np.uint16))):
+        runs = words * nb + (full.astype(np.int64) >> 16 if nb > 1 else 0)
+        off = np.zeros(wq * nb + 1, np.int64)
+        np.cumsum(np.bincount(runs, minlength=wq * nb), out=off[1:])
+        layouts[name] = (off, ids, nb)
+    qw = np.arange(wq, dtype=np.uint32)
+    qb = as_words64(rng.integers(0, 256, (wq, D // 8), dtype=np.uint8))
+    times = {name: [] for name in layouts}
+    ref = None
+    for rep in range(args.repeats + 1):
+        for name in (list(layouts) if rep % 2 else list(layouts)[::-1]):
+            off, ids, nb = layouts[name]
+            scores = np.zeros(m)
+            t = time.perf_counter()
+            scan_bits(qw, qb, off, ids, nb, bits, D, 3.0, 0.0, False, np.zeros(0), scores)
+            if rep:  # the first round loads the kernels
+                times[name].append(time.perf_counter() - t)
+            ref = scores if ref is None else ref
+            if not np.array_equal(scores, ref):
+                raise SystemExit(f"{name}: scores differ between layouts")
+    out = {"items": m, "entries": e, "query_words": wq, "blocks": blocks}
+    for name, v in times.items():
+        out[name] = {"median_ms": round(float(np.median(v)) * 1e3, 2), "min_ms": round(min(v) * 1e3, 2),
+                     "ns_per_entry": round(float(np.median(v)) / e * 1e9, 3)}
+    print(json.dumps(out, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -333,8 +375,14 @@ def main() -> None:
     s.add_argument("--raw-queries", type=int, default=20)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--warm", action="store_true", help="read the index files once before timing")
+    k = sub.add_parser("kernel", help="the scan kernel alone on format-2 and format-3 postings")
+    k.add_argument("--items", type=int, default=1_000_000)
+    k.add_argument("--words", type=int, default=830)
+    k.add_argument("--postings", type=int, default=28_800, help="postings per query word")
+    k.add_argument("--repeats", type=int, default=10)
+    k.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    {"words": measure_words, "build": build, "search": search}[args.cmd](args)
+    {"words": measure_words, "build": build, "search": search, "kernel": kernel}[args.cmd](args)
 
 
 if __name__ == "__main__":
