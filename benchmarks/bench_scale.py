@@ -2,6 +2,8 @@
 
     python benchmarks/bench_scale.py words --out benchmarks/results/scale_words.json      # measure word counts
     python benchmarks/bench_scale.py build --images 100000 --dir /tmp/scale --words benchmarks/results/scale_words.json
+    python benchmarks/bench_scale.py search --dir /tmp/scale --warm     # search a kept index (build --keep)
+    python benchmarks/bench_scale.py kernel                            # the scan kernel alone, format 2 vs 3
 
 ``words``: RootSIFT (1,000 features max, the default) on the dev photos; a K = 65,536 codebook is a quick k-means
 stand-in: 65,536 descriptors sampled from the first half of the photos (the k-means initialisation, no Lloyd
