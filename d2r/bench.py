@@ -70,7 +70,8 @@ class BenchConfig(EngineConfig):
         super().check()
         self.diffusion.validate()
         if self.diffusion.enabled and self.query_expansion != "none":
-            raise ValueError("diffusion.enabled and query_expansion are alternatives; set query_expansion: none")
+            raise ValueError("diffusion.enabled and query_expansion are alternatives; "
+                             "set query_expansion: none")
         return self
 
 
@@ -329,7 +330,8 @@ def diffusion_graph(pipe: _Pipeline, db, book: Codebook, db_store, imlist):
             if name not in db_store:
                 continue
             f = db_store.get(name)
-            rec = agg(f.features.descriptors, f.counts) if isinstance(f, RegionFeatures) else agg(f.descriptors)
+            regional = isinstance(f, RegionFeatures)
+            rec = agg(f.features.descriptors, f.counts) if regional else agg(f.descriptors)
             found = db.search(rec, top_k=cfg.k + 1)
             m = len(found.ids)
             nb[i, :m] = [position[x] for x in found.ids.tolist()]

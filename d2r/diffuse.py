@@ -140,13 +140,14 @@ class DiffusionGraph:
         self.config = config or DiffusionConfig()
 
     def fit(self, neighbours: np.ndarray, sims: np.ndarray) -> "DiffusionGraph":
-        """neighbours (N, k') int64 (−1 pads), sims (N, k') float: each image's ranked database neighbours; only
-        the first ``config.k`` that are not the image itself are used."""
+        """neighbours (N, k') int64 (−1 pads), sims (N, k') float: each image's ranked database neighbours;
+        only the first ``config.k`` that are not the image itself are used."""
         cfg = self.config.validate()
         nb = np.asarray(neighbours, np.int64)
         s = np.asarray(sims, np.float64)
         if nb.ndim != 2 or s.shape != nb.shape:
-            raise ValueError(f"neighbours and sims must be (N, k) of equal shape, got {nb.shape} and {s.shape}")
+            raise ValueError(f"neighbours and sims must be (N, k) of equal shape, "
+                             f"got {nb.shape} and {s.shape}")
         n = nb.shape[0]
         keep_nb = np.full((n, cfg.k), -1, np.int64)
         keep_s = np.zeros((n, cfg.k))

@@ -84,9 +84,9 @@ class RerankConfig(Config):
             Hamming embedding's 24 of 64 bits, Jégou et al. 2008).
         query_assignments: "hamming" correspondences: each query descriptor is paired in its this many nearest
             words (query-side multiple assignment, Jégou et al. 2010); database descriptors keep one.
-        fusion_weight: "usac": 0 keeps the threshold rule; λ > 0 ranks the verified candidates by the fused score
-            s + λ·min(n, cap)/cap (s the initial similarity, n the inliers, counted only when n >= min_inliers)
-            instead of moving them above the rest (:func:`order_by_fused`).
+        fusion_weight: "usac": 0 keeps the threshold rule; λ > 0 ranks the verified candidates by the fused
+            score s + λ·min(n, cap)/cap (s the initial similarity, n the inliers, counted only when
+            n >= min_inliers) instead of moving them above the rest (:func:`order_by_fused`).
         fusion_cap: the inlier count at which the fused bonus saturates (``cap``; 70 as Google's GLDv2
             DELG + RANSAC re-ranking baseline).
     """
@@ -149,7 +149,8 @@ class RerankConfig(Config):
             raise ValueError(f"RerankConfig.hamming must be a fraction of the descriptor bits in [0, 1], "
                              f"got {self.hamming}")
         if not (np.isfinite(self.fusion_weight) and self.fusion_weight >= 0):
-            raise ValueError(f"RerankConfig.fusion_weight must be a finite number >= 0, got {self.fusion_weight}")
+            raise ValueError(f"RerankConfig.fusion_weight must be a finite number >= 0, "
+                             f"got {self.fusion_weight}")
         if self.fusion_weight > 0 and self.method != "usac":
             raise ValueError("RerankConfig.fusion_weight > 0 needs method 'usac'")
         c = self.fusion_cap
@@ -360,8 +361,8 @@ def order_by_fused(ids, scores, inliers: dict, num_to_rerank: int, min_inliers: 
                    junk=()):
     """The fused rule: the first ``num_to_rerank`` ids not in ``junk`` are sorted by s + weight·min(n, cap)/cap
     descending (s the initial score, n the inliers; n < ``min_inliers`` adds nothing), ties in input order;
-    everything else follows in input order. The scores returned are the fused ones for the verified ids and the
-    initial ones elsewhere. Returns (ids, scores, inliers with -1 for unverified)."""
+    everything else follows in input order. The scores returned are the fused ones for the verified ids and
+    the initial ones elsewhere. Returns (ids, scores, inliers with -1 for unverified)."""
     ids = np.asarray(ids)
     sc = np.asarray(scores, np.float64).copy()
     junk = set(junk)

@@ -8,7 +8,7 @@ from d2r.diffuse import (DiffusionConfig, DiffusionGraph, conjugate_gradient, mu
 from d2r.rerank import RerankConfig, order_by_fused, order_verified
 
 
-# ---- fused scores ----------------------------------------------------------------------------------------------
+# ---- fused scores ------------------------------------------------------------------------------------------
 def test_order_by_fused_hand_computed():
     ids = np.array([10, 11, 12, 13, 14, 15])
     scores = np.array([0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
@@ -30,7 +30,7 @@ def test_order_by_fused_hand_computed():
 def test_fused_ties_keep_input_order_and_config_dispatch():
     ids = np.array(["a", "b", "c"])
     cfg = RerankConfig(method="usac", fusion_weight=1.0, fusion_cap=4, min_inliers=1)
-    out, sc, _ = order_verified(ids, [0.75, 0.5, 0.25], {"a": 0, "b": 1, "c": 2}, cfg)  # exact binary fractions
+    out, sc, _ = order_verified(ids, [0.75, 0.5, 0.25], {"a": 0, "b": 1, "c": 2}, cfg)  # exact in binary
     assert out.tolist() == ["a", "b", "c"] and sc.tolist() == [0.75, 0.75, 0.75]
     # fusion_weight 0 keeps the threshold rule
     out, _, _ = order_verified(ids, [0.3, 0.2, 0.1], {"a": 0, "b": 1, "c": 12}, RerankConfig(method="usac"))
@@ -44,7 +44,7 @@ def test_fusion_config_validation():
             RerankConfig(**{"method": "usac", **bad}).validate()
 
 
-# ---- diffusion -------------------------------------------------------------------------------------------------
+# ---- diffusion ---------------------------------------------------------------------------------------------
 def _dense_reference(nb, s, k, gamma, n):
     """Slow obvious mutual-kNN affinity and its normalisation."""
     a = np.zeros((n, n))
