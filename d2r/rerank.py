@@ -22,7 +22,8 @@ an affine (or homography) model from candidate to query locations is fitted with
 rule treats inliers as evidence, not as a score: candidates with at least ``min_inliers`` inliers move above the
 rest, ordered by inliers (ties by initial order); every other candidate keeps its initial order. An image without
 enough geometric evidence is therefore never pushed down by one that merely has a few chance inliers, so with a
-threshold above the chance level the initial ranking can only be refined.
+threshold above the chance level the initial ranking can only be refined. With ``fusion_weight`` λ > 0 the
+verified candidates are instead ordered by the fused score s + λ·min(n, cap)/cap (:func:`order_by_fused`).
 
 ``correspondences: hamming`` (with ``method: usac``) replaces the ratio-test correspondences by those of
 Hamming embedding / ASMK*+SP (Jégou et al. 2008; Tolias et al. 2013): every pair of a query and a candidate
