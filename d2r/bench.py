@@ -25,13 +25,14 @@ import logging
 import shutil
 import time
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from d2r import _io
 from d2r.codebook import Codebook
+from d2r.diffuse import DiffusionConfig
 from d2r.engine import EngineConfig
 from d2r.features.base import LocalFeatures, whole_image  # noqa: F401  (whole_image: part of this API)
 from d2r.pipeline import Pipeline, check_setup, crop
@@ -54,6 +55,8 @@ class BenchConfig(EngineConfig):
             other dataset); None trains on the database images. Ignored when ``codebook.path`` is set.
         top_k: search depth; None ranks the whole database (revisitop) or the top 100 (GLDv2).
         query_expansion: "none" here (the engine's default is "aqe"): a benchmark expands only when asked.
+        diffusion: rank by diffusion on the database's kNN graph (:mod:`d2r.diffuse`; off by default), after
+            verification when ``verify`` is on; not combined with query expansion.
     """
 
     _index_time_dba: typing.ClassVar[bool] = True
@@ -61,6 +64,15 @@ class BenchConfig(EngineConfig):
     codebook_images: str | None = None
     top_k: int | None = None
     query_expansion: str = "none"
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+    def check(self) -> "BenchConfig":
+        super().check()
+        self.diffusion.validate()
+        if self.diffusion.enabled and self.query_expansion != "none":
+            raise ValueError("diffusion.enabled and query_expansion are alternatives; "
+                             "set query_expansion: none")
+        return self
 
 
 def load_config(path=None, overrides: dict | None = None) -> BenchConfig:
@@ -300,6 +312,37 @@ def augment_index(pipe: _Pipeline, db, book: Codebook, db_store, ids):
     return db
 
 
+def diffusion_graph(pipe: _Pipeline, db, book: Codebook, db_store, imlist):
+    """The offline :class:`~d2r.diffuse.DiffusionGraph` of the database: nodes are positions in ``imlist``
+    (images missing from the store are isolated nodes), each image's ``diffusion.k`` neighbours found by
+    searching the index with the image's own record (one search per database image)."""
+    from d2r.aggregate import Aggregator
+    from d2r.diffuse import DiffusionGraph
+    from d2r.features.base import RegionFeatures
+
+    cfg = pipe.config.diffusion.validate()
+    agg = Aggregator(book, db.kernel, db.config.num_assignments)
+    position = {n: i for i, n in enumerate(imlist)}
+    nb = np.full((len(imlist), cfg.k + 1), -1, np.int64)
+    sims = np.zeros((len(imlist), cfg.k + 1))
+    with pipe.timer("diffusion_graph"):
+        for i, name in enumerate(imlist):
+            if name not in db_store:
+                continue
+            f = db_store.get(name)
+            regional = isinstance(f, RegionFeatures)
+            rec = agg(f.features.descriptors, f.counts) if regional else agg(f.descriptors)
+            found = db.search(rec, top_k=cfg.k + 1)
+            m = len(found.ids)
+            nb[i, :m] = [position[x] for x in found.ids.tolist()]
+            sims[i, :m] = found.scores
+        graph = DiffusionGraph(cfg).fit(nb, sims)
+    pipe.notes["diffusion"] = {"k": cfg.k, "query_k": cfg.query_k, "gamma": cfg.gamma, "alpha": cfg.alpha,
+                               "iterations": cfg.iterations,
+                               "mean_degree": float(graph.rows_.size / max(len(imlist), 1))}
+    return graph
+
+
 def _finish(pipe: _Pipeline, result: dict, extra_outputs: dict) -> dict:
     config_dict = pipe.config.to_dict()
     config_dict["codebook_trained_on"] = pipe.notes.get("codebook_trained_on")
@@ -370,6 +413,7 @@ def run_revisitop(gnd, images_root, config: BenchConfig | None = None, out="benc
     db = pipe.build_index(book, db_store, ids)
     if config.qe.dba_top > 0:
         db = augment_index(pipe, db, book, db_store, ids)
+    graph = diffusion_graph(pipe, db, book, db_store, g.imlist) if config.diffusion.enabled else None
     depth = int(config.top_k) if config.top_k else len(ids)
     rankings = pipe.search(db, [q.descriptors for q in query_feats], max(depth, 1))
     position = {n: i for i, n in enumerate(g.imlist)}
@@ -380,14 +424,16 @@ def run_revisitop(gnd, images_root, config: BenchConfig | None = None, out="benc
     result: dict = {}
     extra = {}
     stages = {"initial": {p: ranks for p in PROTOCOLS}}
-    if (config.verify and config.rerank.num_to_rerank > 0) or config.query_expansion != "none":
+    if (config.verify and config.rerank.num_to_rerank > 0) or config.query_expansion != "none" or graph:
         stages = _revisitop_stages(pipe, g, db, db_store, query_feats, ranks, rankings, depth, query_in_database,
-                                   progress)
+                                   progress, graph)
         if "verified" in stages:
             result["before_rerank"] = metrics
             extra["ranks_reranked_medium.npy"] = ("npy", _pad(stages["verified"]["medium"], depth))
         if "expanded" in stages:
             extra["ranks_expanded_medium.npy"] = ("npy", _pad(stages["expanded"]["medium"], depth))
+        if "diffused" in stages:
+            extra["ranks_diffused_medium.npy"] = ("npy", _pad(stages["diffused"]["medium"], depth))
         with pipe.timer("evaluate"):
             final = stages[list(stages)[-1]]
             metrics = {p: evaluate(final[p], g, protocols=[p], query_in_database=query_in_database)[p]
@@ -401,7 +447,7 @@ def run_revisitop(gnd, images_root, config: BenchConfig | None = None, out="benc
                          "num_queries": g.num_queries, "query_in_database": bool(query_in_database)}
     pipe.timer.timing["total"] = round(time.perf_counter() - t_start, 3)
     pipe.timer.timing["search_ms_per_query"] = round(1000 * pipe.timer.timing["search"] / max(g.num_queries, 1), 3)
-    query_time = sum(pipe.timer.timing.get(k, 0.0) for k in ("search", "rerank", "expand"))
+    query_time = sum(pipe.timer.timing.get(k, 0.0) for k in ("search", "rerank", "expand", "diffuse"))
     pipe.timer.timing["seconds_per_query"] = round(query_time / max(g.num_queries, 1), 4)
     extra["ranks.npy"] = ("npy", _pad(ranks, depth))
     out = _finish(pipe, result, extra)
@@ -428,9 +474,11 @@ def per_query_ap(stages: dict, g, query_in_database: bool) -> dict:
 
 
 def _revisitop_stages(pipe: _Pipeline, g, db, db_store, query_feats, ranks, rankings, depth: int,
-                      query_in_database: bool, progress: bool) -> dict:
+                      query_in_database: bool, progress: bool, graph=None) -> dict:
     """Rankings per stage and protocol: {"initial", "verified" (with ``verify``), "expanded" (with query
-    expansion)} -> {protocol: [per-query database indices]}. Verification works on each protocol's junk-free
+    expansion), "diffused" (with a diffusion ``graph``: seeded by the initial top ``diffusion.query_k`` and
+    the verified images, then verified images first by the same rule)} -> {protocol: [per-query database
+    indices]}. Verification works on each protocol's junk-free
     top ``rerank.num_to_rerank`` (the official protocol); expansion neighbours are chosen without ground truth
     (only the query's own image is skipped when queries are database images)."""
     from tqdm.auto import tqdm
@@ -496,6 +544,23 @@ def _revisitop_stages(pipe: _Pipeline, g, db, db_store, query_feats, ranks, rank
         pipe.notes["expansion"] = {"method": method,
                                    "mean_neighbours": float(np.mean([u["neighbours"] for u in used])),
                                    "mean_added": float(np.mean([u.get("added", 0) for u in used]))}
+    if graph is not None:
+        from d2r.diffuse import rank_by_diffusion
+
+        stages["diffused"] = {p: [] for p in PROTOCOLS}
+        with pipe.timer("diffuse"):
+            for qi in tqdm(range(g.num_queries), desc="diffusing", unit="query", disable=not progress):
+                strong = [c for c, n in inliers[qi].items() if n >= rr.min_inliers] if verify else []
+                f = graph.diffuse(graph.seeds(ranks[qi], rankings[qi].scores, strong))
+                ranked, fv = rank_by_diffusion(f, ranks[qi])
+                if verify:
+                    pairs += verify_missing(qi, ranked, inliers[qi])
+                    fv = fv / max(float(fv.max(initial=0.0)), 1e-300)  # [0, 1] like the index's scores
+                    for p, r in reorder(qi, ranked, fv, inliers[qi]).items():
+                        stages["diffused"][p].append(r)
+                else:
+                    for p in PROTOCOLS:
+                        stages["diffused"][p].append(ranked)
     if verify:
         pipe.notes["pairs_verified"] = pairs
     return stages
@@ -535,6 +600,8 @@ def run_gldv2(index_csv, test_csv, solution_csv, images_root, config: BenchConfi
 
     t_start = time.perf_counter()
     config = config or BenchConfig()
+    if config.diffusion.enabled:
+        raise ValueError("diffusion.enabled: the GLDv2 runner does not diffuse (revisitop only)")
     solution = read_solution(solution_csv)
     index_ids = read_ids(index_csv)
     test_ids = read_ids(test_csv)

@@ -22,7 +22,8 @@ an affine (or homography) model from candidate to query locations is fitted with
 rule treats inliers as evidence, not as a score: candidates with at least ``min_inliers`` inliers move above the
 rest, ordered by inliers (ties by initial order); every other candidate keeps its initial order. An image without
 enough geometric evidence is therefore never pushed down by one that merely has a few chance inliers, so with a
-threshold above the chance level the initial ranking can only be refined.
+threshold above the chance level the initial ranking can only be refined. With ``fusion_weight`` λ > 0 the
+verified candidates are instead ordered by the fused score s + λ·min(n, cap)/cap (:func:`order_by_fused`).
 
 ``correspondences: hamming`` (with ``method: usac``) replaces the ratio-test correspondences by those of
 Hamming embedding / ASMK*+SP (Jégou et al. 2008; Tolias et al. 2013): every pair of a query and a candidate
@@ -84,6 +85,11 @@ class RerankConfig(Config):
             Hamming embedding's 24 of 64 bits, Jégou et al. 2008).
         query_assignments: "hamming" correspondences: each query descriptor is paired in its this many nearest
             words (query-side multiple assignment, Jégou et al. 2010); database descriptors keep one.
+        fusion_weight: "usac": 0 keeps the threshold rule; λ > 0 ranks the verified candidates by the fused
+            score s + λ·min(n, cap)/cap (s the initial similarity, n the inliers, counted only when
+            n >= min_inliers) instead of moving them above the rest (:func:`order_by_fused`).
+        fusion_cap: the inlier count at which the fused bonus saturates (``cap``; 70 as Google's GLDv2
+            DELG + RANSAC re-ranking baseline).
     """
 
     num_to_rerank: int = 100
@@ -101,6 +107,8 @@ class RerankConfig(Config):
     correspondences: str = "ratio"
     hamming: float = 0.375
     query_assignments: int = 1
+    fusion_weight: float = 0.0
+    fusion_cap: int = 70
 
     def validate(self) -> "RerankConfig":
         if self.num_to_rerank < 0:
@@ -141,6 +149,14 @@ class RerankConfig(Config):
         if not 0 <= self.hamming <= 1:
             raise ValueError(f"RerankConfig.hamming must be a fraction of the descriptor bits in [0, 1], "
                              f"got {self.hamming}")
+        if not (np.isfinite(self.fusion_weight) and self.fusion_weight >= 0):
+            raise ValueError(f"RerankConfig.fusion_weight must be a finite number >= 0, "
+                             f"got {self.fusion_weight}")
+        if self.fusion_weight > 0 and self.method != "usac":
+            raise ValueError("RerankConfig.fusion_weight > 0 needs method 'usac'")
+        c = self.fusion_cap
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ValueError(f"RerankConfig.fusion_cap must be a positive integer, got {self.fusion_cap!r}")
         return self
 
     def num_workers(self) -> int:
@@ -318,6 +334,9 @@ def order_verified(ids, scores, inliers: dict, config: RerankConfig, junk=()):
     """The final order of ``config.method``: :func:`order_by_inliers` (official) or :func:`order_by_threshold`."""
     if config.method == "official":
         return order_by_inliers(ids, scores, inliers, config.num_to_rerank, junk)
+    if config.fusion_weight > 0:
+        return order_by_fused(ids, scores, inliers, config.num_to_rerank, config.min_inliers,
+                              config.fusion_weight, config.fusion_cap, junk)
     return order_by_threshold(ids, scores, inliers, config.num_to_rerank, config.min_inliers, junk)
 
 
@@ -336,6 +355,27 @@ def order_by_threshold(ids, scores, inliers: dict, num_to_rerank: int, min_inlie
     strong = strong[np.lexsort((strong, -inl[strong]))]
     rest = np.setdiff1d(np.arange(len(ids)), strong, assume_unique=True)
     final = np.concatenate([strong, rest]).astype(np.int64)
+    return ids[final], sc[final], inl[final]
+
+
+def order_by_fused(ids, scores, inliers: dict, num_to_rerank: int, min_inliers: int, weight: float, cap: int,
+                   junk=()):
+    """The fused rule: the first ``num_to_rerank`` ids not in ``junk`` are sorted by s + weight·min(n, cap)/cap
+    descending (s the initial score, n the inliers; n < ``min_inliers`` adds nothing), ties in input order;
+    everything else follows in input order. The scores returned are the fused ones for the verified ids and
+    the initial ones elsewhere. Returns (ids, scores, inliers with -1 for unverified)."""
+    ids = np.asarray(ids)
+    sc = np.asarray(scores, np.float64).copy()
+    junk = set(junk)
+    chosen = np.array([i for i, x in enumerate(ids.tolist()) if x not in junk][:num_to_rerank], np.int64)
+    inl = np.full(len(ids), -1, np.int64)
+    if chosen.size:
+        inl[chosen] = [inliers[x] for x in ids[chosen].tolist()]
+        n = inl[chosen].astype(np.float64)
+        sc[chosen] += np.where(n >= min_inliers, float(weight) * np.minimum(n, cap) / float(cap), 0.0)
+        chosen = chosen[np.lexsort((chosen, -sc[chosen]))]
+    rest = np.setdiff1d(np.arange(len(ids)), chosen, assume_unique=True)
+    final = np.concatenate([chosen, rest]).astype(np.int64)
     return ids[final], sc[final], inl[final]
 
 

@@ -50,6 +50,9 @@ def _common(p) -> None:
     p.add_argument("--min-inliers", type=int, metavar="N", help="usac decision threshold (rerank.min_inliers)")
     p.add_argument("--query-expansion", choices=("none", "aqe", "hqe"),
                    help="query expansion after the first search (query_expansion)")
+    p.add_argument("--diffusion", action="store_true", default=None,
+                   help="revisitop: rank by diffusion on the database's kNN graph (diffusion.enabled; "
+                        "Iscen et al. 2017), after verification with --rerank")
     p.add_argument("--qe-top", type=int, metavar="N", help="reliable top images that expand the query (qe.top)")
     p.add_argument("--query-num-assignments", type=int, metavar="M",
                    help="query-side multiple assignment (index.query_num_assignments)")
@@ -117,7 +120,7 @@ def config_from_args(args):
         "verify": args.rerank, "rerank.descriptor_distance": args.rerank_distance,
         "rerank.num_to_rerank": args.num_to_rerank, "top_k": args.top_k, "workers": args.workers,
         "rerank.method": args.rerank_method, "rerank.min_inliers": args.min_inliers,
-        "query_expansion": args.query_expansion, "qe.top": args.qe_top,
+        "query_expansion": args.query_expansion, "qe.top": args.qe_top, "diffusion.enabled": args.diffusion,
         "index.query_num_assignments": args.query_num_assignments,
     }
     from d2r.config import parse_overrides
