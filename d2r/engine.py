@@ -387,7 +387,8 @@ class Engine:
 
     def index(self, images, progress: bool = True, on_done=None, retry_failed: bool = False,
               lock_timeout: float | None = 0.0, id_prefix: str = "") -> IndexReport:
-        """Index images: a folder (searched recursively), a list file, or paths / ``(image_id, path)`` pairs.
+        """Index images: a folder (searched recursively), a list file, or a list of image paths, folders, list
+        files and ``(image_id, path)`` pairs.
 
         Image ids are the canonical paths relative to the folder / list file's folder (absolute paths for
         single files), without extension, preceded by ``id_prefix`` (for a second folder with the same names).
@@ -489,16 +490,23 @@ class Engine:
     def _resolve(self, images, report: IndexReport, id_prefix: str = "") -> list[tuple[str, Path]]:
         from d2r.features.image import IMAGE_EXTENSIONS, list_images
 
-        if isinstance(images, (str, Path)):
-            pairs = list_images(images)
-            if Path(images).is_dir():  # folders named like images are not silently passed over
-                for p in Path(images).rglob("*"):
+        def listed(source):  # a folder or list file: ids relative to it
+            if Path(source).is_dir():  # folders named like images are not silently passed over
+                for p in Path(source).rglob("*"):
                     if p.is_dir() and p.suffix.lower() in IMAGE_EXTENSIONS:
                         report.failed[str(p)] = self._failures[str(p)] = "is a directory, not an image file"
+            return list_images(source)
+
+        if isinstance(images, (str, Path)):
+            pairs = listed(images)
         else:
             pairs = []
             for item in images:
                 image_id, p = (str(item[0]), Path(item[1])) if isinstance(item, tuple) else (None, Path(item))
+                listing = p.is_dir() or p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS
+                if image_id is None and listing:  # a folder or list file among several sources
+                    pairs.extend(listed(p))
+                    continue
                 if not p.is_file():
                     reason = "is a directory, not an image file" if p.is_dir() else "file not found"
                     report.failed[str(p)] = reason

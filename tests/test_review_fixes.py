@@ -1,0 +1,55 @@
+"""Regression tests for defects found by using d2r as a new user would (the review round): each test failed
+before its fix."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import d2r.cli
+from d2r.engine import Engine
+from tests.corpus import textured
+
+CODEBOOK = Path(__file__).resolve().parents[1] / "codebooks" / "rootsift-128d-k256-skimage-s0.npz"
+
+
+def _cli(capsys, *argv):
+    try:
+        code = d2r.cli.main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse usage errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _photos(folder: Path, names, seed: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in names:
+        Image.fromarray(textured(rng, 160, 200)).save(folder / f"{name}.png")
+    return folder
+
+
+def _engine(tmp_path) -> Path:
+    eng = tmp_path / "eng"
+    code = d2r.cli.main(["index", "create", str(eng), "--codebook", str(CODEBOOK), "--quiet",
+                         "--set", "features.options.max_features=200", "--set", "rerank.num_to_rerank=3"])
+    assert code == 0
+    return eng
+
+
+def test_index_add_takes_several_folders_and_list_files(tmp_path, capsys):
+    """`d2r index add DIR A B` failed both folders ("is a directory, not an image file", exit 1)."""
+    a = _photos(tmp_path / "A", ["a0", "a1"], 1)
+    b = _photos(tmp_path / "B" / "sub", ["b0"], 2).parent
+    c = _photos(tmp_path / "C", ["c0"], 3)
+    listing = tmp_path / "list.txt"
+    listing.write_text("C/c0.png\n")
+    eng = _engine(tmp_path)
+    code, out, err = _cli(capsys, "index", "add", eng, a, b, listing, "--json", "--quiet")
+    report = json.loads(out)
+    assert code == 0 and report["failed"] == {} and report["indexed"] == 4, err
+    engine = Engine.open(eng)
+    assert {"a0", "a1", "sub/b0", "C/c0"} <= set(engine._sources)  # ids relative to each folder / list file
+    assert c.is_dir()
