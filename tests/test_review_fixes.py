@@ -53,3 +53,24 @@ def test_index_add_takes_several_folders_and_list_files(tmp_path, capsys):
     engine = Engine.open(eng)
     assert {"a0", "a1", "sub/b0", "C/c0"} <= set(engine._sources)  # ids relative to each folder / list file
     assert c.is_dir()
+
+
+def test_interrupted_create_keeps_the_engine_and_resumes(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during `d2r index create --images` deleted the whole engine folder (features extracted so far
+    included), so nothing could be resumed."""
+    photos = _photos(tmp_path / "photos", ["p0", "p1", "p2"], 4)
+    eng = tmp_path / "eng"
+
+    def interrupted(*args, **kwargs):  # Ctrl-C after the features were extracted and flushed to the store
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Engine, "_index_stored", interrupted)
+        code, _, err = _cli(capsys, "index", "create", eng, "--codebook", CODEBOOK, "--images", photos, "--quiet")
+    assert code == 130 and "interrupted" in err and f"d2r index add {eng} {photos}" in err
+    assert (eng / "engine.json").is_file()
+    from d2r.features.store import FeatureStore
+
+    assert len(FeatureStore.open(eng / "features").ids()) == 3  # the extraction is kept
+    code, out, err = _cli(capsys, "index", "add", eng, photos, "--json", "--quiet")
+    assert code == 0 and json.loads(out)["indexed"] == 3 and len(Engine.open(eng)) == 3, err

@@ -171,7 +171,11 @@ def run_create(args) -> int:
     if args.images:
         try:
             return _index(engine, [args.images], args)
-        except BaseException:
+        except KeyboardInterrupt:  # what was saved stays: the same images are resumed with `index add`
+            print(f"d2r index create: interrupted; resume with `d2r index add {engine.path} {args.images}`",
+                  file=sys.stderr)
+            raise
+        except Exception:
             if not existed:  # a failed create leaves no folder behind (nothing was indexed there before)
                 shutil.rmtree(engine.path, ignore_errors=True)
             raise
