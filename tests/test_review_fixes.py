@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import d2r.cli
@@ -74,3 +75,22 @@ def test_interrupted_create_keeps_the_engine_and_resumes(tmp_path, capsys, monke
     assert len(FeatureStore.open(eng / "features").ids()) == 3  # the extraction is kept
     code, out, err = _cli(capsys, "index", "add", eng, photos, "--json", "--quiet")
     assert code == 0 and json.loads(out)["indexed"] == 3 and len(Engine.open(eng)) == 3, err
+
+
+@pytest.mark.parametrize("kind", ["npy", "folder", "list-metadata"])
+def test_unreadable_codebook_is_a_one_line_error(tmp_path, capsys, kind):
+    """A .npy array given as --codebook was an "unexpected error (TypeError)"; a folder was "not found"."""
+    book = tmp_path / f"book.{kind}"
+    if kind == "npy":
+        np.save(book, np.ones((16, 128), np.float32))
+    elif kind == "folder":
+        book.mkdir()
+    else:
+        np.savez(book, centroids=np.ones((16, 128), np.float32), metadata=np.array(json.dumps([1, 2])))
+        book = book.with_name(book.name + ".npz")
+    code, out, err = _cli(capsys, "index", "create", tmp_path / "eng", "--codebook", book, "--quiet")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "unexpected" not in err and f"{book}: " in lines[0], err
+    assert not (tmp_path / "eng").exists()
+    with pytest.raises(ValueError if kind != "folder" else OSError, match=str(book)):
+        d2r.Codebook.load(book)
