@@ -94,3 +94,21 @@ def test_unreadable_codebook_is_a_one_line_error(tmp_path, capsys, kind):
     assert not (tmp_path / "eng").exists()
     with pytest.raises(ValueError if kind != "folder" else OSError, match=str(book)):
         d2r.Codebook.load(book)
+
+
+def test_a_binary_file_given_as_images_names_the_file(tmp_path, capsys):
+    """A non-image, non-text file (e.g. a codebook passed by mistake) is read as a list file: the error was
+    "'utf-8' codec can't decode byte ..." without the file's name (index add, search, extract, train-codebook)."""
+    eng = _engine(tmp_path)
+    _photos(tmp_path / "photos", ["p0"], 5)
+    assert d2r.cli.main(["index", "add", str(eng), str(tmp_path / "photos"), "--quiet"]) == 0
+    capsys.readouterr()
+    binary = tmp_path / "book.npz"
+    binary.write_bytes(CODEBOOK.read_bytes())
+    for argv in (["index", "add", eng, binary], ["search", binary, "--index", eng],
+                 ["extract", "--images", binary, "--features", "rootsift", "--out", tmp_path / "store"],
+                 ["train-codebook", "--images", binary, "--size", 4, "--out", tmp_path / "cb.npz"]):
+        code, _, err = _cli(capsys, *argv, "--quiet")
+        lines = err.strip().splitlines()
+        assert code == 1 and len(lines) == 1 and f"{binary}: not a text list file" in lines[0], (argv, err)
+    assert not (tmp_path / "store").exists()

@@ -47,7 +47,7 @@ def parse_bbox(text: str):
 
 def _queries(sources) -> list[str]:
     """Expand image files, folders and list files into query paths, in the order given."""
-    from d2r.features.image import IMAGE_EXTENSIONS, list_images
+    from d2r.features.image import IMAGE_EXTENSIONS, list_images, read_list_file
 
     out = []
     for source in sources:
@@ -58,7 +58,7 @@ def _queries(sources) -> list[str]:
             if p.is_dir():
                 found = sorted(str(path) for _, path in list_images(p))
             else:  # a list file, in its own order; relative paths are relative to its folder
-                lines = [line.strip() for line in p.read_text().splitlines()]
+                lines = [line.strip() for line in read_list_file(p)]
                 found = [str(p.parent / line) for line in lines if line and not line.startswith("#")]
             if not found:
                 raise ValueError(f"{source}: no images found")

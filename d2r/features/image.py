@@ -202,7 +202,7 @@ def list_images(source, extensions=IMAGE_EXTENSIONS) -> list[tuple[str, Path]]:
         elif root.is_file():
             base = root.parent
             pairs = []
-            for line in root.read_text().splitlines():
+            for line in read_list_file(root):
                 line = line.strip()
                 if not line or line.startswith("#"):
                     continue
@@ -225,6 +225,16 @@ def list_images(source, extensions=IMAGE_EXTENSIONS) -> list[tuple[str, Path]]:
         if a == b:
             raise ValueError(f"image id {a!r} is given by two files: {pa} and {pb}")
     return pairs
+
+
+def read_list_file(path) -> list[str]:
+    """The lines of a list file; ValueError naming it when it is not text (an image with an unknown
+    extension, a codebook...)."""
+    try:
+        return Path(path).read_text().splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text list file of image paths (nor an image: unknown extension "
+                         f"{Path(path).suffix!r})") from None
 
 
 def _image_id(path: Path, root: Path | None) -> str:
