@@ -112,3 +112,19 @@ def test_a_binary_file_given_as_images_names_the_file(tmp_path, capsys):
         lines = err.strip().splitlines()
         assert code == 1 and len(lines) == 1 and f"{binary}: not a text list file" in lines[0], (argv, err)
     assert not (tmp_path / "store").exists()
+
+
+def test_serve_on_a_port_in_use_is_a_one_line_error(tmp_path, capsys):
+    """`d2r serve` on a busy port logged uvicorn's error and exited with 3 (documented: partial failure)."""
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("fastapi")
+    import socket
+
+    eng = _engine(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, _, err = _cli(capsys, "serve", eng, "--port", port, "--quiet")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and f"--port {port}: cannot listen there" in lines[0], err

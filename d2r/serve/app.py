@@ -402,4 +402,8 @@ def run(path, host: str = "127.0.0.1", port: int = 8000, max_upload_bytes: int =
     import uvicorn
 
     app = create_app(path, max_upload_bytes=max_upload_bytes)
-    uvicorn.run(app, host=host, port=int(port), log_level="warning" if quiet else "info")
+    try:
+        uvicorn.run(app, host=host, port=int(port), log_level="warning" if quiet else "info")
+    except SystemExit as exc:  # uvicorn's start-up failure (logged above): an error, not an exit status of ours
+        if exc.code:
+            raise OSError(f"{host}:{port}: the server could not start (see the log line above)") from None
