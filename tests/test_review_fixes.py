@@ -128,3 +128,26 @@ def test_serve_on_a_port_in_use_is_a_one_line_error(tmp_path, capsys):
         code, _, err = _cli(capsys, "serve", eng, "--port", port, "--quiet")
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and f"--port {port}: cannot listen there" in lines[0], err
+
+
+def test_bench_compare_errors_and_flags(tmp_path, capsys):
+    """`d2r bench compare`: --resamples 0 was "index -1 is out of bounds" (exit 1), a missing run a raw
+    "[Errno 2] ..." and a non-JSON metrics file "Expecting value ..." without the file's name, none with the
+    "error:" prefix; --quiet (README: every command takes it) was a usage error; its help showed "95%%"."""
+    run = tmp_path / "run"
+    run.mkdir()
+    per_query = {"queries": ["q0", "q1"], "stages": ["initial"], "easy": {"initial": [0.5, 1.0]},
+                 "medium": {"initial": [0.5, 1.0]}, "hard": {"initial": [0.0, 0.25]}}
+    (run / "metrics.json").write_text(json.dumps({"per_query": per_query}))
+    bad = tmp_path / "bad.json"
+    bad.write_text("not json")
+    code, _, err = _cli(capsys, "bench", "compare", run, run, "--resamples", 0)
+    assert code == 2 and err.strip() == "d2r bench compare: error: --resamples must be at least 1, got 0"
+    code, _, err = _cli(capsys, "bench", "compare", run, tmp_path / "nope")
+    assert code == 1 and err.startswith(f"d2r bench compare: error: {tmp_path / 'nope'}: ") and "Errno" not in err
+    code, _, err = _cli(capsys, "bench", "compare", run, bad)
+    assert code == 1 and err.startswith(f"d2r bench compare: error: {bad}: not a metrics JSON"), err
+    code, out, err = _cli(capsys, "bench", "compare", run, run, "--quiet", "--resamples", 10)
+    assert code == 0 and "medium" in out and not err, err
+    code, out, _ = _cli(capsys, "bench", "compare", "--help")
+    assert code == 0 and "95% interval" in " ".join(out.split())
