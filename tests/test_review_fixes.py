@@ -151,3 +151,32 @@ def test_bench_compare_errors_and_flags(tmp_path, capsys):
     assert code == 0 and "medium" in out and not err, err
     code, out, _ = _cli(capsys, "bench", "compare", "--help")
     assert code == 0 and "95% interval" in " ".join(out.split())
+
+
+def test_quiet_index_and_search_print_no_log_lines(tmp_path):
+    """`--quiet` ("no progress bars or log lines") still printed a WARNING log line for each failed image or
+    featureless query, besides the command's own listing of the same failure."""
+    import os
+    import subprocess
+    import sys
+
+    eng = _engine(tmp_path)
+    photos = _photos(tmp_path / "photos", ["p0"], 6)
+    (photos / "broken.jpg").write_bytes(b"not an image")
+    Image.new("RGB", (200, 200), (90, 90, 90)).save(tmp_path / "blank.png")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    runs = [(["index", "add", eng, photos], 3), (["search", photos / "p0.png", tmp_path / "blank.png",
+                                                  "--index", eng], 3)]
+    for argv, expected in runs:
+        proc = subprocess.run([sys.executable, "-m", "d2r", *map(str, argv), "--quiet"], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == expected, proc.stderr
+        assert "WARNING" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 2, proc.stderr
+
+
+def test_remove_of_an_unknown_id_is_an_error_line(tmp_path, capsys):
+    """`d2r index remove` of an unknown id printed "d2r index remove: not in the index: ..." (no "error:", no
+    engine named), unlike every other failure line."""
+    eng = _engine(tmp_path)
+    code, out, err = _cli(capsys, "index", "remove", eng, "nope", "--json")
+    assert code == 1 and not out and err.strip() == f"d2r index remove: error: {eng}: not in the index: nope"

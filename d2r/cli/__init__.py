@@ -66,7 +66,8 @@ def main(argv=None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return USAGE
-    level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    # --quiet: warnings only, or nothing but errors where the command lists its failures itself (quiet_level)
+    level = getattr(args, "quiet_level", logging.WARNING) if getattr(args, "quiet", False) else logging.INFO
     logging.basicConfig(level=logging.DEBUG if debug else level, format="%(levelname)s %(name)s: %(message)s")
     name = " ".join(filter(None, ["d2r", args.command, getattr(args, "action", None),
                                   getattr(args, "protocol", None)]))

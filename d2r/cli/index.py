@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ def add_parser(subparsers) -> None:
                               description="Manage a d2r engine folder: its config, features, codebook and database.")
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
+    p.set_defaults(quiet_level=logging.ERROR)  # --quiet: no log lines (failed images are listed by the command)
 
     c = sub.add_parser("create", help="create an empty index (optionally indexing images right away)")
     c.add_argument("path", help="engine folder to create")
@@ -208,7 +210,8 @@ def run_remove(args) -> int:
     ids = list(dict.fromkeys(args.ids))  # engine image ids: paths relative to the indexed folder, no extension
     missing = [i for i in ids if i not in engine]
     if missing:
-        print(f"d2r index remove: not in the index: {', '.join(map(str, missing))}", file=sys.stderr)
+        print(f"d2r index remove: error: {args.path}: not in the index: {', '.join(map(str, missing))}",
+              file=sys.stderr)
         return 1
     engine.remove(ids, lock_timeout=args.lock_timeout)
     if args.json:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def add_parser(subparsers) -> None:
                         "--no-rerank; given with --no-rerank, it expands over the unverified top images)")
     p.add_argument("--quiet", action="store_true", help="no log lines")
     p.add_argument("--json", action="store_true", help="print one JSON line per query")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, quiet_level=logging.ERROR)  # --quiet: failed queries are listed by the command
 
 
 def parse_bbox(text: str):
