@@ -180,3 +180,15 @@ def test_remove_of_an_unknown_id_is_an_error_line(tmp_path, capsys):
     eng = _engine(tmp_path)
     code, out, err = _cli(capsys, "index", "remove", eng, "nope", "--json")
     assert code == 1 and not out and err.strip() == f"d2r index remove: error: {eng}: not in the index: nope"
+
+
+@pytest.mark.parametrize("flag", ["--iterations", "--sample-per-image", "--max-samples", "--batch-size"])
+def test_train_codebook_counts_are_usage_errors_naming_the_flag(tmp_path, capsys, flag):
+    """`d2r train-codebook --iterations 0` failed (exit 1) with "iterations must be ≥ 1", --max-samples 0 with
+    "per_image and max_total must be ≥ 1", after reading the data; --batch-size 0 was accepted."""
+    x = tmp_path / "x.npy"
+    np.save(x, np.random.default_rng(0).random((64, 128), np.float32))
+    code, _, err = _cli(capsys, "train-codebook", "--descriptors", x, "--size", 4, "--out", tmp_path / "cb.npz",
+                        flag, 0, "--quiet")
+    assert code == 2 and err.strip() == f"d2r train-codebook: error: {flag} must be positive, got 0", err
+    assert not (tmp_path / "cb.npz").exists()
