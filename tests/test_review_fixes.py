@@ -192,3 +192,17 @@ def test_train_codebook_counts_are_usage_errors_naming_the_flag(tmp_path, capsys
                         flag, 0, "--quiet")
     assert code == 2 and err.strip() == f"d2r train-codebook: error: {flag} must be positive, got 0", err
     assert not (tmp_path / "cb.npz").exists()
+
+
+def test_a_config_section_that_is_not_a_mapping_is_named(tmp_path, capsys):
+    """`index: 5` in a --config file was "unexpected error (AttributeError): 'int' object has no attribute
+    'check'"."""
+    from d2r.engine import EngineConfig
+
+    config = tmp_path / "c.yaml"
+    config.write_text("index: 5\n")
+    code, _, err = _cli(capsys, "index", "create", tmp_path / "eng", "--config", config, "--quiet")
+    assert code == 1 and err.strip() == "d2r index create: error: index: expected a mapping, got 5", err
+    assert not (tmp_path / "eng").exists()
+    with pytest.raises(ValueError, match="rerank: expected a mapping"):
+        EngineConfig.from_dict({"rerank": [1]})
