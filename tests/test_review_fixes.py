@@ -206,3 +206,24 @@ def test_a_config_section_that_is_not_a_mapping_is_named(tmp_path, capsys):
     assert not (tmp_path / "eng").exists()
     with pytest.raises(ValueError, match="rerank: expected a mapping"):
         EngineConfig.from_dict({"rerank": [1]})
+
+
+def test_serve_follows_another_process_writing_the_engine(tmp_path):
+    """`d2r serve` opened the engine once: images added by `d2r index add` meanwhile were "unknown", and once
+    `d2r index remove` dropped an image's features, every search that verified it failed with a 500
+    (KeyError: not in the feature store)."""
+    from d2r.serve.app import Service
+
+    photos = _photos(tmp_path / "photos", ["p0", "p1", "p2"], 7)
+    eng = _engine(tmp_path)
+    Engine.open(eng).index([photos / "p0.png", photos / "p1.png"], progress=False)
+    service = Service(eng)
+    assert service.health()["images"] == 2
+    writer = Engine.open(eng)  # another process's engine (`d2r index add`, `d2r index remove`)
+    writer.index([("p2", photos / "p2.png")], progress=False)
+    found = service.search(None, None, "p2", None, top_k=3, rerank=True)  # was ApiError 404: unknown image id
+    assert found["hits"][0]["image_id"] == "p2" and service.health()["images"] == 3
+    victim = found["hits"][1]["image_id"]
+    writer.remove(victim)
+    hits = service.search(None, None, "p2", None, top_k=3, rerank=True)["hits"]  # was KeyError (HTTP 500)
+    assert victim not in [h["image_id"] for h in hits] and service.health()["images"] == 2
