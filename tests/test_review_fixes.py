@@ -227,3 +227,18 @@ def test_serve_follows_another_process_writing_the_engine(tmp_path):
     writer.remove(victim)
     hits = service.search(None, None, "p2", None, top_k=3, rerank=True)["hits"]  # was KeyError (HTTP 500)
     assert victim not in [h["image_id"] for h in hits] and service.health()["images"] == 2
+
+
+def test_index_commands_on_a_feature_store_say_what_it_is(tmp_path, capsys):
+    """`d2r index info|check|repair` on a feature store (`d2r extract`'s output, an engine's features/) said
+    "damaged manifest.json: not a d2r database manifest" and advised `d2r index repair` on it."""
+    photos = _photos(tmp_path / "photos", ["p0"], 8)
+    eng = _engine(tmp_path)
+    assert d2r.cli.main(["index", "add", str(eng), str(photos), "--quiet"]) == 0
+    capsys.readouterr()
+    for action in ("info", "check", "repair"):
+        code, _, err = _cli(capsys, "index", action, eng / "features", "--quiet")
+        lines = err.strip().splitlines()
+        assert code == 1 and len(lines) == 1 and "a feature store, not an engine or index" in lines[0], err
+        assert "damaged" not in err
+    assert _cli(capsys, "index", "check", eng, "--quiet")[0] == 0

@@ -225,6 +225,11 @@ def run_remove(args) -> int:
 def run_info(args) -> int:
     from d2r.engine import Engine
 
+    if not (Path(args.path) / "engine.json").is_file():  # a database or feature store is not "damaged"
+        if not Path(args.path).exists():
+            raise FileNotFoundError(f"{args.path}: no such folder")
+        _not_a_feature_store(args.path)
+        raise FileNotFoundError(f"{args.path}: no d2r engine here (engine.json missing)")
     damage = _database_damage(args.path, quick=True)
     if damage:
         return _report_damage(args, damage, "info")
@@ -259,6 +264,20 @@ def _database_dir(path) -> Path:
     return path / "index"
 
 
+def _not_a_feature_store(path) -> None:
+    """ValueError when ``path`` is a feature store (`d2r extract`, an engine's ``features/``): its manifest is
+    not a damaged index manifest."""
+    from d2r.features.store import FORMAT
+
+    try:
+        store = json.loads((Path(path) / "manifest.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return
+    if store:
+        raise ValueError(f"{path}: a feature store, not an engine or index folder (`d2r index check ENGINE` "
+                         "also checks the engine's feature store)")
+
+
 def _database_damage(path, quick: bool = False) -> list[dict]:
     """Damaged files of the engine's (or database folder's) index; ``quick``: structure and sizes only."""
     from d2r.index.database import check
@@ -266,6 +285,7 @@ def _database_damage(path, quick: bool = False) -> list[dict]:
     db = _database_dir(path)
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such folder")
+    _not_a_feature_store(path)
     if quick and not (db / "manifest.json").exists() and not any(db.glob("manifest-*.json")):
         return []  # an engine without an index yet
     return [dict(d, file=str(Path(db.name) / d["file"]) if db != Path(path) else d["file"])
@@ -316,6 +336,7 @@ def run_repair(args) -> int:
     path = Path(args.path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such folder")
+    _not_a_feature_store(path)
     is_engine = (path / "engine.json").is_file()
     if args.reindex and not is_engine:
         print(f"error: {args.path}: --reindex needs an engine folder (its feature store holds the features)",
