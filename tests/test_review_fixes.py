@@ -242,3 +242,15 @@ def test_index_commands_on_a_feature_store_say_what_it_is(tmp_path, capsys):
         assert code == 1 and len(lines) == 1 and "a feature store, not an engine or index" in lines[0], err
         assert "damaged" not in err
     assert _cli(capsys, "index", "check", eng, "--quiet")[0] == 0
+
+
+def test_demo_checks_its_flags_first(tmp_path, capsys):
+    """`d2r demo --top-k 0` ran the whole demo and reported "0/10 queries have the right instance first"
+    (exit 0); --out naming a file failed late with "[Errno 20] Not a directory: '.../images'"."""
+    code, out, err = _cli(capsys, "demo", "--top-k", 0, "--out", tmp_path / "demo", "--quiet")
+    assert code == 2 and err.strip() == "d2r demo: error: --top-k must be at least 1, got 0" and not out
+    assert not (tmp_path / "demo").exists()
+    taken = tmp_path / "file"
+    taken.write_text("x")
+    code, _, err = _cli(capsys, "demo", "--out", taken, "--quiet")
+    assert code == 1 and err.strip() == f"d2r demo: error: --out {taken}: exists and is not a folder", err
