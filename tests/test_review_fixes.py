@@ -254,3 +254,17 @@ def test_demo_checks_its_flags_first(tmp_path, capsys):
     taken.write_text("x")
     code, _, err = _cli(capsys, "demo", "--out", taken, "--quiet")
     assert code == 1 and err.strip() == f"d2r demo: error: --out {taken}: exists and is not a folder", err
+
+
+@pytest.mark.parametrize("protocol", ["revisitop", "gldv2"])
+def test_bench_top_k_below_one_is_a_usage_error(tmp_path, capsys, protocol):
+    """`d2r bench revisitop --top-k -5` extracted, indexed, then failed with "negative dimensions are not
+    allowed" (an index/ folder left behind); --top-k 0 silently meant the default depth."""
+    inputs = (["--gnd", tmp_path / "gnd.pkl"] if protocol == "revisitop" else
+              ["--index-csv", tmp_path / "i.csv", "--test-csv", tmp_path / "t.csv", "--solution-csv",
+               tmp_path / "s.csv"])
+    for k in (0, -5):
+        code, _, err = _cli(capsys, "bench", protocol, *inputs, "--images-root", tmp_path, "--top-k", k,
+                            "--out", tmp_path / "run", "--quiet")
+        assert code == 2 and "--top-k must be at least 1" in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "run").exists()

@@ -140,7 +140,10 @@ def _table(result: dict, keys) -> str:
 
 def run(args) -> int:
     from d2r import bench
+    from d2r.cli import UsageError
 
+    if args.top_k is not None and args.top_k < 1:  # was: a late "negative dimensions" error, or 0 = default
+        raise UsageError(f"--top-k must be at least 1 (omit it for the default depth), got {args.top_k}")
     config = config_from_args(args)
     progress = not args.quiet
     if args.protocol == "revisitop":
