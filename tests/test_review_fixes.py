@@ -268,3 +268,14 @@ def test_bench_top_k_below_one_is_a_usage_error(tmp_path, capsys, protocol):
                             "--out", tmp_path / "run", "--quiet")
         assert code == 2 and "--top-k must be at least 1" in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "run").exists()
+
+
+def test_a_broken_symbolic_link_in_a_folder_is_reported(tmp_path, capsys):
+    """A dangling symbolic link named like an image was silently skipped by `d2r index add FOLDER` (exit 0)."""
+    photos = _photos(tmp_path / "photos", ["p0"], 9)
+    (photos / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    eng = _engine(tmp_path)
+    code, out, err = _cli(capsys, "index", "add", eng, photos, "--json", "--quiet")
+    report = json.loads(out)
+    assert code == 3 and report["indexed"] == 1, err
+    assert "broken symbolic link" in report["failed"][str(photos / "gone.jpg")]

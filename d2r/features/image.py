@@ -96,6 +96,8 @@ def _load_path(path: Path, max_pixels: int | None) -> np.ndarray:
 
     name = str(path)
     if not path.exists():
+        if path.is_symlink():
+            raise ImageError(f"{name}: broken symbolic link (its target {os.readlink(path)} is missing)")
         raise ImageError(f"{name}: no such file")
     if path.is_dir():
         raise ImageError(f"{name}: is a directory, not an image file")
@@ -195,7 +197,9 @@ def list_images(source, extensions=IMAGE_EXTENSIONS) -> list[tuple[str, Path]]:
         root = Path(source)
         if root.is_dir():
             exts = {e.lower() for e in extensions}
-            paths = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts]
+            # a broken symbolic link named like an image is listed (and fails as one), never silently skipped
+            paths = [p for p in root.rglob("*") if (p.is_file() or p.is_symlink() and not p.exists())
+                     and p.suffix.lower() in exts]
             pairs = [(_image_id(p, root), p) for p in paths]
         elif root.is_file() and root.suffix.lower() in {e.lower() for e in extensions}:
             pairs = [(_image_id(root, root.parent), root)]  # one image, not a list file
