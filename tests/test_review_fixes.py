@@ -279,3 +279,25 @@ def test_a_broken_symbolic_link_in_a_folder_is_reported(tmp_path, capsys):
     report = json.loads(out)
     assert code == 3 and report["indexed"] == 1, err
     assert "broken symbolic link" in report["failed"][str(photos / "gone.jpg")]
+
+
+@pytest.mark.slow
+def test_quiet_hides_tensorflow_log_lines(tmp_path):
+    """`d2r import-codebook BAD --quiet` printed TensorFlow's C++ info/warning lines (cpu_feature_guard,
+    tensor_slice_reader "Could not open ...") around the one error line."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("tensorflow") is None:
+        pytest.skip("tensorflow is not installed")
+    bad = tmp_path / "bad.ckpt"
+    bad.write_text("not a checkpoint")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-m", "d2r", "import-codebook", str(bad), "--out",
+                           str(tmp_path / "cb.npz"), "--quiet"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("d2r import-codebook: error:")
+    assert "cpu_feature_guard" not in proc.stderr and "tensor_slice_reader" not in proc.stderr, proc.stderr

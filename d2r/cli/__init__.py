@@ -68,6 +68,10 @@ def main(argv=None) -> int:
         return USAGE
     # --quiet: warnings only, or nothing but errors where the command lists its failures itself (quiet_level)
     level = getattr(args, "quiet_level", logging.WARNING) if getattr(args, "quiet", False) else logging.INFO
+    if getattr(args, "quiet", False):  # TensorFlow's C++ info and warning lines too (a setting given wins)
+        import os
+
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.DEBUG if debug else level, format="%(levelname)s %(name)s: %(message)s")
     name = " ".join(filter(None, ["d2r", args.command, getattr(args, "action", None),
                                   getattr(args, "protocol", None)]))
