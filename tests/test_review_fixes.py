@@ -301,3 +301,14 @@ def test_quiet_hides_tensorflow_log_lines(tmp_path):
                           timeout=300)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("d2r import-codebook: error:")
     assert "cpu_feature_guard" not in proc.stderr and "tensor_slice_reader" not in proc.stderr, proc.stderr
+
+
+def test_the_same_shard_twice_is_refused(tmp_path, capsys):
+    """`d2r search Q --index E --index E` (or E and E/index) searched the shard twice: every hit twice."""
+    photos = _photos(tmp_path / "photos", ["p0", "p1"], 10)
+    eng = _engine(tmp_path)
+    assert d2r.cli.main(["index", "add", str(eng), str(photos), "--quiet"]) == 0
+    capsys.readouterr()
+    for other in (eng, eng / "index", tmp_path / "." / "eng"):
+        code, out, err = _cli(capsys, "search", photos / "p0.png", "--index", eng, "--index", other, "--quiet")
+        assert code == 1 and not out and "the same shard as" in err and len(err.strip().splitlines()) == 1, err
