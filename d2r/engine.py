@@ -282,20 +282,7 @@ class Engine:
     @classmethod
     def open(cls, path) -> "Engine":
         path = Path(path)
-        meta_path = path / "engine.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{path}: no d2r engine here (engine.json missing)")
-        meta = _read_json(meta_path, None)
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path}: not a d2r engine file")
-        version = meta.get("format_version", 0)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ValueError(f"{meta_path}: format version {version!r} is not one this d2r reads")
-        try:
-            config = EngineConfig.from_dict(meta.get("config"))
-        except ValueError as exc:
-            raise ValueError(f"{meta_path}: bad config: {exc}") from None
-        engine = cls(path, config)
+        engine = cls(path, _engine_config(path))
         manifest = path / "index" / "manifest.json"
         if manifest.exists():
             try:
@@ -717,14 +704,41 @@ class Engine:
         return feats.boxes if include_whole else feats.boxes[feats.box_ids >= 0]
 
 
+def _engine_config(path: Path) -> EngineConfig:
+    """The config of the engine folder ``path`` from its ``engine.json`` (checked: format, version, config)."""
+    meta_path = path / "engine.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path}: no d2r engine here (engine.json missing)")
+    meta = _read_json(meta_path, None)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: not a d2r engine file")
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: format version {version!r} is not one this d2r reads")
+    try:
+        return EngineConfig.from_dict(meta.get("config"))
+    except ValueError as exc:
+        raise ValueError(f"{meta_path}: bad config: {exc}") from None
+
+
 def check_engine(path, digests: bool = True) -> list[dict]:
     """:meth:`Engine.check` of the engine folder ``path`` without opening it (a damaged index cannot be
-    opened but can be checked); an engine with no feature store or no index yet has nothing to check there."""
+    opened but can be checked); an engine with no feature store or no index yet has nothing to check there.
+    ``engine.json``, ``sources.json`` and ``failures.json`` must parse (every command reads them)."""
     from d2r.features.store import check_store
     from d2r.index.database import check
 
     path = Path(path)
     damaged = []
+    for name, read in (("engine.json", lambda: _engine_config(path)),
+                       ("sources.json", lambda: _read_json(path / "sources.json", {})),
+                       ("failures.json", lambda: _read_json(path / "failures.json", {}))):
+        try:
+            read()
+        except (OSError, ValueError) as exc:
+            problem = str(exc)
+            damaged.append({"file": name, "problem": problem.split(": ", 1)[-1] if problem.startswith(str(path))
+                            else problem})
     features = path / "features"
     if features.is_dir() and any(p.name != ".lock" for p in features.iterdir()):  # not just a lock file
         damaged += check_store(features, digests=digests)

@@ -312,3 +312,18 @@ def test_the_same_shard_twice_is_refused(tmp_path, capsys):
     for other in (eng, eng / "index", tmp_path / "." / "eng"):
         code, out, err = _cli(capsys, "search", photos / "p0.png", "--index", eng, "--index", other, "--quiet")
         assert code == 1 and not out and "the same shard as" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("name", ["engine.json", "sources.json", "failures.json"])
+def test_index_check_reads_the_engine_tables(tmp_path, capsys, name):
+    """With engine.json, sources.json or failures.json garbled, every command failed on it but `d2r index check`
+    said "healthy" (exit 0)."""
+    photos = _photos(tmp_path / "photos", ["p0"], 11)
+    eng = _engine(tmp_path)
+    assert d2r.cli.main(["index", "add", str(eng), str(photos), "--quiet"]) == 0
+    capsys.readouterr()
+    (eng / name).write_text("{garbled")
+    code, out, err = _cli(capsys, "index", "check", eng, "--json")
+    report = json.loads(out)
+    assert code == 1 and not report["healthy"] and [d["file"] for d in report["damaged"]] == [name], err
+    assert "invalid JSON" in report["damaged"][0]["problem"]
