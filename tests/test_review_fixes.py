@@ -327,3 +327,16 @@ def test_index_check_reads_the_engine_tables(tmp_path, capsys, name):
     report = json.loads(out)
     assert code == 1 and not report["healthy"] and [d["file"] for d in report["damaged"]] == [name], err
     assert "invalid JSON" in report["damaged"][0]["problem"]
+
+
+def test_search_of_an_empty_index_is_an_error(tmp_path, capsys):
+    """`d2r search` of an index whose images were all removed (or a created, never filled one) printed an
+    empty table and exited 0; `d2r serve` answers 409 "the index is empty"."""
+    photos = _photos(tmp_path / "photos", ["p0"], 12)
+    eng = _engine(tmp_path)
+    assert d2r.cli.main(["index", "add", str(eng), str(photos), "--quiet"]) == 0
+    assert d2r.cli.main(["index", "remove", str(eng), "p0", "--quiet"]) == 0
+    capsys.readouterr()
+    code, out, err = _cli(capsys, "search", photos / "p0.png", "--index", eng, "--json")
+    assert code == 1 and not out and err.strip() == f"d2r search: error: {eng}: the index is empty (every image " \
+                                                    "removed, or none indexed yet)", err

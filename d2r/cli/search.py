@@ -93,6 +93,8 @@ def run(args) -> int:
         engine = ShardedEngine(args.index, ray=args.ray is not None, address=args.ray or None)
     else:
         engine = Engine.open(args.index[0])
+        if engine.database is not None and len(engine) == 0:  # as `d2r serve`: no empty table, exit 0
+            raise ValueError(f"{args.index[0]}: the index is empty (every image removed, or none indexed yet)")
     from threadpoolctl import threadpool_limits
 
     # This process only searches: BLAS at one thread throughout. A query's GEMMs are small (the re-ranking and
