@@ -340,3 +340,13 @@ def test_search_of_an_empty_index_is_an_error(tmp_path, capsys):
     code, out, err = _cli(capsys, "search", photos / "p0.png", "--index", eng, "--json")
     assert code == 1 and not out and err.strip() == f"d2r search: error: {eng}: the index is empty (every image " \
                                                     "removed, or none indexed yet)", err
+
+
+def test_repair_reindex_of_a_database_folder_is_a_prefixed_usage_error(tmp_path, capsys):
+    """`d2r index repair DB --reindex` printed "error: ..." without the command's name (exit 2)."""
+    photos = _photos(tmp_path / "photos", ["p0"], 13)
+    eng = _engine(tmp_path)
+    assert d2r.cli.main(["index", "add", str(eng), str(photos), "--quiet"]) == 0
+    capsys.readouterr()
+    code, _, err = _cli(capsys, "index", "repair", eng / "index", "--reindex")
+    assert code == 2 and err.startswith(f"d2r index repair: error: {eng / 'index'}: --reindex needs an engine"), err

@@ -339,9 +339,9 @@ def run_repair(args) -> int:
     _not_a_feature_store(path)
     is_engine = (path / "engine.json").is_file()
     if args.reindex and not is_engine:
-        print(f"error: {args.path}: --reindex needs an engine folder (its feature store holds the features)",
-              file=sys.stderr)
-        return 2
+        from d2r.cli import UsageError
+
+        raise UsageError(f"{args.path}: --reindex needs an engine folder (its feature store holds the features)")
     # an engine folder: its writer lock first, as every other writer of the engine takes it
     engine_lock = WriterLock(path, args.lock_timeout, what="index") if is_engine else contextlib.nullcontext()
     with engine_lock:
