@@ -256,7 +256,7 @@ class Engine:
         path = Path(path)
         if isinstance(config, dict):
             config = EngineConfig.from_dict(config)
-        config = config or EngineConfig()
+        config = _absolute_paths(config or EngineConfig())
         if (path / "engine.json").exists():
             raise FileExistsError(f"{path}: an engine already exists here (open it instead)")
         if path.exists() and not path.is_dir():
@@ -702,6 +702,22 @@ class Engine:
         if not isinstance(feats, RegionFeatures):
             return np.zeros((0, 4), np.float32)
         return feats.boxes if include_whole else feats.boxes[feats.box_ids >= 0]
+
+
+def _absolute_paths(config: EngineConfig) -> EngineConfig:
+    """``config`` with its model, PCA and detector folders made absolute: the engine saves them and later
+    commands run from any folder."""
+    from d2r.detect.proposers import PROPOSERS
+
+    changes = {}
+    for key, value in (("features.model", config.features.model), ("features.pca", config.features.pca),
+                       ("regions.proposer", config.regions.proposer)):
+        if not value or key == "regions.proposer" and str(value).lower() in {"none", *PROPOSERS}:
+            continue
+        path = Path(str(value)).expanduser()
+        if not path.is_absolute() and path.exists():
+            changes[key] = os.path.abspath(path)
+    return config.override(changes) if changes else config
 
 
 def _engine_config(path: Path) -> EngineConfig:

@@ -350,3 +350,26 @@ def test_repair_reindex_of_a_database_folder_is_a_prefixed_usage_error(tmp_path,
     capsys.readouterr()
     code, _, err = _cli(capsys, "index", "repair", eng / "index", "--reindex")
     assert code == 2 and err.startswith(f"d2r index repair: error: {eng / 'index'}: --reindex needs an engine"), err
+
+
+@pytest.mark.slow
+def test_a_relative_model_path_works_from_another_folder(tmp_path, monkeypatch):
+    """`d2r index create eng --features delf --model m` saved "m" in engine.json: every later command run from
+    another folder failed to find the model."""
+    pytest.importorskip("tensorflow")
+    from tests.test_delf import build_delf_model, two_layer_backbone
+
+    from d2r.features.delf import DELF, DELFConfig
+
+    dlf = DELF.from_keras(model=build_delf_model(two_layer_backbone(), attention_hidden=8),
+                          config=DELFConfig(scales=(1.0,), score_threshold=0.0))
+    dlf.fit_pca([np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)], dim=4)
+    dlf.export(tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    assert d2r.cli.main(["index", "create", "eng", "--features", "delf", "--model", "m", "--quiet"]) == 0
+    saved = json.loads((tmp_path / "eng" / "engine.json").read_text())["config"]["features"]["model"]
+    assert saved == str(tmp_path / "m")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert Engine.open(tmp_path / "eng").extractor is not None  # the model loads from another folder
