@@ -37,7 +37,8 @@ def add_parser(subparsers) -> None:
 
     a = sub.add_parser("add", help="index images (folder, list file or paths) or a feature store; resumable")
     a.add_argument("path", help="engine folder")
-    a.add_argument("images", nargs="*", help="folder, list file, or image paths")
+    a.add_argument("images", nargs="*", help="folders, list files or image paths (ids: relative to each folder "
+                                              "or list file's folder)")
     a.add_argument("--store", help="index the features of this feature store (made by `d2r extract` with the "
                                    "engine's features config) instead of extracting images")
     a.add_argument("--retry-failed", action="store_true", help="re-attempt images that failed before")
