@@ -164,10 +164,15 @@ class EngineConfig(Config):
             self.index.check()
         except ValueError as exc:
             raise ValueError(f"index.{exc}") from None
+        c = self.codebook  # its training runs after every image is extracted: checked here, before
         for name, value in [("batch_size", self.batch_size), ("workers", self.workers),
-                            ("codebook.size", self.codebook.size)]:
+                            ("codebook.size", c.size), ("codebook.iterations", c.iterations),
+                            ("codebook.sample_per_image", c.sample_per_image),
+                            ("codebook.max_samples", c.max_samples)]:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # True is no count
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(c.seed, bool) or not isinstance(c.seed, int) or c.seed < 0:
+            raise ValueError(f"codebook.seed must be a non-negative integer, got {c.seed!r}")
         if self.codebook.method not in ("lloyd", "minibatch"):
             raise ValueError(f"codebook.method must be 'lloyd' or 'minibatch', got {self.codebook.method!r}")
         self.rerank.validate()

@@ -373,3 +373,17 @@ def test_a_relative_model_path_works_from_another_folder(tmp_path, monkeypatch):
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     assert Engine.open(tmp_path / "eng").extractor is not None  # the model loads from another folder
+
+
+@pytest.mark.parametrize("setting", ["codebook.iterations=0", "codebook.sample_per_image=0",
+                                     "codebook.max_samples=0", "codebook.seed=-1", "regions.max_boxes=-1",
+                                     "features.options.n_octave_layers=0"])
+def test_settings_that_failed_late_are_refused_at_create(tmp_path, capsys, setting):
+    """These were accepted by `d2r index create` (folder made); the codebook ones failed only after every
+    image was extracted ("expected non-negative integer", "per_image and max_total must be ≥ 1"), max_boxes
+    when the proposer was built, n_octave_layers=0 on every image (an OpenCV assertion)."""
+    code, _, err = _cli(capsys, "index", "create", tmp_path / "eng", "--regions", "grid", "--set", setting,
+                        "--quiet")
+    name = setting.split("=")[0].replace("features.options.", "")
+    assert code == 1 and name in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "eng").exists()
