@@ -387,3 +387,19 @@ def test_settings_that_failed_late_are_refused_at_create(tmp_path, capsys, setti
     name = setting.split("=")[0].replace("features.options.", "")
     assert code == 1 and name in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "eng").exists()
+
+
+def test_a_closed_output_pipe_is_not_an_error_line(tmp_path):
+    """`d2r index info ENGINE | head -1` printed "d2r index info: error: [Errno 32] Broken pipe"."""
+    import os
+    import subprocess
+    import sys
+
+    eng = _engine(tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "d2r", "index", "info", str(eng), "--json"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before d2r writes
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Broken pipe" not in err and "Error" not in err and not err.strip(), err
