@@ -176,12 +176,19 @@ class Codebook:
     def load(cls, path) -> "Codebook":
         """Read a codebook written by :meth:`save`, checking format, shape and fingerprint."""
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path}: is a folder, not a codebook file")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: codebook file not found")
         try:
-            with np.load(path, allow_pickle=False) as z:
+            z = np.load(path, allow_pickle=False)
+            if not isinstance(z, np.lib.npyio.NpzFile):  # a bare .npy array
+                raise ValueError("a single array, not an .npz with 'centroids' and 'metadata'")
+            with z:
                 centroids = z["centroids"]
                 header = json.loads(str(z["metadata"])) if "metadata" in z else {}
+            if not isinstance(header, dict):
+                raise ValueError(f"its metadata is a JSON {type(header).__name__}, not an object")
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             raise ValueError(f"{path}: not a d2r codebook ({exc})") from None
         if header.get("format") != FORMAT:

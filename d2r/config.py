@@ -72,7 +72,7 @@ class Config:
         kwargs: dict[str, Any] = {}
         for name, value in data.items():
             ftype = _nested_config_type(cls, name)
-            if ftype is not None and (isinstance(value, dict) or value is None):
+            if ftype is not None and not isinstance(value, ftype):  # a section: a mapping (else ValueError)
                 value = ftype.from_dict(value, _where=f"{_where}{name}.")
             else:
                 value = _checked(value, hints.get(name), f"{_where}{name}")

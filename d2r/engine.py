@@ -164,10 +164,15 @@ class EngineConfig(Config):
             self.index.check()
         except ValueError as exc:
             raise ValueError(f"index.{exc}") from None
+        c = self.codebook  # its training runs after every image is extracted: checked here, before
         for name, value in [("batch_size", self.batch_size), ("workers", self.workers),
-                            ("codebook.size", self.codebook.size)]:
+                            ("codebook.size", c.size), ("codebook.iterations", c.iterations),
+                            ("codebook.sample_per_image", c.sample_per_image),
+                            ("codebook.max_samples", c.max_samples)]:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # True is no count
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(c.seed, bool) or not isinstance(c.seed, int) or c.seed < 0:
+            raise ValueError(f"codebook.seed must be a non-negative integer, got {c.seed!r}")
         if self.codebook.method not in ("lloyd", "minibatch"):
             raise ValueError(f"codebook.method must be 'lloyd' or 'minibatch', got {self.codebook.method!r}")
         self.rerank.validate()
@@ -256,7 +261,7 @@ class Engine:
         path = Path(path)
         if isinstance(config, dict):
             config = EngineConfig.from_dict(config)
-        config = config or EngineConfig()
+        config = _absolute_paths(config or EngineConfig())
         if (path / "engine.json").exists():
             raise FileExistsError(f"{path}: an engine already exists here (open it instead)")
         if path.exists() and not path.is_dir():
@@ -282,20 +287,7 @@ class Engine:
     @classmethod
     def open(cls, path) -> "Engine":
         path = Path(path)
-        meta_path = path / "engine.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{path}: no d2r engine here (engine.json missing)")
-        meta = _read_json(meta_path, None)
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path}: not a d2r engine file")
-        version = meta.get("format_version", 0)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ValueError(f"{meta_path}: format version {version!r} is not one this d2r reads")
-        try:
-            config = EngineConfig.from_dict(meta.get("config"))
-        except ValueError as exc:
-            raise ValueError(f"{meta_path}: bad config: {exc}") from None
-        engine = cls(path, config)
+        engine = cls(path, _engine_config(path))
         manifest = path / "index" / "manifest.json"
         if manifest.exists():
             try:
@@ -387,7 +379,8 @@ class Engine:
 
     def index(self, images, progress: bool = True, on_done=None, retry_failed: bool = False,
               lock_timeout: float | None = 0.0, id_prefix: str = "") -> IndexReport:
-        """Index images: a folder (searched recursively), a list file, or paths / ``(image_id, path)`` pairs.
+        """Index images: a folder (searched recursively), a list file, or a list of image paths, folders, list
+        files and ``(image_id, path)`` pairs.
 
         Image ids are the canonical paths relative to the folder / list file's folder (absolute paths for
         single files), without extension, preceded by ``id_prefix`` (for a second folder with the same names).
@@ -489,16 +482,23 @@ class Engine:
     def _resolve(self, images, report: IndexReport, id_prefix: str = "") -> list[tuple[str, Path]]:
         from d2r.features.image import IMAGE_EXTENSIONS, list_images
 
-        if isinstance(images, (str, Path)):
-            pairs = list_images(images)
-            if Path(images).is_dir():  # folders named like images are not silently passed over
-                for p in Path(images).rglob("*"):
+        def listed(source):  # a folder or list file: ids relative to it
+            if Path(source).is_dir():  # folders named like images are not silently passed over
+                for p in Path(source).rglob("*"):
                     if p.is_dir() and p.suffix.lower() in IMAGE_EXTENSIONS:
                         report.failed[str(p)] = self._failures[str(p)] = "is a directory, not an image file"
+            return list_images(source)
+
+        if isinstance(images, (str, Path)):
+            pairs = listed(images)
         else:
             pairs = []
             for item in images:
                 image_id, p = (str(item[0]), Path(item[1])) if isinstance(item, tuple) else (None, Path(item))
+                listing = p.is_dir() or p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS
+                if image_id is None and listing:  # a folder or list file among several sources
+                    pairs.extend(listed(p))
+                    continue
                 if not p.is_file():
                     reason = "is a directory, not an image file" if p.is_dir() else "file not found"
                     report.failed[str(p)] = reason
@@ -709,14 +709,57 @@ class Engine:
         return feats.boxes if include_whole else feats.boxes[feats.box_ids >= 0]
 
 
+def _absolute_paths(config: EngineConfig) -> EngineConfig:
+    """``config`` with its model, PCA and detector folders made absolute: the engine saves them and later
+    commands run from any folder."""
+    from d2r.detect.proposers import PROPOSERS
+
+    changes = {}
+    for key, value in (("features.model", config.features.model), ("features.pca", config.features.pca),
+                       ("regions.proposer", config.regions.proposer)):
+        if not value or key == "regions.proposer" and str(value).lower() in {"none", *PROPOSERS}:
+            continue
+        path = Path(str(value)).expanduser()
+        if not path.is_absolute() and path.exists():
+            changes[key] = os.path.abspath(path)
+    return config.override(changes) if changes else config
+
+
+def _engine_config(path: Path) -> EngineConfig:
+    """The config of the engine folder ``path`` from its ``engine.json`` (checked: format, version, config)."""
+    meta_path = path / "engine.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path}: no d2r engine here (engine.json missing)")
+    meta = _read_json(meta_path, None)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: not a d2r engine file")
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: format version {version!r} is not one this d2r reads")
+    try:
+        return EngineConfig.from_dict(meta.get("config"))
+    except ValueError as exc:
+        raise ValueError(f"{meta_path}: bad config: {exc}") from None
+
+
 def check_engine(path, digests: bool = True) -> list[dict]:
     """:meth:`Engine.check` of the engine folder ``path`` without opening it (a damaged index cannot be
-    opened but can be checked); an engine with no feature store or no index yet has nothing to check there."""
+    opened but can be checked); an engine with no feature store or no index yet has nothing to check there.
+    ``engine.json``, ``sources.json`` and ``failures.json`` must parse (every command reads them)."""
     from d2r.features.store import check_store
     from d2r.index.database import check
 
     path = Path(path)
     damaged = []
+    for name, read in (("engine.json", lambda: _engine_config(path)),
+                       ("sources.json", lambda: _read_json(path / "sources.json", {})),
+                       ("failures.json", lambda: _read_json(path / "failures.json", {}))):
+        try:
+            read()
+        except (OSError, ValueError) as exc:
+            problem = str(exc)
+            damaged.append({"file": name, "problem": problem.split(": ", 1)[-1] if problem.startswith(str(path))
+                            else problem})
     features = path / "features"
     if features.is_dir() and any(p.name != ".lock" for p in features.iterdir()):  # not just a lock file
         damaged += check_store(features, digests=digests)

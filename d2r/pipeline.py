@@ -66,9 +66,15 @@ def build_extractor(features):
 
 
 def check_regions(regions) -> None:
-    """ValueError naming ``regions.proposer`` when it is neither none/grid/density nor a SavedModel folder."""
+    """ValueError naming ``regions.proposer`` when it is neither none/grid/density nor a SavedModel folder, or
+    ``regions.max_boxes`` when it is not a count (checked when the proposer is built: after the folder)."""
+    from d2r.detect.base import check_max_boxes
     from d2r.detect.proposers import PROPOSERS
 
+    try:
+        check_max_boxes(regions.max_boxes)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"regions.{exc}") from None
     name = str(regions.proposer)
     if name.lower() == "none" or name.lower() in PROPOSERS:
         return

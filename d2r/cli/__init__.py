@@ -66,7 +66,12 @@ def main(argv=None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return USAGE
-    level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    # --quiet: warnings only, or nothing but errors where the command lists its failures itself (quiet_level)
+    level = getattr(args, "quiet_level", logging.WARNING) if getattr(args, "quiet", False) else logging.INFO
+    if getattr(args, "quiet", False):  # TensorFlow's C++ info and warning lines too (a setting given wins)
+        import os
+
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.DEBUG if debug else level, format="%(levelname)s %(name)s: %(message)s")
     name = " ".join(filter(None, ["d2r", args.command, getattr(args, "action", None),
                                   getattr(args, "protocol", None)]))
@@ -78,6 +83,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of the output went away (`d2r ... | head -1`): nothing to report
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return FAILURE
     except SystemExit:
         raise
     except Exception as exc:

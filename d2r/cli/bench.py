@@ -83,7 +83,7 @@ def add_parser(subparsers) -> None:
     r.add_argument("--no-report", dest="report", action="store_false", help="skip OUT/report.html")
     r.set_defaults(func=run)
     c = sub.add_parser("compare", help="paired per-query comparison of two revisitop runs",
-                       description="Mean paired difference of per-query AP (B - A) with a bootstrap 95%% interval "
+                       description="Mean paired difference of per-query AP (B - A) with a bootstrap 95% interval "
                                    "and wins/losses, Medium and Hard, final stages of both runs.")
     c.add_argument("run_a", metavar="RUN_A", help="run folder (or its metrics.json)")
     c.add_argument("run_b", metavar="RUN_B", help="run folder (or its metrics.json)")
@@ -92,6 +92,7 @@ def add_parser(subparsers) -> None:
     c.add_argument("--resamples", type=int, default=10000, metavar="N", help="bootstrap resamples (10000)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--json", metavar="FILE", help="also write the comparison JSON here ('-': stdout)")
+    c.add_argument("--quiet", action="store_true", help="no log lines (the comparison is still printed)")
     c.set_defaults(func=compare)
     g = sub.add_parser("gldv2", help="Google Landmarks v2 retrieval protocol",
                        description="mAP@100 and mP@k (Public / Private) in percent; writes OUT/predictions.csv.")
@@ -142,7 +143,10 @@ def _table(result: dict, keys) -> str:
 
 def run(args) -> int:
     from d2r import bench
+    from d2r.cli import UsageError
 
+    if args.top_k is not None and args.top_k < 1:  # was: a late "negative dimensions" error, or 0 = default
+        raise UsageError(f"--top-k must be at least 1 (omit it for the default depth), got {args.top_k}")
     config = config_from_args(args)
     progress = not args.quiet
     if args.protocol == "revisitop":
@@ -170,14 +174,23 @@ def run(args) -> int:
 
 
 def compare(args) -> int:
+    from pathlib import Path
+
+    from d2r.cli import UsageError
     from d2r.eval.compare import compare_runs, format_comparison
 
-    try:
-        res = compare_runs(args.run_a, args.run_b, stage_a=args.stage_a, stage_b=args.stage_b,
-                           resamples=args.resamples, seed=args.seed)
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"d2r bench compare: {exc}", file=sys.stderr)
-        return 1
+    if args.resamples < 1:
+        raise UsageError(f"--resamples must be at least 1, got {args.resamples}")
+    for run in (args.run_a, args.run_b):  # errors name the file (one line, exit 1 in d2r.cli.main)
+        path = Path(run) / "metrics.json" if Path(run).is_dir() else Path(run)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such run folder or metrics.json")
+        try:
+            json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: not a metrics JSON file ({exc})") from None
+    res = compare_runs(args.run_a, args.run_b, stage_a=args.stage_a, stage_b=args.stage_b,
+                       resamples=args.resamples, seed=args.seed)
     text = json.dumps(res, indent=2)
     if args.json == "-":
         print(text)

@@ -20,8 +20,13 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    from d2r.cli import UsageError
     from d2r.demo import print_summary, run as run_demo
 
+    if args.top_k < 1:
+        raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise NotADirectoryError(f"--out {args.out}: exists and is not a folder")
     summary = run_demo(Path(args.out), top_k=args.top_k, progress=not args.quiet and not args.json)
     if args.json:
         print(json.dumps(summary, default=str))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -13,10 +14,12 @@ def add_parser(subparsers) -> None:
                               description="Manage a d2r engine folder: its config, features, codebook and database.")
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
+    p.set_defaults(quiet_level=logging.ERROR)  # --quiet: no log lines (failed images are listed by the command)
 
     c = sub.add_parser("create", help="create an empty index (optionally indexing images right away)")
     c.add_argument("path", help="engine folder to create")
-    c.add_argument("--config", help="EngineConfig YAML/JSON (sections: features, regions, codebook, index, rerank)")
+    c.add_argument("--config", help="EngineConfig YAML/JSON (sections: features, regions, codebook, index, "
+                                    "rerank, query_expansion, qe)")
     c.add_argument("--codebook", help="codebook .npz (default: train one on the first images indexed)")
     c.add_argument("--codebook-size", type=int, help="words of the codebook trained when none is given")
     c.add_argument("--features", choices=["rootsift", "delf"], help="local features (default rootsift)")
@@ -34,7 +37,8 @@ def add_parser(subparsers) -> None:
 
     a = sub.add_parser("add", help="index images (folder, list file or paths) or a feature store; resumable")
     a.add_argument("path", help="engine folder")
-    a.add_argument("images", nargs="*", help="folder, list file, or image paths")
+    a.add_argument("images", nargs="*", help="folders, list files or image paths (ids: relative to each folder "
+                                              "or list file's folder)")
     a.add_argument("--store", help="index the features of this feature store (made by `d2r extract` with the "
                                    "engine's features config) instead of extracting images")
     a.add_argument("--retry-failed", action="store_true", help="re-attempt images that failed before")
@@ -171,7 +175,11 @@ def run_create(args) -> int:
     if args.images:
         try:
             return _index(engine, [args.images], args)
-        except BaseException:
+        except KeyboardInterrupt:  # what was saved stays: the same images are resumed with `index add`
+            print(f"d2r index create: interrupted; resume with `d2r index add {engine.path} {args.images}`",
+                  file=sys.stderr)
+            raise
+        except Exception:
             if not existed:  # a failed create leaves no folder behind (nothing was indexed there before)
                 shutil.rmtree(engine.path, ignore_errors=True)
             raise
@@ -204,7 +212,8 @@ def run_remove(args) -> int:
     ids = list(dict.fromkeys(args.ids))  # engine image ids: paths relative to the indexed folder, no extension
     missing = [i for i in ids if i not in engine]
     if missing:
-        print(f"d2r index remove: not in the index: {', '.join(map(str, missing))}", file=sys.stderr)
+        print(f"d2r index remove: error: {args.path}: not in the index: {', '.join(map(str, missing))}",
+              file=sys.stderr)
         return 1
     engine.remove(ids, lock_timeout=args.lock_timeout)
     if args.json:
@@ -217,6 +226,11 @@ def run_remove(args) -> int:
 def run_info(args) -> int:
     from d2r.engine import Engine
 
+    if not (Path(args.path) / "engine.json").is_file():  # a database or feature store is not "damaged"
+        if not Path(args.path).exists():
+            raise FileNotFoundError(f"{args.path}: no such folder")
+        _not_a_feature_store(args.path)
+        raise FileNotFoundError(f"{args.path}: no d2r engine here (engine.json missing)")
     damage = _database_damage(args.path, quick=True)
     if damage:
         return _report_damage(args, damage, "info")
@@ -251,6 +265,20 @@ def _database_dir(path) -> Path:
     return path / "index"
 
 
+def _not_a_feature_store(path) -> None:
+    """ValueError when ``path`` is a feature store (`d2r extract`, an engine's ``features/``): its manifest is
+    not a damaged index manifest."""
+    from d2r.features.store import FORMAT
+
+    try:
+        store = json.loads((Path(path) / "manifest.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return
+    if store:
+        raise ValueError(f"{path}: a feature store, not an engine or index folder (`d2r index check ENGINE` "
+                         "also checks the engine's feature store)")
+
+
 def _database_damage(path, quick: bool = False) -> list[dict]:
     """Damaged files of the engine's (or database folder's) index; ``quick``: structure and sizes only."""
     from d2r.index.database import check
@@ -258,6 +286,7 @@ def _database_damage(path, quick: bool = False) -> list[dict]:
     db = _database_dir(path)
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such folder")
+    _not_a_feature_store(path)
     if quick and not (db / "manifest.json").exists() and not any(db.glob("manifest-*.json")):
         return []  # an engine without an index yet
     return [dict(d, file=str(Path(db.name) / d["file"]) if db != Path(path) else d["file"])
@@ -308,11 +337,12 @@ def run_repair(args) -> int:
     path = Path(args.path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such folder")
+    _not_a_feature_store(path)
     is_engine = (path / "engine.json").is_file()
     if args.reindex and not is_engine:
-        print(f"error: {args.path}: --reindex needs an engine folder (its feature store holds the features)",
-              file=sys.stderr)
-        return 2
+        from d2r.cli import UsageError
+
+        raise UsageError(f"{args.path}: --reindex needs an engine folder (its feature store holds the features)")
     # an engine folder: its writer lock first, as every other writer of the engine takes it
     engine_lock = WriterLock(path, args.lock_timeout, what="index") if is_engine else contextlib.nullcontext()
     with engine_lock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def add_parser(subparsers) -> None:
                         "--no-rerank; given with --no-rerank, it expands over the unverified top images)")
     p.add_argument("--quiet", action="store_true", help="no log lines")
     p.add_argument("--json", action="store_true", help="print one JSON line per query")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, quiet_level=logging.ERROR)  # --quiet: failed queries are listed by the command
 
 
 def parse_bbox(text: str):
@@ -47,7 +48,7 @@ def parse_bbox(text: str):
 
 def _queries(sources) -> list[str]:
     """Expand image files, folders and list files into query paths, in the order given."""
-    from d2r.features.image import IMAGE_EXTENSIONS, list_images
+    from d2r.features.image import IMAGE_EXTENSIONS, list_images, read_list_file
 
     out = []
     for source in sources:
@@ -58,7 +59,7 @@ def _queries(sources) -> list[str]:
             if p.is_dir():
                 found = sorted(str(path) for _, path in list_images(p))
             else:  # a list file, in its own order; relative paths are relative to its folder
-                lines = [line.strip() for line in p.read_text().splitlines()]
+                lines = [line.strip() for line in read_list_file(p)]
                 found = [str(p.parent / line) for line in lines if line and not line.startswith("#")]
             if not found:
                 raise ValueError(f"{source}: no images found")
@@ -92,6 +93,8 @@ def run(args) -> int:
         engine = ShardedEngine(args.index, ray=args.ray is not None, address=args.ray or None)
     else:
         engine = Engine.open(args.index[0])
+        if engine.database is not None and len(engine) == 0:  # as `d2r serve`: no empty table, exit 0
+            raise ValueError(f"{args.index[0]}: the index is empty (every image removed, or none indexed yet)")
     from threadpoolctl import threadpool_limits
 
     # This process only searches: BLAS at one thread throughout. A query's GEMMs are small (the re-ranking and

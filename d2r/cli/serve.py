@@ -31,8 +31,23 @@ def run(args) -> int:
     missing = [m for m in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(m) is None]
     if missing:
         raise ValueError(f"d2r serve needs {', '.join(missing)}: pip install 'd2r[serve]'")
+    _check_address(args.host, args.port)
     from d2r.serve import run as serve
 
     serve(args.index, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
           quiet=args.quiet)
     return 0
+
+
+def _check_address(host: str, port: int) -> None:
+    """Refuse, in one line, an address the server cannot listen on (a port in use, an unknown host) before
+    uvicorn starts: uvicorn logs the problem and exits with 3, which d2r documents as a partial failure."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as exc:
+        raise OSError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None

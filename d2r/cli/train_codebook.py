@@ -100,8 +100,11 @@ def run(args) -> int:
         raise FileExistsError(f"{out} exists; pass --force to overwrite it")
     from d2r.cli import UsageError
 
-    if args.size < 1:
-        raise UsageError(f"--size must be positive, got {args.size}")
+    for flag, value in (("--size", args.size), ("--iterations", args.iterations),
+                        ("--sample-per-image", args.sample_per_image), ("--max-samples", args.max_samples),
+                        ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be positive, got {value}")
     if args.model is not None and args.features != "delf":
         raise UsageError("--model is only used with --features delf")
     if not out.parent.is_dir():

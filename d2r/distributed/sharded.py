@@ -105,6 +105,15 @@ class ShardedDatabase:
         shards = list(shards)
         if not shards:
             raise ValueError("a sharded database needs at least one shard")
+        seen: dict = {}
+        for s in shards:  # one shard twice would count its images (and their statistics) twice
+            if isinstance(s, Database):
+                key = id(s)
+            else:
+                key = str(s) if _NODE_PATH.match(str(s)) else str(_database_folder(Path(s)).resolve())
+            if key in seen:
+                raise ValueError(f"{s}: the same shard as {seen[key]} (give each shard once)")
+            seen[key] = s
         self._ray = None
         self._started = False
         self._pool = None

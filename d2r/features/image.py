@@ -96,6 +96,8 @@ def _load_path(path: Path, max_pixels: int | None) -> np.ndarray:
 
     name = str(path)
     if not path.exists():
+        if path.is_symlink():
+            raise ImageError(f"{name}: broken symbolic link (its target {os.readlink(path)} is missing)")
         raise ImageError(f"{name}: no such file")
     if path.is_dir():
         raise ImageError(f"{name}: is a directory, not an image file")
@@ -195,14 +197,16 @@ def list_images(source, extensions=IMAGE_EXTENSIONS) -> list[tuple[str, Path]]:
         root = Path(source)
         if root.is_dir():
             exts = {e.lower() for e in extensions}
-            paths = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts]
+            # a broken symbolic link named like an image is listed (and fails as one), never silently skipped
+            paths = [p for p in root.rglob("*") if (p.is_file() or p.is_symlink() and not p.exists())
+                     and p.suffix.lower() in exts]
             pairs = [(_image_id(p, root), p) for p in paths]
         elif root.is_file() and root.suffix.lower() in {e.lower() for e in extensions}:
             pairs = [(_image_id(root, root.parent), root)]  # one image, not a list file
         elif root.is_file():
             base = root.parent
             pairs = []
-            for line in root.read_text().splitlines():
+            for line in read_list_file(root):
                 line = line.strip()
                 if not line or line.startswith("#"):
                     continue
@@ -225,6 +229,16 @@ def list_images(source, extensions=IMAGE_EXTENSIONS) -> list[tuple[str, Path]]:
         if a == b:
             raise ValueError(f"image id {a!r} is given by two files: {pa} and {pb}")
     return pairs
+
+
+def read_list_file(path) -> list[str]:
+    """The lines of a list file; ValueError naming it when it is not text (an image with an unknown
+    extension, a codebook...)."""
+    try:
+        return Path(path).read_text().splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text list file of image paths (nor an image: unknown extension "
+                         f"{Path(path).suffix!r})") from None
 
 
 def _image_id(path: Path, root: Path | None) -> str:

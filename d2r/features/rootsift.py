@@ -40,6 +40,9 @@ class RootSIFTConfig(Config):
             raise ValueError(f"max_features must be positive, got {self.max_features}")
         if self.max_side is not None and self.max_side < MIN_SIDE:
             raise ValueError(f"max_side must be >= {MIN_SIDE} or None, got {self.max_side}")
+        for name in ("n_octave_layers", "pca_dim"):  # 0: OpenCV's assertion / an empty PCA on every image
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 def rootsift(descriptors: np.ndarray, eps: float = 1e-12) -> np.ndarray:

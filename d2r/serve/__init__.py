@@ -13,11 +13,13 @@ JSON API (errors are ``{"error": "..."}`` with a 4xx status; the service never d
 - ``POST /api/images`` (multipart): ``file`` and optional ``id`` (default: the file name without extension)
   → 201 ``{"added": id}``; the upload is kept under ``<engine>/uploads/``
 - ``DELETE /api/images/{id}`` → ``{"removed": id}``
-- ``GET /api/thumb?id=...&size=256``: a JPEG thumbnail of an indexed image
+- ``GET /api/thumb?id=...&size=256``: a JPEG thumbnail of an indexed image (size 64, 128, 256 or 512)
+- ``GET /api/image?id=...``: the indexed image's file
 - ``GET /``: a small web page (upload or pick a photo, draw or type a box, ranked thumbnails)
 
 Searches run in parallel threads (the numba kernels, OpenCV and BLAS release the GIL); additions and removals take
-the process's single writer lock, which waits for running searches and holds new ones back meanwhile.
+the process's single writer lock, which waits for running searches and holds new ones back meanwhile. When another
+process commits to the engine (``d2r index add/remove``), the service reopens it before its next request.
 """
 
 from d2r.serve.app import create_app, run

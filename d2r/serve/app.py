@@ -88,8 +88,9 @@ class Service:
     def __init__(self, path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS):
         from d2r.engine import Engine
 
-        self.engine = Engine.open(path)
         self.path = Path(path)
+        self._stamp = self._disk_stamp()
+        self.engine = Engine.open(path)
         self.max_upload_bytes = int(max_upload_bytes)
         self.max_pixels = int(max_pixels)
         self.lock = ReadWriteLock()
@@ -97,17 +98,48 @@ class Service:
         self._sizes: dict = {}
         self._cache_lock = threading.Lock()
 
+    def _disk_stamp(self) -> tuple:
+        """What a commit of the engine changes (atomic renames: a new inode): the index and feature-store
+        manifests and the sources table."""
+        stamp = []
+        for name in ("index/manifest.json", "features/manifest.json", "sources.json"):
+            try:
+                st = (self.path / name).stat()
+                stamp.append((st.st_ino, st.st_mtime_ns, st.st_size))
+            except FileNotFoundError:
+                stamp.append(None)
+        return tuple(stamp)
+
+    def _refresh(self, force: bool = False) -> None:
+        """Reopen the engine when another process (``d2r index add/remove``) committed since it was opened,
+        so that its images are found and removed ones are not searched (their features are gone)."""
+        from d2r.engine import Engine
+
+        if not force and self._disk_stamp() == self._stamp:
+            return
+        with self.lock.write():  # running searches finish on the old engine first
+            stamp = self._disk_stamp()
+            if force or stamp != self._stamp:
+                self.engine = Engine.open(self.path)
+                self._stamp = stamp
+                with self._cache_lock:
+                    self._sizes.clear()
+                    self._thumbs.clear()
+
     # ---- reads -------------------------------------------------------------------------------------------------
     def health(self) -> dict:
+        self._refresh()
         return {"status": "ok", "images": len(self.engine)}
 
     def info(self) -> dict:
+        self._refresh()
         with self.lock.read():
             return self.engine.info()
 
     def ids(self, offset: int, limit: int) -> dict:
         if offset < 0 or not 1 <= limit <= 10_000:
             raise ApiError(400, f"offset must be >= 0 and limit in [1, 10000], got offset={offset}, limit={limit}")
+        self._refresh()
         with self.lock.read():
             db = self.engine.database
             ids = [] if db is None else [str(i) for i in db.ids()]
@@ -119,6 +151,7 @@ class Service:
             raise ApiError(400, f"top_k must be in [1, {MAX_TOP_K}], got {top_k}")
         if (data is None) == (image_id is None):
             raise ApiError(400, "send either an image file (field 'file') or an indexed image id (field 'id')")
+        self._refresh()
         if data is not None:
             pixels = self._decode(data, filename or "upload")
             query = {"file": filename}
@@ -129,10 +162,18 @@ class Service:
         bbox = _parse_box(box, w, h) if box else None
         query.update(width=w, height=h, box=bbox)
         t0 = time.perf_counter()
-        with self.lock.read():
-            if self.engine.database is None or len(self.engine) == 0:
-                raise ApiError(409, "the index is empty: add images first")
-            hits = self.engine.search(pixels, bbox=bbox, top_k=top_k, rerank=rerank)
+        for attempt in range(2):
+            if attempt:  # features of a hit removed by another process meanwhile: reopen, search again
+                self._refresh(force=True)
+            with self.lock.read():
+                if self.engine.database is None or len(self.engine) == 0:
+                    raise ApiError(409, "the index is empty: add images first")
+                try:
+                    hits = self.engine.search(pixels, bbox=bbox, top_k=top_k, rerank=rerank)
+                    break
+                except KeyError as exc:
+                    if attempt:
+                        raise ApiError(409, f"the index changed during the search ({exc}); retry") from None
         seconds = time.perf_counter() - t0
         out = []
         for hit in hits:
@@ -180,6 +221,7 @@ class Service:
         image_id = image_id if image_id else Path(filename or "").stem
         image_id = _check_id(image_id)
         fmt = self._decode(data, filename or image_id, want_format=True)
+        self._refresh()
         with self.lock.write():
             if image_id in self.engine:
                 raise ApiError(409, f"image id {image_id!r} is already indexed (remove it first)")
@@ -191,19 +233,23 @@ class Service:
             if image_id not in report.indexed:
                 reason = report.failed.get(str(target), "not indexed")
                 raise ApiError(400, f"image {image_id!r} was not indexed: {reason}")
+            self._stamp = self._disk_stamp()  # its own commit: nothing to reopen
         self._forget(image_id)
         return {"added": image_id, "images": len(self.engine)}
 
     def remove(self, image_id: str) -> dict:
+        self._refresh()
         with self.lock.write():
             if image_id not in self.engine:
                 raise ApiError(404, f"unknown image id {image_id!r}")
             self.engine.remove(image_id)
+            self._stamp = self._disk_stamp()
         self._forget(image_id)
         return {"removed": image_id, "images": len(self.engine)}
 
     # ---- helpers -----------------------------------------------------------------------------------------------
     def _source(self, image_id: str) -> Path:
+        self._refresh()
         if image_id not in self.engine:
             raise ApiError(404, f"unknown image id {image_id!r}")
         source = self.engine._sources.get(image_id)
@@ -402,4 +448,8 @@ def run(path, host: str = "127.0.0.1", port: int = 8000, max_upload_bytes: int =
     import uvicorn
 
     app = create_app(path, max_upload_bytes=max_upload_bytes)
-    uvicorn.run(app, host=host, port=int(port), log_level="warning" if quiet else "info")
+    try:
+        uvicorn.run(app, host=host, port=int(port), log_level="warning" if quiet else "info")
+    except SystemExit as exc:  # uvicorn's start-up failure (logged above): an error, not an exit status of ours
+        if exc.code:
+            raise OSError(f"{host}:{port}: the server could not start (see the log line above)") from None
