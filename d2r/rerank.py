@@ -112,51 +112,51 @@ class RerankConfig(Config):
 
     def validate(self) -> "RerankConfig":
         if self.num_to_rerank < 0:
-            raise ValueError(f"RerankConfig.num_to_rerank must be >= 0, got {self.num_to_rerank}")
+            raise ValueError(f"rerank.num_to_rerank must be >= 0, got {self.num_to_rerank}")
         if not self.descriptor_distance > 0:
-            raise ValueError(f"RerankConfig.descriptor_distance must be > 0, got {self.descriptor_distance}")
+            raise ValueError(f"rerank.descriptor_distance must be > 0, got {self.descriptor_distance}")
         if self.min_matches < 3:
             raise ValueError(
-                f"RerankConfig.min_matches must be >= 3 (an affine sample has 3 points), got {self.min_matches}"
+                f"rerank.min_matches must be >= 3 (an affine sample has 3 points), got {self.min_matches}"
             )
         if not self.residual_threshold > 0:
-            raise ValueError(f"RerankConfig.residual_threshold must be > 0, got {self.residual_threshold}")
+            raise ValueError(f"rerank.residual_threshold must be > 0, got {self.residual_threshold}")
         if self.max_trials < 1:
-            raise ValueError(f"RerankConfig.max_trials must be >= 1, got {self.max_trials}")
+            raise ValueError(f"rerank.max_trials must be >= 1, got {self.max_trials}")
         if not 0 <= int(self.seed) < 2**63:
-            raise ValueError(f"RerankConfig.seed must be in [0, 2**63), got {self.seed}")
+            raise ValueError(f"rerank.seed must be in [0, 2**63), got {self.seed}")
         if self.workers < 0:
-            raise ValueError(f"RerankConfig.workers must be >= 0, got {self.workers}")
+            raise ValueError(f"rerank.workers must be >= 0, got {self.workers}")
         if self.method not in METHODS:
-            raise ValueError(f"RerankConfig.method must be one of {list(METHODS)}, got {self.method!r}")
+            raise ValueError(f"rerank.method must be one of {list(METHODS)}, got {self.method!r}")
         if not 0 < self.ratio <= 1:
-            raise ValueError(f"RerankConfig.ratio must be in (0, 1], got {self.ratio}")
+            raise ValueError(f"rerank.ratio must be in (0, 1], got {self.ratio}")
         if self.model not in MODELS:
-            raise ValueError(f"RerankConfig.model must be one of {list(MODELS)}, got {self.model!r}")
+            raise ValueError(f"rerank.model must be one of {list(MODELS)}, got {self.model!r}")
         if self.estimator not in ESTIMATORS:
-            raise ValueError(f"RerankConfig.estimator must be one of {list(ESTIMATORS)}, got {self.estimator!r}")
+            raise ValueError(f"rerank.estimator must be one of {list(ESTIMATORS)}, got {self.estimator!r}")
         n = self.min_inliers
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:  # True is no count
-            raise ValueError(f"RerankConfig.min_inliers must be a positive integer, got {self.min_inliers!r}")
+            raise ValueError(f"rerank.min_inliers must be a positive integer, got {self.min_inliers!r}")
         if self.correspondences not in CORRESPONDENCES:
-            raise ValueError(f"RerankConfig.correspondences must be one of {list(CORRESPONDENCES)}, "
+            raise ValueError(f"rerank.correspondences must be one of {list(CORRESPONDENCES)}, "
                              f"got {self.correspondences!r}")
         if self.correspondences == "hamming" and self.method != "usac":
-            raise ValueError("RerankConfig.correspondences 'hamming' needs method 'usac'")
+            raise ValueError("rerank.correspondences 'hamming' needs method 'usac'")
         if not isinstance(self.query_assignments, int) or self.query_assignments < 1:
-            raise ValueError(f"RerankConfig.query_assignments must be a positive integer, "
+            raise ValueError(f"rerank.query_assignments must be a positive integer, "
                              f"got {self.query_assignments!r}")
         if not 0 <= self.hamming <= 1:
-            raise ValueError(f"RerankConfig.hamming must be a fraction of the descriptor bits in [0, 1], "
+            raise ValueError(f"rerank.hamming must be a fraction of the descriptor bits in [0, 1], "
                              f"got {self.hamming}")
         if not (np.isfinite(self.fusion_weight) and self.fusion_weight >= 0):
-            raise ValueError(f"RerankConfig.fusion_weight must be a finite number >= 0, "
+            raise ValueError(f"rerank.fusion_weight must be a finite number >= 0, "
                              f"got {self.fusion_weight}")
         if self.fusion_weight > 0 and self.method != "usac":
-            raise ValueError("RerankConfig.fusion_weight > 0 needs method 'usac'")
+            raise ValueError("rerank.fusion_weight > 0 needs method 'usac'")
         c = self.fusion_cap
         if isinstance(c, bool) or not isinstance(c, int) or c < 1:
-            raise ValueError(f"RerankConfig.fusion_cap must be a positive integer, got {self.fusion_cap!r}")
+            raise ValueError(f"rerank.fusion_cap must be a positive integer, got {self.fusion_cap!r}")
         return self
 
     def num_workers(self) -> int:

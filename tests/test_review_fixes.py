@@ -403,3 +403,34 @@ def test_a_closed_output_pipe_is_not_an_error_line(tmp_path):
     err = proc.stderr.read().decode()
     proc.wait(timeout=120)
     assert "Broken pipe" not in err and "Error" not in err and not err.strip(), err
+
+
+@pytest.mark.parametrize("setting", ["index.alpha=-1", "index.alpha=0", "index.tau=2", "index.tau=1"])
+def test_selectivity_settings_out_of_range_are_refused_at_create(tmp_path, capsys, setting):
+    code, out, err = _cli(capsys, "index", "create", tmp_path / "eng", "--codebook", CODEBOOK, "--quiet",
+                          "--set", setting)
+    assert code != 0
+    assert setting.split("=")[0].split(".")[1] in err and "Traceback" not in err
+    assert not (tmp_path / "eng").exists()
+
+
+def test_ground_truth_json_and_compare_errors_name_the_file(tmp_path):
+    from d2r.eval.compare import load_per_query, paired_difference
+    from d2r.eval.revisitop import load_gnd
+
+    gnd = {"imlist": ["a", "b", "c"], "qimlist": ["q"],
+           "gnd": [{"easy": [1], "hard": [2], "junk": [0], "bbx": None}]}
+    (tmp_path / "gnd.json").write_text(json.dumps(gnd))
+    g = load_gnd(tmp_path / "gnd.json")
+    assert g.imlist == ["a", "b", "c"] and list(g.gnd[0].easy) == [1] and list(g.gnd[0].hard) == [2]
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="bad.json"):
+        load_gnd(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="missing.*not found"):
+        load_per_query(tmp_path / "missing")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text("not json")
+    with pytest.raises(ValueError, match="metrics.json"):
+        load_per_query(tmp_path / "run")
+    with pytest.raises(ValueError, match="resamples"):
+        paired_difference([1.0, 2.0], [2.0, 3.0], resamples=0)

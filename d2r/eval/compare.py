@@ -21,8 +21,13 @@ def load_per_query(run) -> dict:
     path = Path(run)
     if path.is_dir():
         path = path / "metrics.json"
-    data = json.loads(path.read_text())
-    pq = data.get("per_query")
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: not found (a run folder of 'd2r bench revisitop' or its metrics.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable metrics.json ({e})") from None
+    pq = data.get("per_query") if isinstance(data, dict) else None
     if not isinstance(pq, dict) or "medium" not in pq:
         raise ValueError(f"{path}: no per-query AP (run it with this d2r's 'bench revisitop')")
     return pq
@@ -33,6 +38,8 @@ def paired_difference(a, b, resamples: int = 10000, seed: int = 0) -> dict:
     pairwise). Returns {"mean_a", "mean_b", "diff", "ci_low", "ci_high", "wins", "losses", "ties", "n"}."""
     a = np.array([np.nan if v is None else v for v in a], np.float64)
     b = np.array([np.nan if v is None else v for v in b], np.float64)
+    if isinstance(resamples, bool) or int(resamples) < 1:
+        raise ValueError(f"resamples must be a positive integer, got {resamples!r}")
     if a.shape != b.shape:
         raise ValueError(f"the runs have {a.shape[0]} and {b.shape[0]} queries")
     ok = ~(np.isnan(a) | np.isnan(b))

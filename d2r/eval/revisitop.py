@@ -18,6 +18,7 @@ left out of every mean. Metrics are reported in PERCENT:
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 from dataclasses import dataclass
@@ -130,7 +131,8 @@ def _as_bbx(x, what: str) -> np.ndarray | None:
 
 
 def load_gnd(path) -> GroundTruth:
-    """Read a revisitop ground truth: ``gnd_*.pkl`` (0-based) or ``gnd_*.mat`` (MATLAB, 1-based indices).
+    """Read a revisitop ground truth: ``gnd_*.pkl`` or ``.json`` (0-based, the same keys) or ``gnd_*.mat``
+    (MATLAB, 1-based indices).
 
     The .mat holds cell arrays ``imlist`` / ``qimlist`` and a 1×Q struct array ``gnd`` with fields easy, hard, junk
     (1-based, converted to 0-based here) and bbx (already zero-based pixels in both formats, kept as is).
@@ -140,12 +142,15 @@ def load_gnd(path) -> GroundTruth:
     try:
         if path.suffix.lower() == ".mat":
             return _load_mat(path)
+        if path.suffix.lower() == ".json":
+            return _from_mapping(json.loads(path.read_text()), index_base=0)
         with open(path, "rb") as f:
             cfg = pickle.load(f)
         return _from_mapping(cfg, index_base=0)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError,
+            UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a readable revisitop ground-truth file ({type(e).__name__}: {e})") from e
 
 

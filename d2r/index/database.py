@@ -75,6 +75,14 @@ class DatabaseConfig(Config):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         kernel = get_kernel(self.kernel)
+        for name in ("alpha", "tau"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0 (the selectivity exponent), got {self.alpha}")
+        if not -1.0 <= self.tau < 1.0:
+            raise ValueError(f"tau must lie in [-1, 1) (a similarity threshold), got {self.tau}")
         for name in ("num_assignments", "query_num_assignments"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
