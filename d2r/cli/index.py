@@ -131,14 +131,21 @@ def _index(engine, images, args) -> int:
         if not args.quiet and not args.json:
             print(f"indexed {len(ids)} image(s), saved ({len(engine)} in the index)", flush=True)
 
-    if getattr(args, "store", None):
-        report = engine.index_store(args.store, progress=not args.quiet, on_done=done,
-                                    lock_timeout=args.lock_timeout)
-    else:
-        sources = images[0] if len(images) == 1 else images
-        report = engine.index(sources, progress=not args.quiet, on_done=done,
-                              retry_failed=getattr(args, "retry_failed", False), lock_timeout=args.lock_timeout,
-                              id_prefix=args.id_prefix)
+    # each failed image is listed once, below (the extraction loop's WARNING line would repeat it)
+    pipeline_log = logging.getLogger("d2r.pipeline")
+    level = pipeline_log.level
+    pipeline_log.setLevel(logging.ERROR)
+    try:
+        if getattr(args, "store", None):
+            report = engine.index_store(args.store, progress=not args.quiet, on_done=done,
+                                        lock_timeout=args.lock_timeout)
+        else:
+            sources = images[0] if len(images) == 1 else images
+            report = engine.index(sources, progress=not args.quiet, on_done=done,
+                                  retry_failed=getattr(args, "retry_failed", False),
+                                  lock_timeout=args.lock_timeout, id_prefix=args.id_prefix)
+    finally:
+        pipeline_log.setLevel(level)
     out = report.to_dict()
     out["images_in_index"] = len(engine)
     if args.json:

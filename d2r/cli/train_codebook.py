@@ -94,9 +94,24 @@ def _train(args, ray: bool):
     return book, info, meta
 
 
+def _check_writable(flag: str, path: Path) -> None:
+    """Fail now, not after training, when ``path`` is a folder or its folder takes no new file."""
+    import os
+    import tempfile
+
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path}: is a folder, not a file")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+    except OSError as exc:
+        raise PermissionError(f"{flag} {path}: cannot write in folder {path.parent} ({exc.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def run(args) -> int:
     out = Path(args.out)
-    if out.exists() and not args.force:
+    if out.exists() and not args.force and not out.is_dir():
         raise FileExistsError(f"{out} exists; pass --force to overwrite it")
     from d2r.cli import UsageError
 
@@ -114,6 +129,9 @@ def run(args) -> int:
                         ("--checkpoint", Path(args.checkpoint).parent if args.checkpoint else None)):
         if value is not None and not Path(value).exists():
             raise FileNotFoundError(f"{flag} {value}: not found")
+    _check_writable("--out", out)
+    if args.checkpoint:
+        _check_writable("--checkpoint", Path(args.checkpoint))
     if args.ray is not None:
         if args.method != "lloyd":
             raise UsageError(f"--ray runs --method lloyd, not {args.method!r}")

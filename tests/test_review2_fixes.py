@@ -1,0 +1,69 @@
+"""Regression tests for defects found by the second review round (the Python API and the scale paths): each
+test failed before its fix."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import d2r.cli
+from tests.corpus import textured
+
+CODEBOOK = Path(__file__).resolve().parents[1] / "codebooks" / "rootsift-128d-k256-skimage-s0.npz"
+
+
+def _cli(capsys, *argv):
+    try:
+        code = d2r.cli.main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse usage errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _photos(folder: Path, names, seed: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in names:
+        Image.fromarray(textured(rng, 160, 200)).save(folder / f"{name}.png")
+    return folder
+
+
+def _unwritable_folder(tmp_path) -> Path:
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    if not Path("/proc/self").is_dir():
+        pytest.skip("running as root without /proc: no folder root cannot write in")
+    return Path("/proc")
+
+
+def test_train_codebook_unwritable_out_fails_before_training(tmp_path, capsys):
+    """`--out` in a folder that takes no new file was found only when saving, after the whole training."""
+    x = tmp_path / "x.npy"
+    np.save(x, np.random.default_rng(0).random((400, 16), dtype=np.float32))
+    checkpoint = tmp_path / "ck.npz"  # written every iteration: absent when nothing was trained
+    code, _, err = _cli(capsys, "train-codebook", "--descriptors", x, "-k", 4, "--iterations", 2, "--quiet",
+                        "--out", _unwritable_folder(tmp_path) / "cb.npz", "--checkpoint", checkpoint)
+    assert code == 1 and "--out" in err and "cannot write in folder" in err, err
+    assert not checkpoint.exists()
+    code, _, err = _cli(capsys, "train-codebook", "--descriptors", x, "-k", 4, "--iterations", 2, "--quiet",
+                        "--out", tmp_path, "--force", "--checkpoint", checkpoint)
+    assert code == 1 and f"--out {tmp_path}: is a folder" in err and not checkpoint.exists(), err
+
+
+def test_index_add_lists_each_failed_image_once(tmp_path, capsys, caplog):
+    """Without --quiet a failed image was listed twice: a WARNING log line and the `failed:` line."""
+    photos = _photos(tmp_path / "photos", ["p0", "p1"], 1)
+    (photos / "bad.jpg").write_bytes(b"garbage")
+    eng = tmp_path / "eng"
+    assert d2r.cli.main(["index", "create", str(eng), "--codebook", str(CODEBOOK), "--quiet",
+                         "--set", "features.options.max_features=200"]) == 0
+    capsys.readouterr()
+    code, _, err = _cli(capsys, "index", "add", eng, photos)
+    logged = [r.getMessage() for r in caplog.records if "bad.jpg" in r.getMessage()]
+    assert code == 3 and err.count("failed: ") == 1 and logged == [], (err, logged)
