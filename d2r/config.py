@@ -193,6 +193,8 @@ def _checked(value, hint, where: str):
     }[base]
     if not ok:
         raise ValueError(f"{where}: expected {_KINDS[base]}, got {value!r}")
+    if base is bool:
+        return bool(value)  # np.bool_ is not JSON-serialisable
     if base is float:
         return float(value)
     if base is int:

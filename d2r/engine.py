@@ -104,6 +104,18 @@ def _set(data: dict, dotted: str, value) -> None:
 _MISSING = object()
 
 
+def _plain(value):
+    """A copy of nested dicts and lists with numpy scalars as Python ones (np.int64(8) is 8, not '8') and paths
+    as strings."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value.item() if isinstance(value, np.generic) else value
+
+
 @dataclass
 class EngineConfig(Config):
     """Everything an engine does, in one place; saved with the index. Defaults: RootSIFT, whole image + no boxes
@@ -127,7 +139,7 @@ class EngineConfig(Config):
         """As :meth:`Config.from_dict`, with the feature type's defaults (:data:`FEATURE_DEFAULTS`), then the
         engine's own section defaults (:func:`_engine_defaults`: ``rerank.method`` "usac"...), for the options
         ``data`` does not set: a partial dict gives what ``EngineConfig()`` gives."""
-        data = json.loads(json.dumps(data or {}, default=str)) if isinstance(data, dict) else data
+        data = _plain(data or {}) if isinstance(data, dict) else data
         if isinstance(data, dict):
             name = _get(data, "features.name")
             defaults = dict(FEATURE_DEFAULTS.get(name if name is not _MISSING else "rootsift", {}))
@@ -581,6 +593,8 @@ class Engine:
         A query without local features (blank, tiny, featureless) logs a warning and returns no hits."""
         from d2r.features.image import load_image
 
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")  # -1 returned all but the last
         if self._db is None:
             raise ValueError(f"{self.path}: nothing indexed yet")
         pixels = load_image(image)

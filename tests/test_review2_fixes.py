@@ -1,6 +1,7 @@
 """Regression tests for defects found by the second review round (the Python API and the scale paths): each
 test failed before its fix."""
 
+import json
 import os
 from pathlib import Path
 
@@ -8,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import d2r
 import d2r.cli
+from d2r.engine import Engine
 from tests.corpus import textured
 
 CODEBOOK = Path(__file__).resolve().parents[1] / "codebooks" / "rootsift-128d-k256-skimage-s0.npz"
@@ -67,3 +70,43 @@ def test_index_add_lists_each_failed_image_once(tmp_path, capsys, caplog):
     code, _, err = _cli(capsys, "index", "add", eng, photos)
     logged = [r.getMessage() for r in caplog.records if "bad.jpg" in r.getMessage()]
     assert code == 3 and err.count("failed: ") == 1 and logged == [], (err, logged)
+
+
+@pytest.mark.parametrize("option, value", [("normalize", "no"), ("idf", "false"), ("alpha", "3"),
+                                           ("num_assignments", 2.7)])
+def test_database_create_refuses_wrong_types(option, value):
+    """Database.create cast its options: normalize="no" became True, num_assignments=2.7 became 2."""
+    book = d2r.Codebook(np.eye(8, dtype=np.float32))
+    with pytest.raises(ValueError, match=option):
+        d2r.Database.create(None, book, **{option: value})
+    db = d2r.Database.create(None, book, alpha=np.float32(2), normalize=np.True_, num_assignments=np.int64(2))
+    assert (db.config.alpha, db.config.normalize, db.config.num_assignments) == (2.0, True, 2)
+    assert type(db.config.normalize) is bool
+
+
+def test_engine_config_from_dict_takes_numpy_scalars():
+    """EngineConfig.from_dict turned np.int64(8) into the string '8' ('expected an integer, got '8'')."""
+    config = d2r.EngineConfig.from_dict({"batch_size": np.int64(8), "index": {"alpha": np.float32(2),
+                                                                           "idf": np.True_},
+                                         "features": {"options": {"max_features": np.int64(100)}}})
+    assert (config.batch_size, config.index.alpha, config.index.idf) == (8, 2.0, True)
+    json.dumps(config.to_dict())  # saved with the index: plain JSON
+
+
+@pytest.fixture(scope="module")
+def small_engine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    photos = _photos(root / "photos", [f"p{i}" for i in range(4)], 5)
+    engine = Engine.create(root / "eng", {"features": {"options": {"max_features": 200}},
+                                          "rerank": {"num_to_rerank": 3}}, codebook=CODEBOOK)
+    assert not engine.index(photos, progress=False).failed
+    return engine, photos
+
+
+@pytest.mark.parametrize("top_k", [-1, 0, 2.5, "3", True])
+def test_engine_search_top_k_checked(small_engine, top_k):
+    """Engine.search(top_k=-1) returned all hits but the last; 2.5 or '3' raised a TypeError from slicing."""
+    engine, photos = small_engine
+    with pytest.raises(ValueError, match="top_k must be a positive integer"):
+        engine.search(photos / "p1.png", top_k=top_k)
+    assert [h.rank for h in engine.search(photos / "p1.png", top_k=np.int64(2))] == [1, 2]

@@ -25,7 +25,7 @@ import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -94,9 +94,6 @@ class DatabaseConfig(Config):
             raise ValueError(f"idf applies to the ASMK kernels, not to {self.kernel!r}")
 
 
-_CASTS = {f.name: f.type for f in fields(DatabaseConfig)}
-
-
 class Database:
     """Inverted-file image database. Use :meth:`create` or :meth:`open`, never the constructor."""
 
@@ -134,7 +131,7 @@ class Database:
         given = dict(kernel=kernel, mode=mode, alpha=alpha, tau=tau, tau_inclusive=tau_inclusive,
                      normalize=normalize, num_assignments=num_assignments,
                      query_num_assignments=query_num_assignments, idf=idf)
-        config = DatabaseConfig(**{k: _cast(k, v) for k, v in given.items()})
+        config = DatabaseConfig.from_dict(given)  # wrong types are errors (bool("no") was True)
         config.check(book)
         if path is None:
             return cls(None, book, config, [], np.zeros(0, bool), 0, None)
@@ -854,9 +851,3 @@ def _load_codebook(path: Path, manifest: dict) -> Codebook:
 
 def _record_bytes(rec: Aggregated) -> int:
     return sum(a.nbytes for a in (rec.vector, rec.words, rec.descriptors, rec.bits) if a is not None)
-
-
-def _cast(name: str, value):
-    kind = _CASTS[name]
-    kind = kind if isinstance(kind, type) else {"str": str, "float": float, "bool": bool, "int": int}[kind]
-    return kind(value) if kind is not str else value
