@@ -578,8 +578,11 @@ def _pad(rows, depth: int) -> np.ndarray:
 def read_ids(path) -> list[str]:
     """The ``id`` column of a GLDv2 ``index.csv`` / ``test.csv`` (the first column when there is no ``id``)."""
     path = Path(path)
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:  # the file named, not only the reason
+        raise ValueError(f"{path}: cannot read the CSV ({getattr(exc, 'strerror', None) or exc})") from None
     if not rows:
         raise ValueError(f"{path}: empty CSV")
     header = rows[0]

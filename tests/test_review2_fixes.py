@@ -110,3 +110,33 @@ def test_engine_search_top_k_checked(small_engine, top_k):
     with pytest.raises(ValueError, match="top_k must be a positive integer"):
         engine.search(photos / "p1.png", top_k=top_k)
     assert [h.rank for h in engine.search(photos / "p1.png", top_k=np.int64(2))] == [1, 2]
+
+
+def _gldv2_csvs(tmp_path):
+    (tmp_path / "index.csv").write_text("id\n0123456789abcdef\n")
+    (tmp_path / "test.csv").write_text("id\nfedcba9876543210\n")
+    (tmp_path / "solution.csv").write_text("id,images,Usage\nfedcba9876543210,0123456789abcdef,Public\n")
+    (tmp_path / "binary.csv").write_bytes(b"\x00\x01\xff\xfe")
+    return {k: tmp_path / f"{k}.csv" for k in ("index", "test", "solution", "binary")}
+
+
+@pytest.mark.parametrize("bad", ["index-missing", "index-binary", "index-folder", "solution-binary"])
+def test_bench_gldv2_unreadable_csv_named(tmp_path, capsys, bad):
+    """An unreadable GLDv2 CSV gave '[Errno 2] No such file...' or "'utf-8' codec can't decode..." (no file
+    named)."""
+    csvs = _gldv2_csvs(tmp_path)
+    which, problem = bad.split("-")
+    csvs[which] = {"missing": tmp_path / "nope.csv", "binary": csvs["binary"], "folder": tmp_path}[problem]
+    code, _, err = _cli(capsys, "bench", "gldv2", "--index-csv", csvs["index"], "--test-csv", csvs["test"],
+                        "--solution-csv", csvs["solution"], "--images-root", tmp_path, "--out", tmp_path / "run",
+                        "--codebook", CODEBOOK, "--quiet")
+    assert code == 1 and f"error: {csvs[which]}: " in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bench_out_that_is_a_file_refused_first(tmp_path, capsys):
+    """`--out FILE` failed late with '[Errno 20] Not a directory: FILE/cache/db-...'."""
+    csvs = _gldv2_csvs(tmp_path)
+    code, _, err = _cli(capsys, "bench", "gldv2", "--index-csv", csvs["index"], "--test-csv", csvs["test"],
+                        "--solution-csv", csvs["solution"], "--images-root", tmp_path, "--out", csvs["test"],
+                        "--codebook", CODEBOOK, "--quiet")
+    assert code == 1 and f"--out {csvs['test']}: exists and is not a folder" in err, err

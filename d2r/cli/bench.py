@@ -147,6 +147,11 @@ def run(args) -> int:
 
     if args.top_k is not None and args.top_k < 1:  # was: a late "negative dimensions" error, or 0 = default
         raise UsageError(f"--top-k must be at least 1 (omit it for the default depth), got {args.top_k}")
+    from pathlib import Path
+
+    for flag, folder in (("--out", args.out), ("--cache", args.cache)):  # was found after the CSVs were read
+        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+            raise FileExistsError(f"{flag} {folder}: exists and is not a folder")
     config = config_from_args(args)
     progress = not args.quiet
     if args.protocol == "revisitop":

@@ -56,7 +56,7 @@ def _rows(path: Path):
             yield from reader
     except OSError as e:
         raise ValueError(f"{path}: cannot read ({e})") from e
-    except csv.Error as e:
+    except (csv.Error, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: malformed CSV ({e})") from e
 
 
