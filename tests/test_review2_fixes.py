@@ -140,3 +140,10 @@ def test_bench_out_that_is_a_file_refused_first(tmp_path, capsys):
                         "--solution-csv", csvs["solution"], "--images-root", tmp_path, "--out", csvs["test"],
                         "--codebook", CODEBOOK, "--quiet")
     assert code == 1 and f"--out {csvs['test']}: exists and is not a folder" in err, err
+
+
+def test_engine_search_batch_top_k_checked_once(small_engine):
+    """search_batch(top_k=-1) returned, per image, all hits but the last."""
+    engine, photos = small_engine
+    with pytest.raises(ValueError, match="top_k must be a positive integer"):
+        engine.search_batch([photos / "p1.png", photos / "p2.png"], top_k=-1)
