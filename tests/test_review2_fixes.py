@@ -147,3 +147,26 @@ def test_engine_search_batch_top_k_checked_once(small_engine):
     engine, photos = small_engine
     with pytest.raises(ValueError, match="top_k must be a positive integer"):
         engine.search_batch([photos / "p1.png", photos / "p2.png"], top_k=-1)
+
+
+def test_feature_store_commits_buffered_features_on_a_timer(tmp_path):
+    """`d2r extract` committed nothing until 256 MiB of features were buffered: a SIGKILL (OOM, node loss)
+    lost every tiny image extracted so far (600 thumbnails, killed after 2.5 s: 0 kept)."""
+    from d2r.features.base import LocalFeatures
+    from d2r.features.store import FeatureStore
+
+    def feats(n):
+        rng = np.random.default_rng(n)
+        return LocalFeatures(rng.random((n, 2), dtype=np.float32), np.ones(n, np.float32),
+                             np.ones(n, np.float32), rng.random((n, 16), dtype=np.float32))
+
+    store = FeatureStore.create(tmp_path / "store", {"name": "test", "fingerprint": "f", "dim": 16})
+    try:
+        store.add("a", feats(3))
+        assert len(FeatureStore.open(tmp_path / "store")) == 0  # buffered: well under shard_bytes
+        store.flush_seconds = 0.0  # the interval has passed
+        store.add("b", feats(4))
+        reader = FeatureStore.open(tmp_path / "store")  # what a killed writer leaves committed
+        assert sorted(reader.ids()) == ["a", "b"] and reader.get("b").descriptors.shape == (4, 16)
+    finally:
+        store.close()

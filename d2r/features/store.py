@@ -63,6 +63,7 @@ MANIFEST = "manifest.json"
 FAILURES = "failures.json"
 MiB = 1 << 20
 DEFAULT_SHARD_BYTES = 256 * MiB
+FLUSH_SECONDS = 60.0  # buffered features are committed at least this often (a killed run keeps the rest)
 COMPACT_AT = 8  # this many small shards of one size tier are merged into one
 RETIRE_GRACE_SECONDS = 60.0  # shards retired by a compaction stay readable this long (and one generation)
 GC_GRACE_SECONDS = 6 * 3600  # uncommitted shard files younger than this may belong to a live ShardWriter
@@ -579,8 +580,8 @@ class ShardWriter:
 # ---------------------------------------------------------------------------------------------- FeatureStore
 class FeatureStore:
     """A feature store folder. ``create`` / ``open`` it; ``add`` buffers and writes a shard every
-    ``shard_bytes``; ``flush`` writes and commits what is buffered; ``close`` (or leaving a ``with`` block)
-    flushes, collects garbage and releases the writer lock.
+    ``shard_bytes``, or once ``flush_seconds`` passed since the last commit; ``flush`` writes and commits what
+    is buffered; ``close`` (or leaving a ``with`` block) flushes, collects garbage and releases the writer lock.
 
     Reading (lock-free, any number of threads): ``len(store)``, ``store.ids()``, ``image_id in store``,
     ``store.get(image_id)``, ``store.get_many(ids)``, ``for image_id, feats in store`` (streams shard by
@@ -604,6 +605,8 @@ class FeatureStore:
         self.writable = writable
         self.shard_bytes = int(shard_bytes)
         self.shard_size = None if shard_size is None else int(shard_size)
+        self.flush_seconds = FLUSH_SECONDS
+        self._flushed_at = time.monotonic()
         self._writer_lock = lock
         self._lock = threading.RLock()  # writers' state (buffer, manifest); readers never take it
         self._fill_lock = threading.Lock()  # only around loading a shard into the cache
@@ -799,7 +802,7 @@ class FeatureStore:
             buf = self._writer._buffer
             full = buf.bytes >= self.shard_bytes or (
                 self.shard_size is not None and len(buf.items) >= self.shard_size
-            )
+            ) or time.monotonic() - self._flushed_at >= self.flush_seconds  # a SIGKILL lost up to 256 MiB
         if full:
             self.flush()
 
@@ -829,6 +832,7 @@ class FeatureStore:
             self._writer._buffer.drop(items)
             for k in failures:
                 self._pending_failures.pop(k, None)
+            self._flushed_at = time.monotonic()
         self._maybe_compact()
 
     def commit(self, results: list[dict]) -> dict:
