@@ -224,6 +224,10 @@ def similarity(a: Aggregated, b: Aggregated, alpha: float = 3.0, tau: float = 0.
     S / sqrt(Σ_{W_a} w · Σ_{W_b} w), i.e. S / sqrt(|W_a||W_b|) without IDF. ``idf``: optional (K,) IDF values;
     w_c = idf_c² (the original ASMK weighting); None means w_c = 1 (the official D2R code).
     """
+    for x in (a, b):
+        if not isinstance(x, Aggregated):  # raw descriptors: AttributeError 'ndarray' has no 'kernel'
+            raise TypeError(f"similarity compares Aggregated records (Aggregator(codebook)(descriptors)), got "
+                            f"{type(x).__name__}")
     if a.kernel != b.kernel:
         raise ValueError(f"cannot compare a {a.kernel!r} representation with a {b.kernel!r} one")
     if (a.dim, a.num_words) != (b.dim, b.num_words):

@@ -170,3 +170,12 @@ def test_feature_store_commits_buffered_features_on_a_timer(tmp_path):
         assert sorted(reader.ids()) == ["a", "b"] and reader.get("b").descriptors.shape == (4, 16)
     finally:
         store.close()
+
+
+def test_similarity_of_raw_descriptors_is_a_clear_error():
+    """d2r.similarity(x, y) on descriptor arrays raised AttributeError: 'numpy.ndarray' has no attribute 'kernel'."""
+    x = np.random.default_rng(0).standard_normal((10, 8)).astype(np.float32)
+    agg = d2r.Aggregator(d2r.Codebook(np.eye(8, dtype=np.float32)))
+    with pytest.raises(TypeError, match="Aggregated records"):
+        d2r.similarity(x, agg(x))
+    assert d2r.similarity(agg(x), agg(x)) == pytest.approx(1.0)
