@@ -179,3 +179,13 @@ def test_similarity_of_raw_descriptors_is_a_clear_error():
     with pytest.raises(TypeError, match="Aggregated records"):
         d2r.similarity(x, agg(x))
     assert d2r.similarity(agg(x), agg(x)) == pytest.approx(1.0)
+
+
+def test_search_featureless_query_listed_once(small_engine, tmp_path, capsys, caplog):
+    """`d2r search blank.png good.png` listed the blank query twice: a WARNING line and the 'error:' line."""
+    engine, photos = small_engine
+    Image.new("RGB", (40, 40), (0, 0, 0)).save(tmp_path / "blank.png")
+    code, out, err = _cli(capsys, "search", tmp_path / "blank.png", photos / "p1.png", "--index", engine.path,
+                          "--no-rerank", "--top-k", 1)
+    logged = [r.getMessage() for r in caplog.records if "blank.png" in r.getMessage()]
+    assert code == 3 and err.count("blank.png") == 1 and logged == [] and "p1" in out, (err, logged)

@@ -131,11 +131,9 @@ def _index(engine, images, args) -> int:
         if not args.quiet and not args.json:
             print(f"indexed {len(ids)} image(s), saved ({len(engine)} in the index)", flush=True)
 
-    # each failed image is listed once, below (the extraction loop's WARNING line would repeat it)
-    pipeline_log = logging.getLogger("d2r.pipeline")
-    level = pipeline_log.level
-    pipeline_log.setLevel(logging.ERROR)
-    try:
+    from d2r.cli import muted
+
+    with muted("d2r.pipeline"):  # each failed image is listed once, below (not also as a WARNING line)
         if getattr(args, "store", None):
             report = engine.index_store(args.store, progress=not args.quiet, on_done=done,
                                         lock_timeout=args.lock_timeout)
@@ -144,8 +142,6 @@ def _index(engine, images, args) -> int:
             report = engine.index(sources, progress=not args.quiet, on_done=done,
                                   retry_failed=getattr(args, "retry_failed", False),
                                   lock_timeout=args.lock_timeout, id_prefix=args.id_prefix)
-    finally:
-        pipeline_log.setLevel(level)
     out = report.to_dict()
     out["images_in_index"] = len(engine)
     if args.json:

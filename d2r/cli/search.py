@@ -112,6 +112,13 @@ def run(args) -> int:
 
 
 def _search(args, engine, queries, bbox, options) -> int:
+    from d2r.cli import muted
+
+    with muted("d2r.engine"):  # a featureless query is listed once, below (not also as a WARNING line)
+        return _report(args, engine, queries, bbox, options)
+
+
+def _report(args, engine, queries, bbox, options) -> int:
     import time
 
     if len(queries) == 1:  # a single query: errors are the command's own (exit 1, one line)
