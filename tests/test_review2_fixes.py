@@ -189,3 +189,12 @@ def test_search_featureless_query_listed_once(small_engine, tmp_path, capsys, ca
                           "--no-rerank", "--top-k", 1)
     logged = [r.getMessage() for r in caplog.records if "blank.png" in r.getMessage()]
     assert code == 3 and err.count("blank.png") == 1 and logged == [] and "p1" in out, (err, logged)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_extract_shard_mb_not_finite_is_usage_error(tmp_path, capsys, value):
+    """`d2r extract --shard-mb inf` was 'unexpected error (OverflowError)', nan 'cannot convert float NaN'."""
+    photos = _photos(tmp_path / "photos", ["p0"], 6)
+    code, _, err = _cli(capsys, "extract", "--images", photos, "--features", "rootsift", "--out",
+                        tmp_path / "store", "--shard-mb", value, "--quiet")
+    assert code == 2 and "--shard-mb must be a positive number" in err and not (tmp_path / "store").exists(), err

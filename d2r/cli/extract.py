@@ -58,8 +58,8 @@ def run(args) -> int:
                         ("--workers", args.workers), ("--shard-size", args.shard_size)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
-    if args.shard_mb <= 0:
-        raise UsageError(f"--shard-mb must be positive, got {args.shard_mb}")
+    if not 0 < args.shard_mb < float("inf"):  # nan, inf: a late 'cannot convert float NaN to integer'
+        raise UsageError(f"--shard-mb must be a positive number, got {args.shard_mb}")
     if args.lock_timeout < 0:
         raise UsageError(f"--lock-timeout must be >= 0 seconds, got {args.lock_timeout}")
     options = {k: v for k, v in (("max_features", args.max_features), ("max_side", args.max_side)) if v is not None}
