@@ -198,3 +198,13 @@ def test_extract_shard_mb_not_finite_is_usage_error(tmp_path, capsys, value):
     code, _, err = _cli(capsys, "extract", "--images", photos, "--features", "rootsift", "--out",
                         tmp_path / "store", "--shard-mb", value, "--quiet")
     assert code == 2 and "--shard-mb must be a positive number" in err and not (tmp_path / "store").exists(), err
+
+
+@pytest.mark.parametrize("command", ["index", "extract"])
+def test_lock_timeout_nan_is_usage_error(tmp_path, capsys, command):
+    """`--lock-timeout nan` was accepted and waited forever for a held lock."""
+    photos = _photos(tmp_path / "photos", ["p0"], 7)
+    argv = (["index", "add", tmp_path / "eng", photos] if command == "index" else
+            ["extract", "--images", photos, "--features", "rootsift", "--out", tmp_path / "store"])
+    code, _, err = _cli(capsys, *argv, "--lock-timeout", "nan", "--quiet")
+    assert code == 2 and "--lock-timeout must be >= 0 seconds, got nan" in err, err

@@ -60,7 +60,7 @@ def run(args) -> int:
             raise UsageError(f"{flag} must be at least 1, got {value}")
     if not 0 < args.shard_mb < float("inf"):  # nan, inf: a late 'cannot convert float NaN to integer'
         raise UsageError(f"--shard-mb must be a positive number, got {args.shard_mb}")
-    if args.lock_timeout < 0:
+    if not args.lock_timeout >= 0:  # nan waited forever
         raise UsageError(f"--lock-timeout must be >= 0 seconds, got {args.lock_timeout}")
     options = {k: v for k, v in (("max_features", args.max_features), ("max_side", args.max_side)) if v is not None}
     if args.features == "delf" and args.no_pca:

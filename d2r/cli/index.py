@@ -104,7 +104,7 @@ def _writer(run):
     def wrapped(args):
         from d2r.cli import UsageError
 
-        if getattr(args, "lock_timeout", 0) is not None and args.lock_timeout < 0:
+        if getattr(args, "lock_timeout", 0) is not None and not args.lock_timeout >= 0:  # nan: forever
             raise UsageError(f"--lock-timeout must be >= 0 seconds, got {args.lock_timeout}")
         return run(args)
     return wrapped
