@@ -208,3 +208,12 @@ def test_lock_timeout_nan_is_usage_error(tmp_path, capsys, command):
             ["extract", "--images", photos, "--features", "rootsift", "--out", tmp_path / "store"])
     code, _, err = _cli(capsys, *argv, "--lock-timeout", "nan", "--quiet")
     assert code == 2 and "--lock-timeout must be >= 0 seconds, got nan" in err, err
+
+
+def test_gldv2_average_precision_hand_made():
+    """AP by hand; a query without relevant images raised ZeroDivisionError."""
+    from d2r.eval.gldv2 import average_precision
+
+    assert average_precision(["a", "x", "b"], ["a", "b"]) == pytest.approx((1 + 2 / 3) / 2)
+    assert average_precision(["x", "a", "a"], ["a"]) == pytest.approx(0.5)  # a repeat earns nothing
+    assert average_precision(["a"], []) == 0.0
