@@ -226,8 +226,8 @@ def similarity(a: Aggregated, b: Aggregated, alpha: float = 3.0, tau: float = 0.
     """
     for x in (a, b):
         if not isinstance(x, Aggregated):  # raw descriptors: AttributeError 'ndarray' has no 'kernel'
-            raise TypeError(f"similarity compares Aggregated records (Aggregator(codebook)(descriptors)), got "
-                            f"{type(x).__name__}")
+            raise TypeError("similarity compares Aggregated records (Aggregator(codebook)(descriptors)), "
+                            f"got {type(x).__name__}")
     if a.kernel != b.kernel:
         raise ValueError(f"cannot compare a {a.kernel!r} representation with a {b.kernel!r} one")
     if (a.dim, a.num_words) != (b.dim, b.num_words):

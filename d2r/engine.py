@@ -105,8 +105,8 @@ _MISSING = object()
 
 
 def _plain(value):
-    """A copy of nested dicts and lists with numpy scalars as Python ones (np.int64(8) is 8, not '8') and paths
-    as strings."""
+    """A copy of nested dicts and lists with numpy scalars as Python ones (np.int64(8) is 8, not '8') and
+    paths as strings."""
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -104,7 +104,8 @@ def _check_writable(flag: str, path: Path) -> None:
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
     except OSError as exc:
-        raise PermissionError(f"{flag} {path}: cannot write in folder {path.parent} ({exc.strerror})") from None
+        problem = f"cannot write in folder {path.parent} ({exc.strerror})"
+        raise PermissionError(f"{flag} {path}: {problem}") from None
     os.close(fd)
     os.unlink(probe)
 

@@ -110,8 +110,8 @@ def read_predictions(path, solution: Solution) -> tuple[dict[str, list[str]], di
 
 
 def average_precision(prediction: Sequence[str], relevant: Sequence[str], max_predictions: int = 100) -> float:
-    """Official GLDv2 AP@max_predictions of one query (fraction); repeated predictions take a rank, earn nothing.
-    No relevant images gives 0.0 (as ``revisitop.compute_ap``; was a ZeroDivisionError)."""
+    """Official GLDv2 AP@max_predictions of one query (fraction); repeated predictions take a rank, earn
+    nothing. No relevant images gives 0.0 (as ``revisitop.compute_ap``; was a ZeroDivisionError)."""
     if len(relevant) == 0:
         return 0.0
     rel = set(relevant)

@@ -580,8 +580,9 @@ class ShardWriter:
 # ---------------------------------------------------------------------------------------------- FeatureStore
 class FeatureStore:
     """A feature store folder. ``create`` / ``open`` it; ``add`` buffers and writes a shard every
-    ``shard_bytes``, or once ``flush_seconds`` passed since the last commit; ``flush`` writes and commits what
-    is buffered; ``close`` (or leaving a ``with`` block) flushes, collects garbage and releases the writer lock.
+    ``shard_bytes``, or once ``flush_seconds`` passed since the last commit; ``flush`` writes and commits
+    what is buffered; ``close`` (or leaving a ``with`` block) flushes, collects garbage and releases the
+    writer lock.
 
     Reading (lock-free, any number of threads): ``len(store)``, ``store.ids()``, ``image_id in store``,
     ``store.get(image_id)``, ``store.get_many(ids)``, ``for image_id, feats in store`` (streams shard by
