@@ -34,8 +34,12 @@ class RootSIFTConfig(Config):
     sigma: float = 1.6
     n_octave_layers: int = 3
     pca_dim: int = 128  # used only when a PCA is given
+    upright: bool = False  # gravity-vector assumption (Perdoch et al. 2009): orientation 0, one per keypoint
+    affine_simulation: bool = False  # ASIFT (Morel & Yu 2009): cv2.AffineFeature views, OpenCV's tilt grid
 
     def __post_init__(self):
+        if self.upright and self.affine_simulation:
+            raise ValueError("upright and affine_simulation cannot both be set (ASIFT simulates rotations)")
         if self.max_features <= 0:
             raise ValueError(f"max_features must be positive, got {self.max_features}")
         if self.max_side is not None and self.max_side < MIN_SIDE:
@@ -111,13 +115,28 @@ class RootSIFT:
         sy = small.shape[0] / h
         gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
         sift = self._sift()
-        kps = sift.detect(gray, None)
+        if self.config.affine_simulation:
+            # Descriptors come from each simulated view, so detect and describe together, then cap.
+            kps, desc = cv2.AffineFeature_create(sift).detectAndCompute(gray, None)
+        else:
+            kps, desc = sift.detect(gray, None), None
         if not kps:
             return LocalFeatures.empty(self.dim)
         attrs = np.array([(k.response, k.pt[1], k.pt[0], k.size, k.angle) for k in kps], dtype=np.float64)
         order = np.lexsort((attrs[:, 4], attrs[:, 3], attrs[:, 2], attrs[:, 1], -attrs[:, 0]))
-        kps = [kps[i] for i in order[: self.config.max_features]]
-        kps, desc = sift.compute(gray, kps)
+        if self.config.upright:
+            # Orientation duplicates share response, position and size and are adjacent in this order.
+            a = attrs[order, :4]
+            order = order[np.r_[True, np.any(a[1:] != a[:-1], axis=1)]]
+        order = order[: self.config.max_features]
+        kps = [kps[i] for i in order]
+        if desc is not None:
+            desc = desc[order]
+        else:
+            if self.config.upright:
+                for k in kps:
+                    k.angle = 0.0
+            kps, desc = sift.compute(gray, kps)
         if desc is None or not kps:
             return LocalFeatures.empty(self.dim)
         desc = np.asarray(desc, dtype=np.float32)
