@@ -260,3 +260,11 @@ def test_upright_and_affine_simulation_exclusive():
     with pytest.raises(ValueError, match="upright and affine_simulation"):
         RootSIFTConfig(upright=True, affine_simulation=True)
     assert RootSIFTConfig().upright is False and RootSIFTConfig().affine_simulation is False
+
+
+def test_new_options_off_keep_the_old_fingerprint():
+    """Stores and codebooks made before ``upright``/``affine_simulation`` existed stay valid."""
+    assert RootSIFT().fingerprint() == "582bb514a08b7358"
+    assert RootSIFT(upright=False, affine_simulation=False).fingerprint() == RootSIFT().fingerprint()
+    assert len({RootSIFT().fingerprint(), RootSIFT(upright=True).fingerprint(),
+                RootSIFT(affine_simulation=True).fingerprint()}) == 3

@@ -86,7 +86,11 @@ class RootSIFT:
 
     def fingerprint(self) -> str:
         h = hashlib.sha1()
-        h.update(json.dumps({"name": self.name, "config": self.config.to_dict()}, sort_keys=True).encode())
+        config = self.config.to_dict()
+        for key in ("upright", "affine_simulation"):  # off: the fingerprint of stores made before they existed
+            if not config[key]:
+                del config[key]
+        h.update(json.dumps({"name": self.name, "config": config}, sort_keys=True).encode())
         if self.pca is not None:
             h.update(self.pca.fingerprint().encode())
         return h.hexdigest()[:16]
