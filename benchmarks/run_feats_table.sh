@@ -29,3 +29,10 @@ bench --config $CFG --no-rerank --out $OUT/base
 bench --config $CFG --rerank --rerank-method usac --query-expansion aqe --out $OUT/usac_aqe
 bench --config $CFG $HAM --out $OUT/usac_ham
 bench --config $CFG $HAM --query-expansion aqe --out $OUT/usac_ham_aqe
+# ASIFT only: min_inliers recalibrated with the round-2 rule (smallest count above every chance count of the
+# non-matching top-100 pairs, benchmarks/calibrate_inliers.py --run $OUT/base --cache $CACHE [--correspondences
+# hamming --codebook $CACHE/k8192.npz]): ratio max 33 -> 34, hamming max 68 -> 69.
+if [ "$KIND" = asift ]; then
+  bench --config $CFG --rerank --rerank-method usac --min-inliers 34 --query-expansion aqe --out $OUT/usac34_aqe
+  bench --config $CFG $HAM --min-inliers 69 --query-expansion aqe --out $OUT/usac_ham69_aqe
+fi
