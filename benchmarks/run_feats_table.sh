@@ -5,13 +5,14 @@
 #   RUNS=runs DATA=/work/shared/data/instance_bench_dev bash benchmarks/run_feats_table.sh asift
 #   PYTHONPATH=. python benchmarks/qe_table.py runs/dev_upright base usac_aqe usac_ham usac_ham_aqe
 set -euo pipefail
-KIND=${1:?usage: run_feats_table.sh upright|asift}
+KIND=${1:?usage: run_feats_table.sh upright|asift|asift_spread}
 DATA=${DATA:-../shared/data/instance_bench_dev}
 RUNS=${RUNS:-runs}
 export PYTHONPATH=${PYTHONPATH:-.}
 case $KIND in
   upright) OPT="--set features.options.upright=true" ;;
   asift) OPT="--set features.options.affine_simulation=true" ;;
+  asift_spread) OPT="--set features.options.affine_simulation=true --set features.options.affine_min_distance=1.4142" ;;
   *) echo "unknown feature kind $KIND" >&2; exit 2 ;;
 esac
 OUT=$RUNS/dev_$KIND

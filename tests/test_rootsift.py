@@ -268,3 +268,29 @@ def test_new_options_off_keep_the_old_fingerprint():
     assert RootSIFT(upright=False, affine_simulation=False).fingerprint() == RootSIFT().fingerprint()
     assert len({RootSIFT().fingerprint(), RootSIFT(upright=True).fingerprint(),
                 RootSIFT(affine_simulation=True).fingerprint()}) == 3
+
+
+def test_spread_keypoints_matches_brute_force(rng):
+    from d2r.features.rootsift import spread_keypoints
+
+    for _ in range(20):
+        pts = rng.uniform(0, 20, size=(int(rng.integers(1, 300)), 2))
+        order = rng.permutation(len(pts))
+        radius, limit = float(rng.uniform(0.3, 3.0)), int(rng.integers(1, 400))
+        ref = []
+        for i in order:  # O(N^2) greedy
+            if all(np.hypot(*(pts[i] - pts[j])) >= radius for j in ref):
+                ref.append(i)
+        np.testing.assert_array_equal(spread_keypoints(pts, order, radius, limit), ref[:limit])
+
+
+def test_affine_min_distance_spreads_asift_keypoints(bundled_photos):
+    img = bundled_photos["astronaut"]
+    f = RootSIFT(max_side=None, affine_simulation=True, affine_min_distance=2 ** 0.5).extract(img)
+    assert len(f) == 1000 and np.all(np.diff(f.scores) <= 0)
+    d = np.linalg.norm(f.locations[:, None] - f.locations[None], axis=2) + np.eye(len(f)) * 99
+    assert d.min() >= 2 ** 0.5 - 1e-4
+    full = RootSIFT(max_side=None, affine_simulation=True).extract(img)
+    assert (np.linalg.norm(full.locations[:, None] - full.locations[None], axis=2) + np.eye(1000) * 99).min() < 1
+    with pytest.raises(ValueError, match="affine_min_distance"):
+        RootSIFTConfig(affine_min_distance=-1.0)
