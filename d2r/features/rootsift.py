@@ -36,7 +36,7 @@ class RootSIFTConfig(Config):
     pca_dim: int = 128  # used only when a PCA is given
     upright: bool = False  # gravity-vector assumption (Perdoch et al. 2009): orientation 0, one per keypoint
     affine_simulation: bool = False  # ASIFT (Morel & Yu 2009): cv2.AffineFeature views, OpenCV's tilt grid
-    affine_min_distance: float = 0.0  # ASIFT: drop keypoints this close (px) to a stronger kept one; 0: keep all
+    affine_min_distance: float = 0.0  # ASIFT: drop keypoints closer (px) to a stronger kept one; 0: keep all
 
     def __post_init__(self):
         if self.upright and self.affine_simulation:
@@ -58,8 +58,8 @@ def rootsift(descriptors: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 
 
 def spread_keypoints(points: np.ndarray, order: np.ndarray, radius: float, limit: int) -> np.ndarray:
-    """Greedy suppression: walk ``order`` (indices into ``points`` (N, 2) x, y, strongest first) and keep a point
-    unless a kept one lies closer than ``radius``; stop at ``limit`` kept. Returns the kept indices, in order."""
+    """Greedy suppression: walk ``order`` (indices into ``points`` (N, 2) x, y, strongest first), keep a point
+    unless a kept one lies closer than ``radius``; stop at ``limit`` kept. Returns kept indices (int64)."""
     grid: dict[tuple[int, int], list[int]] = {}
     kept = []
     r2 = radius * radius
@@ -109,7 +109,8 @@ class RootSIFT:
     def fingerprint(self) -> str:
         h = hashlib.sha1()
         config = self.config.to_dict()
-        for key in ("upright", "affine_simulation", "affine_min_distance"):  # off: the fingerprint of stores made before they existed
+        # Options left off: the fingerprint of stores and codebooks made before they existed.
+        for key in ("upright", "affine_simulation", "affine_min_distance"):
             if not config[key]:
                 del config[key]
         h.update(json.dumps({"name": self.name, "config": config}, sort_keys=True).encode())
