@@ -188,3 +188,110 @@ def test_pca_save_load(tmp_path, rng, fmt):
     assert PCA.load(tmp_path, dim=3).dim == 3
     with pytest.raises(ValueError, match="dim=128"):
         PCA.load(tmp_path)
+
+
+def _upright_reference(gray, max_features):
+    """Slow reference for ``upright``: OpenCV detect, one keypoint per (response, x, y, size), angle 0."""
+    sift = cv2.SIFT_create()
+    kps = sorted(sift.detect(gray, None), key=lambda k: (-k.response, k.pt[1], k.pt[0], k.size, k.angle))
+    seen, kept = set(), []
+    for k in kps:
+        key = (k.response, k.pt[1], k.pt[0], k.size)
+        if key not in seen:
+            seen.add(key)
+            kept.append(cv2.KeyPoint(k.pt[0], k.pt[1], k.size, 0.0, k.response, k.octave, k.class_id))
+    kept, desc = sift.compute(gray, kept[:max_features])
+    return np.array([k.pt for k in kept], dtype=np.float32), rootsift(desc)
+
+
+def test_upright_dedupes_orientations_and_matches_reference(bundled_photos):
+    img = bundled_photos["astronaut"]
+    plain = RootSIFT(max_side=None, max_features=100000).extract(img)
+    up = RootSIFT(max_side=None, max_features=100000, upright=True).extract(img)
+    loc_plain = {tuple(x) for x in np.c_[plain.locations, plain.scales].tolist()}
+    loc_up = [tuple(x) for x in np.c_[up.locations, up.scales].tolist()]
+    assert len(plain) > len(up)  # SIFT gives some keypoints two or more orientations
+    assert len(set(loc_up)) == len(loc_up) == len(loc_plain)  # one upright keypoint per location
+    gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+    loc, desc = _upright_reference(gray, 300)
+    top = RootSIFT(max_side=None, max_features=300, upright=True).extract(img)
+    np.testing.assert_array_equal(top.locations, loc)
+    np.testing.assert_allclose(top.descriptors, desc, atol=1e-6)
+
+
+def test_upright_descriptors_change_under_rotation_plain_do_not(bundled_photos):
+    img = bundled_photos["astronaut"]
+    w = img.shape[1]
+    rot = np.ascontiguousarray(np.rot90(img))  # (x, y) -> (y, w - 1 - x), no interpolation
+    for upright, lo, hi in ((False, 0.0, 0.2), (True, 0.6, 2.0)):
+        ex = RootSIFT(max_side=None, upright=upright)
+        a, b = ex.extract(img), ex.extract(rot)
+        mapped = np.stack([a.locations[:, 1], w - 1 - a.locations[:, 0]], axis=1)
+        dist = np.linalg.norm(mapped[:, None] - b.locations[None], axis=2)
+        j = dist.argmin(axis=1)
+        same = dist[np.arange(len(j)), j] < 0.5  # the same keypoint detected in the rotated copy
+        assert same.sum() > 200
+        d = np.linalg.norm(a.descriptors[same] - b.descriptors[j[same]], axis=1)
+        assert lo <= np.median(d) < hi, (upright, np.median(d))
+
+
+def test_affine_simulation_matches_a_strong_tilt(bundled_photos):
+    """ASIFT: a 4× horizontal compression (tilt 4) defeats SIFT; the simulated views recover it."""
+    img = bundled_photos["astronaut"]
+    h, w = img.shape[:2]
+    tilted = cv2.resize(img, (w // 4, h), interpolation=cv2.INTER_AREA)
+    correct = {}
+    for affine in (False, True):
+        ex = RootSIFT(max_side=None, affine_simulation=affine)
+        a, b = ex.extract(img), ex.extract(tilted)
+        assert len(a) <= 1000 and np.all(np.diff(a.scores) <= 0)
+        np.testing.assert_allclose(np.linalg.norm(a.descriptors, axis=1), 1.0, atol=1e-5)
+        dist = np.linalg.norm(a.descriptors[:, None] - b.descriptors[None], axis=2)
+        nn = np.sort(dist, axis=1)
+        j = dist.argmin(axis=1)
+        ok = nn[:, 0] < 0.8 * nn[:, 1]  # Lowe's ratio test
+        pa, pb = a.locations[ok], b.locations[j[ok]]
+        good = (np.abs((pa[:, 0] + 0.5) / 4 - 0.5 - pb[:, 0]) < 3) & (np.abs(pa[:, 1] - pb[:, 1]) < 3)
+        correct[affine] = int(good.sum())
+    assert correct[False] < 20 and correct[True] > 100, correct
+
+
+def test_upright_and_affine_simulation_exclusive():
+    with pytest.raises(ValueError, match="upright and affine_simulation"):
+        RootSIFTConfig(upright=True, affine_simulation=True)
+    assert RootSIFTConfig().upright is False and RootSIFTConfig().affine_simulation is False
+
+
+def test_new_options_off_keep_the_old_fingerprint():
+    """Stores and codebooks made before ``upright``/``affine_simulation`` existed stay valid."""
+    assert RootSIFT().fingerprint() == "582bb514a08b7358"
+    assert RootSIFT(upright=False, affine_simulation=False).fingerprint() == RootSIFT().fingerprint()
+    assert len({RootSIFT().fingerprint(), RootSIFT(upright=True).fingerprint(),
+                RootSIFT(affine_simulation=True).fingerprint()}) == 3
+
+
+def test_spread_keypoints_matches_brute_force(rng):
+    from d2r.features.rootsift import spread_keypoints
+
+    for _ in range(20):
+        pts = rng.uniform(0, 20, size=(int(rng.integers(1, 300)), 2))
+        order = rng.permutation(len(pts))
+        radius, limit = float(rng.uniform(0.3, 3.0)), int(rng.integers(1, 400))
+        ref = []
+        for i in order:  # O(N^2) greedy
+            if all(np.hypot(*(pts[i] - pts[j])) >= radius for j in ref):
+                ref.append(i)
+        np.testing.assert_array_equal(spread_keypoints(pts, order, radius, limit), ref[:limit])
+
+
+def test_affine_min_distance_spreads_asift_keypoints(bundled_photos):
+    img = bundled_photos["astronaut"]
+    f = RootSIFT(max_side=None, affine_simulation=True, affine_min_distance=2 ** 0.5).extract(img)
+    assert len(f) == 1000 and np.all(np.diff(f.scores) <= 0)
+    d = np.linalg.norm(f.locations[:, None] - f.locations[None], axis=2) + np.eye(len(f)) * 99
+    assert d.min() >= 2 ** 0.5 - 1e-4
+    full = RootSIFT(max_side=None, affine_simulation=True).extract(img)
+    dfull = np.linalg.norm(full.locations[:, None] - full.locations[None], axis=2) + np.eye(len(full)) * 99
+    assert dfull.min() < 1  # without it, ASIFT repeats points seen in several views
+    with pytest.raises(ValueError, match="affine_min_distance"):
+        RootSIFTConfig(affine_min_distance=-1.0)

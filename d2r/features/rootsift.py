@@ -34,8 +34,15 @@ class RootSIFTConfig(Config):
     sigma: float = 1.6
     n_octave_layers: int = 3
     pca_dim: int = 128  # used only when a PCA is given
+    upright: bool = False  # gravity-vector assumption (Perdoch et al. 2009): orientation 0, one per keypoint
+    affine_simulation: bool = False  # ASIFT (Morel & Yu 2009): cv2.AffineFeature views, OpenCV's tilt grid
+    affine_min_distance: float = 0.0  # ASIFT: drop keypoints closer (px) to a stronger kept one; 0: keep all
 
     def __post_init__(self):
+        if self.upright and self.affine_simulation:
+            raise ValueError("upright and affine_simulation cannot both be set (ASIFT simulates rotations)")
+        if not self.affine_min_distance >= 0:
+            raise ValueError(f"affine_min_distance must be >= 0, got {self.affine_min_distance}")
         if self.max_features <= 0:
             raise ValueError(f"max_features must be positive, got {self.max_features}")
         if self.max_side is not None and self.max_side < MIN_SIDE:
@@ -51,6 +58,25 @@ def rootsift(descriptors: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     d = np.maximum(d, 0.0)
     s = d.sum(axis=1, keepdims=True)
     return np.sqrt(d / np.maximum(s, eps)).astype(np.float32)
+
+
+def spread_keypoints(points: np.ndarray, order: np.ndarray, radius: float, limit: int) -> np.ndarray:
+    """Greedy suppression: walk ``order`` (indices into ``points`` (N, 2) x, y, strongest first), keep a point
+    unless a kept one lies closer than ``radius``; stop at ``limit`` kept. Returns kept indices (int64)."""
+    grid: dict[tuple[int, int], list[int]] = {}
+    kept = []
+    r2 = radius * radius
+    for i in order:
+        x, y = points[i]
+        cx, cy = int(x // radius), int(y // radius)
+        near = any((points[j, 0] - x) ** 2 + (points[j, 1] - y) ** 2 < r2
+                   for dx in (-1, 0, 1) for dy in (-1, 0, 1) for j in grid.get((cx + dx, cy + dy), ()))
+        if not near:
+            kept.append(i)
+            grid.setdefault((cx, cy), []).append(i)
+            if len(kept) == limit:
+                break
+    return np.asarray(kept, dtype=np.int64)
 
 
 class RootSIFT:
@@ -85,7 +111,12 @@ class RootSIFT:
 
     def fingerprint(self) -> str:
         h = hashlib.sha1()
-        h.update(json.dumps({"name": self.name, "config": self.config.to_dict()}, sort_keys=True).encode())
+        config = self.config.to_dict()
+        # Options left off: the fingerprint of stores and codebooks made before they existed.
+        for key in ("upright", "affine_simulation", "affine_min_distance"):
+            if not config[key]:
+                del config[key]
+        h.update(json.dumps({"name": self.name, "config": config}, sort_keys=True).encode())
         if self.pca is not None:
             h.update(self.pca.fingerprint().encode())
         return h.hexdigest()[:16]
@@ -114,13 +145,31 @@ class RootSIFT:
         sy = small.shape[0] / h
         gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
         sift = self._sift()
-        kps = sift.detect(gray, None)
+        if self.config.affine_simulation:
+            # Descriptors come from each simulated view, so detect and describe together, then cap.
+            kps, desc = cv2.AffineFeature_create(sift).detectAndCompute(gray, None)
+        else:
+            kps, desc = sift.detect(gray, None), None
         if not kps:
             return LocalFeatures.empty(self.dim)
         attrs = np.array([(k.response, k.pt[1], k.pt[0], k.size, k.angle) for k in kps], dtype=np.float64)
         order = np.lexsort((attrs[:, 4], attrs[:, 3], attrs[:, 2], attrs[:, 1], -attrs[:, 0]))
-        kps = [kps[i] for i in order[: self.config.max_features]]
-        kps, desc = sift.compute(gray, kps)
+        if self.config.upright:
+            # Orientation duplicates share response, position and size and are adjacent in this order.
+            a = attrs[order, :4]
+            order = order[np.r_[True, np.any(a[1:] != a[:-1], axis=1)]]
+        if self.config.affine_simulation and self.config.affine_min_distance > 0:
+            order = spread_keypoints(attrs[:, [2, 1]], order, self.config.affine_min_distance,
+                                     self.config.max_features)
+        order = order[: self.config.max_features]
+        kps = [kps[i] for i in order]
+        if desc is not None:
+            desc = desc[order]
+        else:
+            if self.config.upright:
+                for k in kps:
+                    k.angle = 0.0
+            kps, desc = sift.compute(gray, kps)
         if desc is None or not kps:
             return LocalFeatures.empty(self.dim)
         desc = np.asarray(desc, dtype=np.float32)
