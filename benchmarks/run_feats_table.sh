@@ -11,7 +11,7 @@ RUNS=${RUNS:-runs}
 export PYTHONPATH=${PYTHONPATH:-.}
 case $KIND in
   upright) OPT="--set features.options.upright=true" ;;
-  asift) OPT="--set features.options.affine_simulation=true" ;;
+  asift) OPT="--set features.options.affine_simulation=true --set features.options.affine_min_distance=0" ;;
   asift_spread) OPT="--set features.options.affine_simulation=true --set features.options.affine_min_distance=1.4142" ;;
   *) echo "unknown feature kind $KIND" >&2; exit 2 ;;
 esac
@@ -27,6 +27,7 @@ bench() { python -m d2r bench revisitop --gnd "$DATA/gnd.pkl" --images-root "$DA
             --codebook $CACHE/k8192.npz --no-report $OPT "$@"; }
 HAM="--rerank --rerank-method usac --set rerank.correspondences=hamming"
 bench --config $CFG --no-rerank --out $OUT/base
+bench --config $CFG --rerank --rerank-method usac --out $OUT/usac
 bench --config $CFG --rerank --rerank-method usac --query-expansion aqe --out $OUT/usac_aqe
 bench --config $CFG $HAM --out $OUT/usac_ham
 bench --config $CFG $HAM --query-expansion aqe --out $OUT/usac_ham_aqe

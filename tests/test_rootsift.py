@@ -268,6 +268,10 @@ def test_new_options_off_keep_the_old_fingerprint():
     assert RootSIFT(upright=False, affine_simulation=False).fingerprint() == RootSIFT().fingerprint()
     assert len({RootSIFT().fingerprint(), RootSIFT(upright=True).fingerprint(),
                 RootSIFT(affine_simulation=True).fingerprint()}) == 3
+    # the spread radius only matters with ASIFT on (its default is √2 px)
+    assert RootSIFT(affine_min_distance=0).fingerprint() == RootSIFT().fingerprint()
+    assert (RootSIFT(affine_simulation=True).fingerprint()
+            != RootSIFT(affine_simulation=True, affine_min_distance=0).fingerprint())
 
 
 def test_spread_keypoints_matches_brute_force(rng):
@@ -286,11 +290,11 @@ def test_spread_keypoints_matches_brute_force(rng):
 
 def test_affine_min_distance_spreads_asift_keypoints(bundled_photos):
     img = bundled_photos["astronaut"]
-    f = RootSIFT(max_side=None, affine_simulation=True, affine_min_distance=2 ** 0.5).extract(img)
+    f = RootSIFT(max_side=None, affine_simulation=True).extract(img)  # default radius √2
     assert len(f) == 1000 and np.all(np.diff(f.scores) <= 0)
     d = np.linalg.norm(f.locations[:, None] - f.locations[None], axis=2) + np.eye(len(f)) * 99
     assert d.min() >= 2 ** 0.5 - 1e-4
-    full = RootSIFT(max_side=None, affine_simulation=True).extract(img)
+    full = RootSIFT(max_side=None, affine_simulation=True, affine_min_distance=0).extract(img)
     dfull = np.linalg.norm(full.locations[:, None] - full.locations[None], axis=2) + np.eye(len(full)) * 99
     assert dfull.min() < 1  # without it, ASIFT repeats points seen in several views
     with pytest.raises(ValueError, match="affine_min_distance"):

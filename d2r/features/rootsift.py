@@ -36,7 +36,9 @@ class RootSIFTConfig(Config):
     pca_dim: int = 128  # used only when a PCA is given
     upright: bool = False  # gravity-vector assumption (Perdoch et al. 2009): orientation 0, one per keypoint
     affine_simulation: bool = False  # ASIFT (Morel & Yu 2009): cv2.AffineFeature views, OpenCV's tilt grid
-    affine_min_distance: float = 0.0  # ASIFT: drop keypoints closer (px) to a stronger kept one; 0: keep all
+    # ASIFT: drop keypoints closer (px) to a stronger kept one (0: keep all). √2 px, one pixel's diagonal: the
+    # same point found in several simulated views (round 4 of benchmarks/results/dev_results.md)
+    affine_min_distance: float = 2 ** 0.5
 
     def __post_init__(self):
         if self.upright and self.affine_simulation:
@@ -113,8 +115,10 @@ class RootSIFT:
         h = hashlib.sha1()
         config = self.config.to_dict()
         # Options left off: the fingerprint of stores and codebooks made before they existed.
+        if not config["affine_simulation"]:
+            del config["affine_min_distance"]  # used only by ASIFT
         for key in ("upright", "affine_simulation", "affine_min_distance"):
-            if not config[key]:
+            if key in config and not config[key]:
                 del config[key]
         h.update(json.dumps({"name": self.name, "config": config}, sort_keys=True).encode())
         if self.pca is not None:
