@@ -1,13 +1,14 @@
 """An engine's sources table (image id → file), kept as a snapshot plus an append-only journal.
 
-``sources.json`` is the snapshot: a plain ``{id: path}`` JSON object (what older d2r versions wrote and read).
-``sources.log`` holds the changes since: one JSON record a line, ``{"set": {id: path, ...}}`` and/or
-``{"del": [id, ...]}``, appended, flushed and fsynced by each save, so a save writes only its changes. When the
-log outgrows the snapshot (and :data:`COMPACT_FLOOR`), the save writes a new snapshot atomically and then
-replaces the log by an empty one (a new file: readers holding the old one still read it whole), so bytes written
-stay linear in the changes. Replaying the whole old log over the new snapshot gives the new snapshot, so a reader
-that opens the snapshot before the log and checks that the snapshot was not replaced meanwhile always gets the
-table of some save. A torn last line (a crash mid-append) is ignored, and cut off by the next save.
+``sources.json`` is the snapshot: a plain ``{id: path}`` JSON object (what older d2r versions wrote and
+read). ``sources.log`` holds the changes since: one JSON record a line, ``{"set": {id: path, ...}}`` and/or
+``{"del": [id, ...]}``, appended, flushed and fsynced by each save, so a save writes only its changes. When
+the log outgrows the snapshot (and :data:`COMPACT_FLOOR`), the save writes a new snapshot atomically, then
+replaces the log by an empty one (a new file: readers holding the old one still read it whole), so bytes
+written stay linear in the changes. The old log replayed over the new snapshot gives the new snapshot, so a
+reader that opens the snapshot before the log and checks that the snapshot was not replaced meanwhile
+always gets the table of some save. A torn last line (a crash mid-append) is ignored and cut off by the
+next save.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ _RETRIES = 200
 
 
 def parse_json(path: Path, raw: bytes, default):
-    """``raw`` (the bytes of ``path``) as JSON of the type of ``default`` (any when None); ValueError naming the
-    file otherwise."""
+    """``raw`` (the bytes of ``path``) as JSON of the type of ``default`` (any when None); ValueError naming
+    the file otherwise."""
     try:
         data = json.loads(raw.decode())
     except UnicodeDecodeError:
@@ -43,7 +44,8 @@ def parse_json(path: Path, raw: bytes, default):
 
 
 def _record(path: Path, number: int, line: bytes):
-    """One log line as ``(set, del)``; None when not JSON; ValueError naming the file when of a wrong shape."""
+    """One log line as ``(set, del)``; None when not JSON; ValueError naming the file when of a wrong
+    shape."""
     try:
         rec = json.loads(line.decode())
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -51,14 +53,16 @@ def _record(path: Path, number: int, line: bytes):
     sets = rec.get("set", {}) if isinstance(rec, dict) else None
     dels = rec.get("del", []) if isinstance(rec, dict) else None
     if (not isinstance(sets, dict) or not isinstance(dels, list) or set(rec) - {"set", "del"}
-            or not all(isinstance(v, str) for v in sets.values()) or not all(isinstance(i, str) for i in dels)):
+            or not all(isinstance(v, str) for v in sets.values())
+            or not all(isinstance(i, str) for i in dels)):
         raise ValueError(f"{path}: line {number} is not a sources record (corrupted?)")
     return sets, dels
 
 
 def replay(path: Path, raw: bytes, table: dict) -> int:
     """Apply the log bytes ``raw`` (of ``path``) to ``table`` in order; returns the length of its good part.
-    A torn last line (no newline, or not JSON) is ignored; any other damage is a ValueError naming the file."""
+    A torn last line (no newline, or not JSON) is ignored; any other damage is a ValueError naming the
+    file."""
     lines = raw.split(b"\n")
     torn = lines.pop()  # b"" when the log ends with a newline
     end = 0
@@ -151,8 +155,8 @@ class SourcesTable(MutableMapping):
         return self.load().get(image_id, default)
 
     def save(self) -> None:
-        """Append the changes since the last save to the log (fsynced); compact when it outgrew the snapshot: a
-        new snapshot, then an empty log."""
+        """Append the changes since the last save to the log (fsynced); compact when it outgrew the
+        snapshot: a new snapshot, then an empty log."""
         if not self._changed:
             return
         rec = {}

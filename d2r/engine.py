@@ -767,7 +767,8 @@ def _engine_config(path: Path) -> EngineConfig:
 def check_engine(path, digests: bool = True) -> list[dict]:
     """:meth:`Engine.check` of the engine folder ``path`` without opening it (a damaged index cannot be
     opened but can be checked); an engine with no feature store or no index yet has nothing to check there.
-    ``engine.json``, ``sources.json``, ``sources.log`` and ``failures.json`` must parse (commands read them)."""
+    ``engine.json``, ``sources.json``, ``sources.log`` and ``failures.json`` must parse (commands read
+    them)."""
     from d2r.features.store import check_store
     from d2r.index.database import check
 

@@ -1,5 +1,5 @@
-"""The sources table as a snapshot plus an append-only journal (d2r/_sources.py): replay, linear bytes written,
-torn and garbled logs, old engines, concurrent readers, serve noticing appends."""
+"""The sources table as a snapshot plus an append-only journal (d2r/_sources.py): replay, linear bytes
+written, torn and garbled logs, old engines, concurrent readers, serve noticing appends."""
 
 import json
 import os
@@ -114,7 +114,8 @@ def test_index_check_names_a_garbled_log_and_an_old_engine_opens(tmp_path):
     engine._sources["z"] = "/p/z.jpg"
     del engine._sources["x"]
     engine._sources.save()
-    assert json.loads((eng / SNAPSHOT).read_text()) == {"x": "/p/x.jpg", "y": "/p/y.jpg"}  # appended, not rewritten
+    # appended to the log, the snapshot not rewritten
+    assert json.loads((eng / SNAPSHOT).read_text()) == {"x": "/p/x.jpg", "y": "/p/y.jpg"}
     assert dict(Engine.open(eng)._sources) == {"y": "/p/y.jpg", "z": "/p/z.jpg"}
     (eng / LOG).write_bytes(b"{oops\n" + (eng / LOG).read_bytes())
     damaged = check_engine(eng)
