@@ -6,8 +6,9 @@
 
 An engine folder holds ``engine.json`` (format version and the resolved :class:`EngineConfig`), ``features/`` (a
 :class:`~d2r.features.FeatureStore` of every indexed image's local features, region by region, used for
-re-ranking and boxes), ``index/`` (the :class:`~d2r.index.Database`, with its codebook), ``sources.json`` (image
-id → file) and ``failures.json`` (file → reason). Indexing runs in batches: features are extracted and flushed to
+re-ranking and boxes), ``index/`` (the :class:`~d2r.index.Database`, with its codebook), ``sources.json`` and
+``sources.log`` (image id → file: a snapshot and the journal of changes since, see :mod:`d2r._sources`) and
+``failures.json`` (file → reason). Indexing runs in batches: features are extracted and flushed to
 the store, then added to the database, which is saved; only then are the batch's images reported done, so a
 process killed at any point reopens with every image reported done. Without a codebook file, the first ``index``
 extracts every image, trains a codebook on a sample of their descriptors, then builds the database.
@@ -18,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import typing
-import json
 import logging
 import os
 import threading
@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from d2r import _io
+from d2r._sources import LOG, SourcesTable, parse_json, read_sources
 from d2r.codebook import Codebook
 from d2r.config import Config
 from d2r.detect.config import RegionsConfig
@@ -260,7 +261,7 @@ class Engine:
         self._db: Database | None = None
         self._store = None
         self._store_lock = threading.Lock()
-        self._sources: dict[str, str] = _read_json(self.path / "sources.json", {})
+        self._sources = SourcesTable(self.path)  # read on first access (a search needs only its hits' files)
         self._failures: dict[str, str] = _read_json(self.path / "failures.json", {})
 
     # ---- construction ----------------------------------------------------------------------------------------
@@ -347,7 +348,8 @@ class Engine:
             try:
                 if (self.path / "index" / "manifest.json").exists():
                     self._db = Database.open(self.path / "index", writable=True, lock_timeout=lock_timeout)
-                self._sources = _read_json(self.path / "sources.json", {})
+                self._sources.reload()
+                self._sources.load()
                 self._failures = _read_json(self.path / "failures.json", {})
                 store = FeatureStore.create(self.path / "features", self.pipeline.store_info(),
                                             lock_timeout=lock_timeout)
@@ -370,6 +372,7 @@ class Engine:
         return self._db is not None and image_id in self._db
 
     def info(self) -> dict:
+        self._sources.load()  # a damaged sources table is an error here too
         out = {"path": str(self.path), "images": len(self), "failures": len(self._failures),
                "config": self.config.to_dict()}
         if self._db is not None:
@@ -554,7 +557,7 @@ class Engine:
         self._create_database(book)
 
     def _save_tables(self) -> None:
-        _io.write_json(self.path / "sources.json", self._sources)
+        self._sources.save()
         _io.write_json(self.path / "failures.json", self._failures)
 
     def remove(self, ids, lock_timeout: float | None = 0.0) -> int:
@@ -764,7 +767,8 @@ def _engine_config(path: Path) -> EngineConfig:
 def check_engine(path, digests: bool = True) -> list[dict]:
     """:meth:`Engine.check` of the engine folder ``path`` without opening it (a damaged index cannot be
     opened but can be checked); an engine with no feature store or no index yet has nothing to check there.
-    ``engine.json``, ``sources.json`` and ``failures.json`` must parse (every command reads them)."""
+    ``engine.json``, ``sources.json``, ``sources.log`` and ``failures.json`` must parse (commands read
+    them)."""
     from d2r.features.store import check_store
     from d2r.index.database import check
 
@@ -772,6 +776,7 @@ def check_engine(path, digests: bool = True) -> list[dict]:
     damaged = []
     for name, read in (("engine.json", lambda: _engine_config(path)),
                        ("sources.json", lambda: _read_json(path / "sources.json", {})),
+                       (LOG, lambda: _sources_log_damage(path)),
                        ("failures.json", lambda: _read_json(path / "failures.json", {}))):
         try:
             read()
@@ -787,18 +792,20 @@ def check_engine(path, digests: bool = True) -> list[dict]:
     return damaged
 
 
+def _sources_log_damage(path: Path) -> None:
+    """ValueError naming ``sources.log`` when it is damaged (a damaged ``sources.json`` is reported apart)."""
+    try:
+        read_sources(path)
+    except ValueError as exc:
+        if str(exc).startswith(str(path / LOG)):
+            raise
+
+
 def _read_json(path: Path, default):
     """The JSON in ``path`` (``default`` when absent); ValueError naming the file when it is not valid JSON or
     not of the type of ``default``."""
     try:
-        data = json.loads(path.read_text())
+        raw = path.read_bytes()
     except FileNotFoundError:
         return default
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a text file (corrupted?)") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg} "
-                         "(corrupted?)") from None
-    if default is not None and not isinstance(data, type(default)):
-        raise ValueError(f"{path}: expected a JSON {type(default).__name__}, got {type(data).__name__}")
-    return data
+    return parse_json(path, raw, default)

@@ -47,9 +47,10 @@ class _Shard:
         self.engine_config = self._store = None
         self._sources: dict = {}
         if folder != path:  # an engine folder: its feature store and sources serve re-ranking and hits
+            from d2r._sources import SourcesTable
+
             self.engine_config = json.loads((path / "engine.json").read_text()).get("config")
-            if (path / "sources.json").is_file():
-                self._sources = json.loads((path / "sources.json").read_text())
+            self._sources = SourcesTable(path)  # sources.json and its log, read at the first hit
             if (path / "features" / "manifest.json").is_file():
                 from d2r.features.store import FeatureStore
 

@@ -100,9 +100,9 @@ class Service:
 
     def _disk_stamp(self) -> tuple:
         """What a commit of the engine changes (atomic renames: a new inode): the index and feature-store
-        manifests and the sources table."""
+        manifests and the sources table (its snapshot, and its log: appended in place, its size changes)."""
         stamp = []
-        for name in ("index/manifest.json", "features/manifest.json", "sources.json"):
+        for name in ("index/manifest.json", "features/manifest.json", "sources.json", "sources.log"):
             try:
                 st = (self.path / name).stat()
                 stamp.append((st.st_ino, st.st_mtime_ns, st.st_size))

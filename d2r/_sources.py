@@ -1,0 +1,187 @@
+"""An engine's sources table (image id → file), kept as a snapshot plus an append-only journal.
+
+``sources.json`` is the snapshot: a plain ``{id: path}`` JSON object (what older d2r versions wrote and
+read). ``sources.log`` holds the changes since: one JSON record a line, ``{"set": {id: path, ...}}`` and/or
+``{"del": [id, ...]}``, appended, flushed and fsynced by each save, so a save writes only its changes. When
+the log outgrows the snapshot (and :data:`COMPACT_FLOOR`), the save writes a new snapshot atomically, then
+replaces the log by an empty one (a new file: readers holding the old one still read it whole), so bytes
+written stay linear in the changes. The old log replayed over the new snapshot gives the new snapshot, so a
+reader that opens the snapshot before the log and checks that the snapshot was not replaced meanwhile
+always gets the table of some save. A torn last line (a crash mid-append) is ignored and cut off by the
+next save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import MutableMapping
+from pathlib import Path
+
+from d2r import _io
+
+SNAPSHOT = "sources.json"
+LOG = "sources.log"
+COMPACT_FLOOR = 4 << 20  # bytes: the log is compacted once larger than this and than the snapshot
+_RETRIES = 200
+
+
+def parse_json(path: Path, raw: bytes, default):
+    """``raw`` (the bytes of ``path``) as JSON of the type of ``default`` (any when None); ValueError naming
+    the file otherwise."""
+    try:
+        data = json.loads(raw.decode())
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (corrupted?)") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg} "
+                         "(corrupted?)") from None
+    if default is not None and not isinstance(data, type(default)):
+        raise ValueError(f"{path}: expected a JSON {type(default).__name__}, got {type(data).__name__}")
+    return data
+
+
+def _record(path: Path, number: int, line: bytes):
+    """One log line as ``(set, del)``; None when not JSON; ValueError naming the file when of a wrong
+    shape."""
+    try:
+        rec = json.loads(line.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    sets = rec.get("set", {}) if isinstance(rec, dict) else None
+    dels = rec.get("del", []) if isinstance(rec, dict) else None
+    if (not isinstance(sets, dict) or not isinstance(dels, list) or set(rec) - {"set", "del"}
+            or not all(isinstance(v, str) for v in sets.values())
+            or not all(isinstance(i, str) for i in dels)):
+        raise ValueError(f"{path}: line {number} is not a sources record (corrupted?)")
+    return sets, dels
+
+
+def replay(path: Path, raw: bytes, table: dict) -> int:
+    """Apply the log bytes ``raw`` (of ``path``) to ``table`` in order; returns the length of its good part.
+    A torn last line (no newline, or not JSON) is ignored; any other damage is a ValueError naming the
+    file."""
+    lines = raw.split(b"\n")
+    torn = lines.pop()  # b"" when the log ends with a newline
+    end = 0
+    for number, line in enumerate(lines, 1):
+        rec = _record(path, number, line)
+        if rec is None:
+            if number == len(lines) and not torn:
+                break  # an unparsable last line: torn too
+            raise ValueError(f"{path}: line {number} is not valid JSON (corrupted?)")
+        for image_id in rec[1]:
+            table.pop(image_id, None)
+        table.update(rec[0])
+        end += len(line) + 1
+    return end
+
+
+def _same_file(a, b) -> bool:
+    return (a is None) == (b is None) and (a is None or (a.st_ino, a.st_dev, a.st_mtime_ns, a.st_size)
+                                           == (b.st_ino, b.st_dev, b.st_mtime_ns, b.st_size))
+
+
+def read_sources(folder) -> tuple[dict, int, int]:
+    """The sources table of the engine folder ``folder``, consistent while another process saves or compacts
+    it: ``(table, good bytes of the log, snapshot bytes)``. Never blocks the writer; retries when the snapshot
+    was replaced while reading."""
+    folder = Path(folder)
+    snap, log = folder / SNAPSHOT, folder / LOG
+    for _ in range(_RETRIES):
+        with contextlib.ExitStack() as stack:
+            try:  # the snapshot stays open until checked: its inode cannot be reused meanwhile
+                f = stack.enter_context(open(snap, "rb"))
+                before, raw = os.fstat(f.fileno()), f.read()
+            except FileNotFoundError:
+                before, raw = None, b""
+            try:
+                with open(log, "rb") as g:
+                    journal = g.read()
+            except FileNotFoundError:
+                journal = b""
+            try:
+                after = snap.stat()
+            except FileNotFoundError:
+                after = None
+            if _same_file(before, after):
+                table = parse_json(snap, raw, {}) if before is not None else {}
+                return table, replay(log, journal, table), len(raw)
+        time.sleep(0.001)
+    raise OSError(f"{snap}: replaced {_RETRIES} times while being read (another process compacting it?)")
+
+
+class SourcesTable(MutableMapping):
+    """The sources table of an engine folder, read on first access; changes are kept until :meth:`save`
+    (by the engine's one writer, under its lock)."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self._table: dict | None = None
+        self._changed: dict = {}  # id → path, or None when deleted, since the last save
+        self._log_end = self._snapshot_size = 0
+
+    def load(self) -> dict:
+        if self._table is None:
+            self._table, self._log_end, self._snapshot_size = read_sources(self.folder)
+        return self._table
+
+    def reload(self) -> None:
+        """Forget what was read (and unsaved changes): the next access reads the files again."""
+        self._table, self._changed = None, {}
+
+    def __getitem__(self, image_id):
+        return self.load()[image_id]
+
+    def __setitem__(self, image_id, path):
+        self.load()[image_id] = self._changed[image_id] = str(path)
+
+    def __delitem__(self, image_id):
+        del self.load()[image_id]
+        self._changed[image_id] = None
+
+    def __iter__(self):
+        return iter(self.load())
+
+    def __len__(self):
+        return len(self.load())
+
+    def __contains__(self, image_id):
+        return image_id in self.load()
+
+    def get(self, image_id, default=None):
+        return self.load().get(image_id, default)
+
+    def save(self) -> None:
+        """Append the changes since the last save to the log (fsynced); compact when it outgrew the
+        snapshot: a new snapshot, then an empty log."""
+        if not self._changed:
+            return
+        rec = {}
+        sets = {i: p for i, p in self._changed.items() if p is not None}
+        dels = [i for i, p in self._changed.items() if p is None]
+        if sets:
+            rec["set"] = sets
+        if dels:
+            rec["del"] = dels
+        line = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
+        log = self.folder / LOG
+        new = not log.exists()
+        with open(log, "ab") as f:
+            if f.tell() != self._log_end:  # a torn last line (or garbage after it): cut off
+                f.truncate(self._log_end)
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        if new:
+            _io.fsync_dir(self.folder)
+        self._log_end += len(line)
+        if self._log_end > max(self._snapshot_size, COMPACT_FLOOR):
+            # The log first holds every change of the new snapshot: replayed over it, it gives it again.
+            data = (json.dumps(self._table, indent=0) + "\n").encode()
+            _io.write_bytes(self.folder / SNAPSHOT, data)
+            _io.write_bytes(log, b"")  # a new file: readers holding the old log still read it whole
+            self._log_end, self._snapshot_size = 0, len(data)
+        self._changed = {}
