@@ -88,8 +88,8 @@ class RerankConfig(Config):
         fusion_weight: "usac": 0 keeps the threshold rule; λ > 0 ranks the verified candidates by the fused
             score s + λ·min(n, cap)/cap (s the initial similarity, n the inliers, counted only when
             n >= min_inliers) instead of moving them above the rest (:func:`order_by_fused`).
-        fusion_cap: the inlier count at which the fused bonus saturates (``cap``; 70 as Google's GLDv2
-            DELG + RANSAC re-ranking baseline).
+        fusion_cap: the inlier count at which the fused bonus saturates (``cap``; 70 as the Kaggle
+            Landmark Recognition 2020 DELG + RANSAC baseline's MAX_INLIER_SCORE).
     """
 
     num_to_rerank: int = 100

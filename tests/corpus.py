@@ -60,3 +60,24 @@ def write_corpus(folder: Path, seed: int = 0) -> dict[str, str]:
     Image.new("RGB", (50_000, 5), (200, 10, 10)).save(folder / "five-by-fifty-thousand.png")
     kinds["five-by-fifty-thousand.png"] = "empty"
     return kinds
+
+
+def write_photos(folder: Path, names, seed: int) -> Path:
+    """One textured 160×200 PNG per name in ``folder`` (created); returns the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in names:
+        Image.fromarray(textured(rng, 160, 200)).save(folder / f"{name}.png")
+    return folder
+
+
+def run_cli(capsys, *argv):
+    """(exit code, stdout, stderr) of ``d2r.cli.main(argv)`` in this process (argparse exits caught)."""
+    import d2r.cli
+
+    try:
+        code = d2r.cli.main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse usage errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err

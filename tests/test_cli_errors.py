@@ -15,18 +15,9 @@ from PIL import Image
 import d2r
 import d2r.cli
 from d2r.engine import Engine
-from tests.corpus import textured
+from tests.corpus import textured, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _cli(capsys, *argv):
-    try:
-        code = d2r.cli.main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse usage errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _one_line_error(code, err, expected_code, *needles):
@@ -106,14 +97,14 @@ def _create_cases(photos, books, tmp):
 def test_index_create_bad_inputs_leave_no_folder(photos, books, tmp_path, capsys):
     for i, (extra, want, needles) in enumerate(_create_cases(photos, books, tmp_path)):
         target = tmp_path / f"eng{i}"
-        code, _, err = _cli(capsys, "index", "create", target, "--quiet", *extra)
+        code, _, err = run_cli(capsys, "index", "create", target, "--quiet", *extra)
         if want == 2:  # argparse: usage line + error line
             assert code == 2 and "Traceback" not in err and all(n in err for n in needles), err
         else:
             _one_line_error(code, err, want, *needles)
         assert not target.exists(), (extra, sorted(p.name for p in target.iterdir()))
     # the failed creates left nothing that blocks the right one
-    code, _, err = _cli(capsys, "index", "create", tmp_path / "eng0", "--codebook", books / "good.npz",
+    code, _, err = run_cli(capsys, "index", "create", tmp_path / "eng0", "--codebook", books / "good.npz",
                         "--quiet")
     assert code == 0, err
 
@@ -131,26 +122,26 @@ def test_index_add_search_info_remove_bad_inputs(engine_dir, photos, tmp_path, c
     before = len(Engine.open(work))
     assert before == 4
     # bad arguments: nothing indexed is lost
-    code, _, err = _cli(capsys, "index", "add", work, tmp_path / "no-such-folder", "--quiet")
+    code, _, err = run_cli(capsys, "index", "add", work, tmp_path / "no-such-folder", "--quiet")
     _one_line_error(code, err, 1, "no-such-folder")
-    code, _, err = _cli(capsys, "index", "remove", work, "nope")
+    code, _, err = run_cli(capsys, "index", "remove", work, "nope")
     _one_line_error(code, err, 1, "nope", "not in the index")
-    code, _, err = _cli(capsys, "search", tmp_path / "missing.jpg", "--index", work)
+    code, _, err = run_cli(capsys, "search", tmp_path / "missing.jpg", "--index", work)
     _one_line_error(code, err, 1, "missing.jpg")
     Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / "blank.png")
-    code, out, err = _cli(capsys, "search", tmp_path / "blank.png", "--index", work, "--json")
+    code, out, err = run_cli(capsys, "search", tmp_path / "blank.png", "--index", work, "--json")
     _one_line_error(code, err, 1, "blank.png", "no local features")
     assert out == ""
-    code, _, err = _cli(capsys, "search", photos / "im0.png", "--index", work, "--top-k", "0")
+    code, _, err = run_cli(capsys, "search", photos / "im0.png", "--index", work, "--top-k", "0")
     _one_line_error(code, err, 2, "--top-k")  # a bad flag value: usage
-    code, _, err = _cli(capsys, "search", photos / "im0.png", "--index", work, "--bbox", "1,2")
+    code, _, err = run_cli(capsys, "search", photos / "im0.png", "--index", work, "--bbox", "1,2")
     _one_line_error(code, err, 1, "--bbox")
     # a partial failure: exit 3 and a summary; the good image is indexed
     extra = tmp_path / "more"
     extra.mkdir()
     Image.fromarray(textured(np.random.default_rng(9), 240, 320)).save(extra / "good.png")
     (extra / "broken.jpg").write_bytes(b"not a jpeg")
-    code, _, err = _cli(capsys, "index", "add", work, extra, "--quiet")
+    code, _, err = run_cli(capsys, "index", "add", work, extra, "--quiet")
     assert code == 3 and "broken.jpg" in err and "partial failure: 1 image(s) failed, 1 indexed" in err
     assert "Traceback" not in err
     assert len(Engine.open(work)) == before + 1
@@ -163,7 +154,7 @@ def test_index_add_search_info_remove_bad_inputs(engine_dir, photos, tmp_path, c
         (broken / name).write_text(content)
         for argv in (["index", "info", broken], ["index", "add", broken, extra, "--quiet"],
                      ["index", "remove", broken, "good"], ["search", photos / "im0.png", "--index", broken]):
-            code, _, err = _cli(capsys, *argv)
+            code, _, err = run_cli(capsys, *argv)
             _one_line_error(code, err, 1, name)
     # a region source gone since the engine was made: one error before any image, nothing marked failed
     broken = tmp_path / "broken-regions"
@@ -172,7 +163,7 @@ def test_index_add_search_info_remove_bad_inputs(engine_dir, photos, tmp_path, c
     meta["config"]["regions"]["proposer"] = str(tmp_path / "gone-detector")
     (broken / "engine.json").write_text(json.dumps(meta))
     failures = (broken / "failures.json").read_text()
-    code, _, err = _cli(capsys, "index", "add", broken, extra, "--quiet")
+    code, _, err = run_cli(capsys, "index", "add", broken, extra, "--quiet")
     _one_line_error(code, err, 1, "regions.proposer", "gone-detector")
     assert (broken / "failures.json").read_text() == failures
     # a manifest missing a key names the manifest
@@ -181,7 +172,7 @@ def test_index_add_search_info_remove_bad_inputs(engine_dir, photos, tmp_path, c
     manifest = json.loads((broken / "index" / "manifest.json").read_text())
     del manifest["codebook"]
     (broken / "index" / "manifest.json").write_text(json.dumps(manifest))
-    code, _, err = _cli(capsys, "index", "info", broken)
+    code, _, err = run_cli(capsys, "index", "info", broken)
     _one_line_error(code, err, 1, "manifest.json")
     # after all that, the engine still holds every image
     assert len(Engine.open(work)) == before + 1
@@ -211,7 +202,7 @@ def test_extract_train_import_bench_bad_inputs(photos, books, tmp_path, capsys):
         (bench + ["--set", "rerank.descriptor_distance=abc"], 1, ["rerank.descriptor_distance"]),
     ]
     for argv, want, needles in cases:
-        code, _, err = _cli(capsys, *argv)
+        code, _, err = run_cli(capsys, *argv)
         if want == 2:
             assert code == 2 and "Traceback" not in err and all(n in err for n in needles), (argv, err)
         else:
@@ -221,7 +212,7 @@ def test_extract_train_import_bench_bad_inputs(photos, books, tmp_path, capsys):
     mixed = tmp_path / "mixed"
     shutil.copytree(photos, mixed)
     (mixed / "broken.jpg").write_bytes(b"\xff\xd8 not really")
-    code, _, err = _cli(capsys, "extract", "--images", mixed, "--features", "rootsift", "--out", store,
+    code, _, err = run_cli(capsys, "extract", "--images", mixed, "--features", "rootsift", "--out", store,
                         "--quiet")
     assert code == 3 and "partial failure: 1 image(s) failed, 4 extracted" in err and "Traceback" not in err
 
@@ -236,7 +227,7 @@ def test_bench_validates_before_touching_images(photos, books, tmp_path, capsys)
     for extra, needles in [(["--codebook", books / "d64.npz"], ["d64.npz", "D=64"]),
                            (["--detector", "foo"], ["regions.proposer"]),
                            (["--set", "features.options.max_featres=1"], ["max_featres"])]:
-        code, _, err = _cli(capsys, "bench", "revisitop", "--gnd", gnd, "--images-root", photos,
+        code, _, err = run_cli(capsys, "bench", "revisitop", "--gnd", gnd, "--images-root", photos,
                             "--out", tmp_path / "run", "--quiet", *extra)
         _one_line_error(code, err, 1, *needles)
         assert not (tmp_path / "run").exists()

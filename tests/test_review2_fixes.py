@@ -12,26 +12,9 @@ from PIL import Image
 import d2r
 import d2r.cli
 from d2r.engine import Engine
-from tests.corpus import textured
+from tests.corpus import run_cli, write_photos
 
 CODEBOOK = Path(__file__).resolve().parents[1] / "codebooks" / "rootsift-128d-k256-skimage-s0.npz"
-
-
-def _cli(capsys, *argv):
-    try:
-        code = d2r.cli.main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse usage errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _photos(folder: Path, names, seed: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for name in names:
-        Image.fromarray(textured(rng, 160, 200)).save(folder / f"{name}.png")
-    return folder
 
 
 def _unwritable_folder(tmp_path) -> Path:
@@ -50,24 +33,24 @@ def test_train_codebook_unwritable_out_fails_before_training(tmp_path, capsys):
     x = tmp_path / "x.npy"
     np.save(x, np.random.default_rng(0).random((400, 16), dtype=np.float32))
     checkpoint = tmp_path / "ck.npz"  # written every iteration: absent when nothing was trained
-    code, _, err = _cli(capsys, "train-codebook", "--descriptors", x, "-k", 4, "--iterations", 2, "--quiet",
+    code, _, err = run_cli(capsys, "train-codebook", "--descriptors", x, "-k", 4, "--iterations", 2, "--quiet",
                         "--out", _unwritable_folder(tmp_path) / "cb.npz", "--checkpoint", checkpoint)
     assert code == 1 and "--out" in err and "cannot write in folder" in err, err
     assert not checkpoint.exists()
-    code, _, err = _cli(capsys, "train-codebook", "--descriptors", x, "-k", 4, "--iterations", 2, "--quiet",
+    code, _, err = run_cli(capsys, "train-codebook", "--descriptors", x, "-k", 4, "--iterations", 2, "--quiet",
                         "--out", tmp_path, "--force", "--checkpoint", checkpoint)
     assert code == 1 and f"--out {tmp_path}: is a folder" in err and not checkpoint.exists(), err
 
 
 def test_index_add_lists_each_failed_image_once(tmp_path, capsys, caplog):
     """Without --quiet a failed image was listed twice: a WARNING log line and the `failed:` line."""
-    photos = _photos(tmp_path / "photos", ["p0", "p1"], 1)
+    photos = write_photos(tmp_path / "photos", ["p0", "p1"], 1)
     (photos / "bad.jpg").write_bytes(b"garbage")
     eng = tmp_path / "eng"
     assert d2r.cli.main(["index", "create", str(eng), "--codebook", str(CODEBOOK), "--quiet",
                          "--set", "features.options.max_features=200"]) == 0
     capsys.readouterr()
-    code, _, err = _cli(capsys, "index", "add", eng, photos)
+    code, _, err = run_cli(capsys, "index", "add", eng, photos)
     logged = [r.getMessage() for r in caplog.records if "bad.jpg" in r.getMessage()]
     assert code == 3 and err.count("failed: ") == 1 and logged == [], (err, logged)
 
@@ -96,7 +79,7 @@ def test_engine_config_from_dict_takes_numpy_scalars():
 @pytest.fixture(scope="module")
 def small_engine(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
-    photos = _photos(root / "photos", [f"p{i}" for i in range(4)], 5)
+    photos = write_photos(root / "photos", [f"p{i}" for i in range(4)], 5)
     engine = Engine.create(root / "eng", {"features": {"options": {"max_features": 200}},
                                           "rerank": {"num_to_rerank": 3}}, codebook=CODEBOOK)
     assert not engine.index(photos, progress=False).failed
@@ -127,7 +110,7 @@ def test_bench_gldv2_unreadable_csv_named(tmp_path, capsys, bad):
     csvs = _gldv2_csvs(tmp_path)
     which, problem = bad.split("-")
     csvs[which] = {"missing": tmp_path / "nope.csv", "binary": csvs["binary"], "folder": tmp_path}[problem]
-    code, _, err = _cli(capsys, "bench", "gldv2", "--index-csv", csvs["index"], "--test-csv", csvs["test"],
+    code, _, err = run_cli(capsys, "bench", "gldv2", "--index-csv", csvs["index"], "--test-csv", csvs["test"],
                         "--solution-csv", csvs["solution"], "--images-root", tmp_path,
                         "--out", tmp_path / "run",
                         "--codebook", CODEBOOK, "--quiet")
@@ -137,7 +120,7 @@ def test_bench_gldv2_unreadable_csv_named(tmp_path, capsys, bad):
 def test_bench_out_that_is_a_file_refused_first(tmp_path, capsys):
     """`--out FILE` failed late with '[Errno 20] Not a directory: FILE/cache/db-...'."""
     csvs = _gldv2_csvs(tmp_path)
-    code, _, err = _cli(capsys, "bench", "gldv2", "--index-csv", csvs["index"], "--test-csv", csvs["test"],
+    code, _, err = run_cli(capsys, "bench", "gldv2", "--index-csv", csvs["index"], "--test-csv", csvs["test"],
                         "--solution-csv", csvs["solution"], "--images-root", tmp_path, "--out", csvs["test"],
                         "--codebook", CODEBOOK, "--quiet")
     assert code == 1 and f"--out {csvs['test']}: exists and is not a folder" in err, err
@@ -187,7 +170,7 @@ def test_search_featureless_query_listed_once(small_engine, tmp_path, capsys, ca
     """`d2r search blank.png good.png` listed the blank query twice: a WARNING line and the 'error:' line."""
     engine, photos = small_engine
     Image.new("RGB", (40, 40), (0, 0, 0)).save(tmp_path / "blank.png")
-    code, out, err = _cli(capsys, "search", tmp_path / "blank.png", photos / "p1.png", "--index", engine.path,
+    code, out, err = run_cli(capsys, "search", tmp_path / "blank.png", photos / "p1.png", "--index", engine.path,
                           "--no-rerank", "--top-k", 1)
     logged = [r.getMessage() for r in caplog.records if "blank.png" in r.getMessage()]
     assert code == 3 and err.count("blank.png") == 1 and logged == [] and "p1" in out, (err, logged)
@@ -196,8 +179,8 @@ def test_search_featureless_query_listed_once(small_engine, tmp_path, capsys, ca
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_extract_shard_mb_not_finite_is_usage_error(tmp_path, capsys, value):
     """`d2r extract --shard-mb inf` was 'unexpected error (OverflowError)', nan 'cannot convert float NaN'."""
-    photos = _photos(tmp_path / "photos", ["p0"], 6)
-    code, _, err = _cli(capsys, "extract", "--images", photos, "--features", "rootsift", "--out",
+    photos = write_photos(tmp_path / "photos", ["p0"], 6)
+    code, _, err = run_cli(capsys, "extract", "--images", photos, "--features", "rootsift", "--out",
                         tmp_path / "store", "--shard-mb", value, "--quiet")
     assert code == 2 and "--shard-mb must be a positive number" in err, err
     assert not (tmp_path / "store").exists()
@@ -206,10 +189,10 @@ def test_extract_shard_mb_not_finite_is_usage_error(tmp_path, capsys, value):
 @pytest.mark.parametrize("command", ["index", "extract"])
 def test_lock_timeout_nan_is_usage_error(tmp_path, capsys, command):
     """`--lock-timeout nan` was accepted and waited forever for a held lock."""
-    photos = _photos(tmp_path / "photos", ["p0"], 7)
+    photos = write_photos(tmp_path / "photos", ["p0"], 7)
     argv = (["index", "add", tmp_path / "eng", photos] if command == "index" else
             ["extract", "--images", photos, "--features", "rootsift", "--out", tmp_path / "store"])
-    code, _, err = _cli(capsys, *argv, "--lock-timeout", "nan", "--quiet")
+    code, _, err = run_cli(capsys, *argv, "--lock-timeout", "nan", "--quiet")
     assert code == 2 and "--lock-timeout must be >= 0 seconds, got nan" in err, err
 
 

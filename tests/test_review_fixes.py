@@ -10,26 +10,9 @@ from PIL import Image
 
 import d2r.cli
 from d2r.engine import Engine
-from tests.corpus import textured
+from tests.corpus import run_cli, write_photos
 
 CODEBOOK = Path(__file__).resolve().parents[1] / "codebooks" / "rootsift-128d-k256-skimage-s0.npz"
-
-
-def _cli(capsys, *argv):
-    try:
-        code = d2r.cli.main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse usage errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _photos(folder: Path, names, seed: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for name in names:
-        Image.fromarray(textured(rng, 160, 200)).save(folder / f"{name}.png")
-    return folder
 
 
 def _engine(tmp_path) -> Path:
@@ -42,13 +25,13 @@ def _engine(tmp_path) -> Path:
 
 def test_index_add_takes_several_folders_and_list_files(tmp_path, capsys):
     """`d2r index add DIR A B` failed both folders ("is a directory, not an image file", exit 1)."""
-    a = _photos(tmp_path / "A", ["a0", "a1"], 1)
-    b = _photos(tmp_path / "B" / "sub", ["b0"], 2).parent
-    c = _photos(tmp_path / "C", ["c0"], 3)
+    a = write_photos(tmp_path / "A", ["a0", "a1"], 1)
+    b = write_photos(tmp_path / "B" / "sub", ["b0"], 2).parent
+    c = write_photos(tmp_path / "C", ["c0"], 3)
     listing = tmp_path / "list.txt"
     listing.write_text("C/c0.png\n")
     eng = _engine(tmp_path)
-    code, out, err = _cli(capsys, "index", "add", eng, a, b, listing, "--json", "--quiet")
+    code, out, err = run_cli(capsys, "index", "add", eng, a, b, listing, "--json", "--quiet")
     report = json.loads(out)
     assert code == 0 and report["failed"] == {} and report["indexed"] == 4, err
     engine = Engine.open(eng)
@@ -59,7 +42,7 @@ def test_index_add_takes_several_folders_and_list_files(tmp_path, capsys):
 def test_interrupted_create_keeps_the_engine_and_resumes(tmp_path, capsys, monkeypatch):
     """Ctrl-C during `d2r index create --images` deleted the whole engine folder (features extracted so far
     included), so nothing could be resumed."""
-    photos = _photos(tmp_path / "photos", ["p0", "p1", "p2"], 4)
+    photos = write_photos(tmp_path / "photos", ["p0", "p1", "p2"], 4)
     eng = tmp_path / "eng"
 
     def interrupted(*args, **kwargs):  # Ctrl-C after the features were extracted and flushed to the store
@@ -67,13 +50,13 @@ def test_interrupted_create_keeps_the_engine_and_resumes(tmp_path, capsys, monke
 
     with monkeypatch.context() as m:
         m.setattr(Engine, "_index_stored", interrupted)
-        code, _, err = _cli(capsys, "index", "create", eng, "--codebook", CODEBOOK, "--images", photos, "--quiet")
+        code, _, err = run_cli(capsys, "index", "create", eng, "--codebook", CODEBOOK, "--images", photos, "--quiet")
     assert code == 130 and "interrupted" in err and f"d2r index add {eng} {photos}" in err
     assert (eng / "engine.json").is_file()
     from d2r.features.store import FeatureStore
 
     assert len(FeatureStore.open(eng / "features").ids()) == 3  # the extraction is kept
-    code, out, err = _cli(capsys, "index", "add", eng, photos, "--json", "--quiet")
+    code, out, err = run_cli(capsys, "index", "add", eng, photos, "--json", "--quiet")
     assert code == 0 and json.loads(out)["indexed"] == 3 and len(Engine.open(eng)) == 3, err
 
 
@@ -88,7 +71,7 @@ def test_unreadable_codebook_is_a_one_line_error(tmp_path, capsys, kind):
     else:
         np.savez(book, centroids=np.ones((16, 128), np.float32), metadata=np.array(json.dumps([1, 2])))
         book = book.with_name(book.name + ".npz")
-    code, out, err = _cli(capsys, "index", "create", tmp_path / "eng", "--codebook", book, "--quiet")
+    code, out, err = run_cli(capsys, "index", "create", tmp_path / "eng", "--codebook", book, "--quiet")
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and "unexpected" not in err and f"{book}: " in lines[0], err
     assert not (tmp_path / "eng").exists()
@@ -100,7 +83,7 @@ def test_a_binary_file_given_as_images_names_the_file(tmp_path, capsys):
     """A non-image, non-text file (e.g. a codebook passed by mistake) is read as a list file: the error was
     "'utf-8' codec can't decode byte ..." without the file's name (index add, search, extract, train-codebook)."""
     eng = _engine(tmp_path)
-    _photos(tmp_path / "photos", ["p0"], 5)
+    write_photos(tmp_path / "photos", ["p0"], 5)
     assert d2r.cli.main(["index", "add", str(eng), str(tmp_path / "photos"), "--quiet"]) == 0
     capsys.readouterr()
     binary = tmp_path / "book.npz"
@@ -108,7 +91,7 @@ def test_a_binary_file_given_as_images_names_the_file(tmp_path, capsys):
     for argv in (["index", "add", eng, binary], ["search", binary, "--index", eng],
                  ["extract", "--images", binary, "--features", "rootsift", "--out", tmp_path / "store"],
                  ["train-codebook", "--images", binary, "--size", 4, "--out", tmp_path / "cb.npz"]):
-        code, _, err = _cli(capsys, *argv, "--quiet")
+        code, _, err = run_cli(capsys, *argv, "--quiet")
         lines = err.strip().splitlines()
         assert code == 1 and len(lines) == 1 and f"{binary}: not a text list file" in lines[0], (argv, err)
     assert not (tmp_path / "store").exists()
@@ -125,7 +108,7 @@ def test_serve_on_a_port_in_use_is_a_one_line_error(tmp_path, capsys):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        code, _, err = _cli(capsys, "serve", eng, "--port", port, "--quiet")
+        code, _, err = run_cli(capsys, "serve", eng, "--port", port, "--quiet")
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and f"--port {port}: cannot listen there" in lines[0], err
 
@@ -141,15 +124,15 @@ def test_bench_compare_errors_and_flags(tmp_path, capsys):
     (run / "metrics.json").write_text(json.dumps({"per_query": per_query}))
     bad = tmp_path / "bad.json"
     bad.write_text("not json")
-    code, _, err = _cli(capsys, "bench", "compare", run, run, "--resamples", 0)
+    code, _, err = run_cli(capsys, "bench", "compare", run, run, "--resamples", 0)
     assert code == 2 and err.strip() == "d2r bench compare: error: --resamples must be at least 1, got 0"
-    code, _, err = _cli(capsys, "bench", "compare", run, tmp_path / "nope")
+    code, _, err = run_cli(capsys, "bench", "compare", run, tmp_path / "nope")
     assert code == 1 and err.startswith(f"d2r bench compare: error: {tmp_path / 'nope'}: ") and "Errno" not in err
-    code, _, err = _cli(capsys, "bench", "compare", run, bad)
+    code, _, err = run_cli(capsys, "bench", "compare", run, bad)
     assert code == 1 and err.startswith(f"d2r bench compare: error: {bad}: not a metrics JSON"), err
-    code, out, err = _cli(capsys, "bench", "compare", run, run, "--quiet", "--resamples", 10)
+    code, out, err = run_cli(capsys, "bench", "compare", run, run, "--quiet", "--resamples", 10)
     assert code == 0 and "medium" in out and not err, err
-    code, out, _ = _cli(capsys, "bench", "compare", "--help")
+    code, out, _ = run_cli(capsys, "bench", "compare", "--help")
     assert code == 0 and "95% interval" in " ".join(out.split())
 
 
@@ -161,7 +144,7 @@ def test_quiet_index_and_search_print_no_log_lines(tmp_path):
     import sys
 
     eng = _engine(tmp_path)
-    photos = _photos(tmp_path / "photos", ["p0"], 6)
+    photos = write_photos(tmp_path / "photos", ["p0"], 6)
     (photos / "broken.jpg").write_bytes(b"not an image")
     Image.new("RGB", (200, 200), (90, 90, 90)).save(tmp_path / "blank.png")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
@@ -178,7 +161,7 @@ def test_remove_of_an_unknown_id_is_an_error_line(tmp_path, capsys):
     """`d2r index remove` of an unknown id printed "d2r index remove: not in the index: ..." (no "error:", no
     engine named), unlike every other failure line."""
     eng = _engine(tmp_path)
-    code, out, err = _cli(capsys, "index", "remove", eng, "nope", "--json")
+    code, out, err = run_cli(capsys, "index", "remove", eng, "nope", "--json")
     assert code == 1 and not out and err.strip() == f"d2r index remove: error: {eng}: not in the index: nope"
 
 
@@ -188,7 +171,7 @@ def test_train_codebook_counts_are_usage_errors_naming_the_flag(tmp_path, capsys
     "per_image and max_total must be ≥ 1", after reading the data; --batch-size 0 was accepted."""
     x = tmp_path / "x.npy"
     np.save(x, np.random.default_rng(0).random((64, 128), np.float32))
-    code, _, err = _cli(capsys, "train-codebook", "--descriptors", x, "--size", 4, "--out", tmp_path / "cb.npz",
+    code, _, err = run_cli(capsys, "train-codebook", "--descriptors", x, "--size", 4, "--out", tmp_path / "cb.npz",
                         flag, 0, "--quiet")
     assert code == 2 and err.strip() == f"d2r train-codebook: error: {flag} must be positive, got 0", err
     assert not (tmp_path / "cb.npz").exists()
@@ -201,7 +184,7 @@ def test_a_config_section_that_is_not_a_mapping_is_named(tmp_path, capsys):
 
     config = tmp_path / "c.yaml"
     config.write_text("index: 5\n")
-    code, _, err = _cli(capsys, "index", "create", tmp_path / "eng", "--config", config, "--quiet")
+    code, _, err = run_cli(capsys, "index", "create", tmp_path / "eng", "--config", config, "--quiet")
     assert code == 1 and err.strip() == "d2r index create: error: index: expected a mapping, got 5", err
     assert not (tmp_path / "eng").exists()
     with pytest.raises(ValueError, match="rerank: expected a mapping"):
@@ -214,7 +197,7 @@ def test_serve_follows_another_process_writing_the_engine(tmp_path):
     (KeyError: not in the feature store)."""
     from d2r.serve.app import Service
 
-    photos = _photos(tmp_path / "photos", ["p0", "p1", "p2"], 7)
+    photos = write_photos(tmp_path / "photos", ["p0", "p1", "p2"], 7)
     eng = _engine(tmp_path)
     Engine.open(eng).index([photos / "p0.png", photos / "p1.png"], progress=False)
     service = Service(eng)
@@ -232,27 +215,27 @@ def test_serve_follows_another_process_writing_the_engine(tmp_path):
 def test_index_commands_on_a_feature_store_say_what_it_is(tmp_path, capsys):
     """`d2r index info|check|repair` on a feature store (`d2r extract`'s output, an engine's features/) said
     "damaged manifest.json: not a d2r database manifest" and advised `d2r index repair` on it."""
-    photos = _photos(tmp_path / "photos", ["p0"], 8)
+    photos = write_photos(tmp_path / "photos", ["p0"], 8)
     eng = _engine(tmp_path)
     assert d2r.cli.main(["index", "add", str(eng), str(photos), "--quiet"]) == 0
     capsys.readouterr()
     for action in ("info", "check", "repair"):
-        code, _, err = _cli(capsys, "index", action, eng / "features", "--quiet")
+        code, _, err = run_cli(capsys, "index", action, eng / "features", "--quiet")
         lines = err.strip().splitlines()
         assert code == 1 and len(lines) == 1 and "a feature store, not an engine or index" in lines[0], err
         assert "damaged" not in err
-    assert _cli(capsys, "index", "check", eng, "--quiet")[0] == 0
+    assert run_cli(capsys, "index", "check", eng, "--quiet")[0] == 0
 
 
 def test_demo_checks_its_flags_first(tmp_path, capsys):
     """`d2r demo --top-k 0` ran the whole demo and reported "0/10 queries have the right instance first"
     (exit 0); --out naming a file failed late with "[Errno 20] Not a directory: '.../images'"."""
-    code, out, err = _cli(capsys, "demo", "--top-k", 0, "--out", tmp_path / "demo", "--quiet")
+    code, out, err = run_cli(capsys, "demo", "--top-k", 0, "--out", tmp_path / "demo", "--quiet")
     assert code == 2 and err.strip() == "d2r demo: error: --top-k must be at least 1, got 0" and not out
     assert not (tmp_path / "demo").exists()
     taken = tmp_path / "file"
     taken.write_text("x")
-    code, _, err = _cli(capsys, "demo", "--out", taken, "--quiet")
+    code, _, err = run_cli(capsys, "demo", "--out", taken, "--quiet")
     assert code == 1 and err.strip() == f"d2r demo: error: --out {taken}: exists and is not a folder", err
 
 
@@ -264,7 +247,7 @@ def test_bench_top_k_below_one_is_a_usage_error(tmp_path, capsys, protocol):
               ["--index-csv", tmp_path / "i.csv", "--test-csv", tmp_path / "t.csv", "--solution-csv",
                tmp_path / "s.csv"])
     for k in (0, -5):
-        code, _, err = _cli(capsys, "bench", protocol, *inputs, "--images-root", tmp_path, "--top-k", k,
+        code, _, err = run_cli(capsys, "bench", protocol, *inputs, "--images-root", tmp_path, "--top-k", k,
                             "--out", tmp_path / "run", "--quiet")
         assert code == 2 and "--top-k must be at least 1" in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "run").exists()
@@ -272,10 +255,10 @@ def test_bench_top_k_below_one_is_a_usage_error(tmp_path, capsys, protocol):
 
 def test_a_broken_symbolic_link_in_a_folder_is_reported(tmp_path, capsys):
     """A dangling symbolic link named like an image was silently skipped by `d2r index add FOLDER` (exit 0)."""
-    photos = _photos(tmp_path / "photos", ["p0"], 9)
+    photos = write_photos(tmp_path / "photos", ["p0"], 9)
     (photos / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
     eng = _engine(tmp_path)
-    code, out, err = _cli(capsys, "index", "add", eng, photos, "--json", "--quiet")
+    code, out, err = run_cli(capsys, "index", "add", eng, photos, "--json", "--quiet")
     report = json.loads(out)
     assert code == 3 and report["indexed"] == 1, err
     assert "broken symbolic link" in report["failed"][str(photos / "gone.jpg")]
@@ -305,12 +288,12 @@ def test_quiet_hides_tensorflow_log_lines(tmp_path):
 
 def test_the_same_shard_twice_is_refused(tmp_path, capsys):
     """`d2r search Q --index E --index E` (or E and E/index) searched the shard twice: every hit twice."""
-    photos = _photos(tmp_path / "photos", ["p0", "p1"], 10)
+    photos = write_photos(tmp_path / "photos", ["p0", "p1"], 10)
     eng = _engine(tmp_path)
     assert d2r.cli.main(["index", "add", str(eng), str(photos), "--quiet"]) == 0
     capsys.readouterr()
     for other in (eng, eng / "index", tmp_path / "." / "eng"):
-        code, out, err = _cli(capsys, "search", photos / "p0.png", "--index", eng, "--index", other, "--quiet")
+        code, out, err = run_cli(capsys, "search", photos / "p0.png", "--index", eng, "--index", other, "--quiet")
         assert code == 1 and not out and "the same shard as" in err and len(err.strip().splitlines()) == 1, err
 
 
@@ -318,12 +301,12 @@ def test_the_same_shard_twice_is_refused(tmp_path, capsys):
 def test_index_check_reads_the_engine_tables(tmp_path, capsys, name):
     """With engine.json, sources.json or failures.json garbled, every command failed on it but `d2r index check`
     said "healthy" (exit 0)."""
-    photos = _photos(tmp_path / "photos", ["p0"], 11)
+    photos = write_photos(tmp_path / "photos", ["p0"], 11)
     eng = _engine(tmp_path)
     assert d2r.cli.main(["index", "add", str(eng), str(photos), "--quiet"]) == 0
     capsys.readouterr()
     (eng / name).write_text("{garbled")
-    code, out, err = _cli(capsys, "index", "check", eng, "--json")
+    code, out, err = run_cli(capsys, "index", "check", eng, "--json")
     report = json.loads(out)
     assert code == 1 and not report["healthy"] and [d["file"] for d in report["damaged"]] == [name], err
     assert "invalid JSON" in report["damaged"][0]["problem"]
@@ -332,23 +315,23 @@ def test_index_check_reads_the_engine_tables(tmp_path, capsys, name):
 def test_search_of_an_empty_index_is_an_error(tmp_path, capsys):
     """`d2r search` of an index whose images were all removed (or a created, never filled one) printed an
     empty table and exited 0; `d2r serve` answers 409 "the index is empty"."""
-    photos = _photos(tmp_path / "photos", ["p0"], 12)
+    photos = write_photos(tmp_path / "photos", ["p0"], 12)
     eng = _engine(tmp_path)
     assert d2r.cli.main(["index", "add", str(eng), str(photos), "--quiet"]) == 0
     assert d2r.cli.main(["index", "remove", str(eng), "p0", "--quiet"]) == 0
     capsys.readouterr()
-    code, out, err = _cli(capsys, "search", photos / "p0.png", "--index", eng, "--json")
+    code, out, err = run_cli(capsys, "search", photos / "p0.png", "--index", eng, "--json")
     assert code == 1 and not out and err.strip() == f"d2r search: error: {eng}: the index is empty (every image " \
                                                     "removed, or none indexed yet)", err
 
 
 def test_repair_reindex_of_a_database_folder_is_a_prefixed_usage_error(tmp_path, capsys):
     """`d2r index repair DB --reindex` printed "error: ..." without the command's name (exit 2)."""
-    photos = _photos(tmp_path / "photos", ["p0"], 13)
+    photos = write_photos(tmp_path / "photos", ["p0"], 13)
     eng = _engine(tmp_path)
     assert d2r.cli.main(["index", "add", str(eng), str(photos), "--quiet"]) == 0
     capsys.readouterr()
-    code, _, err = _cli(capsys, "index", "repair", eng / "index", "--reindex")
+    code, _, err = run_cli(capsys, "index", "repair", eng / "index", "--reindex")
     assert code == 2 and err.startswith(f"d2r index repair: error: {eng / 'index'}: --reindex needs an engine"), err
 
 
@@ -382,7 +365,7 @@ def test_settings_that_failed_late_are_refused_at_create(tmp_path, capsys, setti
     """These were accepted by `d2r index create` (folder made); the codebook ones failed only after every
     image was extracted ("expected non-negative integer", "per_image and max_total must be ≥ 1"), max_boxes
     when the proposer was built, n_octave_layers=0 on every image (an OpenCV assertion)."""
-    code, _, err = _cli(capsys, "index", "create", tmp_path / "eng", "--regions", "grid", "--set", setting,
+    code, _, err = run_cli(capsys, "index", "create", tmp_path / "eng", "--regions", "grid", "--set", setting,
                         "--quiet")
     name = setting.split("=")[0].replace("features.options.", "")
     assert code == 1 and name in err and len(err.strip().splitlines()) == 1, err
@@ -407,7 +390,7 @@ def test_a_closed_output_pipe_is_not_an_error_line(tmp_path):
 
 @pytest.mark.parametrize("setting", ["index.alpha=-1", "index.alpha=0", "index.tau=2", "index.tau=1"])
 def test_selectivity_settings_out_of_range_are_refused_at_create(tmp_path, capsys, setting):
-    code, out, err = _cli(capsys, "index", "create", tmp_path / "eng", "--codebook", CODEBOOK, "--quiet",
+    code, out, err = run_cli(capsys, "index", "create", tmp_path / "eng", "--codebook", CODEBOOK, "--quiet",
                           "--set", setting)
     assert code != 0
     assert setting.split("=")[0].split(".")[1] in err and "Traceback" not in err
