@@ -173,6 +173,9 @@ class EngineConfig(Config):
 
         if self.features.name not in EXTRACTORS:
             raise ValueError(f"features.name must be one of {list(EXTRACTORS)}, got {self.features.name!r}")
+        from d2r.pipeline import _config_class
+
+        _config_class(self.features.name).from_dict(self.features.options, _where="features.options.")
         try:
             self.index.check()
         except ValueError as exc:

@@ -203,3 +203,13 @@ def test_gldv2_average_precision_hand_made():
     assert average_precision(["a", "x", "b"], ["a", "b"]) == pytest.approx((1 + 2 / 3) / 2)
     assert average_precision(["x", "a", "a"], ["a"]) == pytest.approx(0.5)  # a repeat earns nothing
     assert average_precision(["a"], []) == 0.0
+
+
+def test_engine_config_check_refuses_misspelled_extractor_option():
+    """`EngineConfig.check()` accepted `features.options.max_featurs`; only Engine.create / the CLI caught it."""
+    from d2r.engine import EngineConfig
+
+    config = EngineConfig.from_dict({"features": {"options": {"max_featurs": 5}}})
+    with pytest.raises(ValueError, match=r"^features\.options\.max_featurs: unknown option"):
+        config.check()
+    EngineConfig.from_dict({"features": {"options": {"max_features": 5}}}).check()
