@@ -411,6 +411,7 @@ class Engine:
         from d2r.pipeline import check_regions
 
         t0 = time.perf_counter()
+        images = _check_images(images)
         self.pipeline.extractor  # a model or region source gone since the engine was made: one error, up front
         check_regions(self.config.regions)
         self.pipeline.proposer
@@ -765,6 +766,23 @@ def _engine_config(path: Path) -> EngineConfig:
         return EngineConfig.from_dict(meta.get("config"))
     except ValueError as exc:
         raise ValueError(f"{meta_path}: bad config: {exc}") from None
+
+
+def _check_images(images):
+    """``images`` of :meth:`Engine.index` as given (a list for an iterable), or TypeError saying what is accepted:
+    None, a dict (its keys would be read as paths) or an item neither a path nor an (id, path) pair."""
+    accepted = "a folder, a list file, or a list of image paths and (image_id, path) pairs"
+    if isinstance(images, (str, os.PathLike)):
+        return Path(images)
+    if images is None or isinstance(images, (dict, bytes)) or not isinstance(images, typing.Iterable):
+        hint = " (for {id: path}, pass list(images.items()))" if isinstance(images, dict) else ""
+        raise TypeError(f"images: expected {accepted}, got {type(images).__name__}{hint}")
+    images = list(images)
+    for item in images:
+        pair = isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], (str, os.PathLike))
+        if not pair and not isinstance(item, (str, os.PathLike)):
+            raise TypeError(f"images: expected {accepted}, got an item {item!r}")
+    return images
 
 
 def check_engine(path, digests: bool = True) -> list[dict]:

@@ -213,3 +213,27 @@ def test_engine_config_check_refuses_misspelled_extractor_option():
     with pytest.raises(ValueError, match=r"^features\.options\.max_featurs: unknown option"):
         config.check()
     EngineConfig.from_dict({"features": {"options": {"max_features": 5}}}).check()
+
+
+@pytest.mark.parametrize("images, expect", [(None, "got NoneType"), ({"a": "b.png"}, "got dict"),
+                                            (5, "got int"), ([3], "got an item 3"), ([("a",)], "got an item")])
+def test_engine_index_refuses_wrong_images_type(tmp_path, images, expect):
+    """`Engine.index(None)` raised a TypeError from deep inside; a dict was read as a list of paths (its keys)."""
+    engine = Engine.create(tmp_path / "eng", {"features": {"name": "rootsift"}}, codebook=CODEBOOK)
+    with pytest.raises(TypeError, match=r"^images: expected a folder, a list file, or a list of image paths "
+                                        r"and \(image_id, path\) pairs, " + expect):
+        engine.index(images, progress=False)
+    assert len(engine) == 0 and not engine._failures
+
+
+def test_engine_index_documented_forms(tmp_path):
+    """Every form of `images` the docstring names still indexes: folder, list file, paths, pairs, generators."""
+    photos = Path(write_photos(tmp_path / "photos", ["p0", "p1", "p2", "p3"], 8))
+    listing = tmp_path / "list.txt"
+    listing.write_text(str(photos / "p1.png") + "\n")
+    engine = Engine.create(tmp_path / "eng", {"features": {"name": "rootsift"}}, codebook=CODEBOOK)
+    assert engine.index(str(listing), progress=False).failed == {}
+    assert engine.index((p for p in [photos / "p0.png"]), progress=False).failed == {}
+    assert engine.index([("pair", str(photos / "p2.png"))], progress=False).failed == {}
+    assert engine.index(photos, progress=False).failed == {}
+    assert "pair" in engine and len(engine) == 7, len(engine)  # ids differ by form: only "pair" is shared
