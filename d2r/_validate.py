@@ -45,3 +45,11 @@ def as_counts(regions, n: int) -> np.ndarray:
     if int(counts.sum()) != n:
         raise ValueError(f"regions: counts sum to {int(counts.sum())} but there are {n} descriptors")
     return counts
+
+
+def as_top_k(top_k) -> int:
+    """``top_k`` of a search as an int, or ValueError: a positive integer (numpy ints too); bools, floats,
+    None and counts below 1 are refused (-1 used to return nothing, 2.5 to become 2)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    return int(top_k)

@@ -237,3 +237,17 @@ def test_engine_index_documented_forms(tmp_path):
     assert engine.index([("pair", str(photos / "p2.png"))], progress=False).failed == {}
     assert engine.index(photos, progress=False).failed == {}
     assert "pair" in engine and len(engine) == 7, len(engine)  # ids differ by form: only "pair" is shared
+
+
+@pytest.mark.parametrize("top_k", [-1, 0, 2.5, True, None, "3"])
+def test_database_search_refuses_bad_top_k(tmp_path, top_k):
+    """`Database.search(top_k=-1)` silently returned nothing and `top_k=2.5` became 2."""
+    photos = write_photos(tmp_path / "photos", ["p0", "p1", "p2"], 9)
+    engine = Engine.create(tmp_path / "eng", {"features": {"name": "rootsift"}}, codebook=CODEBOOK)
+    engine.index(photos, progress=False)
+    query = np.random.default_rng(0).random((40, 128), np.float32)
+    db = engine.database
+    assert len(db.search(query, top_k=np.int64(2)).ids) == 2 and len(db.search_batch([query], 5)[0].ids) == 3
+    for call in (lambda: db.search(query, top_k=top_k), lambda: db.search_batch([query, query], top_k=top_k)):
+        with pytest.raises(ValueError, match=r"^top_k must be a positive integer, got "):
+            call()

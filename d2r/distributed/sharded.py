@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from d2r._validate import as_top_k
 from d2r.engine import Engine, EngineConfig
 from d2r.index.database import Database, Ranking
 
@@ -259,7 +260,7 @@ class ShardedDatabase:
 
     def search_batch(self, queries, top_k: int = 100) -> list[Ranking]:
         """:meth:`search` for many queries, sent to each shard in one call."""
-        top_k = int(top_k)
+        top_k = as_top_k(top_k)
         queries = [self._as_query(q) for q in queries]
         idf = self.idf() if self.config.idf else None
         per_shard = self._call("search", queries, top_k, idf)

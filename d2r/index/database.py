@@ -32,7 +32,7 @@ import numpy as np
 
 from d2r import _io
 from d2r._lock import WriterLock
-from d2r._validate import as_descriptors
+from d2r._validate import as_descriptors, as_top_k
 from d2r.aggregate import Aggregated, Aggregator, idf_weights
 from d2r.codebook import Codebook
 from d2r.config import Config
@@ -573,9 +573,11 @@ class Database:
     def search(self, query, top_k: int = 100, *, idf=None, _threads=None) -> Ranking:
         """Rank the database for a query: (N, D) descriptors (aggregated with ``query_num_assignments``, no
         regions), an object with ``.descriptors``, or an :class:`Aggregated` record. Top-k by partial selection;
-        equal scores are ordered by insertion. ``idf``: as in :meth:`item_scores`."""
+        equal scores are ordered by insertion. ``idf``: as in :meth:`item_scores`. ``top_k``: a positive
+        integer (ValueError otherwise)."""
+        top_k = as_top_k(top_k)  # checked before the scan
         scores, best = self.image_scores(query, idf=idf, _threads=_threads)
-        k = min(int(top_k), len(self))
+        k = min(top_k, len(self))
         if k <= 0:
             return Ranking(self._out_ids(np.zeros(0, str)), np.zeros(0), np.zeros(0, np.int64))
         top = _search.top_k(scores, k)
@@ -588,6 +590,7 @@ class Database:
 
     def search_batch(self, queries, top_k: int = 100, workers: int | None = None, *, idf=None) -> list[Ranking]:
         """Search several queries; the numba scans release the GIL, so threads run them in parallel."""
+        top_k = as_top_k(top_k)
         queries = list(queries)
         self._searchable(), self._item_image(), self._item_words()  # build shared caches once, before the threads
         if self.config.idf:
