@@ -593,12 +593,20 @@ def read_ids(path) -> list[str]:
     return ids
 
 
+def _failed(store, pairs) -> dict:
+    """``{path: reason}`` of the ``(id, path)`` pairs missing from ``store``: images that could not be read."""
+    failures = store.failures
+    return {str(p): failures.get(i, "not extracted") for i, p in pairs if i not in store}
+
+
 def run_gldv2(index_csv, test_csv, solution_csv, images_root, config: BenchConfig | None = None,
               out="bench-run", cache=None, progress: bool = True, index_root=None, test_root=None) -> dict:
     """Run the GLDv2 retrieval protocol end to end: index the ``index.csv`` images, search every ``test.csv``
     image (whole image), optionally verify, write ``OUT/predictions.csv`` (top 100) and evaluate it with the
     official metric (:func:`d2r.eval.gldv2.evaluate`). Images at ``ROOT/a/b/c/<id>.jpg`` (``index_root`` /
-    ``test_root`` default to ``images_root``). Returns ``{"public": {...}, "private": {...}, "timing", ...}``."""
+    ``test_root`` default to ``images_root``). Returns ``{"public": {...}, "private": {...}, "timing", "failed":
+    {path: reason} of the images that could not be read (index images not indexed, test images with no
+    features), ...}``."""
     from d2r.eval.gldv2 import evaluate, read_solution, write_predictions
 
     t_start = time.perf_counter()
@@ -611,9 +619,12 @@ def run_gldv2(index_csv, test_csv, solution_csv, images_root, config: BenchConfi
     iroot = Path(index_root or images_root)
     troot = Path(test_root or images_root)
     pipe = _Pipeline(config, out, cache, progress)
-    db_store = pipe.database_store([(i, gldv2_path(iroot, i)) for i in index_ids], iroot)
-    qstore = pipe.query_store([(i, gldv2_path(troot, i), None) for i in test_ids],
+    db_pairs = [(i, gldv2_path(iroot, i)) for i in index_ids]
+    q_pairs = [(i, gldv2_path(troot, i)) for i in test_ids]
+    db_store = pipe.database_store(db_pairs, iroot)
+    qstore = pipe.query_store([(i, p, None) for i, p in q_pairs],
                               [str(troot.resolve()), str(Path(test_csv).resolve())])
+    failed = {**_failed(db_store, db_pairs), **_failed(qstore, q_pairs)}
     book = pipe.codebook(db_store, iroot)
     ids = [i for i in index_ids if i in db_store]
     db = pipe.build_index(book, db_store, ids)
@@ -644,5 +655,6 @@ def run_gldv2(index_csv, test_csv, solution_csv, images_root, config: BenchConfi
     result["index"] = db.info()
     result["dataset"] = {"index_csv": str(index_csv), "test_csv": str(test_csv), "solution_csv": str(solution_csv),
                          "num_index": len(index_ids), "indexed": len(ids), "num_test": len(test_ids)}
+    result["failed"] = failed
     pipe.timer.timing["total"] = round(time.perf_counter() - t_start, 3)
     return _finish(pipe, result, {})

@@ -251,3 +251,29 @@ def test_database_search_refuses_bad_top_k(tmp_path, top_k):
     for call in (lambda: db.search(query, top_k=top_k), lambda: db.search_batch([query, query], top_k=top_k)):
         with pytest.raises(ValueError, match=r"^top_k must be a positive integer, got "):
             call()
+
+
+def test_bench_gldv2_unreadable_image_is_partial_failure(tmp_path, capsys):
+    """`d2r bench gldv2` with an unreadable image logged a WARNING and exited 0; now it is listed once as
+    failed and the exit is 3 (partial), as `d2r index add`."""
+    root = tmp_path / "gld"
+    rng = np.random.default_rng(10)
+    from tests.corpus import textured
+
+    ids = ["aaa0", "aaa1", "aaa2", "bbb0"]
+    for image_id in ids:
+        folder = root / image_id[0] / image_id[1] / image_id[2]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(textured(rng, 160, 200)).save(folder / f"{image_id}.jpg", quality=95)
+    bad = root / "a" / "a" / "a" / "aaa2.jpg"
+    bad.write_bytes(b"not an image")
+    (tmp_path / "index.csv").write_text("id\naaa0\naaa1\naaa2\n")
+    (tmp_path / "test.csv").write_text("id\nbbb0\n")
+    (tmp_path / "solution.csv").write_text("id,images,Usage\nbbb0,aaa0,Public\n")
+    code, _, err = run_cli(capsys, "bench", "gldv2", "--index-csv", tmp_path / "index.csv",
+                           "--test-csv", tmp_path / "test.csv", "--solution-csv", tmp_path / "solution.csv",
+                           "--images-root", root, "--out", tmp_path / "run", "--codebook", CODEBOOK, "--quiet")
+    assert code == 3 and err.count("failed: ") == 1 and f"failed: {bad}: " in err, err
+    assert "WARNING" not in err and "partial failure: 1 image(s)" in err, err
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert list(metrics["failed"]) == [str(bad)] and metrics["dataset"]["indexed"] == 2

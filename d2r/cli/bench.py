@@ -160,9 +160,12 @@ def run(args) -> int:
                                      write_report=args.report)
         keys = ("mAP", "mP@1", "mP@5", "mP@10")
     else:
-        result = bench.run_gldv2(args.index_csv, args.test_csv, args.solution_csv, args.images_root, config,
-                                 args.out, cache=args.cache, progress=progress, index_root=args.index_root,
-                                 test_root=args.test_root)
+        from d2r.cli import muted
+
+        with muted("d2r.pipeline"):  # each unreadable image is listed once, below (not also as a WARNING line)
+            result = bench.run_gldv2(args.index_csv, args.test_csv, args.solution_csv, args.images_root, config,
+                                     args.out, cache=args.cache, progress=progress, index_root=args.index_root,
+                                     test_root=args.test_root)
         keys = ("mAP@100", "mP@1", "mP@5", "mP@10")
     text = json.dumps(result, indent=2, default=str)
     if args.json == "-":
@@ -175,6 +178,13 @@ def run(args) -> int:
         print(_table(result, keys))
         print(f"total {result['timing'].get('total', 0):.1f} s; metrics in {args.out}/metrics.json",
               file=sys.stderr)
+    failed = result.get("failed") or {}
+    for path, reason in failed.items():
+        print(f"failed: {path}: {reason}", file=sys.stderr)
+    if failed:  # the run is scored without them: a partial failure, as `d2r index add`
+        print(f"d2r bench: partial failure: {len(failed)} image(s) could not be read (scored without them; "
+              f"metrics in {args.out}/metrics.json)", file=sys.stderr)
+        return 3
     return 0
 
 
