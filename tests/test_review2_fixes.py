@@ -277,3 +277,23 @@ def test_bench_gldv2_unreadable_image_is_partial_failure(tmp_path, capsys):
     assert "WARNING" not in err and "partial failure: 1 image(s)" in err, err
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert list(metrics["failed"]) == [str(bad)] and metrics["dataset"]["indexed"] == 2
+
+
+def test_ray_local_start_quiet_has_no_token_notice(capfd, caplog):
+    """With --quiet, starting a local Ray printed "Token authentication is enabled for this Ray cluster..."."""
+    ray = pytest.importorskip("ray")
+    import logging
+
+    import d2r.distributed as dist
+
+    if ray.is_initialized():
+        pytest.skip("a Ray session is already open in this process")
+    caplog.set_level(logging.WARNING, logger="d2r.distributed._ray")  # as --quiet
+    capfd.readouterr()
+    ray_mod, started = dist.init(num_cpus=1)
+    try:
+        assert started
+    finally:
+        ray_mod.shutdown()
+    out, err = capfd.readouterr()
+    assert "Token authentication" not in out + err, err

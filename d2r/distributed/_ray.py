@@ -46,13 +46,29 @@ def init(address: str | None = None, *, num_cpus: int | None = None, num_gpus: i
             raise ValueError("num_cpus/num_gpus size a local Ray; a cluster at an address has its own size")
         _reachable(address)
         try:
-            ray.init(address=address, **kwargs)
+            with _quiet_auth_notice():
+                ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConnectionError(f"cannot connect to the Ray cluster at {address!r}: {first}") from None
     else:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **kwargs)
+        with _quiet_auth_notice():
+            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **kwargs)
     return ray, True
+
+
+@contextlib.contextmanager
+def _quiet_auth_notice():
+    """Under --quiet (this module's INFO off), no "Token authentication is enabled..." WARNING line: Ray logs it
+    through its own stderr handler when it starts (or joins) a cluster."""
+    logger = logging.getLogger("ray._private.authentication")
+    level = logger.level
+    if not log.isEnabledFor(logging.INFO):
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _reachable(address: str, timeout: float = 5.0) -> None:
