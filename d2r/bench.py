@@ -594,7 +594,7 @@ def read_ids(path) -> list[str]:
 
 
 def _failed(store, pairs) -> dict:
-    """``{path: reason}`` of the ``(id, path)`` pairs missing from ``store``: images that could not be read."""
+    """``{path: reason}`` of the ``(id, path)`` pairs missing from ``store``: the images not read."""
     failures = store.failures
     return {str(p): failures.get(i, "not extracted") for i, p in pairs if i not in store}
 
@@ -604,9 +604,9 @@ def run_gldv2(index_csv, test_csv, solution_csv, images_root, config: BenchConfi
     """Run the GLDv2 retrieval protocol end to end: index the ``index.csv`` images, search every ``test.csv``
     image (whole image), optionally verify, write ``OUT/predictions.csv`` (top 100) and evaluate it with the
     official metric (:func:`d2r.eval.gldv2.evaluate`). Images at ``ROOT/a/b/c/<id>.jpg`` (``index_root`` /
-    ``test_root`` default to ``images_root``). Returns ``{"public": {...}, "private": {...}, "timing", "failed":
-    {path: reason} of the images that could not be read (index images not indexed, test images with no
-    features), ...}``."""
+    ``test_root`` default to ``images_root``). Returns ``{"public": {...}, "private": {...}, "timing",
+    "failed": {path: reason} of the images that could not be read (index images not indexed, test images
+    with no features), ...}``."""
     from d2r.eval.gldv2 import evaluate, read_solution, write_predictions
 
     t_start = time.perf_counter()

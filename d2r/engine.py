@@ -769,8 +769,9 @@ def _engine_config(path: Path) -> EngineConfig:
 
 
 def _check_images(images):
-    """``images`` of :meth:`Engine.index` as given (a list for an iterable), or TypeError saying what is accepted:
-    None, a dict (its keys would be read as paths) or an item neither a path nor an (id, path) pair."""
+    """``images`` of :meth:`Engine.index` as given (a list for an iterable), or TypeError saying what is
+    accepted: None, a dict (its keys would be read as paths) or an item neither a path nor an (id, path)
+    pair."""
     accepted = "a folder, a list file, or a list of image paths and (image_id, path) pairs"
     if isinstance(images, (str, os.PathLike)):
         return Path(images)

@@ -206,7 +206,7 @@ def test_gldv2_average_precision_hand_made():
 
 
 def test_engine_config_check_refuses_misspelled_extractor_option():
-    """`EngineConfig.check()` accepted `features.options.max_featurs`; only Engine.create / the CLI caught it."""
+    """`EngineConfig.check()` accepted `features.options.max_featurs`; only Engine.create / the CLI saw it."""
     from d2r.engine import EngineConfig
 
     config = EngineConfig.from_dict({"features": {"options": {"max_featurs": 5}}})
@@ -216,9 +216,10 @@ def test_engine_config_check_refuses_misspelled_extractor_option():
 
 
 @pytest.mark.parametrize("images, expect", [(None, "got NoneType"), ({"a": "b.png"}, "got dict"),
-                                            (5, "got int"), ([3], "got an item 3"), ([("a",)], "got an item")])
+                                            (5, "got int"), ([3], "got an item 3"),
+                                            ([("a",)], "got an item")])
 def test_engine_index_refuses_wrong_images_type(tmp_path, images, expect):
-    """`Engine.index(None)` raised a TypeError from deep inside; a dict was read as a list of paths (its keys)."""
+    """`Engine.index(None)` raised a TypeError from deep inside; a dict was read as paths (its keys)."""
     engine = Engine.create(tmp_path / "eng", {"features": {"name": "rootsift"}}, codebook=CODEBOOK)
     with pytest.raises(TypeError, match=r"^images: expected a folder, a list file, or a list of image paths "
                                         r"and \(image_id, path\) pairs, " + expect):
@@ -227,7 +228,7 @@ def test_engine_index_refuses_wrong_images_type(tmp_path, images, expect):
 
 
 def test_engine_index_documented_forms(tmp_path):
-    """Every form of `images` the docstring names still indexes: folder, list file, paths, pairs, generators."""
+    """Every form of `images` the docstring names still works: folder, list file, paths, pairs, iterators."""
     photos = Path(write_photos(tmp_path / "photos", ["p0", "p1", "p2", "p3"], 8))
     listing = tmp_path / "list.txt"
     listing.write_text(str(photos / "p1.png") + "\n")
@@ -272,7 +273,8 @@ def test_bench_gldv2_unreadable_image_is_partial_failure(tmp_path, capsys):
     (tmp_path / "solution.csv").write_text("id,images,Usage\nbbb0,aaa0,Public\n")
     code, _, err = run_cli(capsys, "bench", "gldv2", "--index-csv", tmp_path / "index.csv",
                            "--test-csv", tmp_path / "test.csv", "--solution-csv", tmp_path / "solution.csv",
-                           "--images-root", root, "--out", tmp_path / "run", "--codebook", CODEBOOK, "--quiet")
+                           "--images-root", root, "--out", tmp_path / "run", "--codebook", CODEBOOK,
+                           "--quiet")
     assert code == 3 and err.count("failed: ") == 1 and f"failed: {bad}: " in err, err
     assert "WARNING" not in err and "partial failure: 1 image(s)" in err, err
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -280,7 +282,7 @@ def test_bench_gldv2_unreadable_image_is_partial_failure(tmp_path, capsys):
 
 
 def test_ray_local_start_quiet_has_no_token_notice(capfd, caplog):
-    """With --quiet, starting a local Ray printed "Token authentication is enabled for this Ray cluster..."."""
+    """With --quiet, starting a local Ray printed "Token authentication is enabled for this Ray cluster"."""
     ray = pytest.importorskip("ray")
     import logging
 

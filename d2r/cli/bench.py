@@ -162,10 +162,10 @@ def run(args) -> int:
     else:
         from d2r.cli import muted
 
-        with muted("d2r.pipeline"):  # each unreadable image is listed once, below (not also as a WARNING line)
-            result = bench.run_gldv2(args.index_csv, args.test_csv, args.solution_csv, args.images_root, config,
-                                     args.out, cache=args.cache, progress=progress, index_root=args.index_root,
-                                     test_root=args.test_root)
+        with muted("d2r.pipeline"):  # each unreadable image is listed once, below (not as a WARNING too)
+            result = bench.run_gldv2(args.index_csv, args.test_csv, args.solution_csv, args.images_root,
+                                     config, args.out, cache=args.cache, progress=progress,
+                                     index_root=args.index_root, test_root=args.test_root)
         keys = ("mAP@100", "mP@1", "mP@5", "mP@10")
     text = json.dumps(result, indent=2, default=str)
     if args.json == "-":

@@ -59,8 +59,8 @@ def init(address: str | None = None, *, num_cpus: int | None = None, num_gpus: i
 
 @contextlib.contextmanager
 def _quiet_auth_notice():
-    """Under --quiet (this module's INFO off), no "Token authentication is enabled..." WARNING line: Ray logs it
-    through its own stderr handler when it starts (or joins) a cluster."""
+    """Under --quiet (this module's INFO off), no "Token authentication is enabled..." WARNING line: Ray
+    logs it through its own stderr handler when it starts (or joins) a cluster."""
     logger = logging.getLogger("ray._private.authentication")
     level = logger.level
     if not log.isEnabledFor(logging.INFO):
