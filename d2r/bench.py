@@ -375,7 +375,8 @@ def run_revisitop(gnd, images_root, config: BenchConfig | None = None, out="benc
 
     Returns ``{"easy"|"medium"|"hard": {"mAP", "mP@1", "mP@5", "mP@10", "mR@k", "num_queries"} (percent),
     "before_rerank": {...} (only with ``verify``), "index": database info, "timing": seconds per step,
-    "config": resolved config + ``codebook_trained_on``, "dataset": counts, "notes": extraction reports}``.
+    "config": resolved config + ``codebook_trained_on``, "dataset": counts, "notes": extraction reports,
+    "failed": {path: reason} of the images that could not be read (database images rank last, queries score 0)}``.
     """
     from d2r.eval.revisitop import PROTOCOLS, GroundTruth, evaluate, load_gnd
 
@@ -392,6 +393,7 @@ def run_revisitop(gnd, images_root, config: BenchConfig | None = None, out="benc
     db_pairs = [(name, resolve_image(root, name)) for name in g.imlist]
     db_store = pipe.database_store(db_pairs, root)
     missing = [n for n in g.imlist if n not in db_store]
+    failed = _failed(db_store, db_pairs)
     if missing:
         log.warning("%d database image(s) could not be extracted (ranked last), e.g. %s", len(missing), missing[0])
 
@@ -405,6 +407,7 @@ def run_revisitop(gnd, images_root, config: BenchConfig | None = None, out="benc
         items = [(name, resolve_image(root, name), q.bbx) for name, q in zip(g.qimlist, g.gnd)]
         qstore = pipe.query_store(items, [str(root.resolve()), gnd_key])
         query_feats = [qstore.get(n) if n in qstore else LocalFeatures.empty(qstore.dim) for n in g.qimlist]
+        failed.update(_failed(qstore, [(name, p) for name, p, _ in items]))
         pipe.notes["queries"] = "extracted separately, cropped to bbx" if any(
             q.bbx is not None for q in g.gnd) else "extracted separately (whole image)"
 
@@ -443,6 +446,7 @@ def run_revisitop(gnd, images_root, config: BenchConfig | None = None, out="benc
     result["per_query"] = per_query_ap(stages, g, query_in_database)
     result.update({p: metrics[p] for p in PROTOCOLS})
     result["index"] = db.info()
+    result["failed"] = failed
     result["dataset"] = {"gnd": gnd_key, "images_root": str(root), "num_db": g.num_db, "indexed": len(ids),
                          "num_queries": g.num_queries, "query_in_database": bool(query_in_database)}
     pipe.timer.timing["total"] = round(time.perf_counter() - t_start, 3)

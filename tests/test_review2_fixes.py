@@ -299,3 +299,20 @@ def test_ray_local_start_quiet_has_no_token_notice(capfd, caplog):
         ray_mod.shutdown()
     out, err = capfd.readouterr()
     assert "Token authentication" not in out + err, err
+
+
+def test_bench_revisitop_unreadable_image_is_partial_failure(tmp_path, capsys):
+    """`d2r bench revisitop` with an unreadable database image only warned and exited 0 (as gldv2 did)."""
+    root = write_photos(tmp_path / "data", ["a0", "a1", "a2", "a3"], seed=11)
+    bad = root / "a2.png"
+    bad.write_bytes(b"not an image")
+    gnd = {"imlist": ["a0", "a1", "a2", "a3"], "qimlist": ["a0", "a1"],
+           "gnd": [{"easy": [1], "hard": [], "junk": []}, {"easy": [0], "hard": [], "junk": []}]}
+    (tmp_path / "gnd.json").write_text(json.dumps(gnd))
+    code, _, err = run_cli(capsys, "bench", "revisitop", "--gnd", tmp_path / "gnd.json", "--images-root", root,
+                           "--out", tmp_path / "run", "--codebook", CODEBOOK, "--no-rerank", "--no-report",
+                           "--quiet")
+    assert code == 3 and err.count("failed: ") == 1 and f"failed: {bad}: " in err, err
+    assert "partial failure: 1 image(s)" in err, err
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert list(metrics["failed"]) == [str(bad)] and metrics["dataset"]["indexed"] == 3

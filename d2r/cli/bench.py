@@ -154,14 +154,15 @@ def run(args) -> int:
             raise FileExistsError(f"{flag} {folder}: exists and is not a folder")
     config = config_from_args(args)
     progress = not args.quiet
+    from d2r.cli import muted
+
     if args.protocol == "revisitop":
-        result = bench.run_revisitop(args.gnd, args.images_root, config, args.out, cache=args.cache,
-                                     query_in_database=args.query_in_database, progress=progress,
-                                     write_report=args.report)
+        with muted("d2r.pipeline"):  # each unreadable image is listed once, below (not as a WARNING too)
+            result = bench.run_revisitop(args.gnd, args.images_root, config, args.out, cache=args.cache,
+                                         query_in_database=args.query_in_database, progress=progress,
+                                         write_report=args.report)
         keys = ("mAP", "mP@1", "mP@5", "mP@10")
     else:
-        from d2r.cli import muted
-
         with muted("d2r.pipeline"):  # each unreadable image is listed once, below (not as a WARNING too)
             result = bench.run_gldv2(args.index_csv, args.test_csv, args.solution_csv, args.images_root,
                                      config, args.out, cache=args.cache, progress=progress,
