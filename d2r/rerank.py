@@ -344,18 +344,28 @@ def order_by_threshold(ids, scores, inliers: dict, num_to_rerank: int, min_inlie
     """The "usac" decision rule: of the first ``num_to_rerank`` ids not in ``junk``, those with at least
     ``min_inliers`` inliers move to the front, sorted by inliers descending (ties in input order); everything
     else keeps its input order behind them. Returns (ids, scores, inliers with -1 for unverified)."""
+    ids, chosen, inl = _verified(ids, inliers, num_to_rerank, junk)
+    strong = chosen[inl[chosen] >= min_inliers]
+    return _to_front(ids, np.asarray(scores, np.float64), inl, strong[np.lexsort((strong, -inl[strong]))])
+
+
+def _verified(ids, inliers: dict, num_to_rerank: int, junk):
+    """(ids as an array, positions of the first ``num_to_rerank`` ids not in ``junk`` (int64), inliers per
+    position (int64, -1 where not verified))."""
     ids = np.asarray(ids)
-    sc = np.asarray(scores, np.float64)
     junk = set(junk)
     chosen = np.array([i for i, x in enumerate(ids.tolist()) if x not in junk][:num_to_rerank], np.int64)
     inl = np.full(len(ids), -1, np.int64)
     if chosen.size:
         inl[chosen] = [inliers[x] for x in ids[chosen].tolist()]
-    strong = chosen[inl[chosen] >= min_inliers] if chosen.size else chosen
-    strong = strong[np.lexsort((strong, -inl[strong]))]
-    rest = np.setdiff1d(np.arange(len(ids)), strong, assume_unique=True)
-    final = np.concatenate([strong, rest]).astype(np.int64)
-    return ids[final], sc[final], inl[final]
+    return ids, chosen, inl
+
+
+def _to_front(ids, scores, inl, front):
+    """The positions ``front`` first (in that order), then every other position in input order."""
+    rest = np.setdiff1d(np.arange(len(ids)), front, assume_unique=True)
+    final = np.concatenate([front, rest]).astype(np.int64)
+    return ids[final], scores[final], inl[final]
 
 
 def order_by_fused(ids, scores, inliers: dict, num_to_rerank: int, min_inliers: int, weight: float, cap: int,
@@ -364,19 +374,11 @@ def order_by_fused(ids, scores, inliers: dict, num_to_rerank: int, min_inliers: 
     descending (s the initial score, n the inliers; n < ``min_inliers`` adds nothing), ties in input order;
     everything else follows in input order. The scores returned are the fused ones for the verified ids and
     the initial ones elsewhere. Returns (ids, scores, inliers with -1 for unverified)."""
-    ids = np.asarray(ids)
+    ids, chosen, inl = _verified(ids, inliers, num_to_rerank, junk)
     sc = np.asarray(scores, np.float64).copy()
-    junk = set(junk)
-    chosen = np.array([i for i, x in enumerate(ids.tolist()) if x not in junk][:num_to_rerank], np.int64)
-    inl = np.full(len(ids), -1, np.int64)
-    if chosen.size:
-        inl[chosen] = [inliers[x] for x in ids[chosen].tolist()]
-        n = inl[chosen].astype(np.float64)
-        sc[chosen] += np.where(n >= min_inliers, float(weight) * np.minimum(n, cap) / float(cap), 0.0)
-        chosen = chosen[np.lexsort((chosen, -sc[chosen]))]
-    rest = np.setdiff1d(np.arange(len(ids)), chosen, assume_unique=True)
-    final = np.concatenate([chosen, rest]).astype(np.int64)
-    return ids[final], sc[final], inl[final]
+    n = inl[chosen].astype(np.float64)
+    sc[chosen] += np.where(n >= min_inliers, float(weight) * np.minimum(n, cap) / float(cap), 0.0)
+    return _to_front(ids, sc, inl, chosen[np.lexsort((chosen, -sc[chosen]))])
 
 
 # ---- method "usac" ---------------------------------------------------------------------------------------------
@@ -485,23 +487,38 @@ _SIG_CACHE_SIZE = 2048  # images; ~24 kB each at 1,000 RootSIFT features
 _SIG_LOCK = threading.Lock()
 
 
-def cached_word_signatures(descriptors: np.ndarray, codebook, num_assignments: int = 1):
-    """:func:`word_signatures` memoised by (codebook, BLAKE2b of the descriptor bytes), LRU over the last
-    2,048 images: a database image verified for many queries is assigned once."""
+def _sig_key(descriptors: np.ndarray, codebook, num_assignments: int) -> tuple:
     x = np.ascontiguousarray(descriptors, np.float32)
-    key = (id(codebook), codebook.size, x.shape, hashlib.blake2b(x.tobytes(), digest_size=16).digest(),
-           int(num_assignments))
+    return (id(codebook), codebook.size, x.shape, hashlib.blake2b(x.tobytes(), digest_size=16).digest(),
+            int(num_assignments))
+
+
+def _sig_get(key, codebook):
+    """The cached (words, signatures) of ``key`` (made with this very ``codebook``), or None."""
     with _SIG_LOCK:
         hit = _SIG_CACHE.get(key)
-        if hit is not None and hit[0] is codebook:
-            _SIG_CACHE.move_to_end(key)
-            return hit[1], hit[2]
-    words, sigs = word_signatures(x, codebook, num_assignments)
+        if hit is None or hit[0] is not codebook:
+            return None
+        _SIG_CACHE.move_to_end(key)
+        return hit[1], hit[2]
+
+
+def _sig_put(key, codebook, words, sigs) -> None:
     with _SIG_LOCK:
         _SIG_CACHE[key] = (codebook, words, sigs)
         while len(_SIG_CACHE) > _SIG_CACHE_SIZE:
             _SIG_CACHE.popitem(last=False)
-    return words, sigs
+
+
+def cached_word_signatures(descriptors: np.ndarray, codebook, num_assignments: int = 1):
+    """:func:`word_signatures` memoised by (codebook, BLAKE2b of the descriptor bytes), LRU over the last
+    2,048 images: a database image verified for many queries is assigned once."""
+    key = _sig_key(descriptors, codebook, num_assignments)
+    hit = _sig_get(key, codebook)
+    if hit is None:
+        hit = word_signatures(descriptors, codebook, num_assignments)
+        _sig_put(key, codebook, *hit)
+    return hit
 
 
 def hamming_correspondences(q_words, q_sigs, x_words, x_sigs, max_bits: int):
@@ -529,35 +546,17 @@ def _verify_hamming(query: LocalFeatures, candidates, config: RerankConfig, work
     m = int(config.query_assignments)
     qw, qs = cached_word_signatures(query.descriptors, codebook, m)
     # Candidates not seen before are assigned in one call (it parallelises itself), then cached.
-    digests = [None] * len(candidates)
-    todo = []
-    for k, c in enumerate(candidates):
-        x = np.ascontiguousarray(c.descriptors, np.float32)
-        key = (id(codebook), codebook.size, x.shape, hashlib.blake2b(x.tobytes(), digest_size=16).digest(), 1)
-        digests[k] = key
-        with _SIG_LOCK:
-            if key not in _SIG_CACHE or _SIG_CACHE[key][0] is not codebook:
-                todo.append(k)
+    keys = [_sig_key(c.descriptors, codebook, 1) for c in candidates]
+    found = [_sig_get(key, codebook) for key in keys]
+    todo = [k for k, hit in enumerate(found) if hit is None]
     if todo:
-        sizes = [len(candidates[k]) for k in todo]
         allw, alls = word_signatures(
             np.concatenate([candidates[k].descriptors for k in todo]).reshape(-1, codebook.dim), codebook)
-        cuts = np.cumsum(sizes)[:-1]
-        with _SIG_LOCK:
-            for k, w, sg in zip(todo, np.split(allw, cuts), np.split(alls, cuts)):
-                _SIG_CACHE[digests[k]] = (codebook, w, sg)
-    parts = []
-    for k, c in enumerate(candidates):
-        with _SIG_LOCK:
-            hit = _SIG_CACHE.get(digests[k])
-        if hit is None:  # evicted meanwhile by another thread's images
-            cw, cs = word_signatures(c.descriptors, codebook)
-        else:
-            cw, cs = hit[1], hit[2]
-        parts.append((c, cw, cs))
-    with _SIG_LOCK:
-        while len(_SIG_CACHE) > _SIG_CACHE_SIZE:
-            _SIG_CACHE.popitem(last=False)
+        cuts = np.cumsum([len(candidates[k]) for k in todo])[:-1]
+        for k, w, sg in zip(todo, np.split(allw, cuts), np.split(alls, cuts)):
+            found[k] = (w, sg)
+            _sig_put(keys[k], codebook, w, sg)
+    parts = [(c, cw, cs) for c, (cw, cs) in zip(candidates, found)]
 
     def one(part) -> int:
         c, cw, cs = part
@@ -577,14 +576,6 @@ def order_by_inliers(ids, scores, inliers: dict, num_to_rerank: int, junk=()):
     The first ``num_to_rerank`` ids not in ``junk`` are sorted by (inliers, initial score) descending, ties in
     input order; everything else follows in input order. ``inliers``: id -> count for (at least) those ids.
     Returns (ids, scores, inliers with -1 for unverified)."""
-    ids = np.asarray(ids)
+    ids, chosen, inl = _verified(ids, inliers, num_to_rerank, junk)
     sc = np.asarray(scores, np.float64)
-    junk = set(junk)
-    chosen = np.array([i for i, x in enumerate(ids.tolist()) if x not in junk][:num_to_rerank], np.int64)
-    inl = np.full(len(ids), -1, np.int64)
-    if chosen.size:
-        inl[chosen] = [inliers[x] for x in ids[chosen].tolist()]
-    order = chosen[np.lexsort((chosen, -sc[chosen], -inl[chosen]))] if chosen.size else chosen
-    rest = np.setdiff1d(np.arange(len(ids)), chosen, assume_unique=True)
-    final = np.concatenate([order, rest]).astype(np.int64)
-    return ids[final], sc[final], inl[final]
+    return _to_front(ids, sc, inl, chosen[np.lexsort((chosen, -sc[chosen], -inl[chosen]))])
