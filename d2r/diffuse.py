@@ -149,14 +149,9 @@ class DiffusionGraph:
             raise ValueError(f"neighbours and sims must be (N, k) of equal shape, "
                              f"got {nb.shape} and {s.shape}")
         n = nb.shape[0]
-        keep_nb = np.full((n, cfg.k), -1, np.int64)
-        keep_s = np.zeros((n, cfg.k))
-        for i in range(n):
-            ok = (nb[i] >= 0) & (nb[i] != i)
-            row, val = nb[i][ok][: cfg.k], s[i][ok][: cfg.k]
-            keep_nb[i, : row.size] = row
-            keep_s[i, : row.size] = val
-        r, c, w = mutual_knn_affinity(keep_nb, keep_s, cfg.gamma)
+        ok = (nb >= 0) & (nb != np.arange(n)[:, None])
+        keep = ok & (np.cumsum(ok, axis=1) <= cfg.k)  # the first k real neighbours of each row; -1 pads the rest
+        r, c, w = mutual_knn_affinity(np.where(keep, nb, -1), np.where(keep, s, 0.0), cfg.gamma)
         self.num_nodes_ = n
         self.rows_, self.cols_ = r, c
         self.weights_ = normalize_graph(r, c, w, n)
