@@ -30,6 +30,7 @@ import numpy as np
 
 from d2r import _io
 from d2r._sources import LOG, SourcesTable, parse_json, read_sources
+from d2r._validate import as_top_k
 from d2r.codebook import Codebook
 from d2r.config import Config
 from d2r.detect.config import RegionsConfig
@@ -600,7 +601,7 @@ class Engine:
         A query without local features (blank, tiny, featureless) logs a warning and returns no hits."""
         from d2r.features.image import load_image
 
-        _check_top_k(top_k)  # -1 returned all hits but the last
+        top_k = as_top_k(top_k)  # -1 returned all hits but the last
         if self._db is None:
             raise ValueError(f"{self.path}: nothing indexed yet")
         pixels = load_image(image)
@@ -683,7 +684,7 @@ class Engine:
 
         import numba
 
-        _check_top_k(top_k)  # once, not one error per image
+        top_k = as_top_k(top_k)  # once, not one error per image
         images = list(images)
         workers = max(1, min(len(images), int(workers or os.cpu_count() or 1)))
         if self._db is not None:  # shared caches built once, before the threads
@@ -728,11 +729,6 @@ class Engine:
         if not isinstance(feats, RegionFeatures):
             return np.zeros((0, 4), np.float32)
         return feats.boxes if include_whole else feats.boxes[feats.box_ids >= 0]
-
-
-def _check_top_k(top_k) -> None:
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
 
 
 def _absolute_paths(config: EngineConfig) -> EngineConfig:

@@ -9,7 +9,6 @@ command line) shows the traceback instead of the one-line message.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import logging
 import sys
@@ -25,19 +24,6 @@ OK, FAILURE, USAGE, PARTIAL = 0, 1, 2, 3
 
 class UsageError(ValueError):
     """A bad combination of command-line arguments (exit 2)."""
-
-
-@contextlib.contextmanager
-def muted(name: str):
-    """No WARNING lines from logger ``name`` inside the block: for a command that lists those failures itself
-    (each failed image or query is listed once)."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -131,7 +131,7 @@ def _index(engine, images, args) -> int:
         if not args.quiet and not args.json:
             print(f"indexed {len(ids)} image(s), saved ({len(engine)} in the index)", flush=True)
 
-    from d2r.cli import muted
+    from d2r._log import muted
 
     with muted("d2r.pipeline"):  # each failed image is listed once, below (not also as a WARNING line)
         if getattr(args, "store", None):

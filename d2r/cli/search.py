@@ -70,6 +70,7 @@ def _queries(sources) -> list[str]:
 
 
 def run(args) -> int:
+    from d2r._log import muted
     from d2r.cli import UsageError
     from d2r.engine import Engine
 
@@ -105,17 +106,11 @@ def run(args) -> int:
         # decoded and its features extracted (OpenCV runs without the GIL): a fresh process answers sooner.
         warming = engine.warm_up() if isinstance(engine, Engine) else None
         try:
-            return _search(args, engine, queries, bbox, options)
+            with muted("d2r.engine"):  # a featureless query is listed once (not also as a WARNING line)
+                return _report(args, engine, queries, bbox, options)
         finally:
             if warming is not None:
                 warming.join()
-
-
-def _search(args, engine, queries, bbox, options) -> int:
-    from d2r.cli import muted
-
-    with muted("d2r.engine"):  # a featureless query is listed once, below (not also as a WARNING line)
-        return _report(args, engine, queries, bbox, options)
 
 
 def _report(args, engine, queries, bbox, options) -> int:

@@ -7,6 +7,8 @@ import contextlib
 import logging
 import os
 
+from d2r._log import muted
+
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install -e '.[ray]'"
@@ -57,18 +59,12 @@ def init(address: str | None = None, *, num_cpus: int | None = None, num_gpus: i
     return ray, True
 
 
-@contextlib.contextmanager
 def _quiet_auth_notice():
     """Under --quiet (this module's INFO off), no "Token authentication is enabled..." WARNING line: Ray
     logs it through its own stderr handler when it starts (or joins) a cluster."""
-    logger = logging.getLogger("ray._private.authentication")
-    level = logger.level
-    if not log.isEnabledFor(logging.INFO):
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    if log.isEnabledFor(logging.INFO):
+        return contextlib.nullcontext()
+    return muted("ray._private.authentication")
 
 
 def _reachable(address: str, timeout: float = 5.0) -> None:

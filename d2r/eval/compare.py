@@ -26,7 +26,7 @@ def load_per_query(run) -> dict:
     except FileNotFoundError:
         raise ValueError(f"{path}: not found (a run folder of 'd2r bench revisitop' or its metrics.json)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable metrics.json ({e})") from None
+        raise ValueError(f"{path}: not a metrics JSON file ({e})") from None
     pq = data.get("per_query") if isinstance(data, dict) else None
     if not isinstance(pq, dict) or "medium" not in pq:
         raise ValueError(f"{path}: no per-query AP (run it with this d2r's 'bench revisitop')")

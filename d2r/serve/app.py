@@ -185,6 +185,11 @@ class Service:
             out.append(d)
         return {"query": query, "seconds": round(seconds, 4), "hits": out}
 
+    def image_path(self, image_id: str) -> Path:
+        """The file of an indexed image (404 unknown, 410 gone)."""
+        self._refresh()
+        return self._source(image_id)
+
     def thumbnail(self, image_id: str, size: int) -> bytes:
         from PIL import Image
 
@@ -195,6 +200,7 @@ class Service:
             if key in self._thumbs:
                 self._thumbs.move_to_end(key)
                 return self._thumbs[key]
+        self._refresh()
         source = self._source(image_id)
         try:
             with Image.open(source) as im:
@@ -249,7 +255,7 @@ class Service:
 
     # ---- helpers -----------------------------------------------------------------------------------------------
     def _source(self, image_id: str) -> Path:
-        self._refresh()
+        """The file of an indexed image; callers refresh the engine once per request, not per hit."""
         if image_id not in self.engine:
             raise ApiError(404, f"unknown image id {image_id!r}")
         source = self.engine._sources.get(image_id)
@@ -432,7 +438,7 @@ def create_app(path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int =
     def image(id: str = Query(...)):
         from fastapi.responses import FileResponse
 
-        return FileResponse(service._source(id))
+        return FileResponse(service.image_path(id))
 
     @app.get("/api/thumb")
     def thumb(id: str = Query(...), size: int = Query(256)):
