@@ -274,7 +274,6 @@ def augment_index(pipe: _Pipeline, db, book: Codebook, db_store, ids):
     Offline cost: one search per database image (quadratic; fine for benchmark-sized databases)."""
     from d2r.aggregate import Aggregator
     from d2r.expand import augment_database
-    from d2r.features.base import RegionFeatures
 
     config = pipe.config
     qe, rr = config.qe.validate(), config.rerank.validate()
@@ -289,9 +288,7 @@ def augment_index(pipe: _Pipeline, db, book: Codebook, db_store, ids):
     with pipe.timer("dba"):
         records, neighbours, kept = {}, {}, []
         for i in ids:
-            f = db_store.get(i)
-            regional = isinstance(f, RegionFeatures)
-            records[i] = agg(f.features.descriptors, f.counts) if regional else agg(f.descriptors)
+            records[i] = _image_record(agg, db_store.get(i))
         for i in ids:
             found = db.search(records[i], top_k=qe.dba_top + 1).ids.tolist()
             ranked = [n for n in found if n != i][: qe.dba_top]
@@ -312,13 +309,21 @@ def augment_index(pipe: _Pipeline, db, book: Codebook, db_store, ids):
     return db
 
 
+def _image_record(agg, features):
+    """The aggregation-mode record of a stored image (its regions aggregated together when it has any)."""
+    from d2r.features.base import RegionFeatures
+
+    if isinstance(features, RegionFeatures):
+        return agg(features.features.descriptors, features.counts)
+    return agg(features.descriptors)
+
+
 def diffusion_graph(pipe: _Pipeline, db, book: Codebook, db_store, imlist):
     """The offline :class:`~d2r.diffuse.DiffusionGraph` of the database: nodes are positions in ``imlist``
     (images missing from the store are isolated nodes), each image's ``diffusion.k`` neighbours found by
     searching the index with the image's own record (one search per database image)."""
     from d2r.aggregate import Aggregator
     from d2r.diffuse import DiffusionGraph
-    from d2r.features.base import RegionFeatures
 
     cfg = pipe.config.diffusion.validate()
     agg = Aggregator(book, db.kernel, db.config.num_assignments)
@@ -329,10 +334,7 @@ def diffusion_graph(pipe: _Pipeline, db, book: Codebook, db_store, imlist):
         for i, name in enumerate(imlist):
             if name not in db_store:
                 continue
-            f = db_store.get(name)
-            regional = isinstance(f, RegionFeatures)
-            rec = agg(f.features.descriptors, f.counts) if regional else agg(f.descriptors)
-            found = db.search(rec, top_k=cfg.k + 1)
+            found = db.search(_image_record(agg, db_store.get(name)), top_k=cfg.k + 1)
             m = len(found.ids)
             nb[i, :m] = [position[x] for x in found.ids.tolist()]
             sims[i, :m] = found.scores
