@@ -47,7 +47,7 @@ def exact_inertia(x, centroids) -> float:
 
 
 def run_d2r(x, k, it, seed, method, batch):
-    from d2r.train import train_codebook
+    from d2r.codebook import train_codebook
 
     book, info = train_codebook(x, k, iterations=it, init="random", method=method, seed=seed,
                                 batch_size=batch, progress=False)

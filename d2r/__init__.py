@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 from d2r.aggregate import Aggregated, Aggregator, similarity  # noqa: E402
 from d2r.codebook import Codebook  # noqa: E402
 from d2r.index import Database, DatabaseConfig, Ranking  # noqa: E402
-from d2r.engine import Engine, EngineConfig, Hit  # noqa: E402
+from d2r.engine import Engine, Hit  # noqa: E402
+from d2r.engine.config import EngineConfig
 
 __all__ = ["Aggregated", "Aggregator", "Codebook", "Database", "DatabaseConfig", "Engine", "EngineConfig", "Hit",
            "Ranking",

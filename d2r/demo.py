@@ -130,7 +130,8 @@ def _write_jpeg(path: Path, a: np.ndarray) -> None:
 
 def run(out: Path, top_k: int = 5, progress: bool = True, seed: int = 0) -> dict:
     """Build the demo under ``out`` (images/, queries/, index/, summary.html) and return its results."""
-    from d2r.engine import Engine, EngineConfig
+    from d2r.engine import Engine
+    from d2r.engine.config import EngineConfig
 
     out = Path(out)
     timings = {}

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 import d2r.cli
-from d2r.engine import Engine, EngineConfig
+from d2r.engine import Engine
+from d2r.engine.config import EngineConfig
 from tests.corpus import textured
 
 CODEBOOK = Path(__file__).resolve().parents[1] / "codebooks" / "rootsift-128d-k256-skimage-s0.npz"
@@ -202,8 +203,8 @@ def test_store_remove_counts_buffered_images_and_drops_pending_failures(tmp_path
 
 
 def test_bools_are_not_integer_settings(photos, tmp_path, capsys):
-    from d2r.expand import ExpansionConfig
-    from d2r.rerank import RerankConfig
+    from d2r.query.expand import ExpansionConfig
+    from d2r.query.verify import RerankConfig
 
     engine = Engine.create(tmp_path / "eng", _config())
     engine.index(photos, progress=False)

@@ -44,7 +44,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from d2r.engine import Engine, EngineConfig
+    from d2r.engine import Engine
+    from d2r.engine.config import EngineConfig
 
     root = tmp_path_factory.mktemp("serve")
     photos = root / "photos"

@@ -66,7 +66,7 @@ def write_revisitop_report(out, result: dict, g, stages: dict, images_root, quer
 
     result: the run's result dict (summary, per-query AP); g: GroundTruth; stages: {stage: {protocol: per-query
     rankings of database indices}}; marks follow ``protocol`` (positive / junk / wrong)."""
-    from d2r.bench import resolve_image
+    from d2r.eval.datasets import resolve_image
 
     out = Path(out)
     thumbs = out / "report" / "thumbs"

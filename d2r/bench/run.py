@@ -18,7 +18,6 @@ Outputs in ``OUT``: ``metrics.json`` (the result dict), ``config.yaml`` (the res
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -33,14 +32,13 @@ import numpy as np
 from d2r import _io
 from d2r.codebook import Codebook
 from d2r.diffuse import DiffusionConfig
-from d2r.engine import EngineConfig
+from d2r.engine.config import EngineConfig
 from d2r.features.base import LocalFeatures, whole_image  # noqa: F401  (whole_image: part of this API)
-from d2r.pipeline import Pipeline, check_setup, crop
-from d2r.rerank import order_verified
+from d2r.build import Pipeline, check_setup
+from d2r.eval.datasets import gldv2_path, query_box, read_ids, resolve_image
+from d2r.query.verify import order_verified
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg", ".JPG", ".PNG", ".JPEG")
 
 
 @dataclass
@@ -83,56 +81,6 @@ def load_config(path=None, overrides: dict | None = None) -> BenchConfig:
     """
     config = BenchConfig.from_file(path) if path is not None else BenchConfig()
     return config.override(overrides or {})
-
-
-# ---- paths and queries ---------------------------------------------------------------------------------------
-def resolve_image(root, name: str) -> Path:
-    """The file of image ``name`` under ``root``: ``root/name`` if it exists (names relative to the folder, as in
-    our dev data), else ``root/name`` + .jpg/.png/.jpeg (revisitop ``imlist`` names carry no extension).
-    FileNotFoundError names the image and the paths tried."""
-    root = Path(root)
-    base = root / name
-    if base.is_file():
-        return base
-    tried = [base]
-    for suffix in IMAGE_SUFFIXES:
-        p = root / (name + suffix)
-        if p.is_file():
-            return p
-        tried.append(p)
-    shown = ", ".join(str(t) for t in tried[:3])
-    raise FileNotFoundError(f"image {name!r} not found under {root} (tried {shown}, ...)")
-
-
-def gldv2_path(root, image_id: str) -> Path:
-    """GLDv2 layout ``root/a/b/c/<id>.jpg`` (first three characters of the id), else ``root/<id>.jpg``."""
-    root = Path(root)
-    nested = root / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg" if len(image_id) >= 3 else None
-    if nested is not None and nested.is_file():
-        return nested
-    return resolve_image(root, image_id)
-
-
-def query_box(bbx):
-    """revisitop query crop: the box [x1, y1, x2, y2] rounded to whole pixels (as the official query extraction
-    does before ``PIL.Image.crop``), or None for the whole image."""
-    if bbx is None:
-        return None
-    b = np.asarray(bbx, dtype=np.float64).reshape(-1)
-    if b.size == 0:
-        return None
-    if b.size != 4 or not np.all(np.isfinite(b)):
-        raise ValueError(f"bbx must be four finite numbers x1, y1, x2, y2, got {bbx!r}")
-    return tuple(int(round(v)) for v in b)
-
-
-def crop_query(image, bbx, name: str = "query") -> np.ndarray:
-    """Load ``image`` and crop it to the rounded ``bbx`` (clipped to the image); the whole image when None."""
-    from d2r.features.image import load_image
-
-    pixels = load_image(image)
-    box = query_box(bbx)
-    return pixels if box is None else crop(pixels, box, name=name)
 
 
 # ---- caching -------------------------------------------------------------------------------------------------
@@ -257,7 +205,7 @@ class _Pipeline(Pipeline):
 
 def verify_candidates(query: LocalFeatures, candidate_ids, get_features, config, codebook=None) -> dict:
     """Inlier count of each candidate id (geometric verification, :func:`d2r.rerank.geometric_verification`)."""
-    from d2r.rerank import geometric_verification
+    from d2r.query.verify import geometric_verification
 
     candidate_ids = list(candidate_ids)
     if not candidate_ids:
@@ -273,7 +221,7 @@ def augment_index(pipe: _Pipeline, db, book: Codebook, db_store, ids):
     records. Aggregation mode only.
     Offline cost: one search per database image (quadratic; fine for benchmark-sized databases)."""
     from d2r.aggregate import Aggregator
-    from d2r.expand import augment_database
+    from d2r.query.expand import augment_database
 
     config = pipe.config
     qe, rr = config.qe.validate(), config.rerank.validate()
@@ -458,7 +406,7 @@ def run_revisitop(gnd, images_root, config: BenchConfig | None = None, out="benc
     extra["ranks.npy"] = ("npy", _pad(ranks, depth))
     out = _finish(pipe, result, extra)
     if write_report:
-        from d2r.report import write_revisitop_report
+        from d2r.bench.report import write_revisitop_report
 
         write_revisitop_report(pipe.out, out, g, stages, root, query_in_database, progress=progress)
     return out
@@ -490,8 +438,8 @@ def _revisitop_stages(pipe: _Pipeline, g, db, db_store, query_feats, ranks, rank
     from tqdm.auto import tqdm
 
     from d2r.eval.revisitop import PROTOCOLS
-    from d2r.expand import expanded_query, reliable_neighbours
-    from d2r.rerank import order_verified
+    from d2r.query.pipeline import expanded_query, reliable_neighbours
+    from d2r.query.verify import order_verified
 
     config = pipe.config
     rr = config.rerank.validate()
@@ -578,25 +526,6 @@ def _pad(rows, depth: int) -> np.ndarray:
     for i, r in enumerate(rows):
         out[i, :min(depth, len(r))] = r[:depth]
     return out
-
-
-# ---- GLDv2 ---------------------------------------------------------------------------------------------------
-def read_ids(path) -> list[str]:
-    """The ``id`` column of a GLDv2 ``index.csv`` / ``test.csv`` (the first column when there is no ``id``)."""
-    path = Path(path)
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:  # the file named, not only the reason
-        raise ValueError(f"{path}: cannot read the CSV ({getattr(exc, 'strerror', None) or exc})") from None
-    if not rows:
-        raise ValueError(f"{path}: empty CSV")
-    header = rows[0]
-    col = header.index("id") if "id" in header else 0
-    ids = [r[col] for r in rows[1:] if r and r[col]]
-    if not ids:
-        raise ValueError(f"{path}: no image ids")
-    return ids
 
 
 def _failed(store, pairs) -> dict:

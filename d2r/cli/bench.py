@@ -156,7 +156,7 @@ def run(args) -> int:
     progress = not args.quiet
     from d2r._log import muted
 
-    with muted("d2r.pipeline"):  # each unreadable image is listed once, below (not as a WARNING too)
+    with muted("d2r.build"):  # each unreadable image is listed once, below (not as a WARNING too)
         if args.protocol == "revisitop":
             result = bench.run_revisitop(args.gnd, args.images_root, config, args.out, cache=args.cache,
                                          query_in_database=args.query_in_database, progress=progress,

@@ -43,7 +43,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from d2r.cli import UsageError
-    from d2r.engine import FeaturesConfig
+    from d2r.features.config import FeaturesConfig
     from d2r.features import extract_to_store
 
     if args.model and args.features != "delf":

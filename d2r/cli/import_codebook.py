@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from d2r.codebook_import import import_official_codebook
+    from d2r.codebook.official import import_official_codebook
 
     out = Path(args.out)
     if out.exists() and not args.force:

@@ -113,7 +113,7 @@ def _writer(run):
 def build_config(args):
     """The --config file, then the flags, then the --set overrides (d2r.config.parse_overrides)."""
     from d2r.config import parse_overrides
-    from d2r.engine import EngineConfig
+    from d2r.engine.config import EngineConfig
 
     config = EngineConfig.from_file(args.config) if args.config else EngineConfig()
     overrides = {key: getattr(args, flag, None)
@@ -133,7 +133,7 @@ def _index(engine, images, args) -> int:
 
     from d2r._log import muted
 
-    with muted("d2r.pipeline"):  # each failed image is listed once, below (not also as a WARNING line)
+    with muted("d2r.build"):  # each failed image is listed once, below (not also as a WARNING line)
         if getattr(args, "store", None):
             report = engine.index_store(args.store, progress=not args.quiet, on_done=done,
                                         lock_timeout=args.lock_timeout)
@@ -314,7 +314,7 @@ def _report_damage(args, damage, action) -> int:
 
 
 def run_check(args) -> int:
-    from d2r.engine import check_engine
+    from d2r.engine.check import check_engine
 
     path = Path(args.path)
     engine = (path / "engine.json").is_file()

@@ -69,8 +69,9 @@ def _train(args, ray: bool):
     """Sample, then train; with ``ray`` the sampling (store or images) and Lloyd's assignment on Ray."""
     from functools import partial
 
-    from d2r.pipeline import check_training_size
-    from d2r.train import load_training_descriptors, train_codebook
+    from d2r.codebook.codebook import check_training_size
+    from d2r.codebook.kmeans import load_training_descriptors
+    from d2r.codebook import train_codebook
 
     progress = not args.quiet
     sampler, train = None, train_codebook

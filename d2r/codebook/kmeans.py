@@ -459,7 +459,7 @@ def train_codebook(descriptors, k: int, *, iterations: int = 20, init: str = "au
 
     seconds = time.perf_counter() - t0
     meta = {
-        "tool": "d2r.train.train_codebook",
+        "tool": "d2r.codebook.train_codebook",
         "tool_version": d2r.__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seed": seed,
@@ -545,29 +545,6 @@ def _minibatch_epoch(x, centroids, total_counts, batch_size, seed, epoch):
     return value, repaired, not np.array_equal(before, centroids)
 
 
-def default_codebook_name(feature: str, dim: int, k: int, trainset: str, seed: int) -> str:
-    """The codebooks/ naming convention: ``<feature>-<dim>d-k<K>-<trainset>-s<seed>.npz``."""
-    k_txt = f"{k // 1024}k" if k % 1024 == 0 and k >= 1024 else str(k)
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in trainset) or "data"
-    return f"{feature}-{dim}d-k{k_txt}-{safe}-s{seed}.npz"
-
-
-def check_codebook(codebook: Codebook, *, dim: int | None = None, feature: str | None = None,
-                   pca_fingerprint: str | None = None) -> None:
-    """Raise ValueError when ``codebook`` does not fit features of dimension ``dim`` / type ``feature`` / PCA
-    ``pca_fingerprint`` (metadata fields absent from the codebook are not checked)."""
-    if dim is not None and codebook.dim != int(dim):
-        raise ValueError(f"codebook {codebook.fingerprint} has D={codebook.dim}, features have D={dim}")
-    meta = codebook.metadata
-    if feature is not None and meta.get("feature") not in (None, feature):
-        raise ValueError(f"codebook {codebook.fingerprint} was trained on {meta['feature']!r} features, "
-                         f"not {feature!r}")
-    if pca_fingerprint is not None and meta.get("pca_fingerprint") not in (None, pca_fingerprint):
-        raise ValueError(f"codebook {codebook.fingerprint} was trained after PCA {meta['pca_fingerprint']}, "
-                         f"features use PCA {pca_fingerprint}")
-
-
 __all__ = ["train_codebook", "sample_descriptors", "load_training_descriptors", "reseed_empty", "reseed_plan",
            "lloyd_assign", "lloyd_update",
-           "default_codebook_name", "check_codebook",
            "METHODS", "INITS"]

@@ -83,7 +83,7 @@ def import_official_codebook(checkpoint, *, variable: str | None = None, feature
         "source": "official TensorFlow checkpoint",
         "training_source": str(checkpoint),
         "checkpoint_variable": key,
-        "tool": "d2r.codebook_import.import_official_codebook",
+        "tool": "d2r.codebook.official.import_official_codebook",
         "tool_version": d2r.__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

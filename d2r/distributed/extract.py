@@ -123,7 +123,8 @@ def extract(images, store, features="rootsift", *, model=None, pca=None, options
     """
     from d2r.distributed._ray import import_ray, init
     from d2r.features import get_extractor
-    from d2r.features.store import DEFAULT_SHARD_BYTES, _extractor_info
+    from d2r.features.store import DEFAULT_SHARD_BYTES
+    from d2r.features.config import extractor_info
 
     t0 = time.perf_counter()
     spec = _features_spec(features, model, pca, options)
@@ -134,7 +135,7 @@ def extract(images, store, features="rootsift", *, model=None, pca=None, options
         raise ValueError(f"gpus_per_worker must be in (0, 8], got {gpus_per_worker!r}")
     import_ray()
     extractor = get_extractor(spec["name"], model=spec["model"], pca=spec["pca"], **spec["options"])
-    info = _extractor_info(extractor)
+    info = extractor_info(extractor)
     pairs = _pairs(images)
     shard_bytes = int(shard_bytes or DEFAULT_SHARD_BYTES)
     ray, started = init(address, num_cpus=num_cpus)

@@ -32,7 +32,7 @@ class _Partition:
         self.labels = self.sq = None
 
     def assign(self, centroids):
-        from d2r.train import lloyd_assign
+        from d2r.codebook.kmeans import lloyd_assign
 
         self.labels, self.sq, sums, counts = lloyd_assign(self.x, centroids)
         return sums, counts, float(self.sq.sum())
@@ -62,7 +62,7 @@ class _RayLloydStep:
                         for a, b in zip(bounds[:-1], bounds[1:])]
 
     def __call__(self, x, centroids):
-        from d2r.train import lloyd_update, reseed_plan
+        from d2r.codebook.kmeans import lloyd_update, reseed_plan
 
         ray = self.ray
         ref = ray.put(centroids)
@@ -109,7 +109,7 @@ def train_codebook(descriptors, k: int, *, address: str | None = None, workers: 
     the single-machine run to float32 rounding (partial sums are added per partition). Returns
     ``(Codebook, info)``; info also holds ``workers``.
     """
-    from d2r.train import train_codebook as train
+    from d2r.codebook import train_codebook as train
 
     if kwargs.get("method", "lloyd") != "lloyd":
         raise ValueError(f"distributed training runs method 'lloyd', not {kwargs['method']!r}")
@@ -147,7 +147,7 @@ class _Sampler:
     def sample(self, block, quota: int, seed: int):
         """``block`` [(position i, image_id, path_or_None)] → [(i, image_id, seen descriptors, sample or None,
         error or None)], sampled as :func:`d2r.train.sample_descriptors` samples image number i."""
-        from d2r.train import _descriptors_of, sample_image
+        from d2r.codebook.kmeans import _descriptors_of, sample_image
 
         out = []
         for i, image_id, source in block:
@@ -173,7 +173,7 @@ def sample_descriptors(source, per_image: int = 300, max_total: int = 1_000_000,
     Returns ``(x float32 (n, D), info)``; info as :func:`d2r.train.sample_descriptors`, plus ``failed``
     (ids of images that could not be extracted)."""
     from d2r.features import FeatureStore
-    from d2r.train import image_quota
+    from d2r.codebook.kmeans import image_quota
 
     per_image, max_total = int(per_image), int(max_total)
     if per_image < 1 or max_total < 1:

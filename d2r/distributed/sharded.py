@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from d2r._validate import as_top_k
-from d2r.engine import Engine, EngineConfig
+from d2r.engine import Engine
+from d2r.engine.config import EngineConfig
 from d2r.index.database import Database, Ranking
 
 # "NODE_IP:/path": open this shard on the Ray node with that IP (the path is on that node).
@@ -48,7 +49,7 @@ class _Shard:
         self.engine_config = self._store = None
         self._sources: dict = {}
         if folder != path:  # an engine folder: its feature store and sources serve re-ranking and hits
-            from d2r._sources import SourcesTable
+            from d2r.engine.sources import SourcesTable
 
             self.engine_config = json.loads((path / "engine.json").read_text()).get("config")
             self._sources = SourcesTable(path)  # sources.json and its log, read at the first hit
@@ -410,7 +411,7 @@ class ShardedEngine(Engine):
     def check(self, digests: bool = True) -> list[dict]:
         """:meth:`Engine.check` of every shard on this machine (files named ``SHARD/...``); a shard on a Ray
         node (``NODE_IP:/path``) is checked there with ``d2r index check``, not here (ValueError)."""
-        from d2r.engine import check_engine
+        from d2r.engine.check import check_engine
 
         remote = [s for s in self.shards if _NODE_PATH.match(s)]
         if remote:

@@ -54,6 +54,7 @@ import numpy as np
 from d2r._io import atomic_path, file_digest, write_json
 from d2r._lock import WriterLock
 from d2r.features.base import LocalFeatures, RegionFeatures
+from d2r.features.config import extractor_info
 
 log = logging.getLogger(__name__)
 
@@ -1405,17 +1406,6 @@ def _pack(buffer, dim: int) -> dict:
     }
 
 
-def _extractor_info(extractor) -> dict:
-    if hasattr(extractor, "info"):
-        return extractor.info()
-    return {
-        "name": extractor.name,
-        "config": {},
-        "fingerprint": extractor.fingerprint(),
-        "dim": extractor.dim,
-    }
-
-
 def extract_to_store(
     images,
     extractor,
@@ -1468,7 +1458,7 @@ def extract_to_store(
         seen.add(image_id)
     store = FeatureStore.create(
         store_path,
-        _extractor_info(extractor),
+        extractor_info(extractor),
         shard_bytes=shard_bytes,
         shard_size=shard_size,
         lock_timeout=lock_timeout,

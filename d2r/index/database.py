@@ -39,8 +39,10 @@ from d2r.config import Config
 from d2r.index import search as _search
 from d2r.index import store as _store
 from d2r.index.search import EMPTY_SCORE, Ranking
-from d2r.index.segment import DamagedError, Segment, file_names
+from d2r.storage import DamagedError
+from d2r.index.segment import Segment, file_names
 from d2r.index.store import FORMAT, FORMAT_VERSION, MergePolicy
+from d2r.storage import check_file, file_record
 
 log = logging.getLogger(__name__)
 
@@ -628,7 +630,7 @@ class Database:
             "format": FORMAT, "format_version": FORMAT_VERSION, "generation": generation,
             "config": self.config.to_dict(),
             "codebook": {"fingerprint": self.codebook.fingerprint, "k": self.codebook.size, "dim": self.codebook.dim,
-                         **_file_record(self.path / "codebook.npz")},
+                         **file_record(self.path / "codebook.npz")},
             "segments": [s.record() for s in self._segments], "removed": removed, "id_type": self._id_type,
             "counts": self.info(files=False)["counts"],
         }
@@ -706,7 +708,7 @@ def check(path, digests: bool = True) -> list[dict]:
     book = None
     cb = manifest["codebook"]
     if "file" in cb:
-        _check_file(path / "codebook.npz", cb["file"], bad, digests)
+        check_file(path / "codebook.npz", cb["file"], bad, digests)
     if not damaged:
         try:
             book = _load_codebook(path, manifest)
@@ -724,7 +726,7 @@ def check(path, digests: bool = True) -> list[dict]:
         files = rec.get("files") or {}
         for fname in file_names(config.kernel):
             if fname in files:
-                _check_file(d / fname, files[fname], bad, digests)
+                check_file(d / fname, files[fname], bad, digests)
             elif not (d / fname).is_file():
                 bad(d / fname, "missing")
         if len(damaged) == before and book is not None:
@@ -742,7 +744,7 @@ def check(path, digests: bool = True) -> list[dict]:
         file = path / rec["name"]
         before = len(damaged)
         if "blake2b" in rec:
-            _check_file(file, rec, bad, digests)
+            check_file(file, rec, bad, digests)
         if len(damaged) == before:
             try:
                 removed = np.load(file, allow_pickle=False)
@@ -822,21 +824,6 @@ def repair(path, lock_timeout: float | None = 0.0) -> dict:
         _store.commit(path, manifest)
         _store.collect_garbage(path, manifest)
     return report
-
-
-def _check_file(file: Path, record: dict, bad, digests: bool = True) -> None:
-    if not file.is_file():
-        bad(file, "missing")
-        return
-    size = file.stat().st_size
-    if size != record["size"]:
-        bad(file, f"{size} bytes, the manifest says {record['size']}")
-    elif digests and _io.file_digest(file) != record["blake2b"]:
-        bad(file, "checksum mismatch (contents changed)")
-
-
-def _file_record(file: Path) -> dict:
-    return {"file": {"size": file.stat().st_size, "blake2b": _io.file_digest(file)}} if file.is_file() else {}
 
 
 def _load_codebook(path: Path, manifest: dict) -> Codebook:

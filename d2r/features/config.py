@@ -1,0 +1,81 @@
+"""The features section of a config and the extractor it builds; the one provenance record of an extractor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from d2r.config import Config
+
+
+def config_class(name: str):
+    if name == "rootsift":
+        from d2r.features.rootsift import RootSIFTConfig
+
+        return RootSIFTConfig
+    from d2r.features.delf import DELFConfig
+
+    return DELFConfig
+
+
+def build_extractor(features):
+    """The extractor of a ``FeaturesConfig``; ValueError naming the option for an unknown name, a model path
+    that is not a SavedModel folder, a missing PCA folder, or an unknown / mistyped ``features.options``
+    key."""
+    from d2r.features import EXTRACTORS, get_extractor
+
+    name = str(features.name).lower()
+    if name not in EXTRACTORS:
+        raise ValueError(f"features.name: unknown extractor {features.name!r}; known: {list(EXTRACTORS)}")
+    config_class(name).from_dict(dict(features.options), _where="features.options.")
+    if name == "rootsift" and features.model is not None:
+        raise ValueError("features.model: rootsift takes no model (set features.name: delf)")
+    if name == "delf":
+        if features.model is None:
+            raise ValueError("features.model: delf needs a SavedModel folder (--model PATH)")
+        model = Path(features.model).expanduser()
+        if not model.is_dir():
+            raise ValueError(f"features.model: {model} is not a folder")
+        if not (model / "saved_model.pb").exists() and not (model / "saved_model.pbtxt").exists():
+            raise ValueError(f"features.model: {model} is not a SavedModel folder (no saved_model.pb)")
+    if features.pca is not None and not Path(features.pca).expanduser().exists():
+        raise ValueError(f"features.pca: {features.pca} not found")
+    try:
+        return get_extractor(name, model=features.model, pca=features.pca, **features.options)
+    except (TypeError, KeyError) as exc:
+        raise ValueError(f"features: cannot build the {name} extractor: {exc}") from None
+
+
+def pca_fingerprint(extractor) -> str | None:
+    """Fingerprint of the PCA the extractor applies, None without one."""
+    pca = getattr(extractor, "pca", None)
+    use = getattr(getattr(extractor, "config", None), "use_pca", True)
+    return pca.fingerprint() if pca is not None and use else None
+
+
+@dataclass
+class FeaturesConfig(Config):
+    """Local features: ``name`` "rootsift" (weight-free default) or "delf" (``model`` = SavedModel folder, ``pca``
+    = folder of the PCA files); ``options`` are the extractor's config fields (e.g. ``{"max_features": 1000}``)."""
+
+    name: str = "rootsift"
+    model: str | None = None
+    pca: str | None = None
+    options: dict = field(default_factory=dict)
+
+    def build(self):
+        """The extractor (checked: see :func:`d2r.pipeline.build_extractor`)."""
+        from d2r.features.config import build_extractor
+
+        return build_extractor(self)
+
+
+def extractor_info(extractor) -> dict:
+    if hasattr(extractor, "info"):
+        return extractor.info()
+    return {
+        "name": extractor.name,
+        "config": {},
+        "fingerprint": extractor.fingerprint(),
+        "dim": extractor.dim,
+    }
