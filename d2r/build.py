@@ -23,6 +23,13 @@ from d2r.codebook.codebook import check_training_size, codebook_metadata, fit_co
 from d2r.detect.config import check_regions
 from d2r.features.config import build_extractor
 from d2r.features.image import crop
+from d2r.codebook import train_codebook
+from d2r.codebook.kmeans import sample_descriptors
+from d2r.detect.regions import extract_regions
+from d2r.features.config import extractor_info
+from d2r.features.image import load_image
+from d2r.features.store import FeatureStore
+from d2r.index.database import Database
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +58,6 @@ class Pipeline:
         extractor: an already built (checked) extractor; default: built from ``config.features`` when used.
         progress: show tqdm bars.
     """
-
     def __init__(self, config, extractor=None, progress: bool = True):
         self.config = config
         self.progress = progress
@@ -81,28 +87,21 @@ class Pipeline:
 
     def store_info(self) -> dict:
         """What a feature store records about the extractor."""
-        from d2r.features.config import extractor_info
-
         return extractor_info(self.extractor)
 
     # ---- extraction ----------------------------------------------------------------------------------------
     def extract(self, image, name: str | None = None) -> LocalFeatures | RegionFeatures:
         """Index-side features of one image (path, array or PIL image): the whole image, plus its regions
         (re-extracted per ``config.regions``) when a proposer is configured."""
-        from d2r.features.image import load_image
-
         pixels = load_image(image)
         if self.proposer is None:
             return self.extractor.extract(pixels)
-        from d2r.detect.regions import extract_regions
 
         return extract_regions(pixels, self.extractor, self.proposer, reextract=self.config.regions.reextract,
                                name=name or str(image))
 
     def extract_query(self, image, bbox=None, name: str = "query") -> LocalFeatures:
         """Query-side features: the whole image or its crop to ``bbox`` = (x1, y1, x2, y2); never regions."""
-        from d2r.features.image import load_image
-
         pixels = load_image(image)
         if bbox is not None:
             pixels = crop(pixels, bbox, name=name)
@@ -155,7 +154,6 @@ class Pipeline:
         ``{"images", "extracted", "skipped", "failed", "seconds", "store"}``."""
         import time
 
-        from d2r.features.store import FeatureStore
 
         t0 = time.perf_counter()
         store = FeatureStore.create(path, self.store_info())  # shards roll over by size
@@ -176,9 +174,6 @@ class Pipeline:
     def train_codebook(self, store, trainset: str) -> Codebook:
         """A codebook trained with ``config.codebook`` on a sample of the store's (whole-image) descriptors;
         ValueError when there are fewer than K × :data:`MIN_DESCRIPTORS_PER_WORD` of them."""
-        from d2r.codebook.kmeans import sample_descriptors
-        from d2r.codebook import train_codebook
-
         c = self.config.codebook
         x, _ = sample_descriptors(store, per_image=c.sample_per_image, max_total=c.max_samples, seed=c.seed,
                                   progress=self.progress)
@@ -189,8 +184,6 @@ class Pipeline:
 
     def create_database(self, path, codebook: Codebook):
         """A new database at ``path`` with ``config.index`` (the DatabaseConfig, passed whole)."""
-        from d2r.index.database import Database
-
         return Database.create(path, codebook, **self.config.index.to_dict())
 
     def fill_database(self, db, store, ids, on_batch=None, save_every: int | None = None,

@@ -10,6 +10,8 @@ import threading
 from collections import OrderedDict
 
 import numpy as np
+from d2r.kernels.binary import as_words64
+from d2r.kernels.correspond import hamming_pairs
 
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], np.int64)
 _SIG_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
@@ -52,8 +54,6 @@ def hamming_matches(q_words: np.ndarray, q_sigs: np.ndarray, n_words: np.ndarray
 def word_signatures(descriptors: np.ndarray, codebook, num_assignments: int = 1):
     """The ``num_assignments`` (m) nearest visual words of each descriptor (N·m,) int64 and the binary
     signature in each, sign(x − c_w) packed MSB-first (N·m, ceil(D/8)) uint8; row r belongs to descriptor r // m."""
-    from d2r.signatures import signatures
-
     x = np.ascontiguousarray(descriptors, np.float32)
     m = int(num_assignments)
     if x.shape[0] == 0:
@@ -106,9 +106,6 @@ def cached_word_signatures(descriptors: np.ndarray, codebook, num_assignments: i
 def hamming_correspondences(q_words, q_sigs, x_words, x_sigs, max_bits: int):
     """Pairs (i, j) of query row i and candidate row j with the same word and Hamming distance <= ``max_bits``
     (any order of the inputs). Returns (query_ids, index_ids) int64 sorted by (i, j)."""
-    from d2r.kernels.binary import as_words64
-    from d2r.kernels.correspond import hamming_pairs
-
     if len(q_words) == 0 or len(x_words) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     oq = np.argsort(q_words, kind="stable")

@@ -9,6 +9,13 @@ from __future__ import annotations
 
 import json
 import sys
+from d2r import _io
+from d2r import bench
+from d2r._log import muted
+from d2r.bench import load_config
+from d2r.cli import UsageError
+from d2r.config import parse_overrides
+from d2r.eval.compare import compare_runs, format_comparison
 
 
 def _common(p) -> None:
@@ -107,8 +114,6 @@ def add_parser(subparsers) -> None:
 
 def config_from_args(args):
     """The resolved :class:`~d2r.bench.BenchConfig`: the --config file, then the flags that were given."""
-    from d2r.bench import load_config
-
     overrides = {
         "features.name": args.features, "features.model": args.model, "features.pca": args.pca,
         "features.options.max_features": args.max_features,
@@ -124,7 +129,6 @@ def config_from_args(args):
         "query_expansion": args.query_expansion, "qe.top": args.qe_top, "diffusion.enabled": args.diffusion,
         "index.query_num_assignments": args.query_num_assignments,
     }
-    from d2r.config import parse_overrides
 
     overrides.update(parse_overrides(args.set))
     config = load_config(args.config, overrides)
@@ -142,9 +146,6 @@ def _table(result: dict, keys) -> str:
 
 
 def run(args) -> int:
-    from d2r import bench
-    from d2r.cli import UsageError
-
     if args.top_k is not None and args.top_k < 1:  # was: a late "negative dimensions" error, or 0 = default
         raise UsageError(f"--top-k must be at least 1 (omit it for the default depth), got {args.top_k}")
     from pathlib import Path
@@ -154,7 +155,6 @@ def run(args) -> int:
             raise FileExistsError(f"{flag} {folder}: exists and is not a folder")
     config = config_from_args(args)
     progress = not args.quiet
-    from d2r._log import muted
 
     with muted("d2r.build"):  # each unreadable image is listed once, below (not as a WARNING too)
         if args.protocol == "revisitop":
@@ -171,8 +171,6 @@ def run(args) -> int:
     if args.json == "-":
         print(text)
     elif args.json:
-        from d2r import _io
-
         _io.write_bytes(args.json, (text + "\n").encode())
     if not args.quiet and args.json != "-":
         print(_table(result, keys))
@@ -189,9 +187,6 @@ def run(args) -> int:
 
 
 def compare(args) -> int:
-    from d2r.cli import UsageError
-    from d2r.eval.compare import compare_runs, format_comparison
-
     if args.resamples < 1:
         raise UsageError(f"--resamples must be at least 1, got {args.resamples}")
     res = compare_runs(args.run_a, args.run_b, stage_a=args.stage_a, stage_b=args.stage_b,
@@ -201,8 +196,6 @@ def compare(args) -> int:
         print(text)
         return 0
     if args.json:
-        from d2r import _io
-
         _io.write_bytes(args.json, (text + "\n").encode())
     print(format_comparison(res))
     return 0

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
+from d2r.cli import UsageError
+from d2r.distributed import extract
+from d2r.features import extract_to_store
+from d2r.features.config import FeaturesConfig
 
 
 def add_parser(subparsers) -> None:
@@ -42,9 +46,6 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from d2r.cli import UsageError
-    from d2r.features.config import FeaturesConfig
-    from d2r.features import extract_to_store
 
     if args.model and args.features != "delf":
         raise UsageError("--model is only for --features delf")
@@ -68,8 +69,6 @@ def run(args) -> int:
     pca = None if args.no_pca else args.pca
     extractor = FeaturesConfig(args.features, args.model, pca, options).build()  # checked before the store exists
     if args.ray is not None:
-        from d2r.distributed import extract
-
         summary = extract(args.images, args.out, args.features, model=args.model, pca=pca, options=options,
                           address=args.ray or None, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                           shard_bytes=max(1, int(args.shard_mb * (1 << 20))), retry_failed=args.retry_failed,

@@ -1,6 +1,8 @@
 """``d2r serve``: a search service and web page over an engine folder (needs the ``[serve]`` extra)."""
 
 from __future__ import annotations
+from d2r.cli import UsageError
+from d2r.serve import run as serve
 
 
 def add_parser(subparsers) -> None:
@@ -20,7 +22,6 @@ def run(args) -> int:
     import importlib.util
     from pathlib import Path
 
-    from d2r.cli import UsageError
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
@@ -32,7 +33,6 @@ def run(args) -> int:
     if missing:
         raise ValueError(f"d2r serve needs {', '.join(missing)}: pip install 'd2r[serve]'")
     _check_address(args.host, args.port)
-    from d2r.serve import run as serve
 
     serve(args.index, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
           quiet=args.quiet)

@@ -274,8 +274,6 @@ def codebook_metadata(extractor, trainset: str) -> dict:
 def fit_codebook(book, extractor, what: str = "codebook") -> Codebook:
     """Load ``book`` (a :class:`Codebook` or a ``.npz`` path) and check it fits the extractor's features
     (dimension, feature type, PCA fingerprint, via :func:`d2r.train.check_codebook`); ValueError naming it."""
-    from d2r.codebook.codebook import check_codebook
-
     source = what if isinstance(book, Codebook) else f"{what} {book}"
     if not isinstance(book, Codebook):
         book = Codebook.load(book)

@@ -19,11 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-import d2r
+from d2r._version import __version__
 from d2r import _io
 from d2r._validate import as_descriptors
-from d2r.codebook import Codebook
+from d2r.codebook.codebook import Codebook
 from d2r.kernels.kmeans import assigned_sq_distances, cluster_sums, minibatch_update
+from d2r.features import FeatureStore
+from d2r.features import get_extractor, list_images
+from d2r.features.base import whole_image
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,6 @@ CHECKPOINT_VERSION = 1
 # ---- sampling --------------------------------------------------------------------------------------------
 def _descriptors_of(item, name: str) -> np.ndarray:
     """Whole-image descriptors of one store item (LocalFeatures, RegionFeatures or an (N, D) array)."""
-    from d2r.features.base import whole_image
-
     feats = whole_image(item)  # RegionFeatures: keep the whole-image region
     desc = getattr(feats, "descriptors", feats)
     return as_descriptors(desc, name=name)
@@ -177,8 +178,6 @@ def load_training_descriptors(*, store=None, images=None, descriptors=None, feat
             meta["feature"] = feature
         meta.update(training_descriptors_seen=int(arr.shape[0]), samples=int(x.shape[0]))
     elif store is not None:
-        from d2r.features import FeatureStore
-
         path = Path(store)
         if not path.exists():
             raise FileNotFoundError(f"{path}: feature store not found")
@@ -198,8 +197,6 @@ def load_training_descriptors(*, store=None, images=None, descriptors=None, feat
         meta.update(training_source=str(path), training_images=sinfo["images_used"],
                     training_descriptors_seen=sinfo["descriptors_seen"], samples=sinfo["samples"])
     else:
-        from d2r.features import get_extractor, list_images
-
         extractor = get_extractor(feature or "rootsift", model=model, pca=pca)
         pairs = list_images(images)
         if not pairs:
@@ -460,7 +457,7 @@ def train_codebook(descriptors, k: int, *, iterations: int = 20, init: str = "au
     seconds = time.perf_counter() - t0
     meta = {
         "tool": "d2r.codebook.train_codebook",
-        "tool_version": d2r.__version__,
+        "tool_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seed": seed,
         "method": method,

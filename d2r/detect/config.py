@@ -6,6 +6,9 @@ import dataclasses
 
 from d2r.config import Config
 from pathlib import Path
+from d2r.detect.base import check_max_boxes
+from d2r.detect.proposers import PROPOSERS
+from d2r.detect.proposers import PROPOSERS, get_proposer
 
 
 @dataclasses.dataclass
@@ -21,7 +24,6 @@ class RegionsConfig(Config):
             features to boxes by keypoint location (faster, see :mod:`d2r.detect.regions`).
         options: extra keyword arguments of the grid / density proposer (e.g. ``{"levels": 2}``).
     """
-
     proposer: str = "none"
     score_threshold: float = 0.1
     max_boxes: int | None = None
@@ -30,8 +32,6 @@ class RegionsConfig(Config):
 
     def build_proposer(self):
         """Instantiate the configured proposer (a SavedModel path loads TensorFlow)."""
-        from d2r.detect.proposers import PROPOSERS, get_proposer
-
         kwargs = dict(self.options)
         name = str(self.proposer)
         if name.lower() == "none":
@@ -46,9 +46,6 @@ class RegionsConfig(Config):
 def check_regions(regions) -> None:
     """ValueError naming ``regions.proposer`` when it is neither none/grid/density nor a SavedModel folder, or
     ``regions.max_boxes`` when it is not a count (checked when the proposer is built: after the folder)."""
-    from d2r.detect.base import check_max_boxes
-    from d2r.detect.proposers import PROPOSERS
-
     try:
         check_max_boxes(regions.max_boxes)
     except (TypeError, ValueError) as exc:

@@ -19,21 +19,25 @@ import numpy as np
 
 from d2r._validate import as_descriptors
 from d2r.distributed._ray import cluster_cpus, session
+from d2r.codebook import train_codebook as train
+from d2r.codebook.kmeans import _descriptors_of, sample_image
+from d2r.codebook.kmeans import image_quota
+from d2r.codebook.kmeans import lloyd_assign
+from d2r.codebook.kmeans import lloyd_update, reseed_plan
+from d2r.features import FeatureStore
+from d2r.features import get_extractor
 
 log = logging.getLogger(__name__)
 
 
 class _Partition:
     """A worker holding rows ``[start, start + n)`` of the training sample."""
-
     def __init__(self, x, start: int):
         self.x = x
         self.start = int(start)
         self.labels = self.sq = None
 
     def assign(self, centroids):
-        from d2r.codebook.kmeans import lloyd_assign
-
         self.labels, self.sq, sums, counts = lloyd_assign(self.x, centroids)
         return sums, counts, float(self.sq.sum())
 
@@ -50,7 +54,6 @@ class _Partition:
 
 class _RayLloydStep:
     """``lloyd_step(x, centroids)`` for :func:`d2r.train.train_codebook`, run by ``workers`` actors."""
-
     def __init__(self, ray, x: np.ndarray, partitions: int):
         n = x.shape[0]
         partitions = max(1, min(int(partitions), n))
@@ -62,8 +65,6 @@ class _RayLloydStep:
                         for a, b in zip(bounds[:-1], bounds[1:])]
 
     def __call__(self, x, centroids):
-        from d2r.codebook.kmeans import lloyd_update, reseed_plan
-
         ray = self.ray
         ref = ray.put(centroids)
         parts = ray.get([w.assign.remote(ref) for w in self.workers])
@@ -109,8 +110,6 @@ def train_codebook(descriptors, k: int, *, address: str | None = None, workers: 
     the single-machine run to float32 rounding (partial sums are added per partition). Returns
     ``(Codebook, info)``; info also holds ``workers``.
     """
-    from d2r.codebook import train_codebook as train
-
     if kwargs.get("method", "lloyd") != "lloyd":
         raise ValueError(f"distributed training runs method 'lloyd', not {kwargs['method']!r}")
     if workers is not None and int(workers) < 1:
@@ -131,24 +130,17 @@ def train_codebook(descriptors, k: int, *, address: str | None = None, workers: 
 # ---- descriptor sampling on workers ---------------------------------------------------------------------
 class _Sampler:
     """A worker sampling images of a feature store (``store``) or extracted on the fly (``features`` spec)."""
-
     def __init__(self, store=None, features=None):
         self.store = self.extractor = None
         if store is not None:
-            from d2r.features import FeatureStore
-
             self.store = FeatureStore.open(store)
         else:
-            from d2r.features import get_extractor
-
             self.extractor = get_extractor(features["name"], model=features.get("model"),
                                            pca=features.get("pca"), **features.get("options", {}))
 
     def sample(self, block, quota: int, seed: int):
         """``block`` [(position i, image_id, path_or_None)] → [(i, image_id, seen descriptors, sample or None,
         error or None)], sampled as :func:`d2r.train.sample_descriptors` samples image number i."""
-        from d2r.codebook.kmeans import _descriptors_of, sample_image
-
         out = []
         for i, image_id, source in block:
             try:
@@ -172,9 +164,6 @@ def sample_descriptors(source, per_image: int = 300, max_total: int = 1_000_000,
     sample as on one machine (for up to 2·``max_total`` images; one machine compacts beyond that).
     Returns ``(x float32 (n, D), info)``; info as :func:`d2r.train.sample_descriptors`, plus ``failed``
     (ids of images that could not be extracted)."""
-    from d2r.features import FeatureStore
-    from d2r.codebook.kmeans import image_quota
-
     per_image, max_total = int(per_image), int(max_total)
     if per_image < 1 or max_total < 1:
         raise ValueError(f"per_image and max_total must be ≥ 1, got {per_image} and {max_total}")

@@ -9,6 +9,8 @@ from d2r.engine.config import engine_config
 from d2r.engine.sources import LOG, read_sources
 from d2r.features.store import check_store
 from d2r.index.database import check
+from d2r.features.store import check_store
+from d2r.index.database import check
 
 
 def check_engine(path, digests: bool = True) -> list[dict]:
@@ -16,9 +18,6 @@ def check_engine(path, digests: bool = True) -> list[dict]:
     opened but can be checked); an engine with no feature store or no index yet has nothing to check there.
     ``engine.json``, ``sources.json``, ``sources.log`` and ``failures.json`` must parse (commands read
     them)."""
-    from d2r.features.store import check_store
-    from d2r.index.database import check
-
     path = Path(path)
     damaged = []
     for name, read in (("engine.json", lambda: engine_config(path)),

@@ -21,6 +21,10 @@ from d2r.features.config import FeaturesConfig
 from d2r.index.database import DatabaseConfig
 from d2r.query.expand import ExpansionConfig
 from d2r.query.verify import RerankConfig
+from d2r.detect.proposers import PROPOSERS
+from d2r.features import EXTRACTORS
+from d2r.features.config import config_class
+from d2r.query.expand import check_method
 
 FORMAT = "d2r-engine"
 FORMAT_VERSION = 1
@@ -71,7 +75,6 @@ def _plain(value):
 class EngineConfig(Config):
     """Everything an engine does, in one place; saved with the index. Defaults: RootSIFT, whole image + no boxes
     (set ``regions.proposer`` to a detector path, "grid" or "density"), ASMK* aggregation, GV re-ranking."""
-
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     regions: RegionsConfig = field(default_factory=RegionsConfig)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
@@ -119,11 +122,8 @@ class EngineConfig(Config):
 
     def check(self) -> "EngineConfig":
         """Refuse a bad config before anything is extracted or written (ValueError naming the option)."""
-        from d2r.features import EXTRACTORS
-
         if self.features.name not in EXTRACTORS:
             raise ValueError(f"features.name must be one of {list(EXTRACTORS)}, got {self.features.name!r}")
-        from d2r.features.config import config_class
 
         config_class(self.features.name).from_dict(self.features.options, _where="features.options.")
         try:
@@ -142,7 +142,6 @@ class EngineConfig(Config):
         if self.codebook.method not in ("lloyd", "minibatch"):
             raise ValueError(f"codebook.method must be 'lloyd' or 'minibatch', got {self.codebook.method!r}")
         self.rerank.validate()
-        from d2r.query.expand import check_method
 
         check_method(self.query_expansion)
         self.qe.validate()
@@ -176,8 +175,6 @@ def _engine_defaults() -> dict:
 def absolute_paths(config: EngineConfig) -> EngineConfig:
     """``config`` with its model, PCA and detector folders made absolute: the engine saves them and later
     commands run from any folder."""
-    from d2r.detect.proposers import PROPOSERS
-
     changes = {}
     for key, value in (("features.model", config.features.model), ("features.pca", config.features.pca),
                        ("regions.proposer", config.regions.proposer)):

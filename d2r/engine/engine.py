@@ -39,6 +39,19 @@ from d2r.features.image import crop
 from d2r._io import read_json
 from d2r.engine.check import check_engine
 from d2r.engine.config import EngineConfig, absolute_paths, engine_config
+from d2r._lock import WriterLock
+from d2r.aggregate import Aggregator
+from d2r.build import check_setup
+from d2r.detect.config import check_regions
+from d2r.features.config import extractor_info
+from d2r.features.image import IMAGE_EXTENSIONS, list_images
+from d2r.features.image import load_image
+from d2r.features.store import FeatureStore
+from d2r.features.store import FeatureStore, import_shards
+from d2r.features.store import check_store
+from d2r.query.expand import check_method
+from d2r.query.pipeline import search_expanded
+from d2r.query.verify import rerank as verify_ranking
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +63,6 @@ FORMAT_VERSION = 1
 class Hit:
     """One search result. ``box`` is the [x1, y1, x2, y2] region that matched in regional-search mode (None in
     aggregation mode, where the image matches as a whole); ``inliers`` is the geometric-verification inlier count, -1 when not verified."""
-
     image_id: str
     path: str | None
     score: float
@@ -65,7 +77,6 @@ class Hit:
 @dataclass
 class IndexReport:
     """What an ``index`` call did (JSON-ready with ``to_dict``)."""
-
     indexed: list = field(default_factory=list)
     skipped: int = 0
     failed: dict = field(default_factory=dict)
@@ -79,7 +90,6 @@ class IndexReport:
 
 class Engine:
     """Index and search photos. Use :meth:`create` or :meth:`open`."""
-
     def __init__(self, path: Path, config: EngineConfig):
         self.path = Path(path)
         self.config = config
@@ -95,8 +105,6 @@ class Engine:
     def create(cls, path, config: EngineConfig | dict | None = None, codebook=None) -> "Engine":
         """A new engine in the folder ``path`` (must not hold one). ``codebook``: a :class:`Codebook` or a file;
         else ``config.codebook.path``; else one is trained on the images of the first ``index`` call."""
-        from d2r.build import check_setup
-
         path = Path(path)
         if isinstance(config, dict):
             config = EngineConfig.from_dict(config)
@@ -153,8 +161,6 @@ class Engine:
 
     def _feature_store(self):
         """The feature store: the writer's while ``index`` runs, else a lock-free reader (opened once)."""
-        from d2r.features.store import FeatureStore
-
         with self._store_lock:
             if self._store is None:
                 if not (self.path / "features" / "manifest.json").exists():
@@ -167,9 +173,6 @@ class Engine:
         """Be the one writer of this engine: lock it, its database (opened writable, so its lock is held from
         the start) and its feature store before any work, reload what another writer may have saved meanwhile,
         release all three at the end, also when the work raises (else this process would lock itself out)."""
-        from d2r._lock import WriterLock
-        from d2r.features.store import FeatureStore
-
         with WriterLock(self.path, timeout=lock_timeout, what="index"):
             try:
                 if (self.path / "index" / "manifest.json").exists():
@@ -204,8 +207,6 @@ class Engine:
         if self._db is not None:
             out["index"] = self._db.info()
         if (self.path / "features" / "manifest.json").exists():
-            from d2r.features.store import check_store
-
             try:
                 out["store"] = self._feature_store().info()
             except (OSError, ValueError) as exc:
@@ -231,8 +232,6 @@ class Engine:
         ``retry_failed``. ``on_done(ids)`` is called after each saved batch. The engine's writer lock is taken
         first: another writer makes this call fail at once (or wait up to ``lock_timeout`` seconds).
         """
-        from d2r.detect.config import check_regions
-
         t0 = time.perf_counter()
         images = _check_images(images)
         self.pipeline.extractor  # a model or region source gone since the engine was made: one error, up front
@@ -259,9 +258,6 @@ class Engine:
         store). The store's shards are linked (or copied) into the engine's own store, verified by checksum,
         then indexed in saved batches like :meth:`index`; images already indexed are skipped.
         """
-        from d2r.features.store import FeatureStore, import_shards
-        from d2r.features.config import extractor_info
-
         t0 = time.perf_counter()
         report = IndexReport()
         src = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
@@ -323,8 +319,6 @@ class Engine:
         self._save_tables()
 
     def _resolve(self, images, report: IndexReport, id_prefix: str = "") -> list[tuple[str, Path]]:
-        from d2r.features.image import IMAGE_EXTENSIONS, list_images
-
         def listed(source):  # a folder or list file: ids relative to it
             if Path(source).is_dir():  # folders named like images are not silently passed over
                 for p in Path(source).rglob("*"):
@@ -422,8 +416,6 @@ class Engine:
         else none).
         ``query_num_assignments`` overrides ``index.query_num_assignments`` for this query.
         A query without local features (blank, tiny, featureless) logs a warning and returns no hits."""
-        from d2r.features.image import load_image
-
         top_k = as_top_k(top_k)  # -1 returned all hits but the last
         if self._db is None:
             raise ValueError(f"{self.path}: nothing indexed yet")
@@ -440,13 +432,10 @@ class Engine:
         # The configured expansion relies on verified neighbours: without verification it applies only on request
         # (unverified top images are mostly distractors on small groups; benchmarks/results/dev_results.md).
         qe = (self.config.query_expansion if verify else "none") if query_expansion is None else query_expansion
-        from d2r.query.expand import check_method
 
         check_method(qe)
         ma = query_num_assignments
         if ma is not None:
-            from d2r.aggregate import Aggregator
-
             if isinstance(ma, bool) or not isinstance(ma, int) or not 1 <= ma <= self._db.codebook.size:
                 raise ValueError(f"query_num_assignments must be in [1, {self._db.codebook.size}], got {ma!r}")
             q = Aggregator(self._db.codebook, self._db.kernel, ma)(query.descriptors)
@@ -456,15 +445,11 @@ class Engine:
         ids, scores, regions = np.asarray(ranking.ids), ranking.scores, ranking.regions
         inliers = np.full(len(ids), -1, np.int64)
         if verify and len(ids):
-            from d2r.query.verify import rerank as verify_ranking
-
             position = {i: k for k, i in enumerate(ids.tolist())}
             ids, scores, inliers = verify_ranking(query, ids, scores, self._whole_image_features,
                                                   self.config.rerank, codebook=self._db.codebook)
             regions = regions[[position[i] for i in ids.tolist()]]
         if qe != "none" and len(query) and len(ids):
-            from d2r.query.pipeline import search_expanded
-
             counts = {i: int(n) for i, n in zip(ids.tolist(), inliers.tolist()) if n >= 0} if verify else None
             ids, scores, regions, inliers, _ = search_expanded(
                 qe, self._db, query, ids, scores, counts, self._whole_image_features,

@@ -6,14 +6,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from d2r.config import Config
+from d2r.features.delf import DELF, DELFConfig
+from d2r.features.rootsift import RootSIFT, RootSIFTConfig
 
 
 def config_class(name: str):
     if name == "rootsift":
-        from d2r.features.rootsift import RootSIFTConfig
-
         return RootSIFTConfig
-    from d2r.features.delf import DELFConfig
 
     return DELFConfig
 
@@ -22,8 +21,6 @@ def build_extractor(features):
     """The extractor of a ``FeaturesConfig``; ValueError naming the option for an unknown name, a model path
     that is not a SavedModel folder, a missing PCA folder, or an unknown / mistyped ``features.options``
     key."""
-    from d2r.features import EXTRACTORS, get_extractor
-
     name = str(features.name).lower()
     if name not in EXTRACTORS:
         raise ValueError(f"features.name: unknown extractor {features.name!r}; known: {list(EXTRACTORS)}")
@@ -57,7 +54,6 @@ def pca_fingerprint(extractor) -> str | None:
 class FeaturesConfig(Config):
     """Local features: ``name`` "rootsift" (weight-free default) or "delf" (``model`` = SavedModel folder, ``pca``
     = folder of the PCA files); ``options`` are the extractor's config fields (e.g. ``{"max_features": 1000}``)."""
-
     name: str = "rootsift"
     model: str | None = None
     pca: str | None = None
@@ -65,8 +61,6 @@ class FeaturesConfig(Config):
 
     def build(self):
         """The extractor (checked: see :func:`d2r.pipeline.build_extractor`)."""
-        from d2r.features.config import build_extractor
-
         return build_extractor(self)
 
 
@@ -79,3 +73,24 @@ def extractor_info(extractor) -> dict:
         "fingerprint": extractor.fingerprint(),
         "dim": extractor.dim,
     }
+
+
+EXTRACTORS = ("rootsift", "delf")
+
+
+def get_extractor(name: str, model=None, pca=None, **kw):
+    """Build an extractor by name: ``"rootsift"`` (``model`` must be None) or ``"delf"`` (``model`` = path of
+    a DELF SavedModel, official or exported by d2r; ``pca`` = folder with the PCA files, default: the ``pca``
+    folder beside the model). Keyword arguments are config fields (``max_features=500``, ...)."""
+    key = str(name).lower()
+    if key == "rootsift":
+        if model is not None:
+            raise ValueError("rootsift takes no model")
+        return RootSIFT(pca=pca, **kw)
+    if key == "delf":
+        if model is None:
+            raise ValueError("delf needs --model PATH (a DELF SavedModel folder)")
+        if pca is None:
+            pca = "auto" if kw.get("use_pca", True) else None
+        return DELF.from_saved_model(model, pca=pca, **kw)
+    raise ValueError(f"unknown extractor {name!r}; known: {list(EXTRACTORS)}")

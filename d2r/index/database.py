@@ -43,6 +43,7 @@ from d2r.storage import DamagedError
 from d2r.index.segment import Segment, file_names
 from d2r.index.store import FORMAT, FORMAT_VERSION, MergePolicy
 from d2r.storage import check_file, file_record
+from d2r.aggregate import get_kernel
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,6 @@ class DatabaseConfig(Config):
     (raw sums: the paper's figures), the classic ASMK has it on. ``idf`` weights words by idf² with
     idf_c = log(N / max(df_c, 1)) over the live items (an extension, off in the official code).
     """
-
     kernel: str = "asmk_star"
     mode: str = "aggregation"
     alpha: float = 3.0
@@ -72,8 +72,6 @@ class DatabaseConfig(Config):
 
     def check(self, codebook: Codebook | None = None) -> None:
         """ValueError naming the option; without ``codebook``, assignments are checked against K later."""
-        from d2r.aggregate import get_kernel
-
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         kernel = get_kernel(self.kernel)
@@ -98,7 +96,6 @@ class DatabaseConfig(Config):
 
 class Database:
     """Inverted-file image database. Use :meth:`create` or :meth:`open`, never the constructor."""
-
     def __init__(self, path, codebook: Codebook, config: DatabaseConfig, segments, removed, generation: int,
                  id_type: str | None, writable: bool | None = None, lock_timeout: float | None = 0.0):
         self.path = None if path is None else Path(path)

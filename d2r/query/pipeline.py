@@ -6,6 +6,7 @@ import numpy as np
 
 from d2r.aggregate import Aggregator
 from d2r.query.expand import ExpansionConfig, aqe_weights, average_expansion, check_method, hamming_expansion
+from d2r.query.verify import geometric_verification, order_verified
 
 
 # ---- one step of a search pipeline ------------------------------------------------------------------------------
@@ -61,8 +62,6 @@ def search_expanded(method: str, db, query, ids, scores, inliers: dict | None, g
     query: the query's LocalFeatures; get_features: id -> whole-image LocalFeatures. ``inliers`` is extended in
     place with the newly verified ids. Returns (ids, scores, regions, inliers (L,) int64 with -1 where
     unverified, info dict)."""
-    from d2r.query.verify import geometric_verification, order_verified
-
     verified = inliers is not None
     neighbours = reliable_neighbours(ids, scores, inliers, config.top,
                                      rerank_config.min_inliers if verified else 0, exclude)

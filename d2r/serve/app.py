@@ -1,6 +1,5 @@
 """The FastAPI application behind ``d2r serve`` (see :mod:`d2r.serve` for the API)."""
 
-
 import io
 import logging
 import math
@@ -9,6 +8,11 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
+from d2r import _io
+from d2r._lock import LockedError
+from d2r.engine import Engine
+from d2r.features.image import ImageError, load_image
+from d2r.serve.page import PAGE
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +27,6 @@ _FORMATS = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp", "GIF": ".gif", "TIFF":
 
 class ApiError(Exception):
     """A request the service refuses: HTTP ``status`` and a one-line ``message``."""
-
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
@@ -32,7 +35,6 @@ class ApiError(Exception):
 
 class ReadWriteLock:
     """Many readers or one writer; a waiting writer holds back new readers (no writer starvation)."""
-
     def __init__(self):
         self._cond = threading.Condition()
         self._readers = 0
@@ -84,10 +86,7 @@ class _Held:
 
 class Service:
     """The engine plus everything the HTTP layer needs; no FastAPI in here (testable on its own)."""
-
     def __init__(self, path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS):
-        from d2r.engine import Engine
-
         self.path = Path(path)
         self._stamp = self._disk_stamp()
         self.engine = Engine.open(path)
@@ -113,8 +112,6 @@ class Service:
     def _refresh(self, force: bool = False) -> None:
         """Reopen the engine when another process (``d2r index add/remove``) committed since it was opened,
         so that its images are found and removed ones are not searched (their features are gone)."""
-        from d2r.engine import Engine
-
         if not force and self._disk_stamp() == self._stamp:
             return
         with self.lock.write():  # running searches finish on the old engine first
@@ -220,8 +217,6 @@ class Service:
 
     # ---- writes (single writer) --------------------------------------------------------------------------------
     def add(self, data: bytes, filename: str | None, image_id: str | None) -> dict:
-        from d2r import _io
-
         if not data:
             raise ApiError(400, "field 'file' is empty")
         image_id = image_id if image_id else Path(filename or "").stem
@@ -264,8 +259,6 @@ class Service:
         return Path(source)
 
     def _load_indexed(self, image_id: str):
-        from d2r.features.image import ImageError, load_image
-
         source = self._source(image_id)
         try:
             return load_image(source, max_pixels=self.max_pixels)
@@ -295,7 +288,6 @@ class Service:
 
         from PIL import Image
 
-        from d2r.features.image import ImageError, load_image
 
         if len(data) > self.max_upload_bytes:
             raise ApiError(413, f"{name}: {len(data)} bytes is over the {self.max_upload_bytes}-byte upload limit")
@@ -352,7 +344,6 @@ def create_app(path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int =
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-    from d2r.serve.page import PAGE
 
     service = Service(path, max_upload_bytes, max_pixels)
     app = FastAPI(title="d2r", docs_url="/api/docs", openapi_url="/api/openapi.json")
@@ -370,7 +361,6 @@ def create_app(path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int =
             parts.append(f"{where or 'request'}: {e.get('msg', 'invalid')}")
         return JSONResponse({"error": "; ".join(parts) or "invalid request"}, status_code=400)
 
-    from d2r._lock import LockedError
 
     @app.exception_handler(LockedError)
     async def _locked(request: Request, exc: LockedError):  # another process writes the index: retry later
