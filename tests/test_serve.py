@@ -5,7 +5,6 @@ the page in Chromium."""
 import base64
 import hashlib
 import io
-import json
 import os
 import re
 import shutil

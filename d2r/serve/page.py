@@ -136,8 +136,8 @@ function render(hits) {
   for (const h of hits) {
     const card = document.createElement("div"); card.className = "hit";
     const frame = document.createElement("div"); frame.className = "frame";
-    const t = document.createElement("img"); t.src = h.thumb; t.alt = h.image_id; t.title = "query with " + h.image_id;
-    t.onclick = () => pickId(h.image_id);
+    const t = document.createElement("img"); t.src = h.thumb; t.alt = h.image_id;
+    t.title = "query with " + h.image_id; t.onclick = () => pickId(h.image_id);
     frame.appendChild(t);
     if (h.box && h.width && h.height) {  // in percent of the image: right at any rendered size
       const d = document.createElement("div"); d.className = "region";
