@@ -170,9 +170,10 @@ _MALLOC_TRIM = _load_trim()
 def _trim() -> None:
     """Give the memory that decoding and describing freed back to the system. glibc keeps freed blocks in the
     arena of the thread that used them, and after the first large free it serves blocks up to 32 MB (image
-    rows, SIFT octaves) from those arenas, not from mmap: without this, 16 concurrent 49-Mpx uploads took the
-    server to 2.3 GB of RSS for ~0.7 GB in use (benchmarks/results/serve_memory.md). Costs a few percent of an
-    extraction's CPU (pinning M_MMAP_THRESHOLD instead cost ~18 %)."""
+    blocks, SIFT octaves) from those arenas, not from mmap: without this, 16 concurrent 49-Mpx uploads under
+    the 1024 MB budget raised the RSS by 1.8 GB (JPEG) and 5.0 GB (PNG), kept afterwards
+    (benchmarks/results/serve_memory.md). Costs a few percent of an extraction's CPU (pinning
+    M_MMAP_THRESHOLD instead: ~18 %)."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
@@ -225,12 +226,12 @@ class _Image:
 
     def decode(self):
         """(pixels (H, W, 3) uint8 upright, (sx, sy): decoded pixels per upright pixel of the file)."""
+        from PIL import Image
+
         from d2r.features.image import ImageError, load_image
 
         try:
             with warnings.catch_warnings():
-                from PIL import Image
-
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 im = self.im
                 im.load()
@@ -283,7 +284,8 @@ def _upright_size(im) -> tuple[int, int]:
     try:
         if im.format == "PNG":  # its getexif() decodes the whole image to look for EXIF after the pixels
             exif = Image.Exif()
-            exif.load(im.info["exif"]) if "exif" in im.info else None
+            if "exif" in im.info:
+                exif.load(im.info["exif"])
         else:
             exif = im.getexif()
         orientation = exif.get(0x0112, 1)
