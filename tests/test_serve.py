@@ -500,6 +500,16 @@ def test_serve_help_gives_the_readme_install_command(capsys):
     assert 'pip install -e ".[serve]"' in (ROOT / "README.md").read_text()
 
 
+def test_serve_flags_are_checked_first(tmp_path, capsys):
+    """D3: --memory-mb (the decode budget) is validated like the other flags: one usage line, exit 2."""
+    import d2r.cli
+
+    for flag, value in (("--memory-mb", "10"), ("--memory-mb", "nan")):
+        code = d2r.cli.main(["serve", str(tmp_path / "eng"), flag, value])
+        err = capsys.readouterr().err
+        assert code == 2 and flag in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_repair_takes_the_engine_lock_and_serve_maps_it_to_409(tmp_path, capsys):
     """`d2r index repair` took no lock, and the service answered a write refused by the engine's writer lock
     with a 500. (It lived in test_engine_fixes.py and imported fastapi without a skip, so the README's test
