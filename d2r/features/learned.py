@@ -129,10 +129,10 @@ class LearnedExtractor:
 
     def _record(self, kp, scores, desc, small_hw, orig_hw) -> LocalFeatures:
         kp = kp.detach().float().cpu().numpy().astype(np.float64).reshape(-1, 2)
-        scores = scores.detach().float().cpu().numpy().astype(np.float64).reshape(-1)
-        desc = desc.detach().float().cpu().numpy().astype(np.float64).reshape(kp.shape[0], -1)
         if kp.shape[0] == 0:
             return LocalFeatures.empty(self.dim)
+        scores = scores.detach().float().cpu().numpy().astype(np.float64).reshape(-1)
+        desc = desc.detach().float().cpu().numpy().astype(np.float64).reshape(kp.shape[0], -1)
         order = np.lexsort((kp[:, 0], kp[:, 1], -scores))[: self.config.max_features]
         kp, scores, desc = kp[order], scores[order], desc[order]
         norms = np.linalg.norm(desc, axis=1, keepdims=True)
@@ -151,8 +151,10 @@ class LearnedExtractor:
     __call__ = extract
 
     def extract_batch(self, images) -> list[LocalFeatures]:
-        """Features of several images; those of one (downscaled) size run as one batch through the network,
-        with exactly the result each gives alone (no padding between images)."""
+        """Features of several images, each exactly what :meth:`extract` gives it. On a GPU the images of one
+        (downscaled) size run as one batch (no padding between images); on the CPU one at a time, because the
+        CPU kernels sum in another order for another batch size (1e-5 pixel differences) and the CPU result
+        is the reference."""
         prepared = [self._prepare(im) for im in images]
         out: list[LocalFeatures | None] = [None] * len(prepared)
         groups: dict[tuple, list[int]] = {}
@@ -161,9 +163,10 @@ class LearnedExtractor:
                 out[i] = LocalFeatures.empty(self.dim)
             else:
                 groups.setdefault(small.shape[:2], []).append(i)
+        step = BATCH if self.device.type == "cuda" else 1
         for hw, members in groups.items():
-            for start in range(0, len(members), BATCH):
-                self._run_group(prepared, members[start:start + BATCH], hw, out)
+            for start in range(0, len(members), step):
+                self._run_group(prepared, members[start:start + step], hw, out)
         return out
 
     def _run_group(self, prepared, idx, hw, out) -> None:
