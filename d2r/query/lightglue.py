@@ -75,6 +75,8 @@ class Matcher:
         self.source = f"{_torch.WEIGHTS_PACKAGE}:{WEIGHTS[weights]}" if weights in WEIGHTS else str(path)
         self.device = _torch.pick_device(device)
         state = _torch.load_state_dict(path, "LightGlue")
+        # the DISK file's matchability layers keep an unused buffer ``r`` the current model no longer has
+        state = {k: v for k, v in state.items() if not (k.startswith("log_assignment.") and k.endswith(".r"))}
         for i in range(N_LAYERS):  # the older layout of the DISK file: self_attn.i -> transformers.i.self_attn
             for part in ("self_attn", "cross_attn"):
                 state = {k.replace(f"{part}.{i}.", f"transformers.{i}.{part}."): v for k, v in state.items()}
