@@ -256,7 +256,7 @@ def test_faiss_ivfpq_recall_and_consistency(tmp_path):
     idx = GlobalIndex.create(tmp_path / "g", d)
     idx.add(np.arange(n), x)
     idx.save()
-    idx.build_ann(nlist=32, m=8, nbits=6, nprobe=8)
+    idx.build_ann(nlist=32, m=8, nprobe=8, threads=1)
     idx.remove(np.arange(0, 100))
     idx.save()
     idx.add(np.arange(n, n + 50), x[:50])  # rows past the faiss index: scanned exactly

@@ -6,9 +6,10 @@ whitening are core numpy. Multi-scale and flip aggregation average the L2-normal
 cirtorch's multi-scale with exponent 1), then L2-normalise.
 
 Devices: ``device`` "auto" takes CUDA when torch sees a GPU, else the CPU. On the CPU results are repeatable
-bit for bit for the same input and thread count. ``threads`` (0: numba's thread count, which NUMBA_NUM_THREADS
-sets) is applied to torch's intra-op pool once per process; torch and numba never run at the same time here
-(pooling follows the network), so they do not compete.
+bit for bit for the same input and thread count. ``threads`` sets torch's intra-op pool (process-wide); 0 caps
+it at numba's thread count (NUMBA_NUM_THREADS), so torch never starts more threads than the numba and BLAS
+pools use. They never run at the same time here (pooling follows the network). On a CPU shared with other
+work one thread is several times faster than two (benchmarks/results/global.md).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numba
 import numpy as np
 
 from d2r.config import Config
@@ -129,19 +131,14 @@ class GlobalExtractor:
     """One vector per image from a :class:`GlobalConfig` (checked, and the model and whitening loaded, at
     construction: nothing is read from an image before the configuration is known to work)."""
 
-    _threads_set = False
-
     def __init__(self, config: GlobalConfig | None = None):
         self.config = (config or GlobalConfig()).check()
         torch = _torch()
         from d2r.globaldesc import nets  # the torch boundary: importing it needs torch (checked just above)
 
         cfg = self.config
-        if not GlobalExtractor._threads_set:
-            import numba
-
-            torch.set_num_threads(int(cfg.threads or numba.get_num_threads()))
-            GlobalExtractor._threads_set = True
+        if cfg.threads or torch.get_num_threads() > numba.get_num_threads():
+            torch.set_num_threads(int(cfg.threads or numba.get_num_threads()))  # process-wide, as numba's
         self.device = resolve_device(cfg.device)
         self.net = nets.load_backbone(cfg.backbone, cfg.weights).to(self.device)
         self.head = getattr(self.net, "head", {})

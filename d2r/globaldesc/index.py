@@ -19,6 +19,7 @@ the file, one line); :meth:`GlobalIndex.check` also verifies every digest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -305,9 +306,14 @@ class GlobalIndex:
 
     # ---- faiss IVF-PQ ------------------------------------------------------------------------------------------
     def build_ann(self, nlist: int = 1024, m: int = 32, nbits: int = 8, train_size: int = 100_000,
-                  nprobe: int = 32, seed: int = 0) -> None:
+                  nprobe: int = 32, seed: int = 0, threads: int | None = None) -> None:
         """Build a faiss IVF-PQ index (inner product) of the saved rows (``save`` first); committed with the next
-        :meth:`save`. Needs ``faiss-cpu`` (``pip install -e ".[faiss]"``)."""
+        :meth:`save`. ``threads``: faiss's OpenMP threads while building (None: numba's count). Needs
+        ``faiss-cpu`` (``pip install -e ".[faiss]"``)."""
+        with _faiss_threads(threads):
+            self._build_ann(nlist, m, nbits, train_size, nprobe, seed)
+
+    def _build_ann(self, nlist, m, nbits, train_size, nprobe, seed) -> None:
         faiss = _faiss()
         if self._pending_ids:
             raise ValueError("build_ann: save() the pending rows first")
@@ -350,7 +356,8 @@ class GlobalIndex:
                 raise GlobalDamagedError(file, f"unreadable faiss index ({str(exc).splitlines()[0][:120]})")
         self._faiss.nprobe = int(nprobe or self._ann["nprobe"])
         want = max(k * max(int(refine), 1), k)
-        _, rows = self._faiss.search(q, want)
+        with _faiss_threads(1 if q.shape[0] < 16 else None):  # a few queries: serial (no OpenMP start-up)
+            _, rows = self._faiss.search(q, want)
         rows = np.asarray(rows, np.int64)
         live = rows >= 0
         live[live] = ~self._removed[rows[live]]
@@ -482,6 +489,23 @@ def _faiss():
         raise ImportError('the IVF-PQ option needs faiss, which is not installed: pip install -e ".[faiss]"') \
             from None
     return faiss
+
+
+@contextlib.contextmanager
+def _faiss_threads(n: int | None):
+    """faiss's OpenMP thread count for a block (None: numba's), restored after: one thread policy for numba,
+    BLAS and faiss, which never run at once here."""
+    faiss = _faiss()
+    if n is None:
+        import numba
+
+        n = numba.get_num_threads()
+    old = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(old)
 
 
 def _file_record(path: Path) -> dict:

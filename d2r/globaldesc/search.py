@@ -7,9 +7,16 @@ argsort of the full score row.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
+from d2r.codebook import _one_blas_thread  # the project's one BLAS thread policy (d2r/_threads.py after the redesign)
+
 BLOCK_ROWS = 1 << 16
+# Fewer queries than this: one BLAS thread. Their products are matrix-vector, bound by memory bandwidth, and a
+# second BLAS thread mostly spins (20x slower on a busy 2-core box, benchmarks/results/global.md).
+SERIAL_QUERIES = 8
 
 
 def merge_top_k(ids_a, scores_a, ids_b, scores_b, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,6 +63,12 @@ def exact_top_k(queries, vectors, k: int, removed=None, block_rows: int = BLOCK_
     best_s = np.zeros((nq, 0), np.float32) if scores_a is None else scores_a
     n = vectors.shape[0]
     qt = q.T
+    with _one_blas_thread() if nq < SERIAL_QUERIES else contextlib.nullcontext():
+        return _scan(q, qt, vectors, n, k, removed, block_rows, best_i, best_s, base)
+
+
+def _scan(q, qt, vectors, n, k, removed, block_rows, best_i, best_s, base):
+    nq = q.shape[0]
     for a in range(0, n, block_rows):
         b = min(a + block_rows, n)
         block = np.asarray(vectors[a:b], np.float32)
