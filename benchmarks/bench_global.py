@@ -1,4 +1,5 @@
-"""Global descriptors on the dev photos and the global index at 1M synthetic vectors (issue 22, deliverable 5a).
+"""Global descriptors on the dev photos and the global index at 1M synthetic vectors (issue 22, deliverable
+5a).
 
 Steps (each builds its inputs; outputs under RUNS, results printed as markdown and written as JSON), from the
 repository root with ``PYTHONPATH=.``:
@@ -6,8 +7,9 @@ repository root with ``PYTHONPATH=.``:
     # 1. backbone feature maps of every database image at scales 1, 1/sqrt(2), 1/2 (cached, timed)
     python benchmarks/bench_global.py extract --data ../shared/data/instance_bench_dev --runs runs/global \
         --backbone mobilenet_v2
-    # 2. every pooling x backbone x scales x whitening row: mAP Medium / Hard (revisitop protocol, the query is
-    #    junk for itself), paired bootstrap against an ASMK* run of `d2r bench revisitop` (its metrics.json)
+    # 2. every pooling x backbone x scales x whitening row: mAP Medium / Hard (revisitop protocol, the query
+    # is    junk for itself), paired bootstrap against an ASMK* run of `d2r bench revisitop` (its
+    # metrics.json)
     python benchmarks/bench_global.py evaluate --data ../shared/data/instance_bench_dev --runs runs/global \
         --asmk runs/asmk_star_k8192
     # 3. search ms and recall@100 at 1M synthetic vectors: exact (float32, float16) and faiss IVF-PQ
@@ -43,7 +45,8 @@ POOLS = ("gap", "gmp", "spoc", "crow", "scda", "gem", "rmac", "pwa", "pcb_gem")
 def pool_fns(pwa_channels):
     return {"gap": P.gap, "gmp": P.gmp, "spoc": P.spoc, "crow": P.crow, "scda": P.scda,
             "gem": lambda x: P.gem(x, 3.0), "rmac": lambda x: P.rmac(x, 3),
-            "pwa": lambda x: P.pwa(x, pwa_channels), "pcb_gem": lambda x: P.pcb(x, lambda m: P.gem(m, 3.0), 2)}
+            "pwa": lambda x: P.pwa(x, pwa_channels),
+            "pcb_gem": lambda x: P.pcb(x, lambda m: P.gem(m, 3.0), 2)}
 
 
 def image_path(data: Path, name: str) -> Path:
@@ -51,7 +54,7 @@ def image_path(data: Path, name: str) -> Path:
     return p if p.is_file() else next(data.glob(name + ".*"))
 
 
-# ---- 1. extraction ---------------------------------------------------------------------------------------------
+# ---- 1. extraction -----------------------------------------------------------------------------------------
 def cmd_extract(a) -> None:
     from d2r.globaldesc import GlobalConfig, GlobalExtractor
 
@@ -82,7 +85,7 @@ def cmd_extract(a) -> None:
     print(json.dumps(info))
 
 
-# ---- 2. evaluation -----------------------------------------------------------------------------------------------
+# ---- 2. evaluation -----------------------------------------------------------------------------------------
 def pooled_vectors(a, backbone, n):
     """(pooling -> (n, len(SCALES), D) raw pooled vectors), cached; PWA channels from the database GAP."""
     cache = a.runs / f"pooled-{backbone}.npz"
@@ -205,10 +208,11 @@ def post_rows(a, g, qidx, rows, asmk):
                 s = -k_reciprocal(q, db, 20, 6, 0.3)
             ranks = np.argsort(-s, axis=1, kind="stable")
             pq = per_query_ap(ranks, g)
-            row = {"backbone": backbone, "post": name, "medium": mean_ap(pq["medium"]), "hard": mean_ap(pq["hard"]),
-                   "per_query": pq}
+            row = {"backbone": backbone, "post": name, "medium": mean_ap(pq["medium"]),
+                   "hard": mean_ap(pq["hard"]), "per_query": pq}
             if asmk:
-                row["vs_asmk_initial"] = {p: paired_difference(asmk["initial"][p], pq[p]) for p in ("medium", "hard")}
+                row["vs_asmk_initial"] = {p: paired_difference(asmk["initial"][p], pq[p])
+                                          for p in ("medium", "hard")}
             out.append(row)
     return out
 
@@ -234,7 +238,7 @@ def print_tables(res) -> None:
               f"{fmt_ci(vs['medium']) if vs else ''} | {fmt_ci(vs['hard']) if vs else ''} |")
 
 
-# ---- 3. search at scale -------------------------------------------------------------------------------------------
+# ---- 3. search at scale ------------------------------------------------------------------------------------
 def synthetic(rng, n, dim, centres):
     """Clustered unit vectors: a centre (of ``centres`` random unit directions) plus isotropic noise."""
     c = rng.integers(0, centres.shape[0], n)

@@ -87,7 +87,7 @@ def test_every_pooling_gives_its_documented_dimension():
         assert v.shape == (dim,) and abs(np.linalg.norm(v) - 1) < 1e-5, pooling
 
 
-# ---- cirtorch checkpoints ------------------------------------------------------------------------------------------
+# ---- cirtorch checkpoints ----------------------------------------------------------------------------------
 # key names of cirtorch's resnet18 ImageRetrievalNet (features = torchvision children[:-2])
 CIRTORCH_RESNET18_KEYS = {"features.0.weight", "features.1.running_var", "features.4.0.conv1.weight",
                           "features.4.1.bn2.bias", "features.5.0.downsample.0.weight",
@@ -131,7 +131,8 @@ def test_cirtorch_gem_network_loads_by_path_and_its_head_matches_the_formula(tmp
     assert ex.dim == 64 and ex.head["p"] == pytest.approx(2.5)
     image = skdata.chelsea()
     (fmap,) = ex.feature_maps(image)
-    x = torch.from_numpy(((image[:72, :96] / 255.0 - 0.45) / 0.22).astype(np.float32).transpose(2, 0, 1)[None])
+    x = ((image[:72, :96] / 255.0 - 0.45) / 0.22).astype(np.float32)
+    x = torch.from_numpy(x.transpose(2, 0, 1)[None].copy())
     with torch.inference_mode():  # the loaded convolutions equal the network that was saved
         torch.testing.assert_close(ex.net.feature_map(x), feats(x), rtol=1e-5, atol=1e-5)
     g = (np.maximum(fmap.astype(np.float64), 1e-6) ** 2.5).mean(axis=(1, 2)) ** (1 / 2.5)
@@ -167,7 +168,7 @@ def test_bad_checkpoints_give_one_line_errors_naming_the_file(tmp_path):
         GlobalExtractor(GlobalConfig(backbone="mobilenet_v2", weights=str(wrong), device="cpu"))
 
 
-# ---- configuration and the optional dependency --------------------------------------------------------------------
+# ---- configuration and the optional dependency -------------------------------------------------------------
 @pytest.mark.parametrize("settings, match", [
     ({"backbone": "resnet9000"}, "global.backbone"),
     ({"pooling": "vlad"}, "global.pooling"),
@@ -202,4 +203,5 @@ def test_core_never_imports_torch_and_a_missing_torch_is_one_line():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "[1]" in out.stdout
-    assert 'ERR global descriptors need torch, which is not installed: pip install -e ".[learned]"' in out.stdout
+    want = 'ERR global descriptors need torch, which is not installed: pip install -e ".[learned]"'
+    assert want in out.stdout

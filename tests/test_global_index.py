@@ -1,5 +1,5 @@
-"""The global index: equal to a brute-force scan after random add / remove / save / reopen sequences, crash-safe
-commits, pinned readers, damaged files named in one line, and the faiss IVF-PQ option."""
+"""The global index: equal to a brute-force scan after random add / remove / save / reopen sequences,
+crash-safe commits, pinned readers, damaged files named in one line, and the faiss IVF-PQ option."""
 
 import json
 

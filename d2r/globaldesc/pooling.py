@@ -1,11 +1,13 @@
 """Global pooling of a CNN feature map: PyRetri's menu as plain numpy functions.
 
-Every function takes ``x``, a (C, H, W) float32 feature map (non-negative: the output of a ReLU/ReLU6, as every
-backbone here gives), and returns a (D,) float32 vector, NOT normalised (the extractor L2-normalises). An empty map
-(H·W = 0) is refused with ValueError. References (formulas as in the papers; PyRetri read for understanding):
+Every function takes ``x``, a (C, H, W) float32 feature map (non-negative: the output of a ReLU/ReLU6, as
+every backbone here gives), and returns a (D,) float32 vector, NOT normalised (the extractor L2-normalises).
+An empty map (H·W = 0) is refused with ValueError. References (formulas as in the papers; PyRetri read for
+understanding):
 
 - :func:`gap` global average pooling, :func:`gmp` / :func:`mac` global max (Tolias et al. 2016), (C,).
-- :func:`spoc` sum pooling with a Gaussian centre prior, σ = min(H, W) / 3 / 2 (Babenko & Lempitsky 2015), (C,).
+- :func:`spoc` sum pooling with a Gaussian centre prior, σ = min(H, W) / 3 / 2 (Babenko & Lempitsky 2015),
+  (C,).
 - :func:`crow` cross-dimensional weighting (Kalantidis et al. 2016), (C,).
 - :func:`scda` selective convolutional descriptor aggregation (Wei et al. 2017), (2C,): [mean, max] over the
   largest 4-connected component of positions whose channel sum exceeds its mean.
@@ -14,8 +16,8 @@ backbone here gives), and returns a (D,) float32 vector, NOT normalised (the ext
   regions of :func:`rmac_regions` (the paper's multi-scale grid; the regions only, as in the paper).
 - :func:`pwa` part-based weighting aggregation (Xu et al. 2018), (n·C,): one weighted sum per selected channel
   (:func:`select_pwa_channels` learns them on a training set).
-- :func:`pcb` part-based stripes (Sun et al. 2018), ((stripes + 1)·D,): ``pool`` of each horizontal stripe and of
-  the whole map, concatenated.
+- :func:`pcb` part-based stripes (Sun et al. 2018), ((stripes + 1)·D,): ``pool`` of each horizontal stripe
+  and of the whole map, concatenated.
 
 No numba: each function is a handful of vectorised numpy passes over a map of ~10⁶ values (SCDA's connected
 components use scipy.ndimage, which is compiled already); the backbone costs 100-1000× more per image.
@@ -88,7 +90,8 @@ def crow(x, a: float = 2.0, b: float = 2.0) -> np.ndarray:
 
 def scda_mask(x) -> np.ndarray:
     """SCDA's (H, W) bool mask: the largest 4-connected component (first in raster order on ties) of the
-    positions whose channel sum exceeds the mean channel sum; all positions when none does (a constant map)."""
+    positions whose channel sum exceeds the mean channel sum; all positions when none does (a constant
+    map)."""
     s = _map(x).sum(axis=0, dtype=np.float64)
     above = s > s.mean()
     if not above.any():
@@ -99,8 +102,8 @@ def scda_mask(x) -> np.ndarray:
 
 
 def scda(x) -> np.ndarray:
-    """SCDA: (2C,) [mean, max] of the descriptors at the :func:`scda_mask` positions (the paper's avg+max of the
-    selected descriptors)."""
+    """SCDA: (2C,) [mean, max] of the descriptors at the :func:`scda_mask` positions (the paper's avg+max of
+    the selected descriptors)."""
     x = _map(x)
     sel = x[:, scda_mask(x)]  # (C, n)
     return np.concatenate([sel.mean(axis=1, dtype=np.float64).astype(np.float32), sel.max(axis=1)])
@@ -124,15 +127,16 @@ def rmac_regions(h: int, w: int, levels: int = 3, overlap: float = 0.4) -> np.nd
     """The R-MAC region grid of Tolias, Sicre, Jégou (ICLR 2016) on an (h, w) map: (R, 4) int64 rows
     [x, y, width, height] (0-based top-left corners, in map cells).
 
-    Level l = 1..L has square regions of side ⌊2·min(h, w) / (l + 1)⌋, l (+ the extra count chosen once so that
-    neighbouring regions of the long side overlap by about ``overlap``) along the long side and l along the short
-    side, evenly spread from edge to edge (the paper's ``rmac_regions``)."""
+    Level l = 1..L has square regions of side ⌊2·min(h, w) / (l + 1)⌋, l (+ the extra count chosen once so
+    that neighbouring regions of the long side overlap by about ``overlap``) along the long side and l along
+    the short side, evenly spread from edge to edge (the paper's ``rmac_regions``)."""
     if levels < 1:
         raise ValueError(f"rmac: levels must be >= 1, got {levels}")
     side = min(h, w)
     steps = np.arange(2, 8, dtype=np.float64)  # candidate region counts along the long side
     b = (max(h, w) - side) / (steps - 1)
-    idx = int(np.argmin(np.abs((side ** 2 - side * b) / side ** 2 - overlap)))  # first minimum, as MATLAB's min
+    # the first minimum, as MATLAB's min
+    idx = int(np.argmin(np.abs((side ** 2 - side * b) / side ** 2 - overlap)))
     wd = idx + 1 if h < w else 0
     hd = idx + 1 if h > w else 0
     out = []

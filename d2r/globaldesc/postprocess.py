@@ -1,8 +1,9 @@
-"""Post-processing of global vectors (core numpy, no torch): L2, learned PCA / PCA-whitening / SVD saved with a
-fingerprint, database-side augmentation (DBA), α-weighted query expansion (αQE), k-reciprocal re-ranking.
+"""Post-processing of global vectors (core numpy, no torch): L2, learned PCA / PCA-whitening / SVD saved with
+a fingerprint, database-side augmentation (DBA), α-weighted query expansion (αQE), k-reciprocal re-ranking.
 
-Vectors are (N, D) float32 rows; every function returns new arrays (the caller's are never changed). Scores are
-inner products (cosine similarity for L2-normalised rows); rankings are best first, ties by lower row index.
+Vectors are (N, D) float32 rows; every function returns new arrays (the caller's are never changed). Scores
+are inner products (cosine similarity for L2-normalised rows); rankings are best first, ties by lower row
+index.
 """
 
 from __future__ import annotations
@@ -35,16 +36,18 @@ def _rows(x, name: str = "vectors", dim: int | None = None) -> np.ndarray:
 
 
 def l2_normalize(x, eps: float = 1e-12) -> np.ndarray:
-    """Rows scaled to unit L2 norm; all-zero rows stay zero. (N, D) → (N, D) float32 (a (D,) vector works too)."""
+    """Rows scaled to unit L2 norm; all-zero rows stay zero. (N, D) → (N, D) float32 (a (D,) vector works
+    too)."""
     x = np.asarray(x, np.float32)
     norm = np.linalg.norm(x, axis=-1, keepdims=True)
     return (x / np.maximum(norm, eps)).astype(np.float32)
 
 
 class Whitening:
-    """A linear map learned on a training set, then L2: ``mode`` "pca_whiten" (centre, project on the top ``dim``
-    principal directions, divide by the square root of their variances; Jégou & Chum 2012), "pca" (no division)
-    or "svd" (no centring; divide by the standard deviation of the projections + 1e-6, as PyRetri's SVD).
+    """A linear map learned on a training set, then L2: ``mode`` "pca_whiten" (centre, project on the top
+    ``dim`` principal directions, divide by the square root of their variances; Jégou & Chum 2012), "pca" (no
+    division) or "svd" (no centring; divide by the standard deviation of the projections + 1e-6, as PyRetri's
+    SVD).
 
     ``dim``: output dimensions (None: all the training set supports, min(D, N − 1); N for "svd"). Learned
     attributes: ``mean_`` (D,), ``components_`` (dim, D), ``scale_`` (dim,) float32; ``metadata`` is free-form
@@ -62,8 +65,9 @@ class Whitening:
         self.fingerprint = None
 
     def fit(self, vectors, metadata: dict | None = None) -> "Whitening":
-        """Learn from (N, D) training vectors (N ≥ 2). Eigen-decomposition of the D×D covariance when D ≤ N, else
-        an economy SVD of the centred rows (so 32,000-D PWA vectors of a few thousand images stay cheap)."""
+        """Learn from (N, D) training vectors (N ≥ 2). Eigen-decomposition of the D×D covariance when D ≤ N,
+        else an economy SVD of the centred rows (so 32,000-D PWA vectors of a few thousand images stay
+        cheap)."""
         x = _rows(vectors, "whitening training vectors").astype(np.float64)
         n, d = x.shape
         if n < 2:
@@ -74,7 +78,8 @@ class Whitening:
         rank = min(d, n - 1 if centre else n)
         k = rank if self.dim is None else self.dim
         if k > rank:
-            raise ValueError(f"whitening: dim={k} exceeds what {n} training vectors of D={d} support ({rank})")
+            raise ValueError(f"whitening: dim={k} exceeds what {n} training vectors of D={d} support "
+                             f"({rank})")
         if d <= n:
             var, vecs = np.linalg.eigh(xc.T @ xc / n)
             order = np.argsort(-var, kind="stable")[:k]
@@ -134,8 +139,8 @@ class Whitening:
 
     @classmethod
     def load(cls, path) -> "Whitening":
-        """Read a file written by :meth:`save`; ValueError naming the file if it is not one, or its content does
-        not match its fingerprint."""
+        """Read a file written by :meth:`save`; ValueError naming the file if it is not one, or its content
+        does not match its fingerprint."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: whitening file not found")
@@ -150,10 +155,12 @@ class Whitening:
         if header.get("format") != FORMAT:
             raise ValueError(f"{path}: not a d2r whitening file (format {header.get('format')!r})")
         if int(header.get("format_version", 0)) > FORMAT_VERSION:
-            raise ValueError(f"{path}: whitening format version {header['format_version']} is newer than this "
+            raise ValueError(f"{path}: whitening format version {header['format_version']} is newer than "
+                             f"this "
                              f"d2r supports ({FORMAT_VERSION})")
         m, c, s = arrays["mean"], arrays["components"], arrays["scale"]
-        if c.ndim != 2 or m.shape != (c.shape[1],) or s.shape != (c.shape[0],) or header.get("mode") not in MODES:
+        if (c.ndim != 2 or m.shape != (c.shape[1],) or s.shape != (c.shape[0],)
+                or header.get("mode") not in MODES):
             raise ValueError(f"{path}: inconsistent whitening arrays mean {m.shape}, components {c.shape}, "
                              f"scale {s.shape} (mode {header.get('mode')!r})")
         w = cls(header["mode"])
@@ -194,9 +201,9 @@ def dba(vectors, k: int = 10, alpha: float = 0.0) -> np.ndarray:
 
 
 def alpha_qe(queries, vectors, ids, scores, k: int = 10, alpha: float = 3.0) -> np.ndarray:
-    """αQE (Radenović et al. 2018): each query q (Q, D) becomes L2(q + Σ_{i<k} max(s_i, 0)^α x_{ids_i}) from its
-    first ranking ``ids``/``scores`` (Q, ≥ k; ids < 0 are padding and skipped); α = 0 is average QE (Chum et al.
-    2007). Search again with the result."""
+    """αQE (Radenović et al. 2018): each query q (Q, D) becomes L2(q + Σ_{i<k} max(s_i, 0)^α x_{ids_i}) from
+    its first ranking ``ids``/``scores`` (Q, ≥ k; ids < 0 are padding and skipped); α = 0 is average QE (Chum
+    et al. 2007). Search again with the result."""
     q = _rows(np.atleast_2d(queries), "queries")
     x = _rows(vectors, "vectors", q.shape[1])
     ids = np.asarray(ids, np.int64)[:, :k]
@@ -212,8 +219,8 @@ def k_reciprocal(queries, vectors, k1: int = 20, k2: int = 6, lam: float = 0.3) 
     """k-reciprocal re-ranking (Zhong, Zheng, Cao, Li, CVPR 2017): the (Q, N) final distance
     λ·d + (1 − λ)·d_J of each query to each database row, smaller is better.
 
-    d = squared Euclidean distance (2 − 2s for unit rows) over the Q + N probes and rows, each row divided by its
-    maximum; R(i, k1) the k1-reciprocal neighbours of i (i in the top k1 + 1 of each), expanded by every
+    d = squared Euclidean distance (2 − 2s for unit rows) over the Q + N probes and rows, each row divided by
+    its maximum; R(i, k1) the k1-reciprocal neighbours of i (i in the top k1 + 1 of each), expanded by every
     R(j, k1/2) of its members that shares more than 2/3 of its entries with R(i, k1); V_i the exp(−d)-weighted
     indicator of that set (sums to 1), averaged over i's k2 nearest (local query expansion); d_J(i, j) =
     1 − Σ min(V_i, V_j) / Σ max(V_i, V_j). Dense in (Q + N)²: meant for shortlists and collections of a few

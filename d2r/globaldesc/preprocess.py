@@ -24,9 +24,9 @@ def _scaled(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def resize(image: np.ndarray, mode: str, size: int) -> np.ndarray:
     """``longer``: downscale (never up) so the longer side is at most ``size`` (cirtorch's test-time resize);
-    ``shorter``: scale so the shorter side is ``size`` (PyRetri ShorterResize); ``direct``: ``size`` × ``size``
-    whatever the aspect (DirectResize); ``pad``: the longer side to ``size``, then centred on a ``size`` ×
-    ``size`` canvas of the ImageNet mean colour (PadResize)."""
+    ``shorter``: scale so the shorter side is ``size`` (PyRetri ShorterResize); ``direct``: ``size`` ×
+    ``size`` whatever the aspect (DirectResize); ``pad``: the longer side to ``size``, then centred on a
+    ``size`` × ``size`` canvas of the ImageNet mean colour (PadResize)."""
     h, w = image.shape[:2]
     if mode == "longer":
         f = min(1.0, size / max(h, w))
@@ -48,8 +48,9 @@ def resize(image: np.ndarray, mode: str, size: int) -> np.ndarray:
 
 
 def crops(image: np.ndarray, mode: str, size: int) -> list[np.ndarray]:
-    """``none``: the image; ``center``: the centred ``size`` × ``size`` crop (clipped to the image); ``ten``: the
-    four corner crops and the centre crop, then the same five of the mirrored image (torchvision TenCrop)."""
+    """``none``: the image; ``center``: the centred ``size`` × ``size`` crop (clipped to the image); ``ten``:
+    the four corner crops and the centre crop, then the same five of the mirrored image (torchvision
+    TenCrop)."""
     if mode == "none":
         return [image]
     h, w = image.shape[:2]

@@ -1,8 +1,8 @@
 """Exact inner-product top-k over row blocks: the one scan that the global index, DBA and the tests share.
 
-Rows are read block by block (a memory map is never loaded whole) and cast to float32 per block, so float16 storage
-costs half the bytes and the same code. Order: score descending, ties by lower row index, exactly as a stable
-argsort of the full score row.
+Rows are read block by block (a memory map is never loaded whole) and cast to float32 per block, so float16
+storage costs half the bytes and the same code. Order: score descending, ties by lower row index, exactly as
+a stable argsort of the full score row.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import contextlib
 
 import numpy as np
 
-from d2r.codebook import _one_blas_thread  # the project's one BLAS thread policy (d2r/_threads.py after the redesign)
+# the project's one BLAS thread policy (d2r/_threads.py after the redesign)
+from d2r.codebook import _one_blas_thread
 
 BLOCK_ROWS = 1 << 16
 # Fewer queries than this: one BLAS thread. Their products are matrix-vector, bound by memory bandwidth, and a
@@ -30,8 +31,8 @@ def merge_top_k(ids_a, scores_a, ids_b, scores_b, k: int) -> tuple[np.ndarray, n
 
 
 def block_top_k(scores: np.ndarray, k: int, base: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top ``k`` columns of a (Q, n) float32 score block as global ids ``base + column``; exact under ties (a row
-    whose k-th value is tied beyond the selection takes a stable full sort)."""
+    """Top ``k`` columns of a (Q, n) float32 score block as global ids ``base + column``; exact under ties (a
+    row whose k-th value is tied beyond the selection takes a stable full sort)."""
     q, n = scores.shape
     if n == 0:
         return np.full((q, 0), -1, np.int64), np.zeros((q, 0), np.float32)
@@ -53,10 +54,10 @@ def block_top_k(scores: np.ndarray, k: int, base: int) -> tuple[np.ndarray, np.n
 
 def exact_top_k(queries, vectors, k: int, removed=None, block_rows: int = BLOCK_ROWS,
                 ids_a=None, scores_a=None, base: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top ``k`` rows of ``vectors`` (N, D) float32/float16 (memory map fine) for ``queries`` (Q, D) float32
-    by inner product: ((Q, k) int64 row ids + ``base``, (Q, k) float32 scores), padded with −1 / −inf when fewer
-    rows are live. ``removed``: (N,) bool rows to skip. ``ids_a``/``scores_a``: earlier candidates to merge with
-    (scanning several segments in turn)."""
+    """Exact top ``k`` rows of ``vectors`` (N, D) float32/float16 (memory map fine) for ``queries`` (Q, D)
+    float32 by inner product: ((Q, k) int64 row ids + ``base``, (Q, k) float32 scores), padded with −1 / −inf
+    when fewer rows are live. ``removed``: (N,) bool rows to skip. ``ids_a``/``scores_a``: earlier candidates
+    to merge with (scanning several segments in turn)."""
     q = np.ascontiguousarray(queries, np.float32)
     nq = q.shape[0]
     best_i = np.full((nq, 0), -1, np.int64) if ids_a is None else ids_a
