@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from d2r.codebook import _one_blas_thread
 from d2r.eval.compare import paired_difference
 from d2r.eval.revisitop import load_gnd, per_query_metrics
 from d2r.globaldesc import pooling as P
@@ -100,6 +101,17 @@ def pooled_vectors(a, backbone, n):
     channels = P.select_pwa_channels(np.stack(gap_s1), 25)
     fns = pool_fns(channels)
     out = {k: [] for k in POOLS}
+    with _one_blas_thread():
+        secs = _pool_all(maps_dir, n, fns, out)
+    arrays = {k: np.stack(v).astype(np.float32) for k, v in out.items()}
+    np.savez(cache, **arrays)
+    info = {"pool_ms_per_image_3_scales": {k: round(1000 * s / n, 2) for k, s in secs.items()},
+            "pwa_channels": channels.tolist()}
+    (a.runs / f"pooled-{backbone}.json").write_text(json.dumps(info))
+    return arrays, info
+
+
+def _pool_all(maps_dir, n, fns, out):
     secs = {k: 0.0 for k in POOLS}
     for i in range(n):
         with np.load(maps_dir / f"{i:04d}.npz") as z:
@@ -108,12 +120,7 @@ def pooled_vectors(a, backbone, n):
             t = time.perf_counter()
             out[k].append(np.stack([fn(m) for m in maps]))
             secs[k] += time.perf_counter() - t
-    arrays = {k: np.stack(v).astype(np.float32) for k, v in out.items()}
-    np.savez(cache, **arrays)
-    info = {"pool_ms_per_image_3_scales": {k: round(1000 * s / n, 2) for k, s in secs.items()},
-            "pwa_channels": channels.tolist()}
-    (a.runs / f"pooled-{backbone}.json").write_text(json.dumps(info))
-    return arrays, info
+    return secs
 
 
 def aggregate(raw: np.ndarray, multi: bool) -> np.ndarray:

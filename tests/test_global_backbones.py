@@ -205,3 +205,10 @@ def test_core_never_imports_torch_and_a_missing_torch_is_one_line():
     assert "[1]" in out.stdout
     want = 'ERR global descriptors need torch, which is not installed: pip install -e ".[learned]"'
     assert want in out.stdout
+
+
+def test_cuda_without_a_gpu_is_refused_before_loading_anything():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(ValueError, match="global.device=cuda: torch sees no CUDA device"):
+        GlobalExtractor(GlobalConfig(device="cuda"))

@@ -22,6 +22,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
+from d2r.codebook import _one_blas_thread  # the one BLAS thread policy (d2r/_threads.py after the redesign)
 from d2r.config import Config
 from d2r.features.image import load_image
 from d2r.globaldesc import pooling as P
@@ -207,7 +208,9 @@ class GlobalExtractor:
 
     def extract(self, pixels) -> np.ndarray:
         """(dim,) float32 global vector of one image."""
-        return self.aggregate([self.pool_map(m) for m in self.feature_maps(pixels)])
+        maps = self.feature_maps(pixels)
+        with _one_blas_thread():  # pooling's products are matrix-vector: a second BLAS thread only spins
+            return self.aggregate([self.pool_map(m) for m in maps])
 
 
 def network_head(fmap: np.ndarray, head: dict) -> np.ndarray:

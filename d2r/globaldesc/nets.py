@@ -270,10 +270,13 @@ class CirtorchNet(nn.Module):
 def _torch_load(path: Path):
     """torch.load without executing pickled code (weights_only), numpy arrays allowed (cirtorch's meta may
     hold them); one-line ValueError naming the file when it is not a torch file."""
+    core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+    dtypes = getattr(np, "dtypes", None)
+    allowed = [np.ndarray, np.dtype, core.multiarray._reconstruct]
+    if dtypes is not None:
+        allowed += [dtypes.Float32DType, dtypes.Float64DType, dtypes.Int64DType]
     try:
-        with torch.serialization.safe_globals([np.ndarray, np.dtype, np.dtypes.Float32DType,
-                                               np.dtypes.Float64DType, np.dtypes.Int64DType,
-                                               np._core.multiarray._reconstruct]):
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip/format errors of any kind: the file is unusable
         first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__

@@ -69,23 +69,28 @@ def spoc(x, prior: bool = True) -> np.ndarray:
     x = _map(x)
     if not prior:
         return x.sum(axis=(1, 2), dtype=np.float64).astype(np.float32)
-    wts = centre_prior(x.shape[1], x.shape[2])
-    return np.einsum("chw,hw->c", x.astype(np.float64), wts).astype(np.float32)
+    return _weighted_sum(x, centre_prior(x.shape[1], x.shape[2]))
+
+
+def _weighted_sum(x: np.ndarray, wts: np.ndarray) -> np.ndarray:
+    """(C,) Σ_hw w_hw x_chw as one float32 BLAS matrix-vector product (the maps are ~10⁶ values)."""
+    c = x.shape[0]
+    return (x.reshape(c, -1) @ np.ascontiguousarray(wts, np.float32).reshape(-1)).astype(np.float32)
 
 
 def crow(x, a: float = 2.0, b: float = 2.0) -> np.ndarray:
     """CroW: spatial weights S = (s / ‖s‖_a)^(1/b) of the channel sum s_hw = Σ_c x_chw, channel weights
     log(Σ_k Q_k / Q_c) of the fraction Q_c of non-zero positions (+1e-6), (C,) = weight_c · Σ_hw S_hw x_chw.
     An all-zero map gives zeros."""
-    x = _map(x).astype(np.float64)
-    s = x.sum(axis=0)
+    x = _map(x)
+    s = x.sum(axis=0, dtype=np.float64)
     norm = (s ** a).sum() ** (1.0 / a)
     if norm <= 0:
         return np.zeros(x.shape[0], np.float32)
     spatial = (s / norm) ** (1.0 / b)
-    q = (x != 0).mean(axis=(1, 2)) + EPS
+    q = np.count_nonzero(x.reshape(x.shape[0], -1), axis=1) / (x.shape[1] * x.shape[2]) + EPS
     channel = np.log(q.sum() / q)
-    return (np.einsum("chw,hw->c", x, spatial) * channel).astype(np.float32)
+    return (_weighted_sum(x, spatial) * channel).astype(np.float32)
 
 
 def scda_mask(x) -> np.ndarray:
@@ -112,15 +117,22 @@ def scda(x) -> np.ndarray:
 def gem(x, p: float = 3.0, eps: float = EPS) -> np.ndarray:
     """Generalised mean: (C,) (mean_hw max(x, eps)^p)^(1/p), p > 0; ``p = inf`` is MAC. Computed relative to
     the channel maximum so large p does not overflow."""
-    x = np.maximum(_map(x), np.float32(eps)).astype(np.float64)
     p = float(p)
     if not p > 0:
         raise ValueError(f"gem: p must be > 0, got {p}")
+    x = np.maximum(_map(x), np.float32(eps))
     top = x.max(axis=(1, 2))
     if math.isinf(p):
-        return top.astype(np.float32)
-    rel = (x / top[:, None, None]) ** p
-    return (top * rel.mean(axis=(1, 2)) ** (1.0 / p)).astype(np.float32)
+        return top
+    rel = x / top[:, None, None]  # in (0, 1]: no overflow for any p
+    if p.is_integer() and p <= 16:  # GeM's usual p = 3: repeated multiplication, ~10x faster than a power
+        powed = rel.copy()
+        for _ in range(int(p) - 1):
+            powed *= rel
+    else:
+        powed = rel ** np.float32(p)
+    mean = powed.mean(axis=(1, 2), dtype=np.float64)
+    return (top * mean ** (1.0 / p)).astype(np.float32)
 
 
 def rmac_regions(h: int, w: int, levels: int = 3, overlap: float = 0.4) -> np.ndarray:
@@ -183,8 +195,9 @@ def pwa(x, channels, alpha: float = 2.0, beta: float = 2.0) -> np.ndarray:
         raise ValueError(f"pwa: channels must be non-empty indices in [0, C={x.shape[0]}), got {ch[:8]}")
     parts = x[ch].astype(np.float64)  # (n, H, W)
     norm = ((parts ** alpha).sum(axis=(1, 2), keepdims=True)) ** (1.0 / alpha)
-    wts = (parts / (norm + 1e-5)) ** (1.0 / beta)
-    return np.einsum("nhw,chw->nc", wts, x.astype(np.float64)).reshape(-1).astype(np.float32)
+    wts = ((parts / (norm + 1e-5)) ** (1.0 / beta)).astype(np.float32)
+    c = x.shape[0]
+    return (wts.reshape(ch.size, -1) @ x.reshape(c, -1).T).reshape(-1).astype(np.float32)  # (n, C) GEMM
 
 
 def pcb(x, pool, stripes: int = 2) -> np.ndarray:
