@@ -14,7 +14,7 @@ import numpy as np
 # the project's one BLAS thread policy (d2r/_threads.py after the redesign)
 from d2r.codebook import _one_blas_thread
 
-BLOCK_ROWS = 1 << 16
+BLOCK_VALUES = 1 << 22  # values per scanned block: a 16 MB float32 temporary for float16 storage
 # Fewer queries than this: one BLAS thread. Their products are matrix-vector, bound by memory bandwidth, and a
 # second BLAS thread mostly spins (20x slower on a busy 2-core box, benchmarks/results/global.md).
 SERIAL_QUERIES = 8
@@ -52,7 +52,7 @@ def block_top_k(scores: np.ndarray, k: int, base: int) -> tuple[np.ndarray, np.n
     return ids, s
 
 
-def exact_top_k(queries, vectors, k: int, removed=None, block_rows: int = BLOCK_ROWS,
+def exact_top_k(queries, vectors, k: int, removed=None, block_rows: int | None = None,
                 ids_a=None, scores_a=None, base: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Exact top ``k`` rows of ``vectors`` (N, D) float32/float16 (memory map fine) for ``queries`` (Q, D)
     float32 by inner product: ((Q, k) int64 row ids + ``base``, (Q, k) float32 scores), padded with −1 / −inf
@@ -64,6 +64,7 @@ def exact_top_k(queries, vectors, k: int, removed=None, block_rows: int = BLOCK_
     best_s = np.zeros((nq, 0), np.float32) if scores_a is None else scores_a
     n = vectors.shape[0]
     qt = q.T
+    block_rows = block_rows or max(1024, BLOCK_VALUES // max(q.shape[1], 1))
     with _one_blas_thread() if nq < SERIAL_QUERIES else contextlib.nullcontext():
         return _scan(q, qt, vectors, n, k, removed, block_rows, best_i, best_s, base)
 
