@@ -14,6 +14,9 @@ SIDE = 192  # small images keep these tests fast on 2 cores
 
 
 def _have_extra() -> str | None:
+    from d2r.features._torch import keep_triton_out
+
+    keep_triton_out()
     try:
         import kornia.feature  # noqa: F401
         import torch  # noqa: F401
@@ -200,3 +203,18 @@ def test_kornia_aliked_equals_reference(photo):
     with torch.inference_mode():
         (fa, sa), (fb, sb) = ours.extract_dense_map(x), ref.extract_dense_map(x)
     assert torch.allclose(fa, fb, atol=1e-5) and torch.allclose(sa, sb, atol=1e-5)
+
+
+@needs_extra
+def test_torch_beside_an_already_loaded_tensorflow_does_not_crash():
+    """Regression: torch's CUDA build imports Triton on the way to torch._dynamo (kornia, torchvision), and Triton
+    loaded after TensorFlow segfaulted the process (DELF then ALIKED in one session killed CI with exit 139)."""
+    pytest.importorskip("tensorflow")
+    code = ("import tensorflow, sys\n"
+            "from d2r.features._torch import require\n"
+            "torch, kornia = require('ALIKED')\n"
+            "import torch._dynamo, kornia.feature\n"
+            "print(float(torch.ones(2).sum()))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "2.0"

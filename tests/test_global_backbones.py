@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from d2r.features._torch import keep_triton_out
 from d2r.globaldesc.extractor import GlobalConfig
 
 torch = pytest.importorskip("torch", reason='torch not installed (pip install -e ".[learned]")')
@@ -47,6 +48,7 @@ def test_shipped_weights_classify_bundled_photos(backbone):
 
 def test_mobilenet_v2_equals_torchvision():
     path = shipped("mobilenet_v2")
+    keep_triton_out()  # torchvision reaches Triton, which segfaults beside an already-loaded TensorFlow
     tv = pytest.importorskip("torchvision", reason="torchvision not installed (parity check only)")
     ref = tv.models.mobilenet_v2()
     ref.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -98,6 +100,7 @@ def cirtorch_checkpoint(path, pooling="gem", whiten_dim=64, seed=0):
     torch.manual_seed(seed)
     tv = None
     try:
+        keep_triton_out()
         import torchvision as tv
     except ImportError:
         pass

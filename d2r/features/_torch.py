@@ -10,6 +10,7 @@ imports torchvision and matplotlib, which d2r does not need), and are never down
 from __future__ import annotations
 
 import hashlib
+import sys
 import threading
 from pathlib import Path
 
@@ -21,8 +22,23 @@ DEVICES = ("auto", "cpu", "cuda")
 _THREADS_LOCK = threading.Lock()
 
 
+def keep_triton_out() -> None:
+    """Stop torch from importing Triton when TensorFlow is already loaded in this process.
+
+    CUDA builds of torch import ``triton`` on the way to ``torch._dynamo`` (torchvision and kornia reach it); its
+    ``libtriton`` and TensorFlow's runtime carry clashing LLVM symbols, and loading the second segfaults the process
+    (torch 2.14 + Triton 3.8 after tensorflow 2.21: DELF and ALIKED in one benchmark, or one test session). d2r never
+    compiles with Triton, and torch treats a missing ``triton`` as "no Triton" (``has_triton_package``), so an
+    entry of None in ``sys.modules`` (which makes ``import triton`` raise ImportError) is all it takes. A process
+    that imported Triton itself, or has no TensorFlow, is left as it is.
+    """
+    if "tensorflow" in sys.modules and "triton" not in sys.modules:
+        sys.modules["triton"] = None
+
+
 def require(what: str):
     """``(torch, kornia)``, or ImportError naming ``what`` and the install line when the extra is missing."""
+    keep_triton_out()
     try:
         import torch
         import kornia  # noqa: F401  (the implementations d2r runs)

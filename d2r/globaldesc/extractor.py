@@ -24,6 +24,7 @@ import numpy as np
 
 from d2r.codebook.codebook import _one_blas_thread  # the one BLAS thread policy (d2r/_threads.py after the redesign)
 from d2r.config import Config
+from d2r.features._torch import keep_triton_out
 from d2r.features.image import load_image
 from d2r.globaldesc import pooling as P
 from d2r.globaldesc.postprocess import Whitening, l2_normalize
@@ -117,6 +118,7 @@ class GlobalConfig(Config):
 
 
 def _torch():
+    keep_triton_out()
     try:
         import torch
     except ImportError:
