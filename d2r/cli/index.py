@@ -16,8 +16,7 @@ from d2r.engine import Engine
 from d2r.engine.check import check_engine
 from d2r.engine.config import EngineConfig
 from d2r.features.store import FORMAT
-from d2r.index.database import check
-from d2r.index.database import repair
+from d2r.index.manifest import check_database, repair_database
 
 
 def add_parser(subparsers) -> None:
@@ -252,7 +251,7 @@ def run_info(args) -> int:
             print(f"  feature store: {store['images']} images in {store['shards']} shard(s), "
                   f"{store['bytes'] / 1e6:.1f} MB")
     for d in damaged:
-        print(f"d2r index info: damaged: {d['problem']}", file=sys.stderr)
+        print(f"d2r index info: damaged: {d['file']}: {d['problem']}", file=sys.stderr)
     return 1 if damaged else 0
 
 
@@ -284,7 +283,7 @@ def _database_damage(path, quick: bool = False) -> list[dict]:
     if quick and not (db / "manifest.json").exists() and not any(db.glob("manifest-*.json")):
         return []  # an engine without an index yet
     return [dict(d, file=str(Path(db.name) / d["file"]) if db != Path(path) else d["file"])
-            for d in check(db, digests=not quick)]
+            for d in check_database(db, digests=not quick)]
 
 
 def _report_damage(args, damage, action) -> int:
@@ -334,7 +333,7 @@ def run_repair(args) -> int:
     # an engine folder: its writer lock first, as every other writer of the engine takes it
     engine_lock = WriterLock(path, args.lock_timeout, what="index") if is_engine else contextlib.nullcontext()
     with engine_lock:
-        report = repair(_database_dir(path), lock_timeout=args.lock_timeout)
+        report = repair_database(_database_dir(path), lock_timeout=args.lock_timeout)
     if args.reindex and not report["unrepairable"]:
         engine = Engine.open(args.path)
         done = engine.reindex_from_store(progress=not args.quiet, lock_timeout=args.lock_timeout)
