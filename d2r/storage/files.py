@@ -54,7 +54,7 @@ def check_file(file: Path, record: dict, bad, digests: bool = True) -> None:
         return
     if size != record["size"]:
         bad(file, f"{size} bytes, the manifest says {record['size']}")
-    elif digests and _io.file_digest(file) != record["blake2b"]:
+    elif digests and _io.file_digest(file, chunk=1 << 18) != record["blake2b"]:  # a small buffer: merges
         bad(file, "checksum mismatch (contents changed)")
 
 
@@ -122,8 +122,13 @@ def save_array(path, array: np.ndarray, chunk_rows: int = 1 << 16, atomic: bool 
     """Write ``array`` as ``.npy`` (fsynced); return its record ``{"size", "blake2b"}``. ``atomic``: under a
     temporary name beside ``path``, renamed onto it once complete (``path`` never holds a torn file)."""
     if atomic:
-        with _io.atomic_path(path) as tmp:
-            return save_array(tmp, array, chunk_rows)
+        try:
+            with _io.atomic_path(path) as tmp:
+                return save_array(tmp, array, chunk_rows)
+        except OSError as exc:  # name the file being written, not its temporary twin
+            if exc.errno is None or not Path(exc.filename or "").name.startswith(f".{Path(path).name}."):
+                raise
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from None
     array = np.asarray(array)
     w = NpyWriter(path, array.shape, array.dtype)
     if array.ndim == 0:
