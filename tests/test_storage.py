@@ -509,3 +509,52 @@ def test_tier_policy_merges_one_tier_at_a_time():
     assert store.plan([10, 5000, 12, 20], eligible=[True, True, False, True]) == []
     with pytest.raises(ValueError, match="factor >= 2"):
         TierPolicy(factor=1)
+
+
+def test_index_add_on_an_engine_whose_index_manifest_is_lost_refuses(tmp_path, capsys):
+    """D1 (the trial's reproduction): with ``index/manifest.json`` deleted, `d2r index add` of one photo trained a
+    new codebook, deleted the old segments and reported a healthy 1-image index. Now it refuses before any work
+    (exit 1, one line naming the manifest and pointing at repair), and `d2r index repair` restores the index."""
+    from PIL import Image
+
+    from d2r.cli import main
+    from tests.corpus import textured
+
+    rng = np.random.default_rng(4)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(4):
+        Image.fromarray(textured(rng, 160, 200)).save(photos / f"p{i}.png")
+    extra = tmp_path / "extra.png"
+    Image.fromarray(textured(rng, 160, 200)).save(extra)
+    engine = tmp_path / "E"
+    assert main(["index", "create", str(engine), "--codebook-size", "16", "--images", str(photos), "--quiet"]) == 0
+    book = (engine / "index" / "codebook.npz").read_bytes()
+    (engine / "index" / "manifest.json").unlink()
+    capsys.readouterr()
+    assert main(["index", "add", str(engine), str(extra), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "index/manifest.json: missing" in err and "d2r index repair" in err
+    assert (engine / "index" / "codebook.npz").read_bytes() == book  # nothing was trained or written
+    assert main(["index", "check", str(engine), "--quiet"]) == 1
+    assert main(["index", "repair", str(engine), "--quiet"]) == 0
+    assert main(["index", "add", str(engine), str(extra), "--quiet", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["images_in_index"] == 5 and not out["codebook_trained"]
+
+
+def test_index_check_and_repair_work_on_a_feature_store(tmp_path, capsys):
+    """D1/D7: the feature store's damage message points at `d2r index check` and `d2r index repair`, which only
+    looked at `index/`: on a store folder they now check it and restore its lost manifest."""
+    from d2r.cli import main
+
+    path = tmp_path / "store"
+    ids = _built(StoreKind, path)
+    (path / "manifest.json").unlink()
+    capsys.readouterr()
+    assert main(["index", "check", str(path)]) == 1
+    assert "manifest.json" in capsys.readouterr().err
+    assert main(["index", "repair", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["manifest_restored_from"].startswith("manifest-") and StoreKind.ids(path) == ids
+    assert main(["index", "check", str(path), "--quiet"]) == 0
