@@ -34,8 +34,8 @@ def fsync_dir(path) -> None:
 
 @contextlib.contextmanager
 def naming(path):
-    """Re-raise an OSError that names no file (ENOSPC or EIO while writing, EFBIG) as one naming ``path``: every
-    error on the write path says which file it was writing."""
+    """Re-raise an OSError that names no file (ENOSPC or EIO while writing, EFBIG) as one naming ``path``:
+    every error on the write path says which file it was writing."""
     try:
         yield
     except OSError as exc:
@@ -46,8 +46,8 @@ def naming(path):
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path next to ``path``; on success fsync it and rename it onto ``path``. An OSError names
-    ``path``."""
+    """Yield a temporary path next to ``path``; on success fsync it and rename it onto ``path``. An OSError
+    names ``path``."""
     path = Path(path)
     with naming(path):
         path.parent.mkdir(parents=True, exist_ok=True)

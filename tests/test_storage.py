@@ -235,8 +235,8 @@ def test_garbage_collection_keeps_what_kept_generations_need(kind, tmp_path, mon
 
 
 def test_stale_temporary_files_are_collected(kind, tmp_path, monkeypatch):
-    """D19: a killed writer's temporary files (``.manifest.json.*.tmp``, ``.shard-*.npy.*.tmp``, ``.seg-*.tmp``)
-    were never collected, even by later successful runs."""
+    """D19: a killed writer's temporary files (``.manifest.json.*.tmp``, ``.shard-*.npy.*.tmp``,
+    ``.seg-*.tmp``) were never collected, even by later successful runs."""
     path = tmp_path / kind.name
     _built(kind, path, commits=1)
     own = path / ".manifest.json.k1ll3d.tmp"
@@ -260,8 +260,8 @@ def test_stale_temporary_files_are_collected(kind, tmp_path, monkeypatch):
 # ---- D1: a lost commit point -------------------------------------------------------------------------------
 def test_a_lost_commit_point_stops_every_writer_and_repair_restores_it(kind, tmp_path):
     """D1: with ``manifest.json`` missing, a writer started a new, empty store and collected the old parts as
-    garbage. Now writers and readers refuse in one line pointing at `d2r index repair`, and repair restores the
-    newest generation."""
+    garbage. Now writers and readers refuse in one line pointing at `d2r index repair`, and repair restores
+    the newest generation."""
     path = tmp_path / kind.name
     ids = _built(kind, path)
     (path / "manifest.json").unlink()
@@ -283,8 +283,8 @@ def test_a_lost_commit_point_stops_every_writer_and_repair_restores_it(kind, tmp
 @pytest.mark.parametrize("how", ["strings", "negative", "null", "list"])
 def test_a_manifest_of_wrong_types_is_a_damaged_manifest(kind, tmp_path, how):
     """D12: numbers as strings ended in `TypeError: '>' not supported`, numbers set to -7 blamed 16 intact
-    files (the codebook among them) and repair refused. Now the manifest itself is named as damaged, and repair
-    falls back on its newest generation."""
+    files (the codebook among them) and repair refused. Now the manifest itself is named as damaged, and
+    repair falls back on its newest generation."""
     path = tmp_path / kind.name
     ids = _built(kind, path)
     m = json.loads((path / "manifest.json").read_text())
@@ -512,9 +512,10 @@ def test_tier_policy_merges_one_tier_at_a_time():
 
 
 def test_index_add_on_an_engine_whose_index_manifest_is_lost_refuses(tmp_path, capsys):
-    """D1 (the trial's reproduction): with ``index/manifest.json`` deleted, `d2r index add` of one photo trained a
-    new codebook, deleted the old segments and reported a healthy 1-image index. Now it refuses before any work
-    (exit 1, one line naming the manifest and pointing at repair), and `d2r index repair` restores the index."""
+    """D1 (the trial's reproduction): with ``index/manifest.json`` deleted, `d2r index add` of one photo
+    trained a new codebook, deleted the old segments and reported a healthy 1-image index. Now it refuses
+    before any work (exit 1, one line naming the manifest and pointing at repair), and `d2r index repair`
+    restores the index."""
     from PIL import Image
 
     from d2r.cli import main
@@ -544,8 +545,8 @@ def test_index_add_on_an_engine_whose_index_manifest_is_lost_refuses(tmp_path, c
 
 
 def test_index_check_and_repair_work_on_a_feature_store(tmp_path, capsys):
-    """D1/D7: the feature store's damage message points at `d2r index check` and `d2r index repair`, which only
-    looked at `index/`: on a store folder they now check it and restore its lost manifest."""
+    """D1/D7: the feature store's damage message points at `d2r index check` and `d2r index repair`, which
+    only looked at `index/`: on a store folder they now check it and restore its lost manifest."""
     from d2r.cli import main
 
     path = tmp_path / "store"

@@ -1,8 +1,8 @@
-"""Stores and indexes written by the previous release (commit a0fe626) open unchanged with this code and read and
-search bit for bit as that release did; a writer upgrades them in place and they stay readable and exact.
+"""Stores and indexes written by the previous release (commit a0fe626) open unchanged with this code and read
+and search bit for bit as that release did; a writer upgrades them in place and they stay readable and exact.
 
-The fixture under ``tests/data/release_a0fe626/`` was written by the old code (``make.py`` beside it says how);
-``expected.json`` holds what the old code read and ranked there."""
+The fixture under ``tests/data/release_a0fe626/`` was written by the old code (``make.py`` beside it says
+how); ``expected.json`` holds what the old code read and ranked there."""
 
 import importlib.util
 import json
@@ -127,8 +127,8 @@ with open(out, "w") as f:
 
 @pytest.mark.slow
 def test_engine_of_the_previous_release_searches_identically(tmp_path):
-    """Built and searched by the code of commit a0fe626 (from this repository's history), then searched by this
-    code: the same hits (ids, paths, scores bit for bit, boxes, inliers). Needs git and the commit."""
+    """Built and searched by the code of commit a0fe626 (from this repository's history), then searched by
+    this code: the same hits (ids, paths, scores bit for bit, boxes, inliers). Needs git and the commit."""
     old_code = tmp_path / "old_code"
     old_code.mkdir()
     archive = subprocess.run(["git", "-C", str(REPO), "archive", "a0fe626"], capture_output=True)

@@ -295,7 +295,7 @@ def _print_store_repair(args, report: dict) -> int:
             print(f"{report['path']}: manifest.json restored from {report['manifest_restored_from']}")
         for shard in report["dropped_shards"]:
             print(f"dropped {shard['name']} ({shard['images']} images' features lost: extract them again)")
-        if not report["dropped_shards"] and "manifest_restored_from" not in report and not report["unrepairable"]:
+        if not (report["dropped_shards"] or "manifest_restored_from" in report or report["unrepairable"]):
             print(f"{report['path']}: nothing to repair")
     return 1 if report["unrepairable"] else 0
 
@@ -375,8 +375,8 @@ def run_repair(args) -> int:
     if args.json:
         print(json.dumps(report, sort_keys=True))
     elif not args.quiet:
-        if not (report["dropped_segments"] or report["removal_table_reset"] or "manifest_restored_from" in report
-                or "features" in report):
+        if not (report["dropped_segments"] or report["removal_table_reset"]
+                or "manifest_restored_from" in report or "features" in report):
             print(f"{args.path}: nothing to repair")
         if "manifest_restored_from" in report:
             print(f"manifest.json restored from {report['manifest_restored_from']}")

@@ -32,7 +32,8 @@ def check_engine(path, digests: bool = True) -> list[dict]:
     if features.is_dir() and any(p.name != ".lock" for p in features.iterdir()):  # not just a lock file
         damaged += check_store(features, digests=digests)
     if (path / "index").is_dir():
-        damaged += [dict(d, file=f"index/{d['file']}") for d in check_database(path / "index", digests=digests)]
+        damaged += [dict(d, file=f"index/{d['file']}")
+                    for d in check_database(path / "index", digests=digests)]
     return damaged
 
 

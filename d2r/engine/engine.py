@@ -175,7 +175,7 @@ class Engine:
         release all three at the end, also when the work raises (else this process would lock itself out)."""
         with WriterLock(self.path, timeout=lock_timeout, what="index"):
             try:
-                INDEX_GENERATIONS.refuse_lost(self.path / "index")  # never a new codebook and index over it (D1)
+                INDEX_GENERATIONS.refuse_lost(self.path / "index")  # no new codebook and index over it (D1)
                 if (self.path / "index" / "manifest.json").exists():
                     self._db = Database.open(self.path / "index", writable=True, lock_timeout=lock_timeout)
                 self._sources.reload()

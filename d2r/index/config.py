@@ -17,8 +17,8 @@ MODES = ("aggregation", "search")
 class DatabaseConfig(Config):
     """How images are aggregated and compared. Defaults: R-ASMK*/ASMK* with σ_{3,0} (strict τ), MA 1.
 
-    ``normalize`` divides ASMK scores by sqrt(|W_q||W_d|); the shipped official R-ASMK* configuration has it off
-    (raw sums: the paper's figures), the classic ASMK has it on. ``idf`` weights words by idf² with
+    ``normalize`` divides ASMK scores by sqrt(|W_q||W_d|); the shipped official R-ASMK* configuration has it
+    off (raw sums: the paper's figures), the classic ASMK has it on. ``idf`` weights words by idf² with
     idf_c = log(N / max(df_c, 1)) over the live items (an extension, off in the official code).
     """
     kernel: str = "asmk_star"

@@ -11,11 +11,12 @@ against every image.
 
 On disk (a directory on :mod:`d2r.storage`, see :mod:`d2r.index.manifest`): ``manifest.json`` (+
 ``manifest-<gen>.json`` of recent generations) is the commit point, with per-file sizes and BLAKE2 digests;
-``codebook.npz``; immutable segment directories (:mod:`d2r.index.segment`); ``removed-<gen>.npy`` (bool per image).
-One writer at a time holds the folder's writer lock (:class:`d2r._lock.WriterLock`) from its first change until the
-save that commits it, or from ``open(..., writable=True)`` / :meth:`Database.lock` until :meth:`Database.close`;
-readers never lock. Pending images spill into segments past a memory budget; ``save`` merges segments by size tier
-(:class:`~d2r.index.merge.MergePolicy`, verifying every file it reads), dropping removed images, and commits.
+``codebook.npz``; immutable segment directories (:mod:`d2r.index.segment`); ``removed-<gen>.npy`` (bool per
+image). One writer at a time holds the folder's writer lock (:class:`d2r._lock.WriterLock`) from its first change
+until the save that commits it, or from ``open(..., writable=True)`` / :meth:`Database.lock` until
+:meth:`Database.close`; readers never lock. Pending images spill into segments past a memory budget; ``save``
+merges segments by size tier (:class:`~d2r.index.merge.MergePolicy`, verifying every file it reads), dropping
+removed images, and commits.
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ class Database:
         self._writable = writable  # None: lock on the first change; False: read-only
         self._hold = bool(writable)  # keep the lock after save (else released once the changes are committed)
         self._lock = None if path is None else WriterLock(self.path, lock_timeout, what="index")
-        self._codebook_file: dict | None = None  # the record of codebook.npz, carried from generation to generation
-        self._removed_from: tuple | None = None  # (file, record) of the removal table read at open, not yet verified
+        self._codebook_file: dict | None = None  # codebook.npz's record, carried from generation to generation
+        self._removed_from: tuple | None = None  # (file, record) of the removal table read at open, unverified
 
     # ---- construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -122,10 +123,11 @@ class Database:
         lock = None
         if writable:
             if not (path / MANIFEST).is_file():
-                read_manifest(path)  # DamagedError where the commit point is lost (D1), else FileNotFoundError
+                read_manifest(path)  # DamagedError where the commit point is lost (D1), or FileNotFoundError
             lock = WriterLock(path, lock_timeout, what="index").acquire()
         try:
-            db = GENERATIONS.open(path, lambda m: cls._from_manifest(path, m, codebook, mmap, writable, lock_timeout))
+            db = GENERATIONS.open(path, lambda m: cls._from_manifest(path, m, codebook, mmap, writable,
+                                                                     lock_timeout))
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -570,7 +572,7 @@ class Database:
                 self._segments[i] = self._persist(seg)
         self._merge_tiers()
         generation = self._generation + 1
-        if self._removed_from is not None:  # the removal table read at open is rewritten only if it was intact
+        if self._removed_from is not None:  # the removal table read at open is carried on only if intact (D4)
             verify_file(*self._removed_from)
             self._removed_from = None
         if self._codebook_file is None:  # a database of an older format: its codebook gets a record now

@@ -1,5 +1,5 @@
-"""The index manifest on :mod:`d2r.storage`: its schema, its generations, and what checks and repairs a database
-folder (:func:`check_database`, :func:`repair_database`).
+"""The index manifest on :mod:`d2r.storage`: its schema, its generations, and what checks and repairs a
+database folder (:func:`check_database`, :func:`repair_database`).
 
 ``manifest.json`` is the commit point (the newest generation; ``manifest-<gen>.json`` keeps the last
 :data:`KEEP_GENERATIONS`). It lists the segments with, per file, its size and BLAKE2b-128 digest, the removal
@@ -48,7 +48,8 @@ def read_file(file: Path) -> dict:
         raise DamagedError(file, "not a d2r database manifest")
     version = m.get("format_version")
     if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
-        raise ValueError(f"{file}: format version {version} is newer than this d2r supports ({FORMAT_VERSION})")
+        raise ValueError(f"{file}: format version {version} is newer than this d2r supports "
+                         f"({FORMAT_VERSION})")
     if isinstance(m.get("segments"), list):
         m["segments"] = [{"name": s} if isinstance(s, str) else s for s in m["segments"]]
     if isinstance(m.get("removed"), str):
@@ -107,8 +108,8 @@ def check_database(path, digests: bool = True) -> list[dict]:
     damaged: list[dict] = []
 
     def bad(file, problem):
-        damaged.append({"file": str(Path(file).relative_to(path)) if str(file).startswith(str(path)) else str(file),
-                        "problem": problem})
+        inside = str(file).startswith(str(path))
+        damaged.append({"file": str(Path(file).relative_to(path)) if inside else str(file), "problem": problem})
 
     try:
         manifest = read_manifest(path)
@@ -169,21 +170,14 @@ def repair_database(path, lock_timeout: float | None = 0.0) -> dict:
     """Make a damaged database at ``path`` usable again: under the writer lock, a missing or damaged
     ``manifest.json`` is replaced by the newest readable generation, then every segment with a damaged file is
     dropped (its images are lost and must be indexed again) and a new generation committed; a damaged removal
-    table is reset (removed images come back). Returns a JSON-ready report; ``unrepairable`` names what cannot be
-    fixed here (e.g. the codebook)."""
+    table is reset (removed images come back). Returns a JSON-ready report; ``unrepairable`` names what cannot
+    be fixed here (e.g. the codebook)."""
     path = Path(path)
     report = {"path": str(path), "dropped_segments": [], "removal_table_reset": False, "unrepairable": [],
               "damaged": []}
     with WriterLock(path, lock_timeout, what="index"):
-        try:
-            read_manifest(path)
-        except (DamagedError, FileNotFoundError):
-            restored = GENERATIONS.restore(path)
-            if restored is None:
-                report["damaged"] = check_database(path)
-                report["unrepairable"].append("manifest.json (no readable generation left)")
-                return report
-            report["manifest_restored_from"] = restored
+        if not GENERATIONS.recover(path, report, check_database):
+            return report
         damage = check_database(path)
         report["damaged"] = damage
         if not damage:
@@ -215,8 +209,8 @@ def repair_database(path, lock_timeout: float | None = 0.0) -> dict:
         generation = int(manifest["generation"]) + 1
         table = np.concatenate(flags) if flags else np.zeros(0, bool)
         images = sum(int(r.get("images") or 0) for r in keep)
-        manifest = dict(manifest, generation=generation, segments=keep, removed=write_removed(path, generation, table),
-                        format=FORMAT, format_version=FORMAT_VERSION,
+        manifest = dict(manifest, generation=generation, segments=keep, format=FORMAT,
+                        removed=write_removed(path, generation, table), format_version=FORMAT_VERSION,
                         counts={"images": images - int(table.sum()), "images_total": images,
                                 "items": sum(int(r.get("items") or 0) for r in keep),
                                 "entries": sum(int(r.get("entries") or 0) for r in keep)})

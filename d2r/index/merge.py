@@ -1,10 +1,10 @@
 """Streaming merges of index segments, and the index's tier policy (:class:`MergePolicy`).
 
-:func:`merge` is a k-way merge of the segments' CSR posting lists, word by word, over word ranges holding at most
-``chunk_entries`` postings, appended to the output files as they are produced: memory is bounded by the chunk
-(plus the per-item tables), never by the postings of the index. It verifies what it reads: every file of a
-written input segment is checked against its record (the posting files hashed as they stream by), so a damaged
-segment fails the merge naming the file instead of living on under a fresh checksum.
+:func:`merge` is a k-way merge of the segments' CSR posting lists, word by word, over word ranges holding at
+most ``chunk_entries`` postings, appended to the output files as they are produced: memory is bounded by the
+chunk (plus the per-item tables), never by the postings of the index. It verifies what it reads: every file of
+a written input segment is checked against its record (the posting files hashed as they stream by), so a
+damaged segment fails the merge naming the file instead of living on under a fresh checksum.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from d2r.storage import DamagedError, NpyWriter, RowReader, TierPolicy, save_arr
 
 @dataclass
 class MergePolicy(TierPolicy):
-    """The index's :class:`~d2r.storage.TierPolicy` (adjacent segments of one tier, ``factor`` at a time, so the
-    order of images, which ranks ties, is kept) plus its streaming bounds: chunk_entries: postings per merge
-    chunk (bounds merge memory); spill_bytes: pending (unsaved, unsegmented) records above this become a
+    """The index's :class:`~d2r.storage.TierPolicy` (adjacent segments of one tier, ``factor`` at a time, so
+    the order of images, which ranks ties, is kept) plus its streaming bounds: chunk_entries: postings per
+    merge chunk (bounds merge memory); spill_bytes: pending (unsaved, unsegmented) records above this become a
     segment."""
 
     chunk_entries: int = 1 << 20
@@ -85,8 +85,8 @@ def merge(segments: list[Segment], removed: list[np.ndarray], kernel: str, num_w
           mode: str, chunk_entries: int, root: Path | None = None, name: str | None = None,
           stats: dict | None = None) -> Segment:
     """Merge ``segments`` (in order) into one, dropping the images flagged in ``removed`` (one (I_s,) bool per
-    segment). Written to ``root/name`` (temp folder renamed into place) when ``root`` is given, else in memory.
-    ``stats["max_chunk_entries"]`` receives the largest posting chunk held at once."""
+    segment). Written to ``root/name`` (temp folder renamed into place) when ``root`` is given, else in
+    memory. ``stats["max_chunk_entries"]`` receives the largest posting chunk held at once."""
     item_maps, ids, ii, ir, iw = [], [], [], [], []
     next_item = next_image = 0
     for s, rem in zip(segments, removed):

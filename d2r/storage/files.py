@@ -1,5 +1,5 @@
-"""Data files of both stores: ``.npy`` arrays written once (fsynced) while hashed, read back by rows, and their
-records ``{"size", "blake2b"}`` (BLAKE2b-128 of the file's bytes, as :func:`d2r._io.file_digest`).
+"""Data files of both stores: ``.npy`` arrays written once (fsynced) while hashed, read back by rows, and
+their records ``{"size", "blake2b"}`` (BLAKE2b-128 of the file's bytes, as :func:`d2r._io.file_digest`).
 
 :class:`DamagedError` names a file that is missing or does not hold what its record or its header says; its
 message ends with what to do, chosen by the store the file belongs to.
@@ -45,8 +45,8 @@ def file_record(path) -> dict:
 
 
 def check_file(file: Path, record: dict, bad, digests: bool = True) -> None:
-    """Call ``bad(file, problem)`` when ``file`` is missing or differs from ``record`` in size or (``digests``)
-    in its BLAKE2b digest."""
+    """Call ``bad(file, problem)`` when ``file`` is missing or differs from ``record`` in size or
+    (``digests``) in its BLAKE2b digest."""
     try:
         size = Path(file).stat().st_size
     except FileNotFoundError:
@@ -68,7 +68,8 @@ def verify_file(file: Path, record: dict, store: str = "index", digests: bool = 
 
 
 class NpyWriter:
-    """Write one ``.npy`` of known shape and dtype in pieces (rows appended), hashing (BLAKE2b-128) as it goes.
+    """Write one ``.npy`` of known shape and dtype in pieces (rows appended), hashing (BLAKE2b-128) as it
+    goes.
 
     Memory is the size of one piece; the digest equals :func:`d2r._io.file_digest` of the finished file. An
     OSError names the file."""
@@ -153,7 +154,8 @@ def read_header(path, store: str = "index") -> tuple[tuple, np.dtype, int]:
                 else:
                     raise ValueError(f"unknown .npy version {version}")
             except Exception as exc:  # a torn or altered header: numpy raises many kinds
-                raise DamagedError(path, f"not a readable .npy file ({type(exc).__name__}: {exc})", store) from None
+                raise DamagedError(path, f"not a readable .npy file ({type(exc).__name__}: {exc})",
+                                   store) from None
             offset = fh.tell()
             size = os.fstat(fh.fileno()).st_size
     except FileNotFoundError:
@@ -167,11 +169,12 @@ def read_header(path, store: str = "index") -> tuple[tuple, np.dtype, int]:
 
 
 class RowReader:
-    """Rows of a ``.npy`` read by ``pread`` on demand (``reader[a:b]`` or ``read(a, b)``: a new array); holds no
-    file open, so any number can be cached and any number of threads can read, and no memory map grows the RSS.
+    """Rows of a ``.npy`` read by ``pread`` on demand (``reader[a:b]`` or ``read(a, b)``: a new array); holds
+    no file open, so any number can be cached and any number of threads can read, and no memory map grows the
+    RSS.
 
-    Reads that run through the file in order, from its first row to its last (a streaming merge), are hashed on
-    the way: :meth:`verify` then checks the record at no extra I/O (else it reads the file once more)."""
+    Reads that run through the file in order, from its first row to its last (a streaming merge), are hashed
+    on the way: :meth:`verify` then checks the record at no extra I/O (else it reads the file once more)."""
 
     def __init__(self, path, header: tuple | None = None, store: str = "index"):
         self.path = Path(path)
@@ -179,7 +182,7 @@ class RowReader:
         self.shape, self.dtype, self.offset = header if header is not None else read_header(self.path, store)
         self.ndim = len(self.shape)
         self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        self._hash = None  # BLAKE2b of the bytes read in order so far, with the rows read (None: not in order)
+        self._hash = None  # BLAKE2b of what was read in order from the start (False: read out of order)
         self._next = 0
 
     def __len__(self) -> int:
@@ -201,10 +204,12 @@ class RowReader:
         if want:
             try:
                 with open(self.path, "rb", buffering=0) as fh:
-                    got = _pread_into(fh.fileno(), memoryview(out).cast("B"), self.offset + start * self.row_bytes)
+                    at = self.offset + start * self.row_bytes
+                    got = _pread_into(fh.fileno(), memoryview(out).cast("B"), at)
                     if start == 0 and self._next == 0 and self._hash is None:
                         head = os.pread(fh.fileno(), self.offset, 0)
-                        self._hash = hashlib.blake2b(head, digest_size=16) if len(head) == self.offset else False
+                        whole = len(head) == self.offset
+                        self._hash = hashlib.blake2b(head, digest_size=16) if whole else False
             except FileNotFoundError:
                 raise DamagedError(self.path, "missing (listed in the manifest)", self.store) from None
             if got != want:

@@ -55,7 +55,7 @@ class Generations:
     retire_grace: float = 0.0
     orphan_grace: float = 0.0
 
-    # ---- reading ---------------------------------------------------------------------------------------------
+    # ---- reading -------------------------------------------------------------------------------------------
     def files(self, folder) -> dict[int, Path]:
         """Generation number -> its file, of every ``manifest-<gen>.json`` in ``folder``."""
         out = {}
@@ -71,7 +71,8 @@ class Generations:
 
     def read(self, folder, name: str = MANIFEST) -> dict:
         """The manifest ``name`` of ``folder`` (default: the commit point). A missing commit point is
-        FileNotFoundError in an empty or new folder and :class:`DamagedError` where generations or parts are."""
+        FileNotFoundError in an empty or new folder and :class:`DamagedError` where generations or parts
+        are."""
         file = Path(folder) / name
         if not file.is_file():
             if name != MANIFEST:
@@ -95,17 +96,17 @@ class Generations:
         return " and ".join(found) or None
 
     def refuse_lost(self, folder) -> None:
-        """:class:`DamagedError` when the commit point of ``folder`` is gone but the store's data is not (a writer
-        would start a new, empty store over it and collect the old data as garbage)."""
+        """:class:`DamagedError` when the commit point of ``folder`` is gone but the store's data is not (a
+        writer would start a new, empty store over it and collect the old data as garbage)."""
         lost = self.lost(folder)
         if lost:
             raise DamagedError(Path(folder) / MANIFEST, f"missing, while the folder holds {lost} (no new "
                                f"{self.what} is started over them)", self.store)
 
     def open(self, folder, opener: Callable[[dict], object], attempts: int = 20):
-        """``opener(manifest)`` of the current generation, for a reader that takes no lock: when it finds a file
-        of its generation damaged and a newer generation has been committed meanwhile (whose garbage collection
-        may have removed the file), it retries with the newer one."""
+        """``opener(manifest)`` of the current generation, for a reader that takes no lock: when it finds a
+        file of its generation damaged and a newer generation has been committed meanwhile (whose garbage
+        collection may have removed the file), it retries with the newer one."""
         for attempt in range(attempts):
             manifest = self.read(folder)
             try:
@@ -122,10 +123,10 @@ class Generations:
                 time.sleep(0.01)
         raise AssertionError("unreachable")
 
-    # ---- writing (the lock holder only) ---------------------------------------------------------------------
+    # ---- writing (the lock holder only) -------------------------------------------------------------------
     def commit(self, folder, manifest: dict) -> None:
-        """Write generation ``manifest["generation"]``: its own file first, then ``manifest.json`` (the commit).
-        An OSError names the file."""
+        """Write generation ``manifest["generation"]``: its own file first, then ``manifest.json`` (the
+        commit). An OSError names the file."""
         folder = Path(folder)
         _io.write_json(folder / generation_file(manifest["generation"]), manifest)
         _io.write_json(folder / MANIFEST, manifest)
@@ -148,11 +149,27 @@ class Generations:
             return file.name
         return None
 
+    def recover(self, folder, report: dict, check: Callable) -> bool:
+        """The first step of a repair (under the writer lock): a missing or damaged commit point is replaced
+        by the newest readable generation (``report["manifest_restored_from"]``). False when none is readable:
+        ``report`` then holds ``check(folder)`` as ``damaged`` and the manifest as ``unrepairable``."""
+        try:
+            self.read(folder)
+            return True
+        except (DamagedError, FileNotFoundError):
+            restored = self.restore(folder)
+        if restored is None:
+            report["damaged"] = check(folder)
+            report["unrepairable"].append(f"{MANIFEST} (no readable generation left)")
+            return False
+        report["manifest_restored_from"] = restored
+        return True
+
     def collect_garbage(self, folder, current: dict, protect=()) -> list[str]:
-        """Delete the parts and generation files no kept generation needs, and stale temporary files; returns the
-        names deleted. Parts listed only by generations that are no longer kept go at once; parts no generation
-        lists go once older than ``orphan_grace``. A kept generation that cannot be read stops the collection
-        (nothing is deleted this time)."""
+        """Delete the parts and generation files no kept generation needs, and stale temporary files; returns
+        the names deleted. Parts listed only by generations that are no longer kept go at once; parts no
+        generation lists go once older than ``orphan_grace``. A kept generation that cannot be read stops the
+        collection (nothing is deleted this time)."""
         folder = Path(folder)
         gen = int(current["generation"])
         now = time.time()
@@ -164,7 +181,8 @@ class Generations:
             if g >= gen:
                 continue
             successor = files.get(g + 1)
-            live = g > gen - self.keep or (successor is not None and now - _mtime(successor) < self.retire_grace)
+            recent = successor is not None and now - _mtime(successor) < self.retire_grace
+            live = g > gen - self.keep or recent
             try:
                 names = self.parts(self.read_file(file))
             except (ValueError, OSError) as exc:
@@ -196,8 +214,8 @@ class Generations:
         return deleted
 
     def _tmp_part(self, name: str):
-        """For a temporary entry (``.<name>.tmp`` or ``.<name>.<random>.tmp``): the part it belongs to, or False
-        when it is the writer's own (a manifest); None when ``name`` is not a temporary entry."""
+        """For a temporary entry (``.<name>.tmp`` or ``.<name>.<random>.tmp``): the part it belongs to, or
+        False when it is the writer's own (a manifest); None when ``name`` is not a temporary entry."""
         if not (name.startswith(".") and name.endswith(".tmp")) or len(name) < 6:
             return None
         inner = name[1:-4]

@@ -109,7 +109,8 @@ def problem(value, schema, where: str = "") -> str | None:
 
 
 def _show(value) -> str:
-    text = json.dumps(value) if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__
+    plain = isinstance(value, (int, float, str, bool, type(None)))
+    text = json.dumps(value) if plain else type(value).__name__
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -118,7 +119,8 @@ def _json_name(t: type) -> str:
 
 
 def load_json(file: Path, store: str) -> dict:
-    """The JSON object in ``file``; :class:`DamagedError` when it is not one (FileNotFoundError when absent)."""
+    """The JSON object in ``file``; :class:`DamagedError` when it is not one (FileNotFoundError when
+    absent)."""
     try:
         raw = Path(file).read_bytes()
     except IsADirectoryError:
@@ -143,8 +145,8 @@ def validate(file: Path, manifest: dict, schema, store: str) -> dict:
 
 def convert(manifest: dict) -> dict:
     """Old spellings to today's, in place (the feature store of release a0fe626 and before): ``version`` →
-    ``format_version``, file records ``{"size", "digest"}`` → ``{"size", "blake2b"}`` (objects of exactly these
-    two keys: no other field of a manifest is spelled so)."""
+    ``format_version``, file records ``{"size", "digest"}`` → ``{"size", "blake2b"}`` (objects of exactly
+    these two keys: no other field of a manifest is spelled so)."""
     if "version" in manifest and "format_version" not in manifest:
         manifest["format_version"] = manifest.pop("version")
     stack = [manifest]

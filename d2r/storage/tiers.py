@@ -16,10 +16,10 @@ from dataclasses import dataclass
 class TierPolicy:
     """When and what parts merge.
 
-    factor: parts of one tier merged at a time (and the size ratio between tiers); floor_bytes: parts smaller than
-    this count as this size (tiny parts merge eagerly); max_segments: above this many parts, the ``factor``
-    adjacent ones of least total size merge whatever their tiers (None: no such limit); adjacent: only
-    neighbouring parts merge (the order of the parts is kept)."""
+    factor: parts of one tier merged at a time (and the size ratio between tiers); floor_bytes: parts smaller
+    than this count as this size (tiny parts merge eagerly); max_segments: above this many parts, the
+    ``factor`` adjacent ones of least total size merge whatever their tiers (None: no such limit); adjacent:
+    only neighbouring parts merge (the order of the parts is kept)."""
 
     factor: int = 10
     floor_bytes: int = 1 << 20
@@ -36,8 +36,8 @@ class TierPolicy:
         return int(math.floor(math.log(max(nbytes, self.floor_bytes) / self.floor_bytes, self.factor) + 1e-9))
 
     def plan(self, sizes: list[int], eligible: list[bool] | None = None) -> list[int]:
-        """Positions (ascending) of the parts to merge next, among those ``eligible`` (default: all); empty when
-        nothing is due."""
+        """Positions (ascending) of the parts to merge next, among those ``eligible`` (default: all); empty
+        when nothing is due."""
         n, f = len(sizes), self.factor
         ok = [True] * n if eligible is None else [bool(e) for e in eligible]
         tiers = [self.tier(s) for s in sizes]

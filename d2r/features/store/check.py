@@ -1,6 +1,6 @@
 """Checking and repairing a feature store folder without opening it for use: :func:`check_store` lists every
-damaged file, :func:`repair_store` restores a lost or damaged manifest from its generations and drops the shards
-that hold a damaged file (their images must be extracted again)."""
+damaged file, :func:`repair_store` restores a lost or damaged manifest from its generations and drops the
+shards that hold a damaged file (their images must be extracted again)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from d2r.storage import DamagedError, check_file
 
 
 def check_manifest(folder: Path, manifest: dict, digests: bool = True) -> list[dict]:
-    """Damaged files of the generation ``manifest`` of the store at ``folder``: ``[{"file", "problem"}]``, each
-    shard's files checked for size and (``digests``) BLAKE2b digest, then its structure and that no image is
-    stored twice."""
+    """Damaged files of the generation ``manifest`` of the store at ``folder``: ``[{"file", "problem"}]``,
+    each shard's files checked for size and (``digests``) BLAKE2b digest, then its structure and that no image
+    is stored twice."""
     damage = []
     seen: dict[str, str] = {}
     for rec in manifest["shards"]:
@@ -62,23 +62,15 @@ def check_store(path, digests: bool = True) -> list[dict]:
 
 
 def repair_store(path, lock_timeout: float | None = 0.0) -> dict:
-    """Make a damaged feature store usable again, under its writer lock: a lost or damaged ``manifest.json`` is
-    replaced by the newest readable generation, then every shard with a damaged file is dropped and a new
+    """Make a damaged feature store usable again, under its writer lock: a lost or damaged ``manifest.json``
+    is replaced by the newest readable generation, then every shard with a damaged file is dropped and a new
     generation committed. Returns a JSON-ready report: ``dropped_shards`` [{name, images}], ``damaged``,
     ``manifest_restored_from`` (when it was), ``unrepairable``."""
     path = Path(path)
     report = {"path": str(path), "dropped_shards": [], "damaged": [], "unrepairable": []}
     with WriterLock(path, lock_timeout, what="feature store"):
-        log = fmt.generations()
-        try:
-            read_manifest(path)
-        except (DamagedError, FileNotFoundError):
-            restored = log.restore(path)
-            if restored is None:
-                report["damaged"] = check_store(path)
-                report["unrepairable"].append(f"{MANIFEST} (no readable generation left)")
-                return report
-            report["manifest_restored_from"] = restored
+        if not fmt.generations().recover(path, report, check_store):
+            return report
         manifest = read_manifest(path)
         damage = check_manifest(path, manifest)
         report["damaged"] = damage

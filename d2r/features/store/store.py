@@ -1,19 +1,19 @@
 """The feature store: many images' local features in a few large, immutable, checksummed shards (the layout
 and format: :mod:`d2r.features.store.format`), on the generations of :mod:`d2r.storage`.
 
-Writing: one writer per store (an OS lock on ``.lock``, taken by ``create`` / ``open(mode="a")`` before anything
-else). Images are buffered and written as a shard once ``shard_bytes`` (default 256 MiB) are buffered, or at an
-explicit ``flush``; every file is written atomically under a unique name, then a new manifest generation is
-committed. Small shards are merged into large ones by a tiered compaction (:data:`TIERS`) that runs after a
-commit when ``COMPACT_AT`` shards of similar size accumulate: the merged shard is written and committed before
-the old ones are retired, and every file it reads is verified first. Shards no kept generation needs are deleted
-by the garbage collection of :mod:`d2r.storage.generations` (a reader of an older generation keeps working; one
-whose shards are gone moves to the newest generation, never reading an image twice); shard files no manifest
-lists are deleted only once they are older than ``GC_GRACE_SECONDS`` (a distributed run's ShardWriter may still
-be writing or about to commit them).
+Writing: one writer per store (an OS lock on ``.lock``, taken by ``create`` / ``open(mode="a")`` before
+anything else). Images are buffered and written as a shard once ``shard_bytes`` (default 256 MiB) are
+buffered, or at an explicit ``flush``; every file is written atomically under a unique name, then a new
+manifest generation is committed. Small shards are merged into large ones by a tiered compaction
+(:data:`TIERS`) that runs after a commit when ``COMPACT_AT`` shards of similar size accumulate: the merged
+shard is written and committed before the old ones are retired, and every file it reads is verified first.
+Shards no kept generation needs are deleted by the garbage collection of :mod:`d2r.storage.generations` (a
+reader of an older generation keeps working; one whose shards are gone moves to the newest generation, never
+reading an image twice); shard files no manifest lists are deleted only once they are older than
+``GC_GRACE_SECONDS`` (a distributed run's ShardWriter may still be writing or about to commit them).
 
-Reading never locks: ``open`` reads one manifest generation, checks every file's size and every shard's ids, and
-each shard is validated (dtypes, shapes, offsets) when first used, so a damaged file raises
+Reading never locks: ``open`` reads one manifest generation, checks every file's size and every shard's ids,
+and each shard is validated (dtypes, shapes, offsets) when first used, so a damaged file raises
 :class:`~d2r.storage.DamagedError` naming it instead of reaching a kernel. ``check()`` verifies every BLAKE2
 digest.
 """
@@ -35,8 +35,8 @@ from d2r._io import atomic_path
 from d2r._lock import WriterLock
 from d2r.features.base import LocalFeatures, RegionFeatures
 from d2r.features.store import format as fmt
-from d2r.features.store.format import (DEFAULT_SHARD_BYTES, FORMAT, FORMAT_VERSION, MANIFEST, Shard, check_sizes,
-                                       damaged, generations, id_list, keys, load_ids, load_shard,
+from d2r.features.store.format import (DEFAULT_SHARD_BYTES, FORMAT, FORMAT_VERSION, MANIFEST, Shard,
+                                       check_sizes, damaged, generations, id_list, keys, load_ids, load_shard,
                                        read_manifest, record_problem, remove_shard_files, shard_file, stamp,
                                        verify_shard)
 from d2r.features.store.check import check_manifest
@@ -478,8 +478,8 @@ class FeatureStore:
             self._cache.pop(name, None)
 
     def _upgrade(self) -> None:
-        """A store of an older format, when first opened for writing: sizes and digests of version-1 shards are
-        recorded, and the manifest is committed in today's format (with its generation file)."""
+        """A store of an older format, when first opened for writing: sizes and digests of version-1 shards
+        are recorded, and the manifest is committed in today's format (with its generation file)."""
         manifest = json.loads(json.dumps(self.manifest))
         for rec in manifest["shards"]:
             if "files" not in rec:

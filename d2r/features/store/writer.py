@@ -1,5 +1,5 @@
-"""Writing shards: the buffer of images waiting for a shard, and :class:`ShardWriter` (a distributed worker that
-writes shards into a store folder without its lock; the store's writer commits them)."""
+"""Writing shards: the buffer of images waiting for a shard, and :class:`ShardWriter` (a distributed worker
+that writes shards into a store folder without its lock; the store's writer commits them)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ class Buffer:
 
 
 def check_features(image_id, features, dim: int, source=None) -> str | None:
-    """ValueError naming the image unless ``features`` are of dimension ``dim``; the source as text (or None)."""
+    """ValueError naming the image unless ``features`` are of dimension ``dim``; the source as text (or
+    None)."""
     if not isinstance(features, (LocalFeatures, RegionFeatures)):
         raise ValueError(
             f"{image_id}: expected LocalFeatures or RegionFeatures, got {type(features).__name__}"
@@ -114,7 +115,8 @@ class ShardWriter:
         return rec
 
     def write_items(self, items, sources: dict | None = None) -> dict:
-        """Write ``items`` ([(id, features)]) as one new shard (sources from ``sources``, else the buffer's)."""
+        """Write ``items`` ([(id, features)]) as one new shard (sources from ``sources``, else the
+        buffer's)."""
         return write_shard(self.path, self.new_name(),
                            pack(items, self.dim, self._buffer.sources if sources is None else sources))
 
