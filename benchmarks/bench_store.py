@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from d2r.features import FeatureStore, LocalFeatures
-from d2r.features import store as store_mod
+from d2r.features.store import format as store_fmt  # its save_array writes every shard file
 
 
 def main(argv=None) -> dict:
@@ -41,14 +41,14 @@ def main(argv=None) -> dict:
         rng.random((f, 128), np.float32),
     )
     written = {"bytes": 0}
-    real = store_mod._save_array
+    real = store_fmt.save_array
 
-    def counting(path, array):
-        out = real(path, array)
+    def counting(path, array, **kw):
+        out = real(path, array, **kw)
         written["bytes"] += out["size"]
         return out
 
-    store_mod._save_array = counting
+    store_fmt.save_array = counting
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         path = Path(tmp) / "store"
         info = {"name": "synthetic", "fingerprint": "bench", "dim": 128}
@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         damaged = reader.check()
         t_check = time.perf_counter() - t0
-    store_mod._save_array = real
+    store_fmt.save_array = real
     out = {
         "images": args.images,
         "features_per_image": f,

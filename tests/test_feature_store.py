@@ -64,7 +64,7 @@ def test_roundtrip_exact_across_shards(tmp_path, rng):
     assert shard.ids.tolist() == list(items)[3:6]
     _same(shard[0], items[list(items)[3]])
     m = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert m["version"] == 2 and m["dim"] == 8 and m["extractor"]["fingerprint"] == "abc123"
+    assert m["format_version"] == 3 and m["dim"] == 8 and m["extractor"]["fingerprint"] == "abc123"
     n_feat = sum(len(v.features if isinstance(v, RegionFeatures) else v) for v in items.values())
     assert m["num_features"] == n_feat
     with pytest.raises(KeyError):
@@ -256,27 +256,27 @@ def test_get_from_many_threads_returns_the_right_image(tmp_path, rng):
 
 
 def test_failed_flush_keeps_the_buffer(tmp_path, rng, monkeypatch):
-    import d2r.features.store as store_mod
+    from d2r.features.store import format as store_mod  # its save_array: the one hashing writer
 
     store = FeatureStore.create(tmp_path / "s", {"name": "t", "fingerprint": "x", "dim": 8}, shard_size=100)
     a, b = _local(rng, 4), _local(rng, 5)
     store.add("a", a)
     store.add("b", b)
     calls = {"n": 0}
-    real = store_mod._save_array
+    real = store_mod.save_array
 
-    def failing(path, array):
+    def failing(path, array, **kw):
         calls["n"] += 1
         if calls["n"] == 3:
             raise OSError("disk full")
-        return real(path, array)
+        return real(path, array, **kw)
 
-    monkeypatch.setattr(store_mod, "_save_array", failing)
+    monkeypatch.setattr(store_mod, "save_array", failing)
     with pytest.raises(OSError, match="disk full"):
         store.flush()
     assert len(FeatureStore.open(tmp_path / "s")) == 0  # nothing committed
     _same(store.get("a"), a)  # still buffered
-    monkeypatch.setattr(store_mod, "_save_array", real)
+    monkeypatch.setattr(store_mod, "save_array", real)
     store.flush()
     reopened = FeatureStore.open(tmp_path / "s")
     assert sorted(reopened.ids()) == ["a", "b"]

@@ -18,8 +18,9 @@ from d2r._lock import LockedError
 from d2r.aggregate import Aggregator, similarity
 from d2r.cli import main as cli_main
 from d2r.index import DamagedError, Database, MergePolicy
-from d2r.index import store as store_mod
-from d2r.index.database import check
+from d2r.index import manifest as manifest_mod
+from d2r.index.manifest import check_database as check
+from d2r.index.merge import merge
 from d2r.index.segment import PAYLOAD, Segment
 from d2r.kernels.merge import merge_postings
 
@@ -102,7 +103,7 @@ def test_streaming_merge_equals_numpy(tmp_path, seed, kernel):
     want = _numpy_merge(segments, removed, K)
     for chunk in (1, 7, 1000):
         stats = {}
-        got = store_mod.merge(segments, removed, kernel, K, D, "search", chunk, stats=stats)
+        got = merge(segments, removed, kernel, K, D, "search", chunk, stats=stats)
         np.testing.assert_array_equal(got.offsets, want[0])
         np.testing.assert_array_equal(got.items, want[1])
         np.testing.assert_array_equal(got.payload, want[2])
@@ -110,7 +111,7 @@ def test_streaming_merge_equals_numpy(tmp_path, seed, kernel):
     # the same merge from files, written in chunks, memory-mapped back
     for i, s in enumerate(segments):
         s.write(tmp_path, f"seg-{i:04d}", kernel)
-    got = store_mod.merge(segments, removed, kernel, K, D, "search", 5, root=tmp_path, name="seg-ffff")
+    got = merge(segments, removed, kernel, K, D, "search", 5, root=tmp_path, name="seg-ffff")
     np.testing.assert_array_equal(got.items, want[1])
     np.testing.assert_array_equal(got.payload, want[2])
     assert isinstance(got.items, np.memmap)
@@ -405,7 +406,7 @@ def test_previous_format_opens_searches_identically_and_merges_into_blocks(tmp_p
     old.compact()  # the merge reads the previous format and writes the blocked one
     old.save()
     old.close()
-    assert json.loads((root / "manifest.json").read_text())["format_version"] == store_mod.FORMAT_VERSION == 3
+    assert json.loads((root / "manifest.json").read_text())["format_version"] == manifest_mod.FORMAT_VERSION == 3
     merged = Database.open(root)
     (seg,) = merged._segments
     assert seg.items.dtype == np.uint16 and seg.blocks == 2 and seg.offsets.shape == (2 * K + 1,)

@@ -219,11 +219,12 @@ def test_index_commands_on_a_feature_store_say_what_it_is(tmp_path, capsys):
     eng = _engine(tmp_path)
     assert d2r.cli.main(["index", "add", str(eng), str(photos), "--quiet"]) == 0
     capsys.readouterr()
-    for action in ("info", "check", "repair"):
-        code, _, err = run_cli(capsys, "index", action, eng / "features", "--quiet")
-        lines = err.strip().splitlines()
-        assert code == 1 and len(lines) == 1 and "a feature store, not an engine or index" in lines[0], err
-        assert "damaged" not in err
+    code, _, err = run_cli(capsys, "index", "info", eng / "features", "--quiet")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "a feature store, not an engine or index" in lines[0], err
+    for action in ("check", "repair"):  # the feature store's own check and repair (its damage hint names them)
+        code, out, err = run_cli(capsys, "index", action, eng / "features")
+        assert code == 0 and "damaged" not in err and ("healthy" in out or "nothing to repair" in out), out
     assert run_cli(capsys, "index", "check", eng, "--quiet")[0] == 0
 
 

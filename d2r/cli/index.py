@@ -15,9 +15,9 @@ from d2r.config import parse_overrides
 from d2r.engine import Engine
 from d2r.engine.check import check_engine
 from d2r.engine.config import EngineConfig
-from d2r.features.store import FORMAT
-from d2r.index.database import check
-from d2r.index.database import repair
+from d2r.features.store import FORMAT, check_store, repair_store
+from d2r.features.store.format import generations as store_generations
+from d2r.index.manifest import check_database, repair_database
 
 
 def add_parser(subparsers) -> None:
@@ -253,7 +253,7 @@ def run_info(args) -> int:
             print(f"  feature store: {store['images']} images in {store['shards']} shard(s), "
                   f"{store['bytes'] / 1e6:.1f} MB")
     for d in damaged:
-        print(f"d2r index info: damaged: {d['problem']}", file=sys.stderr)
+        print(f"d2r index info: damaged: {d['file']}: {d['problem']}", file=sys.stderr)
     return 1 if damaged else 0
 
 
@@ -276,6 +276,31 @@ def _not_a_feature_store(path) -> None:
                          "also checks the engine's feature store)")
 
 
+def _is_feature_store(path) -> bool:
+    """A feature store folder: its manifest says so, or (manifest lost) its generation files do."""
+    path = Path(path)
+    files = [path / "manifest.json"] + sorted(store_generations().files(path).values())
+    for file in files:
+        try:
+            return json.loads(file.read_text()).get("format") == FORMAT
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
+
+
+def _print_store_repair(args, report: dict) -> int:
+    if args.json and "features" not in report:
+        print(json.dumps(report, sort_keys=True))
+    elif not args.quiet:
+        if "manifest_restored_from" in report:
+            print(f"{report['path']}: manifest.json restored from {report['manifest_restored_from']}")
+        for shard in report["dropped_shards"]:
+            print(f"dropped {shard['name']} ({shard['images']} images' features lost: extract them again)")
+        if not (report["dropped_shards"] or "manifest_restored_from" in report or report["unrepairable"]):
+            print(f"{report['path']}: nothing to repair")
+    return 1 if report["unrepairable"] else 0
+
+
 def _database_damage(path, quick: bool = False) -> list[dict]:
     """Damaged files of the engine's (or database folder's) index; ``quick``: structure and sizes only."""
     db = _database_dir(path)
@@ -285,7 +310,7 @@ def _database_damage(path, quick: bool = False) -> list[dict]:
     if quick and not (db / "manifest.json").exists() and not any(db.glob("manifest-*.json")):
         return []  # an engine without an index yet
     return [dict(d, file=str(Path(db.name) / d["file"]) if db != Path(path) else d["file"])
-            for d in check(db, digests=not quick)]
+            for d in check_database(db, digests=not quick)]
 
 
 def _report_damage(args, damage, action) -> int:
@@ -308,7 +333,10 @@ def _report_damage(args, damage, action) -> int:
 def run_check(args) -> int:
     path = Path(args.path)
     engine = (path / "engine.json").is_file()
-    damage = check_engine(path) if engine else _database_damage(path)  # an engine: its feature store too
+    if engine:
+        damage = check_engine(path)  # its feature store too
+    else:
+        damage = check_store(path) if _is_feature_store(path) else _database_damage(path)
     if damage:
         return _report_damage(args, damage, "check")
     no_index = engine and not (path / "index" / "manifest.json").exists()
@@ -328,14 +356,19 @@ def run_repair(args) -> int:
     path = Path(args.path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such folder")
-    _not_a_feature_store(path)
     is_engine = (path / "engine.json").is_file()
     if args.reindex and not is_engine:
         raise UsageError(f"{args.path}: --reindex needs an engine folder (its feature store holds the features)")
+    if _is_feature_store(path):  # `d2r extract`'s output (or an engine's features/ given directly)
+        return _print_store_repair(args, repair_store(path, lock_timeout=args.lock_timeout))
     # an engine folder: its writer lock first, as every other writer of the engine takes it
     engine_lock = WriterLock(path, args.lock_timeout, what="index") if is_engine else contextlib.nullcontext()
     with engine_lock:
-        report = repair(_database_dir(path), lock_timeout=args.lock_timeout)
+        report = repair_database(_database_dir(path), lock_timeout=args.lock_timeout)
+        features = path / "features"
+        if is_engine and _is_feature_store(features) and check_store(features):
+            report["features"] = repair_store(features, lock_timeout=args.lock_timeout)
+            report["unrepairable"] += [f"features/{u}" for u in report["features"]["unrepairable"]]
     if args.reindex and not report["unrepairable"]:
         engine = Engine.open(args.path)
         done = engine.reindex_from_store(progress=not args.quiet, lock_timeout=args.lock_timeout)
@@ -343,8 +376,13 @@ def run_repair(args) -> int:
     if args.json:
         print(json.dumps(report, sort_keys=True))
     elif not args.quiet:
-        if not report["dropped_segments"] and not report["removal_table_reset"]:
+        if not (report["dropped_segments"] or report["removal_table_reset"]
+                or "manifest_restored_from" in report or "features" in report):
             print(f"{args.path}: nothing to repair")
+        if "manifest_restored_from" in report:
+            print(f"manifest.json restored from {report['manifest_restored_from']}")
+        if "features" in report:
+            _print_store_repair(args, report["features"])
         for seg in report["dropped_segments"]:
             print(f"dropped {seg['name']} ({seg['images']} images lost: index them again)")
         if "reindexed" in report:

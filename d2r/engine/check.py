@@ -8,9 +8,7 @@ from d2r._io import read_json
 from d2r.engine.config import engine_config
 from d2r.engine.sources import LOG, read_sources
 from d2r.features.store import check_store
-from d2r.index.database import check
-from d2r.features.store import check_store
-from d2r.index.database import check
+from d2r.index.manifest import check_database
 
 
 def check_engine(path, digests: bool = True) -> list[dict]:
@@ -34,7 +32,8 @@ def check_engine(path, digests: bool = True) -> list[dict]:
     if features.is_dir() and any(p.name != ".lock" for p in features.iterdir()):  # not just a lock file
         damaged += check_store(features, digests=digests)
     if (path / "index").is_dir():
-        damaged += [dict(d, file=f"index/{d['file']}") for d in check(path / "index", digests=digests)]
+        damaged += [dict(d, file=f"index/{d['file']}")
+                    for d in check_database(path / "index", digests=digests)]
     return damaged
 
 

@@ -46,9 +46,8 @@ from d2r.detect.config import check_regions
 from d2r.features.config import extractor_info
 from d2r.features.image import IMAGE_EXTENSIONS, list_images
 from d2r.features.image import load_image
-from d2r.features.store import FeatureStore
-from d2r.features.store import FeatureStore, import_shards
-from d2r.features.store import check_store
+from d2r.features.store import FeatureStore, check_store, import_shards
+from d2r.index.manifest import GENERATIONS as INDEX_GENERATIONS
 from d2r.query.expand import check_method
 from d2r.query.pipeline import search_expanded
 from d2r.query.verify import rerank as verify_ranking
@@ -136,6 +135,7 @@ class Engine:
         path = Path(path)
         engine = cls(path, engine_config(path))
         manifest = path / "index" / "manifest.json"
+        INDEX_GENERATIONS.refuse_lost(path / "index")  # D1: a lost commit point is damage, not "no index yet"
         if manifest.exists():
             try:
                 engine._db = Database.open(path / "index")
@@ -175,6 +175,7 @@ class Engine:
         release all three at the end, also when the work raises (else this process would lock itself out)."""
         with WriterLock(self.path, timeout=lock_timeout, what="index"):
             try:
+                INDEX_GENERATIONS.refuse_lost(self.path / "index")  # no new codebook and index over it (D1)
                 if (self.path / "index" / "manifest.json").exists():
                     self._db = Database.open(self.path / "index", writable=True, lock_timeout=lock_timeout)
                 self._sources.reload()
@@ -290,6 +291,10 @@ class Engine:
                              f"but this engine's regions.proposer is {self.config.regions.proposer!r}")
         with self._writing(lock_timeout) as own:
             import_shards(own, src, set(chosen))
+            for image_id in chosen:  # the files the store says the features came from: hits get their paths
+                source = src.source(image_id)
+                if source is not None and image_id not in self._sources:
+                    self._sources[image_id] = source
             todo = [i for i in chosen if i not in self]
             report.skipped = len(chosen) - len(todo)
             self._index_stored(own, todo, report, progress, on_done)

@@ -9,12 +9,14 @@ Search (:mod:`d2r.index.search`) scans only the posting lists of the query's wor
 posting-list length, not database size; VLAD kinds use exact dense dot products. Scores equal :func:`d2r.similarity`
 against every image.
 
-On disk (a directory, see :mod:`d2r.index.store`): ``manifest.json`` (+ ``manifest-<gen>.json`` of recent
-generations) is the commit point, with per-file sizes and BLAKE2 digests; ``codebook.npz``; immutable segment
-directories (:mod:`d2r.index.segment`); ``removed-<gen>.npy`` (bool per image). One writer at a time holds the folder's
-writer lock (:class:`d2r._lock.WriterLock`) from its first change until the save that commits it, or from
-``open(..., writable=True)`` / :meth:`Database.lock` until :meth:`Database.close`; readers never lock. Pending images spill into segments past a memory budget; ``save``
-merges segments by size tier (:class:`~d2r.index.store.MergePolicy`), dropping removed images, and commits.
+On disk (a directory on :mod:`d2r.storage`, see :mod:`d2r.index.manifest`): ``manifest.json`` (+
+``manifest-<gen>.json`` of recent generations) is the commit point, with per-file sizes and BLAKE2 digests;
+``codebook.npz``; immutable segment directories (:mod:`d2r.index.segment`); ``removed-<gen>.npy`` (bool per
+image). One writer at a time holds the folder's writer lock (:class:`d2r._lock.WriterLock`) from its first change
+until the save that commits it, or from ``open(..., writable=True)`` / :meth:`Database.lock` until
+:meth:`Database.close`; readers never lock. Pending images spill into segments past a memory budget; ``save``
+merges segments by size tier (:class:`~d2r.index.merge.MergePolicy`, verifying every file it reads), dropping
+removed images, and commits.
 """
 
 from __future__ import annotations
@@ -22,76 +24,29 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from d2r import _io
 from d2r._lock import WriterLock
 from d2r._validate import as_descriptors, as_top_k
 from d2r.aggregate import Aggregated, Aggregator, idf_weights
 from d2r.codebook import Codebook
-from d2r.config import Config
 from d2r.index import search as _search
-from d2r.index import store as _store
+from d2r.index.config import DatabaseConfig
+from d2r.index.manifest import (FORMAT, FORMAT_VERSION, GENERATIONS, MANIFEST, check_database, load_codebook,
+                                read_manifest, write_removed)
+from d2r.index.merge import MergePolicy, merge
 from d2r.index.search import EMPTY_SCORE, Ranking
-from d2r.storage import DamagedError
-from d2r.index.segment import Segment, file_names
-from d2r.index.store import FORMAT, FORMAT_VERSION, MergePolicy
-from d2r.storage import check_file, file_record
-from d2r.aggregate import get_kernel
+from d2r.index.segment import Segment
+from d2r.storage import DamagedError, file_record, verify_file
 
 log = logging.getLogger(__name__)
 
-MODES = ("aggregation", "search")
 __all__ = ["Database", "DatabaseConfig", "DamagedError", "MergePolicy", "Ranking", "EMPTY_SCORE", "FORMAT",
            "FORMAT_VERSION"]
-
-
-@dataclass
-class DatabaseConfig(Config):
-    """How images are aggregated and compared. Defaults: R-ASMK*/ASMK* with σ_{3,0} (strict τ), MA 1.
-
-    ``normalize`` divides ASMK scores by sqrt(|W_q||W_d|); the shipped official R-ASMK* configuration has it off
-    (raw sums: the paper's figures), the classic ASMK has it on. ``idf`` weights words by idf² with
-    idf_c = log(N / max(df_c, 1)) over the live items (an extension, off in the official code).
-    """
-    kernel: str = "asmk_star"
-    mode: str = "aggregation"
-    alpha: float = 3.0
-    tau: float = 0.0
-    tau_inclusive: bool = False
-    normalize: bool = True
-    num_assignments: int = 1
-    query_num_assignments: int = 1
-    idf: bool = False
-
-    def check(self, codebook: Codebook | None = None) -> None:
-        """ValueError naming the option; without ``codebook``, assignments are checked against K later."""
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        kernel = get_kernel(self.kernel)
-        for name in ("alpha", "tau"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if self.alpha <= 0:
-            raise ValueError(f"alpha must be > 0 (the selectivity exponent), got {self.alpha}")
-        if not -1.0 <= self.tau < 1.0:
-            raise ValueError(f"tau must lie in [-1, 1) (a similarity threshold), got {self.tau}")
-        for name in ("num_assignments", "query_num_assignments"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if codebook is not None:
-            Aggregator(codebook, self.kernel, self.num_assignments)  # validates the assignments against K
-            Aggregator(codebook, self.kernel, self.query_num_assignments)
-        if self.idf and not kernel.per_word:
-            raise ValueError(f"idf applies to the ASMK kernels, not to {self.kernel!r}")
 
 
 class Database:
@@ -117,6 +72,8 @@ class Database:
         self._writable = writable  # None: lock on the first change; False: read-only
         self._hold = bool(writable)  # keep the lock after save (else released once the changes are committed)
         self._lock = None if path is None else WriterLock(self.path, lock_timeout, what="index")
+        self._codebook_file: dict | None = None  # codebook.npz's record, carried from generation to generation
+        self._removed_from: tuple | None = None  # (file, record) of the removal table read at open, unverified
 
     # ---- construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -135,15 +92,18 @@ class Database:
         if path is None:
             return cls(None, book, config, [], np.zeros(0, bool), 0, None)
         path = Path(path)
-        if (path / _store.MANIFEST).exists():
+        if (path / MANIFEST).exists():
             raise FileExistsError(f"{path}: a database already exists here (open it, or remove the folder)")
+        GENERATIONS.refuse_lost(path)  # D1: never a new index over the segments of a lost commit point
         path.mkdir(parents=True, exist_ok=True)
         db = cls(path, book, config, [], np.zeros(0, bool), 0, None, lock_timeout=lock_timeout)
         db._lock.acquire()
         try:
-            if (path / _store.MANIFEST).exists():
+            if (path / MANIFEST).exists():
                 raise FileExistsError(f"{path}: a database already exists here (open it, or remove the folder)")
+            GENERATIONS.refuse_lost(path)
             book.save(path / "codebook.npz")
+            db._codebook_file = file_record(path / "codebook.npz")
             db.save()
         except BaseException:
             db.close()
@@ -162,20 +122,12 @@ class Database:
         path = Path(path)
         lock = None
         if writable:
-            if not (path / _store.MANIFEST).is_file():
-                raise FileNotFoundError(f"{path}: no d2r database here (manifest.json missing)")
+            if not (path / MANIFEST).is_file():
+                read_manifest(path)  # DamagedError where the commit point is lost (D1), or FileNotFoundError
             lock = WriterLock(path, lock_timeout, what="index").acquire()
         try:
-            for attempt in range(20):
-                manifest = _store.read_manifest(path)
-                try:
-                    db = cls._from_manifest(path, manifest, codebook, mmap, writable, lock_timeout)
-                    break
-                except DamagedError:
-                    # a writer may have committed (and collected an old generation) while we opened: retry
-                    if attempt == 19 or _store.read_manifest(path)["generation"] == manifest["generation"]:
-                        raise
-                    time.sleep(0.01)
+            db = GENERATIONS.open(path, lambda m: cls._from_manifest(path, m, codebook, mmap, writable,
+                                                                     lock_timeout))
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -189,7 +141,7 @@ class Database:
     def _from_manifest(cls, path, manifest, codebook, mmap, writable, lock_timeout) -> "Database":
         stored = manifest["codebook"]["fingerprint"]
         if codebook is None:
-            book = _load_codebook(path, manifest)
+            book = load_codebook(path, manifest)
         else:
             book = codebook if isinstance(codebook, Codebook) else Codebook.load(codebook)
         if book.fingerprint != stored:
@@ -200,7 +152,7 @@ class Database:
             config = DatabaseConfig.from_dict(manifest["config"])
             config.check(book)
         except (ValueError, TypeError) as exc:
-            raise DamagedError(path / _store.MANIFEST, f"bad config ({exc})") from None
+            raise DamagedError(path / MANIFEST, f"bad config ({exc})") from None
         segments = [Segment.read(path, rec, config.kernel, config.mode, book.size, book.dim, mmap)
                     for rec in manifest["segments"]]
         total = sum(s.num_images for s in segments)
@@ -209,7 +161,7 @@ class Database:
         if rec:
             file = path / rec["name"]
             try:
-                if "size" in rec and file.stat().st_size != rec["size"]:
+                if rec.get("size") is not None and file.stat().st_size != rec["size"]:
                     raise ValueError(f"{file.stat().st_size} bytes, the manifest says {rec['size']}")
                 removed = np.load(file, allow_pickle=False)
             except Exception as exc:
@@ -219,6 +171,9 @@ class Database:
                                    f"({total},)")
         db = cls(path, book, config, segments, removed, int(manifest["generation"]), manifest.get("id_type"),
                  writable=writable, lock_timeout=lock_timeout)
+        db._codebook_file = manifest["codebook"].get("file")
+        if rec and rec.get("blake2b"):
+            db._removed_from = (path / rec["name"], rec)
         return db
 
     # ---- writer lock --------------------------------------------------------------------------------------------
@@ -239,7 +194,7 @@ class Database:
             self._lock.timeout = timeout
         self._lock.acquire()
         try:
-            on_disk = _store.read_manifest(self.path)["generation"] if self._generation else 0
+            on_disk = read_manifest(self.path)["generation"] if self._generation else 0
         except BaseException:
             self._lock.release()
             raise
@@ -460,9 +415,9 @@ class Database:
     def _merge_tiers(self) -> None:
         while True:
             window = self.merge_policy.plan(self._sizes())
-            if window is None:
+            if not window:
                 return
-            self._merge(*window)
+            self._merge(window[0], window[-1] + 1)
 
     def _merge(self, start: int, stop: int) -> None:
         """Merge ``segments[start:stop]`` into one segment without their removed images; images before keep their
@@ -477,7 +432,7 @@ class Database:
             removed.append(self._removed[pos:pos + s.num_images])
             pos += s.num_images
         root = self.path
-        merged = _store.merge(segments, removed, self.kernel, self.codebook.size, self.codebook.dim, self.mode,
+        merged = merge(segments, removed, self.kernel, self.codebook.size, self.codebook.dim, self.mode,
                               self.merge_policy.chunk_entries, root=root,
                               name=None if root is None else self._new_name(), stats=self.merge_stats)
         self.merge_stats["merges"] = self.merge_stats.get("merges", 0) + 1
@@ -617,28 +572,28 @@ class Database:
                 self._segments[i] = self._persist(seg)
         self._merge_tiers()
         generation = self._generation + 1
-        removed = None
-        if self._removed.any():
-            name = f"removed-{generation:08d}-{uuid.uuid4().hex[:8]}.npy"
-            _io.save_npy(self.path / name, self._removed)
-            removed = {"name": name, "size": (self.path / name).stat().st_size,
-                       "blake2b": _io.file_digest(self.path / name)}
+        if self._removed_from is not None:  # the removal table read at open is carried on only if intact (D4)
+            verify_file(*self._removed_from)
+            self._removed_from = None
+        if self._codebook_file is None:  # a database of an older format: its codebook gets a record now
+            self._codebook_file = file_record(self.path / "codebook.npz")
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "generation": generation,
             "config": self.config.to_dict(),
             "codebook": {"fingerprint": self.codebook.fingerprint, "k": self.codebook.size, "dim": self.codebook.dim,
-                         **file_record(self.path / "codebook.npz")},
-            "segments": [s.record() for s in self._segments], "removed": removed, "id_type": self._id_type,
+                         "file": self._codebook_file},
+            "segments": [s.record() for s in self._segments],
+            "removed": write_removed(self.path, generation, self._removed), "id_type": self._id_type,
             "counts": self.info(files=False)["counts"],
         }
-        if (self.path / _store.MANIFEST).exists():
-            on_disk = _store.read_manifest(self.path)["generation"]
+        if (self.path / MANIFEST).exists():
+            on_disk = read_manifest(self.path)["generation"]
             if on_disk != self._generation:
                 raise ValueError(f"{self.path}: the database was saved by another writer since it was opened "
                                  f"(generation {self._generation} expected); reopen it and add the images again")
-        _store.commit(self.path, manifest)
+        GENERATIONS.commit(self.path, manifest)
         self._generation = generation
-        _store.collect_garbage(self.path, manifest)
+        GENERATIONS.collect_garbage(self.path, manifest)
         if not self._hold:
             self._lock.release()
 
@@ -654,7 +609,7 @@ class Database:
         damaged files, ``[{"file": relative path, "problem": text}]`` (empty when healthy)."""
         if self.path is None:
             return []
-        return check(self.path)
+        return check_database(self.path)
 
     def info(self, files: bool = True) -> dict:
         """Counts and sizes (JSON-ready)."""
@@ -680,160 +635,6 @@ class Database:
     def __repr__(self) -> str:
         return (f"Database({self.kernel}, mode={self.mode}, images={len(self)}, "
                 f"path={None if self.path is None else str(self.path)!r})")
-
-
-def check(path, digests: bool = True) -> list[dict]:
-    """Damaged files of the database at ``path`` (see :meth:`Database.check`); never raises for damage.
-    ``digests=False`` checks sizes and structure only (no full read of every file)."""
-    path = Path(path)
-    damaged: list[dict] = []
-
-    def bad(file, problem):
-        damaged.append({"file": str(Path(file).relative_to(path)) if str(file).startswith(str(path)) else str(file),
-                        "problem": problem})
-
-    try:
-        manifest = _store.read_manifest(path)
-    except DamagedError as exc:
-        bad(exc.file, exc.problem)
-        return damaged
-    except FileNotFoundError:
-        if not any(path.glob("manifest-*.json")):
-            raise  # not a database at all
-        bad(path / _store.MANIFEST, "missing")
-        return damaged
-    book = None
-    cb = manifest["codebook"]
-    if "file" in cb:
-        check_file(path / "codebook.npz", cb["file"], bad, digests)
-    if not damaged:
-        try:
-            book = _load_codebook(path, manifest)
-        except (ValueError, OSError) as exc:
-            bad(path / "codebook.npz", str(exc).split(": ", 1)[-1])
-    try:
-        config = DatabaseConfig.from_dict(manifest["config"])
-    except (ValueError, TypeError) as exc:
-        bad(path / _store.MANIFEST, f"bad config ({exc})")
-        return damaged
-    total = 0
-    for rec in manifest["segments"]:
-        d = path / rec["name"]
-        before = len(damaged)
-        files = rec.get("files") or {}
-        for fname in file_names(config.kernel):
-            if fname in files:
-                check_file(d / fname, files[fname], bad, digests)
-            elif not (d / fname).is_file():
-                bad(d / fname, "missing")
-        if len(damaged) == before and book is not None:
-            try:
-                total += Segment.read(path, rec, config.kernel, config.mode, book.size, book.dim).num_images
-                continue
-            except DamagedError as exc:
-                bad(exc.file, exc.problem)
-        if "images" not in rec:
-            total = None  # unknown: the removal table's length cannot be checked
-        elif total is not None:
-            total += int(rec["images"])
-    rec = manifest.get("removed")
-    if rec:
-        file = path / rec["name"]
-        before = len(damaged)
-        if "blake2b" in rec:
-            check_file(file, rec, bad, digests)
-        if len(damaged) == before:
-            try:
-                removed = np.load(file, allow_pickle=False)
-                if removed.dtype != np.bool_ or removed.ndim != 1 or total not in (None, removed.shape[0]):
-                    bad(file, f"removal table is {removed.dtype} {removed.shape}, expected bool ({total},)")
-            except Exception as exc:
-                bad(file, f"unreadable ({str(exc).splitlines()[0][:120]})")
-    return damaged
-
-
-def repair(path, lock_timeout: float | None = 0.0) -> dict:
-    """Make a damaged database at ``path`` usable again: under the writer lock, drop every segment with a damaged
-    file (its images are lost and must be indexed again) and commit a new generation. A damaged ``manifest.json``
-    is replaced by the newest readable recent generation; a damaged removal table is reset (removed images come
-    back). Returns a JSON-ready report; ``unrepairable`` names what cannot be fixed here (e.g. the codebook)."""
-    path = Path(path)
-    report = {"path": str(path), "dropped_segments": [], "removal_table_reset": False, "unrepairable": [],
-              "damaged": []}
-    with WriterLock(path, lock_timeout, what="index"):
-        try:
-            _store.read_manifest(path)
-        except (DamagedError, FileNotFoundError):  # fall back on the newest readable recent generation
-            for gen in sorted((int(p.name[9:-5]) for p in path.glob("manifest-*.json")), reverse=True):
-                try:
-                    _io.write_json(path / _store.MANIFEST,
-                                   _store.read_manifest(path, f"manifest-{gen:08d}.json"))
-                    report["manifest_restored_from"] = f"manifest-{gen:08d}.json"
-                    break
-                except (ValueError, OSError):
-                    continue
-            else:
-                report["damaged"] = check(path)
-                report["unrepairable"].append("manifest.json (no readable generation left)")
-                return report
-        damage = check(path)
-        report["damaged"] = damage
-        if not damage:
-            return report
-        bad = {d["file"] for d in damage}
-        manifest = _store.read_manifest(path)
-        if "codebook.npz" in bad:
-            report["unrepairable"].append("codebook.npz (restore it from the engine folder or re-index)")
-            return report
-        removed_rec = manifest.get("removed")
-        removed = None
-        if removed_rec and removed_rec["name"] not in bad:
-            removed = np.load(path / removed_rec["name"], allow_pickle=False)
-        elif removed_rec:
-            report["removal_table_reset"] = True
-        keep, flags, pos = [], [], 0
-        for rec in manifest["segments"]:
-            n = rec.get("images")
-            if any(f.startswith(rec["name"] + "/") for f in bad):
-                report["dropped_segments"].append({"name": rec["name"], "images": n})
-            else:
-                if n is None:
-                    n = int(np.load(path / rec["name"] / "image_ids.npy", mmap_mode="r").shape[0])
-                keep.append(rec)
-                flags.append(removed[pos:pos + n] if removed is not None else np.zeros(n, bool))
-            if n is None:  # a dropped old-format segment of unknown size: the removal flags cannot be aligned
-                removed, report["removal_table_reset"] = None, bool(removed_rec)
-            pos += n or 0
-        generation = int(manifest["generation"]) + 1
-        table = np.concatenate(flags) if flags else np.zeros(0, bool)
-        new_removed = None
-        if table.any():
-            name = f"removed-{generation:08d}-{uuid.uuid4().hex[:8]}.npy"
-            _io.save_npy(path / name, table)
-            new_removed = {"name": name, "size": (path / name).stat().st_size,
-                           "blake2b": _io.file_digest(path / name)}
-        images = sum(int(r.get("images") or 0) for r in keep)
-        manifest = dict(manifest, generation=generation, segments=keep, removed=new_removed, format=FORMAT,
-                        format_version=FORMAT_VERSION,
-                        counts={"images": images - int(table.sum()), "images_total": images,
-                                "items": sum(int(r.get("items") or 0) for r in keep),
-                                "entries": sum(int(r.get("entries") or 0) for r in keep)})
-        _store.commit(path, manifest)
-        _store.collect_garbage(path, manifest)
-    return report
-
-
-def _load_codebook(path: Path, manifest: dict) -> Codebook:
-    file = path / "codebook.npz"
-    rec = manifest["codebook"].get("file")
-    if rec and file.is_file() and file.stat().st_size != rec["size"]:
-        raise DamagedError(file, f"{file.stat().st_size} bytes, the manifest says {rec['size']}")
-    try:
-        return Codebook.load(file)
-    except FileNotFoundError:
-        raise DamagedError(file, "missing") from None
-    except Exception as exc:
-        raise DamagedError(file, f"unreadable codebook ({str(exc).split(': ', 1)[-1][:160]})") from None
 
 
 def _record_bytes(rec: Aggregated) -> int:

@@ -1,24 +1,15 @@
-"""Persistence of a database folder: manifest generations, tiered merge policy, streaming merges, garbage collection.
+"""Streaming merges of index segments, and the index's tier policy (:class:`MergePolicy`).
 
-Layout: ``manifest.json`` is the commit point (the newest generation); ``manifest-<gen>.json`` keeps the same text
-for the last :data:`KEEP_GENERATIONS` generations, so a reader that read generation g finds every file of g even
-after the writer committed g+1 (files are deleted only when no kept generation references them). Each manifest lists
-its segments with, per file, its size and BLAKE2b-128 digest, and the removal table (bool per image) likewise.
-
-Merges (:func:`merge`) are k-way merges of the segments' CSR posting lists, word by word, over word ranges holding
-at most ``chunk_entries`` postings, appended to the output files as they are produced: memory is bounded by the
-chunk (plus the per-item tables), never by the postings of the index. :class:`MergePolicy` chooses what to merge:
-adjacent segments of one size tier (log_factor of their bytes over a floor), ``factor`` at a time, so every posting
-is rewritten once per tier and building by many small saves writes O(n log n) bytes.
+:func:`merge` is a k-way merge of the segments' CSR posting lists, word by word, over word ranges holding at
+most ``chunk_entries`` postings, appended to the output files as they are produced: memory is bounded by the
+chunk (plus the per-item tables), never by the postings of the index. It verifies what it reads: every file of
+a written input segment is checked against its record (the posting files hashed as they stream by), so a
+damaged segment fails the merge naming the file instead of living on under a fresh checksum.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import math
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,140 +18,30 @@ import numpy as np
 
 from d2r import _io
 from d2r.index.segment import PAYLOAD, Segment, num_blocks
-from d2r.storage import DamagedError, NpyWriter, RowReader, save_array
 from d2r.kernels.merge import merge_postings
-
-log = logging.getLogger(__name__)
-
-FORMAT = "d2r-database"
-FORMAT_VERSION = 3  # 3: posting item ids uint16 in blocks of 65,536 items (2: uint32)
-MANIFEST = "manifest.json"
-KEEP_GENERATIONS = 3  # the current one and the two before it
-_GENERATION_FILE = re.compile(r"^manifest-(\d+)\.json$")
+from d2r.storage import DamagedError, NpyWriter, RowReader, TierPolicy, save_array, verify_file
 
 
 @dataclass
-class MergePolicy:
-    """When and how segments merge.
+class MergePolicy(TierPolicy):
+    """The index's :class:`~d2r.storage.TierPolicy` (adjacent segments of one tier, ``factor`` at a time, so
+    the order of images, which ranks ties, is kept) plus its streaming bounds: chunk_entries: postings per
+    merge chunk (bounds merge memory); spill_bytes: pending (unsaved, unsegmented) records above this become a
+    segment."""
 
-    factor: segments of one tier merged at a time (and the size ratio between tiers); floor_bytes: segments smaller
-    than this count as this size (tiny segments merge eagerly); max_segments: above this many segments the
-    ``factor`` adjacent ones of least total size merge whatever their tiers; chunk_entries: postings per merge
-    chunk (bounds merge memory); spill_bytes: pending (unsaved, unsegmented) records above this become a segment.
-    """
-
-    factor: int = 10
-    floor_bytes: int = 1 << 20
-    max_segments: int = 64
     chunk_entries: int = 1 << 20
     spill_bytes: int = 64 << 20
 
     def __post_init__(self):
-        if self.factor < 2 or self.max_segments < self.factor or self.chunk_entries < 1 or self.floor_bytes < 1:
-            raise ValueError(f"merge policy: need factor >= 2, max_segments >= factor, chunk_entries >= 1, "
-                             f"floor_bytes >= 1; got {self}")
-
-    def tier(self, nbytes: int) -> int:
-        return int(math.floor(math.log(max(nbytes, self.floor_bytes) / self.floor_bytes, self.factor) + 1e-9))
-
-    def plan(self, sizes: list[int]) -> tuple[int, int] | None:
-        """The next merge as (start, stop) over the segment list, or None. Only adjacent segments merge, so the
-        order of images (ties rank by insertion) is kept."""
-        f = self.factor
-        tiers = [self.tier(s) for s in sizes]
-        best = None
-        for i in range(len(sizes) - f + 1):
-            window = tiers[i:i + f]
-            if min(window) == max(window) and (best is None or window[0] <= tiers[best]):
-                best = i  # lowest tier, newest window
-        if best is None and len(sizes) > self.max_segments:
-            totals = [sum(sizes[i:i + f]) for i in range(len(sizes) - f + 1)]
-            best = int(np.argmin(totals))
-        return None if best is None else (best, best + f)
+        super().__post_init__()
+        if not self.adjacent or self.chunk_entries < 1:
+            raise ValueError(f"merge policy: need adjacent merges and chunk_entries >= 1; got {self}")
 
 
-# ---- manifests ---------------------------------------------------------------------------------------------------
-def read_manifest(path: Path, name: str = MANIFEST) -> dict:
-    """Parse and check a manifest; old (version 1) manifests are converted (segments without file records)."""
-    file = Path(path) / name
-    if not file.is_file():
-        if name == MANIFEST:
-            raise FileNotFoundError(f"{path}: no d2r database here (manifest.json missing)")
-        raise DamagedError(file, "missing")
-    try:
-        m = json.loads(file.read_text())
-        if not isinstance(m, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DamagedError(file, f"unreadable manifest ({exc})") from None
-    if m.get("format") != FORMAT:
-        raise DamagedError(file, "not a d2r database manifest")
-    if m.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{file}: format version {m['format_version']} is newer than this d2r supports "
-                         f"({FORMAT_VERSION})")
-    try:
-        segs = [s if isinstance(s, dict) else {"name": str(s)} for s in m["segments"]]
-        for s in segs:
-            if not re.fullmatch(r"seg-[0-9a-f-]+", str(s["name"])):
-                raise ValueError(f"bad segment name {s['name']!r}")
-        m["segments"] = segs
-        if isinstance(m.get("removed"), str):
-            m["removed"] = {"name": m["removed"]}
-        if m.get("removed") is not None and not re.fullmatch(r"removed-[0-9a-f-]+\.npy", m["removed"]["name"]):
-            raise ValueError("bad removal table name")
-        int(m["generation"]), m["codebook"]["fingerprint"], dict(m["config"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DamagedError(file, f"malformed manifest ({exc})") from None
-    return m
-
-
-def commit(path: Path, manifest: dict) -> None:
-    """Write generation ``manifest["generation"]``: its own file first, then ``manifest.json`` (the commit)."""
-    _io.write_json(path / f"manifest-{manifest['generation']:08d}.json", manifest)
-    _io.write_json(path / MANIFEST, manifest)
-
-
-def referenced(manifest: dict) -> set[str]:
-    names = {s["name"] for s in manifest["segments"]}
-    if manifest.get("removed"):
-        names.add(manifest["removed"]["name"])
-    return names
-
-
-def collect_garbage(path: Path, current: dict, protect=()) -> list[str]:
-    """Delete segment folders, removal tables and manifest generations that neither ``current`` nor the
-    :data:`KEEP_GENERATIONS` - 1 generations before it reference (and that are not in ``protect``: the writer's
-    own unsaved segments). Only the lock holder calls this. Returns the names deleted."""
-    gen = int(current["generation"])
-    keep = set(referenced(current)) | set(protect)
-    generations = {}
-    for entry in path.iterdir():
-        m = _GENERATION_FILE.match(entry.name)
-        if m:
-            generations[int(m.group(1))] = entry.name
-    for g, name in generations.items():
-        if gen - KEEP_GENERATIONS < g < gen:
-            try:
-                keep |= referenced(read_manifest(path, name))
-            except (ValueError, OSError):  # a damaged old generation: keep everything this time
-                return []
-    deleted = []
-    for entry in path.iterdir():
-        m = _GENERATION_FILE.match(entry.name)
-        stale_manifest = m is not None and int(m.group(1)) <= gen - KEEP_GENERATIONS
-        ours = entry.name.startswith(("seg-", "removed-", ".seg-"))
-        if (ours and entry.name not in keep) or stale_manifest:
-            try:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-                deleted.append(entry.name)
-            except OSError as exc:
-                log.debug("could not remove %s: %s", entry, exc)
-    return deleted
-
-
-# ---- streaming merge -----------------------------------------------------------------------------------------------
 class _Rows:
-    """Row ranges of a segment's posting arrays: read from its files (no mmap) when written, else sliced."""
+    """Row ranges of a segment's posting arrays: read from its files (no mmap) when written, else sliced. The
+    other files of a written segment are verified against their records at once, the posting files by
+    :meth:`verify` once the merge has streamed through them."""
 
     def __init__(self, seg: Segment, root: Path | None, kernel: str):
         self.seg = seg
@@ -169,15 +50,20 @@ class _Rows:
             keys = (PAYLOAD[kernel],) if kernel == "vlad" else ("items", PAYLOAD[kernel])
             for key in keys:
                 self.readers[key] = RowReader(root / seg.name / f"{key}.npy")
+            for fname, record in seg.files.items():
+                if fname[:-4] not in self.readers:
+                    verify_file(root / seg.name / fname, record)
 
     def get(self, key: str, start: int, stop: int) -> np.ndarray:
         if key in self.readers:
             return self.readers[key].read(start, stop)
         return np.asarray((self.seg.items if key == "items" else self.seg.payload)[start:stop])
 
-    def close(self):
-        for r in self.readers.values():
-            r.close()
+    def verify(self) -> None:
+        for key, reader in self.readers.items():
+            record = self.seg.files.get(f"{key}.npy")
+            if record is not None:
+                reader.verify(record)
 
 
 class _ArraySink:
@@ -199,8 +85,8 @@ def merge(segments: list[Segment], removed: list[np.ndarray], kernel: str, num_w
           mode: str, chunk_entries: int, root: Path | None = None, name: str | None = None,
           stats: dict | None = None) -> Segment:
     """Merge ``segments`` (in order) into one, dropping the images flagged in ``removed`` (one (I_s,) bool per
-    segment). Written to ``root/name`` (temp folder renamed into place) when ``root`` is given, else in memory.
-    ``stats["max_chunk_entries"]`` receives the largest posting chunk held at once."""
+    segment). Written to ``root/name`` (temp folder renamed into place) when ``root`` is given, else in
+    memory. ``stats["max_chunk_entries"]`` receives the largest posting chunk held at once."""
     item_maps, ids, ii, ir, iw = [], [], [], [], []
     next_item = next_image = 0
     for s, rem in zip(segments, removed):
@@ -229,10 +115,10 @@ def merge(segments: list[Segment], removed: list[np.ndarray], kernel: str, num_w
     def sink(key, shape, dtype):
         return NpyWriter(tmp / f"{key}.npy", shape, dtype) if tmp is not None else _ArraySink(shape, dtype)
 
-    sources = [_Rows(s, root, kernel) for s in segments]
     files, arrays = {}, dict(tables)
     biggest = 0
     try:
+        sources = [_Rows(s, root, kernel) for s in segments]
         for key, value in tables.items():
             if tmp is not None:
                 files[f"{key}.npy"] = save_array(tmp / f"{key}.npy", value)
@@ -299,6 +185,8 @@ def merge(segments: list[Segment], removed: list[np.ndarray], kernel: str, num_w
                 files[f"{key}.npy"] = out.close()
             else:
                 arrays[key] = out.array
+        for src in sources:
+            src.verify()  # before the merged segment exists: a damaged input never gets a fresh checksum
     except BaseException:
         if tmp is not None:
             for w in locals().get("outs", {}).values():
@@ -306,9 +194,6 @@ def merge(segments: list[Segment], removed: list[np.ndarray], kernel: str, num_w
                     w._f.close()
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        for src in sources:
-            src.close()
     if stats is not None:
         stats["max_chunk_entries"] = max(stats.get("max_chunk_entries", 0), biggest)
     if tmp is None:
