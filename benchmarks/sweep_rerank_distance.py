@@ -58,7 +58,7 @@ def main():
         for i in queries:
             q = rootsift(g["qimlist"][i])
             cands = [rootsift(g["imlist"][g["gnd"][i]["easy"][0]])] + [rootsift(g["imlist"][j]) for j in negs]
-            r = geometric_verification(q, cands, RerankConfig(descriptor_distance=dist))
+            r = geometric_verification(q, cands, RerankConfig(method="official", descriptor_distance=dist))
             pos.append(int(r[0]))
             neg.extend(int(x) for x in r[1:])
         out.append({"distance": dist, "positives": sorted(pos), "distractor_median": float(np.median(neg)),
