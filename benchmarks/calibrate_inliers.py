@@ -23,7 +23,8 @@ from d2r.features.base import whole_image
 from d2r.codebook import Codebook
 from d2r.eval.revisitop import load_gnd
 from d2r.features.store import FeatureStore
-from d2r.query.verify import RerankConfig, geometric_verification
+from d2r.query.config import RerankConfig
+from d2r.query.verify import geometric_verification
 
 
 def main():

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from d2r.features.base import LocalFeatures
-from d2r.query.verify import RerankConfig, geometric_verification
+from d2r.query.config import RerankConfig
+from d2r.query.verify import geometric_verification
 
 
 def main():

@@ -1,11 +1,13 @@
 """The one thread policy: BLAS and numba thread pools never compete with d2r's own threads.
 
 d2r parallelises in two ways: Python threads over independent work (candidates verified, row blocks of an
-assignment, queries of a batch), and numba ``prange`` loops (RANSAC). Either way every thread runs BLAS on one
-thread: a multi-threaded GEMM inside each Python thread oversubscribes the cores, and on a loaded machine the idle
-BLAS threads spin (measured 4-6× slower verification on a busy 2-core box, and small searches losing to single-
-threaded peers, issue 23 item 13). Small work runs serially on the calling thread (``SMALL_*`` cut-overs below,
-measured in ``benchmarks/results/core.md``).
+assignment, queries of a batch), and numba ``prange`` loops (RANSAC). Either way every thread runs BLAS on
+one thread: a multi-threaded GEMM inside each Python thread oversubscribes the cores, and on a loaded machine
+the idle BLAS threads spin (measured 4-6× slower verification on a busy 2-core box, and small searches losing
+to single-threaded peers, issue 23 item 13). One level of parallelism: a query thread of a batch runs numba
+(and so its verification) on one thread. Small work runs on the calling thread with no pool: an assignment
+below ``d2r.codebook.codebook._PARALLEL_MIN_PAIRS`` descriptor-word pairs (cut-over measured in
+``benchmarks/results/core.md``), one candidate, a batch of one query.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import threading
 
 import numba
+from threadpoolctl import ThreadpoolController
 
 _lock = threading.Lock()
 _depth = 0  # active one_blas_thread() blocks, over all threads
@@ -24,8 +27,6 @@ _controller = None
 def _blas_controller():
     global _controller
     if _controller is None:
-        from threadpoolctl import ThreadpoolController  # ships with scikit-learn (a dependency)
-
         _controller = ThreadpoolController()  # inspects the loaded libraries once (milliseconds)
     return _controller
 
@@ -53,19 +54,14 @@ def one_blas_thread():
 
 @contextlib.contextmanager
 def numba_threads(n: int):
-    """numba's parallel loops on this thread use ``n`` threads (at most ``NUMBA_NUM_THREADS``, at least 1) inside
-    the block; the previous count is restored in ``finally`` (numba's count is per calling thread)."""
+    """numba's parallel loops on this thread use ``n`` threads (at most ``NUMBA_NUM_THREADS``, at least 1)
+    inside the block; the previous count is restored in ``finally`` (numba's count is per calling thread)."""
     previous = numba.get_num_threads()
     numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
     try:
         yield
     finally:
         numba.set_num_threads(previous)
-
-
-def max_threads() -> int:
-    """The threads d2r may use: numba's configured count (``NUMBA_NUM_THREADS``, the CPU count by default)."""
-    return int(numba.config.NUMBA_NUM_THREADS)
 
 
 def current_threads() -> int:

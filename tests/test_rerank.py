@@ -11,7 +11,7 @@ M64 = (1 << 64) - 1
 
 
 def official(**options) -> RerankConfig:
-    """The official Detect-to-Retrieve verification (the paper's rule and DELF distance), as these tests mean."""
+    """The official Detect-to-Retrieve verification (the paper's rule, DELF's distance) these tests test."""
     return RerankConfig(**{"method": "official", "descriptor_distance": 0.9, **options})
 
 

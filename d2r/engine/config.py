@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from d2r._io import read_json
+from d2r.aggregate import get_kernel
 from d2r.codebook.config import CodebookConfig
 from d2r.config import Config
 from d2r.detect.config import RegionsConfig
@@ -54,7 +55,8 @@ RENAMED = {
 # Options removed (they lost on the dev table, benchmarks/results/dev_results.md): accepted at their "off"
 # value for old files, refused otherwise.
 REMOVED = {
-    "qe.dba_top": (0, "index-time database-side augmentation (DBA) was removed (-15.8 Medium on the dev table)"),
+    "qe.dba_top": (0, "index-time database-side augmentation (DBA) was removed "
+                      "(-15.8 Medium on the dev table)"),
     "diffusion": (None, "diffusion was removed (-4.8 Medium / -11.6 Hard on the dev table)"),
 }
 
@@ -198,7 +200,7 @@ class EngineConfig(Config):
             raise ValueError(f"codebook.method must be 'lloyd' or 'minibatch', got {self.codebook.method!r}")
         self.rerank.check()
         self.qe.check()
-        if self.qe.method == "hqe" and self.index.kernel == "vlad":
+        if self.qe.method == "hqe" and not get_kernel(self.index.kernel).per_word:
             raise ValueError("qe.method 'hqe' needs an ASMK kernel (index.kernel asmk or asmk_star)")
         return self
 

@@ -168,6 +168,7 @@ class ExpansionConfig(Config):
         if not self.alpha >= 0:
             raise ValueError(f"qe.alpha must be >= 0, got {self.alpha}")
         if not 0 <= self.hamming <= 1:
-            raise ValueError(f"qe.hamming must be a fraction of the descriptor bits in [0, 1], got {self.hamming}")
+            raise ValueError(f"qe.hamming must be a fraction of the descriptor bits in [0, 1], "
+                             f"got {self.hamming}")
         _count("qe.min_matches", self.min_matches, 0)
         return self

@@ -164,7 +164,8 @@ def reliable_neighbours(ids, scores, inliers: dict | None, top: int, min_inliers
     ``min_inliers`` inliers, most inliers first (ties in rank order); else the first ids in rank order. Ids in
     ``exclude`` are skipped; at most ``top``. Returns [(id, initial score)]."""
     skip = set(exclude)
-    pairs = [(i, float(s)) for i, s in zip(np.asarray(ids).tolist(), np.asarray(scores).tolist()) if i not in skip]
+    ranked = zip(np.asarray(ids).tolist(), np.asarray(scores).tolist())
+    pairs = [(i, float(s)) for i, s in ranked if i not in skip]
     if inliers is not None:
         pairs = [p for p in pairs if inliers.get(p[0], -1) >= min_inliers]
         pairs = sorted(pairs, key=lambda p: -inliers[p[0]])  # stable: rank order among ties

@@ -136,8 +136,9 @@ def geometric_verification(
     src = np.concatenate([p[0] for p in pairs]).reshape(-1, 2)
     dst = np.concatenate([p[1] for p in pairs]).reshape(-1, 2)
     with numba_threads(workers):  # the RANSAC kernel's prange over pairs
-        counts, _ = ransac_affine_batch(src, dst, offsets, int(config.max_trials), float(config.residual_threshold),
-                                        np.uint64(config.seed), int(config.min_matches))
+        counts, _ = ransac_affine_batch(src, dst, offsets, int(config.max_trials),
+                                        float(config.residual_threshold), np.uint64(config.seed),
+                                        int(config.min_matches))
     log.debug("verified %d candidates: matching %.3fs, ransac %.3fs", n, t1 - t0, time.perf_counter() - t1)
     return counts
 
