@@ -6,7 +6,7 @@ one thread: a multi-threaded GEMM inside each Python thread oversubscribes the c
 the idle BLAS threads spin (measured 4-6× slower verification on a busy 2-core box, and small searches losing
 to single-threaded peers, issue 23 item 13). One level of parallelism: a query thread of a batch runs numba
 (and so its verification) on one thread. Small work runs on the calling thread with no pool: an assignment
-below ``d2r.codebook.codebook._PARALLEL_MIN_PAIRS`` descriptor-word pairs (cut-over measured in
+below ``_PARALLEL_MIN_ROWS`` descriptors of ``d2r.codebook.codebook`` (cut-over measured in
 ``benchmarks/results/core.md``), one candidate, a batch of one query.
 """
 

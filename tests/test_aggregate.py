@@ -43,6 +43,7 @@ def test_assign_threaded_path_matches_brute_force(seed, k, d, n, m, monkeypatch)
     import d2r.codebook.codebook as cb
 
     monkeypatch.setattr(cb, "_PARALLEL_MIN_PAIRS", 1)  # every size takes the threaded path
+    monkeypatch.setattr(cb, "_PARALLEL_MIN_ROWS", 1)
     monkeypatch.setattr(cb, "_BLOCK_ROWS", 7)  # many uneven row blocks
     monkeypatch.setattr(cb, "current_threads", lambda: 3)
     rng = np.random.default_rng(seed)

@@ -30,8 +30,12 @@ _CANDIDATES = 32
 # GEMM blocks: rows of descriptors × columns of words; the (rows × words) float32 block stays in cache.
 _BLOCK_ROWS = 256
 _BLOCK_WORDS = 1024
-# Below this many (descriptor, word) pairs one thread does everything (thread start-up costs more than it saves).
+# Python threads only for inputs of at least this many rows AND (descriptor, word) pairs: below, one thread with
+# BLAS at one thread is as fast or faster (`python benchmarks/bench_core.py --cutover`, benchmarks/results/core.md:
+# the threaded path wins from ~1,000 descriptors at K = 1,024, 8,192 and 65,536; 150 descriptors x 65,536 words
+# ran 97 ms on the calling thread vs 126 ms threaded).
 _PARALLEL_MIN_PAIRS = 1 << 21
+_PARALLEL_MIN_ROWS = 1024
 _parallel_lock = threading.Lock()
 
 
@@ -89,9 +93,10 @@ class Codebook:
         descriptor, which are re-ranked in float64; a row whose float32 gap between the m-th and the last kept word
         is within the rounding bound is scanned in float64 over all words. BLAS runs on one thread throughout
         (:func:`d2r._threads.one_blas_thread`): large inputs spread row blocks over ``numba.get_num_threads()``
-        Python threads, small ones (fewer than ``_PARALLEL_MIN_PAIRS`` descriptor-word pairs) run on the calling
-        thread, where a multi-threaded GEMM only spins on a loaded machine (150 descriptors × 1,024 words:
-        0.3 ms on one BLAS thread, 23 ms median on two at load 17; benchmarks/results/core.md).
+        Python threads, small ones (fewer than ``_PARALLEL_MIN_ROWS`` descriptors or ``_PARALLEL_MIN_PAIRS``
+        descriptor-word pairs) run on the calling thread, where a multi-threaded GEMM only spins on a loaded
+        machine (150 descriptors × 1,024 words: 0.3 ms on one BLAS thread, 23 ms median on two at load 17;
+        benchmarks/results/core.md).
         """
         m = int(num_assignments)
         if m < 1 or m > self.size:
@@ -123,7 +128,8 @@ class Codebook:
     def _run_blocks(self, n, work) -> None:
         """Call ``work(start, stop)`` on row blocks with BLAS at one thread: on Python threads if large, else on
         the calling thread (same blocks either way, so the result does not depend on the thread count)."""
-        threads = current_threads() if n * self.size >= _PARALLEL_MIN_PAIRS else 1
+        big = n >= _PARALLEL_MIN_ROWS and n * self.size >= _PARALLEL_MIN_PAIRS
+        threads = current_threads() if big else 1
         if threads > 1 and n > 1:
             step = min(_BLOCK_ROWS, -(-n // threads))
             starts = range(0, n, step)
