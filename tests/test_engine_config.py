@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from d2r.bench import BenchConfig
-from d2r.engine.config import FEATURE_DEFAULTS, FORMAT_VERSION, EngineConfig, convert_config, engine_config
+from d2r.engine.config import (FEATURE_DEFAULTS, FORMAT_VERSION, EngineConfig, convert_config, engine_config,
+                               feature_defaults)
 from d2r.query.config import ExpansionConfig, RerankConfig
 from d2r.signatures import HAMMING
 
@@ -27,10 +28,10 @@ def test_bench_runs_what_the_engine_ships():
     shipped = (engine["rerank"]["method"], engine["rerank"]["enabled"], engine["qe"]["method"])
     assert shipped == ("usac", True, "aqe")
     assert RerankConfig().method == "usac" and ExpansionConfig().method == "aqe"
-    for name, table in FEATURE_DEFAULTS.items():
+    for name in FEATURE_DEFAULTS:
         for cls in (EngineConfig, BenchConfig):
             c = cls.from_dict({"features": {"name": name}}).to_dict()
-            for key, value in table.items():
+            for key, value in feature_defaults(name, c["rerank"]["method"]).items():
                 section, option = key.split(".")
                 assert c[section][option] == value, (cls, name, key)
     assert RerankConfig().hamming == ExpansionConfig().hamming == HAMMING

@@ -33,7 +33,8 @@ def add_parser(subparsers) -> None:
                                     "rerank, qe)")
     c.add_argument("--codebook", help="codebook .npz (default: train one on the first images indexed)")
     c.add_argument("--codebook-size", type=int, help="words of the codebook trained when none is given")
-    c.add_argument("--features", choices=["rootsift", "delf"], help="local features (default rootsift)")
+    c.add_argument("--features", choices=["rootsift", "delf", "aliked", "disk"],
+                   help="local features (default rootsift; aliked, disk: the [learned] extra)")
     c.add_argument("--model", help="DELF SavedModel folder")
     c.add_argument("--regions", help="region proposer: none, grid, density or a detector SavedModel folder")
     c.add_argument("--kernel", choices=["vlad", "asmk", "asmk_star"], help="match kernel (default asmk_star)")

