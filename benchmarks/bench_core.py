@@ -2,12 +2,17 @@
 
     python benchmarks/bench_core.py [--images 20] [--k 65536] [--json]
     python benchmarks/bench_core.py --assign-grid [--threads 2] [--m 1 5]
+    python benchmarks/bench_core.py --cutover [--ks 1024 8192] [--ns 64 128 256 512 1024 2048]
 
 Prints ms per image for assignment (and for the distance GEMM alone, the floor), ms per image for ASMK* and
 R-ASMK* (5 regions) aggregation after assignment, and µs per similarity pair, each next to a plain-numpy version
 of the same computation. ``--assign-grid`` instead prints ``Codebook.assign`` next to faiss ``IndexFlatL2.search``
 (same k, same thread count for BLAS, numba and faiss's OpenMP) for n ∈ {50, 150, 1000, 10000} descriptors and
-K ∈ {1024, 8192, 65536} words (random unit vectors, D = 128; best of interleaved repeats).
+K ∈ {1024, 8192, 65536} words (random unit vectors, D = 128; best of interleaved repeats). ``--cutover`` times
+``Codebook.assign`` on the calling thread (BLAS at one thread, d2r's small-input path) against the threaded path
+(``numba.get_num_threads()`` Python threads, BLAS at one thread each) and against the calling thread with BLAS at
+its own thread count (what small inputs did before), per n × K, to place
+``_PARALLEL_MIN_ROWS`` / ``_PARALLEL_MIN_PAIRS`` (d2r.codebook.codebook).
 """
 
 from __future__ import annotations
@@ -122,8 +127,52 @@ def _interleaved(fa, fb, budget):
     return min(ta), min(tb)
 
 
+def cutover(ns, ks, budget):
+    """Rows {n, k, pairs, <path>_ms (median), <path>_best_ms} for the paths serial / threaded / blas_threads, from
+    interleaved blocks: the best time is the machine's speed, the median what a user sees on a loaded machine."""
+    import d2r.codebook.codebook as cb
+    from d2r._threads import one_blas_thread
+
+    rng = np.random.default_rng(0)
+    rows = []
+    saved = cb._PARALLEL_MIN_PAIRS, cb._PARALLEL_MIN_ROWS
+    try:
+        for k in ks:
+            c = rng.standard_normal((k, 128)).astype(np.float32)
+            book = d2r.Codebook(c / np.linalg.norm(c, axis=1, keepdims=True))
+            for n in ns:
+                x = rng.standard_normal((n, 128)).astype(np.float32)
+
+                def run(threshold, limit=True):
+                    def f():
+                        cb._PARALLEL_MIN_PAIRS = cb._PARALLEL_MIN_ROWS = threshold
+                        if limit:
+                            return book.assign(x)
+                        dots = (x - book._mean) @ book._centred_t  # the old serial path's GEMM, BLAS as set
+                        return dots
+                    return f
+
+                times = {"serial": [], "threaded": [], "blas_threads": []}
+                fns = {"serial": run(1 << 62), "threaded": run(0), "blas_threads": run(1 << 62, limit=False)}
+                t_end = time.perf_counter() + budget
+                while time.perf_counter() < t_end or len(times["serial"]) < 5:
+                    for name, f in fns.items():
+                        f()
+                        for _ in range(5):
+                            t = time.perf_counter()
+                            f()
+                            times[name].append(time.perf_counter() - t)
+                rows.append({"n": n, "k": k, "pairs": n * k,
+                             **{f"{name}_ms": 1e3 * float(np.median(v)) for name, v in times.items()},
+                             **{f"{name}_best_ms": 1e3 * float(np.min(v)) for name, v in times.items()}})
+    finally:
+        cb._PARALLEL_MIN_PAIRS, cb._PARALLEL_MIN_ROWS = saved
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cutover", action="store_true", help="serial vs threaded assignment by input size only")
     p.add_argument("--assign-grid", action="store_true", help="assignment vs faiss table only")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--m", type=int, nargs="+", default=[1], help="nearest words (faiss k) for --assign-grid")
@@ -135,6 +184,19 @@ def main():
     p.add_argument("--features", type=int, default=1000)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    if args.cutover:
+        rows = cutover(args.ns, args.ks, args.budget)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return
+        print("| n | K | n·K | calling thread, BLAS 1: best / median ms | threaded: best / median ms "
+              "| GEMM alone, BLAS as configured: best / median ms |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            cells = " | ".join(f"{r[f'{p}_best_ms']:.3f} / {r[f'{p}_ms']:.3f}"
+                               for p in ("serial", "threaded", "blas_threads"))
+            print(f"| {r['n']} | {r['k']} | {r['pairs']:,} | {cells} |")
+        return
     if args.assign_grid:
         rows = assign_grid(args.threads, tuple(args.m), tuple(args.ns), tuple(args.ks), args.budget)
         if args.json:

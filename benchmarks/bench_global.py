@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from d2r.codebook import _one_blas_thread
+from d2r._threads import one_blas_thread
 from d2r.eval.compare import paired_difference
 from d2r.eval.revisitop import load_gnd, per_query_metrics
 from d2r.globaldesc import pooling as P
@@ -101,7 +101,7 @@ def pooled_vectors(a, backbone, n):
     channels = P.select_pwa_channels(np.stack(gap_s1), 25)
     fns = pool_fns(channels)
     out = {k: [] for k in POOLS}
-    with _one_blas_thread():
+    with one_blas_thread():
         secs = _pool_all(maps_dir, n, fns, out)
     arrays = {k: np.stack(v).astype(np.float32) for k, v in out.items()}
     np.savez(cache, **arrays)

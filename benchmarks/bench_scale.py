@@ -316,7 +316,7 @@ def kernel(args) -> None:
     block) and format 3 (uint16 ids in blocks of 65,536 items), one thread, interleaved runs."""
     from d2r.index.segment import num_blocks
     from d2r.kernels.binary import as_words64
-    from d2r.kernels.ivf import scan_bits
+    from tests.reference import scan_bits  # the whole-segment scan (reference entry point)
 
     rng = np.random.default_rng(args.seed)
     m, per, wq = args.items, args.postings, args.words

@@ -23,7 +23,8 @@ from d2r.features.base import whole_image
 from d2r.codebook import Codebook
 from d2r.eval.revisitop import load_gnd
 from d2r.features.store import FeatureStore
-from d2r.query.verify import RerankConfig, geometric_verification
+from d2r.query.config import RerankConfig
+from d2r.query.verify import geometric_verification
 
 
 def main():
@@ -44,7 +45,7 @@ def main():
     store = FeatureStore.open(store_path) if store_path else FeatureStore.open(sorted(args.cache.glob("db-*"))[0])
     self_ids = g.query_db_ids()
     cfg = RerankConfig(method="usac", model=args.model, workers=2, correspondences=args.correspondences,
-                       query_assignments=args.query_assignments)
+                       query_num_assignments=args.query_assignments)
     book = Codebook.load(args.codebook) if args.codebook else None
     counts = {"easy": [], "hard": [], "negative": []}
     for q in range(g.num_queries):

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from d2r.features.base import LocalFeatures
-from d2r.query.verify import RerankConfig, geometric_verification
+from d2r.query.config import RerankConfig
+from d2r.query.verify import geometric_verification
 
 
 def main():
@@ -58,7 +59,7 @@ def main():
         for i in queries:
             q = rootsift(g["qimlist"][i])
             cands = [rootsift(g["imlist"][g["gnd"][i]["easy"][0]])] + [rootsift(g["imlist"][j]) for j in negs]
-            r = geometric_verification(q, cands, RerankConfig(descriptor_distance=dist))
+            r = geometric_verification(q, cands, RerankConfig(method="official", descriptor_distance=dist))
             pos.append(int(r[0]))
             neg.extend(int(x) for x in r[1:])
         out.append({"distance": dist, "positives": sorted(pos), "distractor_median": float(np.median(neg)),

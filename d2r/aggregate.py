@@ -133,41 +133,47 @@ class Aggregator:
             words, sums = combine_regions(keys, sums, k, L2_EPSILON)
         else:
             words = keys  # a single region 0: keys are the words
-        return get_kernel(self.kernel).finish(self, words, sums, num_regions)
+        return self.finish(words, sums, num_regions)
+
+    def finish(self, words, sums, num_regions: int = 0) -> Aggregated:
+        """The kernel's representation of per-word residual sums: ``words`` (W,) int sorted ascending,
+        ``sums`` (W, D) float64 (the R-averaged sums for a regional aggregation over ``num_regions`` regions).
+        ASMK kinds normalise each word (near-zero words dropped) and ASMK* binarises by sign; VLAD builds the
+        dense vector. Query expansion finishes its merged sums here too."""
+        return get_kernel(self.kernel).finish(self.codebook.dim, self.codebook.size, words, sums, num_regions,
+                                              self.l2_normalize)
 
 
 # ---- the kernels, by name ----------------------------------------------------------------------------------
-def _asmk_words(agg: Aggregator, words, sums, num_regions):
+def _asmk_words(words, sums, num_regions):
     """ASMK kinds: per-word unit vectors of the (region-averaged) residual sums; near-zero words dropped."""
     scale = 1.0 / num_regions if num_regions else 1.0
-    keep, unit = normalize_words(sums, scale, MIN_WORD_NORM)
-    return words[keep].astype(np.uint32), unit
+    keep, unit = normalize_words(np.ascontiguousarray(sums, np.float64), scale, MIN_WORD_NORM)
+    return np.asarray(words)[keep].astype(np.uint32), unit
 
 
-def _finish_asmk(agg: Aggregator, words, sums, num_regions) -> Aggregated:
-    kept, unit = _asmk_words(agg, words, sums, num_regions)
-    return Aggregated("asmk", agg.codebook.dim, agg.codebook.size, num_regions, words=kept, descriptors=unit)
+def _finish_asmk(dim, num_words, words, sums, num_regions, l2_normalize) -> Aggregated:
+    kept, unit = _asmk_words(words, sums, num_regions)
+    return Aggregated("asmk", dim, num_words, num_regions, words=kept, descriptors=unit)
 
 
-def _finish_asmk_star(agg: Aggregator, words, sums, num_regions) -> Aggregated:
-    d = agg.codebook.dim
-    kept, unit = _asmk_words(agg, words, sums, num_regions)
-    bits = pack_bits(unit, kept.astype(np.int64), np.zeros((0, d), np.float32))  # sign bits (official)
-    return Aggregated("asmk_star", d, agg.codebook.size, num_regions, words=kept, bits=bits)
+def _finish_asmk_star(dim, num_words, words, sums, num_regions, l2_normalize) -> Aggregated:
+    kept, unit = _asmk_words(words, sums, num_regions)
+    bits = pack_bits(unit)  # sign bits (official)
+    return Aggregated("asmk_star", dim, num_words, num_regions, words=kept, bits=bits)
 
 
-def _finish_vlad(agg: Aggregator, words, sums, num_regions) -> Aggregated:
+def _finish_vlad(dim, num_words, words, sums, num_regions, l2_normalize) -> Aggregated:
     """VLAD: the dense (K·D,) residual sum; L2-normalised (whole image) or divided by R (R-VLAD)."""
-    k, d = agg.codebook.size, agg.codebook.dim
-    v = np.zeros((k, d), np.float64)
-    v[words] = sums
+    v = np.zeros((num_words, dim), np.float64)
+    v[np.asarray(words, np.int64)] = sums
     v = v.ravel()
-    l2 = agg.l2_normalize if agg.l2_normalize is not None else num_regions == 0
+    l2 = l2_normalize if l2_normalize is not None else num_regions == 0
     if l2:
         v /= np.sqrt(max(float(v @ v), L2_EPSILON))
     elif num_regions:
         v /= num_regions
-    return Aggregated("vlad", d, k, num_regions, vector=v.astype(np.float32))
+    return Aggregated("vlad", dim, num_words, num_regions, vector=v.astype(np.float32))
 
 
 def _score_vlad(a: Aggregated, b: Aggregated, alpha, tau, tau_inclusive, weights) -> float:
@@ -186,22 +192,35 @@ def _score_asmk_star(a: Aggregated, b: Aggregated, alpha, tau, tau_inclusive, we
 
 @dataclass(frozen=True)
 class Kernel:
-    """One match kernel: how an image's residual sums become its representation (``finish``) and how two
-    representations score (``score``, before normalisation). ``per_word``: a sparse set of visual words (ASMK
-    kinds: IDF and score normalisation apply) rather than one dense vector (VLAD)."""
+    """One match kernel, the one table entry everything dispatches through.
+
+    ``finish``: how an image's residual sums become its representation; ``score``: how two representations
+    score (before normalisation); ``per_word``: a sparse set of visual words (ASMK kinds: IDF and score
+    normalisation apply) rather than one dense vector (VLAD); ``field``: the :class:`Aggregated` attribute that
+    holds the representation's payload (per word for ASMK kinds); ``payload``: the file stem under which an
+    index segment stores it (``bits.npy``, ``residuals.npy``, ``vectors.npy``)."""
 
     name: str
     per_word: bool
     finish: object
     score: object
+    field: str
+    payload: str
+
+    def record(self, dim: int, num_words: int, payload, words=None, num_regions: int = 0) -> Aggregated:
+        """An :class:`Aggregated` from its stored parts: ``payload`` (the ``field`` array: (W, ...) rows of
+        ``words`` (W,) for ASMK kinds, the (K·D,) vector for VLAD), e.g. as read back from an index."""
+        if self.per_word:
+            words = np.ascontiguousarray(words, np.uint32)
+            return Aggregated(self.name, dim, num_words, num_regions, words=words, **{self.field: payload})
+        return Aggregated(self.name, dim, num_words, num_regions, **{self.field: payload})
 
 
-# The one table of kernels: a config string maps to one entry here (d2r.index stores the per-word payload of
-# the ASMK kinds: float unit vectors for "asmk", packed sign bits for "asmk_star").
+# The one table of kernels: a config string maps to one entry here.
 KERNEL_REGISTRY: dict[str, Kernel] = {
-    "vlad": Kernel("vlad", False, _finish_vlad, _score_vlad),
-    "asmk": Kernel("asmk", True, _finish_asmk, _score_asmk),
-    "asmk_star": Kernel("asmk_star", True, _finish_asmk_star, _score_asmk_star),
+    "vlad": Kernel("vlad", False, _finish_vlad, _score_vlad, "vector", "vectors"),
+    "asmk": Kernel("asmk", True, _finish_asmk, _score_asmk, "descriptors", "residuals"),
+    "asmk_star": Kernel("asmk_star", True, _finish_asmk_star, _score_asmk_star, "bits", "bits"),
 }
 KERNELS = tuple(KERNEL_REGISTRY)
 

@@ -1,6 +1,9 @@
 """Binary signatures sign(x − c_w) of descriptors against their visual words, and same-word Hamming pairs.
 
-One implementation for geometric verification (Hamming correspondences) and Hamming query expansion.
+One implementation for geometric verification (Hamming correspondences) and Hamming query expansion: the pairs
+come from the numba merge-join :func:`d2r.kernels.correspond.hamming_pairs` (its brute-force twin is in
+tests/reference.py). :data:`HAMMING` is the one definition of the Hamming-embedding threshold, the default of
+both ``rerank.hamming`` and ``qe.hamming``.
 """
 
 from __future__ import annotations
@@ -13,11 +16,17 @@ import numpy as np
 from d2r.kernels.binary import as_words64
 from d2r.kernels.correspond import hamming_pairs
 
-_POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], np.int64)
+# Hamming embedding's 24 of 64 bits (Jégou et al. 2008), as a fraction of the descriptor bits: pairs within
+# floor(HAMMING · D) bits agree.
+HAMMING = 0.375
 _SIG_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
-# ---- HQE ------------------------------------------------------------------------------------------------------
+def bit_threshold(hamming: float, dim: int) -> int:
+    """The Hamming threshold in bits, floor(hamming · D) (robust to the float product landing just below)."""
+    return int(np.floor(hamming * dim + 1e-9))
+
+
 def signatures(descriptors: np.ndarray, words: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Binary signatures of descriptors in their words: sign(x − c_w) packed MSB-first, (N, ceil(D/8)) uint8.
 
@@ -26,39 +35,18 @@ def signatures(descriptors: np.ndarray, words: np.ndarray, centroids: np.ndarray
     return np.packbits(r > 0, axis=1)
 
 
-def hamming_matches(q_words: np.ndarray, q_sigs: np.ndarray, n_words: np.ndarray, n_sigs: np.ndarray,
-                    max_bits: int):
-    """Pairs (i, f) with q_words[i] == n_words[f] and Hamming(q_sigs[i], n_sigs[f]) <= max_bits.
-
-    q_words (P,) int, q_sigs (P, B) uint8 (one row per query descriptor-assignment); n_words (F,), n_sigs (F, B).
-    Returns (query_rows, neighbour_rows) int64, sorted by query row then neighbour row.
-    """
-    if q_words.shape[0] == 0 or n_words.shape[0] == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    order = np.argsort(n_words, kind="stable")
-    sw = n_words[order]
-    lo = np.searchsorted(sw, q_words, "left")
-    hi = np.searchsorted(sw, q_words, "right")
-    cnt = hi - lo
-    qi = np.repeat(np.arange(q_words.shape[0]), cnt)
-    if qi.size == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    starts = np.repeat(lo - np.concatenate([[0], np.cumsum(cnt)[:-1]]), cnt)
-    fi = order[starts + np.arange(qi.size)]
-    dist = _POPCOUNT8[np.bitwise_xor(q_sigs[qi], n_sigs[fi])].sum(axis=1)
-    ok = dist <= max_bits
-    return qi[ok].astype(np.int64), fi[ok].astype(np.int64)
-
-
 # ---- "hamming" correspondences (Hamming embedding) -------------------------------------------------------
-def word_signatures(descriptors: np.ndarray, codebook, num_assignments: int = 1):
+def word_signatures(descriptors: np.ndarray, codebook, num_assignments: int = 1, assignments=None):
     """The ``num_assignments`` (m) nearest visual words of each descriptor (N·m,) int64 and the binary
-    signature in each, sign(x − c_w) packed MSB-first (N·m, ceil(D/8)) uint8; row r belongs to descriptor r // m."""
+    signature in each, sign(x − c_w) packed MSB-first (N·m, ceil(D/8)) uint8; row r belongs to descriptor r // m.
+    ``assignments``: (N, ≥ m) int64 nearest words already computed by ``codebook.assign`` (nearest first: the
+    first m columns are the m nearest), so the descriptors are not assigned again."""
     x = np.ascontiguousarray(descriptors, np.float32)
     m = int(num_assignments)
     if x.shape[0] == 0:
         return np.zeros(0, np.int64), np.zeros((0, (codebook.dim + 7) // 8), np.uint8)
-    words = np.asarray(codebook.assign(x, m), np.int64).reshape(-1)
+    found = codebook.assign(x, m) if assignments is None else np.asarray(assignments)[:, :m]
+    words = np.ascontiguousarray(found, np.int64).reshape(-1)
     rows = np.repeat(np.arange(x.shape[0]), m)
     return words, np.ascontiguousarray(signatures(x[rows], words, codebook.centroids))
 

@@ -1,6 +1,11 @@
-"""Slow, obvious numpy twins of the d2r kernels, written straight from shared/REFERENCE.md."""
+"""Slow, obvious numpy twins of the d2r kernels, written straight from shared/REFERENCE.md, and the
+reference-only entry points over library kernels that no library code calls (scan_bits, smallest_per_row,
+refine_exact: tests and benchmarks use them)."""
 
 import numpy as np
+
+from d2r.kernels.assign import refine_or_scan, update_shortlist
+from d2r.kernels.ivf import scan_bits_items
 
 
 def assign(x, centroids, m):
@@ -27,7 +32,7 @@ def l2(v):
     return v / np.sqrt(max((v * v).sum(), 1e-12))
 
 
-def aggregate(x, centroids, kernel, m=1, regions=None, l2_normalize=None, thresholds=None):
+def aggregate(x, centroids, kernel, m=1, regions=None, l2_normalize=None):
     """Returns a dict with 'vector' (VLAD kinds) or 'words' + 'descriptors' / 'bits'."""
     x = np.asarray(x, np.float32)
     if regions is None:
@@ -53,8 +58,7 @@ def aggregate(x, centroids, kernel, m=1, regions=None, l2_normalize=None, thresh
     unit = (v[words] / norms[words, None]).astype(np.float32)
     if kernel == "asmk":
         return {"words": words.astype(np.uint32), "descriptors": unit}
-    thr = np.zeros_like(unit) if thresholds is None else thresholds[words]
-    return {"words": words.astype(np.uint32), "bits": np.packbits(unit > thr, axis=1)}
+    return {"words": words.astype(np.uint32), "bits": np.packbits(unit > 0, axis=1)}
 
 
 def sigma(u, alpha, tau, inclusive=False):
@@ -86,3 +90,53 @@ def similarity(kernel, a, b, alpha=3.0, tau=0.0, normalize=True, inclusive=False
     if normalize:
         s /= np.sqrt(sum(w(c) for c in wa) * sum(w(c) for c in wb))
     return s
+
+
+def hamming_matches(q_words, q_sigs, n_words, n_sigs, max_bits):
+    """Pairs (i, f) with q_words[i] == n_words[f] and Hamming(q_sigs[i], n_sigs[f]) <= max_bits, by numpy
+    searchsorted (the numpy twin of d2r.signatures.hamming_correspondences / kernels.correspond.hamming_pairs).
+
+    q_words (P,) int, q_sigs (P, B) uint8; n_words (F,), n_sigs (F, B). Returns (query_rows, neighbour_rows)
+    int64, sorted by query row then neighbour row."""
+    popcount8 = np.array([bin(i).count("1") for i in range(256)], np.int64)
+    q_words, n_words = np.asarray(q_words), np.asarray(n_words)
+    if q_words.shape[0] == 0 or n_words.shape[0] == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    order = np.argsort(n_words, kind="stable")
+    sw = n_words[order]
+    lo = np.searchsorted(sw, q_words, "left")
+    hi = np.searchsorted(sw, q_words, "right")
+    cnt = hi - lo
+    qi = np.repeat(np.arange(q_words.shape[0]), cnt)
+    if qi.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    starts = np.repeat(lo - np.concatenate([[0], np.cumsum(cnt)[:-1]]), cnt)
+    fi = order[starts + np.arange(qi.size)]
+    dist = popcount8[np.bitwise_xor(q_sigs[qi], n_sigs[fi])].sum(axis=1)
+    ok = dist <= max_bits
+    qi, fi = qi[ok].astype(np.int64), fi[ok].astype(np.int64)
+    o = np.lexsort((fi, qi))
+    return qi[o], fi[o]
+
+
+def scan_bits(q_words, q_bits, offsets, items, blocks, bits, dim, alpha, tau, tau_inclusive, weights, scores):
+    """The whole-segment ASMK* scan (reference, no library caller): d2r.kernels.ivf.scan_bits_items over every
+    item, accumulating into ``scores`` in place."""
+    scan_bits_items(q_words, q_bits, offsets, items, blocks, bits, dim, alpha, tau, tau_inclusive, weights,
+                    scores, 0, scores.shape[0])
+
+
+def smallest_per_row(dots, centroid_sq_norms, c):
+    """Indices (n, c) int64 of the ``c`` smallest ‖c_k‖² − 2⟨x, c_k⟩ per row (ascending; equal values keep the
+    lower index), through d2r.kernels.assign.update_shortlist (reference, no library caller)."""
+    n = dots.shape[0]
+    best_d = np.full((n, c), np.inf, np.float32)
+    best_i = np.full((n, c), -1, np.int64)
+    update_shortlist(dots, centroid_sq_norms, 0, best_d, best_i)
+    return best_i
+
+
+def refine_exact(x, centroids, candidates, m):
+    """Re-rank candidate words (n, c) by exact float64 squared L2, the ``m`` nearest per row (ties by lower
+    index), through d2r.kernels.assign.refine_or_scan (reference, no library caller)."""
+    return refine_or_scan(x, centroids, candidates, np.zeros(candidates.shape[0], np.bool_), m)

@@ -43,8 +43,9 @@ def test_assign_threaded_path_matches_brute_force(seed, k, d, n, m, monkeypatch)
     import d2r.codebook.codebook as cb
 
     monkeypatch.setattr(cb, "_PARALLEL_MIN_PAIRS", 1)  # every size takes the threaded path
+    monkeypatch.setattr(cb, "_PARALLEL_MIN_ROWS", 1)
     monkeypatch.setattr(cb, "_BLOCK_ROWS", 7)  # many uneven row blocks
-    monkeypatch.setattr(cb, "_threads", lambda: 3)
+    monkeypatch.setattr(cb, "current_threads", lambda: 3)
     rng = np.random.default_rng(seed)
     cents, x = _unit(rng, k, d), _unit(rng, n, d)
     np.testing.assert_array_equal(d2r.Codebook(cents).assign(x, m), ref.assign(x, cents, m))
@@ -54,8 +55,6 @@ def test_assign_threaded_path_matches_brute_force(seed, k, d, n, m, monkeypatch)
 def test_assign_near_ties_beyond_the_shortlist(seed):
     """512 words at the same distance from a descriptor up to float32 storage rounding: the float32 shortlist
     cannot order them, so the row must be settled in float64 over all words."""
-    from d2r.kernels.assign import refine_exact
-
     rng = np.random.default_rng(seed)
     k, d = 512, 16
     x = rng.standard_normal((20, d)).astype(np.float32)
@@ -66,10 +65,8 @@ def test_assign_near_ties_beyond_the_shortlist(seed):
     book = d2r.Codebook(cents)
     np.testing.assert_array_equal(book.assign(x, 3), want)
     # The test has teeth: re-ranking the float32 shortlist alone gets row 0 wrong.
-    from d2r.kernels.assign import smallest_per_row
-
-    short = smallest_per_row((x[:1] - book._mean) @ book._centred.T, book._sq_norms, 7)
-    assert not np.array_equal(refine_exact(x[:1], book.centroids, short, 3), want[:1])
+    short = ref.smallest_per_row((x[:1] - book._mean) @ book._centred.T, book._sq_norms, 7)
+    assert not np.array_equal(ref.refine_exact(x[:1], book.centroids, short, 3), want[:1])
 
 
 def test_assign_ties_break_by_lower_index():

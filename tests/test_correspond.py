@@ -6,7 +6,8 @@ import pytest
 from d2r.codebook import Codebook
 from d2r.features.base import LocalFeatures
 from d2r.kernels.correspond import hamming_pairs
-from d2r.query.verify import RerankConfig, geometric_verification
+from d2r.query.config import RerankConfig
+from d2r.query.verify import geometric_verification
 from d2r.signatures import hamming_correspondences, word_signatures
 
 
@@ -95,11 +96,11 @@ def test_hamming_verification_counts_known_affine_and_rejects_random(rng):
 
 def test_correspondences_validation():
     with pytest.raises(ValueError, match="correspondences"):
-        RerankConfig(method="usac", correspondences="nope").validate()
+        RerankConfig(method="usac", correspondences="nope").check()
     with pytest.raises(ValueError, match="needs method 'usac'"):
-        RerankConfig(method="official", correspondences="hamming").validate()
+        RerankConfig(method="official", correspondences="hamming").check()
     with pytest.raises(ValueError, match="hamming"):
-        RerankConfig(method="usac", hamming=1.5).validate()
+        RerankConfig(method="usac", hamming=1.5).check()
 
 
 def test_signature_cache_is_keyed_by_codebook_and_content(rng):
@@ -129,7 +130,7 @@ def test_query_multiple_assignment(rng):
     q = _feats(loc, x)
     c = _feats(loc * 1.1 + 5, x)
     for m in (1, 3):
-        cfg = RerankConfig(method="usac", correspondences="hamming", query_assignments=m, workers=1)
+        cfg = RerankConfig(method="usac", correspondences="hamming", query_num_assignments=m, workers=1)
         assert geometric_verification(q, [c], cfg, book).tolist() == [25]
-    with pytest.raises(ValueError, match="query_assignments"):
-        RerankConfig(query_assignments=0).validate()
+    with pytest.raises(ValueError, match="query_num_assignments"):
+        RerankConfig(query_num_assignments=0).check()

@@ -118,13 +118,6 @@ def _assert_same(single, sharded, queries, top_ks=(100, 7, 1), atol=0.0):
             np.testing.assert_array_equal(b.regions, a.regions)
 
 
-def _need_statistics(idf):
-    from d2r.index import Database
-
-    if idf and not hasattr(Database, "statistics"):
-        pytest.skip("Database.statistics (storage issue) not merged yet")
-
-
 @pytest.mark.parametrize("shards", [2, 4])
 @pytest.mark.parametrize("mode", ["aggregation", "search"])
 @pytest.mark.parametrize("idf", [False, True])
@@ -132,7 +125,6 @@ def test_sharded_equals_one_index(shards, mode, idf):
     from d2r.distributed import ShardedDatabase, build_shards
     from d2r.index import Database
 
-    _need_statistics(idf)
     book, images, queries = _corpus(seed=shards + 10 * (mode == "search") + 100 * idf)
     if mode == "aggregation":  # regional aggregation uses regions too; half the images without them
         images = [(i, x, r if n % 2 else None) for n, (i, x, r) in enumerate(images)]
@@ -193,7 +185,6 @@ def test_sharded_on_ray_actors(cluster, tmp_path, idf):
     from d2r.distributed import ShardedDatabase, build_shards
     from d2r.index import Database
 
-    _need_statistics(idf)
     book, images, queries = _corpus(seed=21)
     cfg = dict(mode="search", idf=idf)
     single = Database.create(None, book, **cfg)

@@ -182,8 +182,7 @@ def test_store_remove_counts_buffered_images_and_drops_pending_failures(tmp_path
 
 
 def test_bools_are_not_integer_settings(photos, tmp_path, capsys):
-    from d2r.query.expand import ExpansionConfig
-    from d2r.query.verify import RerankConfig
+    from d2r.query.config import ExpansionConfig, RerankConfig
 
     engine = Engine.create(tmp_path / "eng", _config())
     engine.index(photos, progress=False)
@@ -196,11 +195,11 @@ def test_bools_are_not_integer_settings(photos, tmp_path, capsys):
     with pytest.raises(ValueError, match="codebook.size"):
         EngineConfig(codebook=EngineConfig().codebook.replace(size=True)).check()
     with pytest.raises(ValueError, match="min_inliers"):
-        RerankConfig(min_inliers=True).validate()
+        RerankConfig(min_inliers=True).check()
     with pytest.raises(ValueError, match="qe.top"):
-        ExpansionConfig(top=True).validate()
+        ExpansionConfig(top=True).check()
     with pytest.raises(ValueError, match="qe.min_matches"):
-        ExpansionConfig(min_matches=False).validate()
+        ExpansionConfig(min_matches=False).check()
     with pytest.raises(SystemExit):
         d2r.cli.main(["search", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from d2r.globaldesc import index as gindex
-from d2r.globaldesc.index import GlobalDamagedError, GlobalIndex
+from d2r.globaldesc.index import GlobalIndex
 from d2r.globaldesc.search import exact_top_k
-from d2r.index.store import MergePolicy
+from d2r.storage import DamagedError, TierPolicy
 
-SMALL_MERGES = MergePolicy(factor=2, floor_bytes=64, max_segments=3)
+SMALL_MERGES = TierPolicy(factor=2, floor_bytes=64, max_segments=3)
 
 
 class Twin:
@@ -133,7 +133,7 @@ def test_a_failed_commit_keeps_the_previous_generation(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(gindex, "commit", boom)
+    monkeypatch.setattr(type(gindex.GENERATIONS), "commit", boom)  # the storage layer's commit point
     with pytest.raises(OSError, match="disk full"):
         idx.save()
     monkeypatch.undo()
@@ -190,7 +190,7 @@ def saved(tmp_path, n=50, d=8):
 
 
 def one_line_error(path, match):
-    with pytest.raises(GlobalDamagedError) as exc:
+    with pytest.raises(DamagedError) as exc:
         GlobalIndex.open(path)
     msg = str(exc.value)
     assert "\n" not in msg and match in msg, msg

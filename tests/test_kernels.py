@@ -18,7 +18,7 @@ def test_smallest_per_row_matches_stable_argsort(seed):
     dots = rng.integers(-4, 4, size=(n, k)).astype(np.float32)
     norms = rng.integers(0, 3, size=k).astype(np.float32)
     c = min(k, int(rng.integers(1, 6)))
-    got = kas.smallest_per_row(dots, norms, c)
+    got = ref.smallest_per_row(dots, norms, c)
     want = np.argsort(norms[None, :] - 2 * dots, axis=1, kind="stable")[:, :c]
     np.testing.assert_array_equal(got, want)
 
@@ -29,7 +29,7 @@ def test_refine_exact_orders_by_distance_then_index(seed):
     cents = rng.integers(-2, 3, size=(20, 3)).astype(np.float32)  # duplicates → exact ties
     x = rng.integers(-2, 3, size=(40, 3)).astype(np.float32)
     cand = np.stack([rng.permutation(20)[:6] for _ in range(40)]).astype(np.int64)
-    got = kas.refine_exact(x, cents, cand, 3)
+    got = ref.refine_exact(x, cents, cand, 3)
     for i in range(40):
         d = ((x[i].astype(np.float64) - cents[cand[i]].astype(np.float64)) ** 2).sum(1)
         order = np.lexsort((cand[i], d))[:3]
@@ -180,11 +180,8 @@ def test_pack_bits_matches_numpy_packbits(d):
     rng = np.random.default_rng(d)
     unit = rng.standard_normal((40, d)).astype(np.float32)
     unit[0, :] = 0.0  # zero is not > 0
-    words = rng.integers(0, 9, size=40).astype(np.int64)
-    np.testing.assert_array_equal(kb.pack_bits(unit, words, np.zeros((0, d), np.float32)),
-                                  np.packbits(unit > 0, axis=1))
-    thr = rng.standard_normal((9, d)).astype(np.float32)
-    np.testing.assert_array_equal(kb.pack_bits(unit, words, thr), np.packbits(unit > thr[words], axis=1))
+    np.testing.assert_array_equal(kb.pack_bits(unit), np.packbits(unit > 0, axis=1))
+    np.testing.assert_array_equal(kb.pack_bits(unit.astype(np.float64)), np.packbits(unit > 0, axis=1))
 
 
 def test_hamming_matches_unpackbits():
@@ -288,7 +285,8 @@ def _scan_twin(q_words, q_bits, offsets, items, blocks, bits, dim, alpha, tau, i
 
 
 def _check_scan(rng, m, k, dim, old=False, longest=None, cuts=3):
-    from d2r.kernels.ivf import scan_bits, scan_bits_items
+    from d2r.kernels.ivf import scan_bits_items
+    from tests.reference import scan_bits
 
     nbytes = (dim + 7) // 8
     offsets, items, blocks, bits = _postings(rng, m, k, nbytes, old, longest)
@@ -451,3 +449,20 @@ def test_lower_bound_equals_searchsorted(seed):
         for value in range(-1, m + 2):
             want = pad + int(np.searchsorted(items, value, side="left"))
             assert _lower_bound(arr, pad, pad + n, value, m) == want
+
+
+@pytest.mark.parametrize("m,old", [(300, False), (300, True), (140_000, False)])
+def test_item_entries_read_back_every_posting_of_an_item(m, old):
+    """Database.record reads an image's words and payload rows back from a segment's postings: the kernel
+    finds exactly the entries the slow decoding assigns to that item (blocked layout across blocks, and the
+    previous format's full uint32 ids)."""
+    from d2r.kernels.ivf import item_entries
+
+    rng = np.random.default_rng(m + old)
+    offsets, items, blocks, _ = _postings(rng, m, 40, 16, old, longest=min(m, 5000))
+    word, full = _entries(offsets, items, blocks)
+    for item in list(rng.integers(0, m, 25)) + [0, m - 1] + ([65535, 65536, 131071] if m > 131072 else []):
+        got_w, got_e = item_entries(offsets, items, blocks, int(item))
+        want_e = np.flatnonzero(full == item)
+        np.testing.assert_array_equal(got_e, want_e)
+        np.testing.assert_array_equal(got_w, word[want_e])

@@ -39,7 +39,7 @@ def _config(name="aliked", **extra):
     from d2r.engine.config import EngineConfig
 
     data = {"features": {"name": name, "options": dict(SMALL)}, "codebook": {"size": 16, "iterations": 3},
-            "rerank": {"num_to_rerank": 4, "device": "cpu"}, "query_expansion": "none", "workers": 2}
+            "rerank": {"num_to_rerank": 4, "device": "cpu"}, "qe": {"method": "none"}, "workers": 2}
     for key, value in extra.items():  # sections merged one level deep
         data.setdefault(key, {}).update(value)
     return EngineConfig.from_dict(data)

@@ -4,9 +4,17 @@ from scipy.spatial import cKDTree
 
 from d2r.features.base import LocalFeatures
 from d2r.kernels.ransac import ransac_affine, ransac_affine_batch
-from d2r.query.verify import RerankConfig, geometric_verification, putative_matches, rerank
+from d2r.query.config import RerankConfig
+from d2r.query.verify import geometric_verification, putative_matches, rerank
 
 M64 = (1 << 64) - 1
+
+
+def official(**options) -> RerankConfig:
+    """The official Detect-to-Retrieve verification (the paper's rule, DELF's distance) these tests test."""
+    return RerankConfig(**{"method": "official", "descriptor_distance": 0.9, **options})
+
+
 A_TRUE = np.array([[0.8, -0.3], [0.25, 1.1]])
 T_TRUE = np.array([40.0, -15.0])
 
@@ -135,7 +143,7 @@ def test_known_affine_transform_inliers_found(rng):
     q, c = make_pair(rng, n_in=120, n_out=80)
     qi, ii = putative_matches(q.descriptors, c.descriptors, 0.9)
     assert len(qi) == 200  # the 50 extra query features have no neighbour within 0.9
-    assert geometric_verification(q, [c], RerankConfig()).tolist() == [120]
+    assert geometric_verification(q, [c], official()).tolist() == [120]
 
 
 def test_agrees_with_skimage_ransac_on_clean_data(rng):
@@ -146,18 +154,18 @@ def test_agrees_with_skimage_ransac_on_clean_data(rng):
     qi, ii = putative_matches(q.descriptors, c.descriptors, 0.9)
     _, inl = ransac((c.locations[ii].astype(float), q.locations[qi].astype(float)), AffineTransform,
                     min_samples=3, residual_threshold=10.0, max_trials=1000, rng=0)
-    assert int(inl.sum()) == geometric_verification(q, [c])[0] == 60
+    assert int(inl.sum()) == geometric_verification(q, [c], official())[0] == 60
 
 
 def test_three_matches_score_zero_four_do_not(rng):
     q, c = make_pair(rng, n_in=4, n_out=0, n_extra=20)
-    assert geometric_verification(q, [c])[0] == 4
-    assert geometric_verification(q, [c.select(np.arange(3))])[0] == 0
-    assert geometric_verification(q, [c.select(np.arange(3))], RerankConfig(min_matches=3))[0] == 3
+    assert geometric_verification(q, [c], official())[0] == 4
+    assert geometric_verification(q, [c.select(np.arange(3))], official())[0] == 0
+    assert geometric_verification(q, [c.select(np.arange(3))], official(min_matches=3))[0] == 3
     empty = LocalFeatures.empty(q.dim)
-    assert geometric_verification(q, [empty]).tolist() == [0]
-    assert geometric_verification(empty, [c]).tolist() == [0]
-    assert geometric_verification(q, []).shape == (0,)
+    assert geometric_verification(q, [empty], official()).tolist() == [0]
+    assert geometric_verification(empty, [c], official()).tolist() == [0]
+    assert geometric_verification(q, [], official()).shape == (0,)
 
 
 def test_putative_matches_rule():
@@ -186,15 +194,15 @@ def test_rerank_orders_by_inliers_then_score(rng):
     unrelated = _feats(rng.uniform(0, 100, (80, 2)), _unit(rng.normal(size=(80, 32))))
     db = {10: unrelated, 11: weak, 12: strong, 13: unrelated, 14: unrelated}
     ids, scores = np.array([13, 10, 11, 12, 14]), np.array([0.9, 0.8, 0.7, 0.6, 0.5])
-    out_ids, out_scores, inl = rerank(q, ids, scores, db.__getitem__, RerankConfig())
+    out_ids, out_scores, inl = rerank(q, ids, scores, db.__getitem__, official())
     assert out_ids.tolist() == [12, 11, 13, 10, 14]
     assert out_scores.tolist() == [0.6, 0.7, 0.9, 0.8, 0.5]
     assert inl.tolist() == [100, 30, 0, 0, 0]
     # only the top 2 are verified: the rest keep their place, inliers -1
-    out_ids, _, inl = rerank(q, ids, scores, db.__getitem__, RerankConfig(num_to_rerank=2))
+    out_ids, _, inl = rerank(q, ids, scores, db.__getitem__, official(num_to_rerank=2))
     assert out_ids.tolist() == [13, 10, 11, 12, 14] and inl.tolist() == [0, 0, -1, -1, -1]
     # junk is skipped: the top-2 non-junk are 11 and 12
-    out_ids, _, inl = rerank(q, ids, scores, db.__getitem__, RerankConfig(num_to_rerank=2), junk={13, 10})
+    out_ids, _, inl = rerank(q, ids, scores, db.__getitem__, official(num_to_rerank=2), junk={13, 10})
     assert out_ids.tolist() == [12, 11, 13, 10, 14] and inl.tolist() == [100, 30, -1, -1, -1]
     # nothing to verify
     assert [a.tolist() for a in rerank(q, [], [], db.__getitem__)] == [[], [], []]
@@ -204,30 +212,30 @@ def test_deterministic_across_runs_and_thread_counts(rng):
     q, _ = make_pair(rng, 40, 160)
     planted = rng.integers(5, 40, 6)
     cands = [make_candidate(rng, q, int(k), 150) for k in planted]
-    base = geometric_verification(q, cands, RerankConfig(workers=1))
+    base = geometric_verification(q, cands, official(workers=1))
     assert (base >= 5).all()  # every candidate really goes through RANSAC
     for workers in (1, 2, 2):
-        assert geometric_verification(q, cands, RerankConfig(workers=workers)).tolist() == base.tolist()
+        assert geometric_verification(q, cands, official(workers=workers)).tolist() == base.tolist()
     # a candidate's score does not depend on its position in the batch
-    assert geometric_verification(q, cands[::-1], RerankConfig(workers=2)).tolist() == base[::-1].tolist()
+    assert geometric_verification(q, cands[::-1], official(workers=2)).tolist() == base[::-1].tolist()
     # another RANSAC seed samples other hypotheses: never more inliers than planted (+2 by chance), the
     # planted model found whenever it has 20+ inliers, and the same counts again when repeated
-    other = geometric_verification(q, cands, RerankConfig(seed=12345, workers=2))
+    other = geometric_verification(q, cands, official(seed=12345, workers=2))
     for counts in (base, other):
         assert (counts <= planted + 2).all(), (counts, planted)
         assert (counts[planted >= 20] >= 0.8 * planted[planted >= 20]).all(), (counts, planted)
-    assert geometric_verification(q, cands, RerankConfig(seed=12345, workers=1)).tolist() == other.tolist()
+    assert geometric_verification(q, cands, official(seed=12345, workers=1)).tolist() == other.tolist()
 
 
 def test_bad_inputs(rng):
     q, c = make_pair(rng, 10, 0)
     with pytest.raises(ValueError, match="dimension 16 differs from the query's 32"):
-        geometric_verification(q, [_feats(np.zeros((3, 2)), _unit(rng.normal(size=(3, 16))))])
+        geometric_verification(q, [_feats(np.zeros((3, 2)), _unit(rng.normal(size=(3, 16))))], official())
     with pytest.raises(ValueError, match="min_matches"):
-        geometric_verification(q, [c], RerankConfig(min_matches=2))
+        geometric_verification(q, [c], official(min_matches=2))
     with pytest.raises(ValueError, match="equal length"):
         rerank(q, [1, 2], [0.5], lambda i: c)
     with pytest.raises(ValueError, match="not LocalFeatures"):
         rerank(q, [1], [0.5], lambda i: None)
     cfg = RerankConfig.from_dict({"num_to_rerank": 50, "seed": 3})
-    assert cfg.num_to_rerank == 50 and cfg.to_dict()["descriptor_distance"] == 0.9
+    assert cfg.num_to_rerank == 50 and cfg.to_dict()["descriptor_distance"] == 0.4  # RootSIFT's (the default)

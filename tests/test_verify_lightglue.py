@@ -8,7 +8,9 @@ import pytest
 from d2r.engine.config import FEATURE_DEFAULTS, EngineConfig
 from d2r.engine.config import feature_defaults
 from d2r.features.base import LocalFeatures
-from d2r.query.verify import RerankConfig, geometric_verification, order_verified
+from d2r.query.config import RerankConfig
+from d2r.query.order import order_verified
+from d2r.query.verify import geometric_verification
 
 from tests.test_features_learned import needs_extra
 
@@ -37,9 +39,9 @@ def test_lightglue_config_checks():
         EngineConfig.from_dict({"features": {"name": "aliked"}, "rerank": {"method": "lightglue",
                                                                           "lightglue": "disk"}}).check()
     with pytest.raises(ValueError, match="rerank.lightglue"):
-        RerankConfig(method="lightglue", lightglue="nowhere.pth").validate()
+        RerankConfig(method="lightglue", lightglue="nowhere.pth").check()
     with pytest.raises(ValueError, match="rerank.device"):
-        RerankConfig(device="tpu").validate()
+        RerankConfig(device="tpu").check()
 
 
 # ---- with the extra ------------------------------------------------------------------------------------------

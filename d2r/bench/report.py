@@ -8,6 +8,7 @@ copies of the photos; the page references them by relative path, so the run fold
 from __future__ import annotations
 
 import html
+import json
 import logging
 from pathlib import Path
 
@@ -144,4 +145,22 @@ def _summary(result: dict, names) -> str:
     t = result.get("timing", {})
     rows.append("</table>")
     rows.append(f"<p>seconds per query: {t.get('seconds_per_query', float('nan'))}</p>")
+    rows.append(_what_ran(result))
     return "".join(rows)
+
+
+def _what_ran(result: dict) -> str:
+    """What the run did (features, kernel, codebook, verification, expansion) and its resolved config, so that
+    two reports can be told apart."""
+    ran = result.get("ran") or {}
+    book = ran.get("codebook") or {}
+    items = [("features", ran.get("features")), ("kernel", f"{ran.get('kernel')} ({ran.get('mode')} mode)"),
+             ("codebook", f"K={book.get('k')}, D={book.get('dim')}, {book.get('fingerprint')}; "
+                          f"{book.get('path') or book.get('trained_on')}"),
+             ("verification", ran.get("verification")), ("expansion", ran.get("expansion")),
+             ("stages", ", ".join(ran.get("stages", [])))]
+    lines = "".join(f"<tr><th>{html.escape(k)}</th><td style='text-align:left'>{html.escape(str(v))}</td></tr>"
+                    for k, v in items if ran)
+    config = json.dumps(result.get("config", {}), indent=1, sort_keys=True)
+    return (f"<table class='sum'>{lines}</table>" if lines else "") + (
+        f"<details><summary>resolved config</summary><pre>{html.escape(config)}</pre></details>")

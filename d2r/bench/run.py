@@ -7,13 +7,17 @@ features (cropped to the rounded ``bbx`` when the ground truth gives one, never 
 into feature stores under the cache folder (resumable: an interrupted run picks up where it stopped); a codebook is
 loaded (``codebook.path``) or trained with k-means on ``codebook_images`` (the academic convention: the OTHER
 dataset) or, without it, on the database images themselves (recorded as ``codebook_trained_on`` in the output
-config), and cached; the :class:`~d2r.index.Database` is built in ``OUT/index``; every query is searched, optionally
-re-ranked by geometric verification (``verify``, with each protocol's junk, as the official code), and evaluated.
+config), and cached; the :class:`~d2r.index.Database` is built in ``OUT/index``; every query goes through THE
+query path, :func:`d2r.query.pipeline.search_query` (what :meth:`Engine.search <d2r.engine.Engine.search>` runs:
+search, verification, expansion as configured), with each protocol's junk as the only addition (junk is never
+verified nor used to expand, as the official code); then it is evaluated.
 
 Cache keys are hashes of what determines the content (extractor config, regions config, image root, ground truth,
 codebook options), so several configs sharing one cache folder reuse each other's features and codebooks.
-Outputs in ``OUT``: ``metrics.json`` (the result dict), ``config.yaml`` (the resolved config), ``index/``,
-``ranks.npy`` (revisitop, database indices best first per query) or ``predictions.csv`` (GLDv2).
+Outputs in ``OUT``: ``metrics.json`` (the result dict), ``config.yaml`` (the resolved config and what ran),
+``index/``; revisitop: ``ranks.npy`` (the FINAL ranking, database indices best first per query, Medium junk),
+``ranks_<stage>.npy`` (each stage's: initial, verified, expanded) and ``scores.npy`` (the final ranking's
+scores), padded with -1 / NaN; GLDv2: ``predictions.csv``.
 """
 
 from __future__ import annotations
@@ -23,67 +27,49 @@ import json
 import logging
 import shutil
 import time
-import typing
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
+from tqdm.auto import tqdm
 
 from d2r import _io
-from d2r.codebook import Codebook
-from d2r.diffuse import DiffusionConfig
-from d2r.engine.config import EngineConfig
-from d2r.features.base import LocalFeatures, whole_image  # noqa: F401  (whole_image: part of this API)
-from d2r.build import Pipeline, check_setup
-from d2r.eval.datasets import gldv2_path, query_box, read_ids, resolve_image
-from d2r.query.verify import order_verified
-from d2r.aggregate import Aggregator
+from d2r._threads import numba_threads, one_blas_thread
 from d2r.bench.report import write_revisitop_report
-from d2r.diffuse import DiffusionGraph
-from d2r.diffuse import rank_by_diffusion
-from d2r.eval.revisitop import PROTOCOLS
+from d2r.build import Pipeline, check_setup
+from d2r.codebook import Codebook
+from d2r.engine.config import EngineConfig
 from d2r.eval import gldv2
-from d2r.eval.revisitop import PROTOCOLS, GroundTruth, evaluate, load_gnd
-from d2r.eval.revisitop import per_query_metrics
-from d2r.features.base import RegionFeatures
+from d2r.eval.datasets import gldv2_path, query_box, read_ids, resolve_image
+from d2r.eval.revisitop import PROTOCOLS, GroundTruth, evaluate, load_gnd, per_query_metrics
+from d2r.features.base import LocalFeatures, whole_image  # noqa: F401  (whole_image: part of this API)
 from d2r.features.image import list_images
 from d2r.features.store import FeatureStore
-from d2r.query.expand import augment_database
-from d2r.query.pipeline import expanded_query, reliable_neighbours
-from d2r.query.verify import geometric_verification
-from d2r.query.verify import order_verified
+from d2r.query.pipeline import STAGES, prepare_query, search_query
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class BenchConfig(EngineConfig):
-    """An :class:`~d2r.engine.EngineConfig` (same YAML sections: features, regions, codebook, index, rerank,
-    batch_size, workers) plus what only a benchmark needs.
+    """An :class:`~d2r.engine.EngineConfig` (same YAML sections and the same defaults: ``d2r bench`` runs what
+    ``d2r search`` ships) plus protocol options only.
 
     Attributes:
-        verify: re-rank the top ``rerank.num_to_rerank`` by geometric verification (off by default here; the
-            engine verifies at search time).
         codebook_images: folder / list file of the images a codebook is trained on (academic convention: the
             other dataset); None trains on the database images. Ignored when ``codebook.path`` is set.
         top_k: search depth; None ranks the whole database (revisitop) or the top 100 (GLDv2).
-        query_expansion: "none" here (the engine's default is "aqe"): a benchmark expands only when asked.
-        diffusion: rank by diffusion on the database's kNN graph (:mod:`d2r.diffuse`; off by default), after
-            verification when ``verify`` is on; not combined with query expansion.
     """
-    _index_time_dba: typing.ClassVar[bool] = True
-    verify: bool = False
     codebook_images: str | None = None
     top_k: int | None = None
-    query_expansion: str = "none"
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
     def check(self) -> "BenchConfig":
         super().check()
-        self.diffusion.validate()
-        if self.diffusion.enabled and self.query_expansion != "none":
-            raise ValueError("diffusion.enabled and query_expansion are alternatives; "
-                             "set query_expansion: none")
+        k = self.top_k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"top_k must be a positive integer (or null: the default depth), got {k!r}")
         return self
 
 
@@ -204,89 +190,62 @@ class _Pipeline(Pipeline):
             self.fill_database(db, db_store, ids, save_every=len(ids))
         return db
 
-    def search(self, db, queries: list[np.ndarray], depth: int):
-        with self.timer("search"):
-            return db.search_batch(queries, top_k=depth, workers=self.workers)
+    def query_all(self, db, db_store, query_feats: list, depth: int, junk_lists=None) -> list[dict]:
+        """THE query path (:func:`~d2r.query.pipeline.search_query`) for every query: one
+        :class:`~d2r.query.pipeline.QueryResult` per junk list (``junk_lists``: {name: per-query lists of database
+        ids}; None: one run named "" with no junk), ``[{name: QueryResult}]`` in query order. Each query is
+        assigned and aggregated once and each pair verified once, whatever the junk lists. Queries run on
+        ``workers`` threads, each with numba and BLAS at one thread (as ``Engine.search_batch``); results do not
+        depend on the thread count."""
+        config = self.config
+        junk_lists = junk_lists or {"": [()] * len(query_feats)}
+
+        def features(image_id):
+            return whole_image(db_store.get(image_id))
+
+        def one(qi):
+            t0 = time.perf_counter()
+            q = prepare_query(query_feats[qi], db, config.rerank)
+            prepared = time.perf_counter() - t0
+            known: dict = {}  # inlier counts of this query, shared by its junk lists
+            out = {name: search_query(q, db, features, config.rerank, config.qe, depth, junk=lists[qi],
+                                      known=known) for name, lists in junk_lists.items()}
+            next(iter(out.values())).timings["search"] += prepared
+            return out
+
+        workers = max(1, min(int(self.workers), len(query_feats)))
+        db.search_batch([], top_k=1)  # shared caches built once, before the threads
+        bar = dict(total=len(query_feats), desc="searching", unit="query", disable=not self.progress)
+        if workers == 1:
+            results = [one(qi) for qi in tqdm(range(len(query_feats)), **bar)]
+        else:
+            def threaded(qi):
+                with numba_threads(1):
+                    return one(qi)
+
+            with one_blas_thread(), ThreadPoolExecutor(workers) as pool:
+                results = list(tqdm(pool.map(threaded, range(len(query_feats))), **bar))
+        for key in ("search", "rerank", "expand"):
+            total = sum(r.timings[key] for out in results for r in out.values())
+            self.timer.timing[key] = round(self.timer.timing.get(key, 0.0) + total, 3)
+        return results
 
 
-def verify_candidates(query: LocalFeatures, candidate_ids, get_features, config, codebook=None) -> dict:
-    """Inlier count of each candidate id (geometric verification, :func:`d2r.rerank.geometric_verification`)."""
-    candidate_ids = list(candidate_ids)
-    if not candidate_ids:
-        return {}
-    counts = geometric_verification(query, [get_features(i) for i in candidate_ids], config, codebook)
-    return dict(zip(candidate_ids, counts.tolist()))
-
-
-def augment_index(pipe: _Pipeline, db, book: Codebook, db_store, ids):
-    """Database-side augmentation (``qe.dba_top``, :func:`d2r.expand.augment_database`): every image's
-    record is averaged with its ``dba_top`` nearest database images (only those with at least
-    ``rerank.min_inliers`` inliers when ``verify`` is on), then OUT/index is rebuilt from the augmented
-    records. Aggregation mode only.
-    Offline cost: one search per database image (quadratic; fine for benchmark-sized databases)."""
-    config = pipe.config
-    qe, rr = config.qe.validate(), config.rerank.validate()
-    if db.mode != "aggregation":
-        raise ValueError("qe.dba_top needs index.mode 'aggregation'")
-    agg = Aggregator(book, db.kernel, db.config.num_assignments)
-    verify = bool(config.verify and rr.num_to_rerank > 0)
-
-    def features(i):
-        return whole_image(db_store.get(i))
-
-    with pipe.timer("dba"):
-        records, neighbours, kept = {}, {}, []
-        for i in ids:
-            records[i] = _image_record(agg, db_store.get(i))
-        for i in ids:
-            found = db.search(records[i], top_k=qe.dba_top + 1).ids.tolist()
-            ranked = [n for n in found if n != i][: qe.dba_top]
-            if verify and ranked:
-                inl = verify_candidates(features(i), ranked, features, rr, book)
-                ranked = [n for n in ranked if inl[n] >= rr.min_inliers]
-            neighbours[i] = ranked
-            kept.append(len(ranked))
-        augmented = augment_database(records, neighbours, qe.alpha, db.config.normalize)
-        path = pipe.out / "index"
-        db.close()
-        shutil.rmtree(path)
-        db = pipe.create_database(path, book)
-        for i in ids:
-            db.add_aggregated(i, augmented[i])
-        db.save()
-    pipe.notes["dba"] = {"top": qe.dba_top, "verified": verify, "mean_neighbours": float(np.mean(kept))}
-    return db
-
-
-def _image_record(agg, features):
-    """The aggregation-mode record of a stored image (its regions aggregated together when it has any)."""
-    if isinstance(features, RegionFeatures):
-        return agg(features.features.descriptors, features.counts)
-    return agg(features.descriptors)
-
-
-def diffusion_graph(pipe: _Pipeline, db, book: Codebook, db_store, imlist):
-    """The offline :class:`~d2r.diffuse.DiffusionGraph` of the database: nodes are positions in ``imlist``
-    (images missing from the store are isolated nodes), each image's ``diffusion.k`` neighbours found by
-    searching the index with the image's own record (one search per database image)."""
-    cfg = pipe.config.diffusion.validate()
-    agg = Aggregator(book, db.kernel, db.config.num_assignments)
-    position = {n: i for i, n in enumerate(imlist)}
-    nb = np.full((len(imlist), cfg.k + 1), -1, np.int64)
-    sims = np.zeros((len(imlist), cfg.k + 1))
-    with pipe.timer("diffusion_graph"):
-        for i, name in enumerate(imlist):
-            if name not in db_store:
-                continue
-            found = db.search(_image_record(agg, db_store.get(name)), top_k=cfg.k + 1)
-            m = len(found.ids)
-            nb[i, :m] = [position[x] for x in found.ids.tolist()]
-            sims[i, :m] = found.scores
-        graph = DiffusionGraph(cfg).fit(nb, sims)
-    pipe.notes["diffusion"] = {"k": cfg.k, "query_k": cfg.query_k, "gamma": cfg.gamma, "alpha": cfg.alpha,
-                               "iterations": cfg.iterations,
-                               "mean_degree": float(graph.rows_.size / max(len(imlist), 1))}
-    return graph
+def _ran(config: BenchConfig, notes: dict, db, stages) -> dict:
+    """What a run did, in words a reader of two reports can tell apart (config.yaml, metrics.json, report)."""
+    r, qe = config.rerank, config.qe
+    verification = "off"
+    if r.enabled:
+        how = f"{r.method}, {r.correspondences} correspondences" if r.method == "usac" else "official"
+        verification = f"{how}, top {r.num_to_rerank}" + (f", >= {r.min_inliers} inliers move up"
+                                                          if r.method == "usac" else "")
+    expansion = "none" if qe.method == "none" else (
+        f"{qe.method}, top {qe.top} {'verified' if r.enabled else 'top-ranked'} images")
+    book = db.codebook
+    return {"stages": list(stages), "verification": verification, "expansion": expansion,
+            "kernel": db.config.kernel, "mode": db.config.mode, "features": config.features.name,
+            "codebook": {"k": book.size, "dim": book.dim, "fingerprint": book.fingerprint,
+                         "path": config.codebook.path, "trained_on": notes.get("codebook_trained_on")}}
 
 
 def _finish(pipe: _Pipeline, result: dict, extra_outputs: dict) -> dict:
@@ -296,12 +255,10 @@ def _finish(pipe: _Pipeline, result: dict, extra_outputs: dict) -> dict:
     result["timing"] = pipe.timer.timing
     result["notes"] = {k: v for k, v in pipe.notes.items() if k != "codebook_trained_on"}
     pipe.out.mkdir(parents=True, exist_ok=True)
-    import yaml
-
-    _io.write_bytes(pipe.out / "config.yaml", yaml.safe_dump(config_dict, sort_keys=False).encode())
-    for name, (kind, value) in extra_outputs.items():
-        if kind == "npy":
-            _io.save_npy(pipe.out / name, value)
+    shown = dict(config_dict, ran=result.get("ran"))  # the resolved config, then what ran
+    _io.write_bytes(pipe.out / "config.yaml", yaml.safe_dump(shown, sort_keys=False).encode())
+    for name, value in extra_outputs.items():
+        _io.save_npy(pipe.out / name, value)
     _io.write_json(pipe.out / "metrics.json", result)
     return result
 
@@ -320,9 +277,11 @@ def run_revisitop(gnd, images_root, config: BenchConfig | None = None, out="benc
         cache: feature/codebook cache folder (default OUT/cache); share it between configs.
 
     Returns ``{"easy"|"medium"|"hard": {"mAP", "mP@1", "mP@5", "mP@10", "mR@k", "num_queries"} (percent),
-    "before_rerank": {...} (only with ``verify``), "index": database info, "timing": seconds per step,
-    "config": resolved config + ``codebook_trained_on``, "dataset": counts, "notes": extraction reports,
-    "failed": {path: reason} of the images that could not be read (database images rank last, queries score 0)}``.
+    the final stage's, "stages": {stage: the same per protocol}, "before_rerank": the initial stage's (when
+    verification ran), "per_query": per-query AP (:func:`per_query_ap`), "ran": what ran (verification,
+    expansion, kernel, codebook), "index": database info, "timing": seconds per step, "config": resolved
+    config + ``codebook_trained_on``, "dataset": counts, "notes": extraction reports, "failed": {path: reason}
+    of the images that could not be read (database images rank last, queries score 0)}``.
     """
     t_start = time.perf_counter()
     config = config or BenchConfig()
@@ -358,46 +317,43 @@ def run_revisitop(gnd, images_root, config: BenchConfig | None = None, out="benc
     book = pipe.codebook(db_store, root)
     ids = [n for n in g.imlist if n in db_store]
     db = pipe.build_index(book, db_store, ids)
-    if config.qe.dba_top > 0:
-        db = augment_index(pipe, db, book, db_store, ids)
-    graph = diffusion_graph(pipe, db, book, db_store, g.imlist) if config.diffusion.enabled else None
-    depth = int(config.top_k) if config.top_k else len(ids)
-    rankings = pipe.search(db, [q.descriptors for q in query_feats], max(depth, 1))
+    depth = max(int(config.top_k) if config.top_k else len(ids), 1)
+    # Each protocol's junk (the query itself when queries are database images): never verified nor expanding.
+    junk = {p: [[g.imlist[j] for j in row.tolist()] for row in g.protocol(p, query_in_database)[1]]
+            for p in PROTOCOLS}
+    results = pipe.query_all(db, db_store, query_feats, depth, junk)
     position = {n: i for i, n in enumerate(g.imlist)}
-    ranks = [np.array([position[i] for i in r.ids.tolist()], np.int64) for r in rankings]
-
+    stages = {name: {p: [np.array([position[i] for i in r[p].stages[name].ids.tolist()], np.int64)
+                         for r in results] for p in PROTOCOLS}
+              for name in STAGES if name in results[0]["medium"].stages}
+    final = list(stages)[-1]
+    medium = [r["medium"] for r in results]
+    pipe.notes["pairs_verified"] = int(sum(x.info["verified"] for r in results for x in r.values()))
+    if config.qe.method != "none":
+        pipe.notes["expansion"] = {"method": config.qe.method,
+                                   "mean_neighbours": float(np.mean([r.info["neighbours"] for r in medium])),
+                                   "mean_added": float(np.mean([r.info["added"] for r in medium]))}
     with pipe.timer("evaluate"):
-        metrics = evaluate(ranks, g, query_in_database=query_in_database)
-    result: dict = {}
-    extra = {}
-    stages = {"initial": {p: ranks for p in PROTOCOLS}}
-    if (config.verify and config.rerank.num_to_rerank > 0) or config.query_expansion != "none" or graph:
-        stages = _revisitop_stages(pipe, g, db, db_store, query_feats, ranks, rankings, depth, query_in_database,
-                                   progress, graph)
-        if "verified" in stages:
-            result["before_rerank"] = metrics
-            extra["ranks_reranked_medium.npy"] = ("npy", _pad(stages["verified"]["medium"], depth))
-        if "expanded" in stages:
-            extra["ranks_expanded_medium.npy"] = ("npy", _pad(stages["expanded"]["medium"], depth))
-        if "diffused" in stages:
-            extra["ranks_diffused_medium.npy"] = ("npy", _pad(stages["diffused"]["medium"], depth))
-        with pipe.timer("evaluate"):
-            final = stages[list(stages)[-1]]
-            metrics = {p: evaluate(final[p], g, protocols=[p], query_in_database=query_in_database)[p]
-                       for p in PROTOCOLS}
-            result["stages"] = {name: {p: evaluate(r[p], g, protocols=[p], query_in_database=query_in_database)[p]
-                                       for p in PROTOCOLS} for name, r in stages.items()}
+        result: dict = {"stages": {name: {p: evaluate(rows[p], g, protocols=[p],
+                                                      query_in_database=query_in_database)[p]
+                                          for p in PROTOCOLS} for name, rows in stages.items()}}
+    result.update(result["stages"][final])
+    if "verified" in stages:
+        result["before_rerank"] = result["stages"]["initial"]
     result["per_query"] = per_query_ap(stages, g, query_in_database)
-    result.update({p: metrics[p] for p in PROTOCOLS})
+    result["ran"] = _ran(config, pipe.notes, db, stages)
     result["index"] = db.info()
     result["failed"] = failed
     result["dataset"] = {"gnd": gnd_key, "images_root": str(root), "num_db": g.num_db, "indexed": len(ids),
                          "num_queries": g.num_queries, "query_in_database": bool(query_in_database)}
-    pipe.timer.timing["total"] = round(time.perf_counter() - t_start, 3)
-    pipe.timer.timing["search_ms_per_query"] = round(1000 * pipe.timer.timing["search"] / max(g.num_queries, 1), 3)
-    query_time = sum(pipe.timer.timing.get(k, 0.0) for k in ("search", "rerank", "expand", "diffuse"))
-    pipe.timer.timing["seconds_per_query"] = round(query_time / max(g.num_queries, 1), 4)
-    extra["ranks.npy"] = ("npy", _pad(ranks, depth))
+    timing = pipe.timer.timing
+    timing["total"] = round(time.perf_counter() - t_start, 3)
+    timing["search_ms_per_query"] = round(1000 * timing["search"] / max(g.num_queries, 1), 3)
+    query_time = sum(timing.get(k, 0.0) for k in ("search", "rerank", "expand"))
+    timing["seconds_per_query"] = round(query_time / max(g.num_queries, 1), 4)
+    extra = {"ranks.npy": _pad(stages[final]["medium"], depth),
+             "scores.npy": _pad([r.final.scores for r in medium], depth, np.nan)}
+    extra.update({f"ranks_{name}.npy": _pad(rows["medium"], depth) for name, rows in stages.items()})
     out = _finish(pipe, result, extra)
     if write_report:
         write_revisitop_report(pipe.out, out, g, stages, root, query_in_database, progress=progress)
@@ -417,97 +373,9 @@ def per_query_ap(stages: dict, g, query_in_database: bool) -> dict:
     return out
 
 
-def _revisitop_stages(pipe: _Pipeline, g, db, db_store, query_feats, ranks, rankings, depth: int,
-                      query_in_database: bool, progress: bool, graph=None) -> dict:
-    """Rankings per stage and protocol: {"initial", "verified" (with ``verify``), "expanded" (with query
-    expansion), "diffused" (with a diffusion ``graph``: seeded by the initial top ``diffusion.query_k`` and
-    the verified images, then verified images first by the same rule)} -> {protocol: [per-query database
-    indices]}. Verification works on each protocol's junk-free
-    top ``rerank.num_to_rerank`` (the official protocol); expansion neighbours are chosen without ground truth
-    (only the query's own image is skipped when queries are database images)."""
-    from tqdm.auto import tqdm
-
-
-    config = pipe.config
-    rr = config.rerank.validate()
-    verify = bool(config.verify and rr.num_to_rerank > 0)
-    method = config.query_expansion
-    junk_lists = {p: g.protocol(p, query_in_database=query_in_database)[1] for p in PROTOCOLS}
-    self_ids = g.query_db_ids() if query_in_database else None
-    stages = {"initial": {p: list(ranks) for p in PROTOCOLS}}
-
-    def features(i):
-        return whole_image(db_store.get(g.imlist[i]))
-
-    def verify_missing(qi, ranked, inl: dict) -> int:
-        cands: list[int] = []
-        for p in PROTOCOLS:
-            jk = set(junk_lists[p][qi].tolist())
-            cands.extend([x for x in ranked.tolist() if x not in jk][: rr.num_to_rerank])
-        cands = [c for c in dict.fromkeys(cands) if c not in inl]
-        inl.update(verify_candidates(query_feats[qi], cands, features, rr, db.codebook))
-        return len(cands)
-
-    def reorder(qi, ranked, scores, inl):
-        return {p: order_verified(ranked, scores, inl, rr, junk_lists[p][qi].tolist())[0] for p in PROTOCOLS}
-
-    inliers = [dict() for _ in range(g.num_queries)]
-    pairs = 0
-    if verify:
-        stages["verified"] = {p: [] for p in PROTOCOLS}
-        with pipe.timer("rerank"):
-            for qi in tqdm(range(g.num_queries), desc="verifying", unit="query", disable=not progress):
-                pairs += verify_missing(qi, ranks[qi], inliers[qi])
-                for p, r in reorder(qi, ranks[qi], rankings[qi].scores, inliers[qi]).items():
-                    stages["verified"][p].append(r)
-    if method != "none":
-        qe = config.qe.validate()
-        position = {n: i for i, n in enumerate(g.imlist)}
-        stages["expanded"] = {p: [] for p in PROTOCOLS}
-        used = []
-        with pipe.timer("expand"):
-            for qi in tqdm(range(g.num_queries), desc=f"expanding ({method})", unit="query", disable=not progress):
-                exclude = () if self_ids is None else (int(self_ids[qi]),)
-                nb = reliable_neighbours(ranks[qi], rankings[qi].scores, inliers[qi] if verify else None, qe.top,
-                                         rr.min_inliers, exclude)
-                rec, info = expanded_query(method, db, query_feats[qi].descriptors, nb,
-                                           lambda i: features(i).descriptors, qe, verify)
-                used.append(info)
-                ranking = db.search(rec, top_k=max(depth, 1))
-                ranked = np.array([position[i] for i in ranking.ids.tolist()], np.int64)
-                if verify:
-                    pairs += verify_missing(qi, ranked, inliers[qi])
-                    for p, r in reorder(qi, ranked, ranking.scores, inliers[qi]).items():
-                        stages["expanded"][p].append(r)
-                else:
-                    for p in PROTOCOLS:
-                        stages["expanded"][p].append(ranked)
-        pipe.notes["expansion"] = {"method": method,
-                                   "mean_neighbours": float(np.mean([u["neighbours"] for u in used])),
-                                   "mean_added": float(np.mean([u.get("added", 0) for u in used]))}
-    if graph is not None:
-        stages["diffused"] = {p: [] for p in PROTOCOLS}
-        with pipe.timer("diffuse"):
-            for qi in tqdm(range(g.num_queries), desc="diffusing", unit="query", disable=not progress):
-                strong = [c for c, n in inliers[qi].items() if n >= rr.min_inliers] if verify else []
-                f = graph.diffuse(graph.seeds(ranks[qi], rankings[qi].scores, strong))
-                ranked, fv = rank_by_diffusion(f, ranks[qi])
-                if verify:
-                    pairs += verify_missing(qi, ranked, inliers[qi])
-                    fv = fv / max(float(fv.max(initial=0.0)), 1e-300)  # [0, 1] like the index's scores
-                    for p, r in reorder(qi, ranked, fv, inliers[qi]).items():
-                        stages["diffused"][p].append(r)
-                else:
-                    for p in PROTOCOLS:
-                        stages["diffused"][p].append(ranked)
-    if verify:
-        pipe.notes["pairs_verified"] = pairs
-    return stages
-
-
-def _pad(rows, depth: int) -> np.ndarray:
-    """Rows of (possibly) different lengths as one int64 array padded with -1."""
-    out = np.full((len(rows), depth), -1, np.int64)
+def _pad(rows, depth: int, fill=-1) -> np.ndarray:
+    """Rows of (possibly) different lengths as one array padded with ``fill`` (int64 for -1, else float64)."""
+    out = np.full((len(rows), depth), fill, np.int64 if fill == -1 else np.float64)
     for i, r in enumerate(rows):
         out[i, :min(depth, len(r))] = r[:depth]
     return out
@@ -522,15 +390,14 @@ def _failed(store, pairs) -> dict:
 def run_gldv2(index_csv, test_csv, solution_csv, images_root, config: BenchConfig | None = None,
               out="bench-run", cache=None, progress: bool = True, index_root=None, test_root=None) -> dict:
     """Run the GLDv2 retrieval protocol end to end: index the ``index.csv`` images, search every ``test.csv``
-    image (whole image), optionally verify, write ``OUT/predictions.csv`` (top 100) and evaluate it with the
-    official metric (:func:`d2r.eval.gldv2.evaluate`). Images at ``ROOT/a/b/c/<id>.jpg`` (``index_root`` /
-    ``test_root`` default to ``images_root``). Returns ``{"public": {...}, "private": {...}, "timing",
-    "failed": {path: reason} of the images that could not be read (index images not indexed, test images
-    with no features), ...}``."""
+    image (whole image) through THE query path (no junk in this protocol), write ``OUT/predictions.csv`` (top
+    100 of the final stage) and evaluate it with the official metric (:func:`d2r.eval.gldv2.evaluate`). Images at
+    ``ROOT/a/b/c/<id>.jpg`` (``index_root`` / ``test_root`` default to ``images_root``). Returns ``{"public":
+    {...}, "private": {...}, "stages": {stage: {"public", "private"}}, "before_rerank" (when verification ran),
+    "timing", "failed": {path: reason} of the images that could not be read (index images not indexed, test
+    images with no features), ...}``."""
     t_start = time.perf_counter()
     config = config or BenchConfig()
-    if config.diffusion.enabled:
-        raise ValueError("diffusion.enabled: the GLDv2 runner does not diffuse (revisitop only)")
     solution = gldv2.read_solution(solution_csv)
     index_ids = read_ids(index_csv)
     test_ids = read_ids(test_csv)
@@ -548,28 +415,23 @@ def run_gldv2(index_csv, test_csv, solution_csv, images_root, config: BenchConfi
     db = pipe.build_index(book, db_store, ids)
     depth = int(config.top_k) if config.top_k else 100
     query_feats = [qstore.get(i) if i in qstore else LocalFeatures.empty(qstore.dim) for i in test_ids]
-    rankings = pipe.search(db, [q.descriptors for q in query_feats], max(depth, 1))
-    ranked = [[str(x) for x in r.ids.tolist()] for r in rankings]
-    result: dict = {}
-    if config.verify and config.rerank.num_to_rerank > 0:
-        rr = config.rerank.validate()
-        scored = set(solution.public) | set(solution.private)
-        result["before_rerank"] = gldv2.evaluate({t: r for t, r in zip(test_ids, ranked) if t in scored}, solution)
-        with pipe.timer("rerank"):
-            for qi, q in enumerate(query_feats):
-                cands = ranked[qi][: rr.num_to_rerank]
-                inl = verify_candidates(q, cands, lambda i: whole_image(db_store.get(i)), rr, db.codebook)
-                new_ids, _, _ = order_verified(np.array(ranked[qi], dtype=object), rankings[qi].scores, inl, rr)
-                ranked[qi] = [str(x) for x in new_ids.tolist()]
+    results = [r[""] for r in pipe.query_all(db, db_store, query_feats, max(depth, 1))]
+    names = [n for n in STAGES if n in results[0].stages]
+    ranked = {n: [[str(x) for x in r.stages[n].ids.tolist()] for r in results] for n in names}
     pipe.out.mkdir(parents=True, exist_ok=True)
-    gldv2.write_predictions(pipe.out / "predictions.csv", test_ids, ranked, max_predictions=100)
+    gldv2.write_predictions(pipe.out / "predictions.csv", test_ids, ranked[names[-1]], max_predictions=100)
     # The CSV keeps every test id (a submission); metrics use the ids the solution knows.
     known = set(solution.public) | set(solution.private) | set(solution.ignored)
     unknown = sum(t not in known for t in test_ids)
     if unknown:
         log.warning("%d test ids are not in the solution: written to predictions.csv, not scored", unknown)
     with pipe.timer("evaluate"):
-        result.update(gldv2.evaluate({t: r for t, r in zip(test_ids, ranked) if t in known}, solution))
+        result: dict = {"stages": {n: gldv2.evaluate({t: r for t, r in zip(test_ids, ranked[n]) if t in known},
+                                                     solution) for n in names}}
+    result.update(result["stages"][names[-1]])
+    if "verified" in names:
+        result["before_rerank"] = result["stages"]["initial"]
+    result["ran"] = _ran(config, pipe.notes, db, names)
     result["index"] = db.info()
     result["dataset"] = {"index_csv": str(index_csv), "test_csv": str(test_csv), "solution_csv": str(solution_csv),
                          "num_index": len(index_ids), "indexed": len(ids), "num_test": len(test_ids)}

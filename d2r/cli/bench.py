@@ -1,8 +1,9 @@
 """``d2r bench revisitop`` / ``d2r bench gldv2``: run a retrieval benchmark end to end and write its metrics.
 
-Flags override the ``--config FILE.yaml`` (same sections as an engine config: features, regions, codebook, index,
-rerank; plus ``verify``, ``codebook_images``, ``top_k``). Metrics JSON: ``OUT/metrics.json`` and ``--json FILE``
-(``-`` prints it on stdout).
+Flags override the ``--config FILE.yaml`` (the sections and defaults of an engine config: features, regions,
+codebook, index, rerank, qe; plus the protocol options ``codebook_images`` and ``top_k``), so without flags a run
+measures what ``d2r search`` ships. Metrics JSON: ``OUT/metrics.json`` and ``--json FILE`` (``-`` prints it on
+stdout).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ def _common(p) -> None:
     p.add_argument("--model", metavar="PATH", help="DELF SavedModel folder (features.model)")
     p.add_argument("--pca", metavar="PATH", help="PCA parameters folder (features.pca)")
     p.add_argument("--max-features", type=int, metavar="N", help="features per image (features.options)")
-    p.add_argument("--detector", metavar="PATH|grid|density|none",
-                   help="index-side regions: a detector SavedModel, a proposer, or none (regions.proposer)")
+    p.add_argument("--regions", "--detector", dest="regions", metavar="PATH|grid|density|none",
+                   help="index-side regions: a detector SavedModel, a proposer, or none (regions.proposer; "
+                        "--detector is a deprecated spelling)")
     p.add_argument("--detector-threshold", type=float, metavar="S", help="detector score threshold (0.1)")
     p.add_argument("--max-boxes", type=int, metavar="N", help="boxes per image at most (regions.max_boxes)")
     book = p.add_mutually_exclusive_group()
@@ -47,8 +49,10 @@ def _common(p) -> None:
                       help="raw ASMK sums (the shipped official R-ASMK* config)")
     gv = p.add_mutually_exclusive_group()
     gv.add_argument("--rerank", dest="rerank", action="store_true", default=None,
-                    help="geometric-verification re-ranking (config: verify); metrics before it are kept too")
-    gv.add_argument("--no-rerank", dest="rerank", action="store_false")
+                    help="geometric-verification re-ranking (rerank.enabled: on by default, as in d2r search); "
+                         "every stage's metrics are kept")
+    gv.add_argument("--no-rerank", dest="rerank", action="store_false",
+                    help="no verification, and no expansion unless --query-expansion asks (as d2r search)")
     p.add_argument("--rerank-distance", type=float, metavar="D",
                    help="putative-match descriptor distance (rerank.descriptor_distance; official 0.9)")
     p.add_argument("--num-to-rerank", type=int, metavar="N", help="candidates verified (rerank.num_to_rerank)")
@@ -58,10 +62,7 @@ def _common(p) -> None:
                         "matches (aliked/disk features), then as usac")
     p.add_argument("--min-inliers", type=int, metavar="N", help="usac decision threshold (rerank.min_inliers)")
     p.add_argument("--query-expansion", choices=("none", "aqe", "hqe"),
-                   help="query expansion after the first search (query_expansion)")
-    p.add_argument("--diffusion", action="store_true", default=None,
-                   help="revisitop: rank by diffusion on the database's kNN graph (diffusion.enabled; "
-                        "Iscen et al. 2017), after verification with --rerank")
+                   help="query expansion after the first search (qe.method; default aqe over the verified images)")
     p.add_argument("--qe-top", type=int, metavar="N", help="reliable top images that expand the query (qe.top)")
     p.add_argument("--query-num-assignments", type=int, metavar="M",
                    help="query-side multiple assignment (index.query_num_assignments)")
@@ -119,19 +120,21 @@ def config_from_args(args):
     overrides = {
         "features.name": args.features, "features.model": args.model, "features.pca": args.pca,
         "features.options.max_features": args.max_features,
-        "regions.proposer": args.detector, "regions.score_threshold": args.detector_threshold,
+        "regions.proposer": args.regions, "regions.score_threshold": args.detector_threshold,
         "regions.max_boxes": args.max_boxes,
         "codebook.path": args.codebook, "codebook.size": args.codebook_size,
         "codebook.sample_per_image": args.codebook_sample, "codebook.iterations": args.codebook_iterations,
         "codebook_images": args.codebook_images,
         "index.kernel": args.kernel, "index.mode": args.mode, "index.normalize": args.normalize,
-        "verify": args.rerank, "rerank.descriptor_distance": args.rerank_distance,
+        "rerank.enabled": args.rerank, "rerank.descriptor_distance": args.rerank_distance,
         "rerank.num_to_rerank": args.num_to_rerank, "top_k": args.top_k, "workers": args.workers,
         "rerank.method": args.rerank_method, "rerank.min_inliers": args.min_inliers,
-        "query_expansion": args.query_expansion, "qe.top": args.qe_top, "diffusion.enabled": args.diffusion,
+        "qe.method": args.query_expansion, "qe.top": args.qe_top,
         "index.query_num_assignments": args.query_num_assignments,
     }
 
+    if args.rerank is False and args.query_expansion is None:  # --no-rerank: the plain initial ranking
+        overrides["qe.method"] = "none"
     overrides.update(parse_overrides(args.set))
     config = load_config(args.config, overrides)
     if args.codebook is not None and config.codebook_images is not None:
@@ -140,10 +143,20 @@ def config_from_args(args):
 
 
 def _table(result: dict, keys) -> str:
-    lines = [f"{'':<10}" + "".join(f"{k:>10}" for k in keys)]
+    """Metrics per protocol, one row per stage that ran (initial, verified, expanded; the last is final)."""
+    stages = result.get("stages") or {"final": result}
+    lines = [f"{'':<20}" + "".join(f"{k:>10}" for k in keys)]
     for name in ("easy", "medium", "hard", "public", "private"):
-        if name in result:
-            lines.append(f"{name:<10}" + "".join(f"{result[name].get(k, float('nan')):>10.2f}" for k in keys))
+        for stage, metrics in stages.items():
+            if name in metrics:
+                label = f"{name} {stage}" if len(stages) > 1 else name
+                lines.append(f"{label:<20}" + "".join(f"{metrics[name].get(k, float('nan')):>10.2f}"
+                                                      for k in keys))
+    ran = result.get("ran")
+    if ran:
+        lines.append(f"verification: {ran['verification']}; expansion: {ran['expansion']}; kernel "
+                     f"{ran['kernel']} ({ran['mode']}), codebook K={ran['codebook']['k']} "
+                     f"{ran['codebook']['fingerprint']}")
     return "\n".join(lines)
 
 

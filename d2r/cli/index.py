@@ -30,7 +30,7 @@ def add_parser(subparsers) -> None:
     c = sub.add_parser("create", help="create an empty index (optionally indexing images right away)")
     c.add_argument("path", help="engine folder to create")
     c.add_argument("--config", help="EngineConfig YAML/JSON (sections: features, regions, codebook, index, "
-                                    "rerank, query_expansion, qe)")
+                                    "rerank, qe)")
     c.add_argument("--codebook", help="codebook .npz (default: train one on the first images indexed)")
     c.add_argument("--codebook-size", type=int, help="words of the codebook trained when none is given")
     c.add_argument("--features", choices=["rootsift", "delf", "aliked", "disk"],

@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 from d2r._log import muted
+from d2r._threads import one_blas_thread
 from d2r.cli import UsageError
 from d2r.distributed import ShardedEngine
 from d2r.engine import Engine
@@ -33,8 +34,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--query-num-assignments", type=int, metavar="M",
                    help="query-side multiple assignment (default: the index's index.query_num_assignments)")
     p.add_argument("--query-expansion", choices=("none", "aqe", "hqe"),
-                   help="query expansion (default: the index's query_expansion when re-ranking, none with "
-                        "--no-rerank; given with --no-rerank, it expands over the unverified top images)")
+                   help="query expansion (default: the index's qe.method; none with --no-rerank unless given, "
+                        "then it expands over the unverified top images)")
     p.add_argument("--quiet", action="store_true", help="no log lines")
     p.add_argument("--json", action="store_true", help="print one JSON line per query")
     p.set_defaults(func=run, quiet_level=logging.ERROR)  # --quiet: failed queries are listed by the command
@@ -93,12 +94,10 @@ def run(args) -> int:
         engine = Engine.open(args.index[0])
         if engine.database is not None and len(engine) == 0:  # as `d2r serve`: no empty table, exit 0
             raise ValueError(f"{args.index[0]}: the index is empty (every image removed, or none indexed yet)")
-    from threadpoolctl import threadpool_limits
-
     # This process only searches: BLAS at one thread throughout. A query's GEMMs are small (the re-ranking and
     # batches already run BLAS single-threaded in their own threads); with two, OpenBLAS's second thread spins
     # (measured: 0.26 s more CPU per query; on a loaded box 64 ms instead of 4 ms for the index search).
-    with threadpool_limits(limits=1, user_api="blas"):
+    with one_blas_thread():
         # numba's one-time start-up (≈ 0.3 s: its registries, scipy.linalg) in a thread while the query is
         # decoded and its features extracted (OpenCV runs without the GIL): a fresh process answers sooner.
         warming = engine.warm_up() if isinstance(engine, Engine) else None
@@ -146,7 +145,10 @@ def _report(args, engine, queries, bbox, options) -> int:
         print(f"{'rank':>4}  {'score':>9}  {'inliers':>7}  image")
         for h in hits:
             inl = "-" if h.inliers < 0 else str(h.inliers)
-            print(f"{h.rank:>4}  {h.score:>9.4f}  {inl:>7}  {h.image_id}")
+            mark = "*" if h.ranked_by != "score" else " "  # moved up by verification
+            print(f"{h.rank:>4}  {h.score:>9.4f}  {inl:>6}{mark}  {h.image_id}")
+        if not args.quiet and any(h.ranked_by != "score" for h in hits):
+            print("(* moved up by verification, ordered by inliers; the rest follow in score order)")
         if not args.quiet:
             print(f"({sec * 1000:.0f} ms)" if len(queries) == 1 else f"({sec * 1000:.0f} ms per query, batch)")
     if failed and failed < len(queries):

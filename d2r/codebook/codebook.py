@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from d2r import _io
+from d2r._threads import current_threads, one_blas_thread
 from d2r._validate import as_descriptors
 from d2r.kernels.assign import CHUNK, finish_candidates, refine_or_scan, select_candidates, update_shortlist
 from d2r.features.config import feature_type, pca_fingerprint
@@ -29,10 +30,13 @@ _CANDIDATES = 32
 # GEMM blocks: rows of descriptors × columns of words; the (rows × words) float32 block stays in cache.
 _BLOCK_ROWS = 256
 _BLOCK_WORDS = 1024
-# Below this many (descriptor, word) pairs one thread does everything (thread start-up costs more than it saves).
+# Python threads only for inputs of at least this many rows AND (descriptor, word) pairs: below, one thread with
+# BLAS at one thread is as fast or faster (`python benchmarks/bench_core.py --cutover`, benchmarks/results/core.md:
+# the threaded path wins from ~1,000 descriptors at K = 1,024, 8,192 and 65,536; 150 descriptors x 65,536 words
+# ran 97 ms on the calling thread vs 126 ms threaded).
 _PARALLEL_MIN_PAIRS = 1 << 21
+_PARALLEL_MIN_ROWS = 1024
 _parallel_lock = threading.Lock()
-_blas_controller = None
 
 
 class Codebook:
@@ -87,8 +91,12 @@ class Codebook:
         descriptors: (N, D) float32 (any float dtype is cast). Returns (N, m) int64, nearest first; N = 0 gives
         (0, m). Equal to a float64 brute force: a float32 BLAS GEMM in blocks keeps the m + 4 nearest words per
         descriptor, which are re-ranked in float64; a row whose float32 gap between the m-th and the last kept word
-        is within the rounding bound is scanned in float64 over all words. Large inputs spread row blocks over
-        ``numba.get_num_threads()`` Python threads with BLAS held at one thread; small ones run on one thread.
+        is within the rounding bound is scanned in float64 over all words. BLAS runs on one thread throughout
+        (:func:`d2r._threads.one_blas_thread`): large inputs spread row blocks over ``numba.get_num_threads()``
+        Python threads, small ones (fewer than ``_PARALLEL_MIN_ROWS`` descriptors or ``_PARALLEL_MIN_PAIRS``
+        descriptor-word pairs) run on the calling thread, where a multi-threaded GEMM only spins on a loaded
+        machine (150 descriptors × 1,024 words: 0.3 ms on one BLAS thread, 23 ms median on two at load 17;
+        benchmarks/results/core.md).
         """
         m = int(num_assignments)
         if m < 1 or m > self.size:
@@ -118,17 +126,20 @@ class Codebook:
         return refine_or_scan(x, self.centroids, best_i, full, m)
 
     def _run_blocks(self, n, work) -> None:
-        """Call ``work(start, stop)`` on row blocks, on Python threads (BLAS at one thread) if large."""
-        threads = _threads() if n * self.size >= _PARALLEL_MIN_PAIRS else 1
+        """Call ``work(start, stop)`` on row blocks with BLAS at one thread: on Python threads if large, else on
+        the calling thread (same blocks either way, so the result does not depend on the thread count)."""
+        big = n >= _PARALLEL_MIN_ROWS and n * self.size >= _PARALLEL_MIN_PAIRS
+        threads = current_threads() if big else 1
         if threads > 1 and n > 1:
             step = min(_BLOCK_ROWS, -(-n // threads))
             starts = range(0, n, step)
-            with _parallel_lock, _one_blas_thread():
+            with _parallel_lock, one_blas_thread():
                 with ThreadPoolExecutor(min(threads, len(starts))) as pool:
                     list(pool.map(lambda s: work(s, min(s + step, n)), starts))
         else:
-            for s in range(0, n, _BLOCK_ROWS):
-                work(s, min(s + _BLOCK_ROWS, n))
+            with one_blas_thread():
+                for s in range(0, n, _BLOCK_ROWS):
+                    work(s, min(s + _BLOCK_ROWS, n))
 
     def _assign_two_pass(self, x, xc, m, margin) -> np.ndarray:
         n = x.shape[0]
@@ -207,26 +218,6 @@ class Codebook:
             raise ValueError(f"{path}: content hash {book.fingerprint} does not match the stored fingerprint "
                              f"{stored} (file corrupted?)")
         return book
-
-
-def _threads() -> int:
-    import numba
-
-    return int(numba.get_num_threads())
-
-
-def _one_blas_thread():
-    """Hold BLAS at one thread while Python threads run blocks in parallel (restored on exit)."""
-    global _blas_controller
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
-        import contextlib
-
-        return contextlib.nullcontext()
-    if _blas_controller is None:
-        _blas_controller = ThreadpoolController()
-    return _blas_controller.limit(limits=1, user_api="blas")
 
 
 def _fingerprint(centroids: np.ndarray) -> str:

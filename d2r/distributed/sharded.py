@@ -11,7 +11,6 @@ order — what :func:`build_shards` makes — so rankings are identical, ties in
 
 from __future__ import annotations
 
-import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 
 from d2r._validate import as_top_k
 from d2r.engine import Engine
-from d2r.engine.config import EngineConfig
+from d2r.engine.config import EngineConfig, engine_config
 from d2r.index.database import Database, Ranking
 from d2r.aggregate import Aggregated
 from d2r.aggregate import Aggregator
@@ -57,7 +56,7 @@ class _Shard:
         self._sources: dict = {}
         if folder != path:  # an engine folder: its feature store and sources serve re-ranking and hits
 
-            self.engine_config = json.loads((path / "engine.json").read_text()).get("config")
+            self.engine_config = engine_config(path).to_dict()  # old engine.json files converted
             self._sources = SourcesTable(path)  # sources.json and its log, read at the first hit
             if (path / "features" / "manifest.json").is_file():
                 self._store = FeatureStore.open(path / "features")
@@ -88,6 +87,10 @@ class _Shard:
 
     def source(self, image_id):
         return self._sources.get(image_id)
+
+    def record(self, image_id):
+        """The index record of ``image_id`` (None when this shard does not hold it)."""
+        return self.db.record(image_id) if image_id in self.db else None
 
     def search(self, queries, top_k: int, idf):
         kw = {} if idf is None else {"idf": idf}
@@ -216,6 +219,14 @@ class ShardedDatabase:
     def source(self, image_id):
         """The image file recorded for ``image_id`` by its shard's engine (None when unknown)."""
         return next((s for s in self._call("source", image_id) if s is not None), None)
+
+    def record(self, image_id) -> Aggregated:
+        """The index record of ``image_id`` from the shard holding it (:meth:`Database.record`; query
+        expansion averages these); KeyError if no shard has it."""
+        found = next((r for r in self._call("record", image_id) if r is not None), None)
+        if found is None:
+            raise KeyError(f"image {image_id!r} is not in any shard")
+        return found
 
     @property
     def num_shards(self) -> int:

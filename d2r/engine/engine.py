@@ -1,8 +1,8 @@
 """The whole pipeline behind one object: index a folder of photos, search it with a photo.
 
-    engine = d2r.Engine.create("my-index", d2r.EngineConfig())      # RootSIFT, R-ASMK*, GV re-ranking
+    engine = d2r.Engine.create("my-index", d2r.EngineConfig())      # RootSIFT, ASMK*, verification + aQE
     engine.index("photos/")                                           # resumable; bad files reported
-    hits = engine.search("query.jpg", top_k=10)                       # [Hit(image_id, path, score, box, inliers)]
+    hits = engine.search("query.jpg", top_k=10)                       # [Hit(image_id, path, score, ...)]
 
 An engine folder holds ``engine.json`` (format version and the resolved :class:`EngineConfig`), ``features/`` (a
 :class:`~d2r.features.FeatureStore` of every indexed image's local features, region by region, used for
@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,9 +39,8 @@ from d2r.build import Pipeline  # noqa: F401  (crop: part of this module's API)
 from d2r.features.image import crop
 from d2r._io import read_json
 from d2r.engine.check import check_engine
-from d2r.engine.config import EngineConfig, absolute_paths, engine_config
+from d2r.engine.config import FORMAT, FORMAT_VERSION, EngineConfig, absolute_paths, engine_config
 from d2r._lock import WriterLock
-from d2r.aggregate import Aggregator
 from d2r.build import check_setup
 from d2r.detect.config import check_regions
 from d2r.features.config import extractor_info
@@ -48,26 +48,34 @@ from d2r.features.image import IMAGE_EXTENSIONS, list_images
 from d2r.features.image import load_image
 from d2r.features.store import FeatureStore, check_store, import_shards
 from d2r.index.manifest import GENERATIONS as INDEX_GENERATIONS
-from d2r.query.expand import check_method
-from d2r.query.pipeline import search_expanded
-from d2r.query.verify import rerank as verify_ranking
+from d2r._threads import current_threads, numba_threads, one_blas_thread
+from d2r.aggregate import get_kernel
+from d2r.query.config import QE_METHODS
+from d2r.query.order import moved_by
+from d2r.query.pipeline import QueryResult, Stage, search_query
 
 log = logging.getLogger(__name__)
 
-FORMAT = "d2r-engine"
-FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result. ``box`` is the [x1, y1, x2, y2] region that matched in regional-search mode (None in
-    aggregation mode, where the image matches as a whole); ``inliers`` is the geometric-verification inlier count, -1 when not verified."""
+    """One search result, at ``rank`` (1 = best) of the final stage of the query path.
+
+    ``score``: the similarity of the search that found the image (the expanded query's when query expansion ran;
+    the fused score under ``rerank.fusion_weight``). ``inliers``: its geometric-verification inlier count, -1
+    when not verified. ``ranked_by``: what placed it: "inliers" when verification moved it up (usac: at least
+    ``rerank.min_inliers`` inliers; official: every verified image), "fused" under ``rerank.fusion_weight``,
+    "score" otherwise. Images moved up come first, by inliers; the rest keep score order behind them, so the
+    score column is monotone within each group, not across them. ``box``: the [x1, y1, x2, y2] region that
+    matched in regional-search mode (None in aggregation mode, where the image matches as a whole)."""
     image_id: str
     path: str | None
     score: float
     box: tuple | None
     inliers: int
     rank: int
+    ranked_by: str = "score"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -426,56 +434,76 @@ class Engine:
 
     # ---- search --------------------------------------------------------------------------------------------------
     def search(self, image, bbox=None, top_k: int = 10, rerank: bool = True, query_num_assignments: int | None = None,
-               query_expansion: str | None = None) -> list[Hit]:
+               query_expansion: str | None = None, exclude=()) -> list[Hit]:
         """Search with a photo (path, array or PIL image), optionally cropped to ``bbox`` = (x1, y1, x2, y2) in
-        pixels. Re-ranks the top ``config.rerank.num_to_rerank`` by geometric verification when ``rerank``, then
-        expands the query (``query_expansion``: none, aqe, hqe; default ``config.query_expansion`` when verifying,
-        else none).
-        ``query_num_assignments`` overrides ``index.query_num_assignments`` for this query.
-        A query without local features (blank, tiny, featureless) logs a warning and returns no hits."""
+        pixels: the final stage of :meth:`query`, its first ``top_k`` hits (ids in ``exclude`` left out).
+
+        The order: with verification (``rerank.enabled``, the default), the images verified with at least
+        ``rerank.min_inliers`` inliers come first, by inliers (``Hit.ranked_by`` "inliers"; every verified image
+        under ``rerank.method: official``); the rest follow in the order of ``Hit.score``, the similarity of the
+        search that found them (the expanded query's when ``qe.method`` expands it). So ``score`` is not
+        monotone across the two groups. A query without local features (blank, tiny, featureless) logs a
+        warning and returns no hits. Other arguments: as :meth:`query`."""
         top_k = as_top_k(top_k)  # -1 returned all hits but the last
+        result = self.query(image, bbox, top_k, rerank, query_num_assignments, query_expansion, exclude)
+        final = result.final
+        skip = set(exclude)
+        by = moved_by(self.config.rerank)
+        hits = []
+        for image_id, score, region, inl, promoted in zip(final.ids.tolist(), final.scores.tolist(),
+                                                          final.regions.tolist(), final.inliers.tolist(),
+                                                          final.promoted.tolist()):
+            if image_id in skip:
+                continue
+            if len(hits) == top_k:
+                break
+            hits.append(Hit(str(image_id), self._sources.get(str(image_id)), float(score),
+                            self._box(image_id, int(region)), int(inl), len(hits) + 1,
+                            by if promoted else "score"))
+        return hits
+
+    def query(self, image, bbox=None, top_k: int = 10, rerank: bool = True,
+              query_num_assignments: int | None = None, query_expansion: str | None = None,
+              exclude=()) -> QueryResult:
+        """Every stage of a search (:class:`~d2r.query.pipeline.QueryResult`: initial, verified, expanded, as
+        configured), each ranking ``max(top_k, rerank.num_to_rerank) + len(exclude)`` images deep.
+
+        rerank: False skips verification for this query, and the expansion that relies on it unless
+        ``query_expansion`` asks for one ("none", "aqe", "hqe"; default ``qe.method``).
+        query_num_assignments: overrides ``index.query_num_assignments`` for this query. exclude: ids that are
+        never verified nor used to expand the query (e.g. the query's own id when searching with an indexed
+        image; :meth:`search` also leaves them out of the hits). A featureless query gives empty stages."""
+        top_k = as_top_k(top_k)
         if self._db is None:
             raise ValueError(f"{self.path}: nothing indexed yet")
+        rr, qe = self.config.rerank, self.config.qe
+        if query_expansion is not None:
+            if query_expansion not in QE_METHODS:
+                raise ValueError(f"query_expansion must be one of {list(QE_METHODS)}, got {query_expansion!r}")
+            qe = qe.replace(method=query_expansion)
+        elif not rerank:
+            qe = qe.replace(method="none")
+        if not rerank:
+            rr = rr.replace(enabled=False)
+        if query_expansion == "hqe" and not get_kernel(self._db.kernel).per_word:
+            raise ValueError(f"query_expansion 'hqe' needs an ASMK kernel, not {self._db.kernel!r}")
+        ma = query_num_assignments
+        if ma is not None and (isinstance(ma, bool) or not isinstance(ma, int) or
+                               not 1 <= ma <= self._db.codebook.size):
+            raise ValueError(f"query_num_assignments must be in [1, {self._db.codebook.size}], got {ma!r}")
         pixels = load_image(image)
         if bbox is not None:
             pixels = crop(pixels, bbox, name=str(image) if isinstance(image, (str, Path)) else "query")
-        query = self.extractor.extract(pixels)
-        if len(query) == 0:  # nothing to match: no hits rather than the database in arbitrary order
+        features = self.extractor.extract(pixels)
+        if len(features) == 0:  # nothing to match: no hits rather than the database in arbitrary order
             log.warning("%s: the query has no local features (blank, tiny or featureless image): no results",
                         image if isinstance(image, (str, Path)) else "query")
-            return []
-        verify = rerank and self.config.rerank.num_to_rerank > 0 and len(query) > 0
-        depth = max(int(top_k), self.config.rerank.num_to_rerank if verify else 0)
-        # The configured expansion relies on verified neighbours: without verification it applies only on request
-        # (unverified top images are mostly distractors on small groups; benchmarks/results/dev_results.md).
-        qe = (self.config.query_expansion if verify else "none") if query_expansion is None else query_expansion
-
-        check_method(qe)
-        ma = query_num_assignments
-        if ma is not None:
-            if isinstance(ma, bool) or not isinstance(ma, int) or not 1 <= ma <= self._db.codebook.size:
-                raise ValueError(f"query_num_assignments must be in [1, {self._db.codebook.size}], got {ma!r}")
-            q = Aggregator(self._db.codebook, self._db.kernel, ma)(query.descriptors)
-        else:
-            q = query.descriptors
-        ranking = self._db.search(q, top_k=depth)
-        ids, scores, regions = np.asarray(ranking.ids), ranking.scores, ranking.regions
-        inliers = np.full(len(ids), -1, np.int64)
-        if verify and len(ids):
-            position = {i: k for k, i in enumerate(ids.tolist())}
-            ids, scores, inliers = verify_ranking(query, ids, scores, self._whole_image_features,
-                                                  self.config.rerank, codebook=self._db.codebook)
-            regions = regions[[position[i] for i in ids.tolist()]]
-        if qe != "none" and len(query) and len(ids):
-            counts = {i: int(n) for i, n in zip(ids.tolist(), inliers.tolist()) if n >= 0} if verify else None
-            ids, scores, regions, inliers, _ = search_expanded(
-                qe, self._db, query, ids, scores, counts, self._whole_image_features,
-                self.config.qe, self.config.rerank, depth, query_num_assignments=ma)
-        hits = []
-        for rank, (image_id, score, region, inl) in enumerate(zip(ids[:top_k], scores, regions, inliers)):
-            hits.append(Hit(str(image_id), self._sources.get(str(image_id)), float(score),
-                            self._box(image_id, int(region)), int(inl), rank + 1))
-        return hits
+            empty = Stage(np.zeros(0, object), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64),
+                          np.zeros(0, bool))
+            return QueryResult({"initial": empty})
+        depth = max(top_k, rr.num_to_rerank if rr.enabled else 0) + len(set(exclude))
+        return search_query(features, self._db, self._whole_image_features, rr, qe, depth, junk=exclude,
+                            query_num_assignments=ma)
 
     def warm_up(self) -> threading.Thread | None:
         """Start loading the query path's numba kernels from numba's cache in a daemon thread (a search with two
@@ -502,13 +530,9 @@ class Engine:
         """:meth:`search` for many query photos in threads (feature extraction, the index scan and RANSAC release
         the GIL). Returns one entry per image, in order: its list of :class:`Hit`, or the exception that query
         raised (one bad photo never stops the others). ``bbox`` applies to every image; ``workers`` defaults to
-        the CPU count; ``options`` (query_num_assignments, query_expansion) go to :meth:`search`. Each thread runs
-        numba and BLAS single-threaded, so the pools never compete."""
-        import os
-        from concurrent.futures import ThreadPoolExecutor
-
-        import numba
-
+        the CPU count; ``options`` (query_num_assignments, query_expansion, exclude) go to :meth:`search`. One
+        level of parallelism (:mod:`d2r._threads`): with several query threads each runs numba, BLAS and its
+        verification on one thread; results equal :meth:`search`'s."""
         top_k = as_top_k(top_k)  # once, not one error per image
         images = list(images)
         workers = max(1, min(len(images), int(workers or os.cpu_count() or 1)))
@@ -516,20 +540,15 @@ class Engine:
             self._db.search_batch([], top_k=1)
 
         def one(image):
-            previous = numba.get_num_threads()  # thread-local in numba
             try:
-                numba.set_num_threads(1 if workers > 1 else previous)
-                return self.search(image, bbox=bbox, top_k=top_k, rerank=rerank, **options)
+                with numba_threads(1 if workers > 1 else current_threads()):
+                    return self.search(image, bbox=bbox, top_k=top_k, rerank=rerank, **options)
             except Exception as exc:  # reported per query; the batch goes on
                 return exc
-            finally:
-                numba.set_num_threads(previous)
 
         if workers == 1:
             return [one(image) for image in images]
-        from threadpoolctl import threadpool_limits
-
-        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+        with one_blas_thread(), ThreadPoolExecutor(workers) as pool:
             return list(pool.map(one, images))
 
     def _stored(self, image_id):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from d2r.codebook.codebook import _one_blas_thread  # the one BLAS thread policy (d2r/_threads.py after the redesign)
+from d2r._threads import one_blas_thread  # the one BLAS thread policy
 from d2r.config import Config
 from d2r.features._torch import keep_triton_out
 from d2r.features.image import load_image
@@ -211,7 +211,7 @@ class GlobalExtractor:
     def extract(self, pixels) -> np.ndarray:
         """(dim,) float32 global vector of one image."""
         maps = self.feature_maps(pixels)
-        with _one_blas_thread():  # pooling's products are matrix-vector: a second BLAS thread only spins
+        with one_blas_thread():  # pooling's products are matrix-vector: a second BLAS thread only spins
             return self.aggregate([self.pool_map(m) for m in maps])
 
 

@@ -2,9 +2,10 @@
 maps, incremental add / remove, crash-safe saves; an optional faiss IVF-PQ index past what an exact scan
 serves.
 
-Storage (the project's log-structured conventions, on the primitives of :mod:`d2r.index.segment` and
-:mod:`d2r.index.store`: hashed ``.npy`` files, a manifest as the only commit point, kept generations, a tiered
-merge policy, one writer under an OS lock, readers lock-free on the generation they opened):
+Storage (on :mod:`d2r.storage`, the layer under the feature store and the index: hashed ``.npy`` files,
+generations as the only commit point and garbage collection (:class:`~d2r.storage.Generations`), the tier policy
+of merges (:class:`~d2r.storage.TierPolicy`), one writer under an OS lock, readers lock-free on the generation
+they opened):
 
 - ``seg-<uuid>/vectors.npy`` (n, D) float32|float16 and ``seg-<uuid>/ids.npy`` (n,) int64, immutable, written
   in a temporary folder renamed into place;
@@ -12,11 +13,11 @@ merge policy, one writer under an OS lock, readers lock-free on the generation t
 - ``ann-<uuid>.faiss``: an IVF-PQ index of the rows that existed when it was built (dropped by a merge);
 - ``manifest.json`` = the newest ``manifest-<gen>.json``: format, D, dtype, segments and files with their
   size and BLAKE2b-128 digest. Garbage collection keeps every file the last :data:`KEEP_GENERATIONS`
-  generations name.
+  generations name (the storage layer's rule, as for the index).
 
 Order of results: score descending, ties by insertion order (merges keep the order of rows). Files on disk are
-untrusted: sizes, dtypes and shapes are checked against the manifest on open (:class:`GlobalDamagedError`
-names the file, one line); :meth:`GlobalIndex.check` also verifies every digest.
+untrusted: sizes, dtypes and shapes are checked against the manifest on open (the one
+:class:`~d2r.storage.DamagedError` names the file, one line); :meth:`GlobalIndex.check` also verifies every digest.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -33,23 +35,18 @@ import numpy as np
 from d2r import _io
 from d2r._lock import WriterLock
 from d2r.globaldesc.search import exact_top_k, merge_top_k
-from d2r.storage import DamagedError, NpyWriter, RowReader, save_array
-from d2r.index.store import KEEP_GENERATIONS, MANIFEST, MergePolicy, commit
+from d2r.storage import MANIFEST, DamagedError, Generations, NpyWriter, RowReader, TierPolicy, save_array
 
 FORMAT = "d2r-global-index"
 FORMAT_VERSION = 1
 DTYPES = ("float32", "float16")
 _CHUNK_ROWS = 1 << 16
+KEEP_GENERATIONS = 3  # the current one and the two before it, as the index
+GlobalDamagedError = DamagedError  # the storage layer's one damage error (store "global")
 
 
-class GlobalDamagedError(DamagedError):
-    """A global-index file is missing, truncated or does not hold what the manifest says (``file``: its
-    path)."""
-
-    def __init__(self, file, problem: str):
-        self.file, self.problem = str(file), problem
-        ValueError.__init__(self, f"{file}: {problem} (global index damaged; GlobalIndex.check() lists the "
-                                  f"damaged files)")
+def _damaged(file, problem: str) -> DamagedError:
+    return DamagedError(file, problem, "global")
 
 
 class _Segment:
@@ -74,14 +71,14 @@ class GlobalIndex:
     :meth:`remove` change the in-memory state; :meth:`save` commits it.
     """
 
-    def __init__(self, dim: int, dtype: str = "float32", path=None, policy: MergePolicy | None = None):
+    def __init__(self, dim: int, dtype: str = "float32", path=None, policy: TierPolicy | None = None):
         if isinstance(dim, bool) or int(dim) < 1:
             raise ValueError(f"global index: dim must be a positive integer, got {dim!r}")
         if dtype not in DTYPES:
             raise ValueError(f"global index: dtype must be one of {list(DTYPES)}, got {dtype!r}")
         self.dim, self.dtype = int(dim), dtype
         self.path = None if path is None else Path(path)
-        self.policy = policy or MergePolicy()
+        self.policy = policy or TierPolicy()
         self.metadata: dict = {}
         self.generation = 0
         self._segments: list[_Segment] = []
@@ -99,7 +96,7 @@ class GlobalIndex:
     # ---- folders -------------------------------------------------------------------------------------------
     @classmethod
     def create(cls, path, dim: int, dtype: str = "float32", metadata: dict | None = None,
-               policy: MergePolicy | None = None) -> "GlobalIndex":
+               policy: TierPolicy | None = None) -> "GlobalIndex":
         """A new, empty index in folder ``path`` (created; refused if it already holds an index), writable."""
         path = Path(path)
         if (path / MANIFEST).exists():
@@ -113,7 +110,7 @@ class GlobalIndex:
         return idx
 
     @classmethod
-    def open(cls, path, writable: bool = False, policy: MergePolicy | None = None) -> "GlobalIndex":
+    def open(cls, path, writable: bool = False, policy: TierPolicy | None = None) -> "GlobalIndex":
         path = Path(path)
         lock = WriterLock(path, what="global index").acquire() if writable else None
         try:
@@ -171,7 +168,7 @@ class GlobalIndex:
         self._sorted_ids, self._sorted_rows = ids[rows][order], rows[order]
         if self._sorted_ids.size > 1 and np.any(self._sorted_ids[1:] == self._sorted_ids[:-1]):
             dup = int(self._sorted_ids[1:][self._sorted_ids[1:] == self._sorted_ids[:-1]][0])
-            raise GlobalDamagedError(self.path or "<memory>", f"id {dup} is live twice")
+            raise _damaged(self.path or "<memory>", f"id {dup} is live twice")
 
     def _saved_row(self, ids: np.ndarray) -> np.ndarray:
         """Saved live row of each id, −1 where none."""
@@ -358,7 +355,7 @@ class GlobalIndex:
             try:
                 self._faiss = faiss.read_index(str(file))
             except RuntimeError as exc:
-                raise GlobalDamagedError(file, f"unreadable faiss index ({str(exc).splitlines()[0][:120]})")
+                raise _damaged(file, f"unreadable faiss index ({str(exc).splitlines()[0][:120]})")
         self._faiss.nprobe = int(nprobe or self._ann["nprobe"])
         want = max(k * max(int(refine), 1), k)
         with _faiss_threads(1 if q.shape[0] < 16 else None):  # a few queries: serial (no OpenMP start-up)
@@ -394,9 +391,9 @@ class GlobalIndex:
         while True:
             row_bytes = self.dim * np.dtype(self.dtype).itemsize
             plan = self.policy.plan([s.rows * row_bytes for s in self._segments])
-            if plan is None:
+            if not plan:
                 break
-            self._merge(*plan)
+            self._merge(plan[0], plan[-1] + 1)
         if self._ann is not None and self._ann["name"] is None:
             name = f"ann-{uuid.uuid4().hex}.faiss"
             with _io.atomic_path(self.path / name) as tmp:
@@ -440,14 +437,12 @@ class GlobalIndex:
 
         def chunks():
             for s, _, dead in parts:
-                reader = RowReader(self.path / s.name / "vectors.npy")
-                try:
-                    for a in range(0, s.rows, _CHUNK_ROWS):
-                        b = min(a + _CHUNK_ROWS, s.rows)
-                        keep = ~dead[a:b]
-                        yield reader.read(a, b)[keep], np.asarray(s.ids[a:b])[keep]
-                finally:
-                    reader.close()
+                reader = RowReader(self.path / s.name / "vectors.npy", store="global")  # holds no file open
+                for a in range(0, s.rows, _CHUNK_ROWS):
+                    b = min(a + _CHUNK_ROWS, s.rows)
+                    keep = ~dead[a:b]
+                    yield reader.read(a, b)[keep], np.asarray(s.ids[a:b])[keep]
+                reader.verify(s.files["vectors.npy"])  # hashed on the way: a merge never copies damage
 
         merged = self._write_segment(chunks(), keep_total)
         first = sum(s.rows for s in self._segments[:start])
@@ -465,8 +460,8 @@ class GlobalIndex:
         m = {"format": FORMAT, "format_version": FORMAT_VERSION, "generation": self.generation,
              "dim": self.dim, "dtype": self.dtype, "segments": [s.record() for s in self._segments],
              "removed": removed, "ann": self._ann, "metadata": self.metadata}
-        commit(self.path, m)
-        _collect_garbage(self.path, m)
+        GENERATIONS.commit(self.path, m)
+        GENERATIONS.collect_garbage(self.path, m)
 
     def check(self) -> list[str]:
         """Verify every file of the current generation (sizes, digests, shapes): one line per problem."""
@@ -530,9 +525,9 @@ def _verify(file: Path, rec: dict) -> list[str]:
 
 def _check_size(file: Path, rec: dict | None) -> None:
     if not file.is_file():
-        raise GlobalDamagedError(file, "missing")
+        raise _damaged(file, "missing")
     if rec is not None and file.stat().st_size != rec.get("size"):
-        raise GlobalDamagedError(file, f"{file.stat().st_size} bytes, the manifest says {rec.get('size')}")
+        raise _damaged(file, f"{file.stat().st_size} bytes, the manifest says {rec.get('size')}")
 
 
 def _load_checked(file: Path, rec: dict | None, dtype, shape) -> np.ndarray:
@@ -540,9 +535,9 @@ def _load_checked(file: Path, rec: dict | None, dtype, shape) -> np.ndarray:
     try:
         a = np.load(file, mmap_mode="r", allow_pickle=False)
     except Exception as exc:  # unreadable header, short file, pickled content
-        raise GlobalDamagedError(file, f"unreadable ({str(exc).splitlines()[0][:120]})") from None
+        raise _damaged(file, f"unreadable ({str(exc).splitlines()[0][:120]})") from None
     if a.dtype != np.dtype(dtype) or a.shape != tuple(shape) or not a.flags.c_contiguous:
-        raise GlobalDamagedError(file, f"expected {np.dtype(dtype)} {tuple(shape)}, got {a.dtype} {a.shape}")
+        raise _damaged(file, f"expected {np.dtype(dtype)} {tuple(shape)}, got {a.dtype} {a.shape}")
     return a
 
 
@@ -556,20 +551,21 @@ def _open_segment(root: Path, rec: dict, dim: int, dtype: str) -> _Segment:
 
 
 def read_manifest(path) -> dict:
-    """Parse and check ``path/manifest.json``; FileNotFoundError when there is no index, GlobalDamagedError
-    when it is unreadable."""
-    path = Path(path)
-    file = path / MANIFEST
-    if not file.is_file():
-        raise FileNotFoundError(f"{path}: no d2r global index here (manifest.json missing)")
+    """The current manifest of the global index at ``path``; FileNotFoundError when there is none, DamagedError
+    when it is unreadable (or gone while generations or parts remain)."""
+    return GENERATIONS.read(Path(path))
+
+
+def _read_file(file: Path) -> dict:
+    """Parse and check one manifest file (the commit point or a generation); DamagedError naming it."""
     try:
         m = json.loads(file.read_text())
         if not isinstance(m, dict):
             raise ValueError("not a JSON object")
     except (ValueError, UnicodeDecodeError) as exc:
-        raise GlobalDamagedError(file, f"unreadable manifest ({exc})") from None
+        raise _damaged(file, f"unreadable manifest ({exc})") from None
     if m.get("format") != FORMAT:
-        raise GlobalDamagedError(file, f"not a d2r global index manifest (format {m.get('format')!r})")
+        raise _damaged(file, f"not a d2r global index manifest (format {m.get('format')!r})")
     if int(m.get("format_version", 0)) > FORMAT_VERSION:
         raise ValueError(f"{file}: format version {m['format_version']} is newer than this d2r supports "
                          f"({FORMAT_VERSION})")
@@ -585,7 +581,7 @@ def read_manifest(path) -> dict:
             if rec is not None and (not str(rec.get("name")).startswith(prefix) or "/" in rec["name"]):
                 raise ValueError(f"bad {key} record")
     except (KeyError, TypeError, ValueError) as exc:
-        raise GlobalDamagedError(file, f"malformed manifest ({exc})") from None
+        raise _damaged(file, f"malformed manifest ({exc})") from None
     return m
 
 
@@ -597,26 +593,16 @@ def _referenced(m: dict) -> set[str]:
     return names
 
 
-def _collect_garbage(path: Path, current: dict) -> None:
-    """Delete files that neither ``current`` nor the kept generations before it reference (the database's
-    rule)."""
-    gen = int(current["generation"])
-    keep = _referenced(current)
-    for entry in path.glob("manifest-*.json"):
-        try:
-            g = int(entry.stem.split("-", 1)[1])
-        except ValueError:
-            continue
-        if g <= gen - KEEP_GENERATIONS:
-            entry.unlink(missing_ok=True)
-        elif g < gen:
-            try:
-                keep |= _referenced(json.loads(entry.read_text()))
-            except (ValueError, OSError, KeyError, TypeError):
-                return  # a damaged old generation: keep everything this time
-    for entry in path.iterdir():
-        if entry.name.startswith(("seg-", "removed-", "ann-", ".seg-")) and entry.name not in keep:
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+_PART = re.compile(r"(seg-[0-9a-f]{32}|removed-[0-9a-f]{32}\.npy|ann-[0-9a-f]{32}\.faiss)")
+
+
+def _part_of(name: str) -> str | None:
+    return name if _PART.fullmatch(name) else None
+
+
+# Only the writer-lock holder writes parts: parts no generation lists are garbage at once.
+GENERATIONS = Generations(store="global", what="d2r global index", read_file=_read_file, parts=_referenced,
+                          part_of=_part_of, keep=KEEP_GENERATIONS)
 
 
 def _concat(parts, dtype) -> np.ndarray:

@@ -12,7 +12,7 @@ import contextlib
 import numpy as np
 
 # the project's one BLAS thread policy (d2r/_threads.py after the redesign)
-from d2r.codebook.codebook import _one_blas_thread
+from d2r._threads import one_blas_thread  # the one BLAS thread policy
 
 BLOCK_VALUES = 1 << 22  # values per scanned block: a 16 MB float32 temporary for float16 storage
 # Fewer queries than this: one BLAS thread. Their products are matrix-vector, bound by memory bandwidth, and a
@@ -65,7 +65,7 @@ def exact_top_k(queries, vectors, k: int, removed=None, block_rows: int | None =
     n = vectors.shape[0]
     qt = q.T
     block_rows = block_rows or max(1024, BLOCK_VALUES // max(q.shape[1], 1))
-    with _one_blas_thread() if nq < SERIAL_QUERIES else contextlib.nullcontext():
+    with one_blas_thread() if nq < SERIAL_QUERIES else contextlib.nullcontext():
         return _scan(q, qt, vectors, n, k, removed, block_rows, best_i, best_s, base)
 
 

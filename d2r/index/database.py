@@ -41,7 +41,9 @@ from d2r.index.manifest import (FORMAT, FORMAT_VERSION, GENERATIONS, MANIFEST, c
 from d2r.index.merge import MergePolicy, merge
 from d2r.index.search import EMPTY_SCORE, Ranking
 from d2r.index.segment import Segment
+from d2r.kernels.ivf import item_entries
 from d2r.storage import DamagedError, file_record, verify_file
+from d2r.aggregate import get_kernel
 
 log = logging.getLogger(__name__)
 
@@ -541,6 +543,30 @@ class Database:
             valid = best[top] >= 0
             regions[valid] = region_of[best[top][valid]]
         return Ranking(self._out_ids(self._all_ids()[top]), scores[top], regions)
+
+    def record(self, image_id) -> Aggregated:
+        """The aggregated record the index holds for an image, read back from its segment: its one item in
+        aggregation mode (the regional aggregation when it was indexed with regions), its whole-image item
+        (region 0) in regional-search mode. Query expansion averages these instead of re-aggregating the
+        neighbours' features. KeyError for an id not in the database."""
+        key = self._key(image_id)
+        segments = self._searchable()  # images added since the last search become a segment first
+        index = self._id_index().get(key)
+        if index is None:
+            raise KeyError(f"image {image_id!r} is not in the database")
+        for seg in segments:
+            if index < seg.num_images:
+                break
+            index -= seg.num_images
+        item_image = np.asarray(seg.item_image)
+        lo, hi = np.searchsorted(item_image, index, "left"), np.searchsorted(item_image, index, "right")
+        whole = np.flatnonzero(np.asarray(seg.item_region[lo:hi]) == 0)
+        item = int(lo + (whole[0] if whole.size else 0))
+        kernel = get_kernel(self.kernel)
+        if not kernel.per_word:
+            return kernel.record(self.codebook.dim, self.codebook.size, np.array(seg.payload[item]))
+        words, entries = item_entries(seg.offsets, seg.items, seg.blocks, item)
+        return kernel.record(self.codebook.dim, self.codebook.size, np.array(seg.payload[entries]), words)
 
     def search_batch(self, queries, top_k: int = 100, workers: int | None = None, *, idf=None) -> list[Ranking]:
         """Search several queries; the numba scans release the GIL, so threads run them in parallel."""

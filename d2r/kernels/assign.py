@@ -40,36 +40,12 @@ def update_shortlist(dots, centroid_sq_norms, k0, best_d, best_i):
 
 
 @njit(cache=True, nogil=True)
-def smallest_per_row(dots, centroid_sq_norms, c):
-    """Indices of the ``c`` smallest ``‖c_k‖² − 2⟨x, c_k⟩`` per row (ascending; equal values keep the lower index).
-
-    dots: (n, K) float32 ⟨x_i, c_k⟩; centroid_sq_norms: (K,) float32. Returns (n, c) int64.
-    """
-    n = dots.shape[0]
-    best_d = np.full((n, c), np.inf, np.float32)
-    best_i = np.full((n, c), -1, np.int64)
-    update_shortlist(dots, centroid_sq_norms, 0, best_d, best_i)
-    return best_i
-
-
-@njit(cache=True, nogil=True)
 def _sq_dist64(x, centroids, i, k):
     s = 0.0
     for t in range(x.shape[1]):
         diff = np.float64(x[i, t]) - np.float64(centroids[k, t])
         s += diff * diff
     return s
-
-
-@njit(cache=True, nogil=True)
-def refine_exact(x, centroids, candidates, m):
-    """Re-rank candidate words by exact float64 squared L2 and keep the ``m`` nearest, ties by lower word index.
-
-    x: (n, D) float32; centroids: (K, D) float32; candidates: (n, c) int64 with c ≥ m. Returns (n, m) int64.
-    """
-    n = candidates.shape[0]
-    full = np.zeros(n, np.bool_)
-    return refine_or_scan(x, centroids, candidates, full, m)
 
 
 @njit(cache=True, nogil=True)

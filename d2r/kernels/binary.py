@@ -1,4 +1,4 @@
-"""Binary signatures (ASMK*): sign or threshold binarisation packed MSB-first, and popcount Hamming distance."""
+"""Binary signatures (ASMK*): sign binarisation packed MSB-first, and popcount Hamming distance."""
 
 import numpy as np
 from llvmlite import ir
@@ -7,26 +7,20 @@ from numba.extending import intrinsic
 
 
 @njit(cache=True)
-def pack_bits(unit, words, thresholds):
-    """Binarise rows of ``unit`` (W, D) float32 and pack them MSB-first into (W, ceil(D/8)) uint8.
+def pack_bits(unit):
+    """Binarise rows of ``unit`` (W, D) float by sign and pack them MSB-first into (W, ceil(D/8)) uint8.
 
-    Bit t of row w is 1 iff unit[w, t] > threshold, the threshold being 0 (sign, the official rule) when
-    ``thresholds`` has no rows, else thresholds[words[w], t] (per-word medians, Hamming embedding).
-    Padding bits of the last byte are 0.
+    Bit t of row w is 1 iff unit[w, t] > 0 (the official ASMK* rule). Padding bits of the last byte are 0.
     """
     W, D = unit.shape
     nbytes = (D + 7) // 8
     out = np.empty((W, nbytes), np.uint8)
-    use_thr = thresholds.shape[0] > 0
     for w in range(W):
         row = unit[w]
-        thr = thresholds[words[w]] if use_thr else row  # ``row`` is a placeholder when unused
         for b in range(nbytes):
             byte = 0
             for j in range(min(8, D - 8 * b)):
-                t = 8 * b + j
-                limit = thr[t] if use_thr else np.float32(0.0)
-                byte = (byte << 1) | (1 if row[t] > limit else 0)
+                byte = (byte << 1) | (1 if row[8 * b + j] > 0 else 0)
             if D - 8 * b < 8:  # last, partial byte: pad with zero bits at the end (MSB-first)
                 byte <<= 8 - (D - 8 * b)
             out[w, b] = byte

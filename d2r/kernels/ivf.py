@@ -11,22 +11,6 @@ BLOCK = 1 << BLOCK_BITS
 
 
 @njit(cache=True, nogil=True)
-def scan_bits(q_words, q_bits, offsets, items, blocks, bits, dim, alpha, tau, tau_inclusive, weights, scores):
-    """Accumulate Σ_c w_c σ(1 − 2·h/D) into ``scores[item]`` for every posting of every query word.
-
-    q_words (Wq,) int; q_bits (Wq, B) and bits (E, B) packed signatures of the same unsigned dtype (uint64
-    words of 128-bit signatures take two popcounts); offsets (K·blocks+1,) int64 blocked CSR offsets: the
-    postings of word w with item id in block b (item >> 16 == b) are entries [offsets[w·blocks + b],
-    offsets[w·blocks + b + 1]); items (E,) uint16 item − b·65536 (or uint32 full ids when blocks == 1, the
-    previous format); weights (K,) float64 or empty; scores (num_items,) float64, updated in place.
-    Cost: the total length of the query words' posting lists. σ depends only on the Hamming distance h, so it
-    is tabulated once.
-    """
-    scan_bits_items(q_words, q_bits, offsets, items, blocks, bits, dim, alpha, tau, tau_inclusive, weights,
-                    scores, 0, scores.shape[0])
-
-
-@njit(cache=True, nogil=True)
 def _lower_bound(items, lo, hi, value, num_items):
     """First e in [lo, hi) with items[e] >= value (items ascending there), else hi. Item ids of a posting list
     spread evenly over [0, num_items), so the search starts at the interpolated position and gallops outwards:
@@ -59,11 +43,18 @@ def _lower_bound(items, lo, hi, value, num_items):
 @njit(cache=True, nogil=True)
 def scan_bits_items(q_words, q_bits, offsets, items, blocks, bits, dim, alpha, tau, tau_inclusive, weights,
                     scores, first, stop):
-    """:func:`scan_bits` restricted to the postings of items in [first, stop): blocks wholly inside the
-    range are scanned whole, and each (word, block) run is ascending in item id (validated when a segment is
-    opened), so two searches find the range in the (at most two) blocks it cuts. Threads scanning disjoint
-    item ranges write disjoint scores, and every item's sum is taken in the same order as one full scan
-    (bit-identical)."""
+    """Accumulate Σ_c w_c σ(1 − 2·h/D) into ``scores[item]`` for every posting of every query word whose item
+    lies in [first, stop) (the ASMK* scan; [0, num_items) scans everything).
+
+    q_words (Wq,) int; q_bits (Wq, B) and bits (E, B) packed signatures of the same unsigned dtype (uint64
+    words of 128-bit signatures take two popcounts); offsets (K·blocks+1,) int64 blocked CSR offsets: the
+    postings of word w with item id in block b (item >> 16 == b) are entries [offsets[w·blocks + b],
+    offsets[w·blocks + b + 1]); items (E,) uint16 item − b·65536 (or uint32 full ids when blocks == 1, the
+    previous format); weights (K,) float64 or empty; scores (num_items,) float64, updated in place. σ depends
+    only on the Hamming distance h, so it is tabulated once. Blocks wholly inside the range are scanned whole,
+    and each (word, block) run is ascending in item id (validated when a segment is opened), so two searches
+    find the range in the (at most two) blocks it cuts. Threads scanning disjoint item ranges write disjoint
+    scores, and every item's sum is taken in the same order as one full scan (bit-identical)."""
     m = scores.shape[0]
     first, stop = max(first, 0), min(stop, m)
     if first >= stop:
@@ -115,7 +106,7 @@ def _run(items, bits, lo, hi, q, table, wt, out):
 
 @njit(cache=True, nogil=True)
 def scan_residuals(q_words, q_desc, offsets, items, blocks, desc, alpha, tau, tau_inclusive, weights, scores):
-    """As :func:`scan_bits` with u = ⟨q_c, d_c⟩ on float32 unit vectors (ASMK)."""
+    """As :func:`scan_bits_items` (all items) with u = ⟨q_c, d_c⟩ on float32 unit vectors (ASMK)."""
     use_w = weights.shape[0] > 0
     D = q_desc.shape[1]
     for qi in range(q_words.shape[0]):
@@ -150,7 +141,7 @@ def max_per_image(item_scores, item_image, num_images, empty_value):
 
 @njit(cache=True)
 def document_frequency(offsets, items, blocks, item_live):
-    """Number of live items holding each word: (K,) int64 (offsets/items/blocks as in :func:`scan_bits`)."""
+    """Number of live items holding each word: (K,) int64 (offsets/items/blocks as in :func:`scan_bits_items`)."""
     K = (offsets.shape[0] - 1) // blocks
     df = np.zeros(K, np.int64)
     for w in range(K):
@@ -239,3 +230,30 @@ def top_k_heap(scores, k):
             hi[0] = i
             _sift_down(hs, hi, 0, k)
     return hs, hi
+
+
+@njit(cache=True, nogil=True)
+def item_entries(offsets, items, blocks, item):
+    """The postings of one item, read back: (words (W,) int64 ascending, entries (W,) int64) for every word
+    whose posting list holds ``item`` (global item id of the segment), with the entry index of that posting
+    (offsets/items/blocks as in :func:`scan_bits_items`). One binary search per codebook word."""
+    K = (offsets.shape[0] - 1) // blocks
+    b = np.int64(item) >> BLOCK_BITS if blocks > 1 else np.int64(0)
+    value = np.int64(item) - (b << BLOCK_BITS)
+    words = np.empty(K, np.int64)
+    entries = np.empty(K, np.int64)
+    n = 0
+    for w in range(K):
+        lo = offsets[w * blocks + b]
+        hi = offsets[w * blocks + b + 1]
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if np.int64(items[mid]) < value:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < offsets[w * blocks + b + 1] and np.int64(items[lo]) == value:
+            words[n] = w
+            entries[n] = lo
+            n += 1
+    return words[:n].copy(), entries[:n].copy()

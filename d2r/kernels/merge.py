@@ -11,7 +11,7 @@ def merge_postings(seg_offsets, seg_start, seg_blocks, items, payload, item_map,
                    out_payload, out_counts, out_blocks):
     """K-way merge of S segments' postings for W consecutive words, dropping removed items.
 
-    Segment s (``seg_blocks[s]`` item blocks, see :func:`d2r.kernels.ivf.scan_bits`) has its W·blocks + 1
+    Segment s (``seg_blocks[s]`` item blocks, see :func:`d2r.kernels.ivf.scan_bits_items`) has its W·blocks + 1
     offsets at seg_offsets[seg_start[s]:], pointing into ``items``/``payload`` (the S segments' slices of this
     word range, concatenated); items (E,) uint16 ids within their block (or uint32 full ids, one block);
     payload (E, B) any dtype; item_map (M,) int64: new item id, or -1 for a removed item, of every item of the S
