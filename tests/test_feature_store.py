@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from d2r.features import FeatureStore, LocalFeatures, RegionFeatures, RootSIFT, extract_to_store
-from d2r.features.store import _ordered_map
+from d2r.build import _ordered_map, extract_to_store
+from d2r.features import FeatureStore, LocalFeatures, RegionFeatures, RootSIFT
 
 INFO = {"name": "toy", "config": {"a": 1}, "fingerprint": "abc123", "dim": 8}
 
