@@ -171,7 +171,7 @@ def _run_dev(bench_dev, out, cache, json_file):
     argv = ["bench", "revisitop", "--gnd", str(bench_dev / "gnd.pkl"), "--images-root", str(bench_dev),
             "--features", "rootsift", "--max-features", "300", "--codebook-size", "256", "--codebook-sample", "50",
             "--kernel", "asmk_star",
-            "--out", str(out), "--cache", str(cache), "--json", str(json_file), "--quiet"]
+            "--out", str(out), "--cache", str(cache), "--json-out", str(json_file), "--quiet"]
     t0 = time.perf_counter()
     assert main(argv) == 0
     return time.perf_counter() - t0, json.loads(json_file.read_text())
@@ -260,7 +260,7 @@ def test_bench_gldv2_synthetic_end_to_end(bench_dev, tmp_path):
     argv = ["bench", "gldv2", "--index-csv", str(tmp_path / "index.csv"), "--test-csv", str(tmp_path / "test.csv"),
             "--solution-csv", str(tmp_path / "solution.csv"), "--images-root", str(root), "--max-features", "300",
             "--codebook-size", "64", "--rerank", "--rerank-distance", "0.5", "--out", str(out),
-            "--json", str(tmp_path / "m.json"), "--quiet"]
+            "--json-out", str(tmp_path / "m.json"), "--quiet"]
     assert main(argv) == 0
     r = json.loads((tmp_path / "m.json").read_text())
     assert set(r) >= {"public", "private", "before_rerank", "timing", "config", "index"}

@@ -142,7 +142,7 @@ for save in range(int(sys.argv[2])):
 
 _READER = """
 import sys, time
-from d2r._sources import read_sources
+from d2r.engine.sources import read_sources
 last, seen = -1, 0
 deadline = time.monotonic() + 60
 while time.monotonic() < deadline:
