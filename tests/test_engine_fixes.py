@@ -139,27 +139,6 @@ def test_index_check_on_an_engine_without_an_index(photos, tmp_path, capsys):
     assert code == 1 and "damaged" in err and "Traceback" not in err
 
 
-def test_repair_takes_the_engine_lock_and_serve_maps_it_to_409(photos, tmp_path, capsys):
-    from fastapi.testclient import TestClient
-
-    from d2r._lock import WriterLock
-    from d2r.serve.app import create_app
-
-    eng = tmp_path / "eng"
-    Engine.create(eng, _config()).index(photos, progress=False)
-    with WriterLock(eng, what="index"):  # another writer of the engine (e.g. `d2r index add`)
-        code, _, err = _cli(capsys, "index", "repair", eng)
-        assert code == 1 and "another writer" in err and len(err.strip().splitlines()) == 1
-        client = TestClient(create_app(eng))
-        r = client.delete("/api/images/im0")
-        assert r.status_code == 409 and "another writer" in r.json()["error"], r.text
-    assert client.delete("/api/images/im0").status_code == 200
-    code, out, err = _cli(capsys, "index", "repair", eng)
-    assert code == 0 and "nothing to repair" in out
-    code, _, err = _cli(capsys, "index", "repair", eng, "--lock-timeout", "-1")
-    assert code == 2 and "--lock-timeout" in err
-
-
 def test_flag_combinations_are_usage_errors(tmp_path, capsys):
     def usage(*args):
         code, _, err = _cli(capsys, *args)

@@ -207,6 +207,18 @@ class Engine:
     def __contains__(self, image_id) -> bool:
         return self._db is not None and image_id in self._db
 
+    def image_folders(self) -> list[Path]:
+        """The folders holding the indexed images' files, as the sources table records them (absolute paths,
+        symbolic links resolved when indexed), a folder inside another left out: where ``d2r serve`` may read
+        image files from."""
+        folders = sorted({Path(p).parent for p in self._sources.values() if os.path.isabs(p)},
+                         key=lambda f: f.parts)  # a folder's subfolders sort right after it
+        kept: list[Path] = []
+        for folder in folders:
+            if not kept or not folder.is_relative_to(kept[-1]):
+                kept.append(folder)
+        return kept
+
     def info(self) -> dict:
         self._sources.load()  # a damaged sources table is an error here too
         out = {"path": str(self.path), "images": len(self), "failures": len(self._failures),
