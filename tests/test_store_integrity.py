@@ -368,7 +368,9 @@ def test_corruption_corpus(good_store, tmp_path, key, how, capsys):
     engine = tmp_path / "eng"
     cfg = tmp_path / "cfg.json"
     cfg.write_text(
-        json.dumps({"features": {"options": {"max_features": 200}}, "regions": {"proposer": "grid"}})
+        # a codebook the 17 images can give: else that setting is refused first, before the store is read
+        json.dumps({"features": {"options": {"max_features": 200}}, "regions": {"proposer": "grid"},
+                    "codebook": {"size": 8}})
     )
     assert main(["index", "create", str(engine), "--config", str(cfg), "--quiet"]) == 0
     assert main(["index", "add", str(engine), "--store", str(path), "--quiet"]) == 1
