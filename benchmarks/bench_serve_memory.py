@@ -42,7 +42,8 @@ def _engine(workdir: Path) -> Path:
     import skimage.data as data
     from PIL import Image
 
-    from d2r.engine import Engine, EngineConfig
+    from d2r.engine import Engine
+    from d2r.engine.config import EngineConfig
 
     eng = workdir / "eng"
     if (eng / "engine.json").is_file():

@@ -51,7 +51,8 @@ def _free_port() -> int:
 
 def build_engine(root: Path, pics) -> Path:
     """``root/eng``: 8 images of ``root/photos`` (4 scenes, each with a shifted crop: every scene has a match)."""
-    from d2r.engine import Engine, EngineConfig
+    from d2r.engine import Engine
+    from d2r.engine.config import EngineConfig
 
     photos = root / "photos"
     photos.mkdir()

@@ -21,7 +21,8 @@ from d2r.eval.compare import compare_runs, format_comparison
 def _common(p) -> None:
     p.add_argument("--images-root", required=True, metavar="ROOT", help="folder holding the images")
     p.add_argument("--config", metavar="FILE.yaml", help="run config (YAML/JSON); flags override it")
-    p.add_argument("--features", choices=("rootsift", "delf"), help="local features (config: features.name)")
+    p.add_argument("--features", choices=("rootsift", "delf", "aliked", "disk"),
+                   help="local features (config: features.name; aliked/disk need the [learned] extra)")
     p.add_argument("--model", metavar="PATH", help="DELF SavedModel folder (features.model)")
     p.add_argument("--pca", metavar="PATH", help="PCA parameters folder (features.pca)")
     p.add_argument("--max-features", type=int, metavar="N", help="features per image (features.options)")
@@ -51,9 +52,10 @@ def _common(p) -> None:
     p.add_argument("--rerank-distance", type=float, metavar="D",
                    help="putative-match descriptor distance (rerank.descriptor_distance; official 0.9)")
     p.add_argument("--num-to-rerank", type=int, metavar="N", help="candidates verified (rerank.num_to_rerank)")
-    p.add_argument("--rerank-method", choices=("official", "usac"),
+    p.add_argument("--rerank-method", choices=("official", "usac", "lightglue"),
                    help="verification rule (rerank.method): official = sort by inliers (paper), usac = mutual NN + "
-                        "ratio test, MAGSAC++, images with >= rerank.min_inliers move up")
+                        "ratio test, MAGSAC++, images with >= rerank.min_inliers move up; lightglue = LightGlue "
+                        "matches (aliked/disk features), then as usac")
     p.add_argument("--min-inliers", type=int, metavar="N", help="usac decision threshold (rerank.min_inliers)")
     p.add_argument("--query-expansion", choices=("none", "aqe", "hqe"),
                    help="query expansion after the first search (query_expansion)")

@@ -18,8 +18,10 @@ def add_parser(subparsers) -> None:
                     "are recorded in failures.json and skipped. Image id = path relative to the folder, "
                     "without extension.")
     p.add_argument("--images", required=True, help="image folder or text file with one image path per line")
-    p.add_argument("--features", required=True, choices=["rootsift", "delf"], help="extractor")
-    p.add_argument("--model", help="DELF SavedModel folder (official or exported by d2r)")
+    p.add_argument("--features", required=True, choices=["rootsift", "delf", "aliked", "disk"],
+                   help="extractor (aliked, disk: the [learned] extra)")
+    p.add_argument("--model", help="DELF SavedModel folder (official or exported by d2r); aliked/disk: a .pth "
+                                   "weights file (default: the packaged one)")
     p.add_argument("--pca", help="PCA folder (mean.datum + pca_proj_mat.datum); DELF default: MODEL/pca or "
                                  "MODEL/../pca")
     p.add_argument("--no-pca", action="store_true", help="DELF: keep the raw L2-normalised descriptors")
@@ -47,8 +49,8 @@ def run(args) -> int:
     from pathlib import Path
 
 
-    if args.model and args.features != "delf":
-        raise UsageError("--model is only for --features delf")
+    if args.model and args.features == "rootsift":
+        raise UsageError("--model is only for --features delf, aliked or disk")
     if args.gpus_per_worker is not None and (args.ray is None or args.gpus_per_worker <= 0):
         raise UsageError("--gpus-per-worker needs --ray and a positive fraction")
     if args.ray is not None and args.shard_size is not None:

@@ -43,7 +43,8 @@ def add_parser(subparsers) -> None:
     c.add_argument("--codebook-size", type=int, metavar="K",
                    help="words of the codebook trained on the first images indexed (default 1024; not with "
                         "--codebook)")
-    c.add_argument("--features", choices=["rootsift", "delf"], help="local features (default rootsift)")
+    c.add_argument("--features", choices=["rootsift", "delf", "aliked", "disk"],
+                   help="local features (default rootsift; aliked, disk: the [learned] extra)")
     c.add_argument("--model", help="DELF SavedModel folder")
     c.add_argument("--regions", help="region proposer: none, grid, density or a detector SavedModel folder")
     c.add_argument("--kernel", choices=["vlad", "asmk", "asmk_star"], help="match kernel (default asmk_star)")

@@ -14,7 +14,7 @@ import numpy as np
 from d2r import _io
 from d2r._validate import as_descriptors
 from d2r.kernels.assign import CHUNK, finish_candidates, refine_or_scan, select_candidates, update_shortlist
-from d2r.features.config import pca_fingerprint
+from d2r.features.config import feature_type, pca_fingerprint
 
 FORMAT = "d2r-codebook"
 FORMAT_VERSION = 1
@@ -269,7 +269,7 @@ MIN_DESCRIPTORS_PER_WORD = 4
 
 def codebook_metadata(extractor, trainset: str) -> dict:
     """What a codebook trained on this extractor's features records (checked by :func:`fit_codebook`)."""
-    meta = {"feature": extractor.name, "trainset": trainset, "feature_fingerprint": extractor.fingerprint()}
+    meta = {"feature": feature_type(extractor), "trainset": trainset, "feature_fingerprint": extractor.fingerprint()}
     pca = pca_fingerprint(extractor)
     if pca is not None:
         meta["pca_fingerprint"] = pca
@@ -278,18 +278,18 @@ def codebook_metadata(extractor, trainset: str) -> dict:
 
 def fit_codebook(book, extractor, what: str = "codebook") -> Codebook:
     """Load ``book`` (a :class:`Codebook` or a ``.npz`` path) and check it fits the extractor's features
-    (dimension, feature type, PCA fingerprint, via :func:`d2r.train.check_codebook`); ValueError naming it."""
+    (dimension, feature type, PCA fingerprint, via :func:`check_codebook`); ValueError naming it."""
     source = what if isinstance(book, Codebook) else f"{what} {book}"
     if not isinstance(book, Codebook):
         book = Codebook.load(book)
     try:
         pca = pca_fingerprint(extractor)
-        check_codebook(book, dim=extractor.dim, feature=extractor.name, pca_fingerprint=pca)
+        check_codebook(book, dim=extractor.dim, feature=feature_type(extractor), pca_fingerprint=pca)
         if pca is None and book.metadata.get("pca_fingerprint") is not None:
             raise ValueError(f"codebook {book.fingerprint} was trained after PCA "
                              f"{book.metadata['pca_fingerprint']}, the features use no PCA")
     except ValueError as exc:
-        raise ValueError(f"{source}: does not fit the {extractor.name} features ({exc})") from None
+        raise ValueError(f"{source}: does not fit the {feature_type(extractor)} features ({exc})") from None
     return book
 
 

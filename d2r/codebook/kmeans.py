@@ -124,7 +124,8 @@ def sample_image(desc: np.ndarray, quota: int, seed: int, i: int) -> np.ndarray:
 
 
 def _extractor_provenance(info: dict, pca_fingerprint=None) -> dict:
-    out = {"feature": info.get("name"), "feature_config": info.get("config", {}),
+    # the variant where variants are other descriptor spaces (aliked-n16: d2r.features.config.feature_type)
+    out = {"feature": info.get("feature_type", info.get("name")), "feature_config": info.get("config", {}),
            "feature_fingerprint": info.get("fingerprint")}
     pca = pca_fingerprint or info.get("pca_fingerprint") or (info.get("config") or {}).get("pca_fingerprint")
     if pca:

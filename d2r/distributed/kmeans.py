@@ -2,12 +2,12 @@
 
 The training sample is cut into contiguous partitions, one per worker actor (each keeps its partition in the
 object store, so an iteration ships only the centroids). Every iteration each worker runs
-:func:`d2r.train.lloyd_assign` on its partition and returns per-cluster float64 sums, counts and its inertia;
-the driver adds them up and runs :func:`d2r.train.lloyd_update`. Empty clusters are re-seeded exactly as on
-one machine: :func:`d2r.train.reseed_plan` says, from the global counts alone, which ranked farthest point of
+:func:`d2r.codebook.kmeans.lloyd_assign` on its partition and returns per-cluster float64 sums, counts and its inertia;
+the driver adds them up and runs :func:`d2r.codebook.kmeans.lloyd_update`. Empty clusters are re-seeded exactly as on
+one machine: :func:`d2r.codebook.kmeans.reseed_plan` says, from the global counts alone, which ranked farthest point of
 which cluster each empty cluster takes; workers send their candidates (farthest first, ties by global point
 index) and the driver picks the same points. Validation, initialisation, checkpoints, progress and metadata
-are those of :func:`d2r.train.train_codebook`, which this calls.
+are those of :func:`d2r.codebook.kmeans.train_codebook`, which this calls.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class _Partition:
 
 
 class _RayLloydStep:
-    """``lloyd_step(x, centroids)`` for :func:`d2r.train.train_codebook`, run by ``workers`` actors."""
+    """``lloyd_step(x, centroids)`` for :func:`d2r.codebook.kmeans.train_codebook`, run by ``workers`` actors."""
     def __init__(self, ray, x: np.ndarray, partitions: int):
         n = x.shape[0]
         partitions = max(1, min(int(partitions), n))
@@ -102,12 +102,12 @@ class _RayLloydStep:
 
 def train_codebook(descriptors, k: int, *, address: str | None = None, workers: int | None = None,
                    num_cpus: int | None = None, **kwargs):
-    """:func:`d2r.train.train_codebook` (method "lloyd") with the assignment step on Ray.
+    """:func:`d2r.codebook.kmeans.train_codebook` (method "lloyd") with the assignment step on Ray.
 
     address: Ray cluster (see :func:`d2r.distributed.init`; None starts a local one with ``num_cpus``).
     workers: partitions of the sample, one actor each (default: the cluster's CPU count).
     Other keyword arguments (iterations, init, seed, checkpoint, metadata, ...) are those of
-    :func:`d2r.train.train_codebook`. With the same sample, seed and initial centroids the centroids equal
+    :func:`d2r.codebook.kmeans.train_codebook`. With the same sample, seed and initial centroids the centroids equal
     the single-machine run to float32 rounding (partial sums are added per partition). Returns
     ``(Codebook, info)``; info also holds ``workers``.
     """
@@ -141,11 +141,12 @@ class _Sampler:
 
     def sample(self, block, quota: int, seed: int):
         """``block`` [(position i, image_id, path_or_None)] → [(i, image_id, seen descriptors, sample or None,
-        error or None)], sampled as :func:`d2r.train.sample_descriptors` samples image number i."""
+        error or None)], sampled as :func:`d2r.codebook.kmeans.sample_descriptors` samples image number i."""
         if self.store is not None:  # a store that fails to read is damaged: fatal
             got = [(image_id, self.store.get(image_id), None) for _, image_id, _ in block]
         else:  # the one extraction loop; an image that fails is reported, never fatal
             work = [(image_id, source) for _, image_id, source in block]
+
             def fn(_, source):
                 return extract_image(self.extractor, source)
 
@@ -163,11 +164,11 @@ class _Sampler:
 def sample_descriptors(source, per_image: int = 300, max_total: int = 1_000_000, seed: int = 0,
                        progress: bool = True, *, features: dict | None = None, address: str | None = None,
                        workers: int | None = None, block: int = 64):
-    """:func:`d2r.train.sample_descriptors` on Ray workers: each samples blocks of images (read from the
+    """:func:`d2r.codebook.kmeans.sample_descriptors` on Ray workers: each samples blocks of images (read from the
     store, or extracted with the ``features`` spec {name, model, pca, options} when ``source`` is a list of
     ``(image_id, path)``), the driver puts the samples together in image order. The same seed gives the same
     sample as on one machine (for up to 2·``max_total`` images; one machine compacts beyond that).
-    Returns ``(x float32 (n, D), info)``; info as :func:`d2r.train.sample_descriptors`, plus ``failed``
+    Returns ``(x float32 (n, D), info)``; info as :func:`d2r.codebook.kmeans.sample_descriptors`, plus ``failed``
     (ids of images that could not be extracted)."""
     per_image, max_total = int(per_image), int(max_total)
     if per_image < 1 or max_total < 1:

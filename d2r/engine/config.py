@@ -20,6 +20,7 @@ from d2r.detect.config import RegionsConfig
 from d2r.features.config import FeaturesConfig
 from d2r.index.database import DatabaseConfig
 from d2r.query.expand import ExpansionConfig
+from d2r.query import lightglue
 from d2r.query.verify import RerankConfig
 from d2r.detect.proposers import PROPOSERS
 from d2r.features import EXTRACTORS
@@ -32,11 +33,27 @@ FORMAT_VERSION = 1
 
 # Defaults that depend on the feature type, applied where a config does not set them (and followed when the
 # feature type changes by override). GV putative-match distance: 0.4 separates true RootSIFT matches best
-# (benchmarks/results/dev_results.md); 0.9 is the official DELF value.
+# (benchmarks/results/dev_results.md); 0.9 is the official DELF value. Learned features (ALIKED, DISK): plain
+# mutual nearest neighbours (ratio 1: no ratio test) and the LightGlue weights trained for them; ``min_inliers``
+# calibrated per feature type and correspondence method by the project's rule, the smallest count above every
+# chance count of the non-matching dev pairs (benchmarks/results/learned.md). A key "rerank.method=M" holds the
+# defaults that apply with that verification method only (and win over the feature type's own).
 FEATURE_DEFAULTS: dict[str, dict] = {
     "rootsift": {"rerank.descriptor_distance": 0.4},
     "delf": {"rerank.descriptor_distance": 0.9},
+    "aliked": {"rerank.ratio": 1.0, "rerank.min_inliers": 52, "rerank.lightglue": "aliked",
+               "rerank.method=lightglue": {"rerank.min_inliers": 14}},
+    "disk": {"rerank.ratio": 1.0, "rerank.min_inliers": 52, "rerank.lightglue": "disk",
+             "rerank.method=lightglue": {"rerank.min_inliers": 14}},
 }
+
+
+def feature_defaults(name: str, method: str) -> dict:
+    """The dotted defaults of feature type ``name`` verified with ``method`` (:data:`FEATURE_DEFAULTS`)."""
+    table = FEATURE_DEFAULTS.get(name, {})
+    out = {k: v for k, v in table.items() if "=" not in k}
+    out.update(table.get(f"rerank.method={method}", {}))
+    return out
 
 
 def _get(data: dict, dotted: str):
@@ -96,8 +113,11 @@ class EngineConfig(Config):
         data = _plain(data or {}) if isinstance(data, dict) else data
         if isinstance(data, dict):
             name = _get(data, "features.name")
-            defaults = dict(FEATURE_DEFAULTS.get(name if name is not _MISSING else "rootsift", {}))
-            for key, value in _engine_defaults().items():
+            engine = _engine_defaults()
+            method = _get(data, "rerank.method")
+            method = method if method is not _MISSING else engine.get("rerank.method", "official")
+            defaults = feature_defaults(name if name is not _MISSING else "rootsift", method)
+            for key, value in engine.items():
                 defaults.setdefault(key, value)
             for key, value in defaults.items():
                 section = key.split(".")[0]
@@ -108,16 +128,19 @@ class EngineConfig(Config):
         return super().from_dict(data, _where)
 
     def override(self, dotted: dict):
-        """As :meth:`Config.override`; when ``features.name`` changes, options still at the old feature type's
-        default take the new one's (unless overridden too)."""
-        new_name = dotted.get("features.name")
-        if new_name is not None and new_name != self.features.name:
-            current = self.to_dict()
+        """As :meth:`Config.override`; when ``features.name`` or ``rerank.method`` changes, options still at the old
+        (feature type, method) default take the new one's (unless overridden too)."""
+        new_name = dotted.get("features.name") or self.features.name
+        new_method = dotted.get("rerank.method") or self.rerank.method
+        if (new_name, new_method) != (self.features.name, self.rerank.method):
+            current, base = self.to_dict(), EngineConfig().to_dict()
             dotted = dict(dotted)
-            old_defaults = FEATURE_DEFAULTS.get(self.features.name, {})
-            for key, value in FEATURE_DEFAULTS.get(new_name, {}).items():
-                if dotted.get(key) is None and _get(current, key) == old_defaults.get(key, _MISSING):
-                    dotted[key] = value
+            old = feature_defaults(self.features.name, self.rerank.method)
+            new = feature_defaults(new_name, new_method)
+            for key in {**old, **new}:
+                old_value = old.get(key, _get(base, key))
+                if dotted.get(key) is None and _get(current, key) == old_value:
+                    dotted[key] = new.get(key, _get(base, key))
         return super().override(dotted)
 
     def check(self) -> "EngineConfig":
@@ -142,6 +165,7 @@ class EngineConfig(Config):
         if self.codebook.method not in ("lloyd", "minibatch"):
             raise ValueError(f"codebook.method must be 'lloyd' or 'minibatch', got {self.codebook.method!r}")
         self.rerank.validate()
+        lightglue.check(self.rerank.method, self.features.name, self.rerank.lightglue)
 
         check_method(self.query_expansion)
         self.qe.validate()

