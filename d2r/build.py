@@ -59,25 +59,28 @@ def check_setup(config, codebook=None):
     return extractor, book
 
 
-def check_codebook_plan(codebook, extractor=None, images: int | None = None,
-                        option: str = "codebook.size") -> None:
+def check_codebook_plan(codebook, extractor=None, images: int | None = None, option: str = "codebook.size",
+                        samples_option: str = "codebook.max_samples") -> None:
     """Refuse, before any image is read, a codebook (the ``codebook`` section, ``size`` K) that its training
     sample cannot give: K × :data:`MIN_DESCRIPTORS_PER_WORD` descriptors are needed, and at most
     ``max_samples`` are drawn, at most ``sample_per_image`` (and the extractor's ``max_features``) of each of
-    ``images`` images when their number is known. ValueError naming ``option`` and the bound."""
+    ``images`` images when their number is known. ValueError naming ``option`` (the size), or
+    ``samples_option`` when the cap on samples is what is too small, and the bound."""
     k, need = int(codebook.size), int(codebook.size) * MIN_DESCRIPTORS_PER_WORD
-    bound, why = int(codebook.max_samples), f"codebook.max_samples is {codebook.max_samples}"
+    bound = int(codebook.max_samples)
+    why, fix = f"{samples_option} is {codebook.max_samples}", f"a larger {samples_option}"
     if images is not None:
         per = image_quota(codebook.sample_per_image, codebook.max_samples, images)
         cap = getattr(getattr(extractor, "config", None), "max_features", None)
         per = min(per, int(cap)) if isinstance(cap, int) else per
         if images * per < bound:
-            bound, why = images * per, f"{images} image(s) give at most {per} descriptors each"
+            bound, fix = images * per, "more images"
+            why = f"{images} image(s) give at most {per} descriptors each"
     if bound < need:
         most = max(1, bound // MIN_DESCRIPTORS_PER_WORD)
         raise ValueError(f"{option} {k}: training K={k} words needs at least {need} descriptors "
                          f"({MIN_DESCRIPTORS_PER_WORD} per word), but {why} (at most {bound}); pass a "
-                         f"smaller {option} (at most {most}) or add images")
+                         f"smaller {option} (at most {most}) or {fix}")
 
 
 # ---- the loop into a store -------------------------------------------------------------------------------

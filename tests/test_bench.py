@@ -11,8 +11,8 @@ from PIL import Image
 
 from d2r import bench
 from d2r.bench.run import verify_candidates
-from d2r.eval.datasets import gldv2_path, query_box, read_ids, resolve_image
-from d2r.features.image import crop, load_image
+from d2r.eval.datasets import IMAGE_SUFFIXES, gldv2_path, query_box, read_ids, resolve_image
+from d2r.features.image import IMAGE_EXTENSIONS, crop, load_image
 from d2r.cli import main
 from d2r.features.base import LocalFeatures
 from d2r.query.verify import RerankConfig, order_by_inliers
@@ -33,6 +33,13 @@ def test_resolve_image_with_and_without_extension(tmp_path):
     assert resolve_image(tmp_path, "a") == tmp_path / "a.png"
     with pytest.raises(FileNotFoundError, match="'missing'"):
         resolve_image(tmp_path, "missing")
+
+
+def test_resolve_image_knows_every_image_suffix(tmp_path):
+    """Two suffix lists: the benchmark tried .jpg/.png/.jpeg only, while indexing lists .tif, .webp..."""
+    Image.new("RGB", (20, 10)).save(tmp_path / "scan.TIF")
+    assert resolve_image(tmp_path, "scan") == tmp_path / "scan.TIF"
+    assert {e.upper() for e in IMAGE_EXTENSIONS} <= set(IMAGE_SUFFIXES)
 
 
 def test_gldv2_path_layout(tmp_path):

@@ -91,6 +91,7 @@ def _create_cases(photos, books, tmp):
         (["--images", tmp / "no-photos"], 1, ["--images", "no-photos"]),
         (["--codebook-size", "100000", "--images", photos], 1, ["codebook.size", "K=100000", "4 image(s)"]),
         (["--kernel", "bogus"], 2, ["--kernel"]),
+        (["--codebook-size", "0"], 2, ["--codebook-size", "at least 1"]),  # a bad flag value: usage (was 1)
     ]
 
 
@@ -301,3 +302,31 @@ def test_a_file_that_is_not_a_codebook_says_so(tmp_path, capsys):
     code, _, err = run_cli(capsys, "index", "create", tmp_path / "e", "--codebook", text)
     _one_line_error(code, err, 1, "notnpz.npz", "not a d2r codebook")
     assert "pickle" not in err and not (tmp_path / "e").exists()
+
+
+def _subparsers(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            yield from action.choices.items()
+
+
+def test_help_describes_every_index_subcommand_and_every_option(capsys):
+    """Newcomer item 18: `index create|add|remove|info|check|repair --help` had no description paragraph,
+    `repair` said `--lock-timeout LOCK_TIMEOUT` where the others said SECONDS, and several `train-codebook`
+    options had no help text."""
+    commands = dict(_subparsers(d2r.cli.build_parser()))
+    index = dict(_subparsers(commands["index"]))
+    assert {"create", "add", "remove", "info", "check", "repair"} <= set(index)
+    for name, p in index.items():
+        assert p.description and len(p.description) > 40, name
+    lock = [a for p in list(index.values()) + [commands["extract"]] for a in p._actions
+            if "--lock-timeout" in a.option_strings]
+    assert len(lock) >= 5 and {a.metavar for a in lock} == {"SECONDS"}
+    code, out, _ = run_cli(capsys, "index", "repair", "--help")
+    assert code == 0 and "--lock-timeout SECONDS" in out and "--reindex" in out
+    # --seed, --method and --init are documented by the k-means seeding work
+    for a in commands["train-codebook"]._actions:
+        if a.option_strings and not {"-h", "--seed", "--method", "--init"} & set(a.option_strings):
+            assert a.help, a.option_strings

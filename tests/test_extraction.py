@@ -164,3 +164,24 @@ def test_extract_summary_counts_a_bad_folder(bad_folder, tmp_path, capsys):
                  "--max-features", "100", "--quiet", "--json"])
     s = json.loads(capsys.readouterr().out)
     assert code == 3 and (s["extracted"], s["failed"]) == (3, 4)
+
+
+def test_every_flushed_batch_is_committed_before_an_interruption(tmp_path):
+    """The loop's promise: a batch is committed (visible to a reader, so it survives a kill) before the next
+    one starts, and a rerun extracts only what is missing."""
+    folder = write_photos(tmp_path / "photos", [f"im{k}" for k in range(7)], 4)
+    extractor = RootSIFT(max_features=100)
+    path = tmp_path / "store"
+    seen = []
+
+    def fn(image_id, source):
+        if image_id == "im4":  # two batches of two done: a reader must see them committed
+            seen.append(sorted(FeatureStore.open(path).ids()))
+            raise KeyboardInterrupt
+        return extract_image(extractor, source)
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_to_store(folder, extractor, path, fn=fn, batch_size=2, progress=False, workers=1)
+    assert seen == [["im0", "im1", "im2", "im3"]]
+    again = extract_to_store(folder, extractor, path, batch_size=2, progress=False)
+    assert (again["skipped"], again["extracted"]) == (4, 3) and len(FeatureStore.open(path)) == 7

@@ -37,6 +37,17 @@ def key_value(text: str) -> str:
     return text
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type`` of a count flag (``--codebook-size K``): a whole number >= 1, else a usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="d2r", description="Detect-to-Retrieve instance image retrieval.",
                                      epilog="exit codes: 0 ok, 1 failure, 2 usage, 3 partial failure, "

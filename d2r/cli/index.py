@@ -10,7 +10,7 @@ from pathlib import Path
 from d2r._lock import LockedError
 from d2r._lock import WriterLock
 from d2r._log import muted
-from d2r.cli import UsageError, error_line, key_value
+from d2r.cli import UsageError, error_line, key_value, positive_int
 from d2r.config import parse_overrides
 from d2r.engine import Engine
 from d2r.engine.check import check_engine
@@ -40,7 +40,7 @@ def add_parser(subparsers) -> None:
     c.add_argument("--config", help="EngineConfig YAML/JSON (sections: features, regions, codebook, index, "
                                     "rerank, query_expansion, qe)")
     c.add_argument("--codebook", help="codebook .npz (default: train one on the first images indexed)")
-    c.add_argument("--codebook-size", type=int, metavar="K",
+    c.add_argument("--codebook-size", type=positive_int, metavar="K",
                    help="words of the codebook trained on the first images indexed (default 1024; not with "
                         "--codebook)")
     c.add_argument("--features", choices=["rootsift", "delf", "aliked", "disk"],

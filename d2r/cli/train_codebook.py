@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from d2r.build import check_codebook_plan
 from d2r.cli import UsageError
 from d2r.codebook import train_codebook
+from d2r.codebook.config import CodebookConfig
 from d2r.codebook.codebook import check_training_size
 from d2r.codebook.kmeans import load_training_descriptors
 from d2r.distributed import sample_descriptors, train_codebook as train_ray
 from d2r.distributed import session
-from d2r.features import get_extractor
+from d2r.features import get_extractor, list_images
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +141,11 @@ def run(args) -> int:
     _check_writable("--out", out)
     if args.checkpoint:
         _check_writable("--checkpoint", Path(args.checkpoint))
+    # a K the sample cannot give is refused before any image is read (an empty folder too: one line)
+    plan = CodebookConfig(size=args.size, sample_per_image=args.sample_per_image,
+                          max_samples=args.max_samples)
+    check_codebook_plan(plan, images=len(list_images(args.images)) if args.images else None,
+                        option="--size", samples_option="--max-samples")
     if args.ray is not None:
         if args.method != "lloyd":
             raise UsageError(f"--ray runs --method lloyd, not {args.method!r}")
