@@ -67,7 +67,8 @@ def _ray_runs(pairs, root: Path, features, **kw) -> list[dict]:
 
 def bench_extract(args) -> dict:
     import d2r.distributed as dist
-    from d2r.features import extract_to_store, get_extractor
+    from d2r.build import extract_to_store
+    from d2r.features import get_extractor
 
     pairs = _photos(args.photos)
     root = Path(tempfile.mkdtemp(prefix="d2r-bench-dist-"))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 def bench_rootsift(paths, workers):
     from d2r.features import RootSIFT, load_image
-    from d2r.features.store import _ordered_map
+    from d2r.features.extract import _ordered_map
 
     images = [load_image(p) for p in paths]  # decode outside the timing
     ex = RootSIFT()

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from d2r import bench
-from d2r.eval.datasets import gldv2_path, query_box, read_ids, resolve_image
-from d2r.features.image import crop, load_image
+from d2r.eval.datasets import IMAGE_SUFFIXES, gldv2_path, query_box, read_ids, resolve_image
+from d2r.features.image import IMAGE_EXTENSIONS, crop, load_image
 from d2r.cli import main
 from d2r.features.base import LocalFeatures
 from d2r.query.config import RerankConfig
@@ -34,6 +34,13 @@ def test_resolve_image_with_and_without_extension(tmp_path):
     assert resolve_image(tmp_path, "a") == tmp_path / "a.png"
     with pytest.raises(FileNotFoundError, match="'missing'"):
         resolve_image(tmp_path, "missing")
+
+
+def test_resolve_image_knows_every_image_suffix(tmp_path):
+    """Two suffix lists: the benchmark tried .jpg/.png/.jpeg only, while indexing lists .tif, .webp..."""
+    Image.new("RGB", (20, 10)).save(tmp_path / "scan.TIF")
+    assert resolve_image(tmp_path, "scan") == tmp_path / "scan.TIF"
+    assert {e.upper() for e in IMAGE_EXTENSIONS} <= set(IMAGE_SUFFIXES)
 
 
 def test_gldv2_path_layout(tmp_path):
@@ -173,7 +180,7 @@ def _run_dev(bench_dev, out, cache, json_file):
     argv = ["bench", "revisitop", "--gnd", str(bench_dev / "gnd.pkl"), "--images-root", str(bench_dev),
             "--features", "rootsift", "--max-features", "300", "--codebook-size", "256", "--codebook-sample", "50",
             "--kernel", "asmk_star",
-            "--out", str(out), "--cache", str(cache), "--json", str(json_file), "--quiet"]
+            "--out", str(out), "--cache", str(cache), "--json-out", str(json_file), "--quiet"]
     t0 = time.perf_counter()
     assert main(argv) == 0
     return time.perf_counter() - t0, json.loads(json_file.read_text())
@@ -262,7 +269,7 @@ def test_bench_gldv2_synthetic_end_to_end(bench_dev, tmp_path):
     argv = ["bench", "gldv2", "--index-csv", str(tmp_path / "index.csv"), "--test-csv", str(tmp_path / "test.csv"),
             "--solution-csv", str(tmp_path / "solution.csv"), "--images-root", str(root), "--max-features", "300",
             "--codebook-size", "64", "--rerank", "--rerank-distance", "0.5", "--out", str(out),
-            "--json", str(tmp_path / "m.json"), "--quiet"]
+            "--json-out", str(tmp_path / "m.json"), "--quiet"]
     assert main(argv) == 0
     r = json.loads((tmp_path / "m.json").read_text())
     assert set(r) >= {"public", "private", "before_rerank", "timing", "config", "index"}

@@ -308,7 +308,8 @@ def test_killed_worker_loses_and_duplicates_nothing(cluster, photos, tmp_path):
 
     from d2r.distributed import extract
     from d2r.distributed.extract import ACTOR_PREFIX
-    from d2r.features import FeatureStore, extract_to_store, get_extractor, list_images
+    from d2r.build import extract_to_store
+    from d2r.features import FeatureStore, get_extractor, list_images
 
     pairs = [(f"{i}-{c}", p) for i, p in list_images(photos) for c in range(4)]
     extract_to_store(pairs, get_extractor("rootsift", max_features=200), tmp_path / "one", progress=False)
@@ -381,7 +382,8 @@ def test_sampling_on_workers_equals_one_machine(cluster, photos, tmp_path, capsy
     from d2r.cli import main
     from d2r.codebook import Codebook
     from d2r.distributed import sample_descriptors as sample_ray
-    from d2r.features import extract_to_store, get_extractor, list_images
+    from d2r.build import extract_to_store
+    from d2r.features import get_extractor, list_images
     from d2r.codebook.kmeans import load_training_descriptors, sample_descriptors
 
     extract_to_store(photos, get_extractor("rootsift", max_features=300), tmp_path / "store", progress=False)

@@ -16,7 +16,7 @@ import d2r.cli
 from d2r.engine import Engine
 from d2r.engine.config import EngineConfig
 from d2r.features.image import crop
-from tests.corpus import textured, write_corpus
+from tests.corpus import run_cli, textured, write_corpus
 
 GROUPS = ["sacre_coeur", "bundler_et", "ocv_box"]
 
@@ -89,9 +89,7 @@ def test_regional_search_mode_reports_boxes(bench_dev, tmp_path):
 
 
 def _cli(capsys, *args):
-    code = d2r.cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, *args)  # argparse's usage errors (exit 2) caught
 
 
 @pytest.mark.dev
@@ -162,12 +160,12 @@ def test_bad_input_corpus(tmp_path, capsys):
                         "5000,5000,6000,6000")
     assert code == 1 and "outside" in err
     code, _, err = _cli(capsys, "search", folder / "good0.jpg", "--index", tmp_path / "eng", "--bbox", "1,2,3")
-    assert code == 1 and "four numbers" in err
+    assert code == 2 and "four numbers" in err  # a malformed flag value: usage
     hits = engine.search(folder / "good0.jpg", top_k=3)
     assert {h.image_id for h in hits} == {"good0", "good1", "good2"}
     # an explicit missing path among good ones is reported, the rest indexed
     report = engine.index([folder / "nope.jpg", folder / "good0.jpg"], progress=False)
-    assert "file not found" in report.failed[str(folder / "nope.jpg")]
+    assert "no such file" in report.failed[str(folder / "nope.jpg")]
 
 
 def test_crop_rules():
@@ -271,3 +269,122 @@ def test_engine_bookkeeping_edges(tmp_path, capsys):
     assert Engine.open(eng).remove("im1") == 1
     code, _, err = _cli(capsys, "index", "remove", eng, "im1")
     assert code == 1 and "not in the index" in err
+
+
+def _photos(folder, n, seed=7, size=(160, 200)):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(textured(rng, *size)).save(folder / f"im{i}.png")
+    return folder
+
+
+def test_a_failed_create_keeps_what_it_extracted(tmp_path, capsys, monkeypatch):
+    """Issue 23 item 4: a failed `index create --images` deleted the new folder and every feature already
+    extracted into it (`shutil.rmtree` on any exception)."""
+    photos = _photos(tmp_path / "photos", 3)
+    eng = tmp_path / "eng"
+
+    def fails(*args, **kwargs):  # a failure after extraction (a full disk, a codebook that cannot train...)
+        raise OSError("No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(Engine, "_index_stored", fails)
+        code, _, err = _cli(capsys, "index", "create", eng, "--codebook-size", 8, "--images", photos,
+                            "--quiet")
+    assert code == 1 and "No space left on device" in err and "3 extracted image(s) are kept" in err, err
+    assert f"`d2r index add {eng} {photos}`" in err
+    from d2r.features.store import FeatureStore
+
+    assert len(FeatureStore.open(eng / "features")) == 3
+    code, out, err = _cli(capsys, "index", "add", eng, photos, "--json", "--quiet")
+    assert code == 0 and json.loads(out)["indexed"] == 3, err
+
+
+def test_a_codebook_the_images_cannot_give_is_refused_before_extraction(tmp_path, capsys):
+    """Issue 23 item 4: `--codebook-size 100000` on 9 photos was refused only after extracting them all."""
+    photos = _photos(tmp_path / "photos", 2)
+    cfg = {"codebook": {"size": 1000, "sample_per_image": 300}}
+    with pytest.raises(ValueError, match=r"codebook.size 1000: .*2 image\(s\) give at most 300 .*most 150"):
+        Engine.create(tmp_path / "a", cfg, images=2)
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(ValueError, match="codebook.max_samples is 100"):
+        Engine.create(tmp_path / "b", {"codebook": {"size": 1000, "max_samples": 100}})
+    engine = Engine.create(tmp_path / "c", cfg)  # the number of images is known only when indexing
+    with pytest.raises(ValueError, match="2 image"):
+        engine.index(photos, progress=False)
+    from d2r.features.store import FeatureStore
+
+    assert len(FeatureStore.open(tmp_path / "c" / "features")) == 0  # nothing was extracted
+
+
+def test_index_output_says_what_happened_once(tmp_path, capsys):
+    """Newcomer item 17: one `indexed N image(s), saved` line per batch, nothing about the codebook trained,
+    the failed file's path printed twice, the label `d2r index:` for `index create`, and blank or tiny
+    images counted as indexed without a word."""
+    photos = _photos(tmp_path / "photos", 3)
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(photos / "blank.png")
+    (photos / "empty.jpg").write_bytes(b"")
+    eng = tmp_path / "eng"
+    code, out, err = _cli(capsys, "index", "create", eng, "--codebook-size", 8, "--images", photos,
+                          "--set", "batch_size=1", "--set", "codebook.iterations=2")
+    assert code == 3, err
+    lines = out.strip().splitlines()
+    assert not any("saved" in line for line in lines)
+    assert "trained a codebook of K=8 words on " in lines[0] and str(eng / "codebook.npz") in lines[0]
+    assert "4 indexed, 0 skipped, 1 failed" in lines[1]
+    empty = str(photos / "empty.jpg")
+    failed = [line for line in err.splitlines() if line.startswith("failed:")]
+    assert failed == [f"failed: {empty}: ImageError: empty file (0 bytes)"]
+    assert "d2r index create: warning: 1 image(s) have no local features" in err and "blank" in err
+    assert "d2r index create: partial failure" in err
+
+
+def test_store_and_engine_mismatch_names_the_option(tmp_path, capsys):
+    """Newcomer item 11: the mismatch named two fingerprints, not the option that differs."""
+    photos = _photos(tmp_path / "photos", 2)
+    store = tmp_path / "store30"
+    assert _cli(capsys, "extract", "--images", photos, "--features", "rootsift", "--out", store,
+                "--max-features", 30, "--quiet")[0] == 0
+    eng = tmp_path / "eng"
+    assert _cli(capsys, "index", "create", eng, "--codebook-size", 8, "--quiet",
+                "--set", "features.options.max_features=300")[0] == 0
+    code, _, err = _cli(capsys, "index", "add", eng, "--store", store, "--quiet")
+    assert code == 1 and "max_features: store 30, engine 300" in err and "fingerprint" not in err, err
+
+
+def test_info_and_repair_explain_their_counts(tmp_path, capsys):
+    """Newcomer item 14: `info` showed more items than images (removed, not yet merged) unexplained;
+    `repair` counted a dropped segment's removed images as lost and never mentioned --reindex."""
+    photos = _photos(tmp_path / "photos", 3)
+    eng = tmp_path / "eng"
+    assert _cli(capsys, "index", "create", eng, "--codebook-size", 8, "--images", photos, "--quiet",
+                "--set", "codebook.iterations=2")[0] == 0
+    assert _cli(capsys, "index", "remove", eng, "im0", "--quiet")[0] == 0
+    code, out, _ = _cli(capsys, "index", "info", eng)
+    assert code == 0 and "1 removed image(s) among them" in out, out
+    segment = json.loads((eng / "index" / "manifest.json").read_text())["segments"][0]["name"]
+    victim = sorted((eng / "index" / segment).glob("*.npy"))[0]
+    victim.write_bytes(victim.read_bytes()[:-8])
+    code, out, err = _cli(capsys, "index", "repair", eng)
+    assert code == 0, err
+    assert "removed ones included" in out
+    assert "2 image(s) of the feature store are no longer in the index" in out and "--reindex" in out, out
+    code, out, _ = _cli(capsys, "index", "repair", eng, "--reindex", "--quiet", "--json")
+    assert code == 0 and len(Engine.open(eng)) == 2
+
+
+def test_search_batch_times_each_query(tmp_path, capsys):
+    """Newcomer item 12: `d2r search A B --json` gave every query the batch average as its seconds."""
+    photos = _photos(tmp_path / "photos", 3, size=(240, 320))
+    eng = tmp_path / "eng"
+    assert _cli(capsys, "index", "create", eng, "--codebook-size", 8, "--images", photos, "--quiet",
+                "--set", "codebook.iterations=2")[0] == 0
+    seconds = []
+    results = Engine.open(eng).search_batch([photos / f"im{i}.png" for i in range(3)], top_k=2,
+                                            seconds=seconds, workers=2)
+    assert len(results) == len(seconds) == 3 and all(s > 0 for s in seconds)
+    queries = [photos / f"im{i}.png" for i in range(3)]
+    code, out, _ = _cli(capsys, "search", *queries, "--index", eng, "--json")
+    got = [json.loads(line)["seconds"] for line in out.splitlines()]
+    assert code == 0 and len(got) == 3 and len(set(got)) > 1

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from d2r.features import FeatureStore, LocalFeatures, RegionFeatures, RootSIFT, extract_to_store
-from d2r.features.store import _ordered_map
+from d2r.build import extract_to_store
+from d2r.features.extract import _ordered_map
+from d2r.features import FeatureStore, LocalFeatures, RegionFeatures, RootSIFT
 
 INFO = {"name": "toy", "config": {"a": 1}, "fingerprint": "abc123", "dim": 8}
 
@@ -169,7 +170,9 @@ def test_threads_give_the_same_store(tmp_path, image_dir):
 
 
 def test_region_fn_and_pairs(tmp_path, image_dir, rng):
-    def region_fn(image_id, source, extractor):
+    extractor = RootSIFT()
+
+    def region_fn(image_id, source):
         f = extractor.extract(source)
         n = len(f)
         return RegionFeatures(LocalFeatures.concatenate([f, f.select(slice(0, n // 2))], 128),
@@ -177,7 +180,7 @@ def test_region_fn_and_pairs(tmp_path, image_dir, rng):
                               np.array([-1, 0]), np.array([1.0, 0.5], np.float32))
 
     pairs = [("x", image_dir / "im0.jpg"), ("y", np.zeros((5, 5, 3), np.uint8))]
-    s = extract_to_store(pairs, RootSIFT(), tmp_path / "s", region_fn=region_fn, progress=False)
+    s = extract_to_store(pairs, extractor, tmp_path / "s", fn=region_fn, progress=False)
     assert s["extracted"] == 2
     store = FeatureStore.open(tmp_path / "s")
     x = store.get("x")

@@ -176,3 +176,70 @@ def test_list_images(tmp_path):
         list_images(tmp_path)
     with pytest.raises(FileNotFoundError):
         list_images(tmp_path / "missing")
+
+
+def test_list_file_with_a_bom_and_a_duplicate_line(tmp_path):
+    """D16: a UTF-8 BOM (Windows editors) stayed in the first path ("no such file"), and a path listed twice
+    aborted the whole run ("image id ... is given by two files: x and x")."""
+    (tmp_path / "a").mkdir()
+    for name in ["a/x.jpg", "y.png"]:
+        (tmp_path / name).write_bytes(b"x")
+    lst = tmp_path / "list.txt"
+    lst.write_bytes("a/x.jpg\r\ny.png\na/x.jpg\n./a/../a/x.jpg\n".encode("utf-8-sig"))
+    assert list_images(lst) == [("a/x", tmp_path / "a" / "x.jpg"), ("y", tmp_path / "y.png")]
+    (tmp_path / "a" / "x.png").write_bytes(b"x")  # another file with the same id: still refused
+    lst.write_text("a/x.jpg\na/x.png\n")
+    with pytest.raises(ValueError, match="'a/x' is given by two files"):
+        list_images(lst)
+
+
+def test_a_folder_or_list_without_images_names_itself(tmp_path):
+    """Item 10 of the newcomer trial: an empty folder was a silent success in most commands."""
+    from d2r.features.image import listed_images
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no photos here")
+    (tmp_path / "none.txt").write_text("# nothing\n\n")
+    for source in (tmp_path / "empty", tmp_path / "none.txt", [tmp_path / "empty"]):
+        with pytest.raises(ValueError, match="no images found") as e:
+            listed_images(source)
+        assert str(tmp_path) in str(e.value)
+    assert listed_images([]) == []
+
+
+def test_ids_of_list_files_with_paths_outside_their_folder(tmp_path):
+    """Newcomer finding 18: ids of a list file's absolute paths outside its folder are those absolute paths
+    without the extension (the documented rule; README and docstring say so), inside it relative ids."""
+    (tmp_path / "photos" / "g").mkdir(parents=True)
+    (tmp_path / "lists").mkdir()
+    inside = tmp_path / "lists" / "in.jpg"
+    outside = tmp_path / "photos" / "g" / "out.jpg"
+    for p in (inside, outside):
+        p.write_bytes(b"x")
+    lst = tmp_path / "lists" / "l.txt"
+    lst.write_text(f"{outside}\nin.jpg\n{inside}\n")
+    ids = [i for i, _ in list_images(lst)]
+    assert ids == [outside.with_suffix("").as_posix(), "in"]
+
+
+def test_what_is_named_like_an_image_is_listed_and_fails_as_one(tmp_path):
+    """A folder named like an image, a broken link and a link loop (D9) are listed: they fail with a reason
+    when read, instead of being skipped in silence or aborting the run."""
+    (tmp_path / "dir.jpg").mkdir()
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (tmp_path / "a.jpg").symlink_to("b.jpg")
+    (tmp_path / "b.jpg").symlink_to("a.jpg")
+    pairs = dict(list_images(tmp_path))
+    assert set(pairs) == {"dir", "gone", "a", "b"}
+    for image_id, why in [("dir", "directory"), ("gone", "broken symbolic link"),
+                          ("a", "symbolic link loop")]:
+        with pytest.raises(ImageError, match=why):
+            load_image(pairs[image_id])
+
+
+def test_iterables_keep_their_order_and_their_pixels():
+    pixels = np.zeros((4, 4, 3), np.uint8)
+    pairs = list_images([("z", pixels), ("a", pixels)])
+    assert [i for i, _ in pairs] == ["z", "a"] and pairs[0][1] is pixels
+    with pytest.raises(ValueError, match="'z'"):
+        list_images([("z", pixels), ("z", pixels.copy())])

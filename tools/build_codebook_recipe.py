@@ -17,33 +17,19 @@ from pathlib import Path
 
 import yaml
 
-from d2r.codebook.kmeans import load_training_descriptors, sample_descriptors
+from d2r.codebook.kmeans import load_training_descriptors
 from d2r.codebook import train_codebook
 
 KNOWN = {"out", "feature", "model", "pca", "skimage", "images", "store", "size", "seed", "iterations",
          "method", "init", "sample_per_image", "max_samples", "trainset"}
 
 
-def skimage_descriptors(names, feature, model, pca, per_image, max_total, seed, progress):
+def skimage_images(names) -> list:
+    """scikit-image's bundled sample images as ``(name, pixels)`` pairs, in the recipe's order (which fixes
+    each image's sampling seed)."""
     import skimage.data
 
-    from d2r.features import get_extractor
-
-    extractor = get_extractor(feature, model=model, pca=pca)
-    feats = {name: extractor.extract(getattr(skimage.data, name)()) for name in names}
-    x, info = sample_descriptors(feats, per_image=per_image, max_total=max_total, seed=seed,
-                                 progress=progress)
-    pca_obj = getattr(extractor, "pca", None)
-    ex_info = extractor.info() if hasattr(extractor, "info") else {"name": extractor.name, "config": {},
-                                                                   "fingerprint": extractor.fingerprint()}
-    meta = {"feature": ex_info["name"], "feature_config": ex_info.get("config", {}),
-            "feature_fingerprint": ex_info["fingerprint"],
-            "training_source": "skimage.data:" + ",".join(names),
-            "training_images": info["images_used"], "training_descriptors_seen": info["descriptors_seen"],
-            "samples": info["samples"]}
-    if pca_obj is not None:
-        meta["pca_fingerprint"] = pca_obj.fingerprint()
-    return x, meta
+    return [(name, getattr(skimage.data, name)()) for name in names]
 
 
 def main(argv=None) -> int:
@@ -65,13 +51,11 @@ def main(argv=None) -> int:
     seed = int(recipe.get("seed", 0))
     common = dict(per_image=int(recipe.get("sample_per_image", 300)),
                   max_total=int(recipe.get("max_samples", 1_000_000)), seed=seed, progress=not args.quiet)
+    images = skimage_images(recipe["skimage"]) if "skimage" in recipe else recipe.get("images")
+    x, meta = load_training_descriptors(store=recipe.get("store"), images=images, feature=feature,
+                                        model=recipe.get("model"), pca=recipe.get("pca"), **common)
     if "skimage" in recipe:
-        x, meta = skimage_descriptors(recipe["skimage"], feature, recipe.get("model"), recipe.get("pca"),
-                                      **common)
-    else:
-        x, meta = load_training_descriptors(store=recipe.get("store"), images=recipe.get("images"),
-                                            feature=feature, model=recipe.get("model"), pca=recipe.get("pca"),
-                                            **common)
+        meta["training_source"] = "skimage.data:" + ",".join(recipe["skimage"])
     meta["trainset"] = recipe.get("trainset", meta.get("training_source"))
     meta["recipe"] = recipe
     book, info = train_codebook(x, int(recipe["size"]), iterations=int(recipe.get("iterations", 20)),

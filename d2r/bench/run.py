@@ -38,14 +38,13 @@ from tqdm.auto import tqdm
 from d2r import _io
 from d2r._threads import numba_threads, one_blas_thread
 from d2r.bench.report import write_revisitop_report
-from d2r.build import Pipeline, check_setup
+from d2r.build import Pipeline, check_setup, extract_to_store
 from d2r.codebook import Codebook
 from d2r.engine.config import EngineConfig
 from d2r.eval import gldv2
 from d2r.eval.datasets import gldv2_path, query_box, read_ids, resolve_image
 from d2r.eval.revisitop import PROTOCOLS, GroundTruth, evaluate, load_gnd, per_query_metrics
 from d2r.features.base import LocalFeatures, whole_image  # noqa: F401  (whole_image: part of this API)
-from d2r.features.image import list_images
 from d2r.features.store import FeatureStore
 from d2r.query.pipeline import STAGES, prepare_query, search_query
 
@@ -135,7 +134,9 @@ class _Pipeline(Pipeline):
         """Feature store of the database images (with regions when configured); extracted when missing."""
         name = "db-" + _key(_features_key(self.extractor), _regions_key(self.config), str(Path(root).resolve()))
         with self.timer("extract_database"):
-            report = self.extract_to_store(self.cache / name, pairs, desc=f"extract {self.extractor.name}")
+            report = extract_to_store(pairs, self.extractor, self.cache / name, fn=self.image_worker,
+                                      workers=self.workers, batch_size=self.batch_size,
+                                      progress=self.progress, desc=f"extract {self.extractor.name}")
         self.notes["database_extraction"] = report
         return FeatureStore.open(self.cache / name)
 
@@ -148,8 +149,9 @@ class _Pipeline(Pipeline):
             return self.extract_query(source, query_box(boxes[image_id]), name=str(image_id))
 
         with self.timer("extract_queries"):
-            report = self.extract_to_store(path, [(q, p) for q, p, _ in items], fn=crop_fn,
-                                           desc="extract queries")
+            report = extract_to_store([(q, p) for q, p, _ in items], self.extractor, path, fn=crop_fn,
+                                      workers=self.workers, batch_size=self.batch_size,
+                                      progress=self.progress, desc="extract queries")
         self.notes["query_extraction"] = report
         return FeatureStore.open(path)
 
@@ -171,8 +173,9 @@ class _Pipeline(Pipeline):
         if source:
             tpath = self.cache / ("train-" + _key(_features_key(self.extractor), train_on))
             with self.timer("extract_codebook_images"):
-                self.extract_to_store(tpath, list_images(source), fn=lambda _, p: self.extract_query(p),
-                                      desc="extract codebook images")
+                extract_to_store(source, self.extractor, tpath, fn=lambda _, p: self.extract_query(p),
+                                 workers=self.workers, batch_size=self.batch_size, progress=self.progress,
+                                 desc="extract codebook images")
             store = FeatureStore.open(tpath)
         with self.timer("train_codebook"):
             book = self.train_codebook(store, train_on)

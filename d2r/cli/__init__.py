@@ -15,6 +15,7 @@ import sys
 
 import d2r
 from d2r._lock import LockedError
+from d2r.config import parse_overrides
 
 # Sub-command modules, in the order --help lists them.
 COMMANDS: list[str] = ["demo", "index", "search", "extract", "train_codebook", "import_codebook", "bench", "serve"]
@@ -26,9 +27,31 @@ class UsageError(ValueError):
     """A bad combination of command-line arguments (exit 2)."""
 
 
+def key_value(text: str) -> str:
+    """argparse ``type`` of ``--set``: ``KEY=VALUE`` with a dotted KEY, else a usage error (exit 2); the value
+    is parsed and checked later, with the config (a bad value is exit 1, naming the option)."""
+    try:
+        parse_overrides([text])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("--set ", "", 1)) from None
+    return text
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type`` of a count flag (``--codebook-size K``): a whole number >= 1, else a usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="d2r", description="Detect-to-Retrieve instance image retrieval.",
-                                     epilog="exit codes: 0 ok, 1 failure, 2 usage, 3 partial failure")
+                                     epilog="exit codes: 0 ok, 1 failure, 2 usage, 3 partial failure, "
+                                            "130 interrupted (what was saved is kept)")
     parser.add_argument("--version", action="version", version=f"d2r {d2r.__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks (allowed anywhere on the line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -41,6 +64,18 @@ def _one_line(exc: BaseException) -> str:
     text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
     text = " ".join(text.split()) or type(exc).__name__
     return text
+
+
+EXPECTED = (ValueError, OSError, KeyError, LookupError, ImportError, LockedError)
+
+
+def error_line(name: str, exc: BaseException) -> str:
+    """The one line a failed command prints: ``NAME: error: message`` for an expected error (bad input,
+    a file problem), else the exception type and a hint to rerun with --debug."""
+    expected = isinstance(exc, EXPECTED)
+    prefix = "error" if expected else f"unexpected error ({type(exc).__name__})"
+    hint = "" if expected else " (rerun with --debug for the traceback)"
+    return f"{name}: {prefix}: {_one_line(exc)}{hint}"
 
 
 def _exit_now(code: int) -> None:
@@ -93,12 +128,8 @@ def main(argv=None) -> int:
     except Exception as exc:
         if debug:
             raise
-        code = USAGE if isinstance(exc, UsageError) else FAILURE
-        expected = isinstance(exc, (ValueError, OSError, KeyError, LookupError, ImportError, LockedError))
-        prefix = "error" if expected else f"unexpected error ({type(exc).__name__})"
-        hint = "" if expected else " (rerun with --debug for the traceback)"
-        print(f"{name}: {prefix}: {_one_line(exc)}{hint}", file=sys.stderr)
-        return code
+        print(error_line(name, exc), file=sys.stderr)
+        return USAGE if isinstance(exc, UsageError) else FAILURE
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 Flags override the ``--config FILE.yaml`` (the sections and defaults of an engine config: features, regions,
 codebook, index, rerank, qe; plus the protocol options ``codebook_images`` and ``top_k``), so without flags a run
-measures what ``d2r search`` ships. Metrics JSON: ``OUT/metrics.json`` and ``--json FILE`` (``-`` prints it on
-stdout).
+measures what ``d2r search`` ships. Metrics JSON: ``OUT/metrics.json``; ``--json`` prints it on stdout (as every
+command's ``--json``; ``--json -`` too), ``--json-out FILE`` writes it there.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from d2r import _io
 from d2r import bench
 from d2r._log import muted
 from d2r.bench import load_config
-from d2r.cli import UsageError
+from d2r.cli import UsageError, key_value
 from d2r.config import parse_overrides
 from d2r.eval.compare import compare_runs, format_comparison
 
@@ -68,12 +68,18 @@ def _common(p) -> None:
                    help="query-side multiple assignment (index.query_num_assignments)")
     p.add_argument("--top-k", type=int, metavar="N", help="search depth (default: whole database / 100)")
     p.add_argument("--workers", type=int, metavar="N", help="threads for extraction and search")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=key_value,
                    help="override a config option by dotted path, e.g. features.options.max_features=300")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder (metrics.json, config.yaml, index/)")
     p.add_argument("--cache", metavar="DIR", help="feature/codebook cache shared between runs (default OUT/cache)")
-    p.add_argument("--json", metavar="FILE", help="also write the metrics JSON here ('-': stdout)")
+    _json(p, "metrics")
     p.add_argument("--quiet", action="store_true", help="no progress bars, info logs or table")
+
+
+def _json(p, what: str) -> None:
+    p.add_argument("--json", nargs="?", const="-", choices=("-",),
+                   help=f"print the {what} JSON on stdout instead of the table ('--json -' too)")
+    p.add_argument("--json-out", metavar="FILE", help=f"also write the {what} JSON to FILE")
 
 
 def add_parser(subparsers) -> None:
@@ -101,7 +107,7 @@ def add_parser(subparsers) -> None:
     c.add_argument("--stage-b", metavar="STAGE", help="stage of RUN_B (default final)")
     c.add_argument("--resamples", type=int, default=10000, metavar="N", help="bootstrap resamples (10000)")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--json", metavar="FILE", help="also write the comparison JSON here ('-': stdout)")
+    _json(c, "comparison")
     c.add_argument("--quiet", action="store_true", help="no log lines (the comparison is still printed)")
     c.set_defaults(func=compare)
     g = sub.add_parser("gldv2", help="Google Landmarks v2 retrieval protocol",
@@ -183,11 +189,11 @@ def run(args) -> int:
                                      index_root=args.index_root, test_root=args.test_root)
             keys = ("mAP@100", "mP@1", "mP@5", "mP@10")
     text = json.dumps(result, indent=2, default=str)
-    if args.json == "-":
+    if args.json:
         print(text)
-    elif args.json:
-        _io.write_bytes(args.json, (text + "\n").encode())
-    if not args.quiet and args.json != "-":
+    if args.json_out:
+        _io.write_bytes(args.json_out, (text + "\n").encode())
+    if not args.quiet and not args.json:
         print(_table(result, keys))
         print(f"total {result['timing'].get('total', 0):.1f} s; metrics in {args.out}/metrics.json",
               file=sys.stderr)
@@ -207,10 +213,10 @@ def compare(args) -> int:
     res = compare_runs(args.run_a, args.run_b, stage_a=args.stage_a, stage_b=args.stage_b,
                        resamples=args.resamples, seed=args.seed)
     text = json.dumps(res, indent=2)
-    if args.json == "-":
+    if args.json_out:
+        _io.write_bytes(args.json_out, (text + "\n").encode())
+    if args.json:
         print(text)
         return 0
-    if args.json:
-        _io.write_bytes(args.json, (text + "\n").encode())
     print(format_comparison(res))
     return 0

@@ -6,7 +6,7 @@ import json
 import sys
 from d2r.cli import UsageError
 from d2r.distributed import extract
-from d2r.features import extract_to_store
+from d2r.build import extract_to_store
 from d2r.features.config import FeaturesConfig
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from d2r._lock import LockedError
 from d2r._lock import WriterLock
 from d2r._log import muted
-from d2r.cli import UsageError
+from d2r.cli import UsageError, error_line, key_value, positive_int
 from d2r.config import parse_overrides
 from d2r.engine import Engine
 from d2r.engine.check import check_engine
@@ -18,6 +18,9 @@ from d2r.engine.config import EngineConfig
 from d2r.features.store import FORMAT, check_store, repair_store
 from d2r.features.store.format import generations as store_generations
 from d2r.index.manifest import check_database, repair_database
+from d2r.features.extract import failure_line
+from d2r.features.image import listed_images
+from d2r.features.store import FeatureStore
 
 
 def add_parser(subparsers) -> None:
@@ -27,19 +30,27 @@ def add_parser(subparsers) -> None:
     sub.required = True
     p.set_defaults(quiet_level=logging.ERROR)  # --quiet: no log lines (failed images are listed by the command)
 
-    c = sub.add_parser("create", help="create an empty index (optionally indexing images right away)")
+    c = sub.add_parser("create", help="create an empty index (optionally indexing images right away)",
+                       description="Create an engine folder: its config (defaults, --config, flags, --set), "
+                                   "and a codebook (--codebook FILE, or K words trained on the first images "
+                                   "indexed). Every setting, path, model and codebook is checked before the "
+                                   "folder exists. With --images, index them right away (as `index add`); if "
+                                   "that fails or is interrupted, the features extracted so far are kept and "
+                                   "`d2r index add` resumes.")
     c.add_argument("path", help="engine folder to create")
     c.add_argument("--config", help="EngineConfig YAML/JSON (sections: features, regions, codebook, index, "
                                     "rerank, qe)")
     c.add_argument("--codebook", help="codebook .npz (default: train one on the first images indexed)")
-    c.add_argument("--codebook-size", type=int, help="words of the codebook trained when none is given")
+    c.add_argument("--codebook-size", type=positive_int, metavar="K",
+                   help="words of the codebook trained on the first images indexed (default 1024; not with "
+                        "--codebook)")
     c.add_argument("--features", choices=["rootsift", "delf", "aliked", "disk"],
                    help="local features (default rootsift; aliked, disk: the [learned] extra)")
     c.add_argument("--model", help="DELF SavedModel folder")
     c.add_argument("--regions", help="region proposer: none, grid, density or a detector SavedModel folder")
     c.add_argument("--kernel", choices=["vlad", "asmk", "asmk_star"], help="match kernel (default asmk_star)")
     c.add_argument("--mode", choices=["aggregation", "search"], help="regional aggregation or regional search")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=key_value,
                    help="override a config option by dotted path, e.g. --set rerank.descriptor_distance=0.5")
     c.add_argument("--images", help="index this folder or list file right after creating")
     c.add_argument("--id-prefix", default="", metavar="P", help="prepend P to the image ids (default none)")
@@ -47,7 +58,13 @@ def add_parser(subparsers) -> None:
     _lock_timeout(c)
     c.set_defaults(func=run_create)
 
-    a = sub.add_parser("add", help="index images (folder, list file or paths) or a feature store; resumable")
+    a = sub.add_parser("add", help="index images (folder, list file or paths) or a feature store; resumable",
+                       description="Index images into an engine: folders (searched recursively), list files "
+                                   "(one path a line) or image paths, or the features of a feature store "
+                                   "(--store). Resumable: indexed images are skipped, so an interrupted add "
+                                   "is simply repeated; images that fail are listed (exit 3) and skipped "
+                                   "next time unless --retry-failed. The first add without a codebook "
+                                   "trains one.")
     a.add_argument("path", help="engine folder")
     a.add_argument("images", nargs="*", help="folders, list files or image paths (ids: relative to each folder "
                                               "or list file's folder)")
@@ -60,26 +77,39 @@ def add_parser(subparsers) -> None:
     _lock_timeout(a)
     a.set_defaults(func=run_add)
 
-    r = sub.add_parser("remove", help="remove images by id")
+    r = sub.add_parser("remove", help="remove images by id",
+                       description="Remove images from the index by id (as `d2r search` prints them), with "
+                                   "their stored features and sources; the space is reclaimed when segments "
+                                   "are merged.")
     r.add_argument("path", help="engine folder")
     r.add_argument("ids", nargs="+", help="image ids (as `d2r search` prints them)")
     _common(r)
     _lock_timeout(r)
     r.set_defaults(func=run_remove)
 
-    i = sub.add_parser("info", help="counts, sizes and config")
+    i = sub.add_parser("info", help="counts, sizes and config",
+                       description="Show an engine's counts (images, failures, index items and posting "
+                                   "entries), sizes on disk, codebook and config; checks sizes and structure "
+                                   "(exit 1 if damaged; `d2r index check` verifies every checksum).")
     i.add_argument("path", help="engine folder")
     _common(i)
     i.set_defaults(func=run_info)
 
-    k = sub.add_parser("check", help="verify every index file (sizes, checksums, structure); exit 1 if damaged")
+    k = sub.add_parser("check",
+                       help="verify every index file (sizes, checksums, structure); exit 1 if damaged",
+                       description="Verify every file of an engine (its index and feature store) or of a "
+                                   "database folder: sizes, structure and every BLAKE2 checksum. Lists the "
+                                   "damaged files and exits 1; `d2r index repair` drops damaged segments.")
     k.add_argument("path", help="engine folder (or a database folder)")
     _common(k)
     k.set_defaults(func=run_check)
 
-    f = sub.add_parser("repair", help="drop damaged segments (their images must be indexed again) and commit")
+    f = sub.add_parser("repair", help="drop damaged segments (their images must be indexed again) and commit",
+                       description="Drop the damaged segments of an index and commit a healthy generation. "
+                                   "The images of a dropped segment leave the index; --reindex indexes them "
+                                   "again from the engine's feature store (no re-extraction).")
     f.add_argument("path", help="engine folder (or a database folder)")
-    f.add_argument("--lock-timeout", type=float, default=0.0, help="seconds to wait for another writer")
+    _lock_timeout(f)
     f.add_argument("--reindex", action="store_true",
                    help="then index the dropped images again from the engine's feature store "
                         "(no re-extraction)")
@@ -132,18 +162,13 @@ def build_config(args):
 def _index(engine, images, args) -> int:
     """Index and report; exit 0 when every image is indexed or skipped, 3 when some failed (summary printed),
     1 when none could be indexed."""
-    def done(ids):
-        if not args.quiet and not args.json:
-            print(f"indexed {len(ids)} image(s), saved ({len(engine)} in the index)", flush=True)
-
-
-    with muted("d2r.build"):  # each failed image is listed once, below (not also as a WARNING line)
+    name = f"d2r index {args.action}"
+    with muted("d2r.build"), muted("d2r.features.extract"):  # each failed image is listed once, below
         if getattr(args, "store", None):
-            report = engine.index_store(args.store, progress=not args.quiet, on_done=done,
-                                        lock_timeout=args.lock_timeout)
+            report = engine.index_store(args.store, progress=not args.quiet, lock_timeout=args.lock_timeout)
         else:
             sources = images[0] if len(images) == 1 else images
-            report = engine.index(sources, progress=not args.quiet, on_done=done,
+            report = engine.index(sources, progress=not args.quiet,
                                   retry_failed=getattr(args, "retry_failed", False),
                                   lock_timeout=args.lock_timeout, id_prefix=args.id_prefix)
     out = report.to_dict()
@@ -152,43 +177,71 @@ def _index(engine, images, args) -> int:
         print(json.dumps(out, sort_keys=True))
     else:
         for path, reason in report.failed.items():
-            print(f"failed: {path}: {reason}", file=sys.stderr)
+            print(f"failed: {failure_line(path, reason)}", file=sys.stderr)
         if not args.quiet:
+            if report.codebook:
+                c = report.codebook
+                print(f"trained a codebook of K={c['k']} words on {c['descriptors']} descriptors "
+                      f"-> {c['path']}")
             print(f"{out['indexed']} indexed, {out['skipped']} skipped, {len(report.failed)} failed "
                   f"in {out['seconds']:.1f} s; {len(engine)} images in {engine.path}")
+    if report.featureless and not args.json:
+        print(f"{name}: warning: {len(report.featureless)} image(s) have no local features (blank, tiny or "
+              f"featureless, e.g. {report.featureless[0]}): indexed, but they can never be found",
+              file=sys.stderr)
     if not report.failed:
         return 0
     if not report.indexed and not report.skipped:
-        print(f"d2r index: error: none of the {len(report.failed)} image(s) could be indexed",
-              file=sys.stderr)
+        print(f"{name}: error: none of the {len(report.failed)} image(s) could be indexed", file=sys.stderr)
         return 1
-    print(f"d2r index: partial failure: {len(report.failed)} image(s) failed, {len(report.indexed)} indexed "
+    print(f"{name}: partial failure: {len(report.failed)} image(s) failed, {len(report.indexed)} indexed "
           f"(retry them with `d2r index add {engine.path} ... --retry-failed`)", file=sys.stderr)
     return 3
+
+
+def _stored_images(path: Path) -> int | None:
+    """Images in the engine's feature store; None when it cannot be told (a store there, but unreadable)."""
+    if not (path / "features" / "manifest.json").exists():
+        return 0
+    try:
+        return len(FeatureStore.open(path / "features"))
+    except (OSError, ValueError):
+        return None
 
 
 @_writer
 def run_create(args) -> int:
     import shutil
-    from pathlib import Path
 
-
+    if args.codebook and args.codebook_size is not None:
+        raise UsageError("--codebook FILE and --codebook-size K are alternatives (the size of a given "
+                         "codebook is its own)")
     config = build_config(args)
-    if args.images and not Path(args.images).exists():
-        raise FileNotFoundError(f"--images {args.images}: no such folder or list file")
+    pairs = None
+    if args.images:  # listed before the folder exists: a missing or empty folder is one line, nothing made
+        if not Path(args.images).exists():
+            raise FileNotFoundError(f"--images {args.images}: no such folder or list file")
+        pairs = listed_images(args.images)
     existed = Path(args.path).exists()
-    engine = Engine.create(args.path, config, codebook=args.codebook)  # validates everything first
-    if args.images:
+    engine = Engine.create(args.path, config, codebook=args.codebook,  # validates everything first
+                           images=None if pairs is None else len(pairs))
+    if pairs is not None:
+        resume = f"`d2r index add {engine.path} {args.images}`"
         try:
-            return _index(engine, [args.images], args)
+            return _index(engine, [pairs], args)
         except KeyboardInterrupt:  # what was saved stays: the same images are resumed with `index add`
-            print(f"d2r index create: interrupted; resume with `d2r index add {engine.path} {args.images}`",
-                  file=sys.stderr)
+            print(f"d2r index create: interrupted; resume with {resume}", file=sys.stderr)
             raise
-        except Exception:
-            if not existed:  # a failed create leaves no folder behind (nothing was indexed there before)
+        except Exception as exc:
+            kept = _stored_images(engine.path)
+            if kept == 0 and not existed:  # nothing extracted: a failed create leaves no folder behind
                 shutil.rmtree(engine.path, ignore_errors=True)
-            raise
+                raise
+            print(error_line("d2r index create", exc), file=sys.stderr)
+            what = "the features extracted so far are" if kept is None else f"{kept} extracted image(s) are"
+            print(f"d2r index create: {what} kept in {engine.path}; fix the problem, then resume with "
+                  f"{resume}", file=sys.stderr)
+            return 1
     if args.json:
         print(json.dumps(engine.info(), sort_keys=True))
     elif not args.quiet:
@@ -246,7 +299,10 @@ def run_info(args) -> int:
             cfg = idx["config"]
             print(f"  kernel {cfg['kernel']}, mode {cfg['mode']}, codebook K={idx['codebook']['k']} "
                   f"D={idx['codebook']['dim']} ({idx['codebook']['fingerprint']})")
-            print(f"  {idx['counts']['items']} items, {idx['counts']['entries']} posting entries, "
+            removed = idx["counts"].get("images_total", info["images"]) - idx["counts"]["images"]
+            gone = (f" ({removed} removed image(s) among them: their items stay on disk, skipped by every "
+                    "search, until their segments are merged)") if removed > 0 else ""
+            print(f"  {idx['counts']['items']} items{gone}, {idx['counts']['entries']} posting entries, "
                   f"{idx.get('bytes_on_disk', 0) / 1e6:.1f} MB on disk")
         store = info.get("store")
         if store and "images" in store:
@@ -255,6 +311,14 @@ def run_info(args) -> int:
     for d in damaged:
         print(f"d2r index info: damaged: {d['file']}: {d['problem']}", file=sys.stderr)
     return 1 if damaged else 0
+
+
+def _lost_images(path: Path) -> list[str]:
+    """Ids in the engine's feature store that its index does not hold (after a repair dropped segments)."""
+    engine = Engine.open(path)
+    if engine.database is None or not (path / "features" / "manifest.json").exists():
+        return []
+    return [i for i in FeatureStore.open(path / "features").ids() if i not in engine]
 
 
 def _database_dir(path) -> Path:
@@ -369,6 +433,8 @@ def run_repair(args) -> int:
         if is_engine and _is_feature_store(features) and check_store(features):
             report["features"] = repair_store(features, lock_timeout=args.lock_timeout)
             report["unrepairable"] += [f"features/{u}" for u in report["features"]["unrepairable"]]
+    if is_engine and not report["unrepairable"]:  # images stored but no longer indexed: what was lost
+        report["lost"] = len(_lost_images(path))
     if args.reindex and not report["unrepairable"]:
         engine = Engine.open(args.path)
         done = engine.reindex_from_store(progress=not args.quiet, lock_timeout=args.lock_timeout)
@@ -383,8 +449,12 @@ def run_repair(args) -> int:
             print(f"manifest.json restored from {report['manifest_restored_from']}")
         if "features" in report:
             _print_store_repair(args, report["features"])
-        for seg in report["dropped_segments"]:
-            print(f"dropped {seg['name']} ({seg['images']} images lost: index them again)")
+        for seg in report["dropped_segments"]:  # a segment's count includes its removed images
+            print(f"dropped {seg['name']} (it held {seg['images']} image record(s), removed ones included)")
+        if report.get("lost") and "reindexed" not in report:
+            print(f"{report['lost']} image(s) of the feature store are no longer in the index: "
+                  f"`d2r index repair {args.path} --reindex` indexes them again from the feature store "
+                  "(no re-extraction)")
         if "reindexed" in report:
             print(f"indexed {report['reindexed']} image(s) again from the feature store")
         if report["removal_table_reset"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -27,7 +28,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="search the shards on Ray actors: a cluster address ('auto', HOST:PORT) or none for a "
                         "local Ray; a shard NODE_IP:/path is opened on that node (pip install -e '.[ray]')")
-    p.add_argument("--bbox", help="crop the query to x1,y1,x2,y2 (pixels; a single query image only)")
+    p.add_argument("--bbox", type=_bbox_argument, metavar="x1,y1,x2,y2",
+                   help="crop the query to x1,y1,x2,y2 (pixels; a single query image only)")
     p.add_argument("--top-k", type=int, default=10, help="results to show (default 10)")
     p.add_argument("--no-rerank", action="store_true", help="skip geometric-verification re-ranking")
     p.add_argument("--workers", type=int, default=None, help="query threads (default: CPU count)")
@@ -50,6 +52,14 @@ def parse_bbox(text: str):
     if len(values) != 4:
         raise ValueError(f"--bbox expects x1,y1,x2,y2 (four numbers), got {text!r}")
     return values
+
+
+def _bbox_argument(text: str):
+    """argparse ``type`` of --bbox: a malformed box is a usage error (exit 2), like every bad flag value."""
+    try:
+        return parse_bbox(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("--bbox ", "", 1)) from None
 
 
 def _queries(sources) -> list[str]:
@@ -83,7 +93,7 @@ def run(args) -> int:
     # Run as a program, the process may end without the interpreter's slow finalization once the results are
     # printed (nothing to clean up), except with Ray, whose shutdown runs at exit.
     args.exit_now = args.ray is None
-    bbox = parse_bbox(args.bbox) if args.bbox else None
+    bbox = args.bbox
     options = dict(query_num_assignments=args.query_num_assignments, query_expansion=args.query_expansion)
     queries = _queries(args.image)
     if bbox is not None and len(queries) > 1:
@@ -118,10 +128,9 @@ def _report(args, engine, queries, bbox, options) -> int:
                                  **options)]
         seconds = [time.perf_counter() - t0]
     else:
-        t0 = time.perf_counter()
+        seconds = []  # each query's own time (threads overlap: they add up to more than the wall time)
         results = engine.search_batch(queries, top_k=args.top_k, rerank=not args.no_rerank, workers=args.workers,
-                                       **options)
-        seconds = [(time.perf_counter() - t0) / len(queries)] * len(queries)
+                                       seconds=seconds, **options)
     failed = 0
     for query, hits, sec in zip(queries, results, seconds):
         if not isinstance(hits, Exception) and not hits and len(engine):
@@ -150,7 +159,7 @@ def _report(args, engine, queries, bbox, options) -> int:
         if not args.quiet and any(h.ranked_by != "score" for h in hits):
             print("(* moved up by verification, ordered by inliers; the rest follow in score order)")
         if not args.quiet:
-            print(f"({sec * 1000:.0f} ms)" if len(queries) == 1 else f"({sec * 1000:.0f} ms per query, batch)")
+            print(f"({sec * 1000:.0f} ms)" if len(queries) == 1 else f"({sec * 1000:.0f} ms, in a batch)")
     if failed and failed < len(queries):
         print(f"d2r search: partial failure: {failed} of {len(queries)} queries failed", file=sys.stderr)
         return 3  # partial failure

@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from d2r.build import check_codebook_plan
 from d2r.cli import UsageError
 from d2r.codebook import train_codebook
+from d2r.codebook.config import CodebookConfig
 from d2r.codebook.codebook import check_training_size
 from d2r.codebook.kmeans import load_training_descriptors
 from d2r.distributed import sample_descriptors, train_codebook as train_ray
 from d2r.distributed import session
-from d2r.features import get_extractor
+from d2r.features import get_extractor, list_images
 
 log = logging.getLogger(__name__)
 
@@ -23,35 +25,42 @@ def add_parser(subparsers) -> None:
         description="Train a k-means codebook on sampled local descriptors and write it as a d2r .npz "
                     "(centroids + provenance metadata). See codebooks/README.md for naming and recipes.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--store", metavar="STORE", help="feature store folder")
+    src.add_argument("--store", metavar="STORE", help="feature store folder (made by `d2r extract`)")
     src.add_argument("--images", metavar="DIR_OR_LIST",
-                     help="image folder (searched recursively) or list file; features extracted on the fly")
-    src.add_argument("--descriptors", metavar="FILE.npy", help="(N, D) float32 descriptors")
+                     help="image folder (searched recursively) or list file; features extracted on the fly "
+                          "(an image that fails is logged and skipped)")
+    src.add_argument("--descriptors", metavar="FILE.npy", help="(N, D) float32 descriptors (.npy)")
     p.add_argument("--features", choices=("rootsift", "delf"),
                    help="feature type (--images: extractor to run, default rootsift; --store: must match the "
                         "store; --descriptors: recorded, and D checked for rootsift)")
     p.add_argument("--model", metavar="PATH", help="DELF SavedModel folder (--features delf)")
     p.add_argument("--pca", metavar="PATH", help="PCA parameters folder for the extractor")
-    p.add_argument("--dim", type=int, help="expected descriptor dimensionality D (checked)")
-    p.add_argument("--size", "-k", type=int, required=True, metavar="K", help="number of visual words")
-    p.add_argument("--out", required=True, metavar="FILE", help="output codebook .npz")
+    p.add_argument("--dim", type=int, metavar="D", help="expected descriptor dimensionality D (checked)")
+    p.add_argument("--size", "-k", type=int, required=True, metavar="K",
+                   help="number of visual words (needs at least 4 training descriptors per word)")
+    p.add_argument("--out", required=True, metavar="FILE", help="output codebook .npz (written atomically)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--iterations", type=int, default=20, help="Lloyd iterations / mini-batch epochs (20)")
+    p.add_argument("--iterations", type=int, default=20, metavar="N",
+                   help="Lloyd iterations / mini-batch epochs (default 20; stops early once converged)")
     p.add_argument("--method", choices=("lloyd", "minibatch"), default="lloyd")
     p.add_argument("--init", choices=("auto", "k-means++", "random"), default="auto")
-    p.add_argument("--batch-size", type=int, help="mini-batch size (default max(8192, 2K))")
-    p.add_argument("--sample-per-image", type=int, default=300, help="descriptors sampled per image (300)")
-    p.add_argument("--max-samples", type=int, default=1_000_000,
-                   help="cap on training descriptors (1,000,000)")
-    p.add_argument("--trainset", help="training-set name recorded in the metadata (default: the source path)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="--method minibatch: batch size (default "
+                                                               "max(8192, 2K))")
+    p.add_argument("--sample-per-image", type=int, default=300, metavar="N",
+                   help="descriptors sampled per image (default 300; fewer when --max-samples / images is "
+                        "smaller, so that every image contributes evenly)")
+    p.add_argument("--max-samples", type=int, default=1_000_000, metavar="N",
+                   help="cap on training descriptors (default 1,000,000)")
+    p.add_argument("--trainset", metavar="NAME",
+                   help="training-set name recorded in the metadata (default: the source path)")
     p.add_argument("--checkpoint", metavar="PATH", help="checkpoint file, written every iteration; resumed "
                                                          "from when it exists")
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="run the Lloyd assignment step on Ray workers: a cluster address ('auto' = the one "
                         "`ray start` runs here, HOST:PORT), or none to start a local Ray on this machine "
                         "(needs pip install -e '.[ray]')")
-    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
     p.set_defaults(func=run)
 
@@ -132,6 +141,11 @@ def run(args) -> int:
     _check_writable("--out", out)
     if args.checkpoint:
         _check_writable("--checkpoint", Path(args.checkpoint))
+    # a K the sample cannot give is refused before any image is read (an empty folder too: one line)
+    plan = CodebookConfig(size=args.size, sample_per_image=args.sample_per_image,
+                          max_samples=args.max_samples)
+    check_codebook_plan(plan, images=len(list_images(args.images)) if args.images else None,
+                        option="--size", samples_option="--max-samples")
     if args.ray is not None:
         if args.method != "lloyd":
             raise UsageError(f"--ray runs --method lloyd, not {args.method!r}")

@@ -192,6 +192,10 @@ class Codebook:
             raise IsADirectoryError(f"{path}: is a folder, not a codebook file")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: codebook file not found")
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if not magic.startswith(b"PK") and magic != b"\x93NUMPY":  # numpy would call it a pickle to trust
+            raise ValueError(f"{path}: not a d2r codebook (not an .npz archive)")
         try:
             z = np.load(path, allow_pickle=False)
             if not isinstance(z, np.lib.npyio.NpzFile):  # a bare .npy array
@@ -202,7 +206,8 @@ class Codebook:
             if not isinstance(header, dict):
                 raise ValueError(f"its metadata is a JSON {type(header).__name__}, not an object")
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-            raise ValueError(f"{path}: not a d2r codebook ({exc})") from None
+            why = "it holds pickled (object) arrays" if "allow_pickle" in str(exc) else exc
+            raise ValueError(f"{path}: not a d2r codebook ({why})") from None
         if header.get("format") != FORMAT:
             raise ValueError(f"{path}: not a d2r codebook (format {header.get('format')!r})")
         if int(header.get("format_version", 0)) > FORMAT_VERSION:

@@ -27,6 +27,7 @@ from d2r.kernels.kmeans import assigned_sq_distances, cluster_sums, minibatch_up
 from d2r.features import FeatureStore
 from d2r.features import get_extractor, list_images
 from d2r.features.base import whole_image
+from d2r.features.extract import extract_each, extract_image, failure_line
 
 log = logging.getLogger(__name__)
 
@@ -204,15 +205,17 @@ def load_training_descriptors(*, store=None, images=None, descriptors=None, feat
             raise ValueError(f"{images}: no images found")
         failed: list[str] = []
 
-        def extracted():
-            for image_id, p in pairs:
-                try:
-                    yield image_id, extractor.extract(p)
-                except Exception as exc:  # one bad image never kills the run
-                    log.warning("%s: feature extraction failed: %s", p, exc)
-                    failed.append(str(image_id))
-                    # keeps its place: image i is sampled with seed [seed, i] whatever fails before it
-                    yield image_id, np.zeros((0, extractor.dim), np.float32)
+        def extracted():  # the one extraction loop (its bar is the sampling bar)
+            workers = getattr(extractor, "default_workers", 1) or 1
+            for image_id, p, feats, error in extract_each(pairs, lambda _, p: extract_image(extractor, p),
+                                                          workers, progress=False):
+                if error is None:
+                    yield image_id, feats
+                    continue
+                log.warning("%s", failure_line(p if isinstance(p, (str, Path)) else image_id, error))
+                failed.append(str(image_id))
+                # keeps its place: image i is sampled with seed [seed, i] whatever fails before it
+                yield image_id, np.zeros((0, extractor.dim), np.float32)
 
         class _Sized:  # lets sample_descriptors spread the quota evenly over the images
             def __len__(self):

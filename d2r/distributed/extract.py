@@ -22,8 +22,10 @@ from collections import deque
 from pathlib import Path
 from d2r.distributed._ray import cluster_cpus
 from d2r.distributed._ray import import_ray, init
+from d2r.build import extract_into
 from d2r.features import get_extractor
 from d2r.features.config import extractor_info
+from d2r.features.extract import extract_image
 from d2r.features.image import list_images
 from d2r.features.store import DEFAULT_SHARD_BYTES
 from d2r.features.store import FeatureStore
@@ -48,17 +50,20 @@ class _Worker:
         return os.getpid()
 
     def run(self, batch) -> dict:
-        """Extract ``batch`` [(image_id, path_or_pixels)]: ``{"shards": records written now, "failures":
-        {id: reason}, "durable": ids now in written shards, "seconds": extraction time}``."""
+        """Extract ``batch`` [(image_id, path_or_pixels)] with the one loop into this worker's ShardWriter:
+        ``{"shards": records written now, "failures": {id: reason}, "durable": ids now in written shards,
+        "seconds": extraction time}``."""
         failures = {}
-        t0 = time.perf_counter()
-        for image_id, source in batch:
-            try:
-                feats = self.extractor.extract(source)
-                self.writer.add(image_id, feats)
+
+        def record(image_id, source, error):
+            if error is None:
                 self.buffered.append(image_id)
-            except Exception as exc:  # one bad image never kills the batch
-                failures[image_id] = f"{type(exc).__name__}: {exc}"
+            else:
+                failures[image_id] = error
+
+        t0 = time.perf_counter()
+        extract_into(self.writer, batch, lambda _, source: extract_image(self.extractor, source),
+                     on_image=record, progress=False)
         return self._result(failures, time.perf_counter() - t0)
 
     def finish(self) -> dict:
@@ -86,21 +91,6 @@ def _features_spec(features, model, pca, options) -> dict:
         raise ValueError("give model/pca/options inside the features config, not beside it")
     return {"name": spec.get("name", "rootsift"), "model": spec.get("model"), "pca": spec.get("pca"),
             "options": dict(spec.get("options") or {})}
-
-
-def _pairs(images) -> list[tuple[str, object]]:
-    if isinstance(images, (str, Path)):
-        pairs = list_images(images)
-    else:
-        pairs = []
-        for item in images:
-            pairs.extend([(str(item[0]), item[1])] if isinstance(item, tuple) else list_images([item]))
-    seen = set()
-    for image_id, _ in pairs:
-        if image_id in seen:
-            raise ValueError(f"image id {image_id!r} appears twice in the input")
-        seen.add(image_id)
-    return [(i, str(p) if isinstance(p, Path) else p) for i, p in pairs]
 
 
 def extract(images, store, features="rootsift", *, model=None, pca=None, options: dict | None = None,
@@ -133,7 +123,7 @@ def extract(images, store, features="rootsift", *, model=None, pca=None, options
     import_ray()
     extractor = get_extractor(spec["name"], model=spec["model"], pca=spec["pca"], **spec["options"])
     info = extractor_info(extractor)
-    pairs = _pairs(images)
+    pairs = [(i, str(p) if isinstance(p, Path) else p) for i, p in list_images(images)]
     shard_bytes = int(shard_bytes or DEFAULT_SHARD_BYTES)
     ray, started = init(address, num_cpus=num_cpus)
     try:

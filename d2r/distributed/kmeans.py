@@ -26,6 +26,7 @@ from d2r.codebook.kmeans import lloyd_assign
 from d2r.codebook.kmeans import lloyd_update, reseed_plan
 from d2r.features import FeatureStore
 from d2r.features import get_extractor
+from d2r.features.extract import extract_each, extract_image
 
 log = logging.getLogger(__name__)
 
@@ -141,14 +142,19 @@ class _Sampler:
     def sample(self, block, quota: int, seed: int):
         """``block`` [(position i, image_id, path_or_None)] → [(i, image_id, seen descriptors, sample or None,
         error or None)], sampled as :func:`d2r.codebook.kmeans.sample_descriptors` samples image number i."""
+        if self.store is not None:  # a store that fails to read is damaged: fatal
+            got = [(image_id, self.store.get(image_id), None) for _, image_id, _ in block]
+        else:  # the one extraction loop; an image that fails is reported, never fatal
+            work = [(image_id, source) for _, image_id, source in block]
+
+            def fn(_, source):
+                return extract_image(self.extractor, source)
+
+            got = [(i, feats, error) for i, _, feats, error in extract_each(work, fn, progress=False)]
         out = []
-        for i, image_id, source in block:
-            try:
-                feats = self.store.get(image_id) if self.store is not None else self.extractor.extract(source)
-            except Exception as exc:  # an image that fails is reported, never fatal
-                if self.store is not None:
-                    raise
-                out.append((i, image_id, 0, None, f"{type(exc).__name__}: {exc}"))
+        for (i, _, _), (image_id, feats, error) in zip(block, got):
+            if error is not None:
+                out.append((i, image_id, 0, None, error))
                 continue
             desc = _descriptors_of(feats, name=f"descriptors of image {image_id!r}")
             out.append((i, image_id, int(desc.shape[0]), sample_image(desc, quota, seed, i), None))

@@ -30,22 +30,21 @@ from pathlib import Path
 import numpy as np
 
 from d2r import _io
-from d2r.engine.sources import SourcesTable
+from d2r.engine.sources import SourcesTable, assign_ids
 from d2r._validate import as_top_k
 from d2r.codebook import Codebook
 from d2r.features.base import LocalFeatures, RegionFeatures, whole_image
 from d2r.index.database import Database
-from d2r.build import Pipeline  # noqa: F401  (crop: part of this module's API)
-from d2r.features.image import crop
+from d2r.build import Pipeline, check_codebook_plan
+from d2r.features.image import crop  # noqa: F401  (crop: part of this module's API)
 from d2r._io import read_json
 from d2r.engine.check import check_engine
 from d2r.engine.config import FORMAT, FORMAT_VERSION, EngineConfig, absolute_paths, engine_config
 from d2r._lock import WriterLock
 from d2r.build import check_setup
 from d2r.detect.config import check_regions
-from d2r.features.config import extractor_info
-from d2r.features.image import IMAGE_EXTENSIONS, list_images
-from d2r.features.image import load_image
+from d2r.features.config import extractor_difference, extractor_info
+from d2r.features.image import listed_images, load_image
 from d2r.features.store import FeatureStore, check_store, import_shards
 from d2r.index.manifest import GENERATIONS as INDEX_GENERATIONS
 from d2r._threads import current_threads, numba_threads, one_blas_thread
@@ -89,10 +88,13 @@ class IndexReport:
     failed: dict = field(default_factory=dict)
     seconds: float = 0.0
     codebook_trained: bool = False
+    codebook: dict | None = None  # when trained: {"k", "descriptors", "path"}
+    featureless: list = field(default_factory=list)  # indexed without any local feature: they never match
 
     def to_dict(self) -> dict:
         return {"indexed": len(self.indexed), "skipped": self.skipped, "failed": self.failed,
-                "seconds": round(self.seconds, 3), "codebook_trained": self.codebook_trained}
+                "seconds": round(self.seconds, 3), "codebook_trained": self.codebook_trained,
+                "codebook": self.codebook, "featureless": len(self.featureless)}
 
 
 class Engine:
@@ -109,9 +111,12 @@ class Engine:
 
     # ---- construction ----------------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path, config: EngineConfig | dict | None = None, codebook=None) -> "Engine":
+    def create(cls, path, config: EngineConfig | dict | None = None, codebook=None,
+               images: int | None = None) -> "Engine":
         """A new engine in the folder ``path`` (must not hold one). ``codebook``: a :class:`Codebook` or a file;
-        else ``config.codebook.path``; else one is trained on the images of the first ``index`` call."""
+        else ``config.codebook.path``; else one is trained on the images of the first ``index`` call (when
+        their number ``images`` is given, the codebook is checked trainable from them, before the folder
+        exists)."""
         path = Path(path)
         if isinstance(config, dict):
             config = EngineConfig.from_dict(config)
@@ -121,6 +126,8 @@ class Engine:
         if path.exists() and not path.is_dir():
             raise FileExistsError(f"{path}: exists and is not a folder")
         extractor, book = check_setup(config, codebook)  # everything checked before the folder exists
+        if book is None and images is not None:
+            check_codebook_plan(config.codebook, extractor, images)
         created = not path.exists()
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -245,8 +252,11 @@ class Engine:
         """Index images: a folder (searched recursively), a list file, or a list of image paths, folders, list
         files and ``(image_id, path)`` pairs.
 
-        Image ids are the canonical paths relative to the folder / list file's folder (absolute paths for
-        single files), without extension, preceded by ``id_prefix`` (for a second folder with the same names).
+        Image ids are the paths relative to the folder / list file's folder (absolute paths for single files
+        among several, and for a list file's paths outside its folder), without extension
+        (:func:`~d2r.features.image.listed_images`), preceded by ``id_prefix`` (for a second folder with the
+        same names); :func:`~d2r.engine.sources.assign_ids` applies the engine's rules (one id, one file).
+        A folder or list file without images is a ValueError, before anything is written.
 
         Images already indexed are skipped (so an interrupted call can simply be repeated); images that cannot be
         read or described are reported in ``report.failed`` with the reason, and skipped again next time unless
@@ -254,15 +264,19 @@ class Engine:
         first: another writer makes this call fail at once (or wait up to ``lock_timeout`` seconds).
         """
         t0 = time.perf_counter()
-        images = _check_images(images)
+        listed = listed_images(_check_images(images))
         self.pipeline.extractor  # a model or region source gone since the engine was made: one error, up front
         check_regions(self.config.regions)
         self.pipeline.proposer
         report = IndexReport()
         with self._writing(lock_timeout) as store:
-            pairs = self._resolve(images, report, id_prefix)
+            pairs, report.skipped, report.failed = assign_ids(listed, self._sources, self._failures,
+                                                              id_prefix)
             todo = [(i, p) for i, p in pairs if i not in self and (retry_failed or str(p) not in self._failures)]
-            report.skipped += len(pairs) - len(todo)  # plus the duplicates _resolve skipped
+            report.skipped += len(pairs) - len(todo)
+            if self._db is None:  # a codebook will be trained on the store: can it be, with these images?
+                check_codebook_plan(self.config.codebook, self.extractor,
+                                    len(set(store.ids()) | {i for i, _ in todo}))
             # Phase 1: features into the store, batch by batch (flushed, so an interruption keeps them).
             self._extract_batches([t for t in todo if t[0] not in store], store, report, progress)
             extracted = [i for i, p in todo if str(p) not in report.failed]  # failures are reported by file
@@ -283,11 +297,10 @@ class Engine:
         report = IndexReport()
         src = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
         want = extractor_info(self.extractor)
-        have = src.extractor
+        have = {**src.extractor, "dim": src.dim}
         if have["fingerprint"] != want["fingerprint"] or src.dim != int(want["dim"]):
-            raise ValueError(f"{src.path}: the store holds {have.get('name')} features (fingerprint "
-                             f"{have['fingerprint']}, D={src.dim}); this engine's features config gives "
-                             f"{want['name']} (fingerprint {want['fingerprint']}, D={want['dim']})")
+            raise ValueError(f"{src.path}: the store's features are not this engine's "
+                             f"({extractor_difference(have, want, ('store', 'engine'))})")
         chosen = src.ids() if ids is None else [str(i) for i in ([ids] if isinstance(ids, str) else ids)]
         missing = [i for i in chosen if i not in src]
         if missing:
@@ -297,6 +310,8 @@ class Engine:
             kind = "region" if not regions else "whole-image"
             raise ValueError(f"{src.path}: the store holds {kind} features "
                              f"but this engine's regions.proposer is {self.config.regions.proposer!r}")
+        if self._db is None:
+            check_codebook_plan(self.config.codebook, self.extractor, len(chosen))
         with self._writing(lock_timeout) as own:
             import_shards(own, src, set(chosen))
             for image_id in chosen:  # the files the store says the features came from: hits get their paths
@@ -326,8 +341,10 @@ class Engine:
         """Phases 2 and 3 of indexing: a codebook if needed, then the stored images ``todo`` by saved batch."""
         # Phase 2: a codebook, trained on the store when none was given.
         if self._db is None:
-            self._train_codebook(store, progress)
+            book = self._train_codebook(store, progress)
             report.codebook_trained = True
+            report.codebook = {"k": book.size, "descriptors": book.metadata.get("training_descriptors"),
+                               "path": str(self.path / "codebook.npz")}
         # Phase 3: into the database, saved batch by batch; a batch is reported done once saved.
         ready = [i for i in todo if i in store and i not in self._db]
         for image_id in todo:
@@ -340,52 +357,8 @@ class Engine:
                 on_done(batch)
 
         self.pipeline.progress = progress
-        self.pipeline.fill_database(self._db, store, ready, on_batch=saved)
+        report.featureless += self.pipeline.fill_database(self._db, store, ready, on_batch=saved)
         self._save_tables()
-
-    def _resolve(self, images, report: IndexReport, id_prefix: str = "") -> list[tuple[str, Path]]:
-        def listed(source):  # a folder or list file: ids relative to it
-            if Path(source).is_dir():  # folders named like images are not silently passed over
-                for p in Path(source).rglob("*"):
-                    if p.is_dir() and p.suffix.lower() in IMAGE_EXTENSIONS:
-                        report.failed[str(p)] = self._failures[str(p)] = "is a directory, not an image file"
-            return list_images(source)
-
-        if isinstance(images, (str, Path)):
-            pairs = listed(images)
-        else:
-            pairs = []
-            for item in images:
-                image_id, p = (str(item[0]), Path(item[1])) if isinstance(item, tuple) else (None, Path(item))
-                listing = p.is_dir() or p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS
-                if image_id is None and listing:  # a folder or list file among several sources
-                    pairs.extend(listed(p))
-                    continue
-                if not p.is_file():
-                    reason = "is a directory, not an image file" if p.is_dir() else "file not found"
-                    report.failed[str(p)] = reason
-                    self._failures[str(p)] = reason
-                    continue
-                pairs.extend([(image_id, p)] if image_id else list_images([p]))
-        kept, seen = [], {}
-        # canonical paths: one file spelled two ways is one source and one entry of the failures table
-        for image_id, p in ((id_prefix + i, Path(os.path.abspath(p))) for i, p in pairs):
-            source = str(Path(p).resolve())
-            known = self._sources.get(image_id, seen.get(image_id))
-            if known is not None and known != source:  # same id, another file: never skip or mix them up
-                reason = f"image id {image_id!r} is already used by {known}"
-                report.failed[str(p)] = self._failures[str(p)] = reason
-                continue
-            if seen.get(image_id) == source:  # the same file listed twice: once is enough
-                report.skipped += 1
-                continue
-            seen[image_id] = source
-            if self._failures.get(str(p), "").startswith("image id "):  # id conflict resolved (--id-prefix)
-                del self._failures[str(p)]
-            kept.append((image_id, p))
-        for image_id, source in seen.items():
-            self._sources.setdefault(image_id, source)
-        return kept
 
     def _extract_batches(self, todo, store, report: IndexReport, progress: bool) -> None:
         def record(image_id, p, error):
@@ -397,11 +370,12 @@ class Engine:
         self.pipeline.progress = progress
         self.pipeline.extract_into(store, todo, on_image=record, on_batch=self._save_tables)
 
-    def _train_codebook(self, store, progress: bool) -> None:
+    def _train_codebook(self, store, progress: bool) -> Codebook:
         self.pipeline.progress = progress
         book = self.pipeline.train_codebook(store, trainset=str(self.path))
         book.save(self.path / "codebook.npz")
         self._create_database(book)
+        return book
 
     def _save_tables(self) -> None:
         self._sources.save()
@@ -526,30 +500,40 @@ class Engine:
         return thread
 
     def search_batch(self, images, bbox=None, top_k: int = 10, rerank: bool = True,
-                     workers: int | None = None, **options) -> list:
+                     workers: int | None = None, seconds: list | None = None, **options) -> list:
         """:meth:`search` for many query photos in threads (feature extraction, the index scan and RANSAC release
         the GIL). Returns one entry per image, in order: its list of :class:`Hit`, or the exception that query
         raised (one bad photo never stops the others). ``bbox`` applies to every image; ``workers`` defaults to
         the CPU count; ``options`` (query_num_assignments, query_expansion, exclude) go to :meth:`search`. One
         level of parallelism (:mod:`d2r._threads`): with several query threads each runs numba, BLAS and its
-        verification on one thread; results equal :meth:`search`'s."""
+        verification on one thread; results equal :meth:`search`'s. ``seconds``, a list, receives each query's
+        own search time, in order."""
         top_k = as_top_k(top_k)  # once, not one error per image
         images = list(images)
         workers = max(1, min(len(images), int(workers or os.cpu_count() or 1)))
         if self._db is not None:  # shared caches built once, before the threads
             self._db.search_batch([], top_k=1)
 
-        def one(image):
+        took = [0.0] * len(images)
+
+        def one(k):
+            t0 = time.perf_counter()
             try:
                 with numba_threads(1 if workers > 1 else current_threads()):
-                    return self.search(image, bbox=bbox, top_k=top_k, rerank=rerank, **options)
+                    return self.search(images[k], bbox=bbox, top_k=top_k, rerank=rerank, **options)
             except Exception as exc:  # reported per query; the batch goes on
                 return exc
+            finally:
+                took[k] = time.perf_counter() - t0
 
         if workers == 1:
-            return [one(image) for image in images]
-        with one_blas_thread(), ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(one, images))
+            results = [one(k) for k in range(len(images))]
+        else:
+            with one_blas_thread(), ThreadPoolExecutor(workers) as pool:
+                results = list(pool.map(one, range(len(images))))
+        if seconds is not None:
+            seconds[:] = took
+        return results
 
     def _stored(self, image_id):
         return self._feature_store().get(image_id)

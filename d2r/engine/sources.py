@@ -171,3 +171,38 @@ class SourcesTable(MutableMapping):
             _io.write_bytes(log, b"")  # a new file: readers holding the old log still read it whole
             self._log_end, self._snapshot_size = 0, len(data)
         self._changed = {}
+
+
+# ---- the engine's image-id policy ------------------------------------------------------------------------
+def assign_ids(pairs, sources, failures: dict, id_prefix: str = "") -> tuple[list, int, dict]:
+    """The engine's image-id policy over listed ``(image_id, path)`` pairs (from
+    :func:`d2r.features.image.listed_images`): ``(kept pairs, skipped, failed {path: reason})``.
+
+    An id is ``id_prefix`` + the listed id. A file is known by its canonical path (absolute, symbolic links
+    resolved), which the sources table ``sources`` records for each new id: the same id and file listed twice
+    (or spelled two ways) is kept once, counted as skipped; an id that the table (or an earlier pair)
+    gives to another file is that pair's failure, never a silent mix-up (``--id-prefix`` resolves it). A
+    symbolic-link loop is no error here: the file is kept under its own path, and fails when read.
+    ``failures`` (the engine's table, by path) gets the id conflicts, and loses the conflicts now resolved.
+    Failure keys are absolute paths."""
+    kept, seen, failed, skipped = [], {}, {}, 0
+    for image_id, p in pairs:
+        image_id, p = id_prefix + str(image_id), Path(os.path.abspath(p))
+        try:
+            source = str(p.resolve())
+        except (OSError, RuntimeError):  # a link loop (RuntimeError before Python 3.13): read, it fails
+            source = str(p)
+        known = sources.get(image_id, seen.get(image_id))
+        if known is not None and known != source:  # same id, another file: never skip or mix them up
+            failed[str(p)] = failures[str(p)] = f"image id {image_id!r} is already used by {known}"
+            continue
+        if seen.get(image_id) == source:  # the same file listed twice: once is enough
+            skipped += 1
+            continue
+        seen[image_id] = source
+        if failures.get(str(p), "").startswith("image id "):  # id conflict resolved (--id-prefix)
+            del failures[str(p)]
+        kept.append((image_id, p))
+    for image_id, source in seen.items():
+        sources.setdefault(image_id, source)
+    return kept, skipped, failed

@@ -7,15 +7,17 @@ from pathlib import Path
 
 import numpy as np
 
+from d2r.features.image import IMAGE_EXTENSIONS
 
-IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg", ".JPG", ".PNG", ".JPEG")
+# the one image suffix list (d2r.features.image), as written and upper-case (revisitop names are ".jpg")
+IMAGE_SUFFIXES = tuple(s for ext in IMAGE_EXTENSIONS for s in (ext, ext.upper()))
 
 
 # ---- paths and queries ---------------------------------------------------------------------------------------
 def resolve_image(root, name: str) -> Path:
-    """The file of image ``name`` under ``root``: ``root/name`` if it exists (names relative to the folder, as in
-    our dev data), else ``root/name`` + .jpg/.png/.jpeg (revisitop ``imlist`` names carry no extension).
-    FileNotFoundError names the image and the paths tried."""
+    """The file of image ``name`` under ``root``: ``root/name`` if it exists (names relative to the folder,
+    as in our dev data), else ``root/name`` + the first of :data:`IMAGE_SUFFIXES` that exists (revisitop
+    ``imlist`` names carry no extension). FileNotFoundError names the image and the paths tried."""
     root = Path(root)
     base = root / name
     if base.is_file():

@@ -9,10 +9,10 @@ from d2r.features.pca import PCA
 from d2r.features.rootsift import RootSIFT, RootSIFTConfig
 from d2r.features.config import EXTRACTORS, FeaturesConfig, build_extractor, extractor_info, get_extractor
 from d2r.features.delf import DELF, DELFConfig
-from d2r.features.store import FeatureStore, extract_to_store
+from d2r.features.store import FeatureStore
 
 __all__ = [
     "LocalFeatures", "RegionFeatures", "ImageError", "load_image", "list_images", "PCA", "RootSIFT",
-    "RootSIFTConfig", "DELF", "DELFConfig", "FeatureStore", "extract_to_store", "get_extractor", "EXTRACTORS",
+    "RootSIFTConfig", "DELF", "DELFConfig", "FeatureStore", "get_extractor", "EXTRACTORS",
     "FeaturesConfig", "build_extractor", "extractor_info",
 ]

@@ -78,6 +78,23 @@ def extractor_info(extractor) -> dict:
     }
 
 
+def extractor_difference(have: dict, want: dict, names=("store", "config")) -> str:
+    """What differs between two :func:`extractor_info` records, named option by option, e.g.
+    ``"max_features: store 300, config 1000"`` (``names``: what to call ``have`` and ``want``); the
+    fingerprints only when every option agrees (another PCA or model file of the same name)."""
+    x, y = names
+    if str(have.get("name")) != str(want.get("name")):
+        return f"features: {x} {have.get('name')}, {y} {want.get('name')}"
+    a, b = have.get("config") or {}, want.get("config") or {}
+    diffs = [f"{key}: {x} {a.get(key, 'unset')}, {y} {b.get(key, 'unset')}"
+             for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+    if "dim" in have and "dim" in want and int(have["dim"]) != int(want["dim"]):
+        diffs.append(f"D: {x} {have['dim']}, {y} {want['dim']}")
+    return "; ".join(diffs) or (f"the same options, other content (fingerprint: {x} "
+                                f"{have.get('fingerprint')}, {y} {want.get('fingerprint')}; another PCA or "
+                                "model file?)")
+
+
 EXTRACTORS = ("rootsift", "delf", "aliked", "disk")
 
 

@@ -10,6 +10,7 @@ Tiny images (even 1×1) are valid; extractors return no features for images smal
 
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 from pathlib import Path
@@ -96,6 +97,8 @@ def _load_path(path: Path, max_pixels: int | None) -> np.ndarray:
 
     name = str(path)
     if not path.exists():
+        if path.is_symlink() and _link_loop(path):
+            raise ImageError(f"{name}: symbolic link loop (through {os.readlink(path)}, back to itself)")
         if path.is_symlink():
             raise ImageError(f"{name}: broken symbolic link (its target {os.readlink(path)} is missing)")
         raise ImageError(f"{name}: no such file")
@@ -121,6 +124,14 @@ def _load_path(path: Path, max_pixels: int | None) -> np.ndarray:
         raise ImageError(f"{name}: not a readable image (unknown or corrupt format)") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"{name}: corrupt or truncated image ({exc})") from exc
+
+
+def _link_loop(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
 
 
 def _from_pil(im, name: str, max_pixels: int | None) -> np.ndarray:
@@ -180,62 +191,86 @@ def _from_array(arr: np.ndarray, name: str, max_pixels: int | None) -> np.ndarra
     return np.ascontiguousarray(out)
 
 
-def list_images(source, extensions=IMAGE_EXTENSIONS) -> list[tuple[str, Path]]:
-    """List images as sorted ``(image_id, path)`` pairs.
+def listed_images(source, extensions=IMAGE_EXTENSIONS) -> list[tuple[str, object]]:
+    """The one input normalisation of every extraction entry point: ``source`` as ``(image_id, source)``
+    pairs, as listed (no uniqueness rule; :func:`list_images` adds it, the engine applies its own id policy).
 
-    ``source`` is a directory (searched recursively for the common image extensions, case-insensitive) or a
-    text file with one path per line (blank lines and ``#`` comments ignored; relative paths are relative to
-    the list file's folder), or an iterable of paths.
+    ``source``: a folder (searched recursively for the common image extensions, case-insensitive; a folder
+    or a broken symbolic link named like an image is listed too, and fails as an image would), a list file
+    (one path a line, blank lines and ``#`` comments ignored, a UTF-8 BOM dropped; relative paths are relative
+    to the list file's folder), one image file, or an iterable of those and of ``(image_id, source)`` pairs
+    (source: a path, an array or a PIL image, kept as given). A folder or list file is listed sorted by id; an
+    iterable in its own order. A missing path given alone raises FileNotFoundError; among several it is listed
+    as an image (and fails as one: "no such file"). A folder or list file with no image raises ValueError
+    ``"FOLDER: no images found"``.
 
-    Image id convention (stable across runs and machines): the path relative to the root folder, POSIX
-    separators, WITHOUT the extension — e.g. ``root/a/b/c123.jpg`` → ``"a/b/c123"``, which is what the
-    revisitop ``imlist`` and GLDv2 ids look like. Paths outside the root (list files with absolute paths
-    elsewhere) keep their full POSIX path minus the extension. Two files giving the same id (``x.jpg`` and
-    ``x.png``) raise ValueError.
+    Image id (stable across runs and machines): the path relative to the folder, or to the list file's
+    folder, POSIX separators, WITHOUT the extension (``root/a/b/c123.jpg`` → ``"a/b/c123"``, like
+    revisitop's ``imlist`` and GLDv2 ids). An image file given alone: its name; image files given together
+    (or a list file's paths outside its folder): their absolute paths without the extension.
     """
+    exts = {e.lower() for e in extensions}
     if isinstance(source, (str, os.PathLike)):
         root = Path(source)
-        if root.is_dir():
-            exts = {e.lower() for e in extensions}
-            # a broken symbolic link named like an image is listed (and fails as one), never silently skipped
-            paths = [p for p in root.rglob("*") if (p.is_file() or p.is_symlink() and not p.exists())
-                     and p.suffix.lower() in exts]
-            pairs = [(_image_id(p, root), p) for p in paths]
-        elif root.is_file() and root.suffix.lower() in {e.lower() for e in extensions}:
-            pairs = [(_image_id(root, root.parent), root)]  # one image, not a list file
-        elif root.is_file():
-            base = root.parent
-            pairs = []
-            for line in read_list_file(root):
-                line = line.strip()
-                if not line or line.startswith("#"):
-                    continue
-                p = Path(line)
-                if not p.is_absolute():
-                    p = base / p
-                pairs.append((_image_id(p, base), p))
-        else:
+        if not root.exists() and not root.is_symlink():
             raise FileNotFoundError(f"{root}: no such image folder or list file")
-    else:
-        pairs = []
-        for item in source:
-            if isinstance(item, tuple):
-                pairs.append((str(item[0]), Path(item[1])))
-            else:
-                p = Path(item)
-                pairs.append((_image_id(p, None), p))
-    pairs.sort(key=lambda t: t[0])
-    for (a, pa), (b, pb) in zip(pairs, pairs[1:]):
-        if a == b:
-            raise ValueError(f"image id {a!r} is given by two files: {pa} and {pb}")
+        return _listed(root, exts, alone=True)
+    pairs = []
+    for item in source:
+        if isinstance(item, tuple):
+            image_id, src = item
+            pairs.append((str(image_id), Path(src) if isinstance(src, (str, os.PathLike)) else src))
+        else:
+            pairs.extend(_listed(Path(item), exts, alone=False))
     return pairs
 
 
+def _listed(root: Path, exts: set, alone: bool) -> list[tuple[str, Path]]:
+    if root.is_dir():
+        # entries named like images that are not image files (folders, broken links, link loops) are listed
+        # too: they fail as images, with a reason, instead of being passed over in silence
+        pairs = [(_image_id(p, root), p) for p in root.rglob("*") if p.suffix.lower() in exts
+                 and (p.is_file() or p.is_dir() or p.is_symlink())]
+    elif root.suffix.lower() in exts or not root.is_file():  # an image (or what fails as one)
+        return [(_image_id(root, root.parent if alone else None), root)]
+    else:
+        base = root.parent
+        pairs = []
+        for line in read_list_file(root):
+            line = line.strip()
+            if line and not line.startswith("#"):
+                p = Path(line) if Path(line).is_absolute() else base / line
+                pairs.append((_image_id(p, base), p))
+    if not pairs:
+        raise ValueError(f"{root}: no images found")
+    pairs.sort(key=lambda t: t[0])
+    return pairs
+
+
+def list_images(source, extensions=IMAGE_EXTENSIONS) -> list[tuple[str, object]]:
+    """:func:`listed_images` with one image per id: a file listed twice (the same id and the same path, e.g.
+    a duplicate line of a list file) is kept once; two files giving one id (``x.jpg`` and ``x.png``) raise
+    ValueError naming both."""
+    kept: dict[str, object] = {}
+    for image_id, src in listed_images(source, extensions):
+        if image_id in kept:
+            if _same_path(kept[image_id], src):
+                continue
+            raise ValueError(f"image id {image_id!r} is given by two files: {kept[image_id]} and {src}")
+        kept[image_id] = src
+    return list(kept.items())
+
+
+def _same_path(a, b) -> bool:
+    path = (str, os.PathLike)
+    return a is b or isinstance(a, path) and isinstance(b, path) and os.path.abspath(a) == os.path.abspath(b)
+
+
 def read_list_file(path) -> list[str]:
-    """The lines of a list file; ValueError naming it when it is not text (an image with an unknown
-    extension, a codebook...)."""
+    """The lines of a list file (a UTF-8 byte-order mark, as Windows editors write, dropped); ValueError
+    naming it when it is not text (an image with an unknown extension, a codebook...)."""
     try:
-        return Path(path).read_text().splitlines()
+        return Path(path).read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not a text list file of image paths (nor an image: unknown extension "
                          f"{Path(path).suffix!r})") from None
@@ -243,7 +278,8 @@ def read_list_file(path) -> list[str]:
 
 def _image_id(path: Path, root: Path | None) -> str:
     """Canonical id: the absolute, normalised path relative to ``root`` (so ``./a/../a/x.jpg`` and ``a/x.jpg``
-    are one image), or the absolute path when there is no root or the file lies outside it; no extension."""
+    are one image), or the absolute path when there is no root or the file lies outside it; no extension. A
+    symbolic-link loop never raises here (its file fails when read)."""
     path = Path(os.path.abspath(path))
     rel = path
     if root is not None:
@@ -253,7 +289,7 @@ def _image_id(path: Path, root: Path | None) -> str:
         except ValueError:
             try:  # reached through a symbolic link of the root (or of a folder above it)
                 rel = path.resolve().relative_to(root.resolve())
-            except ValueError:
+            except (ValueError, OSError, RuntimeError):  # outside it, or a link loop (RuntimeError < 3.13)
                 rel = path
     return rel.with_suffix("").as_posix()
 

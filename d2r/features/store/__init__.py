@@ -6,7 +6,6 @@
 """
 
 from d2r.features.store.check import check_store, repair_store
-from d2r.features.store.extract import _ordered_map, extract_to_store  # noqa: F401 (tests use _ordered_map)
 from d2r.features.store.format import DEFAULT_SHARD_BYTES, FORMAT, FORMAT_VERSION, Shard
 from d2r.features.store.store import FeatureStore, import_shards
 from d2r.features.store.writer import ShardWriter
@@ -14,5 +13,5 @@ from d2r.storage import DamagedError
 
 StoreDamagedError = DamagedError  # the name of releases up to a0fe626 (documented in FeatureStore.get)
 
-__all__ = ["FeatureStore", "ShardWriter", "check_store", "repair_store", "import_shards", "extract_to_store",
+__all__ = ["FeatureStore", "ShardWriter", "check_store", "repair_store", "import_shards",
            "DEFAULT_SHARD_BYTES", "FORMAT", "FORMAT_VERSION", "Shard", "DamagedError"]
