@@ -7,7 +7,6 @@ import dataclasses
 from d2r.config import Config
 from pathlib import Path
 from d2r.detect.base import check_max_boxes
-from d2r.detect.proposers import PROPOSERS
 from d2r.detect.proposers import PROPOSERS, get_proposer
 
 
