@@ -98,8 +98,10 @@ def test_chunked_uploads_are_cut_off_at_the_limit(limits):
         sent, answer = _chunked_post(port, path, 200 << 20)
         assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
         assert b'{"error":' in answer and b"upload limit" in answer
-        # answered once the limit was read: what was sent beyond it sat in socket buffers, never stored
-        assert limit < sent < limit + (24 << 20), sent
+        # answered once the limit was read, long before the 200 MB were sent: what went beyond the limit sat in
+        # socket buffers and was never stored (the margin is generous: loopback buffers and a loaded CI machine
+        # let tens of MB through before the answer is read; the defect sent all 200 MB)
+        assert limit < sent < 64 << 20, sent
     assert not (limits["engine"] / "uploads").exists() or not any((limits["engine"] / "uploads").iterdir())
     # a declared Content-Length over the limit is answered before any body byte is read
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:

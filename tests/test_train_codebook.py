@@ -456,6 +456,10 @@ def test_shipped_demo_codebook():
 
 @pytest.mark.slow
 def test_demo_recipe_reproduces_the_shipped_codebook(tmp_path):
+    """The recipe rebuilds the shipped demo codebook: the same samples and iterations, every centroid within
+    1e-3 of the shipped one and the inertia within 1e-5 (relative). Bit-for-bit equality held only on the
+    machine that built it: OpenCV's SIFT differs in the last bits between builds (the training-data hash
+    changed under opencv 5.1 while every centroid moved by < 1e-4), which failed CI on a correct recipe."""
     import os
     import subprocess
     import sys
@@ -465,4 +469,9 @@ def test_demo_recipe_reproduces_the_shipped_codebook(tmp_path):
     res = subprocess.run([sys.executable, str(REPO / "tools" / "build_codebook_recipe.py"), str(DEMO_RECIPE),
                           "--out", str(out), "--quiet"], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["fingerprint"] == Codebook.load(DEMO).fingerprint
+    shipped, rebuilt = Codebook.load(DEMO), Codebook.load(out)
+    for key in ("samples", "training_images", "iterations", "seed", "init", "method", "feature_fingerprint"):
+        assert rebuilt.metadata[key] == shipped.metadata[key], key
+    drift = np.abs(np.asarray(rebuilt.centroids) - np.asarray(shipped.centroids)).max()
+    assert drift < 1e-3, drift
+    assert rebuilt.metadata["inertia"] == pytest.approx(shipped.metadata["inertia"], rel=1e-5)
