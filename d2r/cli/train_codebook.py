@@ -29,10 +29,19 @@ def add_parser(subparsers) -> None:
     p.add_argument("--size", "-k", type=int, required=True, metavar="K", help="number of visual words")
     p.add_argument("--out", required=True, metavar="FILE", help="output codebook .npz")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the descriptor sample, the seeding and the mini-batches: the same "
+                        "seed and inputs give the same codebook (0)")
     p.add_argument("--iterations", type=int, default=20, help="Lloyd iterations / mini-batch epochs (20)")
-    p.add_argument("--method", choices=("lloyd", "minibatch"), default="lloyd")
-    p.add_argument("--init", choices=("auto", "k-means++", "random"), default="auto")
+    p.add_argument("--method", choices=("lloyd", "minibatch"), default="lloyd",
+                   help="lloyd: exact assignment and mean update every iteration, inertia never increases "
+                        "(default); minibatch: Sculley's mini-batch updates, cheaper per pass, slightly "
+                        "higher inertia")
+    p.add_argument("--init", choices=("auto", "k-means||", "k-means++", "random"), default="auto",
+                   help="starting centroids. k-means||: Bahmani et al.'s k-means‖ (a few oversampling "
+                        "passes, then weighted k-means++ on the candidates), costs about AUTOCOST; "
+                        "k-means++: scikit-learn's, slow at large K (minutes at K 1,024 on 100k "
+                        "descriptors); random: K distinct descriptors, free. auto (default): AUTORULE")
     p.add_argument("--batch-size", type=int, help="mini-batch size (default max(8192, 2K))")
     p.add_argument("--sample-per-image", type=int, default=300, help="descriptors sampled per image (300)")
     p.add_argument("--max-samples", type=int, default=1_000_000,
