@@ -65,7 +65,7 @@ def exact_inertia(x, centroids) -> float:
 
 
 def run_d2r(x, k, it, seed, method, batch):
-    from d2r.train import train_codebook
+    from d2r.codebook import train_codebook
 
     book, info = train_codebook(x, k, iterations=it, init="random", method=method, seed=seed,
                                 batch_size=batch, progress=False)
@@ -144,7 +144,7 @@ def run_sklearn_fit(x, k, threads, mini: bool):
 
 def bench_store(args) -> dict:
     """Interleaved runs of the contenders on the store's default training sample; returns the JSON document."""
-    from d2r.train import _data_hash, load_training_descriptors
+    from d2r.codebook.kmeans import _data_hash, load_training_descriptors
 
     def say(*a):
         print(*a, file=sys.stderr if args.json else sys.stdout, flush=True)

@@ -26,7 +26,7 @@ import numpy as np
 
 from d2r.features.base import LocalFeatures
 from d2r.kernels.ransac import ransac_affine
-from d2r.rerank import RerankConfig, geometric_verification, putative_matches
+from d2r.query.verify import RerankConfig, geometric_verification, putative_matches
 
 
 def _unit(x):

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from d2r import _io
-from d2r._sources import SourcesTable
+from d2r.engine.sources import SourcesTable
 
 
 def written() -> int:

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from d2r.bench import whole_image
+from d2r.features.base import whole_image
 from d2r.codebook import Codebook
 from d2r.eval.revisitop import load_gnd
 from d2r.features.store import FeatureStore
-from d2r.rerank import RerankConfig, geometric_verification
+from d2r.query.verify import RerankConfig, geometric_verification
 
 
 def main():

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from d2r.features.base import LocalFeatures
-from d2r.rerank import RerankConfig, geometric_verification
+from d2r.query.verify import RerankConfig, geometric_verification
 
 
 def main():

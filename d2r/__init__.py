@@ -5,12 +5,13 @@ VLAD / ASMK / ASMK* match kernels, per image or per detected region (R-VLAD, R-A
 as in Teichmann et al., "Detect-to-Retrieve", CVPR 2019.
 """
 
-__version__ = "0.1.0"
+from d2r._version import __version__  # noqa: E402
 
 from d2r.aggregate import Aggregated, Aggregator, similarity  # noqa: E402
 from d2r.codebook import Codebook  # noqa: E402
 from d2r.index import Database, DatabaseConfig, Ranking  # noqa: E402
-from d2r.engine import Engine, EngineConfig, Hit  # noqa: E402
+from d2r.engine import Engine, Hit  # noqa: E402
+from d2r.engine.config import EngineConfig
 
 __all__ = ["Aggregated", "Aggregator", "Codebook", "Database", "DatabaseConfig", "Engine", "EngineConfig", "Hit",
            "Ranking",

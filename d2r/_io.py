@@ -83,3 +83,28 @@ def file_digest(path, chunk: int = 1 << 20) -> str:
                 break
             h.update(block)
     return h.hexdigest()
+
+
+def read_json(path: Path, default):
+    """The JSON in ``path`` (``default`` when absent); ValueError naming the file when it is not valid JSON or
+    not of the type of ``default``."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return default
+    return parse_json(path, raw, default)
+
+
+def parse_json(path: Path, raw: bytes, default):
+    """``raw`` (the bytes of ``path``) as JSON of the type of ``default`` (any when None); ValueError naming
+    the file otherwise."""
+    try:
+        data = json.loads(raw.decode())
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (corrupted?)") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg} "
+                         "(corrupted?)") from None
+    if default is not None and not isinstance(data, type(default)):
+        raise ValueError(f"{path}: expected a JSON {type(default).__name__}, got {type(data).__name__}")
+    return data

@@ -17,3 +17,20 @@ def muted(name: str):
         yield
     finally:
         logger.setLevel(level)
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def progress_bar(total: int, desc: str, progress: bool, unit: str = "img"):
+    """A tqdm bar, or a do-nothing one when ``progress`` is off or there is nothing to do."""
+    if not progress or total == 0:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit)

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from d2r import _io
+from d2r.engine import Engine
+from d2r.engine.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +133,6 @@ def _write_jpeg(path: Path, a: np.ndarray) -> None:
 
 def run(out: Path, top_k: int = 5, progress: bool = True, seed: int = 0) -> dict:
     """Build the demo under ``out`` (images/, queries/, index/, summary.html) and return its results."""
-    from d2r.engine import Engine, EngineConfig
-
     out = Path(out)
     timings = {}
     t0 = time.perf_counter()
@@ -185,8 +186,6 @@ def _thumb_html(rel: str, boxes, label: str, ok: bool | None) -> str:
 
 
 def _write_html(path: Path, out: Path, results: list, engine) -> None:
-    from d2r import _io
-
     rows = []
     for r in results:
         cells = [_thumb_html(f"queries/{r['query']}.jpg", [], r["query"], None)]

@@ -40,7 +40,7 @@ def test_assign_matches_brute_force(seed, k, d, n, m):
 
 @pytest.mark.parametrize("seed,k,d,n,m", [c for c in CASES if c[3] > 1])
 def test_assign_threaded_path_matches_brute_force(seed, k, d, n, m, monkeypatch):
-    import d2r.codebook as cb
+    import d2r.codebook.codebook as cb
 
     monkeypatch.setattr(cb, "_PARALLEL_MIN_PAIRS", 1)  # every size takes the threaded path
     monkeypatch.setattr(cb, "_BLOCK_ROWS", 7)  # many uneven row blocks

@@ -10,9 +10,12 @@ import pytest
 from PIL import Image
 
 from d2r import bench
+from d2r.bench.run import verify_candidates
+from d2r.eval.datasets import gldv2_path, query_box, read_ids, resolve_image
+from d2r.features.image import crop, load_image
 from d2r.cli import main
 from d2r.features.base import LocalFeatures
-from d2r.rerank import RerankConfig, order_by_inliers
+from d2r.query.verify import RerankConfig, order_by_inliers
 
 # Medium mAP of the CI configuration (RootSIFT, 300 features, 256 words trained on 50 descriptors per database
 # image, ASMK*) measured 2026-11-27 on the dev set: 39.83 (Hard 16.85); first run 278 s, cached run 7 s on the
@@ -25,11 +28,11 @@ def test_resolve_image_with_and_without_extension(tmp_path):
     (tmp_path / "jpg").mkdir()
     Image.new("RGB", (20, 10)).save(tmp_path / "jpg" / "all_souls_000013.jpg")
     Image.new("RGB", (20, 10)).save(tmp_path / "a.png")
-    assert bench.resolve_image(tmp_path / "jpg", "all_souls_000013") == tmp_path / "jpg" / "all_souls_000013.jpg"
-    assert bench.resolve_image(tmp_path, "jpg/all_souls_000013.jpg") == tmp_path / "jpg" / "all_souls_000013.jpg"
-    assert bench.resolve_image(tmp_path, "a") == tmp_path / "a.png"
+    assert resolve_image(tmp_path / "jpg", "all_souls_000013") == tmp_path / "jpg" / "all_souls_000013.jpg"
+    assert resolve_image(tmp_path, "jpg/all_souls_000013.jpg") == tmp_path / "jpg" / "all_souls_000013.jpg"
+    assert resolve_image(tmp_path, "a") == tmp_path / "a.png"
     with pytest.raises(FileNotFoundError, match="'missing'"):
-        bench.resolve_image(tmp_path, "missing")
+        resolve_image(tmp_path, "missing")
 
 
 def test_gldv2_path_layout(tmp_path):
@@ -37,31 +40,38 @@ def test_gldv2_path_layout(tmp_path):
     d.mkdir(parents=True)
     Image.new("RGB", (20, 10)).save(d / "0af123.jpg")
     Image.new("RGB", (20, 10)).save(tmp_path / "xy.jpg")
-    assert bench.gldv2_path(tmp_path, "0af123") == d / "0af123.jpg"
-    assert bench.gldv2_path(tmp_path, "xy") == tmp_path / "xy.jpg"
+    assert gldv2_path(tmp_path, "0af123") == d / "0af123.jpg"
+    assert gldv2_path(tmp_path, "xy") == tmp_path / "xy.jpg"
     with pytest.raises(FileNotFoundError):
-        bench.gldv2_path(tmp_path, "abc999")
+        gldv2_path(tmp_path, "abc999")
 
 
 def test_query_box_rounds_like_revisitop():
-    assert bench.query_box(None) is None
-    assert bench.query_box([]) is None
-    assert bench.query_box([136.2, 34.5, 648.7, 955.49]) == (136, 34, 649, 955)  # round half to even, as Python
+    assert query_box(None) is None
+    assert query_box([]) is None
+    assert query_box([136.2, 34.5, 648.7, 955.49]) == (136, 34, 649, 955)  # round half to even, as Python
     with pytest.raises(ValueError, match="four finite"):
-        bench.query_box([1, 2, 3])
+        query_box([1, 2, 3])
     with pytest.raises(ValueError, match="four finite"):
-        bench.query_box([1, 2, np.nan, 4])
+        query_box([1, 2, np.nan, 4])
 
 
-def test_crop_query_matches_hand_crop(tmp_path, rng):
+def test_query_crop_matches_hand_crop(tmp_path, rng):
+    """A revisitop query box crops the query image as by hand (rounded, clipped; outside the image: an error
+    naming it)."""
     pixels = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
     path = tmp_path / "q.png"
     Image.fromarray(pixels).save(path)
-    np.testing.assert_array_equal(bench.crop_query(path, None), pixels)
-    np.testing.assert_array_equal(bench.crop_query(path, [10.4, 5.6, 30.2, 20.5]), pixels[6:20, 10:30])
-    np.testing.assert_array_equal(bench.crop_query(path, [50, 30, 100, 100]), pixels[30:40, 50:60])  # clipped
+
+    def crop_query(bbx, name="query"):
+        box = query_box(bbx)
+        return load_image(path) if box is None else crop(load_image(path), box, name=name)
+
+    np.testing.assert_array_equal(crop_query(None), pixels)
+    np.testing.assert_array_equal(crop_query([10.4, 5.6, 30.2, 20.5]), pixels[6:20, 10:30])
+    np.testing.assert_array_equal(crop_query([50, 30, 100, 100]), pixels[30:40, 50:60])  # clipped
     with pytest.raises(ValueError, match="q.png"):
-        bench.crop_query(path, [70, 50, 80, 60], name=str(path))  # outside the image
+        crop_query([70, 50, 80, 60], name=str(path))  # outside the image
 
 
 def test_load_config_file_then_flags(tmp_path):
@@ -138,7 +148,7 @@ def test_verify_candidates_puts_true_copies_first(rng):
             _features(rng, int(keep.sum()), query.locations[keep] * 1.1 + 5, query.descriptors[keep].copy()), extra],
             32)
     config = RerankConfig(num_to_rerank=12, descriptor_distance=0.5, workers=1)
-    inl = bench.verify_candidates(query, list(range(12)), db.__getitem__, config)
+    inl = verify_candidates(query, list(range(12)), db.__getitem__, config)
     assert all(inl[i] > 10 for i in copies) and all(inl[i] == 0 for i in set(range(12)) - copies)
     ids = rng.permutation(12)
     new, _, _ = order_by_inliers(ids, np.sort(rng.random(12))[::-1], inl, 12)
@@ -148,12 +158,12 @@ def test_verify_candidates_puts_true_copies_first(rng):
 def test_read_ids(tmp_path):
     p = tmp_path / "index.csv"
     p.write_text("id,url\nabc,http://x\ndef,http://y\n")
-    assert bench.read_ids(p) == ["abc", "def"]
+    assert read_ids(p) == ["abc", "def"]
     p.write_text("image\nabc\n")
-    assert bench.read_ids(p) == ["abc"]
+    assert read_ids(p) == ["abc"]
     p.write_text("id\n")
     with pytest.raises(ValueError, match="no image ids"):
-        bench.read_ids(p)
+        read_ids(p)
 
 
 # ---- end to end -----------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ import pytest
 from d2r.codebook import Codebook
 from d2r.features.base import LocalFeatures
 from d2r.kernels.correspond import hamming_pairs
-from d2r.rerank import (RerankConfig, geometric_verification, hamming_correspondences, word_signatures)
+from d2r.query.verify import RerankConfig, geometric_verification
+from d2r.signatures import hamming_correspondences, word_signatures
 
 
 def _brute(qw, qs, xw, xs, max_bits):
@@ -102,7 +103,7 @@ def test_correspondences_validation():
 
 
 def test_signature_cache_is_keyed_by_codebook_and_content(rng):
-    from d2r.rerank import cached_word_signatures
+    from d2r.signatures import cached_word_signatures
 
     a, b = _book(rng), _book(rng)
     x = rng.normal(size=(40, 32)).astype(np.float32)

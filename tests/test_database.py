@@ -357,3 +357,16 @@ def test_similarity_with_all_zero_idf_matches_the_database():
     db.add(0, x)  # one image: every idf is log(1/1) = 0
     agg = Aggregator(cents, "asmk")
     assert similarity(agg(x), agg(x), idf=db.idf()) == db.search(x).scores[0] == 0.0
+
+
+def test_database_equal_scores_in_insertion_order(tmp_path, rng):
+    """Equal scores rank in insertion order (not by id), at the top-k cut too."""
+    book = d2r.Codebook(rng.standard_normal((8, 4)).astype(np.float32))
+    db = Database.create(tmp_path / "db", book, kernel="asmk_star")
+    x = rng.standard_normal((20, 4)).astype(np.float32)
+    names = [f"img{i}" for i in (9, 3, 7, 1, 5, 0, 8, 2, 6, 4)]  # not sorted: insertion order is the order
+    for name in names:
+        db.add(name, x)
+    ranking = db.search(x, top_k=4)
+    assert list(ranking.ids) == names[:4]
+    assert len(set(np.round(ranking.scores, 9))) == 1

@@ -5,7 +5,7 @@ import pytest
 
 from d2r.diffuse import (DiffusionConfig, DiffusionGraph, conjugate_gradient, mutual_knn_affinity,
                          normalize_graph, rank_by_diffusion)
-from d2r.rerank import RerankConfig, order_by_fused, order_verified
+from d2r.query.verify import RerankConfig, order_by_fused, order_verified
 
 
 # ---- fused scores ------------------------------------------------------------------------------------------

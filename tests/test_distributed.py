@@ -9,7 +9,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from d2r.train import train_codebook  # noqa: E402
+from d2r.codebook import train_codebook  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -391,7 +391,7 @@ def test_sampling_on_workers_equals_one_machine(cluster, photos, tmp_path, capsy
     from d2r.codebook import Codebook
     from d2r.distributed import sample_descriptors as sample_ray
     from d2r.features import extract_to_store, get_extractor, list_images
-    from d2r.train import load_training_descriptors, sample_descriptors
+    from d2r.codebook.kmeans import load_training_descriptors, sample_descriptors
 
     extract_to_store(photos, get_extractor("rootsift", max_features=300), tmp_path / "store", progress=False)
     from d2r.features import FeatureStore

@@ -13,7 +13,9 @@ import pytest
 from PIL import Image
 
 import d2r.cli
-from d2r.engine import Engine, EngineConfig, crop
+from d2r.engine import Engine
+from d2r.engine.config import EngineConfig
+from d2r.features.image import crop
 from tests.corpus import textured, write_corpus
 
 GROUPS = ["sacre_coeur", "bundler_et", "ocv_box"]

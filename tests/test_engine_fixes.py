@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 import d2r.cli
-from d2r.engine import Engine, EngineConfig
+from d2r.engine import Engine
+from d2r.engine.config import EngineConfig
 from tests.corpus import textured
 
 CODEBOOK = Path(__file__).resolve().parents[1] / "codebooks" / "rootsift-128d-k256-skimage-s0.npz"
@@ -138,27 +139,6 @@ def test_index_check_on_an_engine_without_an_index(photos, tmp_path, capsys):
     assert code == 1 and "damaged" in err and "Traceback" not in err
 
 
-def test_repair_takes_the_engine_lock_and_serve_maps_it_to_409(photos, tmp_path, capsys):
-    from fastapi.testclient import TestClient
-
-    from d2r._lock import WriterLock
-    from d2r.serve.app import create_app
-
-    eng = tmp_path / "eng"
-    Engine.create(eng, _config()).index(photos, progress=False)
-    with WriterLock(eng, what="index"):  # another writer of the engine (e.g. `d2r index add`)
-        code, _, err = _cli(capsys, "index", "repair", eng)
-        assert code == 1 and "another writer" in err and len(err.strip().splitlines()) == 1
-        client = TestClient(create_app(eng))
-        r = client.delete("/api/images/im0")
-        assert r.status_code == 409 and "another writer" in r.json()["error"], r.text
-    assert client.delete("/api/images/im0").status_code == 200
-    code, out, err = _cli(capsys, "index", "repair", eng)
-    assert code == 0 and "nothing to repair" in out
-    code, _, err = _cli(capsys, "index", "repair", eng, "--lock-timeout", "-1")
-    assert code == 2 and "--lock-timeout" in err
-
-
 def test_flag_combinations_are_usage_errors(tmp_path, capsys):
     def usage(*args):
         code, _, err = _cli(capsys, *args)
@@ -202,8 +182,8 @@ def test_store_remove_counts_buffered_images_and_drops_pending_failures(tmp_path
 
 
 def test_bools_are_not_integer_settings(photos, tmp_path, capsys):
-    from d2r.expand import ExpansionConfig
-    from d2r.rerank import RerankConfig
+    from d2r.query.expand import ExpansionConfig
+    from d2r.query.verify import RerankConfig
 
     engine = Engine.create(tmp_path / "eng", _config())
     engine.index(photos, progress=False)

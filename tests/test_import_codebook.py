@@ -9,7 +9,7 @@ import pytest
 
 from d2r.cli import main as cli_main
 from d2r.codebook import Codebook
-from d2r.codebook_import import find_clusters_variable, import_official_codebook, read_official_codebook
+from d2r.codebook.official import find_clusters_variable, import_official_codebook, read_official_codebook
 
 import tensorflow as tf  # a hard dependency: a broken install must fail, not skip
 

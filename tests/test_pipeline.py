@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from d2r.config import parse_overrides
-from d2r.engine import EngineConfig
+from d2r.engine.config import EngineConfig
 from d2r.features.base import LocalFeatures
 from d2r.features.delf import DELFConfig
 from d2r.features.store import FeatureStore
-from d2r.pipeline import check_training_size
+from d2r.codebook.codebook import check_training_size
 
 
 def test_gv_distance_and_max_side_follow_the_feature_type():

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from d2r.engine import Engine, EngineConfig
+from d2r.engine import Engine
+from d2r.engine.config import EngineConfig
 from tests.corpus import textured
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ from scipy.spatial import cKDTree
 
 from d2r.features.base import LocalFeatures
 from d2r.kernels.ransac import ransac_affine, ransac_affine_batch
-from d2r.rerank import RerankConfig, geometric_verification, putative_matches, rerank
+from d2r.query.verify import RerankConfig, geometric_verification, putative_matches, rerank
 
 M64 = (1 << 64) - 1
 A_TRUE = np.array([[0.8, -0.3], [0.25, 1.1]])

@@ -207,7 +207,7 @@ def test_gldv2_average_precision_hand_made():
 
 def test_engine_config_check_refuses_misspelled_extractor_option():
     """`EngineConfig.check()` accepted `features.options.max_featurs`; only Engine.create / the CLI saw it."""
-    from d2r.engine import EngineConfig
+    from d2r.engine.config import EngineConfig
 
     config = EngineConfig.from_dict({"features": {"options": {"max_featurs": 5}}})
     with pytest.raises(ValueError, match=r"^features\.options\.max_featurs: unknown option"):

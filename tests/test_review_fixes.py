@@ -180,7 +180,7 @@ def test_train_codebook_counts_are_usage_errors_naming_the_flag(tmp_path, capsys
 def test_a_config_section_that_is_not_a_mapping_is_named(tmp_path, capsys):
     """`index: 5` in a --config file was "unexpected error (AttributeError): 'int' object has no attribute
     'check'"."""
-    from d2r.engine import EngineConfig
+    from d2r.engine.config import EngineConfig
 
     config = tmp_path / "c.yaml"
     config.write_text("index: 5\n")

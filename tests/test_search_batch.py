@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 import d2r.cli
-from d2r.engine import Engine, EngineConfig
+from d2r.engine import Engine
+from d2r.engine.config import EngineConfig
 from tests.corpus import textured
 
 

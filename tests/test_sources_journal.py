@@ -1,4 +1,4 @@
-"""The sources table as a snapshot plus an append-only journal (d2r/_sources.py): replay, linear bytes
+"""The sources table as a snapshot plus an append-only journal (d2r/engine/sources.py): replay, linear bytes
 written, torn and garbled logs, old engines, concurrent readers, serve noticing appends."""
 
 import json
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from d2r import _sources
-from d2r._sources import LOG, SNAPSHOT, SourcesTable, read_sources
+from d2r.engine import sources as _sources
+from d2r.engine.sources import LOG, SNAPSHOT, SourcesTable, read_sources
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,9 @@ def test_a_garbled_log_is_an_error_naming_the_file(tmp_path, damage):
 
 
 def test_index_check_names_a_garbled_log_and_an_old_engine_opens(tmp_path):
-    from d2r.engine import Engine, EngineConfig, check_engine
+    from d2r.engine import Engine
+    from d2r.engine.config import EngineConfig
+    from d2r.engine.check import check_engine
 
     eng = tmp_path / "eng"
     Engine.create(eng, EngineConfig())
@@ -126,7 +128,7 @@ def test_index_check_names_a_garbled_log_and_an_old_engine_opens(tmp_path):
 
 _WRITER = """
 import sys
-from d2r import _sources
+from d2r.engine import sources as _sources
 _sources.COMPACT_FLOOR = 4096
 table = _sources.SourcesTable(sys.argv[1])
 for save in range(int(sys.argv[2])):
@@ -175,7 +177,8 @@ def test_a_reader_process_sees_consistent_monotone_tables_while_a_writer_saves_a
 
 def test_serve_notices_a_commit_that_only_appended_to_the_log(tmp_path):
     pytest.importorskip("fastapi")
-    from d2r.engine import Engine, EngineConfig
+    from d2r.engine import Engine
+    from d2r.engine.config import EngineConfig
     from d2r.serve.app import Service
 
     eng = tmp_path / "eng"

@@ -299,9 +299,9 @@ CASES += [(k, "range") for k in ("offsets", "region_offsets")]
 
 def _rootsift_info():
     from d2r.features import RootSIFT
-    from d2r.features.store import _extractor_info
+    from d2r.features.config import extractor_info
 
-    return _extractor_info(RootSIFT(max_features=200))
+    return extractor_info(RootSIFT(max_features=200))
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,10 @@ from d2r.cli import main as cli_main
 from d2r.codebook import Codebook
 from d2r.features.base import LocalFeatures, RegionFeatures
 from d2r.kernels.kmeans import assigned_sq_distances, cluster_sums, kmeanspp_steps, minibatch_update
-from d2r.train import (auto_init, check_codebook, default_codebook_name, kmeans_parallel,
-                       load_training_descriptors, reseed_empty, sample_descriptors, train_codebook)
+from d2r.codebook.codebook import check_codebook, default_codebook_name
+from d2r.codebook.kmeans import (auto_init, kmeans_parallel, load_training_descriptors, reseed_empty,
+                                 sample_descriptors)
+from d2r.codebook import train_codebook
 
 
 class Stop(Exception):

@@ -13,11 +13,13 @@ from d2r.aggregate import Aggregated, Aggregator
 from d2r.codebook import Codebook
 from d2r.eval.compare import compare_runs, paired_difference
 from d2r.eval.revisitop import GroundTruth, QueryGroundTruth, compute_ap
-from d2r.expand import (ExpansionConfig, average_expansion, hamming_expansion, hamming_matches,
-                        reliable_neighbours, signatures)
+from d2r.query.expand import ExpansionConfig, average_expansion, hamming_expansion
+from d2r.signatures import hamming_matches, signatures
+from d2r.query.pipeline import reliable_neighbours
 from d2r.features.base import LocalFeatures
-from d2r.rerank import (RerankConfig, geometric_verification, mutual_ratio_matches, order_by_threshold,
-                        rerank)
+from d2r.query.verify import (
+    RerankConfig, geometric_verification, mutual_ratio_matches, order_by_threshold, rerank
+)
 
 
 def _unit(x):
@@ -320,7 +322,7 @@ def _chromium():
 def test_report_renders_in_headless_chromium(tmp_path):
     from PIL import Image
 
-    from d2r.report import write_revisitop_report
+    from d2r.bench.report import write_revisitop_report
 
     g = _tiny_gnd()
     root = tmp_path / "images"
@@ -361,7 +363,8 @@ def test_report_renders_in_headless_chromium(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["aggregation", "search"])
 def test_engine_search_with_expansion_and_query_assignments(bench_dev, tmp_path, mode):
-    from d2r.engine import Engine, EngineConfig
+    from d2r.engine import Engine
+    from d2r.engine.config import EngineConfig
 
     images = bench_dev / "images"
     paths = sorted((images / "sacre_coeur").iterdir()) + sorted((images / "dis_cbsd68").iterdir())[:6]
@@ -385,7 +388,7 @@ def test_engine_search_with_expansion_and_query_assignments(bench_dev, tmp_path,
 
 
 def test_database_augmentation_hand_computed():
-    from d2r.expand import augment_database
+    from d2r.query.expand import augment_database
 
     a = _star([1, 3], [[1, 1, 1, 1, 0, 0, 0, 0], [1, 0, 1, 0, 1, 0, 1, 0]])
     b = _star([3, 5], [[0, 1, 0, 1, 0, 1, 0, 1], [1, 1, 0, 0, 1, 1, 0, 0]])
@@ -407,7 +410,7 @@ def test_database_augmentation_hand_computed():
 
 def test_dba_setting_is_validated_up_front():
     from d2r.bench import BenchConfig
-    from d2r.engine import EngineConfig
+    from d2r.engine.config import EngineConfig
 
     BenchConfig().override({"qe.dba_top": 3}).check()
     with pytest.raises(ValueError, match="benchmark-runner setting"):

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from d2r.train import load_training_descriptors, sample_descriptors, train_codebook
+from d2r.codebook.kmeans import load_training_descriptors, sample_descriptors
+from d2r.codebook import train_codebook
 
 KNOWN = {"out", "feature", "model", "pca", "skimage", "images", "store", "size", "seed", "iterations",
          "method", "init", "sample_per_image", "max_samples", "trainset"}

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import json
 import sys
+from d2r import _io
+from d2r import bench
+from d2r._log import muted
+from d2r.bench import load_config
+from d2r.cli import UsageError
+from d2r.config import parse_overrides
+from d2r.eval.compare import compare_runs, format_comparison
 
 
 def _common(p) -> None:
     p.add_argument("--images-root", required=True, metavar="ROOT", help="folder holding the images")
     p.add_argument("--config", metavar="FILE.yaml", help="run config (YAML/JSON); flags override it")
-    p.add_argument("--features", choices=("rootsift", "delf"), help="local features (config: features.name)")
+    p.add_argument("--features", choices=("rootsift", "delf", "aliked", "disk"),
+                   help="local features (config: features.name; aliked/disk need the [learned] extra)")
     p.add_argument("--model", metavar="PATH", help="DELF SavedModel folder (features.model)")
     p.add_argument("--pca", metavar="PATH", help="PCA parameters folder (features.pca)")
     p.add_argument("--max-features", type=int, metavar="N", help="features per image (features.options)")
@@ -44,9 +52,10 @@ def _common(p) -> None:
     p.add_argument("--rerank-distance", type=float, metavar="D",
                    help="putative-match descriptor distance (rerank.descriptor_distance; official 0.9)")
     p.add_argument("--num-to-rerank", type=int, metavar="N", help="candidates verified (rerank.num_to_rerank)")
-    p.add_argument("--rerank-method", choices=("official", "usac"),
+    p.add_argument("--rerank-method", choices=("official", "usac", "lightglue"),
                    help="verification rule (rerank.method): official = sort by inliers (paper), usac = mutual NN + "
-                        "ratio test, MAGSAC++, images with >= rerank.min_inliers move up")
+                        "ratio test, MAGSAC++, images with >= rerank.min_inliers move up; lightglue = LightGlue "
+                        "matches (aliked/disk features), then as usac")
     p.add_argument("--min-inliers", type=int, metavar="N", help="usac decision threshold (rerank.min_inliers)")
     p.add_argument("--query-expansion", choices=("none", "aqe", "hqe"),
                    help="query expansion after the first search (query_expansion)")
@@ -107,8 +116,6 @@ def add_parser(subparsers) -> None:
 
 def config_from_args(args):
     """The resolved :class:`~d2r.bench.BenchConfig`: the --config file, then the flags that were given."""
-    from d2r.bench import load_config
-
     overrides = {
         "features.name": args.features, "features.model": args.model, "features.pca": args.pca,
         "features.options.max_features": args.max_features,
@@ -124,7 +131,6 @@ def config_from_args(args):
         "query_expansion": args.query_expansion, "qe.top": args.qe_top, "diffusion.enabled": args.diffusion,
         "index.query_num_assignments": args.query_num_assignments,
     }
-    from d2r.config import parse_overrides
 
     overrides.update(parse_overrides(args.set))
     config = load_config(args.config, overrides)
@@ -142,9 +148,6 @@ def _table(result: dict, keys) -> str:
 
 
 def run(args) -> int:
-    from d2r import bench
-    from d2r.cli import UsageError
-
     if args.top_k is not None and args.top_k < 1:  # was: a late "negative dimensions" error, or 0 = default
         raise UsageError(f"--top-k must be at least 1 (omit it for the default depth), got {args.top_k}")
     from pathlib import Path
@@ -154,9 +157,8 @@ def run(args) -> int:
             raise FileExistsError(f"{flag} {folder}: exists and is not a folder")
     config = config_from_args(args)
     progress = not args.quiet
-    from d2r._log import muted
 
-    with muted("d2r.pipeline"):  # each unreadable image is listed once, below (not as a WARNING too)
+    with muted("d2r.build"):  # each unreadable image is listed once, below (not as a WARNING too)
         if args.protocol == "revisitop":
             result = bench.run_revisitop(args.gnd, args.images_root, config, args.out, cache=args.cache,
                                          query_in_database=args.query_in_database, progress=progress,
@@ -171,8 +173,6 @@ def run(args) -> int:
     if args.json == "-":
         print(text)
     elif args.json:
-        from d2r import _io
-
         _io.write_bytes(args.json, (text + "\n").encode())
     if not args.quiet and args.json != "-":
         print(_table(result, keys))
@@ -189,9 +189,6 @@ def run(args) -> int:
 
 
 def compare(args) -> int:
-    from d2r.cli import UsageError
-    from d2r.eval.compare import compare_runs, format_comparison
-
     if args.resamples < 1:
         raise UsageError(f"--resamples must be at least 1, got {args.resamples}")
     res = compare_runs(args.run_a, args.run_b, stage_a=args.stage_a, stage_b=args.stage_b,
@@ -201,8 +198,6 @@ def compare(args) -> int:
         print(text)
         return 0
     if args.json:
-        from d2r import _io
-
         _io.write_bytes(args.json, (text + "\n").encode())
     print(format_comparison(res))
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from d2r.cli import UsageError
+from d2r.demo import print_summary, run as run_demo
 
 
 def add_parser(subparsers) -> None:
@@ -20,9 +22,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from d2r.cli import UsageError
-    from d2r.demo import print_summary, run as run_demo
-
     if args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
     if Path(args.out).exists() and not Path(args.out).is_dir():

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
+from d2r.cli import UsageError
+from d2r.distributed import extract
+from d2r.features import extract_to_store
+from d2r.features.config import FeaturesConfig
 
 
 def add_parser(subparsers) -> None:
@@ -14,8 +18,10 @@ def add_parser(subparsers) -> None:
                     "are recorded in failures.json and skipped. Image id = path relative to the folder, "
                     "without extension.")
     p.add_argument("--images", required=True, help="image folder or text file with one image path per line")
-    p.add_argument("--features", required=True, choices=["rootsift", "delf"], help="extractor")
-    p.add_argument("--model", help="DELF SavedModel folder (official or exported by d2r)")
+    p.add_argument("--features", required=True, choices=["rootsift", "delf", "aliked", "disk"],
+                   help="extractor (aliked, disk: the [learned] extra)")
+    p.add_argument("--model", help="DELF SavedModel folder (official or exported by d2r); aliked/disk: a .pth "
+                                   "weights file (default: the packaged one)")
     p.add_argument("--pca", help="PCA folder (mean.datum + pca_proj_mat.datum); DELF default: MODEL/pca or "
                                  "MODEL/../pca")
     p.add_argument("--no-pca", action="store_true", help="DELF: keep the raw L2-normalised descriptors")
@@ -42,12 +48,9 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from d2r.cli import UsageError
-    from d2r.engine import FeaturesConfig
-    from d2r.features import extract_to_store
 
-    if args.model and args.features != "delf":
-        raise UsageError("--model is only for --features delf")
+    if args.model and args.features == "rootsift":
+        raise UsageError("--model is only for --features delf, aliked or disk")
     if args.gpus_per_worker is not None and (args.ray is None or args.gpus_per_worker <= 0):
         raise UsageError("--gpus-per-worker needs --ray and a positive fraction")
     if args.ray is not None and args.shard_size is not None:
@@ -68,8 +71,6 @@ def run(args) -> int:
     pca = None if args.no_pca else args.pca
     extractor = FeaturesConfig(args.features, args.model, pca, options).build()  # checked before the store exists
     if args.ray is not None:
-        from d2r.distributed import extract
-
         summary = extract(args.images, args.out, args.features, model=args.model, pca=pca, options=options,
                           address=args.ray or None, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                           shard_bytes=max(1, int(args.shard_mb * (1 << 20))), retry_failed=args.retry_failed,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from d2r.codebook.official import import_official_codebook
 
 
 def add_parser(subparsers) -> None:
@@ -25,8 +26,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from d2r.codebook_import import import_official_codebook
-
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists; pass --force to overwrite it")

@@ -7,6 +7,17 @@ import json
 import logging
 import sys
 from pathlib import Path
+from d2r._lock import LockedError
+from d2r._lock import WriterLock
+from d2r._log import muted
+from d2r.cli import UsageError
+from d2r.config import parse_overrides
+from d2r.engine import Engine
+from d2r.engine.check import check_engine
+from d2r.engine.config import EngineConfig
+from d2r.features.store import FORMAT
+from d2r.index.database import check
+from d2r.index.database import repair
 
 
 def add_parser(subparsers) -> None:
@@ -22,7 +33,8 @@ def add_parser(subparsers) -> None:
                                     "rerank, query_expansion, qe)")
     c.add_argument("--codebook", help="codebook .npz (default: train one on the first images indexed)")
     c.add_argument("--codebook-size", type=int, help="words of the codebook trained when none is given")
-    c.add_argument("--features", choices=["rootsift", "delf"], help="local features (default rootsift)")
+    c.add_argument("--features", choices=["rootsift", "delf", "aliked", "disk"],
+                   help="local features (default rootsift; aliked, disk: the [learned] extra)")
     c.add_argument("--model", help="DELF SavedModel folder")
     c.add_argument("--regions", help="region proposer: none, grid, density or a detector SavedModel folder")
     c.add_argument("--kernel", choices=["vlad", "asmk", "asmk_star"], help="match kernel (default asmk_star)")
@@ -79,8 +91,6 @@ def _locked_is_an_error(func):
     """Another writer holding the lock is an ordinary failure: one line, exit 1."""
     @functools.wraps(func)
     def run(args):
-        from d2r._lock import LockedError
-
         try:
             return func(args)
         except LockedError as exc:
@@ -102,8 +112,6 @@ def _lock_timeout(p) -> None:
 def _writer(run):
     """Check --lock-timeout before any work (another writer holding the lock is a one-line error in main)."""
     def wrapped(args):
-        from d2r.cli import UsageError
-
         if getattr(args, "lock_timeout", 0) is not None and not args.lock_timeout >= 0:  # nan: forever
             raise UsageError(f"--lock-timeout must be >= 0 seconds, got {args.lock_timeout}")
         return run(args)
@@ -112,9 +120,6 @@ def _writer(run):
 
 def build_config(args):
     """The --config file, then the flags, then the --set overrides (d2r.config.parse_overrides)."""
-    from d2r.config import parse_overrides
-    from d2r.engine import EngineConfig
-
     config = EngineConfig.from_file(args.config) if args.config else EngineConfig()
     overrides = {key: getattr(args, flag, None)
                  for flag, key in [("features", "features.name"), ("model", "features.model"),
@@ -131,9 +136,8 @@ def _index(engine, images, args) -> int:
         if not args.quiet and not args.json:
             print(f"indexed {len(ids)} image(s), saved ({len(engine)} in the index)", flush=True)
 
-    from d2r._log import muted
 
-    with muted("d2r.pipeline"):  # each failed image is listed once, below (not also as a WARNING line)
+    with muted("d2r.build"):  # each failed image is listed once, below (not also as a WARNING line)
         if getattr(args, "store", None):
             report = engine.index_store(args.store, progress=not args.quiet, on_done=done,
                                         lock_timeout=args.lock_timeout)
@@ -168,7 +172,6 @@ def run_create(args) -> int:
     import shutil
     from pathlib import Path
 
-    from d2r.engine import Engine
 
     config = build_config(args)
     if args.images and not Path(args.images).exists():
@@ -195,9 +198,6 @@ def run_create(args) -> int:
 
 @_writer
 def run_add(args) -> int:
-    from d2r.engine import Engine
-
-    from d2r.cli import UsageError
 
     if bool(args.images) == bool(args.store):
         raise UsageError("give images or --store STORE (one of them)")
@@ -209,8 +209,6 @@ def run_add(args) -> int:
 
 @_writer
 def run_remove(args) -> int:
-    from d2r.engine import Engine
-
     engine = Engine.open(args.path)
     ids = list(dict.fromkeys(args.ids))  # engine image ids: paths relative to the indexed folder, no extension
     missing = [i for i in ids if i not in engine]
@@ -227,8 +225,6 @@ def run_remove(args) -> int:
 
 
 def run_info(args) -> int:
-    from d2r.engine import Engine
-
     if not (Path(args.path) / "engine.json").is_file():  # a database or feature store is not "damaged"
         if not Path(args.path).exists():
             raise FileNotFoundError(f"{args.path}: no such folder")
@@ -271,8 +267,6 @@ def _database_dir(path) -> Path:
 def _not_a_feature_store(path) -> None:
     """ValueError when ``path`` is a feature store (`d2r extract`, an engine's ``features/``): its manifest is
     not a damaged index manifest."""
-    from d2r.features.store import FORMAT
-
     try:
         store = json.loads((Path(path) / "manifest.json").read_text()).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
@@ -284,8 +278,6 @@ def _not_a_feature_store(path) -> None:
 
 def _database_damage(path, quick: bool = False) -> list[dict]:
     """Damaged files of the engine's (or database folder's) index; ``quick``: structure and sizes only."""
-    from d2r.index.database import check
-
     db = _database_dir(path)
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such folder")
@@ -314,8 +306,6 @@ def _report_damage(args, damage, action) -> int:
 
 
 def run_check(args) -> int:
-    from d2r.engine import check_engine
-
     path = Path(args.path)
     engine = (path / "engine.json").is_file()
     damage = check_engine(path) if engine else _database_damage(path)  # an engine: its feature store too
@@ -334,8 +324,6 @@ def run_check(args) -> int:
 def run_repair(args) -> int:
     import contextlib
 
-    from d2r._lock import WriterLock
-    from d2r.index.database import repair
 
     path = Path(args.path)
     if not path.exists():
@@ -343,16 +331,12 @@ def run_repair(args) -> int:
     _not_a_feature_store(path)
     is_engine = (path / "engine.json").is_file()
     if args.reindex and not is_engine:
-        from d2r.cli import UsageError
-
         raise UsageError(f"{args.path}: --reindex needs an engine folder (its feature store holds the features)")
     # an engine folder: its writer lock first, as every other writer of the engine takes it
     engine_lock = WriterLock(path, args.lock_timeout, what="index") if is_engine else contextlib.nullcontext()
     with engine_lock:
         report = repair(_database_dir(path), lock_timeout=args.lock_timeout)
     if args.reindex and not report["unrepairable"]:
-        from d2r.engine import Engine
-
         engine = Engine.open(args.path)
         done = engine.reindex_from_store(progress=not args.quiet, lock_timeout=args.lock_timeout)
         report["reindexed"] = len(done.indexed)

@@ -6,6 +6,11 @@ import json
 import logging
 import sys
 from pathlib import Path
+from d2r._log import muted
+from d2r.cli import UsageError
+from d2r.distributed import ShardedEngine
+from d2r.engine import Engine
+from d2r.features.image import IMAGE_EXTENSIONS, list_images, read_list_file
 
 
 def add_parser(subparsers) -> None:
@@ -48,8 +53,6 @@ def parse_bbox(text: str):
 
 def _queries(sources) -> list[str]:
     """Expand image files, folders and list files into query paths, in the order given."""
-    from d2r.features.image import IMAGE_EXTENSIONS, list_images, read_list_file
-
     out = []
     for source in sources:
         p = Path(source)
@@ -70,10 +73,6 @@ def _queries(sources) -> list[str]:
 
 
 def run(args) -> int:
-    from d2r._log import muted
-    from d2r.cli import UsageError
-    from d2r.engine import Engine
-
     if args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
     if args.workers is not None and args.workers < 1:
@@ -89,8 +88,6 @@ def run(args) -> int:
     if bbox is not None and len(queries) > 1:
         raise UsageError(f"--bbox applies to a single query image, got {len(queries)} queries")
     if len(args.index) > 1 or args.ray is not None:
-        from d2r.distributed import ShardedEngine
-
         engine = ShardedEngine(args.index, ray=args.ray is not None, address=args.ray or None)
     else:
         engine = Engine.open(args.index[0])

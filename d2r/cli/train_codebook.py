@@ -6,6 +6,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from d2r.cli import UsageError
+from d2r.codebook import train_codebook
+from d2r.codebook.codebook import check_training_size
+from d2r.codebook.kmeans import load_training_descriptors
+from d2r.distributed import sample_descriptors, train_codebook as train_ray
+from d2r.distributed import session
+from d2r.features import get_extractor
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +68,11 @@ def add_parser(subparsers) -> None:
 def _expected_dim(args) -> int | None:
     if args.dim is not None:
         if args.dim < 1:
-            from d2r.cli import UsageError
-
             raise UsageError(f"--dim must be positive, got {args.dim}")
         return args.dim
     if args.descriptors is not None and args.features == "rootsift":
         if args.pca is None:
             return 128
-        from d2r.features import get_extractor
 
         return int(get_extractor("rootsift", pca=args.pca).dim)
     return None
@@ -78,14 +82,10 @@ def _train(args, ray: bool):
     """Sample, then train; with ``ray`` the sampling (store or images) and Lloyd's assignment on Ray."""
     from functools import partial
 
-    from d2r.pipeline import check_training_size
-    from d2r.train import load_training_descriptors, train_codebook
 
     progress = not args.quiet
     sampler, train = None, train_codebook
     if ray:
-        from d2r.distributed import sample_descriptors, train_codebook as train_ray
-
         spec = {"name": args.features or "rootsift", "model": args.model, "pca": args.pca, "options": {}}
         sampler = partial(sample_descriptors, features=spec)
         train = train_ray
@@ -123,7 +123,6 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.force and not out.is_dir():
         raise FileExistsError(f"{out} exists; pass --force to overwrite it")
-    from d2r.cli import UsageError
 
     for flag, value in (("--size", args.size), ("--iterations", args.iterations),
                         ("--sample-per-image", args.sample_per_image), ("--max-samples", args.max_samples),
@@ -145,7 +144,6 @@ def run(args) -> int:
     if args.ray is not None:
         if args.method != "lloyd":
             raise UsageError(f"--ray runs --method lloyd, not {args.method!r}")
-        from d2r.distributed import session
 
         with session(args.ray or None):  # one Ray session for the sampling and the training
             book, info, meta = _train(args, ray=True)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 from d2r.config import Config
+from pathlib import Path
+from d2r.detect.base import check_max_boxes
+from d2r.detect.proposers import PROPOSERS
+from d2r.detect.proposers import PROPOSERS, get_proposer
 
 
 @dataclasses.dataclass
@@ -20,7 +24,6 @@ class RegionsConfig(Config):
             features to boxes by keypoint location (faster, see :mod:`d2r.detect.regions`).
         options: extra keyword arguments of the grid / density proposer (e.g. ``{"levels": 2}``).
     """
-
     proposer: str = "none"
     score_threshold: float = 0.1
     max_boxes: int | None = None
@@ -29,8 +32,6 @@ class RegionsConfig(Config):
 
     def build_proposer(self):
         """Instantiate the configured proposer (a SavedModel path loads TensorFlow)."""
-        from d2r.detect.proposers import PROPOSERS, get_proposer
-
         kwargs = dict(self.options)
         name = str(self.proposer)
         if name.lower() == "none":
@@ -40,3 +41,21 @@ class RegionsConfig(Config):
                 kwargs.setdefault("max_boxes", self.max_boxes)
             return get_proposer(name, **kwargs)
         return get_proposer(name, score_threshold=self.score_threshold, max_boxes=self.max_boxes, **kwargs)
+
+
+def check_regions(regions) -> None:
+    """ValueError naming ``regions.proposer`` when it is neither none/grid/density nor a SavedModel folder, or
+    ``regions.max_boxes`` when it is not a count (checked when the proposer is built: after the folder)."""
+    try:
+        check_max_boxes(regions.max_boxes)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"regions.{exc}") from None
+    name = str(regions.proposer)
+    if name.lower() == "none" or name.lower() in PROPOSERS:
+        return
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"regions.proposer: {name!r} is neither one of {sorted({'none', *PROPOSERS})} "
+                         f"nor a detector SavedModel folder")
+    if not (path / "saved_model.pb").exists() and not (path / "saved_model.pbtxt").exists():
+        raise ValueError(f"regions.proposer: {path} is not a SavedModel folder (no saved_model.pb)")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from d2r.detect.base import Detections, as_image, check_fraction, check_max_boxes
+from d2r.detect.savedmodel import SavedModelDetector
 
 
 def grid_positions(length: int, side: int, overlap: float) -> np.ndarray:
@@ -47,7 +48,6 @@ class GridProposer:
 
     Scores are 1.0, classes the level. ``max_boxes`` keeps the first boxes in that order (None: all).
     """
-
     uses_features = False
 
     def __init__(self, levels: int = 3, overlap: float = 0.4, min_side: int = 8, skip_full: bool = True,
@@ -110,7 +110,6 @@ class DensityProposer:
 
     No keypoints, or a uniform spread of them, gives no boxes. Classes are 1.
     """
-
     uses_features = True
 
     def __init__(self, grid: int = 16, num_keypoints: int = 1000, density_factor: float = 2.0,
@@ -215,7 +214,6 @@ class DensityProposer:
 
 class NoProposer:
     """No boxes: every image is described by its whole-image region only."""
-
     uses_features = False
 
     def detect(self, image) -> Detections:
@@ -247,8 +245,6 @@ def get_proposer(name_or_path, **kwargs):
         return PROPOSERS[key.lower()](**kwargs)
     path = Path(key).expanduser()
     if path.is_dir():
-        from d2r.detect.savedmodel import SavedModelDetector
-
         return SavedModelDetector(path, **kwargs)
     raise ValueError(
         f"unknown proposer {key!r}: expected one of {sorted(PROPOSERS)} or a SavedModel directory")

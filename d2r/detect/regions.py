@@ -29,6 +29,7 @@ import numpy as np
 
 from d2r.detect.base import Detections, sanitize_boxes
 from d2r.features.base import LocalFeatures, RegionFeatures
+from d2r._io import write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ class ImageRegions(RegionFeatures):
         dropped_boxes: number of proposer boxes dropped as degenerate (NaN/inf, empty after clipping).
         timings: seconds spent per step: "extract" (all extractor calls), "detect".
     """
-
     detector_error: str | None = None
     dropped_boxes: int = 0
     timings: dict = field(default_factory=dict)
@@ -162,7 +162,6 @@ class RegionTable:
         boxes: (M, 4) float32 [x1, y1, x2, y2] pixels.
         box_scores: (M,) float32.
     """
-
     names: np.ndarray
     image_index: np.ndarray
     image_ids: np.ndarray
@@ -182,8 +181,6 @@ class RegionTable:
             writer.writerow([row[0], int(row[1]), int(row[2])])
         text = buf.getvalue()
         if path is not None:
-            from d2r._io import write_bytes
-
             write_bytes(path, text.encode())
         return text
 

@@ -20,6 +20,14 @@ import os
 import time
 from collections import deque
 from pathlib import Path
+from d2r.distributed._ray import cluster_cpus
+from d2r.distributed._ray import import_ray, init
+from d2r.features import get_extractor
+from d2r.features.config import extractor_info
+from d2r.features.image import list_images
+from d2r.features.store import DEFAULT_SHARD_BYTES
+from d2r.features.store import FeatureStore
+from d2r.features.store import ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +36,7 @@ ACTOR_PREFIX = "d2r-extract-"
 
 class _Worker:
     """One extraction actor: an extractor and a ShardWriter into the store folder."""
-
     def __init__(self, features: dict, store_path: str, dim: int, shard_bytes: int, prefix: str):
-        from d2r.features import get_extractor
-        from d2r.features.store import ShardWriter
-
         self.extractor = get_extractor(features["name"], model=features.get("model"), pca=features.get("pca"),
                                        **features.get("options", {}))
         self._new_writer = lambda: ShardWriter(store_path, dim, shard_bytes=shard_bytes, prefix=prefix)
@@ -85,8 +89,6 @@ def _features_spec(features, model, pca, options) -> dict:
 
 
 def _pairs(images) -> list[tuple[str, object]]:
-    from d2r.features.image import list_images
-
     if isinstance(images, (str, Path)):
         pairs = list_images(images)
     else:
@@ -121,10 +123,6 @@ def extract(images, store, features="rootsift", *, model=None, pca=None, options
     "store", "workers", "restarts", "worker_seconds" (extraction time summed over the workers),
     "setup_seconds" (driver: extractor check, listing, store), "driver_seconds" (driver: committing)}``.
     """
-    from d2r.distributed._ray import import_ray, init
-    from d2r.features import get_extractor
-    from d2r.features.store import DEFAULT_SHARD_BYTES, _extractor_info
-
     t0 = time.perf_counter()
     spec = _features_spec(features, model, pca, options)
     for name, value in (("workers", workers), ("batch_size", batch_size), ("shard_bytes", shard_bytes)):
@@ -134,7 +132,7 @@ def extract(images, store, features="rootsift", *, model=None, pca=None, options
         raise ValueError(f"gpus_per_worker must be in (0, 8], got {gpus_per_worker!r}")
     import_ray()
     extractor = get_extractor(spec["name"], model=spec["model"], pca=spec["pca"], **spec["options"])
-    info = _extractor_info(extractor)
+    info = extractor_info(extractor)
     pairs = _pairs(images)
     shard_bytes = int(shard_bytes or DEFAULT_SHARD_BYTES)
     ray, started = init(address, num_cpus=num_cpus)
@@ -148,9 +146,6 @@ def extract(images, store, features="rootsift", *, model=None, pca=None, options
 
 def _extract(ray, pairs, store, spec, info, workers, gpus_per_worker, batch_size, shard_bytes, retry_failed,
              lock_timeout, progress, max_restarts, t0) -> dict:
-    from d2r.distributed._ray import cluster_cpus
-    from d2r.features.store import FeatureStore
-
     gpus = float(ray.cluster_resources().get("GPU", 0))
     if gpus_per_worker and float(gpus_per_worker) * (workers or 1) > gpus:
         raise ValueError(f"gpus_per_worker={gpus_per_worker} × {workers or 1} worker(s) needs more GPUs than "

@@ -2,12 +2,12 @@
 
 The training sample is cut into contiguous partitions, one per worker actor (each keeps its partition in the
 object store, so an iteration ships only the centroids). Every iteration each worker runs
-:func:`d2r.train.lloyd_assign` on its partition and returns per-cluster float64 sums, counts and its inertia;
-the driver adds them up and runs :func:`d2r.train.lloyd_update`. Empty clusters are re-seeded exactly as on
-one machine: :func:`d2r.train.reseed_plan` says, from the global counts alone, which ranked farthest point of
+:func:`d2r.codebook.kmeans.lloyd_assign` on its partition and returns per-cluster float64 sums, counts and its inertia;
+the driver adds them up and runs :func:`d2r.codebook.kmeans.lloyd_update`. Empty clusters are re-seeded exactly as on
+one machine: :func:`d2r.codebook.kmeans.reseed_plan` says, from the global counts alone, which ranked farthest point of
 which cluster each empty cluster takes; workers send their candidates (farthest first, ties by global point
 index) and the driver picks the same points. Validation, initialisation, checkpoints, progress and metadata
-are those of :func:`d2r.train.train_codebook`, which this calls.
+are those of :func:`d2r.codebook.kmeans.train_codebook`, which this calls.
 """
 
 from __future__ import annotations
@@ -19,21 +19,25 @@ import numpy as np
 
 from d2r._validate import as_descriptors
 from d2r.distributed._ray import cluster_cpus, session
+from d2r.codebook import train_codebook as train
+from d2r.codebook.kmeans import _descriptors_of, sample_image
+from d2r.codebook.kmeans import image_quota
+from d2r.codebook.kmeans import lloyd_assign
+from d2r.codebook.kmeans import lloyd_update, reseed_plan
+from d2r.features import FeatureStore
+from d2r.features import get_extractor
 
 log = logging.getLogger(__name__)
 
 
 class _Partition:
     """A worker holding rows ``[start, start + n)`` of the training sample."""
-
     def __init__(self, x, start: int):
         self.x = x
         self.start = int(start)
         self.labels = self.sq = None
 
     def assign(self, centroids):
-        from d2r.train import lloyd_assign
-
         self.labels, self.sq, sums, counts = lloyd_assign(self.x, centroids)
         return sums, counts, float(self.sq.sum())
 
@@ -49,8 +53,7 @@ class _Partition:
 
 
 class _RayLloydStep:
-    """``lloyd_step(x, centroids)`` for :func:`d2r.train.train_codebook`, run by ``workers`` actors."""
-
+    """``lloyd_step(x, centroids)`` for :func:`d2r.codebook.kmeans.train_codebook`, run by ``workers`` actors."""
     def __init__(self, ray, x: np.ndarray, partitions: int):
         n = x.shape[0]
         partitions = max(1, min(int(partitions), n))
@@ -62,8 +65,6 @@ class _RayLloydStep:
                         for a, b in zip(bounds[:-1], bounds[1:])]
 
     def __call__(self, x, centroids):
-        from d2r.train import lloyd_update, reseed_plan
-
         ray = self.ray
         ref = ray.put(centroids)
         parts = ray.get([w.assign.remote(ref) for w in self.workers])
@@ -100,17 +101,15 @@ class _RayLloydStep:
 
 def train_codebook(descriptors, k: int, *, address: str | None = None, workers: int | None = None,
                    num_cpus: int | None = None, **kwargs):
-    """:func:`d2r.train.train_codebook` (method "lloyd") with the assignment step on Ray.
+    """:func:`d2r.codebook.kmeans.train_codebook` (method "lloyd") with the assignment step on Ray.
 
     address: Ray cluster (see :func:`d2r.distributed.init`; None starts a local one with ``num_cpus``).
     workers: partitions of the sample, one actor each (default: the cluster's CPU count).
     Other keyword arguments (iterations, init, seed, checkpoint, metadata, ...) are those of
-    :func:`d2r.train.train_codebook`. With the same sample, seed and initial centroids the centroids equal
+    :func:`d2r.codebook.kmeans.train_codebook`. With the same sample, seed and initial centroids the centroids equal
     the single-machine run to float32 rounding (partial sums are added per partition). Returns
     ``(Codebook, info)``; info also holds ``workers``.
     """
-    from d2r.train import train_codebook as train
-
     if kwargs.get("method", "lloyd") != "lloyd":
         raise ValueError(f"distributed training runs method 'lloyd', not {kwargs['method']!r}")
     if workers is not None and int(workers) < 1:
@@ -131,24 +130,17 @@ def train_codebook(descriptors, k: int, *, address: str | None = None, workers: 
 # ---- descriptor sampling on workers ---------------------------------------------------------------------
 class _Sampler:
     """A worker sampling images of a feature store (``store``) or extracted on the fly (``features`` spec)."""
-
     def __init__(self, store=None, features=None):
         self.store = self.extractor = None
         if store is not None:
-            from d2r.features import FeatureStore
-
             self.store = FeatureStore.open(store)
         else:
-            from d2r.features import get_extractor
-
             self.extractor = get_extractor(features["name"], model=features.get("model"),
                                            pca=features.get("pca"), **features.get("options", {}))
 
     def sample(self, block, quota: int, seed: int):
         """``block`` [(position i, image_id, path_or_None)] → [(i, image_id, seen descriptors, sample or None,
-        error or None)], sampled as :func:`d2r.train.sample_descriptors` samples image number i."""
-        from d2r.train import _descriptors_of, sample_image
-
+        error or None)], sampled as :func:`d2r.codebook.kmeans.sample_descriptors` samples image number i."""
         out = []
         for i, image_id, source in block:
             try:
@@ -166,15 +158,12 @@ class _Sampler:
 def sample_descriptors(source, per_image: int = 300, max_total: int = 1_000_000, seed: int = 0,
                        progress: bool = True, *, features: dict | None = None, address: str | None = None,
                        workers: int | None = None, block: int = 64):
-    """:func:`d2r.train.sample_descriptors` on Ray workers: each samples blocks of images (read from the
+    """:func:`d2r.codebook.kmeans.sample_descriptors` on Ray workers: each samples blocks of images (read from the
     store, or extracted with the ``features`` spec {name, model, pca, options} when ``source`` is a list of
     ``(image_id, path)``), the driver puts the samples together in image order. The same seed gives the same
     sample as on one machine (for up to 2·``max_total`` images; one machine compacts beyond that).
-    Returns ``(x float32 (n, D), info)``; info as :func:`d2r.train.sample_descriptors`, plus ``failed``
+    Returns ``(x float32 (n, D), info)``; info as :func:`d2r.codebook.kmeans.sample_descriptors`, plus ``failed``
     (ids of images that could not be extracted)."""
-    from d2r.features import FeatureStore
-    from d2r.train import image_quota
-
     per_image, max_total = int(per_image), int(max_total)
     if per_image < 1 or max_total < 1:
         raise ValueError(f"per_image and max_total must be ≥ 1, got {per_image} and {max_total}")

@@ -19,8 +19,17 @@ from pathlib import Path
 import numpy as np
 
 from d2r._validate import as_top_k
-from d2r.engine import Engine, EngineConfig
+from d2r.engine import Engine
+from d2r.engine.config import EngineConfig
 from d2r.index.database import Database, Ranking
+from d2r.aggregate import Aggregated
+from d2r.aggregate import Aggregator
+from d2r.distributed._ray import init
+from d2r.engine.check import check_engine
+from d2r.engine.sources import SourcesTable
+from d2r.features.base import RegionFeatures
+from d2r.features.store import FeatureStore
+from d2r.index.database import DatabaseConfig
 
 # "NODE_IP:/path": open this shard on the Ray node with that IP (the path is on that node).
 _NODE_PATH = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3}):(/.*)$")
@@ -35,7 +44,6 @@ def _database_folder(path: Path) -> Path:
 
 class _Shard:
     """One open shard (runs in-process or as a Ray actor)."""
-
     def __init__(self, source):
         if isinstance(source, Database):
             self.db, self.engine_config = source, None
@@ -48,13 +56,10 @@ class _Shard:
         self.engine_config = self._store = None
         self._sources: dict = {}
         if folder != path:  # an engine folder: its feature store and sources serve re-ranking and hits
-            from d2r._sources import SourcesTable
 
             self.engine_config = json.loads((path / "engine.json").read_text()).get("config")
             self._sources = SourcesTable(path)  # sources.json and its log, read at the first hit
             if (path / "features" / "manifest.json").is_file():
-                from d2r.features.store import FeatureStore
-
                 self._store = FeatureStore.open(path / "features")
 
     def describe(self) -> dict:
@@ -102,7 +107,6 @@ class ShardedDatabase:
     codebook and search settings (ValueError naming the shard otherwise). Use as a context manager or call
     :meth:`close` to release the actors.
     """
-
     def __init__(self, shards, *, ray: bool = False, address: str | None = None):
         shards = list(shards)
         if not shards:
@@ -120,8 +124,6 @@ class ShardedDatabase:
         self._started = False
         self._pool = None
         if ray or address:
-            from d2r.distributed._ray import init
-
             if any(isinstance(s, Database) for s in shards):
                 raise ValueError("Ray shards are opened from folders, not from Database objects")
             for s in shards:  # a shard on a named node is checked there
@@ -148,8 +150,6 @@ class ShardedDatabase:
             self.close()
             raise
         d = self._describe[0]
-        from d2r.aggregate import Aggregator
-        from d2r.index.database import DatabaseConfig
 
         self.config = DatabaseConfig.from_dict(d["config"])
         self.engine_config = d["engine_config"]
@@ -247,8 +247,6 @@ class ShardedDatabase:
 
     # ---- search ------------------------------------------------------------------------------------------
     def _as_query(self, query):
-        from d2r.aggregate import Aggregated
-
         if isinstance(query, Aggregated):
             return query
         return self._query_agg(getattr(query, "descriptors", query))
@@ -317,9 +315,6 @@ def build_shards(images, shards, codebook, *, progress: bool = False, **config) 
     folders (each created, filled and saved). config: :meth:`Database.create` settings (kernel, mode, idf...).
     Returns the databases.
     """
-    from d2r.features.base import RegionFeatures
-    from d2r.features.store import FeatureStore
-
     if isinstance(images, FeatureStore):
         ids = images.ids()
 
@@ -354,7 +349,6 @@ def build_shards(images, shards, codebook, *, progress: bool = False, **config) 
 
 class _Sources:
     """``.get(image_id)``: the image file, asked of the shards (an engine's ``sources.json`` stays there)."""
-
     def __init__(self, sharded: ShardedDatabase):
         self._sharded = sharded
 
@@ -368,7 +362,6 @@ class ShardedEngine(Engine):
     the query is extracted and aggregated once, ranked by a :class:`ShardedDatabase`, re-ranked with features
     fetched from the shard holding each image. Every shard must have the same features, regions and index
     settings. Read-only: index each shard with its own engine."""
-
     def __init__(self, shards, *, ray: bool = False, address: str | None = None):
         shards = list(shards)
         sharded = ShardedDatabase(shards, ray=ray, address=address)
@@ -410,8 +403,6 @@ class ShardedEngine(Engine):
     def check(self, digests: bool = True) -> list[dict]:
         """:meth:`Engine.check` of every shard on this machine (files named ``SHARD/...``); a shard on a Ray
         node (``NODE_IP:/path``) is checked there with ``d2r index check``, not here (ValueError)."""
-        from d2r.engine import check_engine
-
         remote = [s for s in self.shards if _NODE_PATH.match(s)]
         if remote:
             raise ValueError(f"{remote[0]}: a shard on another node; run `d2r index check` there")

@@ -1,7 +1,6 @@
 """DELF local features: official SavedModels run by path, and our Keras DELF that exports the same signature.
 
 Both run the same extraction contract (the official serving signature)::
-
     (input_image uint8 (H, W, 3), input_scales float32 (S,), input_max_feature_num int32,
      input_abs_thres float32)
         -> boxes (N, 4) [ymin, xmin, ymax, xmax] receptive boxes in ORIGINAL pixels,
@@ -30,6 +29,7 @@ from d2r.config import Config
 from d2r.features.base import LocalFeatures
 from d2r.features.image import load_image, resize_max_side
 from d2r.features.pca import PCA, l2_normalize, load_pca
+from d2r._io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,6 @@ class DELFConfig(Config):
     original pixels either way. Default 1024 (revisitop and GLDv2 photos are at most that, so nothing changes
     there), because the 2.0 scale of a 12-megapixel phone photo does not fit in memory; None never downscales,
     as the paper (the shipped paper configs set it)."""
-
     scales: tuple = PAPER_SCALES
     score_threshold: float = 100.0
     max_features: int = 1000
@@ -291,7 +290,6 @@ def build_delf_model(backbone="resnet50", weights=None, attention_hidden: int = 
 
 class _ExportModule:
     """Built lazily (tf.Module subclass created on first use so TF stays unimported at module load)."""
-
     cls = None
 
     @classmethod
@@ -324,13 +322,11 @@ class _ExportModule:
 class DELF:
     """DELF extractor. Build with :meth:`from_saved_model` (official TF1 hub export, official TF2 export, or a
     d2r export) or :meth:`from_keras` (our model). ``extract(image) -> LocalFeatures``:
-
     locations (N, 2) float32 (x, y) receptive-box centres in ORIGINAL pixels; scales (N,) = 1 / image scale
     (official convention: larger = coarser); scores (N,) attention; descriptors (N, pca_dim) float32 unit rows
     (or (N, C) L2-normalised raw features when ``use_pca`` is False). Strongest first; N <= max_features.
     Images smaller than 10×10 give N = 0.
     """
-
     name = "delf"
     default_workers = 1  # TensorFlow already uses every core
 
@@ -512,7 +508,6 @@ class DELF:
         tf.saved_model.save(module, str(path), signatures={"serving_default": module.ExtractFeatures})
         if self.pca is not None:
             self.pca.save(path / "pca")
-        from d2r._io import write_json
 
         write_json(path / META_FILE, {"format": "d2r-delf", "version": 1, "depth": self.raw_dim,
                                       "receptive_field": list(self.rf), "config": self.config.to_dict()})

@@ -256,3 +256,19 @@ def _image_id(path: Path, root: Path | None) -> str:
             except ValueError:
                 rel = path
     return rel.with_suffix("").as_posix()
+
+
+def crop(pixels: np.ndarray, bbox, name: str = "image") -> np.ndarray:
+    """Crop (H, W, 3) pixels to ``bbox`` = (x1, y1, x2, y2), rounded to whole pixels and clipped to the image.
+    A box that is malformed or does not overlap the image raises ValueError naming the image."""
+    try:
+        x1, y1, x2, y2 = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: bbox must be four numbers x1,y1,x2,y2, got {bbox!r}") from None
+    h, w = pixels.shape[:2]
+    if not all(np.isfinite([x1, y1, x2, y2])) or x2 <= x1 or y2 <= y1:
+        raise ValueError(f"{name}: bbox {bbox} is empty or not finite (need x1 < x2, y1 < y2)")
+    c = [max(0, int(round(x1))), max(0, int(round(y1))), min(w, int(round(x2))), min(h, int(round(y2)))]
+    if c[2] <= c[0] or c[3] <= c[1]:
+        raise ValueError(f"{name}: bbox {bbox} lies outside the {w}x{h} image")
+    return np.ascontiguousarray(pixels[c[1]:c[3], c[0]:c[2]])

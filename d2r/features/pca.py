@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from d2r._io import save_npy, write_bytes, write_json
+from d2r._validate import as_descriptors
 
 MEAN_FILE = "mean.datum"
 MATRIX_FILE = "pca_proj_mat.datum"
@@ -164,7 +165,6 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 class PCA:
     """Descriptor PCA: ``fit`` learns ``mean_`` (D,), ``components_`` (D, D) rows by decreasing variance and
     ``variances_`` (D,); ``transform`` maps (N, D) float32 → (N, dim) float32 unit rows (N = 0 → (0, dim))."""
-
     def __init__(self, dim: int = 128, whiten: bool = False):
         self.dim = int(dim)
         self.whiten = bool(whiten)
@@ -189,8 +189,6 @@ class PCA:
 
     def fit(self, descriptors) -> "PCA":
         """Fit on (N, D) descriptors (L2-normalised first, as at transform time); needs N >= 2."""
-        from d2r._validate import as_descriptors
-
         x = as_descriptors(descriptors).astype(np.float64)
         if x.shape[0] < 2:
             raise ValueError(f"PCA.fit: need at least 2 descriptors, got {x.shape[0]}")
@@ -220,8 +218,6 @@ class PCA:
 
     def transform(self, descriptors) -> np.ndarray:
         """L2 → (d - mean) @ P[:dim].T → (whiten) → L2; (N, D) → (N, dim) float32."""
-        from d2r._validate import as_descriptors
-
         self._check_fitted()
         x = as_descriptors(descriptors, dim=self.input_dim)
         if x.shape[0] == 0:

@@ -1,7 +1,6 @@
 """Sharded on-disk feature store: many images' local features in a few large, immutable, checksummed shards.
 
 Layout of a store folder::
-
     manifest.json                  the only commit point: format, version, generation, extractor {name,
                                    config, fingerprint}, dim, shards [{name, num_images, num_features,
                                    bytes, files {key: {size, digest}}, skip}], retired, failures {id: reason}
@@ -54,6 +53,8 @@ import numpy as np
 from d2r._io import atomic_path, file_digest, write_json
 from d2r._lock import WriterLock
 from d2r.features.base import LocalFeatures, RegionFeatures
+from d2r.features.config import extractor_info
+from d2r.features.image import list_images
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +92,10 @@ _FILE = re.compile(r"^(shard-[A-Za-z0-9_-]{1,128})\.([a-z_]+)\.npy$")
 class StoreDamagedError(ValueError):
     """A store file is missing, truncated, altered or inconsistent with the manifest (named in the error)."""
 
-
 class Shard:
     """One shard's validated arrays: the per-image and per-region ones in memory, the per-feature ones
     (locations, scales, scores, descriptors) read from the file by rows; ``shard[i]`` → the i-th image's
     features (new arrays)."""
-
     def __init__(self, name: str, arrays: dict):
         self.name = name
         for key in _ARRAYS:
@@ -128,7 +127,6 @@ class Shard:
 # ---------------------------------------------------------------------------------------------- low level
 class _HashingFile:
     """File wrapper that BLAKE2-hashes and counts what ``np.save`` writes through it."""
-
     def __init__(self, f):
         import hashlib
 
@@ -235,7 +233,6 @@ _ROWS = ("locations", "scales", "scores", "descriptors")  # the big per-feature 
 class _RowFile:
     """The data of a validated .npy file, read by rows on demand (``rows[a:b]`` → a new array); holds no file
     open, so any number of shards can be cached and any number of threads can read."""
-
     def __init__(self, path: Path, offset: int, dtype: np.dtype, shape: tuple):
         self.path, self.offset, self.dtype, self.shape = path, offset, dtype, shape
         self.ndim = len(shape)
@@ -429,7 +426,6 @@ class _View:
     """One manifest generation as seen by this process: ``records`` (live shards, store order), ``by_name``
     (live shards and those retired by the previous generation, still readable) and ``index`` image id ->
     (shard name, row)."""
-
     def __init__(self, folder: Path, manifest: dict):
         self.folder = folder
         self.manifest = manifest
@@ -473,7 +469,6 @@ class _View:
 
 class _Buffer:
     """Images waiting to be written as a shard."""
-
     def __init__(self):
         self.items: dict[str, LocalFeatures | RegionFeatures] = {}
         self.bytes = 0
@@ -511,7 +506,6 @@ class ShardWriter:
     reason)`` records a failure; ``close()`` writes the rest and returns ``{"shards": [manifest records],
     "failures": {id: reason}}`` (plain JSON types).
     """
-
     def __init__(self, store_path, dim: int, shard_bytes: int = DEFAULT_SHARD_BYTES, prefix: str = ""):
         self.path = Path(store_path)
         if not (self.path / MANIFEST).is_file():
@@ -588,7 +582,6 @@ class FeatureStore:
     ``store.get(image_id)``, ``store.get_many(ids)``, ``for image_id, feats in store`` (streams shard by
     shard), ``store.load_shard(i)``; ``store.check()`` verifies every checksum.
     """
-
     def __init__(
         self,
         path,
@@ -1405,17 +1398,6 @@ def _pack(buffer, dim: int) -> dict:
     }
 
 
-def _extractor_info(extractor) -> dict:
-    if hasattr(extractor, "info"):
-        return extractor.info()
-    return {
-        "name": extractor.name,
-        "config": {},
-        "fingerprint": extractor.fingerprint(),
-        "dim": extractor.dim,
-    }
-
-
 def extract_to_store(
     images,
     extractor,
@@ -1446,8 +1428,6 @@ def extract_to_store(
     fails (corrupt file, ...) is recorded in the store's failures and the run goes on. Returns ``{"images",
     "extracted", "skipped", "failed", "seconds", "store"}``.
     """
-    from d2r.features.image import list_images
-
     t0 = time.perf_counter()
     workers = int(workers or getattr(extractor, "default_workers", 1) or 1)
     if workers <= 0:
@@ -1468,7 +1448,7 @@ def extract_to_store(
         seen.add(image_id)
     store = FeatureStore.create(
         store_path,
-        _extractor_info(extractor),
+        extractor_info(extractor),
         shard_bytes=shard_bytes,
         shard_size=shard_size,
         lock_timeout=lock_timeout,

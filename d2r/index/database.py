@@ -39,8 +39,11 @@ from d2r.config import Config
 from d2r.index import search as _search
 from d2r.index import store as _store
 from d2r.index.search import EMPTY_SCORE, Ranking
-from d2r.index.segment import DamagedError, Segment, file_names
+from d2r.storage import DamagedError
+from d2r.index.segment import Segment, file_names
 from d2r.index.store import FORMAT, FORMAT_VERSION, MergePolicy
+from d2r.storage import check_file, file_record
+from d2r.aggregate import get_kernel
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,6 @@ class DatabaseConfig(Config):
     (raw sums: the paper's figures), the classic ASMK has it on. ``idf`` weights words by idf² with
     idf_c = log(N / max(df_c, 1)) over the live items (an extension, off in the official code).
     """
-
     kernel: str = "asmk_star"
     mode: str = "aggregation"
     alpha: float = 3.0
@@ -70,8 +72,6 @@ class DatabaseConfig(Config):
 
     def check(self, codebook: Codebook | None = None) -> None:
         """ValueError naming the option; without ``codebook``, assignments are checked against K later."""
-        from d2r.aggregate import get_kernel
-
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         kernel = get_kernel(self.kernel)
@@ -96,7 +96,6 @@ class DatabaseConfig(Config):
 
 class Database:
     """Inverted-file image database. Use :meth:`create` or :meth:`open`, never the constructor."""
-
     def __init__(self, path, codebook: Codebook, config: DatabaseConfig, segments, removed, generation: int,
                  id_type: str | None, writable: bool | None = None, lock_timeout: float | None = 0.0):
         self.path = None if path is None else Path(path)
@@ -628,7 +627,7 @@ class Database:
             "format": FORMAT, "format_version": FORMAT_VERSION, "generation": generation,
             "config": self.config.to_dict(),
             "codebook": {"fingerprint": self.codebook.fingerprint, "k": self.codebook.size, "dim": self.codebook.dim,
-                         **_file_record(self.path / "codebook.npz")},
+                         **file_record(self.path / "codebook.npz")},
             "segments": [s.record() for s in self._segments], "removed": removed, "id_type": self._id_type,
             "counts": self.info(files=False)["counts"],
         }
@@ -706,7 +705,7 @@ def check(path, digests: bool = True) -> list[dict]:
     book = None
     cb = manifest["codebook"]
     if "file" in cb:
-        _check_file(path / "codebook.npz", cb["file"], bad, digests)
+        check_file(path / "codebook.npz", cb["file"], bad, digests)
     if not damaged:
         try:
             book = _load_codebook(path, manifest)
@@ -724,7 +723,7 @@ def check(path, digests: bool = True) -> list[dict]:
         files = rec.get("files") or {}
         for fname in file_names(config.kernel):
             if fname in files:
-                _check_file(d / fname, files[fname], bad, digests)
+                check_file(d / fname, files[fname], bad, digests)
             elif not (d / fname).is_file():
                 bad(d / fname, "missing")
         if len(damaged) == before and book is not None:
@@ -742,7 +741,7 @@ def check(path, digests: bool = True) -> list[dict]:
         file = path / rec["name"]
         before = len(damaged)
         if "blake2b" in rec:
-            _check_file(file, rec, bad, digests)
+            check_file(file, rec, bad, digests)
         if len(damaged) == before:
             try:
                 removed = np.load(file, allow_pickle=False)
@@ -822,21 +821,6 @@ def repair(path, lock_timeout: float | None = 0.0) -> dict:
         _store.commit(path, manifest)
         _store.collect_garbage(path, manifest)
     return report
-
-
-def _check_file(file: Path, record: dict, bad, digests: bool = True) -> None:
-    if not file.is_file():
-        bad(file, "missing")
-        return
-    size = file.stat().st_size
-    if size != record["size"]:
-        bad(file, f"{size} bytes, the manifest says {record['size']}")
-    elif digests and _io.file_digest(file) != record["blake2b"]:
-        bad(file, "checksum mismatch (contents changed)")
-
-
-def _file_record(file: Path) -> dict:
-    return {"file": {"size": file.stat().st_size, "blake2b": _io.file_digest(file)}} if file.is_file() else {}
 
 
 def _load_codebook(path: Path, manifest: dict) -> Codebook:

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from d2r import _io
-from d2r.index.segment import PAYLOAD, DamagedError, NpyWriter, RowReader, Segment, num_blocks, save_array
+from d2r.index.segment import PAYLOAD, Segment, num_blocks
+from d2r.storage import DamagedError, NpyWriter, RowReader, save_array
 from d2r.kernels.merge import merge_postings
 
 log = logging.getLogger(__name__)

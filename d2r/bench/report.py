@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from d2r import _io
+from d2r.eval.datasets import resolve_image
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,6 @@ table.sum td,table.sum th{border:1px solid #bbb;padding:3px 8px;text-align:right
 .pos img{border-color:#1a9b3c}.junk img{border-color:#aaa}.wrong img{border-color:#d62728}
 .qimg img{max-width:160px;max-height:120px;border:2px solid #333}
 """
-
 
 def _thumb(source: Path, dest: Path, box=None) -> bool:
     """Write a JPEG thumbnail (longer side THUMB) of ``source`` to ``dest``, with ``box`` [x1, y1, x2, y2] drawn;
@@ -66,8 +66,6 @@ def write_revisitop_report(out, result: dict, g, stages: dict, images_root, quer
 
     result: the run's result dict (summary, per-query AP); g: GroundTruth; stages: {stage: {protocol: per-query
     rankings of database indices}}; marks follow ``protocol`` (positive / junk / wrong)."""
-    from d2r.bench import resolve_image
-
     out = Path(out)
     thumbs = out / "report" / "thumbs"
     thumbs.mkdir(parents=True, exist_ok=True)

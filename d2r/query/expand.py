@@ -33,11 +33,12 @@ from typing import Sequence
 
 import numpy as np
 
-from d2r.aggregate import MIN_WORD_NORM, Aggregated, Aggregator, similarity
+from d2r.aggregate import MIN_WORD_NORM, Aggregated, similarity
 from d2r.codebook import Codebook
 from d2r.config import Config
 from d2r.kernels.aggregate import group_residuals, normalize_words
 from d2r.kernels.binary import pack_bits
+from d2r.signatures import hamming_matches, signatures
 
 QE_METHODS = ("none", "aqe", "hqe")
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], np.int64)
@@ -170,39 +171,6 @@ def augment_database(records: dict, neighbours: dict, alpha: float = 0.0, normal
     return out
 
 
-# ---- HQE ------------------------------------------------------------------------------------------------------
-def signatures(descriptors: np.ndarray, words: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Binary signatures of descriptors in their words: sign(x − c_w) packed MSB-first, (N, ceil(D/8)) uint8.
-
-    descriptors (N, D) float32, words (N,) int, centroids (K, D)."""
-    r = descriptors.astype(np.float64) - centroids[words].astype(np.float64)
-    return np.packbits(r > 0, axis=1)
-
-
-def hamming_matches(q_words: np.ndarray, q_sigs: np.ndarray, n_words: np.ndarray, n_sigs: np.ndarray,
-                    max_bits: int):
-    """Pairs (i, f) with q_words[i] == n_words[f] and Hamming(q_sigs[i], n_sigs[f]) <= max_bits.
-
-    q_words (P,) int, q_sigs (P, B) uint8 (one row per query descriptor-assignment); n_words (F,), n_sigs (F, B).
-    Returns (query_rows, neighbour_rows) int64, sorted by query row then neighbour row.
-    """
-    if q_words.shape[0] == 0 or n_words.shape[0] == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    order = np.argsort(n_words, kind="stable")
-    sw = n_words[order]
-    lo = np.searchsorted(sw, q_words, "left")
-    hi = np.searchsorted(sw, q_words, "right")
-    cnt = hi - lo
-    qi = np.repeat(np.arange(q_words.shape[0]), cnt)
-    if qi.size == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    starts = np.repeat(lo - np.concatenate([[0], np.cumsum(cnt)[:-1]]), cnt)
-    fi = order[starts + np.arange(qi.size)]
-    dist = _POPCOUNT8[np.bitwise_xor(q_sigs[qi], n_sigs[fi])].sum(axis=1)
-    ok = dist <= max_bits
-    return qi[ok].astype(np.int64), fi[ok].astype(np.int64)
-
-
 def hamming_expansion(codebook: Codebook, kernel: str, query_descriptors: np.ndarray, query_words: np.ndarray,
                       neighbours: Sequence[tuple[np.ndarray, np.ndarray]], hamming: float = 0.375,
                       min_matches: int = 0):
@@ -251,76 +219,3 @@ def hamming_expansion(codebook: Codebook, kernel: str, query_descriptors: np.nda
     return _finish(kernel, d, codebook.size, keys, sums), np.asarray(added, np.int64)
 
 
-# ---- one step of a search pipeline ------------------------------------------------------------------------------
-def reliable_neighbours(ids, scores, inliers: dict | None, top: int, min_inliers: int, exclude=()) -> list:
-    """Which ranked ids expand the query: with ``inliers`` (verification ran), the ids with at least
-    ``min_inliers`` inliers, most inliers first (ties in rank order); else the first ids in rank order. Ids in
-    ``exclude`` are skipped; at most ``top``. Returns [(id, initial score)]."""
-    skip = set(exclude)
-    pairs = [(i, float(s)) for i, s in zip(np.asarray(ids).tolist(), np.asarray(scores).tolist()) if i not in skip]
-    if inliers is not None:
-        pairs = [p for p in pairs if inliers.get(p[0], -1) >= min_inliers]
-        pairs = sorted(pairs, key=lambda p: -inliers[p[0]])  # stable: rank order among ties
-    return pairs[:top]
-
-
-def expanded_query(method: str, db, query_descriptors: np.ndarray, neighbours, get_descriptors,
-                   config: ExpansionConfig, verified: bool, query_num_assignments: int | None = None):
-    """The expanded query of ``method`` ("aqe" / "hqe") for a :class:`~d2r.index.Database` ``db``.
-
-    neighbours: [(id, score)] from :func:`reliable_neighbours`; get_descriptors: id -> (F, D) float32
-    whole-image descriptors; query_num_assignments: None = the database's. Returns (Aggregated, info dict:
-    neighbours used, descriptors added)."""
-    check_method(method)
-    config = config.validate()
-    cfg = db.config
-    book = db.codebook
-    ma = int(query_num_assignments or cfg.query_num_assignments)
-    qagg = Aggregator(book, cfg.kernel, ma)
-    qx = np.ascontiguousarray(query_descriptors, np.float32)
-    qwords = book.assign(qx, ma)
-    query = qagg(qx, assignments=qwords)
-    if not neighbours:
-        return query, {"neighbours": 0}
-    xs = [np.ascontiguousarray(get_descriptors(i), np.float32) for i, _ in neighbours]
-    if method == "aqe":
-        dagg = Aggregator(book, cfg.kernel, cfg.num_assignments)
-        recs = [dagg(x) for x in xs]
-        w = aqe_weights(query, recs, config.alpha, normalize=cfg.normalize)
-        return average_expansion(query, recs, w), {"neighbours": len(recs)}
-    sizes = [x.shape[0] for x in xs]
-    allw = book.assign(np.concatenate(xs), 1)[:, 0] if sum(sizes) else np.zeros(0, np.int64)
-    parts = np.split(allw, np.cumsum(sizes)[:-1])
-    rec, added = hamming_expansion(book, cfg.kernel, qx, qwords, list(zip(xs, parts)), config.hamming,
-                                   0 if verified else config.min_matches)
-    return rec, {"neighbours": int(np.count_nonzero(added)), "added": int(added.sum())}
-
-
-def search_expanded(method: str, db, query, ids, scores, inliers: dict | None, get_features, config: ExpansionConfig,
-                    rerank_config, depth: int, exclude=(), query_num_assignments: int | None = None):
-    """One query-expansion step of a search: neighbours, expanded query, second search and, when the first
-    ranking was verified (``inliers``: id -> count), verification of the new top candidates with the same rule.
-
-    query: the query's LocalFeatures; get_features: id -> whole-image LocalFeatures. ``inliers`` is extended in
-    place with the newly verified ids. Returns (ids, scores, regions, inliers (L,) int64 with -1 where
-    unverified, info dict)."""
-    from d2r.rerank import geometric_verification, order_verified
-
-    verified = inliers is not None
-    neighbours = reliable_neighbours(ids, scores, inliers, config.top,
-                                     rerank_config.min_inliers if verified else 0, exclude)
-    rec, info = expanded_query(method, db, query.descriptors, neighbours,
-                               lambda i: get_features(i).descriptors, config, verified, query_num_assignments)
-    ranking = db.search(rec, top_k=depth)
-    new_ids, new_scores, regions = np.asarray(ranking.ids), ranking.scores, ranking.regions
-    inl = np.full(len(new_ids), -1, np.int64)
-    if verified and len(new_ids) and rerank_config.num_to_rerank > 0:
-        todo = [i for i in new_ids[: rerank_config.num_to_rerank].tolist() if i not in inliers]
-        if todo:
-            counts = geometric_verification(query, [get_features(i) for i in todo], rerank_config,
-                                            db.codebook)
-            inliers.update(zip(todo, counts.tolist()))
-        position = {i: k for k, i in enumerate(new_ids.tolist())}
-        new_ids, new_scores, inl = order_verified(new_ids, new_scores, inliers, rerank_config)
-        regions = regions[[position[i] for i in new_ids.tolist()]]
-    return new_ids, new_scores, regions, inl, info

@@ -21,26 +21,12 @@ from collections.abc import MutableMapping
 from pathlib import Path
 
 from d2r import _io
+from d2r._io import parse_json
 
 SNAPSHOT = "sources.json"
 LOG = "sources.log"
 COMPACT_FLOOR = 4 << 20  # bytes: the log is compacted once larger than this and than the snapshot
 _RETRIES = 200
-
-
-def parse_json(path: Path, raw: bytes, default):
-    """``raw`` (the bytes of ``path``) as JSON of the type of ``default`` (any when None); ValueError naming
-    the file otherwise."""
-    try:
-        data = json.loads(raw.decode())
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a text file (corrupted?)") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg} "
-                         "(corrupted?)") from None
-    if default is not None and not isinstance(data, type(default)):
-        raise ValueError(f"{path}: expected a JSON {type(default).__name__}, got {type(data).__name__}")
-    return data
 
 
 def _record(path: Path, number: int, line: bytes):

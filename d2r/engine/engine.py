@@ -29,16 +29,29 @@ from pathlib import Path
 import numpy as np
 
 from d2r import _io
-from d2r._sources import LOG, SourcesTable, parse_json, read_sources
+from d2r.engine.sources import SourcesTable
 from d2r._validate import as_top_k
 from d2r.codebook import Codebook
-from d2r.config import Config
-from d2r.detect.config import RegionsConfig
-from d2r.expand import ExpansionConfig
 from d2r.features.base import LocalFeatures, RegionFeatures, whole_image
-from d2r.index.database import Database, DatabaseConfig
-from d2r.pipeline import Pipeline, crop  # noqa: F401  (crop: part of this module's API)
-from d2r.rerank import RerankConfig
+from d2r.index.database import Database
+from d2r.build import Pipeline  # noqa: F401  (crop: part of this module's API)
+from d2r.features.image import crop
+from d2r._io import read_json
+from d2r.engine.check import check_engine
+from d2r.engine.config import EngineConfig, absolute_paths, engine_config
+from d2r._lock import WriterLock
+from d2r.aggregate import Aggregator
+from d2r.build import check_setup
+from d2r.detect.config import check_regions
+from d2r.features.config import extractor_info
+from d2r.features.image import IMAGE_EXTENSIONS, list_images
+from d2r.features.image import load_image
+from d2r.features.store import FeatureStore
+from d2r.features.store import FeatureStore, import_shards
+from d2r.features.store import check_store
+from d2r.query.expand import check_method
+from d2r.query.pipeline import search_expanded
+from d2r.query.verify import rerank as verify_ranking
 
 log = logging.getLogger(__name__)
 
@@ -46,189 +59,10 @@ FORMAT = "d2r-engine"
 FORMAT_VERSION = 1
 
 
-@dataclass
-class FeaturesConfig(Config):
-    """Local features: ``name`` "rootsift" (weight-free default) or "delf" (``model`` = SavedModel folder, ``pca``
-    = folder of the PCA files); ``options`` are the extractor's config fields (e.g. ``{"max_features": 1000}``)."""
-
-    name: str = "rootsift"
-    model: str | None = None
-    pca: str | None = None
-    options: dict = field(default_factory=dict)
-
-    def build(self):
-        """The extractor (checked: see :func:`d2r.pipeline.build_extractor`)."""
-        from d2r.pipeline import build_extractor
-
-        return build_extractor(self)
-
-
-@dataclass
-class CodebookConfig(Config):
-    """The visual vocabulary: an existing codebook file (``path``), or one trained with k-means on the first
-    images indexed (``size`` words, ``sample_per_image`` descriptors of each, at most ``max_samples``)."""
-
-    path: str | None = None
-    size: int = 1024
-    iterations: int = 20
-    method: str = "lloyd"  # or "minibatch": much faster for large K at ~0.5% higher inertia
-    sample_per_image: int = 300
-    max_samples: int = 1_000_000
-    seed: int = 0
-
-
-# Defaults that depend on the feature type, applied where a config does not set them (and followed when the
-# feature type changes by override). GV putative-match distance: 0.4 separates true RootSIFT matches best
-# (benchmarks/results/dev_results.md); 0.9 is the official DELF value.
-FEATURE_DEFAULTS: dict[str, dict] = {
-    "rootsift": {"rerank.descriptor_distance": 0.4},
-    "delf": {"rerank.descriptor_distance": 0.9},
-}
-
-
-def _get(data: dict, dotted: str):
-    node = data
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return _MISSING
-        node = node[part]
-    return node
-
-
-def _set(data: dict, dotted: str, value) -> None:
-    parts = dotted.split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-
-
-_MISSING = object()
-
-
-def _plain(value):
-    """A copy of nested dicts and lists with numpy scalars as Python ones (np.int64(8) is 8, not '8') and
-    paths as strings."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return value.item() if isinstance(value, np.generic) else value
-
-
-@dataclass
-class EngineConfig(Config):
-    """Everything an engine does, in one place; saved with the index. Defaults: RootSIFT, whole image + no boxes
-    (set ``regions.proposer`` to a detector path, "grid" or "density"), ASMK* aggregation, GV re-ranking."""
-
-    features: FeaturesConfig = field(default_factory=FeaturesConfig)
-    regions: RegionsConfig = field(default_factory=RegionsConfig)
-    codebook: CodebookConfig = field(default_factory=CodebookConfig)
-    index: DatabaseConfig = field(default_factory=DatabaseConfig)
-    # per feature type (FEATURE_DEFAULTS): 0.4 for RootSIFT (the default features), 0.9 for DELF
-    rerank: RerankConfig = field(default_factory=lambda: RerankConfig(descriptor_distance=0.4, method="usac"))
-    # "none" | "aqe" | "hqe" (d2r.expand), parameters in ``qe``; aqe over verified images: best on the dev table.
-    _index_time_dba: typing.ClassVar[bool] = False  # qe.dba_top: the bench runner only (d2r.bench)
-    query_expansion: str = "aqe"
-    qe: ExpansionConfig = field(default_factory=ExpansionConfig)
-    batch_size: int = 64
-    workers: int = 2
-
-    @classmethod
-    def from_dict(cls, data: dict | None, _where: str = ""):
-        """As :meth:`Config.from_dict`, with the feature type's defaults (:data:`FEATURE_DEFAULTS`), then the
-        engine's own section defaults (:func:`_engine_defaults`: ``rerank.method`` "usac"...), for the options
-        ``data`` does not set: a partial dict gives what ``EngineConfig()`` gives."""
-        data = _plain(data or {}) if isinstance(data, dict) else data
-        if isinstance(data, dict):
-            name = _get(data, "features.name")
-            defaults = dict(FEATURE_DEFAULTS.get(name if name is not _MISSING else "rootsift", {}))
-            for key, value in _engine_defaults().items():
-                defaults.setdefault(key, value)
-            for key, value in defaults.items():
-                section = key.split(".")[0]
-                if section in data and data[section] is None:
-                    data[section] = {}
-                if _get(data, key) is _MISSING and isinstance(data.get(section, {}), dict):
-                    _set(data, key, value)
-        return super().from_dict(data, _where)
-
-    def override(self, dotted: dict):
-        """As :meth:`Config.override`; when ``features.name`` changes, options still at the old feature type's
-        default take the new one's (unless overridden too)."""
-        new_name = dotted.get("features.name")
-        if new_name is not None and new_name != self.features.name:
-            current = self.to_dict()
-            dotted = dict(dotted)
-            old_defaults = FEATURE_DEFAULTS.get(self.features.name, {})
-            for key, value in FEATURE_DEFAULTS.get(new_name, {}).items():
-                if dotted.get(key) is None and _get(current, key) == old_defaults.get(key, _MISSING):
-                    dotted[key] = value
-        return super().override(dotted)
-
-    def check(self) -> "EngineConfig":
-        """Refuse a bad config before anything is extracted or written (ValueError naming the option)."""
-        from d2r.features import EXTRACTORS
-
-        if self.features.name not in EXTRACTORS:
-            raise ValueError(f"features.name must be one of {list(EXTRACTORS)}, got {self.features.name!r}")
-        from d2r.pipeline import _config_class
-
-        _config_class(self.features.name).from_dict(self.features.options, _where="features.options.")
-        try:
-            self.index.check()
-        except ValueError as exc:
-            raise ValueError(f"index.{exc}") from None
-        c = self.codebook  # its training runs after every image is extracted: checked here, before
-        for name, value in [("batch_size", self.batch_size), ("workers", self.workers),
-                            ("codebook.size", c.size), ("codebook.iterations", c.iterations),
-                            ("codebook.sample_per_image", c.sample_per_image),
-                            ("codebook.max_samples", c.max_samples)]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # True is no count
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(c.seed, bool) or not isinstance(c.seed, int) or c.seed < 0:
-            raise ValueError(f"codebook.seed must be a non-negative integer, got {c.seed!r}")
-        if self.codebook.method not in ("lloyd", "minibatch"):
-            raise ValueError(f"codebook.method must be 'lloyd' or 'minibatch', got {self.codebook.method!r}")
-        self.rerank.validate()
-        from d2r.expand import check_method
-
-        check_method(self.query_expansion)
-        self.qe.validate()
-        if self.query_expansion == "hqe" and self.index.kernel == "vlad":
-            raise ValueError("query_expansion 'hqe' needs an ASMK kernel (index.kernel asmk or asmk_star)")
-        if self.qe.dba_top and not self._index_time_dba:
-            raise ValueError("qe.dba_top (database-side augmentation) is a benchmark-runner setting; "
-                             "Engine indexes do not support it")
-        if self.qe.dba_top and self.index.mode != "aggregation":
-            raise ValueError("qe.dba_top needs index.mode 'aggregation'")
-        return self
-
-
-def _engine_defaults() -> dict:
-    """Dotted options whose :class:`EngineConfig` default differs from their section class's own default
-    (``{"rerank.method": "usac", ...}``): sections built from a partial mapping must keep them."""
-    out = {}
-    for f in dataclasses.fields(EngineConfig):
-        if f.default_factory is dataclasses.MISSING:
-            continue
-        engine_value = f.default_factory()
-        if not isinstance(engine_value, Config):
-            continue
-        own = type(engine_value)().to_dict()
-        for key, value in engine_value.to_dict().items():
-            if own.get(key) != value:
-                out[f"{f.name}.{key}"] = value
-    return out
-
-
 @dataclass(frozen=True)
 class Hit:
     """One search result. ``box`` is the [x1, y1, x2, y2] region that matched in regional-search mode (None in
     aggregation mode, where the image matches as a whole); ``inliers`` is the geometric-verification inlier count, -1 when not verified."""
-
     image_id: str
     path: str | None
     score: float
@@ -243,7 +77,6 @@ class Hit:
 @dataclass
 class IndexReport:
     """What an ``index`` call did (JSON-ready with ``to_dict``)."""
-
     indexed: list = field(default_factory=list)
     skipped: int = 0
     failed: dict = field(default_factory=dict)
@@ -257,7 +90,6 @@ class IndexReport:
 
 class Engine:
     """Index and search photos. Use :meth:`create` or :meth:`open`."""
-
     def __init__(self, path: Path, config: EngineConfig):
         self.path = Path(path)
         self.config = config
@@ -266,19 +98,17 @@ class Engine:
         self._store = None
         self._store_lock = threading.Lock()
         self._sources = SourcesTable(self.path)  # read on first access (a search needs only its hits' files)
-        self._failures: dict[str, str] = _read_json(self.path / "failures.json", {})
+        self._failures: dict[str, str] = read_json(self.path / "failures.json", {})
 
     # ---- construction ----------------------------------------------------------------------------------------
     @classmethod
     def create(cls, path, config: EngineConfig | dict | None = None, codebook=None) -> "Engine":
         """A new engine in the folder ``path`` (must not hold one). ``codebook``: a :class:`Codebook` or a file;
         else ``config.codebook.path``; else one is trained on the images of the first ``index`` call."""
-        from d2r.pipeline import check_setup
-
         path = Path(path)
         if isinstance(config, dict):
             config = EngineConfig.from_dict(config)
-        config = _absolute_paths(config or EngineConfig())
+        config = absolute_paths(config or EngineConfig())
         if (path / "engine.json").exists():
             raise FileExistsError(f"{path}: an engine already exists here (open it instead)")
         if path.exists() and not path.is_dir():
@@ -304,7 +134,7 @@ class Engine:
     @classmethod
     def open(cls, path) -> "Engine":
         path = Path(path)
-        engine = cls(path, _engine_config(path))
+        engine = cls(path, engine_config(path))
         manifest = path / "index" / "manifest.json"
         if manifest.exists():
             try:
@@ -331,8 +161,6 @@ class Engine:
 
     def _feature_store(self):
         """The feature store: the writer's while ``index`` runs, else a lock-free reader (opened once)."""
-        from d2r.features.store import FeatureStore
-
         with self._store_lock:
             if self._store is None:
                 if not (self.path / "features" / "manifest.json").exists():
@@ -345,16 +173,13 @@ class Engine:
         """Be the one writer of this engine: lock it, its database (opened writable, so its lock is held from
         the start) and its feature store before any work, reload what another writer may have saved meanwhile,
         release all three at the end, also when the work raises (else this process would lock itself out)."""
-        from d2r._lock import WriterLock
-        from d2r.features.store import FeatureStore
-
         with WriterLock(self.path, timeout=lock_timeout, what="index"):
             try:
                 if (self.path / "index" / "manifest.json").exists():
                     self._db = Database.open(self.path / "index", writable=True, lock_timeout=lock_timeout)
                 self._sources.reload()
                 self._sources.load()
-                self._failures = _read_json(self.path / "failures.json", {})
+                self._failures = read_json(self.path / "failures.json", {})
                 store = FeatureStore.create(self.path / "features", self.pipeline.store_info(),
                                             lock_timeout=lock_timeout)
                 with self._store_lock:
@@ -375,6 +200,18 @@ class Engine:
     def __contains__(self, image_id) -> bool:
         return self._db is not None and image_id in self._db
 
+    def image_folders(self) -> list[Path]:
+        """The folders holding the indexed images' files, as the sources table records them (absolute paths,
+        symbolic links resolved when indexed), a folder inside another left out: where ``d2r serve`` may read
+        image files from."""
+        folders = sorted({Path(p).parent for p in self._sources.values() if os.path.isabs(p)},
+                         key=lambda f: f.parts)  # a folder's subfolders sort right after it
+        kept: list[Path] = []
+        for folder in folders:
+            if not kept or not folder.is_relative_to(kept[-1]):
+                kept.append(folder)
+        return kept
+
     def info(self) -> dict:
         self._sources.load()  # a damaged sources table is an error here too
         out = {"path": str(self.path), "images": len(self), "failures": len(self._failures),
@@ -382,8 +219,6 @@ class Engine:
         if self._db is not None:
             out["index"] = self._db.info()
         if (self.path / "features" / "manifest.json").exists():
-            from d2r.features.store import check_store
-
             try:
                 out["store"] = self._feature_store().info()
             except (OSError, ValueError) as exc:
@@ -409,8 +244,6 @@ class Engine:
         ``retry_failed``. ``on_done(ids)`` is called after each saved batch. The engine's writer lock is taken
         first: another writer makes this call fail at once (or wait up to ``lock_timeout`` seconds).
         """
-        from d2r.pipeline import check_regions
-
         t0 = time.perf_counter()
         images = _check_images(images)
         self.pipeline.extractor  # a model or region source gone since the engine was made: one error, up front
@@ -437,12 +270,10 @@ class Engine:
         store). The store's shards are linked (or copied) into the engine's own store, verified by checksum,
         then indexed in saved batches like :meth:`index`; images already indexed are skipped.
         """
-        from d2r.features.store import FeatureStore, _extractor_info, import_shards
-
         t0 = time.perf_counter()
         report = IndexReport()
         src = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
-        want = _extractor_info(self.extractor)
+        want = extractor_info(self.extractor)
         have = src.extractor
         if have["fingerprint"] != want["fingerprint"] or src.dim != int(want["dim"]):
             raise ValueError(f"{src.path}: the store holds {have.get('name')} features (fingerprint "
@@ -500,8 +331,6 @@ class Engine:
         self._save_tables()
 
     def _resolve(self, images, report: IndexReport, id_prefix: str = "") -> list[tuple[str, Path]]:
-        from d2r.features.image import IMAGE_EXTENSIONS, list_images
-
         def listed(source):  # a folder or list file: ids relative to it
             if Path(source).is_dir():  # folders named like images are not silently passed over
                 for p in Path(source).rglob("*"):
@@ -599,8 +428,6 @@ class Engine:
         else none).
         ``query_num_assignments`` overrides ``index.query_num_assignments`` for this query.
         A query without local features (blank, tiny, featureless) logs a warning and returns no hits."""
-        from d2r.features.image import load_image
-
         top_k = as_top_k(top_k)  # -1 returned all hits but the last
         if self._db is None:
             raise ValueError(f"{self.path}: nothing indexed yet")
@@ -617,13 +444,10 @@ class Engine:
         # The configured expansion relies on verified neighbours: without verification it applies only on request
         # (unverified top images are mostly distractors on small groups; benchmarks/results/dev_results.md).
         qe = (self.config.query_expansion if verify else "none") if query_expansion is None else query_expansion
-        from d2r.expand import check_method
 
         check_method(qe)
         ma = query_num_assignments
         if ma is not None:
-            from d2r.aggregate import Aggregator
-
             if isinstance(ma, bool) or not isinstance(ma, int) or not 1 <= ma <= self._db.codebook.size:
                 raise ValueError(f"query_num_assignments must be in [1, {self._db.codebook.size}], got {ma!r}")
             q = Aggregator(self._db.codebook, self._db.kernel, ma)(query.descriptors)
@@ -633,15 +457,11 @@ class Engine:
         ids, scores, regions = np.asarray(ranking.ids), ranking.scores, ranking.regions
         inliers = np.full(len(ids), -1, np.int64)
         if verify and len(ids):
-            from d2r.rerank import rerank as verify_ranking
-
             position = {i: k for k, i in enumerate(ids.tolist())}
             ids, scores, inliers = verify_ranking(query, ids, scores, self._whole_image_features,
                                                   self.config.rerank, codebook=self._db.codebook)
             regions = regions[[position[i] for i in ids.tolist()]]
         if qe != "none" and len(query) and len(ids):
-            from d2r.expand import search_expanded
-
             counts = {i: int(n) for i, n in zip(ids.tolist(), inliers.tolist()) if n >= 0} if verify else None
             ids, scores, regions, inliers, _ = search_expanded(
                 qe, self._db, query, ids, scores, counts, self._whole_image_features,
@@ -731,39 +551,6 @@ class Engine:
         return feats.boxes if include_whole else feats.boxes[feats.box_ids >= 0]
 
 
-def _absolute_paths(config: EngineConfig) -> EngineConfig:
-    """``config`` with its model, PCA and detector folders made absolute: the engine saves them and later
-    commands run from any folder."""
-    from d2r.detect.proposers import PROPOSERS
-
-    changes = {}
-    for key, value in (("features.model", config.features.model), ("features.pca", config.features.pca),
-                       ("regions.proposer", config.regions.proposer)):
-        if not value or key == "regions.proposer" and str(value).lower() in {"none", *PROPOSERS}:
-            continue
-        path = Path(str(value)).expanduser()
-        if not path.is_absolute() and path.exists():
-            changes[key] = os.path.abspath(path)
-    return config.override(changes) if changes else config
-
-
-def _engine_config(path: Path) -> EngineConfig:
-    """The config of the engine folder ``path`` from its ``engine.json`` (checked: format, version, config)."""
-    meta_path = path / "engine.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{path}: no d2r engine here (engine.json missing)")
-    meta = _read_json(meta_path, None)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: not a d2r engine file")
-    version = meta.get("format_version", 0)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(f"{meta_path}: format version {version!r} is not one this d2r reads")
-    try:
-        return EngineConfig.from_dict(meta.get("config"))
-    except ValueError as exc:
-        raise ValueError(f"{meta_path}: bad config: {exc}") from None
-
-
 def _check_images(images):
     """``images`` of :meth:`Engine.index` as given (a list for an iterable), or TypeError saying what is
     accepted: None, a dict (its keys would be read as paths) or an item neither a path nor an (id, path)
@@ -782,48 +569,3 @@ def _check_images(images):
     return images
 
 
-def check_engine(path, digests: bool = True) -> list[dict]:
-    """:meth:`Engine.check` of the engine folder ``path`` without opening it (a damaged index cannot be
-    opened but can be checked); an engine with no feature store or no index yet has nothing to check there.
-    ``engine.json``, ``sources.json``, ``sources.log`` and ``failures.json`` must parse (commands read
-    them)."""
-    from d2r.features.store import check_store
-    from d2r.index.database import check
-
-    path = Path(path)
-    damaged = []
-    for name, read in (("engine.json", lambda: _engine_config(path)),
-                       ("sources.json", lambda: _read_json(path / "sources.json", {})),
-                       (LOG, lambda: _sources_log_damage(path)),
-                       ("failures.json", lambda: _read_json(path / "failures.json", {}))):
-        try:
-            read()
-        except (OSError, ValueError) as exc:
-            problem = str(exc)
-            damaged.append({"file": name, "problem": problem.split(": ", 1)[-1] if problem.startswith(str(path))
-                            else problem})
-    features = path / "features"
-    if features.is_dir() and any(p.name != ".lock" for p in features.iterdir()):  # not just a lock file
-        damaged += check_store(features, digests=digests)
-    if (path / "index").is_dir():
-        damaged += [dict(d, file=f"index/{d['file']}") for d in check(path / "index", digests=digests)]
-    return damaged
-
-
-def _sources_log_damage(path: Path) -> None:
-    """ValueError naming ``sources.log`` when it is damaged (a damaged ``sources.json`` is reported apart)."""
-    try:
-        read_sources(path)
-    except ValueError as exc:
-        if str(exc).startswith(str(path / LOG)):
-            raise
-
-
-def _read_json(path: Path, default):
-    """The JSON in ``path`` (``default`` when absent); ValueError naming the file when it is not valid JSON or
-    not of the type of ``default``."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return default
-    return parse_json(path, raw, default)

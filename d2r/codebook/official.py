@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-import d2r
-from d2r.codebook import Codebook
+from d2r._version import __version__
+from d2r.codebook.codebook import Codebook
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ def import_official_codebook(checkpoint, *, variable: str | None = None, feature
         "source": "official TensorFlow checkpoint",
         "training_source": str(checkpoint),
         "checkpoint_variable": key,
-        "tool": "d2r.codebook_import.import_official_codebook",
-        "tool_version": d2r.__version__,
+        "tool": "d2r.codebook.official.import_official_codebook",
+        "tool_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if metadata:

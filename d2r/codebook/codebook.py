@@ -14,6 +14,7 @@ import numpy as np
 from d2r import _io
 from d2r._validate import as_descriptors
 from d2r.kernels.assign import CHUNK, finish_candidates, refine_or_scan, select_candidates, update_shortlist
+from d2r.features.config import feature_type, pca_fingerprint
 
 FORMAT = "d2r-codebook"
 FORMAT_VERSION = 1
@@ -233,3 +234,66 @@ def _fingerprint(centroids: np.ndarray) -> str:
     h.update(f"{centroids.shape[0]}x{centroids.shape[1]}:".encode())
     h.update(np.ascontiguousarray(centroids, dtype="<f4").tobytes())
     return h.hexdigest()[:16]
+
+
+def default_codebook_name(feature: str, dim: int, k: int, trainset: str, seed: int) -> str:
+    """The codebooks/ naming convention: ``<feature>-<dim>d-k<K>-<trainset>-s<seed>.npz``."""
+    k_txt = f"{k // 1024}k" if k % 1024 == 0 and k >= 1024 else str(k)
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in trainset) or "data"
+    return f"{feature}-{dim}d-k{k_txt}-{safe}-s{seed}.npz"
+
+
+def check_codebook(codebook: Codebook, *, dim: int | None = None, feature: str | None = None,
+                   pca_fingerprint: str | None = None) -> None:
+    """Raise ValueError when ``codebook`` does not fit features of dimension ``dim`` / type ``feature`` / PCA
+    ``pca_fingerprint`` (metadata fields absent from the codebook are not checked)."""
+    if dim is not None and codebook.dim != int(dim):
+        raise ValueError(f"codebook {codebook.fingerprint} has D={codebook.dim}, features have D={dim}")
+    meta = codebook.metadata
+    if feature is not None and meta.get("feature") not in (None, feature):
+        raise ValueError(f"codebook {codebook.fingerprint} was trained on {meta['feature']!r} features, "
+                         f"not {feature!r}")
+    if pca_fingerprint is not None and meta.get("pca_fingerprint") not in (None, pca_fingerprint):
+        raise ValueError(f"codebook {codebook.fingerprint} was trained after PCA {meta['pca_fingerprint']}, "
+                         f"features use PCA {pca_fingerprint}")
+
+
+# A codebook is trained on at least this many descriptors per word (k-means on fewer mostly memorises them).
+MIN_DESCRIPTORS_PER_WORD = 4
+
+
+def codebook_metadata(extractor, trainset: str) -> dict:
+    """What a codebook trained on this extractor's features records (checked by :func:`fit_codebook`)."""
+    meta = {"feature": feature_type(extractor), "trainset": trainset, "feature_fingerprint": extractor.fingerprint()}
+    pca = pca_fingerprint(extractor)
+    if pca is not None:
+        meta["pca_fingerprint"] = pca
+    return meta
+
+
+def fit_codebook(book, extractor, what: str = "codebook") -> Codebook:
+    """Load ``book`` (a :class:`Codebook` or a ``.npz`` path) and check it fits the extractor's features
+    (dimension, feature type, PCA fingerprint, via :func:`check_codebook`); ValueError naming it."""
+    source = what if isinstance(book, Codebook) else f"{what} {book}"
+    if not isinstance(book, Codebook):
+        book = Codebook.load(book)
+    try:
+        pca = pca_fingerprint(extractor)
+        check_codebook(book, dim=extractor.dim, feature=feature_type(extractor), pca_fingerprint=pca)
+        if pca is None and book.metadata.get("pca_fingerprint") is not None:
+            raise ValueError(f"codebook {book.fingerprint} was trained after PCA "
+                             f"{book.metadata['pca_fingerprint']}, the features use no PCA")
+    except ValueError as exc:
+        raise ValueError(f"{source}: does not fit the {feature_type(extractor)} features ({exc})") from None
+    return book
+
+
+def check_training_size(n_descriptors: int, k: int, option: str = "--codebook-size") -> None:
+    """Refuse to train K words from fewer than K × :data:`MIN_DESCRIPTORS_PER_WORD` descriptors (ValueError
+    suggesting a smaller ``option``)."""
+    need = int(k) * MIN_DESCRIPTORS_PER_WORD
+    if n_descriptors < need:
+        raise ValueError(
+            f"{n_descriptors} training descriptors are too few for K={k} words (need at least {need}, "
+            f"{MIN_DESCRIPTORS_PER_WORD} per word); add more images, or pass a smaller {option} "
+            f"(at most {max(1, n_descriptors // MIN_DESCRIPTORS_PER_WORD)})")

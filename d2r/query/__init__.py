@@ -1,0 +1,1 @@
+"""The query path: search, verification, expansion."""
