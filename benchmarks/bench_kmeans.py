@@ -10,7 +10,8 @@ for the command, threadpoolctl for scikit-learn); final inertia of every result 
 nearest word, float64) on the whole sample; ``os.getloadavg()`` beside every run; ``--json`` prints the runs
 and their summary as one JSON document. Example:
 
-    PYTHONPATH=. python benchmarks/bench_kmeans.py --store /tmp/kmeans-store --sizes 1024,8192 --repeat 3 --json
+    PYTHONPATH=. python benchmarks/bench_kmeans.py --store /tmp/kmeans-store --sizes 1024,8192 --repeat 3 \
+        --json > kmeans.json
 
 The other mode (``--k``, below) compares fixed-iteration Lloyd / mini-batch runs on synthetic or given data.
 
@@ -103,7 +104,7 @@ METHODS = {
 }
 
 
-# ---- --store: the train-codebook command vs scikit-learn on the same sample ---------------------------------
+# ---- --store: the train-codebook command vs scikit-learn on the same sample -----------------------------
 def _load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
@@ -143,7 +144,7 @@ def run_sklearn_fit(x, k, threads, mini: bool):
 
 
 def bench_store(args) -> dict:
-    """Interleaved runs of the contenders on the store's default training sample; returns the JSON document."""
+    """Interleaved runs of the contenders on the store's default training sample: the JSON document."""
     from d2r.codebook.kmeans import _data_hash, load_training_descriptors
 
     def say(*a):

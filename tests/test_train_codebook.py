@@ -12,7 +12,7 @@ from d2r.codebook import Codebook
 from d2r.features.base import LocalFeatures, RegionFeatures
 from d2r.kernels.kmeans import assigned_sq_distances, cluster_sums, kmeanspp_steps, minibatch_update
 from d2r.codebook.codebook import check_codebook, default_codebook_name
-from d2r.codebook.kmeans import (auto_init, kmeans_parallel, load_training_descriptors, reseed_empty,
+from d2r.codebook.kmeans import (kmeans_parallel, load_training_descriptors, reseed_empty,
                                  sample_descriptors)
 from d2r.codebook import train_codebook
 
@@ -122,41 +122,17 @@ def test_kmeanspp_steps_matches_numpy(rng):
         # run in slices (as training does, to show progress): the same result
         sliced = np.empty(k, np.int64)
         for s in range(0, k, 3):
-            kmeanspp_steps(np.ascontiguousarray(points.T), weights, uniforms, closest, sliced, s, min(s + 3, k))
+            kmeanspp_steps(np.ascontiguousarray(points.T), weights, uniforms, closest, sliced, s,
+                           min(s + 3, k))
         np.testing.assert_array_equal(sliced, want)
-
-
-def test_kmeanspp_steps_same_for_any_thread_count(rng):
-    """The parallel distance pass sums each block's potential separately and adds the blocks in order: one
-    thread and all threads pick the same points and leave bit-identical distances (m spans several blocks)."""
-    import numba
-
-    m, d, k, trials = 2000, 16, 30, 4
-    points_t = np.ascontiguousarray(rng.standard_normal((m, d)).astype(np.float32).T)
-    weights = rng.integers(1, 5, m).astype(np.float64)
-    uniforms = rng.random((k, trials))
-    got = []
-    before = numba.get_num_threads()
-    try:
-        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
-            numba.set_num_threads(threads)
-            closest, chosen = np.empty(m), np.empty(k, np.int64)
-            pot = kmeanspp_steps(points_t, weights, uniforms, closest, chosen, 0, k)
-            got.append((chosen, closest, pot))
-    finally:
-        numba.set_num_threads(before)
-    for chosen, closest, pot in got[1:]:
-        np.testing.assert_array_equal(chosen, got[0][0])
-        np.testing.assert_array_equal(closest, got[0][1])
-        assert pot == got[0][2]
 
 
 def test_kmeanspp_steps_hand_case():
     # points 0, 1, 10 on a line, equal weights; step 0 with u = 0.1 takes point 0 (cumulative mass 1, 2, 3)
     points_t = np.array([[0.0, 1.0, 10.0]], np.float32)
     closest, chosen = np.empty(3), np.empty(2, np.int64)
-    # step 1: masses 0, 1, 100: u = 0.5 → 50.5 → point 2; a second draw u = 0.001 → point 1; point 2 leaves the
-    # potential 1 (point 1), point 1 would leave 81 (point 2): the greedy step keeps point 2
+    # step 1: masses 0, 1, 100 (cumulative 0, 1, 101): u = 0.001 → 0.101 → point 1, u = 0.5 → 50.5 → point 2;
+    # point 2 leaves the potential 1 (point 1), point 1 would leave 81 (point 2): the greedy step keeps point 2
     pot = kmeanspp_steps(points_t, np.ones(3), np.array([[0.1, 0.9], [0.001, 0.5]]), closest, chosen, 0, 2)
     assert chosen.tolist() == [0, 2] and closest.tolist() == [0.0, 1.0, 0.0] and pot == 1.0
 
@@ -233,11 +209,13 @@ def test_seeding_progress_names_the_descriptors_used_and_is_silenced(rng, capfd)
     assert capfd.readouterr() == ("", "")
 
 
-def test_auto_init_rule_is_recorded(rng):
+def test_auto_init_is_kmeans_parallel_and_is_recorded(rng):
     x = blob(rng, n=2000, d=8)
     book, info = train_codebook(x, 16, iterations=1, progress=False)
-    assert info["init"] == book.metadata["init"] == auto_init(16)
-    assert auto_init(1024) == "k-means||"
+    assert info["init"] == book.metadata["init"] == "k-means||"
+    seeds = kmeans_parallel(x, 16, 0)  # n ≤ init_sample: seeding sees every point
+    again, _ = train_codebook(x, 16, iterations=1, init=seeds, progress=False)
+    np.testing.assert_array_equal(book.centroids, again.centroids)  # auto ran exactly k-means|| with seed 0
 
 
 # ---- k-means ------------------------------------------------------------------------------------------

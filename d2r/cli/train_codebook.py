@@ -45,10 +45,11 @@ def add_parser(subparsers) -> None:
                         "(default); minibatch: Sculley's mini-batch updates, cheaper per pass, slightly "
                         "higher inertia")
     p.add_argument("--init", choices=("auto", "k-means||", "k-means++", "random"), default="auto",
-                   help="starting centroids. k-means||: Bahmani et al.'s k-means‖ (a few oversampling "
-                        "passes, then weighted k-means++ on the candidates), costs about AUTOCOST; "
-                        "k-means++: scikit-learn's, slow at large K (minutes at K 1,024 on 100k "
-                        "descriptors); random: K distinct descriptors, free. auto (default): AUTORULE")
+                   help="starting centroids. k-means||: Bahmani et al.'s k-means‖ (5 oversampling passes, "
+                        "then k-means++ on the ~2.5K candidates), about 5 Lloyd iterations; k-means++: "
+                        "scikit-learn's, ~150 Lloyd iterations at K 1,024 on 100k descriptors; random: K "
+                        "distinct descriptors, free, but higher inertia at large K. Seeding looks at a "
+                        "sample of at most 100,000 descriptors. auto (default): k-means|| at every K")
     p.add_argument("--batch-size", type=int, help="mini-batch size (default max(8192, 2K))")
     p.add_argument("--sample-per-image", type=int, default=300, help="descriptors sampled per image (300)")
     p.add_argument("--max-samples", type=int, default=1_000_000,

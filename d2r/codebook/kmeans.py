@@ -32,13 +32,19 @@ log = logging.getLogger(__name__)
 
 METHODS = ("lloyd", "minibatch")
 INITS = ("auto", "k-means||", "k-means++", "random")
-# k-means‖ as Bahmani et al. (VLDB 2012) ran it: 5 rounds, ℓ = 0.5·k, plain k-means++ (one draw per centre) to
-# re-cluster the candidates. A round costs about half a Lloyd iteration (an exact assignment to ℓ = k/2 words),
-# the re-clustering 2.5·k²·D multiply-adds; with 1 draw instead of scikit-learn's 2 + ln k greedy draws the
-# codebook after 20 Lloyd iterations is as good (benchmarks/results/kmeans.md).
+# k-means‖ as Bahmani et al. (VLDB 2012) ran it: 5 rounds, ℓ = 0.5·k, plain k-means++ (one draw per centre)
+# to re-cluster the ≈ 2.5·k candidates. A round costs about half a Lloyd iteration (an exact assignment to the
+# ≈ ℓ new candidates), the re-clustering ≈ 2.5·k²·D multiply-adds. Measured on 107k RootSIFT descriptors of the
+# dev photos (benchmarks/results/kmeans.md): the seeding costs about 5 Lloyd iterations at K 1,024 and 8,192.
+# scikit-learn's 2 + ln k greedy draws per centre cost the same at K 1,024 with no gain after 20 Lloyd
+# iterations, and 5× the seeding time at K 8,192 (20 Lloyd iterations) for 0.6 % lower inertia: one draw.
 KMEANS_PARALLEL_ROUNDS = 5
 KMEANS_PARALLEL_OVERSAMPLING = 0.5
 KMEANS_PARALLEL_TRIALS = 1
+# What init="auto" runs, at every K. Random seeds (free) trained to the same inertia at K 1,024 but 0.46 %
+# higher at K 8,192; scikit-learn's k-means++ costs ≈ 150 Lloyd iterations at K 1,024 (the old rule, k-means++ up to
+# K 2,048, assumed it was cheaper than the Lloyd run there; it was 5× dearer).
+AUTO_INIT = "k-means||"
 CHECKPOINT_FORMAT = "d2r-kmeans-checkpoint"
 CHECKPOINT_VERSION = 1
 
@@ -283,7 +289,8 @@ def _initial_centroids(x: np.ndarray, k: int, init: str, seed: int, init_sample:
 
 def kmeans_parallel(x: np.ndarray, k: int, seed: int, *, rounds: int | None = None,
                     oversampling: float | None = None, trials: int | None = None, bar=None) -> np.ndarray:
-    """k-means‖ seeding (Bahmani et al., VLDB 2012): k starting centroids among the rows of ``x`` (n, D) float32.
+    """k-means‖ seeding (Bahmani et al., VLDB 2012): k starting centroids among the rows of ``x`` (n, D)
+    float32.
 
     One point drawn uniformly, then ``rounds`` rounds that each add every point independently with
     probability min(1, ℓ · d²(x) / Σ d²), ℓ = ``oversampling`` · k, d² the exact (float64) squared distance to
@@ -342,11 +349,6 @@ def kmeans_parallel(x: np.ndarray, k: int, seed: int, *, rounds: int | None = No
         if bar is not None:
             bar.update(min(s + step, k) - s)
     return x[idx[chosen]].copy()
-
-
-def auto_init(k: int) -> str:
-    """What ``init="auto"`` runs for k words: PLACEHOLDER."""
-    return "k-means||"
 
 
 def reseed_empty(x: np.ndarray, labels: np.ndarray, sq_dist: np.ndarray, counts: np.ndarray,
@@ -432,8 +434,8 @@ def train_codebook(descriptors, k: int, *, iterations: int = 20, init: str = "au
             centroids stop changing, or when the relative inertia decrease falls below ``tol`` (> 0).
         init: "k-means||" (:func:`kmeans_parallel`), "k-means++" (scikit-learn's, slow at large k: k passes
             over the points), both on a subsample of max(``init_sample``, k) points; "random" (k distinct
-            points); "auto" (:func:`auto_init`); or a (k, D) array of initial centroids. Seeding shows its
-            own progress bar, naming the number of points it looks at.
+            points); "auto" (:data:`AUTO_INIT`: k-means||); or a (k, D) array of initial centroids. Seeding
+            shows its own progress bar, naming the number of points it looks at.
         method: "lloyd" (exact assignment + mean update; inertia never increases) or "minibatch" (Sculley's
             per-centre learning rate, batches of ``batch_size``, default max(8192, 2k)).
         checkpoint: path of an .npz written after every iteration (atomically); if it exists and matches this
@@ -479,7 +481,7 @@ def train_codebook(descriptors, k: int, *, iterations: int = 20, init: str = "au
     elif init not in INITS:
         raise ValueError(f"init must be one of {INITS} or a (k, D) array, got {init!r}")
     if init == "auto":
-        init = auto_init(k)
+        init = AUTO_INIT
     if method == "minibatch":
         batch_size = int(batch_size) if batch_size is not None else max(8192, 2 * k)
         if batch_size < 1:
