@@ -40,11 +40,21 @@ def add_parser(subparsers) -> None:
                    help="number of visual words (needs at least 4 training descriptors per word)")
     p.add_argument("--out", required=True, metavar="FILE", help="output codebook .npz (written atomically)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the descriptor sample, the seeding and the mini-batches: the same "
+                        "seed and inputs give the same codebook (0)")
     p.add_argument("--iterations", type=int, default=20, metavar="N",
                    help="Lloyd iterations / mini-batch epochs (default 20; stops early once converged)")
-    p.add_argument("--method", choices=("lloyd", "minibatch"), default="lloyd")
-    p.add_argument("--init", choices=("auto", "k-means++", "random"), default="auto")
+    p.add_argument("--method", choices=("lloyd", "minibatch"), default="lloyd",
+                   help="lloyd: exact assignment and mean update every iteration, inertia never increases "
+                        "(default); minibatch: Sculley's mini-batch updates, cheaper per pass, slightly "
+                        "higher inertia")
+    p.add_argument("--init", choices=("auto", "k-means||", "k-means++", "random"), default="auto",
+                   help="starting centroids. k-means||: Bahmani et al.'s k-means‖ (5 oversampling passes, "
+                        "then k-means++ on the ~2.5K candidates), about 5 Lloyd iterations; k-means++: "
+                        "scikit-learn's, ~150 Lloyd iterations at K 1,024 on 100k descriptors; random: K "
+                        "distinct descriptors, free, but higher inertia at large K. Seeding looks at a "
+                        "sample of at most 100,000 descriptors. auto (default): k-means|| at every K")
     p.add_argument("--batch-size", type=int, metavar="N", help="--method minibatch: batch size (default "
                                                                "max(8192, 2K))")
     p.add_argument("--sample-per-image", type=int, default=300, metavar="N",
