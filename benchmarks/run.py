@@ -42,7 +42,7 @@ TABLES = REPO / "benchmarks" / "tables"
 CONFIGS = REPO / "benchmarks" / "configs"
 RESULTS = REPO / "benchmarks" / "results"
 TABLE_KEYS = {"title", "description", "protocol", "data", "config", "set", "baseline", "baseline_stage", "rows"}
-ROW_KEYS = {"config", "set", "note"}
+ROW_KEYS = {"config", "set", "note"}  # config_path: resolved by load_table
 NOTES = "## Notes"
 
 
@@ -68,15 +68,25 @@ def load_table(name: str, tables: Path = TABLES) -> dict:
         raise TableError(f"{path}: rows must be a non-empty mapping of row name -> overrides")
     for row, spec in rows.items():
         spec = rows[row] = spec or {}
-        if not isinstance(spec, dict) or set(spec) - ROW_KEYS:
+        if not isinstance(spec, dict) or set(spec) - ROW_KEYS - {"config_path"}:
             raise TableError(f"{path}: row {row!r}: expected a mapping with keys {sorted(ROW_KEYS)}")
         config = spec.get("config", table.get("config"))
-        if config is None or not (CONFIGS / config).is_file():
-            raise TableError(f"{path}: row {row!r}: config {config!r} not found in {CONFIGS}")
+        if config is None or _config_path(config, tables) is None:
+            raise TableError(f"{path}: row {row!r}: config {config!r} found neither beside the table nor in "
+                             f"{CONFIGS}")
+        spec["config_path"] = str(_config_path(config, tables))
     if table.get("baseline") is not None and table["baseline"] not in rows:
         raise TableError(f"{path}: baseline {table['baseline']!r} is not a row")
     table["name"] = name
     return table
+
+
+def _config_path(name: str, tables: Path) -> Path | None:
+    """A run config beside the table file, else in ``benchmarks/configs/``."""
+    for folder in (tables, CONFIGS):
+        if (folder / name).is_file():
+            return folder / name
+    return None
 
 
 def _value(v) -> str:
@@ -93,7 +103,7 @@ def row_command(table: dict, row: str, data: Path, runs: Path) -> list[str]:
     overrides = {**(table.get("set") or {}), **(spec.get("set") or {})}
     cmd = [sys.executable, "-m", "d2r", "bench", "revisitop", "--gnd", str(data / "gnd.pkl"),
            "--images-root", str(data), "--cache", str(runs / "cache"),
-           "--config", str(CONFIGS / spec.get("config", table["config"])), "--out", str(runs / row),
+           "--config", spec["config_path"], "--out", str(runs / row),
            "--quiet", "--no-report"]
     for key, value in overrides.items():
         cmd += ["--set", f"{key}={_value(value)}"]
@@ -114,6 +124,11 @@ def run_rows(table: dict, rows: list[str], data: Path, runs: Path, force: bool) 
         if result.returncode != 0:
             raise SystemExit(f"{row}: d2r bench exited {result.returncode}")
         write_json(done, {"command": cmd[1:]})
+
+
+def _portable(argv: list[str]) -> str:
+    """A recorded command as a user would type it from the repository root."""
+    return shlex.join(["python", *(a.replace(str(REPO) + "/", "") for a in argv)])
 
 
 def _method(config: dict) -> str:
@@ -138,8 +153,8 @@ def collect(table: dict, rows: list[str], runs: Path) -> list[dict]:
         m = json.loads(metrics_file.read_text())
         entry = {"row": row, "note": table["rows"][row].get("note"),
                  "overrides": {**(table.get("set") or {}), **(table["rows"][row].get("set") or {})},
-                 "command": json.loads((run / "row.json").read_text())["command"] if (run / "row.json").is_file()
-                 else None,
+                 "command": _portable(json.loads((run / "row.json").read_text())["command"])
+                 if (run / "row.json").is_file() else None,
                  "config": m.get("config"), "method": _method(m["config"]) if "config" in m else None,
                  "k": m.get("index", {}).get("codebook", {}).get("k"),
                  "medium": m["medium"]["mAP"], "hard": m["hard"]["mAP"],
