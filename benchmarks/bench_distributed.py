@@ -1,7 +1,7 @@
 """Ray scale-out on this machine: extraction throughput with 1 vs 2 workers, sharded search against one index.
 
-    python benchmarks/bench_distributed.py extract --photos 24 --delf-photos 2
-    python benchmarks/bench_distributed.py search --images 100000 --dir /tmp/d2r-sharded
+    PYTHONPATH=. python benchmarks/bench_distributed.py extract --photos 24 --delf-photos 2
+    PYTHONPATH=. python benchmarks/bench_distributed.py search --images 100000 --dir /tmp/d2r-sharded
 
 ``extract``: the first ``--photos`` dev photos (``$D2R_SHARED/data/instance_bench_dev/images``), RootSIFT with
 default settings, extracted by one process (``extract_to_store``, 1 thread) and by ``d2r.distributed.extract``
@@ -25,14 +25,11 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 K, D = 65_536, 128
 SHARED = Path(os.environ.get("D2R_SHARED", Path(__file__).resolve().parents[2] / "shared"))

@@ -1,9 +1,9 @@
 """An ASMK* index at scale: build by many small saves (tiered streaming merges), then search.
 
-    python benchmarks/bench_scale.py words --out benchmarks/results/scale_words.json      # measure word counts
-    python benchmarks/bench_scale.py build --images 100000 --dir /tmp/scale --words benchmarks/results/scale_words.json
-    python benchmarks/bench_scale.py search --dir /tmp/scale --warm     # search a kept index (build --keep)
-    python benchmarks/bench_scale.py kernel                            # the scan kernel alone, format 2 vs 3
+    PYTHONPATH=. python benchmarks/bench_scale.py words --out benchmarks/results/scale_words.json      # measure word counts
+    PYTHONPATH=. python benchmarks/bench_scale.py build --images 100000 --dir /tmp/scale --words benchmarks/results/scale_words.json
+    PYTHONPATH=. python benchmarks/bench_scale.py search --dir /tmp/scale --warm     # search a kept index (build --keep)
+    PYTHONPATH=. python benchmarks/bench_scale.py kernel                            # the scan kernel alone, format 2 vs 3
 
 ``words``: RootSIFT (1,000 features max, the default) on the dev photos; a K = 65,536 codebook is a quick k-means
 stand-in: 65,536 descriptors sampled from the first half of the photos (the k-means initialisation, no Lloyd
@@ -33,8 +33,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 K, D = 65_536, 128
 
