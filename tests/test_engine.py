@@ -388,3 +388,29 @@ def test_search_batch_times_each_query(tmp_path, capsys):
     code, out, _ = _cli(capsys, "search", *queries, "--index", eng, "--json")
     got = [json.loads(line)["seconds"] for line in out.splitlines()]
     assert code == 0 and len(got) == 3 and len(set(got)) > 1
+
+
+def test_a_reader_searches_through_a_remove_by_another_process(tmp_path, capsys):
+    """D2: an Engine opened before another process's `index remove` failed every search that verified the
+    removed image ("'im3' is not in the feature store"): the index and the store commit one after the other,
+    and the reader's index generation still listed the image. Now the removed image is verified as nothing and
+    left out of the hits; a feature missing while the index has not moved stays an error."""
+    photos = _photos(tmp_path / "photos", 8)
+    eng = tmp_path / "eng"
+    assert _cli(capsys, "index", "create", eng, "--codebook-size", 16, "--images", photos, "--quiet")[0] == 0
+    before = [h.image_id for h in Engine.open(eng).search(photos / "im3.png", top_k=8)]
+    assert "im3" in before
+    reader = Engine.open(eng)  # its index generation lists im3; its store opens at the first search
+    removed = subprocess.run([sys.executable, "-m", "d2r", "index", "remove", str(eng), "im3", "--quiet"],
+                             env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert removed.returncode == 0
+    result = reader.query(photos / "im3.png", top_k=8)
+    assert result.info["removed_meanwhile"] == ["im3"]
+    hits = [h.image_id for h in reader.search(photos / "im3.png", top_k=8)]
+    assert "im3" not in hits and hits == [i for i in before if i != "im3"][:len(hits)], (before, hits)
+    # a miss without a newer index generation is damage, not a remove: it still raises
+    fresh = Engine.open(eng)
+    fresh._store = None
+    fresh._whole_image_features = lambda image_id: (_ for _ in ()).throw(KeyError(image_id))
+    with pytest.raises(KeyError):
+        fresh.search(photos / "im0.png", top_k=8)

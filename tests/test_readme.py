@@ -1,5 +1,6 @@
 """The README's two commands on a fresh clone without ../shared (CI only: slow)."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -48,3 +49,71 @@ def test_readme_commands_on_a_fresh_clone(tmp_path):
                            env=env, capture_output=True, text=True, timeout=1800)
     assert tests.returncode == 0, tests.stdout[-3000:]
     assert " passed" in tests.stdout and "error" not in tests.stdout.splitlines()[-1]
+
+
+def _block_after(heading: str, fence: str) -> str:
+    """The first ``fence`` code block after the README line ``heading``."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    start = lines.index(fence, lines.index(heading)) + 1
+    return "\n".join(lines[start:lines.index("```", start)])
+
+
+def _photos(folder: Path, names, query: Path | None = None) -> None:
+    """Real photos (scikit-image's bundled samples) under ``names``; ``query``: a resized crop of the first."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    samples = ["astronaut", "coffee", "chelsea", "rocket", "camera", "brick", "coins", "text", "gravel", "grass"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):  # past the samples: their mirror images, other photos to SIFT
+        img = Image.fromarray(getattr(skdata, samples[i % len(samples)])()).convert("RGB")
+        if i >= len(samples):
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        img.save(folder / f"{name}.jpg", quality=92)
+    if query is not None:
+        img = Image.open(folder / f"{names[0]}.jpg")
+        w, h = img.size
+        img.crop((w // 8, h // 10, w - w // 8, h - h // 6)).resize((w * 3 // 5, h * 3 // 5)).save(query)
+
+
+@pytest.mark.slow
+def test_readme_python_snippet_runs_as_written(tmp_path):
+    """The README's Python block runs unchanged on a folder of photos (a, b, c among them) and a query: it
+    used names it never defined (``descriptors``, ``n_whole``, ``query_descriptors``) and could not run."""
+    names = list("abcdefghijklmnop")  # 16 photos: the default codebook needs 4,096 training descriptors
+    _photos(tmp_path / "photos", names, query=tmp_path / "query.jpg")
+    code = _block_after("## Python", "```python")
+    code += "\nassert ids[0] == 'a', (ids, scores)\nprint('snippet ok', hit.image_id)\n"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "snippet ok" in run.stdout
+    # the engine's first hit is the photo the query was cut from
+    first = [line.split() for line in run.stdout.splitlines() if line.startswith("1 ")]
+    assert first and first[0][1] == "a", run.stdout
+
+
+@pytest.mark.slow
+def test_readme_quick_start_commands_run_as_written(tmp_path):
+    """The quick start's commands (all but ``d2r serve``, which serves until stopped) run as written on a folder
+    of photos and a query, in order, and the first search finds the photo the query was cut from."""
+    _photos(tmp_path / "photos", [f"p{i}" for i in range(16)], query=tmp_path / "query.jpg")
+    _photos(tmp_path / "more-photos", ["m0", "m1"])
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    outputs = []
+    for line in _block_after("## Quick start with your own photos", "```bash").splitlines():
+        command = line.split("#", 1)[0].split()
+        assert command[0] == "d2r", line
+        if command[1] == "serve":
+            continue
+        run = subprocess.run([sys.executable, "-m", "d2r", *command[1:]], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, (line, run.stderr[-2000:])
+        outputs.append((command, run.stdout))
+    searches = [out for command, out in outputs if command[1] == "search"]
+    as_json = [out for command, out in outputs if "--json" in command]
+    assert len(searches) == 2 and as_json
+
+    hits = json.loads(as_json[0].splitlines()[0])["hits"]
+    assert hits[0]["image_id"] == "p0", hits[:3]

@@ -421,7 +421,7 @@ class Engine:
         top_k = as_top_k(top_k)  # -1 returned all hits but the last
         result = self.query(image, bbox, top_k, rerank, query_num_assignments, query_expansion, exclude)
         final = result.final
-        skip = set(exclude)
+        skip = set(exclude) | set(result.info.get("removed_meanwhile", ()))
         by = moved_by(self.config.rerank)
         hits = []
         for image_id, score, region, inl, promoted in zip(final.ids.tolist(), final.scores.tolist(),
@@ -476,8 +476,35 @@ class Engine:
                           np.zeros(0, bool))
             return QueryResult({"initial": empty})
         depth = max(top_k, rr.num_to_rerank if rr.enabled else 0) + len(set(exclude))
-        return search_query(features, self._db, self._whole_image_features, rr, qe, depth, junk=exclude,
-                            query_num_assignments=ma)
+        gone: set = set()
+
+        def stored(image_id) -> LocalFeatures:
+            try:
+                return self._whole_image_features(image_id)
+            except KeyError:
+                if not self._removed_meanwhile(image_id):
+                    raise
+                gone.add(image_id)  # no longer a match: verified as nothing, left out of the hits
+                return LocalFeatures.empty(self.extractor.dim)
+
+        result = search_query(features, self._db, stored, rr, qe, depth, junk=exclude, query_num_assignments=ma)
+        result.info["removed_meanwhile"] = sorted(gone, key=str)
+        return result
+
+    def _removed_meanwhile(self, image_id) -> bool:
+        """Whether a writer removed ``image_id`` after this reader opened its index generation: the index has
+        moved on and the newest feature store no longer holds the id. The index and the store commit one after
+        the other, so a reader of an older index generation can rank an image whose features a concurrent
+        ``remove`` has already deleted; that image is then gone, not damage (any other miss still raises)."""
+        try:
+            newest = int(INDEX_GENERATIONS.read(self.path / "index")["generation"])
+        except (OSError, ValueError, KeyError):
+            return False
+        if newest == self._db.generation:
+            return False
+        with self._store_lock:
+            self._store = FeatureStore.open(self.path / "features")  # the newest generation of the store
+            return image_id not in self._store
 
     def warm_up(self) -> threading.Thread | None:
         """Start loading the query path's numba kernels from numba's cache in a daemon thread (a search with two
