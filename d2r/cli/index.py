@@ -433,16 +433,24 @@ def run_repair(args) -> int:
         if is_engine and _is_feature_store(features) and check_store(features):
             report["features"] = repair_store(features, lock_timeout=args.lock_timeout)
             report["unrepairable"] += [f"features/{u}" for u in report["features"]["unrepairable"]]
-    if is_engine and not report["unrepairable"]:  # images stored but no longer indexed: what was lost
-        report["lost"] = len(_lost_images(path))
+    if is_engine and not report["unrepairable"] and (path / "index" / "manifest.json").exists():
+        # indexed without stored features (a dropped shard, a reset removal table): out of the index
+        report["unindexed"] = Engine.open(path).unindex_featureless(lock_timeout=args.lock_timeout)
+        report["lost"] = len(_lost_images(path))  # images stored but no longer indexed
     if args.reindex and not report["unrepairable"]:
         engine = Engine.open(args.path)
         done = engine.reindex_from_store(progress=not args.quiet, lock_timeout=args.lock_timeout)
         report["reindexed"] = len(done.indexed)
+        # images whose features were lost: extracted again from their files, where the sources table has one
+        files = engine.lost_sources()
+        if files:
+            again = engine.index(files, progress=not args.quiet, lock_timeout=args.lock_timeout)
+            report["reextracted"] = len(again.indexed)
+            report["unindexed"] = [i for i in report["unindexed"] if i not in set(again.indexed)]
     if args.json:
         print(json.dumps(report, sort_keys=True))
     elif not args.quiet:
-        if not (report["dropped_segments"] or report["removal_table_reset"]
+        if not (report["dropped_segments"] or report["removal_table_reset"] or report.get("unindexed")
                 or "manifest_restored_from" in report or "features" in report):
             print(f"{args.path}: nothing to repair")
         if "manifest_restored_from" in report:
@@ -457,6 +465,14 @@ def run_repair(args) -> int:
                   "(no re-extraction)")
         if "reindexed" in report:
             print(f"indexed {report['reindexed']} image(s) again from the feature store")
+        if report.get("reextracted"):
+            print(f"extracted and indexed {report['reextracted']} image(s) again from their files")
         if report["removal_table_reset"]:
-            print("removal table was damaged: removed images are back in the index (remove them again)")
+            print("removal table was damaged: images removed before had no features left and stay removed; "
+                  "removed images whose features were kept are back in the index (remove them again)")
+        if report.get("unindexed"):
+            print(f"{len(report['unindexed'])} indexed image(s) had no stored features (a dropped feature shard, "
+                  "or removed before): taken out of the index" +
+                  ("" if args.reindex else f"; `d2r index repair {args.path} --reindex` extracts those whose "
+                                           "files still exist again"))
     return 1 if report["unrepairable"] else 0

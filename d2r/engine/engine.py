@@ -216,6 +216,19 @@ class Engine:
     def __contains__(self, image_id) -> bool:
         return self._db is not None and image_id in self._db
 
+    def source(self, image_id) -> str | None:
+        """The image file ``image_id`` was indexed from (None when unknown: indexed from a feature store
+        without sources, or removed)."""
+        return self._sources.get(str(image_id))
+
+    def lost_sources(self) -> list[tuple[str, str]]:
+        """``(image_id, file)`` of the images the sources table lists but neither the index nor the feature
+        store holds (their features were lost with a damaged shard) and whose file still exists: what ``d2r
+        index repair --reindex`` extracts again."""
+        store = self._feature_store() if (self.path / "features" / "manifest.json").exists() else ()
+        return [(i, f) for i in list(self._sources) if i not in self and i not in store
+                for f in [self._sources.get(i)] if f and Path(f).is_file()]
+
     def image_folders(self) -> list[Path]:
         """The folders holding the indexed images' files, as the sources table records them (absolute paths,
         symbolic links resolved when indexed), a folder inside another left out: where ``d2r serve`` may read
@@ -336,6 +349,23 @@ class Engine:
                 self._index_stored(store, todo, report, progress, None)
         report.seconds = time.perf_counter() - t0
         return report
+
+    def unindex_featureless(self, lock_timeout: float | None = 0.0) -> list[str]:
+        """Take out of the index every image the feature store holds no features for, and return their ids.
+
+        After ``d2r index repair`` dropped a damaged feature shard (D7), or reset a damaged removal table, which
+        brings back images whose features ``remove`` had deleted (D5), the index held images that every search
+        reaching them failed to verify ("not in the feature store"). Their sources are kept: ``d2r index repair
+        --reindex`` extracts them again from their files. Takes the writer lock."""
+        with self._writing(lock_timeout) as store:
+            if self._db is None:
+                return []
+            gone = [i for i in self._db.ids().tolist() if str(i) not in store]
+            for image_id in gone:
+                self._db.remove(image_id)
+            if gone:
+                self._db.save()
+        return [str(i) for i in gone]
 
     def _index_stored(self, store, todo: list, report: IndexReport, progress: bool, on_done) -> None:
         """Phases 2 and 3 of indexing: a codebook if needed, then the stored images ``todo`` by saved batch."""

@@ -1,0 +1,89 @@
+"""`d2r index repair` of an engine folder: after it, every search works and the index holds only images whose
+features the store has (D5, D6, D7 of the reliability trial), and `--reindex` brings back what it can."""
+
+import glob
+import json
+
+import numpy as np
+
+import d2r.cli
+from tests.test_engine import _photos
+
+
+def _cli(capsys, *args):
+    code = d2r.cli.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _engine(tmp_path, capsys, n=10):
+    photos = _photos(tmp_path / "photos", n)
+    eng = tmp_path / "eng"
+    assert _cli(capsys, "index", "create", eng, "--codebook-size", 16, "--images", photos, "--quiet")[0] == 0
+    return photos, eng
+
+
+def _search_ids(capsys, eng, query) -> list:
+    code, out, err = _cli(capsys, "search", query, "--index", eng, "--top-k", 20, "--json", "--quiet")
+    assert code == 0, err
+    return [h["image_id"] for h in json.loads(out.splitlines()[0])["hits"]]
+
+
+def _info_images(capsys, eng) -> int:
+    code, out, _ = _cli(capsys, "index", "info", eng, "--json")
+    assert code == 0
+    return json.loads(out)["images"]
+
+
+def test_a_reset_removal_table_does_not_bring_back_images_without_features(tmp_path, capsys):
+    """D5: `repair` of a damaged removal table brought removed images back into the index without their
+    features (remove had deleted them), and every search reaching one failed ("'im3' is not in the feature
+    store")."""
+    photos, eng = _engine(tmp_path, capsys)
+    assert _cli(capsys, "index", "remove", eng, "im3", "--quiet")[0] == 0
+    table = glob.glob(str(eng / "index" / "removed-*.npy"))
+    assert len(table) == 1
+    open(table[0], "wb").close()
+    assert _cli(capsys, "index", "check", eng)[0] == 1
+    code, out, err = _cli(capsys, "index", "repair", eng, "--json")
+    report = json.loads(out)
+    assert code == 0 and report["removal_table_reset"] and report["unindexed"] == ["im3"], (out, err)
+    assert _cli(capsys, "index", "check", eng)[0] == 0
+    assert _info_images(capsys, eng) == 9
+    hits = _search_ids(capsys, eng, photos / "im3.png")
+    assert "im3" not in hits and len(hits) == 9
+
+
+def test_repair_reindex_never_indexes_the_phantoms_of_a_damaged_store(tmp_path, capsys):
+    """D6: a shard's ids.npy replaced by a valid array of other names: `repair --reindex` indexed every "new"
+    id (phantom images: real features under junk ids). Now the digest check drops the shard, the images whose
+    features went with it leave the index, and --reindex extracts them again from their files (D7: repair of
+    a damaged feature shard left an index whose searches failed)."""
+    photos, eng = _engine(tmp_path, capsys)
+    ids_file = glob.glob(str(eng / "features" / "shard-*.ids.npy"))[0]
+    ids = np.load(ids_file)
+    np.save(ids_file, np.array([f"zz{i:08d}" for i in range(len(ids))], ids.dtype))
+    code, out, err = _cli(capsys, "index", "repair", eng, "--json")
+    report = json.loads(out)
+    assert code == 0 and report["features"]["dropped_shards"], (out, err)
+    assert sorted(report["unindexed"]) == sorted(f"im{i}" for i in range(10))
+    assert _info_images(capsys, eng) == 0  # nothing searchable is left pointing at missing features
+    code, out, err = _cli(capsys, "index", "repair", eng, "--reindex", "--json", "--quiet")
+    report = json.loads(out)
+    assert code == 0 and report["reextracted"] == 10, (out, err)
+    assert _info_images(capsys, eng) == 10 and _cli(capsys, "index", "check", eng)[0] == 0
+    hits = _search_ids(capsys, eng, photos / "im2.png")
+    assert hits[0] == "im2" and not any(h.startswith("zz") for h in hits)
+
+
+def test_repair_says_what_it_took_out_of_the_index(tmp_path, capsys):
+    """D7: after dropping a damaged feature shard, repair said nothing about the indexed images that lost their
+    features; it now names how many left the index and how to bring them back."""
+    _, eng = _engine(tmp_path, capsys, n=6)
+    shard = glob.glob(str(eng / "features" / "shard-*.descriptors.npy"))[0]
+    with open(shard, "r+b") as f:
+        f.seek(-16, 2)
+        f.write(b"\xff" * 16)
+    code, out, err = _cli(capsys, "index", "repair", eng)
+    assert code == 0, err
+    assert "6 indexed image(s) had no stored features" in out and f"`d2r index repair {eng} --reindex`" in out
