@@ -87,3 +87,25 @@ def test_repair_says_what_it_took_out_of_the_index(tmp_path, capsys):
     code, out, err = _cli(capsys, "index", "repair", eng)
     assert code == 0, err
     assert "6 indexed image(s) had no stored features" in out and f"`d2r index repair {eng} --reindex`" in out
+
+
+def test_side_tables_are_checked_and_repaired(tmp_path, capsys):
+    """D13, D15: a failures.json with a list as a reason passed `check` and crashed `index add`; a lost sources
+    table and a deleted engine.json passed `check` (hits lost their paths; commands failed later)."""
+    photos, eng = _engine(tmp_path, capsys, n=6)
+    (eng / "failures.json").write_text('{"x.png": ["x", 1]}')
+    code, _, err = _cli(capsys, "index", "check", eng)
+    assert code == 1 and "failures.json" in err and "is a list, not a string" in err
+    code, out, _ = _cli(capsys, "index", "repair", eng, "--json")
+    assert code == 0 and json.loads(out)["failures_reset"] and _cli(capsys, "index", "check", eng)[0] == 0
+    (eng / "sources.log").write_bytes(b"")
+    (eng / "sources.json").unlink(missing_ok=True)
+    code, _, err = _cli(capsys, "index", "check", eng)
+    assert code == 1 and "6 indexed image(s) lost their file" in err, err
+    code, out, _ = _cli(capsys, "index", "repair", eng, "--json")
+    assert code == 0 and json.loads(out)["sources_restored"] == 6
+    code, out, _ = _cli(capsys, "search", photos / "im1.png", "--index", eng, "--json", "--quiet")
+    assert json.loads(out.splitlines()[0])["hits"][0]["path"] == str(photos / "im1.png")
+    (eng / "engine.json").unlink()
+    code, _, err = _cli(capsys, "index", "check", eng)
+    assert code == 1 and "engine.json" in err and "restore it from a copy" in err, err

@@ -13,7 +13,7 @@ from d2r._log import muted
 from d2r.cli import UsageError, error_line, key_value, positive_int
 from d2r.config import parse_overrides
 from d2r.engine import Engine
-from d2r.engine.check import check_engine
+from d2r.engine.check import check_engine, reset_damaged_failures, restore_sources
 from d2r.engine.config import EngineConfig
 from d2r.features.store import FORMAT, check_store, repair_store
 from d2r.features.store.format import generations as store_generations
@@ -321,6 +321,22 @@ def _lost_images(path: Path) -> list[str]:
     return [i for i in FeatureStore.open(path / "features").ids() if i not in engine]
 
 
+def _repair_hint(path, damage) -> str:
+    """What to do about ``damage``: ``engine.json`` holds the settings and only a copy restores it; the rest
+    ``repair`` handles."""
+    if all(d["file"] == "engine.json" for d in damage):
+        return ("engine.json holds the engine's settings: restore it from a copy (nothing else can tell the "
+                "options its index was built with)")
+    return (f"`d2r index repair {path}` repairs it (damaged segments and shards are dropped; `--reindex` "
+            "indexes their images again)")
+
+
+def _is_engine(path: Path) -> bool:
+    """An engine folder: its ``engine.json``, or an index beside a feature store (an engine whose engine.json
+    was lost is a damaged engine, not a healthy database: D13)."""
+    return (path / "engine.json").is_file() or (path / "index").is_dir() and (path / "features").is_dir()
+
+
 def _database_dir(path) -> Path:
     path = Path(path)
     if (path / "manifest.json").is_file() or not (path / "index").is_dir():
@@ -381,8 +397,7 @@ def _report_damage(args, damage, action) -> int:
     if args.json:
         print(json.dumps({"healthy": False, "damaged": damage}, sort_keys=True))
     else:
-        hint = (f"`d2r index repair {args.path}` drops damaged segments (`--reindex`: indexes their images "
-                "again from the feature store)")
+        hint = _repair_hint(args.path, damage)
         if len(damage) == 1:  # one damaged file: one line naming it
             d = damage[0]
             print(f"d2r index {action}: error: {args.path}: damaged {d['file']}: {d['problem']}; {hint}",
@@ -396,7 +411,7 @@ def _report_damage(args, damage, action) -> int:
 
 def run_check(args) -> int:
     path = Path(args.path)
-    engine = (path / "engine.json").is_file()
+    engine = _is_engine(path)
     if engine:
         damage = check_engine(path)  # its feature store too
     else:
@@ -433,6 +448,9 @@ def run_repair(args) -> int:
         if is_engine and _is_feature_store(features) and check_store(features):
             report["features"] = repair_store(features, lock_timeout=args.lock_timeout)
             report["unrepairable"] += [f"features/{u}" for u in report["features"]["unrepairable"]]
+        if is_engine and not report["unrepairable"]:
+            report["sources_restored"] = restore_sources(path)
+            report["failures_reset"] = reset_damaged_failures(path)
     if is_engine and not report["unrepairable"] and (path / "index" / "manifest.json").exists():
         # indexed without stored features (a dropped shard, a reset removal table): out of the index
         report["unindexed"] = Engine.open(path).unindex_featureless(lock_timeout=args.lock_timeout)
@@ -451,6 +469,7 @@ def run_repair(args) -> int:
         print(json.dumps(report, sort_keys=True))
     elif not args.quiet:
         if not (report["dropped_segments"] or report["removal_table_reset"] or report.get("unindexed")
+                or report.get("sources_restored") or report.get("failures_reset")
                 or "manifest_restored_from" in report or "features" in report):
             print(f"{args.path}: nothing to repair")
         if "manifest_restored_from" in report:
@@ -465,6 +484,11 @@ def run_repair(args) -> int:
                   "(no re-extraction)")
         if "reindexed" in report:
             print(f"indexed {report['reindexed']} image(s) again from the feature store")
+        if report.get("failures_reset"):
+            print("failures.json was damaged: reset (failed images are tried again by the next `index add`)")
+        if report.get("sources_restored"):
+            print(f"restored the files of {report['sources_restored']} image(s) in the sources table from the "
+                  "feature store")
         if report.get("reextracted"):
             print(f"extracted and indexed {report['reextracted']} image(s) again from their files")
         if report["removal_table_reset"]:

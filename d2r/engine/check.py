@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from d2r import _io
 from d2r._io import read_json
 from d2r.engine.config import engine_config
-from d2r.engine.sources import LOG, read_sources
-from d2r.features.store import check_store
+from d2r.engine.sources import LOG, SourcesTable, read_failures, read_sources
+from d2r.features.store import FeatureStore, check_store
+from d2r.index.database import Database
 from d2r.index.manifest import check_database
 
 
@@ -21,7 +23,7 @@ def check_engine(path, digests: bool = True) -> list[dict]:
     for name, read in (("engine.json", lambda: engine_config(path)),
                        ("sources.json", lambda: read_json(path / "sources.json", {})),
                        (LOG, lambda: _sources_log_damage(path)),
-                       ("failures.json", lambda: read_json(path / "failures.json", {}))):
+                       ("failures.json", lambda: read_failures(path))):
         try:
             read()
         except (OSError, ValueError) as exc:
@@ -34,7 +36,51 @@ def check_engine(path, digests: bool = True) -> list[dict]:
     if (path / "index").is_dir():
         damaged += [dict(d, file=f"index/{d['file']}")
                     for d in check_database(path / "index", digests=digests)]
+    if not damaged:
+        damaged += _cross_check(path)
     return damaged
+
+
+def _cross_check(path: Path) -> list[dict]:
+    """The side tables against the index and the store, once every file is sound (D13): every live index id
+    has stored features (else every search reaching it fails to verify) and, where the store records the
+    image's file, a row in the sources table (else hits lose their paths)."""
+    if not (path / "index" / "manifest.json").is_file() or not (path / "features" / "manifest.json").is_file():
+        return []
+    store = FeatureStore.open(path / "features")
+    indexed = [str(i) for i in Database.open(path / "index").ids().tolist()]
+    damaged = []
+    featureless = [i for i in indexed if i not in store]
+    if featureless:
+        damaged.append({"file": "index", "problem": f"{len(featureless)} indexed image(s) have no stored "
+                        f"features (e.g. {featureless[0]!r}): `d2r index repair` takes them out of the index"})
+    table = read_sources(path)[0]
+    unsourced = [i for i in indexed if i not in table and i in store and store.source(i)]
+    if unsourced:
+        damaged.append({"file": "sources.json", "problem": f"{len(unsourced)} indexed image(s) lost their file "
+                        f"(e.g. {unsourced[0]!r}) although the feature store records it: `d2r index repair` "
+                        "restores them"})
+    return damaged
+
+
+def restore_sources(path) -> int:
+    """Give every indexed image missing from the sources table of the engine at ``path`` the file its feature
+    store records (a truncated ``sources.log`` or a lost ``sources.json``); returns how many were restored.
+    The caller holds the engine's writer lock."""
+    path = Path(path)
+    if not (path / "index" / "manifest.json").is_file() or not (path / "features" / "manifest.json").is_file():
+        return 0
+    store = FeatureStore.open(path / "features")
+    sources = SourcesTable(path)
+    sources.load()
+    restored = 0
+    for image_id in (str(i) for i in Database.open(path / "index").ids().tolist()):
+        if image_id not in sources and image_id in store and store.source(image_id):
+            sources[image_id] = store.source(image_id)
+            restored += 1
+    if restored:
+        sources.save()
+    return restored
 
 
 def _sources_log_damage(path: Path) -> None:
@@ -44,3 +90,17 @@ def _sources_log_damage(path: Path) -> None:
     except ValueError as exc:
         if str(exc).startswith(str(path / LOG)):
             raise
+
+
+def reset_damaged_failures(path) -> bool:
+    """Replace a damaged ``failures.json`` of the engine at ``path`` by an empty table (it only remembers which
+    files failed, so that ``index add`` skips them); True when it was reset. The caller holds the writer
+    lock."""
+    path = Path(path)
+    try:
+        read_failures(path)
+        return False
+    except ValueError:
+        _io.write_json(path / "failures.json", {})
+        return True
+

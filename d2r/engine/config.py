@@ -257,6 +257,7 @@ def engine_config(path: Path) -> EngineConfig:
         raise ValueError(f"{meta_path}: format version {version!r} is not one this d2r reads")
     config = meta.get("config")
     try:
-        return EngineConfig.from_dict(convert_config(config, version) if isinstance(config, dict) else config)
+        return EngineConfig.from_dict(convert_config(config, version) if isinstance(config, dict)
+                                      else config).check()  # D13: out-of-range settings were accepted at open
     except ValueError as exc:
         raise ValueError(f"{meta_path}: bad config: {exc}") from None

@@ -30,14 +30,13 @@ from pathlib import Path
 import numpy as np
 
 from d2r import _io
-from d2r.engine.sources import SourcesTable, assign_ids
+from d2r.engine.sources import SourcesTable, assign_ids, read_failures
 from d2r._validate import as_top_k
 from d2r.codebook import Codebook
 from d2r.features.base import LocalFeatures, RegionFeatures, whole_image
 from d2r.index.database import Database
 from d2r.build import Pipeline, check_codebook_plan
 from d2r.features.image import crop  # noqa: F401  (crop: part of this module's API)
-from d2r._io import read_json
 from d2r.engine.check import check_engine
 from d2r.engine.config import FORMAT, FORMAT_VERSION, EngineConfig, absolute_paths, engine_config
 from d2r._lock import WriterLock
@@ -107,7 +106,7 @@ class Engine:
         self._store = None
         self._store_lock = threading.Lock()
         self._sources = SourcesTable(self.path)  # read on first access (a search needs only its hits' files)
-        self._failures: dict[str, str] = read_json(self.path / "failures.json", {})
+        self._failures: dict[str, str] = read_failures(self.path)
 
     # ---- construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -178,9 +177,9 @@ class Engine:
         """The feature store: the writer's while ``index`` runs, else a lock-free reader (opened once)."""
         with self._store_lock:
             if self._store is None:
-                if not (self.path / "features" / "manifest.json").exists():
+                if not _has_store(self.path):
                     raise KeyError(f"{self.path}: the engine has no stored features yet")
-                self._store = FeatureStore.open(self.path / "features")
+                self._store = FeatureStore.open(self.path / "features")  # a lost manifest.json: named there
             return self._store
 
     @contextlib.contextmanager
@@ -195,7 +194,7 @@ class Engine:
                     self._db = Database.open(self.path / "index", writable=True, lock_timeout=lock_timeout)
                 self._sources.reload()
                 self._sources.load()
-                self._failures = read_json(self.path / "failures.json", {})
+                self._failures = read_failures(self.path)
                 store = FeatureStore.create(self.path / "features", self.pipeline.store_info(),
                                             lock_timeout=lock_timeout)
                 with self._store_lock:
@@ -247,7 +246,7 @@ class Engine:
                "config": self.config.to_dict()}
         if self._db is not None:
             out["index"] = self._db.info()
-        if (self.path / "features" / "manifest.json").exists():
+        if _has_store(self.path):
             try:
                 out["store"] = self._feature_store().info()
             except (OSError, ValueError) as exc:
@@ -614,6 +613,14 @@ class Engine:
         if not isinstance(feats, RegionFeatures):
             return np.zeros((0, 4), np.float32)
         return feats.boxes if include_whole else feats.boxes[feats.box_ids >= 0]
+
+
+def _has_store(path: Path) -> bool:
+    """Whether the engine at ``path`` has a feature store: its commit point, or any file of one (a store whose
+    ``manifest.json`` was lost is damaged, not absent: D13 said "no stored features yet" and named no file)."""
+    features = path / "features"
+    return (features / "manifest.json").exists() or features.is_dir() and any(
+        p.name not in (".lock",) for p in features.iterdir())
 
 
 def _check_images(images):

@@ -206,3 +206,21 @@ def assign_ids(pairs, sources, failures: dict, id_prefix: str = "") -> tuple[lis
     for image_id, source in seen.items():
         sources.setdefault(image_id, source)
     return kept, skipped, failed
+
+
+FAILURES = "failures.json"
+
+
+def read_failures(folder) -> dict[str, str]:
+    """The engine's ``failures.json``: ``{image file: reason}``, both strings ({} when absent). Anything else
+    is a ValueError naming the file (D15: a list or number as a reason passed ``check``, then crashed ``index
+    add`` with an AttributeError)."""
+    file = Path(folder) / FAILURES
+    table = _io.read_json(file, {})
+    if not isinstance(table, dict):
+        raise ValueError(f"{file}: not a JSON object of image file -> reason, got {type(table).__name__}")
+    for key, reason in table.items():
+        if not isinstance(reason, str):
+            raise ValueError(f"{file}: the reason for {key!r} is a {type(reason).__name__}, not a string")
+    return table
+
