@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.corpus import write_photos
+
 REPO = Path(__file__).resolve().parents[1]
 # Fixtures that read the shared folder: a test using one is a dev test even if it forgot the marker.
 SHARED_FIXTURES = {"shared", "bench_dev"}
@@ -84,3 +86,10 @@ def bundled_photos() -> dict:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    """Four textured 160×200 photos ``im0.png`` … ``im3.png`` in ``tmp_path/photos`` (a module's own
+    ``photos`` fixture overrides this one)."""
+    return write_photos(tmp_path / "photos", [f"im{i}" for i in range(4)], 11)

@@ -1,4 +1,5 @@
-"""A bad-input corpus generated on the fly (nothing downloaded, nothing committed)."""
+"""Test inputs generated on the fly (nothing downloaded, nothing committed): a bad-input corpus, textured
+photos, small engines on the shipped codebook, and the in-process CLI runner."""
 
 import io
 import struct
@@ -7,6 +8,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CODEBOOK = REPO / "codebooks" / "rootsift-128d-k256-skimage-s0.npz"  # the shipped demo codebook
 
 
 def _png_header_only(path: Path, width: int, height: int) -> None:
@@ -81,3 +85,24 @@ def run_cli(capsys, *argv):
         code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def small_config(**extra) -> dict:
+    """An engine config on the shipped codebook, small enough for tests (200 features, 5 re-ranked, batches of
+    2); ``extra`` replaces top-level sections."""
+    cfg = {"features": {"options": {"max_features": 200}}, "codebook": {"path": str(CODEBOOK)},
+           "rerank": {"num_to_rerank": 5}, "batch_size": 2}
+    cfg.update(extra)
+    return cfg
+
+
+def new_engine(tmp_path: Path) -> Path:
+    """An empty engine ``tmp_path/eng`` on the shipped codebook, made by `d2r index create` (200 features,
+    3 re-ranked); returns its folder."""
+    import d2r.cli
+
+    eng = tmp_path / "eng"
+    code = d2r.cli.main(["index", "create", str(eng), "--codebook", str(CODEBOOK), "--quiet",
+                         "--set", "features.options.max_features=200", "--set", "rerank.num_to_rerank=3"])
+    assert code == 0
+    return eng

@@ -76,6 +76,16 @@ def test_similarity_mismatch():
         similarity(a, a, idf=np.ones(3))
 
 
+def test_similarity_of_raw_descriptors_is_a_clear_error():
+    """d2r.similarity(x, y) on descriptor arrays raised AttributeError: 'numpy.ndarray' object has no
+    attribute 'kernel'."""
+    x = np.random.default_rng(0).standard_normal((10, 8)).astype(np.float32)
+    agg = d2r.Aggregator(d2r.Codebook(np.eye(8, dtype=np.float32)))
+    with pytest.raises(TypeError, match="Aggregated records"):
+        d2r.similarity(x, agg(x))
+    assert d2r.similarity(agg(x), agg(x)) == pytest.approx(1.0)
+
+
 def test_caller_arrays_untouched(book):
     x = np.array([[0.5, 0.2, 0.1, 0.0]], np.float64)
     before = x.copy()

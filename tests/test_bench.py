@@ -17,6 +17,7 @@ from d2r.features.base import LocalFeatures
 from d2r.query.config import RerankConfig
 from d2r.query.order import order_by_inliers
 from d2r.query.verify import verify_ids
+from tests.corpus import CODEBOOK, run_cli, write_photos
 
 # Medium mAP of the CI configuration (RootSIFT, 300 features, 256 words trained on 50 descriptors per database
 # image, ASMK*) measured 2026-11-27 on the dev set: 39.83 (Hard 16.85); first run 278 s, cached run 7 s on the
@@ -282,3 +283,47 @@ def test_bench_gldv2_synthetic_end_to_end(bench_dev, tmp_path):
     assert lines[0] == "id,images" and len(lines) == 1 + len(test_rows)
     assert all(len(line.split(",")[1].split(" ")) == len(index_rows) for line in lines[1:])
     assert r["dataset"]["indexed"] == len(index_rows)
+
+
+def test_bench_gldv2_unreadable_image_is_partial_failure(tmp_path, capsys):
+    """`d2r bench gldv2` with an unreadable image logged a WARNING and exited 0; now it is listed once as
+    failed and the exit is 3 (partial), as `d2r index add`."""
+    root = tmp_path / "gld"
+    rng = np.random.default_rng(10)
+    from tests.corpus import textured
+
+    ids = ["aaa0", "aaa1", "aaa2", "bbb0"]
+    for image_id in ids:
+        folder = root / image_id[0] / image_id[1] / image_id[2]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(textured(rng, 160, 200)).save(folder / f"{image_id}.jpg", quality=95)
+    bad = root / "a" / "a" / "a" / "aaa2.jpg"
+    bad.write_bytes(b"not an image")
+    (tmp_path / "index.csv").write_text("id\naaa0\naaa1\naaa2\n")
+    (tmp_path / "test.csv").write_text("id\nbbb0\n")
+    (tmp_path / "solution.csv").write_text("id,images,Usage\nbbb0,aaa0,Public\n")
+    code, _, err = run_cli(capsys, "bench", "gldv2", "--index-csv", tmp_path / "index.csv",
+                           "--test-csv", tmp_path / "test.csv", "--solution-csv", tmp_path / "solution.csv",
+                           "--images-root", root, "--out", tmp_path / "run", "--codebook", CODEBOOK,
+                           "--quiet")
+    assert code == 3 and err.count("failed: ") == 1 and f"failed: {bad}: " in err, err
+    assert "WARNING" not in err and "partial failure: 1 image(s)" in err, err
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert list(metrics["failed"]) == [str(bad)] and metrics["dataset"]["indexed"] == 2
+
+
+def test_bench_revisitop_unreadable_image_is_partial_failure(tmp_path, capsys):
+    """`d2r bench revisitop` with an unreadable database image only warned and exited 0 (as gldv2 did)."""
+    root = write_photos(tmp_path / "data", ["a0", "a1", "a2", "a3"], seed=11)
+    bad = root / "a2.png"
+    bad.write_bytes(b"not an image")
+    gnd = {"imlist": ["a0", "a1", "a2", "a3"], "qimlist": ["a0", "a1"],
+           "gnd": [{"easy": [1], "hard": [], "junk": []}, {"easy": [0], "hard": [], "junk": []}]}
+    (tmp_path / "gnd.json").write_text(json.dumps(gnd))
+    code, _, err = run_cli(capsys, "bench", "revisitop", "--gnd", tmp_path / "gnd.json", "--images-root", root,
+                           "--out", tmp_path / "run", "--codebook", CODEBOOK, "--no-rerank", "--no-report",
+                           "--quiet")
+    assert code == 3 and err.count("failed: ") == 1 and f"failed: {bad}: " in err, err
+    assert "partial failure: 1 image(s)" in err, err
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert list(metrics["failed"]) == [str(bad)] and metrics["dataset"]["indexed"] == 3

@@ -15,7 +15,7 @@ from PIL import Image
 import d2r
 import d2r.cli
 from d2r.engine import Engine
-from tests.corpus import textured, run_cli
+from tests.corpus import CODEBOOK, new_engine, run_cli, textured, write_photos
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,6 +110,31 @@ def test_index_create_bad_inputs_leave_no_folder(photos, books, tmp_path, capsys
     assert code == 0, err
 
 
+@pytest.mark.parametrize("setting", ["codebook.iterations=0", "codebook.sample_per_image=0",
+                                     "codebook.max_samples=0", "codebook.seed=-1", "regions.max_boxes=-1",
+                                     "features.options.n_octave_layers=0"])
+def test_settings_that_failed_late_are_refused_at_create(tmp_path, capsys, setting):
+    """These were accepted by `d2r index create` (folder made); the codebook ones failed only after every
+    image was extracted ("expected non-negative integer", "per_image and max_total must be ≥ 1"), max_boxes
+    when the proposer was built, n_octave_layers=0 on every image (an OpenCV assertion)."""
+    code, _, err = run_cli(capsys, "index", "create", tmp_path / "eng", "--regions", "grid", "--set", setting,
+                        "--quiet")
+    name = setting.split("=")[0].replace("features.options.", "")
+    assert code == 1 and name in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "eng").exists()
+
+
+@pytest.mark.parametrize("setting", ["index.alpha=-1", "index.alpha=0", "index.tau=2", "index.tau=1"])
+def test_selectivity_settings_out_of_range_are_refused_at_create(tmp_path, capsys, setting):
+    """`index.alpha` <= 0 and `index.tau` outside [-1, 1) were accepted by `d2r index create`: the folder was
+    made and the engine saved with a selectivity no search can use."""
+    code, out, err = run_cli(capsys, "index", "create", tmp_path / "eng", "--codebook", CODEBOOK, "--quiet",
+                          "--set", setting)
+    assert code != 0
+    assert setting.split("=")[0].split(".")[1] in err and "Traceback" not in err
+    assert not (tmp_path / "eng").exists()
+
+
 def test_debug_shows_the_traceback(books, tmp_path):
     with pytest.raises(ValueError, match="truncated.npz"):
         d2r.cli.main(["index", "create", str(tmp_path / "e"), "--codebook", str(books / "truncated.npz"),
@@ -179,6 +204,55 @@ def test_index_add_search_info_remove_bad_inputs(engine_dir, photos, tmp_path, c
     assert len(Engine.open(work)) == before + 1
 
 
+def test_a_binary_file_given_as_images_names_the_file(tmp_path, capsys):
+    """A non-image, non-text file (e.g. a codebook passed by mistake) is read as a list file: the error was
+    "'utf-8' codec can't decode byte ..." without the file's name (index add, search, extract, train-codebook)."""
+    eng = new_engine(tmp_path)
+    write_photos(tmp_path / "photos", ["p0"], 5)
+    assert d2r.cli.main(["index", "add", str(eng), str(tmp_path / "photos"), "--quiet"]) == 0
+    capsys.readouterr()
+    binary = tmp_path / "book.npz"
+    binary.write_bytes(CODEBOOK.read_bytes())
+    for argv in (["index", "add", eng, binary], ["search", binary, "--index", eng],
+                 ["extract", "--images", binary, "--features", "rootsift", "--out", tmp_path / "store"],
+                 ["train-codebook", "--images", binary, "--size", 4, "--out", tmp_path / "cb.npz"]):
+        code, _, err = run_cli(capsys, *argv, "--quiet")
+        lines = err.strip().splitlines()
+        assert code == 1 and len(lines) == 1 and f"{binary}: not a text list file" in lines[0], (argv, err)
+    assert not (tmp_path / "store").exists()
+
+
+def test_remove_of_an_unknown_id_is_an_error_line(tmp_path, capsys):
+    """`d2r index remove` of an unknown id printed "d2r index remove: not in the index: ..." (no "error:", no
+    engine named), unlike every other failure line."""
+    eng = new_engine(tmp_path)
+    code, out, err = run_cli(capsys, "index", "remove", eng, "nope", "--json")
+    assert code == 1 and not out and err.strip() == f"d2r index remove: error: {eng}: not in the index: nope"
+
+
+def test_search_of_an_empty_index_is_an_error(tmp_path, capsys):
+    """`d2r search` of an index whose images were all removed (or a created, never filled one) printed an
+    empty table and exited 0; `d2r serve` answers 409 "the index is empty"."""
+    photos = write_photos(tmp_path / "photos", ["p0"], 12)
+    eng = new_engine(tmp_path)
+    assert d2r.cli.main(["index", "add", str(eng), str(photos), "--quiet"]) == 0
+    assert d2r.cli.main(["index", "remove", str(eng), "p0", "--quiet"]) == 0
+    capsys.readouterr()
+    code, out, err = run_cli(capsys, "search", photos / "p0.png", "--index", eng, "--json")
+    assert code == 1 and not out and err.strip() == f"d2r search: error: {eng}: the index is empty (every image " \
+                                                    "removed, or none indexed yet)", err
+
+
+def test_repair_reindex_of_a_database_folder_is_a_prefixed_usage_error(tmp_path, capsys):
+    """`d2r index repair DB --reindex` printed "error: ..." without the command's name (exit 2)."""
+    photos = write_photos(tmp_path / "photos", ["p0"], 13)
+    eng = new_engine(tmp_path)
+    assert d2r.cli.main(["index", "add", str(eng), str(photos), "--quiet"]) == 0
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "index", "repair", eng / "index", "--reindex")
+    assert code == 2 and err.startswith(f"d2r index repair: error: {eng / 'index'}: --reindex needs an engine"), err
+
+
 def test_extract_train_import_bench_bad_inputs(photos, books, tmp_path, capsys):
     store = tmp_path / "store"
     bench = ["bench", "revisitop", "--gnd", tmp_path / "gnd.pkl", "--images-root", photos,
@@ -234,6 +308,51 @@ def test_bench_validates_before_touching_images(photos, books, tmp_path, capsys)
         assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("protocol", ["revisitop", "gldv2"])
+def test_bench_top_k_below_one_is_a_usage_error(tmp_path, capsys, protocol):
+    """`d2r bench revisitop --top-k -5` extracted, indexed, then failed with "negative dimensions are not
+    allowed" (an index/ folder left behind); --top-k 0 silently meant the default depth."""
+    inputs = (["--gnd", tmp_path / "gnd.pkl"] if protocol == "revisitop" else
+              ["--index-csv", tmp_path / "i.csv", "--test-csv", tmp_path / "t.csv", "--solution-csv",
+               tmp_path / "s.csv"])
+    for k in (0, -5):
+        code, _, err = run_cli(capsys, "bench", protocol, *inputs, "--images-root", tmp_path, "--top-k", k,
+                            "--out", tmp_path / "run", "--quiet")
+        assert code == 2 and "--top-k must be at least 1" in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "run").exists()
+
+
+def _gldv2_csvs(tmp_path):
+    (tmp_path / "index.csv").write_text("id\n0123456789abcdef\n")
+    (tmp_path / "test.csv").write_text("id\nfedcba9876543210\n")
+    (tmp_path / "solution.csv").write_text("id,images,Usage\nfedcba9876543210,0123456789abcdef,Public\n")
+    (tmp_path / "binary.csv").write_bytes(b"\x00\x01\xff\xfe")
+    return {k: tmp_path / f"{k}.csv" for k in ("index", "test", "solution", "binary")}
+
+
+@pytest.mark.parametrize("bad", ["index-missing", "index-binary", "index-folder", "solution-binary"])
+def test_bench_gldv2_unreadable_csv_named(tmp_path, capsys, bad):
+    """An unreadable GLDv2 CSV gave '[Errno 2] No such file...' or "'utf-8' codec can't decode..." (no file
+    named)."""
+    csvs = _gldv2_csvs(tmp_path)
+    which, problem = bad.split("-")
+    csvs[which] = {"missing": tmp_path / "nope.csv", "binary": csvs["binary"], "folder": tmp_path}[problem]
+    code, _, err = run_cli(capsys, "bench", "gldv2", "--index-csv", csvs["index"], "--test-csv", csvs["test"],
+                        "--solution-csv", csvs["solution"], "--images-root", tmp_path,
+                        "--out", tmp_path / "run",
+                        "--codebook", CODEBOOK, "--quiet")
+    assert code == 1 and f"error: {csvs[which]}: " in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bench_out_that_is_a_file_refused_first(tmp_path, capsys):
+    """`--out FILE` failed late with '[Errno 20] Not a directory: FILE/cache/db-...'."""
+    csvs = _gldv2_csvs(tmp_path)
+    code, _, err = run_cli(capsys, "bench", "gldv2", "--index-csv", csvs["index"], "--test-csv", csvs["test"],
+                        "--solution-csv", csvs["solution"], "--images-root", tmp_path, "--out", csvs["test"],
+                        "--codebook", CODEBOOK, "--quiet")
+    assert code == 1 and f"--out {csvs['test']}: exists and is not a folder" in err, err
+
+
 def test_subprocess_prints_one_line_and_debug_prints_a_traceback(books, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     argv = [sys.executable, "-m", "d2r", "index", "create", str(tmp_path / "e"),
@@ -243,6 +362,44 @@ def test_subprocess_prints_one_line_and_debug_prints_a_traceback(books, tmp_path
     run = subprocess.run(argv + ["--debug"], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 1 and "Traceback" in run.stderr
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.slow
+def test_quiet_hides_tensorflow_log_lines(tmp_path):
+    """`d2r import-codebook BAD --quiet` printed TensorFlow's C++ info/warning lines (cpu_feature_guard,
+    tensor_slice_reader "Could not open ...") around the one error line."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("tensorflow") is None:
+        pytest.skip("tensorflow is not installed")
+    bad = tmp_path / "bad.ckpt"
+    bad.write_text("not a checkpoint")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-m", "d2r", "import-codebook", str(bad), "--out",
+                           str(tmp_path / "cb.npz"), "--quiet"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("d2r import-codebook: error:")
+    assert "cpu_feature_guard" not in proc.stderr and "tensor_slice_reader" not in proc.stderr, proc.stderr
+
+
+def test_a_closed_output_pipe_is_not_an_error_line(tmp_path):
+    """`d2r index info ENGINE | head -1` printed "d2r index info: error: [Errno 32] Broken pipe"."""
+    import os
+    import subprocess
+    import sys
+
+    eng = new_engine(tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "d2r", "index", "info", str(eng), "--json"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before d2r writes
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Broken pipe" not in err and "Error" not in err and not err.strip(), err
 
 
 def test_no_images_is_one_error_in_every_command(tmp_path, capsys):
@@ -284,6 +441,28 @@ def test_contradictions_and_malformed_flag_values_are_usage_errors(books, tmp_pa
     assert code == 0 and "130 interrupted" in out
 
 
+def test_flag_combinations_are_usage_errors(tmp_path, capsys):
+    """Flag checks of `d2r search` (--bbox with several queries, --workers 0) and `d2r serve` (--port,
+    --max-upload-mb) exited 1 as failures instead of 2 as usage errors, and `d2r index add --store`
+    silently ignored --id-prefix and --retry-failed."""
+    def usage(*args):
+        code, _, err = run_cli(capsys, *args)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err, (args, err)
+        return lines[0]
+
+    q = [tmp_path / "a.png", tmp_path / "b.png"]
+    assert "--bbox" in usage("search", *q, "--index", tmp_path / "eng", "--bbox", "1,2,3,4")
+    assert "--workers" in usage("search", q[0], "--index", tmp_path / "eng", "--workers", "0")
+    assert "--port" in usage("serve", tmp_path / "eng", "--port", "70000")
+    assert "--max-upload-mb" in usage("serve", tmp_path / "eng", "--max-upload-mb", "0")
+    add = ("index", "add", tmp_path / "eng", "--store", tmp_path / "s")
+    assert "--id-prefix" in usage(*add, "--id-prefix", "x/")
+    assert "--retry-failed" in usage(*add, "--retry-failed")
+    assert "--lock-timeout" in usage("index", "repair", tmp_path / "eng", "--lock-timeout", "-2")
+    assert not (tmp_path / "eng").exists()
+
+
 def test_bench_json_is_a_flag_and_json_out_a_file(tmp_path):
     """Newcomer item 12: `--json` took a FILE in `bench` and was a flag elsewhere."""
     parser = d2r.cli.build_parser()
@@ -302,6 +481,25 @@ def test_a_file_that_is_not_a_codebook_says_so(tmp_path, capsys):
     code, _, err = run_cli(capsys, "index", "create", tmp_path / "e", "--codebook", text)
     _one_line_error(code, err, 1, "notnpz.npz", "not a d2r codebook")
     assert "pickle" not in err and not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("kind", ["npy", "folder", "list-metadata"])
+def test_unreadable_codebook_is_a_one_line_error(tmp_path, capsys, kind):
+    """A .npy array given as --codebook was an "unexpected error (TypeError)"; a folder was "not found"."""
+    book = tmp_path / f"book.{kind}"
+    if kind == "npy":
+        np.save(book, np.ones((16, 128), np.float32))
+    elif kind == "folder":
+        book.mkdir()
+    else:
+        np.savez(book, centroids=np.ones((16, 128), np.float32), metadata=np.array(json.dumps([1, 2])))
+        book = book.with_name(book.name + ".npz")
+    code, out, err = run_cli(capsys, "index", "create", tmp_path / "eng", "--codebook", book, "--quiet")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "unexpected" not in err and f"{book}: " in lines[0], err
+    assert not (tmp_path / "eng").exists()
+    with pytest.raises(ValueError if kind != "folder" else OSError, match=str(book)):
+        d2r.Codebook.load(book)
 
 
 def _subparsers(parser):

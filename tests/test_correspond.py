@@ -1,4 +1,6 @@
-"""Issue 13: Hamming-embedding correspondences (same word, signatures within h bits) for verification."""
+"""Hamming-embedding correspondences for verification (``rerank.correspondences: hamming``): features of the
+same visual word whose signatures differ in at most h bits — the kernel against brute force, the signatures
+and their cache, query-side multiple assignment, and usac verification on them."""
 
 import numpy as np
 import pytest

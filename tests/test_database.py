@@ -15,6 +15,8 @@ from d2r.aggregate import Aggregator, similarity
 from d2r.index import Database
 from d2r._lock import LockedError
 from d2r.index import MergePolicy
+from d2r.engine import Engine
+from tests.corpus import CODEBOOK, write_photos
 
 
 def _unit(rng, n, d):
@@ -231,6 +233,32 @@ def test_bad_queries_and_ids():
     assert list(empty.ids) == [1] and empty.scores[0] == -1.0
     with pytest.raises(ValueError, match="top_k must be a positive integer, got 0"):  # was: an empty ranking
         db.search(_unit(rng, 5, 8), top_k=0)
+
+
+@pytest.mark.parametrize("option, value", [("normalize", "no"), ("idf", "false"), ("alpha", "3"),
+                                           ("num_assignments", 2.7)])
+def test_database_create_refuses_wrong_types(option, value):
+    """Database.create cast its options: normalize="no" became True, num_assignments=2.7 became 2."""
+    book = d2r.Codebook(np.eye(8, dtype=np.float32))
+    with pytest.raises(ValueError, match=option):
+        d2r.Database.create(None, book, **{option: value})
+    db = d2r.Database.create(None, book, alpha=np.float32(2), normalize=np.True_, num_assignments=np.int64(2))
+    assert (db.config.alpha, db.config.normalize, db.config.num_assignments) == (2.0, True, 2)
+    assert type(db.config.normalize) is bool
+
+
+@pytest.mark.parametrize("top_k", [-1, 0, 2.5, True, None, "3"])
+def test_database_search_refuses_bad_top_k(tmp_path, top_k):
+    """`Database.search(top_k=-1)` silently returned nothing and `top_k=2.5` became 2."""
+    photos = write_photos(tmp_path / "photos", ["p0", "p1", "p2"], 9)
+    engine = Engine.create(tmp_path / "eng", {"features": {"name": "rootsift"}}, codebook=CODEBOOK)
+    engine.index(photos, progress=False)
+    query = np.random.default_rng(0).random((40, 128), np.float32)
+    db = engine.database
+    assert len(db.search(query, top_k=np.int64(2)).ids) == 2 and len(db.search_batch([query], 5)[0].ids) == 3
+    for call in (lambda: db.search(query, top_k=top_k), lambda: db.search_batch([query, query], top_k=top_k)):
+        with pytest.raises(ValueError, match=r"^top_k must be a positive integer, got "):
+            call()
 
 
 def test_batch_search_matches_single():

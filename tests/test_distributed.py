@@ -2,10 +2,10 @@
 
 A local Ray cluster (2 CPUs, loopback) is started once for the module."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+
+from tests.corpus import CODEBOOK
 
 ray = pytest.importorskip("ray")
 
@@ -26,6 +26,27 @@ def _blobs(n, d, centres, seed):
     rng = np.random.default_rng(seed)
     c = rng.normal(size=(centres, d)) * 4
     return (c[rng.integers(0, centres, n)] + rng.normal(size=(n, d))).astype(np.float32)
+
+
+# First in the module: it starts and stops its own Ray, which `cluster` keeps up until the module ends.
+def test_ray_local_start_quiet_has_no_token_notice(capfd, caplog):
+    """With --quiet, starting a local Ray printed "Token authentication is enabled for this Ray cluster"."""
+    ray = pytest.importorskip("ray")
+    import logging
+
+    import d2r.distributed as dist
+
+    if ray.is_initialized():
+        pytest.skip("a Ray session is already open in this process")
+    caplog.set_level(logging.WARNING, logger="d2r.distributed._ray")  # as --quiet
+    capfd.readouterr()
+    ray_mod, started = dist.init(num_cpus=1)
+    try:
+        assert started
+    finally:
+        ray_mod.shutdown()
+    out, err = capfd.readouterr()
+    assert "Token authentication" not in out + err, err
 
 
 @pytest.mark.parametrize("workers", [2, 3])
@@ -200,9 +221,6 @@ def test_sharded_on_ray_actors(cluster, tmp_path, idf):
 
 
 # ---- real photos: sharded engines, distributed extraction --------------------------------------------------
-CODEBOOK = Path(__file__).resolve().parents[1] / "codebooks" / "rootsift-128d-k256-skimage-s0.npz"
-
-
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """Ten scikit-image photos (some two views of one scene: a crop and a flip) and one broken file."""

@@ -16,7 +16,7 @@ import d2r.cli
 from d2r.engine import Engine
 from d2r.engine.config import EngineConfig
 from d2r.features.image import crop
-from tests.corpus import run_cli, textured, write_corpus
+from tests.corpus import CODEBOOK, new_engine, run_cli, small_config, textured, write_corpus, write_photos
 
 GROUPS = ["sacre_coeur", "bundler_et", "ocv_box"]
 
@@ -271,6 +271,95 @@ def test_engine_bookkeeping_edges(tmp_path, capsys):
     assert code == 1 and "not in the index" in err
 
 
+def test_failed_save_does_not_lock_the_process_out(photos, tmp_path):
+    """A save that failed after the adds (the next generation file could not be written) left the engine's
+    database open with its writer lock held: the same process could never write again (LockedError)."""
+    engine = Engine.create(tmp_path / "eng", small_config())
+    gen = json.loads((tmp_path / "eng" / "index" / "manifest.json").read_text())["generation"]
+    blocker = tmp_path / "eng" / "index" / f"manifest-{gen + 1:08d}.json"
+    blocker.mkdir()  # the next commit cannot write its generation file: the save fails after the adds
+    (blocker / "x").write_text("x")
+    with pytest.raises(OSError) as failure:  # kept: its traceback holds the failed call's objects
+        engine.index(photos, progress=False)
+    from d2r._lock import WriterLock
+
+    with WriterLock(tmp_path / "eng" / "index", timeout=0):  # released although the failed database lives on
+        pass
+    (blocker / "x").unlink()
+    blocker.rmdir()
+    report = engine.index(photos, progress=False)  # the same process writes again (no LockedError)
+    assert sorted(report.indexed) == [f"im{i}" for i in range(4)] and not report.failed
+    assert engine.remove("im0") == 1
+    assert len(Engine.open(tmp_path / "eng")) == 3
+    del failure
+
+
+def test_removed_images_come_back_from_the_store(photos, tmp_path, capsys):
+    """Images removed from an engine, then added back with `d2r index add --store`, were not re-imported:
+    their shard was already in the engine's feature store under the same name, so it was not linked
+    again and the images stayed out of the index."""
+    from d2r.features.store import FeatureStore
+
+    engine = Engine.create(tmp_path / "eng", small_config())
+    with FeatureStore.create(tmp_path / "store", engine.pipeline.store_info()) as src:
+        for p in sorted(photos.iterdir()):
+            src.add(p.stem, engine.extract(p))
+    assert len(engine.index_store(tmp_path / "store", progress=False).indexed) == 4
+    engine.remove(["im1", "im2"])
+    assert "im1" not in engine
+    code, out, err = _cli(capsys, "index", "add", tmp_path / "eng", "--store", tmp_path / "store", "--json",
+                          "--quiet")
+    report = json.loads(out)
+    assert code == 0 and report["indexed"] == 2 and report["skipped"] == 2, err
+    engine = Engine.open(tmp_path / "eng")
+    assert {"im1", "im2"} <= set(FeatureStore.open(tmp_path / "eng" / "features").ids())
+    assert engine.search(photos / "im1.png", top_k=1)[0].image_id == "im1"
+
+
+def test_index_store_reports_ids_the_store_lacks(photos, tmp_path):
+    """An image id to index that the feature store does not hold was silently dropped (neither indexed nor
+    failed); an image the engine's store already holds must not be extracted again."""
+    from d2r.features.store import FeatureStore
+
+    engine = Engine.create(tmp_path / "eng", small_config())
+    with FeatureStore.create(tmp_path / "eng" / "features", engine.pipeline.store_info()) as own:
+        own.add("im0", engine.extract(photos / "im0.png"))
+    report = engine.index(photos, progress=False)  # im0 is stored already: not extracted again
+    assert len(report.indexed) == 4 and not report.failed
+    with engine._writing(0.0) as store:  # an id asked for that the store does not hold is a failure
+        from d2r.engine import IndexReport
+
+        report = IndexReport()
+        engine._index_stored(store, ["im1", "ghost"], report, False, None)
+    assert "ghost" in report.failed and "not in the feature store" in report.failed["ghost"]
+
+
+@pytest.mark.parametrize("images, expect", [(None, "got NoneType"), ({"a": "b.png"}, "got dict"),
+                                            (5, "got int"), ([3], "got an item 3"),
+                                            ([("a",)], "got an item")])
+def test_engine_index_refuses_wrong_images_type(tmp_path, images, expect):
+    """`Engine.index(None)` raised a TypeError from deep inside; a dict was read as paths (its keys)."""
+    engine = Engine.create(tmp_path / "eng", {"features": {"name": "rootsift"}}, codebook=CODEBOOK)
+    with pytest.raises(TypeError, match=r"^images: expected a folder, a list file, or a list of image paths "
+                                        r"and \(image_id, path\) pairs, " + expect):
+        engine.index(images, progress=False)
+    assert len(engine) == 0 and not engine._failures
+
+
+def test_engine_index_documented_forms(tmp_path):
+    """The type check of `images` (which raised from deep inside on None, and read a dict as paths) must
+    refuse no documented form: folder, list file, paths, pairs, iterators."""
+    photos = Path(write_photos(tmp_path / "photos", ["p0", "p1", "p2", "p3"], 8))
+    listing = tmp_path / "list.txt"
+    listing.write_text(str(photos / "p1.png") + "\n")
+    engine = Engine.create(tmp_path / "eng", {"features": {"name": "rootsift"}}, codebook=CODEBOOK)
+    assert engine.index(str(listing), progress=False).failed == {}
+    assert engine.index((p for p in [photos / "p0.png"]), progress=False).failed == {}
+    assert engine.index([("pair", str(photos / "p2.png"))], progress=False).failed == {}
+    assert engine.index(photos, progress=False).failed == {}
+    assert "pair" in engine and len(engine) == 7, len(engine)  # ids differ by form: only "pair" is shared
+
+
 def _photos(folder, n, seed=7, size=(160, 200)):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -301,6 +390,27 @@ def test_a_failed_create_keeps_what_it_extracted(tmp_path, capsys, monkeypatch):
     assert code == 0 and json.loads(out)["indexed"] == 3, err
 
 
+def test_interrupted_create_keeps_the_engine_and_resumes(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during `d2r index create --images` deleted the whole engine folder (features extracted so far
+    included), so nothing could be resumed."""
+    photos = write_photos(tmp_path / "photos", ["p0", "p1", "p2"], 4)
+    eng = tmp_path / "eng"
+
+    def interrupted(*args, **kwargs):  # Ctrl-C after the features were extracted and flushed to the store
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Engine, "_index_stored", interrupted)
+        code, _, err = run_cli(capsys, "index", "create", eng, "--codebook", CODEBOOK, "--images", photos, "--quiet")
+    assert code == 130 and "interrupted" in err and f"d2r index add {eng} {photos}" in err
+    assert (eng / "engine.json").is_file()
+    from d2r.features.store import FeatureStore
+
+    assert len(FeatureStore.open(eng / "features").ids()) == 3  # the extraction is kept
+    code, out, err = run_cli(capsys, "index", "add", eng, photos, "--json", "--quiet")
+    assert code == 0 and json.loads(out)["indexed"] == 3 and len(Engine.open(eng)) == 3, err
+
+
 def test_a_codebook_the_images_cannot_give_is_refused_before_extraction(tmp_path, capsys):
     """Issue 23 item 4: `--codebook-size 100000` on 9 photos was refused only after extracting them all."""
     photos = _photos(tmp_path / "photos", 2)
@@ -316,6 +426,29 @@ def test_a_codebook_the_images_cannot_give_is_refused_before_extraction(tmp_path
     from d2r.features.store import FeatureStore
 
     assert len(FeatureStore.open(tmp_path / "c" / "features")) == 0  # nothing was extracted
+
+
+@pytest.mark.slow
+def test_a_relative_model_path_works_from_another_folder(tmp_path, monkeypatch):
+    """`d2r index create eng --features delf --model m` saved "m" in engine.json: every later command run from
+    another folder failed to find the model."""
+    pytest.importorskip("tensorflow")
+    from tests.test_delf import build_delf_model, two_layer_backbone
+
+    from d2r.features.delf import DELF, DELFConfig
+
+    dlf = DELF.from_keras(model=build_delf_model(two_layer_backbone(), attention_hidden=8),
+                          config=DELFConfig(scales=(1.0,), score_threshold=0.0))
+    dlf.fit_pca([np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)], dim=4)
+    dlf.export(tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    assert d2r.cli.main(["index", "create", "eng", "--features", "delf", "--model", "m", "--quiet"]) == 0
+    saved = json.loads((tmp_path / "eng" / "engine.json").read_text())["config"]["features"]["model"]
+    assert saved == str(tmp_path / "m")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert Engine.open(tmp_path / "eng").extractor is not None  # the model loads from another folder
 
 
 def test_index_output_says_what_happened_once(tmp_path, capsys):
@@ -338,6 +471,76 @@ def test_index_output_says_what_happened_once(tmp_path, capsys):
     assert failed == [f"failed: {empty}: ImageError: empty file (0 bytes)"]
     assert "d2r index create: warning: 1 image(s) have no local features" in err and "blank" in err
     assert "d2r index create: partial failure" in err
+
+
+def test_index_add_lists_each_failed_image_once(tmp_path, capsys, caplog):
+    """Without --quiet a failed image was listed twice: a WARNING log line and the `failed:` line."""
+    photos = write_photos(tmp_path / "photos", ["p0", "p1"], 1)
+    (photos / "bad.jpg").write_bytes(b"garbage")
+    eng = tmp_path / "eng"
+    assert d2r.cli.main(["index", "create", str(eng), "--codebook", str(CODEBOOK), "--quiet",
+                         "--set", "features.options.max_features=200"]) == 0
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "index", "add", eng, photos)
+    logged = [r.getMessage() for r in caplog.records if "bad.jpg" in r.getMessage()]
+    assert code == 3 and err.count("failed: ") == 1 and logged == [], (err, logged)
+
+
+def test_quiet_index_and_search_print_no_log_lines(tmp_path):
+    """`--quiet` ("no progress bars or log lines") still printed a WARNING log line for each failed image or
+    featureless query, besides the command's own listing of the same failure."""
+    import os
+    import subprocess
+    import sys
+
+    eng = new_engine(tmp_path)
+    photos = write_photos(tmp_path / "photos", ["p0"], 6)
+    (photos / "broken.jpg").write_bytes(b"not an image")
+    Image.new("RGB", (200, 200), (90, 90, 90)).save(tmp_path / "blank.png")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    runs = [(["index", "add", eng, photos], 3), (["search", photos / "p0.png", tmp_path / "blank.png",
+                                                  "--index", eng], 3)]
+    for argv, expected in runs:
+        proc = subprocess.run([sys.executable, "-m", "d2r", *map(str, argv), "--quiet"], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == expected, proc.stderr
+        assert "WARNING" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 2, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def small_engine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    photos = write_photos(root / "photos", [f"p{i}" for i in range(4)], 5)
+    engine = Engine.create(root / "eng", {"features": {"options": {"max_features": 200}},
+                                          "rerank": {"num_to_rerank": 3}}, codebook=CODEBOOK)
+    assert not engine.index(photos, progress=False).failed
+    return engine, photos
+
+
+def test_search_featureless_query_listed_once(small_engine, tmp_path, capsys, caplog):
+    """`d2r search blank.png good.png` listed the blank query twice: a WARNING line and the 'error:' line."""
+    engine, photos = small_engine
+    Image.new("RGB", (40, 40), (0, 0, 0)).save(tmp_path / "blank.png")
+    code, out, err = run_cli(capsys, "search", tmp_path / "blank.png", photos / "p1.png", "--index", engine.path,
+                          "--no-rerank", "--top-k", 1)
+    logged = [r.getMessage() for r in caplog.records if "blank.png" in r.getMessage()]
+    assert code == 3 and err.count("blank.png") == 1 and logged == [] and "p1" in out, (err, logged)
+
+
+@pytest.mark.parametrize("top_k", [-1, 0, 2.5, "3", True])
+def test_engine_search_top_k_checked(small_engine, top_k):
+    """Engine.search(top_k=-1) returned all hits but the last; 2.5 or '3' raised a TypeError from slicing."""
+    engine, photos = small_engine
+    with pytest.raises(ValueError, match="top_k must be a positive integer"):
+        engine.search(photos / "p1.png", top_k=top_k)
+    assert [h.rank for h in engine.search(photos / "p1.png", top_k=np.int64(2))] == [1, 2]
+
+
+def test_engine_search_batch_top_k_checked_once(small_engine):
+    """search_batch(top_k=-1) returned, per image, all hits but the last."""
+    engine, photos = small_engine
+    with pytest.raises(ValueError, match="top_k must be a positive integer"):
+        engine.search_batch([photos / "p1.png", photos / "p2.png"], top_k=-1)
 
 
 def test_store_and_engine_mismatch_names_the_option(tmp_path, capsys):
@@ -372,6 +575,43 @@ def test_info_and_repair_explain_their_counts(tmp_path, capsys):
     assert "2 image(s) of the feature store are no longer in the index" in out and "--reindex" in out, out
     code, out, _ = _cli(capsys, "index", "repair", eng, "--reindex", "--quiet", "--json")
     assert code == 0 and len(Engine.open(eng)) == 2
+
+
+def test_index_check_on_an_engine_without_an_index(photos, tmp_path, capsys):
+    """`d2r index check` of an engine without an index yet (no codebook file: none until the first add)
+    reported the missing index as damage; it is healthy ("no index yet"), and a damaged feature store in it
+    is still found."""
+    from d2r.features.store import FeatureStore
+
+    eng = tmp_path / "eng"
+    cfg = small_config(codebook={"size": 16, "iterations": 2})  # no codebook file: no index until an add
+    engine = Engine.create(eng, cfg)
+    with FeatureStore.create(eng / "features", engine.pipeline.store_info()) as store:
+        store.add("im0", engine.extract(photos / "im0.png"))
+    assert not (eng / "index").exists()
+    code, out, err = _cli(capsys, "index", "check", eng, "--json")
+    assert code == 0 and json.loads(out)["healthy"] and json.loads(out)["index"] is False, err
+    code, out, err = _cli(capsys, "index", "check", eng)
+    assert code == 0 and "no index yet" in out and not err
+    shard = next((eng / "features").glob("shard-*ids*"))
+    shard.write_bytes(shard.read_bytes()[:-3])  # a damaged store is still found
+    code, _, err = _cli(capsys, "index", "check", eng)
+    assert code == 1 and "damaged" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["engine.json", "sources.json", "failures.json"])
+def test_index_check_reads_the_engine_tables(tmp_path, capsys, name):
+    """With engine.json, sources.json or failures.json garbled, every command failed on it but `d2r index check`
+    said "healthy" (exit 0)."""
+    photos = write_photos(tmp_path / "photos", ["p0"], 11)
+    eng = new_engine(tmp_path)
+    assert d2r.cli.main(["index", "add", str(eng), str(photos), "--quiet"]) == 0
+    capsys.readouterr()
+    (eng / name).write_text("{garbled")
+    code, out, err = run_cli(capsys, "index", "check", eng, "--json")
+    report = json.loads(out)
+    assert code == 1 and not report["healthy"] and [d["file"] for d in report["damaged"]] == [name], err
+    assert "invalid JSON" in report["damaged"][0]["problem"]
 
 
 def test_search_batch_times_each_query(tmp_path, capsys):

@@ -5,13 +5,18 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import d2r
+import d2r.cli
 from d2r.bench import BenchConfig
+from d2r.engine import Engine
 from d2r.engine.config import (FEATURE_DEFAULTS, FORMAT_VERSION, EngineConfig, convert_config, engine_config,
                                feature_defaults)
 from d2r.query.config import ExpansionConfig, RerankConfig
 from d2r.signatures import HAMMING
+from tests.corpus import run_cli, small_config
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "engine_v1"  # written by d2r at a0fe626 (format 1)
 
@@ -42,6 +47,33 @@ def test_feature_defaults_follow_an_override_of_the_feature_type():
     assert c.rerank.descriptor_distance == FEATURE_DEFAULTS["delf"]["rerank.descriptor_distance"]
     kept = EngineConfig().override({"features.name": "delf", "rerank.descriptor_distance": 0.5})
     assert kept.rerank.descriptor_distance == 0.5
+
+
+def test_engine_config_keeps_engine_defaults(tmp_path):
+    """A partial config (a section given in part, `rerank: null`, a YAML file) rebuilt the section from the
+    section class's own defaults: `rerank.method` became "official" where `EngineConfig()` says "usac"."""
+    default = EngineConfig()
+    assert default.rerank.method == "usac"
+    assert EngineConfig.from_dict(default.to_dict()) == default
+    assert EngineConfig.from_dict({}) == default
+    partial = EngineConfig.from_dict({"rerank": {"num_to_rerank": 7}, "batch_size": 3})
+    assert partial.rerank.method == "usac" and partial.rerank.num_to_rerank == 7
+    assert partial.rerank.descriptor_distance == 0.4
+    assert EngineConfig.from_dict({"rerank": None}).rerank == default.rerank
+    assert EngineConfig.from_dict({"rerank": {"method": "official"}}).rerank.method == "official"
+    delf = EngineConfig.from_dict({"features": {"name": "delf"}})
+    assert delf.rerank.descriptor_distance == 0.9 and delf.rerank.method == "usac"
+    (tmp_path / "c.yaml").write_text("rerank:\n  num_to_rerank: 9\n")
+    assert EngineConfig.from_file(tmp_path / "c.yaml").rerank.method == "usac"
+
+
+def test_engine_config_from_dict_takes_numpy_scalars():
+    """EngineConfig.from_dict turned np.int64(8) into the string '8' ('expected an integer, got '8'')."""
+    config = d2r.EngineConfig.from_dict({"batch_size": np.int64(8), "index": {"alpha": np.float32(2),
+                                                                           "idf": np.True_},
+                                         "features": {"options": {"max_features": np.int64(100)}}})
+    assert (config.batch_size, config.index.alpha, config.index.idf) == (8, 2.0, True)
+    json.dumps(config.to_dict())  # saved with the index: plain JSON
 
 
 def test_old_engine_json_loads_through_the_converter(tmp_path):
@@ -88,6 +120,58 @@ def test_one_switch_for_reranking_and_check_everywhere():
         EngineConfig.from_dict({"qe": {"method": "hqe"}, "index": {"kernel": "vlad"}}).check()
     for cls in (RerankConfig, ExpansionConfig, EngineConfig, BenchConfig):
         assert hasattr(cls, "check") and not hasattr(cls, "validate"), cls
+
+
+def test_a_config_section_that_is_not_a_mapping_is_named(tmp_path, capsys):
+    """`index: 5` in a --config file was "unexpected error (AttributeError): 'int' object has no attribute
+    'check'"."""
+    from d2r.engine.config import EngineConfig
+
+    config = tmp_path / "c.yaml"
+    config.write_text("index: 5\n")
+    code, _, err = run_cli(capsys, "index", "create", tmp_path / "eng", "--config", config, "--quiet")
+    assert code == 1 and err.strip() == "d2r index create: error: index: expected a mapping, got 5", err
+    assert not (tmp_path / "eng").exists()
+    with pytest.raises(ValueError, match="rerank: expected a mapping"):
+        EngineConfig.from_dict({"rerank": [1]})
+
+
+def test_engine_config_check_refuses_misspelled_extractor_option():
+    """`EngineConfig.check()` accepted `features.options.max_featurs`; only Engine.create / the CLI saw it."""
+    from d2r.engine.config import EngineConfig
+
+    config = EngineConfig.from_dict({"features": {"options": {"max_featurs": 5}}})
+    with pytest.raises(ValueError, match=r"^features\.options\.max_featurs: unknown option"):
+        config.check()
+    EngineConfig.from_dict({"features": {"options": {"max_features": 5}}}).check()
+
+
+def test_bools_are_not_integer_settings(photos, tmp_path, capsys):
+    """`True` was taken for the integer 1 (bool is an int subclass) by the engine, codebook, rerank and qe
+    checks and by `Engine.search(query_num_assignments=...)`; `d2r search --help` did not say what
+    --no-rerank does to query expansion."""
+    from d2r.query.config import ExpansionConfig, RerankConfig
+
+    engine = Engine.create(tmp_path / "eng", small_config())
+    engine.index(photos, progress=False)
+    with pytest.raises(ValueError, match="query_num_assignments"):
+        engine.search(photos / "im0.png", query_num_assignments=True)
+    assert engine.search(photos / "im0.png", top_k=1, query_num_assignments=1)[0].image_id == "im0"
+    for bad in ({"batch_size": True}, {"workers": True}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            EngineConfig(**bad).check()
+    with pytest.raises(ValueError, match="codebook.size"):
+        EngineConfig(codebook=EngineConfig().codebook.replace(size=True)).check()
+    with pytest.raises(ValueError, match="min_inliers"):
+        RerankConfig(min_inliers=True).check()
+    with pytest.raises(ValueError, match="qe.top"):
+        ExpansionConfig(top=True).check()
+    with pytest.raises(ValueError, match="qe.min_matches"):
+        ExpansionConfig(min_matches=False).check()
+    with pytest.raises(SystemExit):
+        d2r.cli.main(["search", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "none with --no-rerank" in help_text
 
 
 def test_old_engine_folder_opens_and_searches_the_same(tmp_path):

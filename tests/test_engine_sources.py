@@ -6,9 +6,7 @@ from pathlib import Path
 
 from d2r.engine import Engine
 from d2r.engine.sources import assign_ids
-from tests.corpus import run_cli, write_photos
-
-CODEBOOK = Path(__file__).resolve().parents[1] / "codebooks" / "rootsift-128d-k256-skimage-s0.npz"
+from tests.corpus import CODEBOOK, new_engine, run_cli, small_config, write_photos
 
 
 def _photos(folder: Path, n: int) -> Path:
@@ -27,6 +25,33 @@ def test_assign_ids_rules(tmp_path):
     assert sources["p/x"] == str(a.resolve())
 
 
+def test_the_same_file_twice_is_skipped_a_conflict_is_not(photos, tmp_path):
+    """A file listed twice under one id was passed on twice (extracted and indexed twice) instead of being
+    skipped once; the same id for another file must stay that file's failure."""
+    engine = Engine.create(tmp_path / "eng", small_config())
+    p = photos / "im0.png"
+    report = engine.index([("a", p), ("a", p), ("b", photos / "im1.png")], progress=False)
+    assert sorted(report.indexed) == ["a", "b"] and report.skipped == 1 and not report.failed
+    report = engine.index([("c", p), ("c", photos / "im2.png")], progress=False)
+    assert report.indexed == ["c"] and "already used by" in report.failed[str(photos / "im2.png")]
+
+
+def test_index_add_takes_several_folders_and_list_files(tmp_path, capsys):
+    """`d2r index add DIR A B` failed both folders ("is a directory, not an image file", exit 1)."""
+    a = write_photos(tmp_path / "A", ["a0", "a1"], 1)
+    b = write_photos(tmp_path / "B" / "sub", ["b0"], 2).parent
+    c = write_photos(tmp_path / "C", ["c0"], 3)
+    listing = tmp_path / "list.txt"
+    listing.write_text("C/c0.png\n")
+    eng = new_engine(tmp_path)
+    code, out, err = run_cli(capsys, "index", "add", eng, a, b, listing, "--json", "--quiet")
+    report = json.loads(out)
+    assert code == 0 and report["failed"] == {} and report["indexed"] == 4, err
+    engine = Engine.open(eng)
+    assert {"a0", "a1", "sub/b0", "C/c0"} <= set(engine._sources)  # ids relative to each folder / list file
+    assert c.is_dir()
+
+
 def test_a_symbolic_link_loop_is_one_failure_not_the_end_of_the_batch(tmp_path, capsys):
     """D9: `Path.resolve()` raised `RuntimeError: Symlink loop` in the id policy: exit 1, no image indexed,
     and `index create` deleted the new engine folder."""
@@ -40,6 +65,17 @@ def test_a_symbolic_link_loop_is_one_failure_not_the_end_of_the_batch(tmp_path, 
     assert code == 3 and report["indexed"] == 3, err
     assert "symbolic link loop" in report["failed"][str(photos / "a.jpg")]
     assert len(Engine.open(eng)) == 3
+
+
+def test_a_broken_symbolic_link_in_a_folder_is_reported(tmp_path, capsys):
+    """A dangling symbolic link named like an image was silently skipped by `d2r index add FOLDER` (exit 0)."""
+    photos = write_photos(tmp_path / "photos", ["p0"], 9)
+    (photos / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    eng = new_engine(tmp_path)
+    code, out, err = run_cli(capsys, "index", "add", eng, photos, "--json", "--quiet")
+    report = json.loads(out)
+    assert code == 3 and report["indexed"] == 1, err
+    assert "broken symbolic link" in report["failed"][str(photos / "gone.jpg")]
 
 
 def test_a_list_file_naming_a_photo_twice_indexes_it_once(tmp_path):

@@ -9,6 +9,7 @@ from PIL import Image
 from d2r.build import extract_to_store
 from d2r.features.extract import _ordered_map
 from d2r.features import FeatureStore, LocalFeatures, RegionFeatures, RootSIFT
+from tests.corpus import run_cli, write_photos
 
 INFO = {"name": "toy", "config": {"a": 1}, "fingerprint": "abc123", "dim": 8}
 
@@ -222,6 +223,16 @@ def test_cli_extract_usage_errors(tmp_path, image_dir, capsys):
                  "--out", str(tmp_path / "s"), "--quiet"]) == 1
 
 
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_extract_shard_mb_not_finite_is_usage_error(tmp_path, capsys, value):
+    """`d2r extract --shard-mb inf` was 'unexpected error (OverflowError)', nan 'cannot convert float NaN'."""
+    photos = write_photos(tmp_path / "photos", ["p0"], 6)
+    code, _, err = run_cli(capsys, "extract", "--images", photos, "--features", "rootsift", "--out",
+                        tmp_path / "store", "--shard-mb", value, "--quiet")
+    assert code == 2 and "--shard-mb must be a positive number" in err, err
+    assert not (tmp_path / "store").exists()
+
+
 def test_get_extractor_registry():
     from d2r.features import get_extractor
 
@@ -286,6 +297,29 @@ def test_failed_flush_keeps_the_buffer(tmp_path, rng, monkeypatch):
     _same(reopened.get("b"), b)
 
 
+def test_feature_store_commits_buffered_features_on_a_timer(tmp_path):
+    """`d2r extract` committed nothing until 256 MiB of features were buffered: a SIGKILL (OOM, node loss)
+    lost every tiny image extracted so far (600 thumbnails, killed after 2.5 s: 0 kept)."""
+    from d2r.features.base import LocalFeatures
+    from d2r.features.store import FeatureStore
+
+    def feats(n):
+        rng = np.random.default_rng(n)
+        return LocalFeatures(rng.random((n, 2), dtype=np.float32), np.ones(n, np.float32),
+                             np.ones(n, np.float32), rng.random((n, 16), dtype=np.float32))
+
+    store = FeatureStore.create(tmp_path / "store", {"name": "test", "fingerprint": "f", "dim": 16})
+    try:
+        store.add("a", feats(3))
+        assert len(FeatureStore.open(tmp_path / "store")) == 0  # buffered: well under shard_bytes
+        store.flush_seconds = 0.0  # the interval has passed
+        store.add("b", feats(4))
+        reader = FeatureStore.open(tmp_path / "store")  # what a killed writer leaves committed
+        assert sorted(reader.ids()) == ["a", "b"] and reader.get("b").descriptors.shape == (4, 16)
+    finally:
+        store.close()
+
+
 def test_remove_masks_rows_readers_keep_their_generation_and_compaction_reclaims(tmp_path, rng):
     info = {"name": "t", "config": {}, "fingerprint": "f", "dim": 8}
     feats = {f"im{i}": _local(rng, 5 + i) for i in range(6)}
@@ -310,3 +344,28 @@ def test_remove_masks_rows_readers_keep_their_generation_and_compaction_reclaims
     assert after.manifest["num_images"] == 4
     for k in after.ids():
         _same(after.get(k), feats[k])
+
+
+def test_store_remove_counts_buffered_images_and_drops_pending_failures(tmp_path):
+    """`FeatureStore.remove` did not count a removed image that was still buffered, and kept the pending
+    failures of removed ids, which the next flush then committed."""
+    from d2r.features.base import LocalFeatures
+    from d2r.features.store import FeatureStore
+
+    info = {"name": "test", "fingerprint": "f" * 16, "dim": 8}
+    rng = np.random.default_rng(0)
+
+    def feats(n):
+        return LocalFeatures(rng.random((n, 2), dtype=np.float32) * 50, np.ones(n, np.float32),
+                             np.ones(n, np.float32), rng.random((n, 8), dtype=np.float32))
+
+    with FeatureStore.create(tmp_path / "s", info) as store:
+        store.add("a", feats(5))
+        store.flush()  # "a" committed
+        store.add("b", feats(4))  # "b" buffered
+        store.add_failure("c", "unreadable")  # pending
+        store.add_failure("d", "unreadable")
+        assert store.remove(["a", "b", "c", "zzz"]) == 2
+        assert "b" not in store and "c" not in store.failures and store.remove(["b"]) == 0
+    store = FeatureStore.open(tmp_path / "s")
+    assert store.ids() == [] and store.failures == {"d": "unreadable"}

@@ -59,6 +59,15 @@ def test_duplicates_take_a_rank_but_earn_nothing():
     assert p.tolist() == pytest.approx([1.0, 0.5, 2 / 3])
 
 
+def test_gldv2_average_precision_hand_made():
+    """AP by hand; a query without relevant images raised ZeroDivisionError."""
+    from d2r.eval.gldv2 import average_precision
+
+    assert average_precision(["a", "x", "b"], ["a", "b"]) == pytest.approx((1 + 2 / 3) / 2)
+    assert average_precision(["x", "a", "a"], ["a"]) == pytest.approx(0.5)  # a repeat earns nothing
+    assert average_precision(["a"], []) == 0.0
+
+
 def test_missing_predictions_score_zero_and_count_in_q(solution_csv):
     res = evaluate({"q1": ["a", "b"]}, solution_csv)
     assert res["public"]["mAP@100"] == pytest.approx(50.0)  # (1 + 0) / 2

@@ -6,6 +6,7 @@ import pytest
 
 from d2r._io import file_digest
 from d2r._lock import LockedError, WriterLock
+from tests.corpus import run_cli, write_photos
 
 HOLD = "import sys, time; from d2r._lock import WriterLock; l = WriterLock(sys.argv[1]).acquire(); " \
        "print('held', flush=True); time.sleep(float(sys.argv[2]))"
@@ -38,6 +39,16 @@ def test_killed_holder_frees_the_lock(tmp_path):
 def test_timeout_must_not_be_negative(tmp_path):
     with pytest.raises(ValueError, match="timeout"):
         WriterLock(tmp_path, timeout=-1)
+
+
+@pytest.mark.parametrize("command", ["index", "extract"])
+def test_lock_timeout_nan_is_usage_error(tmp_path, capsys, command):
+    """`--lock-timeout nan` was accepted and waited forever for a held lock."""
+    photos = write_photos(tmp_path / "photos", ["p0"], 7)
+    argv = (["index", "add", tmp_path / "eng", photos] if command == "index" else
+            ["extract", "--images", photos, "--features", "rootsift", "--out", tmp_path / "store"])
+    code, _, err = run_cli(capsys, *argv, "--lock-timeout", "nan", "--quiet")
+    assert code == 2 and "--lock-timeout must be >= 0 seconds, got nan" in err, err
 
 
 def test_file_digest_changes_with_one_byte(tmp_path):

@@ -19,13 +19,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from d2r.engine import Engine
+from tests.corpus import CODEBOOK, new_engine, run_cli, write_photos
+
 httpx = pytest.importorskip("httpx", reason="the service tests need httpx (pip install -e \".[test]\")")
 pytest.importorskip("fastapi", reason="d2r serve needs the serve extra (pip install -e \".[serve]\")")
 pytest.importorskip("uvicorn", reason="d2r serve needs the serve extra (pip install -e \".[serve]\")")
 pytest.importorskip("multipart", reason="d2r serve needs the serve extra (pip install -e \".[serve]\")")
 
 ROOT = Path(__file__).resolve().parents[1]
-CODEBOOK = ROOT / "codebooks" / "rootsift-128d-k256-skimage-s0.npz"
 MAX_UPLOAD_MB = 1
 
 
@@ -511,6 +513,22 @@ def test_serve_flags_are_checked_first(tmp_path, capsys):
         assert code == 2 and flag in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_serve_on_a_port_in_use_is_a_one_line_error(tmp_path, capsys):
+    """`d2r serve` on a busy port logged uvicorn's error and exited with 3 (documented: partial failure)."""
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("fastapi")
+    import socket
+
+    eng = new_engine(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, _, err = run_cli(capsys, "serve", eng, "--port", port, "--quiet")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and f"--port {port}: cannot listen there" in lines[0], err
+
+
 def test_repair_takes_the_engine_lock_and_serve_maps_it_to_409(tmp_path, capsys):
     """`d2r index repair` took no lock, and the service answered a write refused by the engine's writer lock
     with a 500. (It lived in test_engine_fixes.py and imported fastapi without a skip, so the README's test
@@ -547,6 +565,27 @@ def test_repair_takes_the_engine_lock_and_serve_maps_it_to_409(tmp_path, capsys)
     assert code == 0 and "nothing to repair" in out
     code, _, err = cli("index", "repair", eng, "--lock-timeout", "-1")
     assert code == 2 and "--lock-timeout" in err
+
+
+def test_serve_follows_another_process_writing_the_engine(tmp_path):
+    """`d2r serve` opened the engine once: images added by `d2r index add` meanwhile were "unknown", and once
+    `d2r index remove` dropped an image's features, every search that verified it failed with a 500
+    (KeyError: not in the feature store)."""
+    from d2r.serve.app import Service
+
+    photos = write_photos(tmp_path / "photos", ["p0", "p1", "p2"], 7)
+    eng = new_engine(tmp_path)
+    Engine.open(eng).index([photos / "p0.png", photos / "p1.png"], progress=False)
+    service = Service(eng)
+    assert service.health()["images"] == 2
+    writer = Engine.open(eng)  # another process's engine (`d2r index add`, `d2r index remove`)
+    writer.index([("p2", photos / "p2.png")], progress=False)
+    found = service.search(None, None, "p2", None, top_k=3, rerank=True)  # was ApiError 404: unknown image id
+    assert found["hits"][0]["image_id"] == "p2" and service.health()["images"] == 3
+    victim = found["hits"][1]["image_id"]
+    writer.remove(victim)
+    hits = service.search(None, None, "p2", None, top_k=3, rerank=True)["hits"]  # was KeyError (HTTP 500)
+    assert victim not in [h["image_id"] for h in hits] and service.health()["images"] == 2
 
 
 def _chrome_driver(tmp_path):

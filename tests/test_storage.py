@@ -25,6 +25,7 @@ from d2r.index.manifest import check_database, repair_database
 from d2r.storage import (DamagedError, Int, Map, NpyWriter, Opt, RowReader, Text, TierPolicy, file_record,
                          save_array, validate)
 from d2r.storage.manifest import problem
+from tests.corpus import new_engine, run_cli, write_photos
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
@@ -559,3 +560,19 @@ def test_index_check_and_repair_work_on_a_feature_store(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["manifest_restored_from"].startswith("manifest-") and StoreKind.ids(path) == ids
     assert main(["index", "check", str(path), "--quiet"]) == 0
+
+
+def test_index_commands_on_a_feature_store_say_what_it_is(tmp_path, capsys):
+    """`d2r index info|check|repair` on a feature store (`d2r extract`'s output, an engine's features/) said
+    "damaged manifest.json: not a d2r database manifest" and advised `d2r index repair` on it."""
+    photos = write_photos(tmp_path / "photos", ["p0"], 8)
+    eng = new_engine(tmp_path)
+    assert d2r.cli.main(["index", "add", str(eng), str(photos), "--quiet"]) == 0
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "index", "info", eng / "features", "--quiet")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "a feature store, not an engine or index" in lines[0], err
+    for action in ("check", "repair"):  # the feature store's own check and repair (its damage hint names them)
+        code, out, err = run_cli(capsys, "index", action, eng / "features")
+        assert code == 0 and "damaged" not in err and ("healthy" in out or "nothing to repair" in out), out
+    assert run_cli(capsys, "index", "check", eng, "--quiet")[0] == 0

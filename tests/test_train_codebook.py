@@ -2,6 +2,8 @@
 sampling, bad input, and the ``d2r train-codebook`` command end to end."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from d2r.codebook.codebook import check_codebook, default_codebook_name
 from d2r.codebook.kmeans import (kmeans_parallel, load_training_descriptors, reseed_empty,
                                  sample_descriptors)
 from d2r.codebook import train_codebook
+from tests.corpus import run_cli
 
 
 class Stop(Exception):
@@ -509,6 +512,43 @@ def test_cli_bad_inputs(rng, tmp_path, capsys):
         cli_main(base + ["--size", "4"])
     assert exc.value.code == 2
     assert not (tmp_path / "o.npz").exists()
+
+
+@pytest.mark.parametrize("flag", ["--iterations", "--sample-per-image", "--max-samples", "--batch-size"])
+def test_train_codebook_counts_are_usage_errors_naming_the_flag(tmp_path, capsys, flag):
+    """`d2r train-codebook --iterations 0` failed (exit 1) with "iterations must be ≥ 1", --max-samples 0 with
+    "per_image and max_total must be ≥ 1", after reading the data; --batch-size 0 was accepted."""
+    x = tmp_path / "x.npy"
+    np.save(x, np.random.default_rng(0).random((64, 128), np.float32))
+    code, _, err = run_cli(capsys, "train-codebook", "--descriptors", x, "--size", 4, "--out", tmp_path / "cb.npz",
+                        flag, 0, "--quiet")
+    assert code == 2 and err.strip() == f"d2r train-codebook: error: {flag} must be positive, got 0", err
+    assert not (tmp_path / "cb.npz").exists()
+
+
+def _unwritable_folder(tmp_path) -> Path:
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    if not Path("/proc/self").is_dir():
+        pytest.skip("running as root without /proc: no folder root cannot write in")
+    return Path("/proc")
+
+
+def test_train_codebook_unwritable_out_fails_before_training(tmp_path, capsys):
+    """`--out` in a folder that takes no new file was found only when saving, after the whole training."""
+    x = tmp_path / "x.npy"
+    np.save(x, np.random.default_rng(0).random((400, 16), dtype=np.float32))
+    checkpoint = tmp_path / "ck.npz"  # written every iteration: absent when nothing was trained
+    code, _, err = run_cli(capsys, "train-codebook", "--descriptors", x, "-k", 4, "--iterations", 2, "--quiet",
+                        "--out", _unwritable_folder(tmp_path) / "cb.npz", "--checkpoint", checkpoint)
+    assert code == 1 and "--out" in err and "cannot write in folder" in err, err
+    assert not checkpoint.exists()
+    code, _, err = run_cli(capsys, "train-codebook", "--descriptors", x, "-k", 4, "--iterations", 2, "--quiet",
+                        "--out", tmp_path, "--force", "--checkpoint", checkpoint)
+    assert code == 1 and f"--out {tmp_path}: is a folder" in err and not checkpoint.exists(), err
 
 
 def test_cli_checkpoint_resume(rng, tmp_path, capsys):

@@ -20,6 +20,7 @@ from d2r.query.order import order_by_threshold
 from d2r.query.pipeline import reliable_neighbours
 from d2r.query.verify import geometric_verification, mutual_ratio_matches, rerank
 from d2r.signatures import hamming_correspondences, signatures
+from tests.corpus import run_cli
 from tests.reference import hamming_matches
 
 
@@ -298,6 +299,54 @@ def test_bench_compare_cli(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["medium"]["diff"] == pytest.approx(10.0)
     assert main(["bench", "compare", str(tmp_path / "a"), str(tmp_path / "missing")]) == 1
+
+
+def test_bench_compare_errors_and_flags(tmp_path, capsys):
+    """`d2r bench compare`: --resamples 0 was "index -1 is out of bounds" (exit 1), a missing run a raw
+    "[Errno 2] ..." and a non-JSON metrics file "Expecting value ..." without the file's name, none with the
+    "error:" prefix; --quiet (README: every command takes it) was a usage error; its help showed "95%%"."""
+    run = tmp_path / "run"
+    run.mkdir()
+    per_query = {"queries": ["q0", "q1"], "stages": ["initial"], "easy": {"initial": [0.5, 1.0]},
+                 "medium": {"initial": [0.5, 1.0]}, "hard": {"initial": [0.0, 0.25]}}
+    (run / "metrics.json").write_text(json.dumps({"per_query": per_query}))
+    bad = tmp_path / "bad.json"
+    bad.write_text("not json")
+    code, _, err = run_cli(capsys, "bench", "compare", run, run, "--resamples", 0)
+    assert code == 2 and err.strip() == "d2r bench compare: error: --resamples must be at least 1, got 0"
+    code, _, err = run_cli(capsys, "bench", "compare", run, tmp_path / "nope")
+    assert code == 1 and err.startswith(f"d2r bench compare: error: {tmp_path / 'nope'}: ") and "Errno" not in err
+    code, _, err = run_cli(capsys, "bench", "compare", run, bad)
+    assert code == 1 and err.startswith(f"d2r bench compare: error: {bad}: not a metrics JSON"), err
+    code, out, err = run_cli(capsys, "bench", "compare", run, run, "--quiet", "--resamples", 10)
+    assert code == 0 and "medium" in out and not err, err
+    code, out, _ = run_cli(capsys, "bench", "compare", "--help")
+    assert code == 0 and "95% interval" in " ".join(out.split())
+
+
+def test_ground_truth_json_and_compare_errors_name_the_file(tmp_path):
+    """A ground truth given as .json was refused by `load_gnd` (pickle or .mat only); `load_per_query` of a
+    missing run or of a metrics.json that is not JSON raised a raw FileNotFoundError / JSONDecodeError
+    naming no file; `paired_difference(resamples=0)` failed with an IndexError."""
+    from d2r.eval.compare import load_per_query, paired_difference
+    from d2r.eval.revisitop import load_gnd
+
+    gnd = {"imlist": ["a", "b", "c"], "qimlist": ["q"],
+           "gnd": [{"easy": [1], "hard": [2], "junk": [0], "bbx": None}]}
+    (tmp_path / "gnd.json").write_text(json.dumps(gnd))
+    g = load_gnd(tmp_path / "gnd.json")
+    assert g.imlist == ["a", "b", "c"] and list(g.gnd[0].easy) == [1] and list(g.gnd[0].hard) == [2]
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="bad.json"):
+        load_gnd(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="missing.*not found"):
+        load_per_query(tmp_path / "missing")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text("not json")
+    with pytest.raises(ValueError, match="metrics.json"):
+        load_per_query(tmp_path / "run")
+    with pytest.raises(ValueError, match="resamples"):
+        paired_difference([1.0, 2.0], [2.0, 3.0], resamples=0)
 
 
 def test_bench_flags_reach_the_config():
