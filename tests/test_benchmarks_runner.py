@@ -67,7 +67,9 @@ def test_a_table_runs_its_rows_and_records_what_ran(tmp_path, tiny_revisitop, ca
     assert rows["verified"]["command"].startswith("python -m d2r bench revisitop ")
     assert rows["plain"]["compare"]["medium"]["diff"] == 0.0  # the baseline against itself
     for r in rows.values():
-        assert 0.0 <= r["medium"] <= 100.0 and np.isfinite(r["hard"]) or r["hard"] is None
+        assert 0.0 <= r["medium"] <= 100.0
+        # the tiny ground truth has no Hard positives: revisitop reports NaN there (None once serialised)
+        assert r["hard"] is None or np.isnan(r["hard"]) or 0.0 <= r["hard"] <= 100.0
     # a second call runs nothing again
     capsys.readouterr()
     assert runner.main(argv) == 0
