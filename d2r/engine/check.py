@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from d2r import _io
-from d2r._io import read_json
 from d2r.engine.config import engine_config
 from d2r.engine.sources import LOG, SourcesTable, read_failures, read_sources
 from d2r.features.store import FeatureStore, check_store
@@ -21,7 +20,7 @@ def check_engine(path, digests: bool = True) -> list[dict]:
     path = Path(path)
     damaged = []
     for name, read in (("engine.json", lambda: engine_config(path)),
-                       ("sources.json", lambda: read_json(path / "sources.json", {})),
+                       ("sources.json", lambda: _io.read_json(path / "sources.json", {})),
                        (LOG, lambda: _sources_log_damage(path)),
                        ("failures.json", lambda: read_failures(path))):
         try:
@@ -30,9 +29,8 @@ def check_engine(path, digests: bool = True) -> list[dict]:
             problem = str(exc)
             damaged.append({"file": name, "problem": problem.split(": ", 1)[-1] if problem.startswith(str(path))
                             else problem})
-    features = path / "features"
-    if features.is_dir() and any(p.name != ".lock" for p in features.iterdir()):  # not just a lock file
-        damaged += check_store(features, digests=digests)
+    if has_store(path):
+        damaged += check_store(path / "features", digests=digests)
     if (path / "index").is_dir():
         damaged += [dict(d, file=f"index/{d['file']}")
                     for d in check_database(path / "index", digests=digests)]
@@ -41,21 +39,40 @@ def check_engine(path, digests: bool = True) -> list[dict]:
     return damaged
 
 
+def has_store(path: Path) -> bool:
+    """Whether the engine at ``path`` has a feature store: its commit point, or any file of one but the lock (a
+    store whose ``manifest.json`` was lost is damaged, not absent: D13 said "no stored features yet")."""
+    features = Path(path) / "features"
+    return (features / "manifest.json").exists() or features.is_dir() and any(
+        p.name != ".lock" for p in features.iterdir())
+
+
+def _indexed_and_stored(path: Path):
+    """(indexed ids as str, the feature store) of the engine at ``path``; None without an index or a store."""
+    if not (path / "index" / "manifest.json").is_file() or not (path / "features" / "manifest.json").is_file():
+        return None
+    return [str(i) for i in Database.open(path / "index").ids().tolist()], FeatureStore.open(path / "features")
+
+
+def _recorded_sources(indexed, store, table) -> dict:
+    """{id: file} of the indexed images the sources ``table`` lacks but the feature store records a file for."""
+    return {i: f for i in indexed if i not in table and i in store for f in [store.source(i)] if f}
+
+
 def _cross_check(path: Path) -> list[dict]:
     """The side tables against the index and the store, once every file is sound (D13): every live index id
     has stored features (else every search reaching it fails to verify) and, where the store records the
     image's file, a row in the sources table (else hits lose their paths)."""
-    if not (path / "index" / "manifest.json").is_file() or not (path / "features" / "manifest.json").is_file():
+    found = _indexed_and_stored(path)
+    if found is None:
         return []
-    store = FeatureStore.open(path / "features")
-    indexed = [str(i) for i in Database.open(path / "index").ids().tolist()]
+    indexed, store = found
     damaged = []
     featureless = [i for i in indexed if i not in store]
     if featureless:
         damaged.append({"file": "index", "problem": f"{len(featureless)} indexed image(s) have no stored "
                         f"features (e.g. {featureless[0]!r}): `d2r index repair` takes them out of the index"})
-    table = read_sources(path)[0]
-    unsourced = [i for i in indexed if i not in table and i in store and store.source(i)]
+    unsourced = list(_recorded_sources(indexed, store, read_sources(path)[0]))
     if unsourced:
         damaged.append({"file": "sources.json", "problem": f"{len(unsourced)} indexed image(s) lost their file "
                         f"(e.g. {unsourced[0]!r}) although the feature store records it: `d2r index repair` "
@@ -67,20 +84,17 @@ def restore_sources(path) -> int:
     """Give every indexed image missing from the sources table of the engine at ``path`` the file its feature
     store records (a truncated ``sources.log`` or a lost ``sources.json``); returns how many were restored.
     The caller holds the engine's writer lock."""
-    path = Path(path)
-    if not (path / "index" / "manifest.json").is_file() or not (path / "features" / "manifest.json").is_file():
+    found = _indexed_and_stored(Path(path))
+    if found is None:
         return 0
-    store = FeatureStore.open(path / "features")
     sources = SourcesTable(path)
     sources.load()
-    restored = 0
-    for image_id in (str(i) for i in Database.open(path / "index").ids().tolist()):
-        if image_id not in sources and image_id in store and store.source(image_id):
-            sources[image_id] = store.source(image_id)
-            restored += 1
+    restored = _recorded_sources(*found, sources)
+    for image_id, file in restored.items():
+        sources[image_id] = file
     if restored:
         sources.save()
-    return restored
+    return len(restored)
 
 
 def _sources_log_damage(path: Path) -> None:
@@ -103,4 +117,3 @@ def reset_damaged_failures(path) -> bool:
     except ValueError:
         _io.write_json(path / "failures.json", {})
         return True
-

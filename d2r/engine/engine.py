@@ -37,7 +37,7 @@ from d2r.features.base import LocalFeatures, RegionFeatures, whole_image
 from d2r.index.database import Database
 from d2r.build import Pipeline, check_codebook_plan
 from d2r.features.image import crop  # noqa: F401  (crop: part of this module's API)
-from d2r.engine.check import check_engine
+from d2r.engine.check import check_engine, has_store
 from d2r.engine.config import FORMAT, FORMAT_VERSION, EngineConfig, absolute_paths, engine_config
 from d2r._lock import WriterLock
 from d2r.build import check_setup
@@ -177,7 +177,7 @@ class Engine:
         """The feature store: the writer's while ``index`` runs, else a lock-free reader (opened once)."""
         with self._store_lock:
             if self._store is None:
-                if not _has_store(self.path):
+                if not has_store(self.path):
                     raise KeyError(f"{self.path}: the engine has no stored features yet")
                 self._store = FeatureStore.open(self.path / "features")  # a lost manifest.json: named there
             return self._store
@@ -215,16 +215,11 @@ class Engine:
     def __contains__(self, image_id) -> bool:
         return self._db is not None and image_id in self._db
 
-    def source(self, image_id) -> str | None:
-        """The image file ``image_id`` was indexed from (None when unknown: indexed from a feature store
-        without sources, or removed)."""
-        return self._sources.get(str(image_id))
-
     def lost_sources(self) -> list[tuple[str, str]]:
         """``(image_id, file)`` of the images the sources table lists but neither the index nor the feature
         store holds (their features were lost with a damaged shard) and whose file still exists: what ``d2r
         index repair --reindex`` extracts again."""
-        store = self._feature_store() if (self.path / "features" / "manifest.json").exists() else ()
+        store = self._feature_store() if has_store(self.path) else ()
         return [(i, f) for i in list(self._sources) if i not in self and i not in store
                 for f in [self._sources.get(i)] if f and Path(f).is_file()]
 
@@ -246,7 +241,7 @@ class Engine:
                "config": self.config.to_dict()}
         if self._db is not None:
             out["index"] = self._db.info()
-        if _has_store(self.path):
+        if has_store(self.path):
             try:
                 out["store"] = self._feature_store().info()
             except (OSError, ValueError) as exc:
@@ -613,14 +608,6 @@ class Engine:
         if not isinstance(feats, RegionFeatures):
             return np.zeros((0, 4), np.float32)
         return feats.boxes if include_whole else feats.boxes[feats.box_ids >= 0]
-
-
-def _has_store(path: Path) -> bool:
-    """Whether the engine at ``path`` has a feature store: its commit point, or any file of one (a store whose
-    ``manifest.json`` was lost is damaged, not absent: D13 said "no stored features yet" and named no file)."""
-    features = path / "features"
-    return (features / "manifest.json").exists() or features.is_dir() and any(
-        p.name not in (".lock",) for p in features.iterdir())
 
 
 def _check_images(images):
