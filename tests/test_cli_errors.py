@@ -403,7 +403,7 @@ def test_a_closed_output_pipe_is_not_an_error_line(tmp_path):
 
 
 def test_no_images_is_one_error_in_every_command(tmp_path, capsys):
-    """Newcomer item 10: an empty folder was a silent success in `index add`, `index create --images` and
+    """An empty folder was a silent success in `index add`, `index create --images` and
     `extract`, and an unnamed error ("no descriptors found: the source is empty") in `index create`; now one
     line naming the folder, exit 1, nothing created, in every command."""
     empty = tmp_path / "emptydir"
@@ -428,7 +428,7 @@ def test_no_images_is_one_error_in_every_command(tmp_path, capsys):
 
 
 def test_contradictions_and_malformed_flag_values_are_usage_errors(books, tmp_path, capsys):
-    """Newcomer items 12 and 18: `--codebook F --codebook-size K` silently ignored K, `--set KEY` (no '=')
+    """`--codebook F --codebook-size K` silently ignored K, `--set KEY` (no '=')
     exited 1 in `bench`; `d2r --help` left out exit code 130."""
     code, _, err = run_cli(capsys, "index", "create", tmp_path / "e", "--codebook", books / "good.npz",
                            "--codebook-size", "64")
@@ -464,7 +464,7 @@ def test_flag_combinations_are_usage_errors(tmp_path, capsys):
 
 
 def test_bench_json_is_a_flag_and_json_out_a_file(tmp_path):
-    """Newcomer item 12: `--json` took a FILE in `bench` and was a flag elsewhere."""
+    """`--json` took a FILE in `bench` and was a flag elsewhere."""
     parser = d2r.cli.build_parser()
     common = ["--images-root", str(tmp_path), "--out", str(tmp_path / "r")]
     args = parser.parse_args(["bench", "revisitop", "--gnd", "g.pkl", *common, "--json"])
@@ -475,7 +475,7 @@ def test_bench_json_is_a_flag_and_json_out_a_file(tmp_path):
 
 
 def test_a_file_that_is_not_a_codebook_says_so(tmp_path, capsys):
-    """Newcomer item 18: a text file given as the codebook got numpy's advice to load it with allow_pickle."""
+    """A text file given as the codebook got numpy's advice to load it with allow_pickle."""
     text = tmp_path / "notnpz.npz"
     text.write_text("just some text\n")
     code, _, err = run_cli(capsys, "index", "create", tmp_path / "e", "--codebook", text)
@@ -511,7 +511,7 @@ def _subparsers(parser):
 
 
 def test_help_describes_every_index_subcommand_and_every_option(capsys):
-    """Newcomer item 18: `index create|add|remove|info|check|repair --help` had no description paragraph,
+    """`index create|add|remove|info|check|repair --help` had no description paragraph,
     `repair` said `--lock-timeout LOCK_TIMEOUT` where the others said SECONDS, and several `train-codebook`
     options had no help text."""
     commands = dict(_subparsers(d2r.cli.build_parser()))

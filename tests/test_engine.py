@@ -369,7 +369,7 @@ def _photos(folder, n, seed=7, size=(160, 200)):
 
 
 def test_a_failed_create_keeps_what_it_extracted(tmp_path, capsys, monkeypatch):
-    """Issue 23 item 4: a failed `index create --images` deleted the new folder and every feature already
+    """A failed `index create --images` deleted the new folder and every feature already
     extracted into it (`shutil.rmtree` on any exception)."""
     photos = _photos(tmp_path / "photos", 3)
     eng = tmp_path / "eng"
@@ -412,7 +412,7 @@ def test_interrupted_create_keeps_the_engine_and_resumes(tmp_path, capsys, monke
 
 
 def test_a_codebook_the_images_cannot_give_is_refused_before_extraction(tmp_path, capsys):
-    """Issue 23 item 4: `--codebook-size 100000` on 9 photos was refused only after extracting them all."""
+    """`--codebook-size 100000` on 9 photos was refused only after extracting them all."""
     photos = _photos(tmp_path / "photos", 2)
     cfg = {"codebook": {"size": 1000, "sample_per_image": 300}}
     with pytest.raises(ValueError, match=r"codebook.size 1000: .*2 image\(s\) give at most 300 .*most 150"):
@@ -452,7 +452,7 @@ def test_a_relative_model_path_works_from_another_folder(tmp_path, monkeypatch):
 
 
 def test_index_output_says_what_happened_once(tmp_path, capsys):
-    """Newcomer item 17: one `indexed N image(s), saved` line per batch, nothing about the codebook trained,
+    """One `indexed N image(s), saved` line per batch, nothing about the codebook trained,
     the failed file's path printed twice, the label `d2r index:` for `index create`, and blank or tiny
     images counted as indexed without a word."""
     photos = _photos(tmp_path / "photos", 3)
@@ -544,7 +544,7 @@ def test_engine_search_batch_top_k_checked_once(small_engine):
 
 
 def test_store_and_engine_mismatch_names_the_option(tmp_path, capsys):
-    """Newcomer item 11: the mismatch named two fingerprints, not the option that differs."""
+    """The mismatch named two fingerprints, not the option that differs."""
     photos = _photos(tmp_path / "photos", 2)
     store = tmp_path / "store30"
     assert _cli(capsys, "extract", "--images", photos, "--features", "rootsift", "--out", store,
@@ -557,7 +557,7 @@ def test_store_and_engine_mismatch_names_the_option(tmp_path, capsys):
 
 
 def test_info_and_repair_explain_their_counts(tmp_path, capsys):
-    """Newcomer item 14: `info` showed more items than images (removed, not yet merged) unexplained;
+    """`info` showed more items than images (removed, not yet merged) unexplained;
     `repair` counted a dropped segment's removed images as lost and never mentioned --reindex."""
     photos = _photos(tmp_path / "photos", 3)
     eng = tmp_path / "eng"
@@ -615,7 +615,7 @@ def test_index_check_reads_the_engine_tables(tmp_path, capsys, name):
 
 
 def test_search_batch_times_each_query(tmp_path, capsys):
-    """Newcomer item 12: `d2r search A B --json` gave every query the batch average as its seconds."""
+    """`d2r search A B --json` gave every query the batch average as its seconds."""
     photos = _photos(tmp_path / "photos", 3, size=(240, 320))
     eng = tmp_path / "eng"
     assert _cli(capsys, "index", "create", eng, "--codebook-size", 8, "--images", photos, "--quiet",

@@ -548,7 +548,7 @@ def test_index_add_store_from_a_real_extract(tmp_path, photos, capsys):
     h1, h2 = e1.search(photos / "p2.jpg", top_k=6), e2.search(photos / "p2.jpg", top_k=6)
     assert [h.image_id for h in h1] == [h.image_id for h in h2] and h1[0].image_id == "p2"
     np.testing.assert_allclose([h.score for h in h1], [h.score for h in h2], atol=1e-9)
-    # issue 23 item 3: hits of an index added from a store had `path: null` (the store kept no sources)
+    # hits of an index added from a store had `path: null` (the store kept no sources)
     assert [h.path for h in h1] == [h.path for h in h2] == [str((photos / f"{h.image_id}.jpg").resolve())
                                                           for h in h1]
     assert e1.check() == [] and main(["index", "info", str(by_store), "--quiet"]) == 0

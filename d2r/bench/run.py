@@ -45,6 +45,7 @@ from d2r.eval import gldv2
 from d2r.eval.datasets import gldv2_path, query_box, read_ids, resolve_image
 from d2r.eval.revisitop import PROTOCOLS, GroundTruth, evaluate, load_gnd, per_query_metrics
 from d2r.features.base import LocalFeatures, whole_image  # noqa: F401  (whole_image: part of this API)
+from d2r.features.image import crop, load_image
 from d2r.features.store import FeatureStore
 from d2r.query.pipeline import STAGES, prepare_query, search_query
 
@@ -183,6 +184,52 @@ class _Pipeline(Pipeline):
         book.save(path)
         return book
 
+    def global_shortlists(self, db_pairs, query_items, reuse: bool) -> list:
+        """The global stage of every query (``global`` enabled): ``[(ids, scores)]`` in query order, from an
+        in-memory :class:`~d2r.globaldesc.GlobalIndex` of the database images' vectors. Vectors are cached
+        (``global-<key>.npy``, by the extractor's fingerprint and the image list); ``query_items`` =
+        [(query_id, path, bbx or None)], ``reuse``: the queries are database images (their vectors reused)."""
+        from d2r.globaldesc import GlobalExtractor, GlobalIndex
+        from d2r.query.pipeline import global_shortlist
+
+        g = self.config.global_
+        ex = GlobalExtractor(g.extractor_config())
+
+        def vectors(kind, items, extract):
+            path = self.cache / f"global-{kind}-{_key(ex.fingerprint(), [str(p) for _, p, *_ in items])}.npy"
+            if path.is_file():
+                return np.load(path)
+            out = np.zeros((len(items), ex.dim), np.float32)
+            with self.timer(f"global_{kind}"):
+                for k, item in enumerate(tqdm(items, desc=f"global vectors ({kind})", disable=not self.progress)):
+                    try:
+                        out[k] = extract(item)
+                    except (OSError, ValueError) as exc:  # unreadable: a zero vector (never shortlisted first)
+                        log.warning("%s: no global vector: %s", item[1], exc)
+            self.cache.mkdir(parents=True, exist_ok=True)
+            _io.save_npy(path, out)
+            return out
+
+        names = [n for n, _ in db_pairs]
+        db_vecs = vectors("database", db_pairs, lambda item: ex.extract(item[1]))
+        if reuse:
+            at = {n: i for i, n in enumerate(names)}
+            q_vecs = db_vecs[[at[q] for q, _, _ in query_items]]
+        else:
+            def crop_extract(item):
+                _, path, bbx = item
+                pixels = load_image(path)
+                return ex.extract(pixels if bbx is None else crop(pixels, query_box(bbx), name=str(path)))
+            q_vecs = vectors("queries", query_items, crop_extract)
+        index = GlobalIndex(ex.dim)
+        index.add(np.arange(len(names), dtype=np.int64), db_vecs)
+        out = []
+        with self.timer("global_search"):
+            for v in q_vecs:
+                rows, scores = global_shortlist(index, v, g.shortlist)
+                out.append((np.array([names[r] for r in rows.tolist()], object), scores))
+        return out
+
     def build_index(self, book: Codebook, db_store, ids):
         """A fresh database in OUT/index holding ``ids`` (in this order) from the store."""
         path = self.out / "index"
@@ -193,13 +240,14 @@ class _Pipeline(Pipeline):
             self.fill_database(db, db_store, ids, save_every=len(ids))
         return db
 
-    def query_all(self, db, db_store, query_feats: list, depth: int, junk_lists=None) -> list[dict]:
+    def query_all(self, db, db_store, query_feats: list, depth: int, junk_lists=None,
+                  shortlists=None) -> list[dict]:
         """THE query path (:func:`~d2r.query.pipeline.search_query`) for every query: one
         :class:`~d2r.query.pipeline.QueryResult` per junk list (``junk_lists``: {name: per-query lists of database
         ids}; None: one run named "" with no junk), ``[{name: QueryResult}]`` in query order. Each query is
         assigned and aggregated once and each pair verified once, whatever the junk lists. Queries run on
         ``workers`` threads, each with numba and BLAS at one thread (as ``Engine.search_batch``); results do not
-        depend on the thread count."""
+        depend on the thread count. ``shortlists``: per query, the global stage's ``(ids, scores)``."""
         config = self.config
         junk_lists = junk_lists or {"": [()] * len(query_feats)}
 
@@ -211,8 +259,10 @@ class _Pipeline(Pipeline):
             q = prepare_query(query_feats[qi], db, config.rerank)
             prepared = time.perf_counter() - t0
             known: dict = {}  # inlier counts of this query, shared by its junk lists
+            shortlist = None if shortlists is None else shortlists[qi]
             out = {name: search_query(q, db, features, config.rerank, config.qe, depth, junk=lists[qi],
-                                      known=known) for name, lists in junk_lists.items()}
+                                      known=known, shortlist=shortlist, global_weight=config.global_.weight)
+                   for name, lists in junk_lists.items()}
             next(iter(out.values())).timings["search"] += prepared
             return out
 
@@ -324,7 +374,11 @@ def run_revisitop(gnd, images_root, config: BenchConfig | None = None, out="benc
     # Each protocol's junk (the query itself when queries are database images): never verified nor expanding.
     junk = {p: [[g.imlist[j] for j in row.tolist()] for row in g.protocol(p, query_in_database)[1]]
             for p in PROTOCOLS}
-    results = pipe.query_all(db, db_store, query_feats, depth, junk)
+    shortlists = None
+    if config.global_.enabled:
+        query_items = [(name, resolve_image(root, name), q.bbx) for name, q in zip(g.qimlist, g.gnd)]
+        shortlists = pipe.global_shortlists(db_pairs, query_items, reuse)
+    results = pipe.query_all(db, db_store, query_feats, depth, junk, shortlists)
     position = {n: i for i, n in enumerate(g.imlist)}
     stages = {name: {p: [np.array([position[i] for i in r[p].stages[name].ids.tolist()], np.int64)
                          for r in results] for p in PROTOCOLS}

@@ -25,10 +25,11 @@ from d2r.detect.config import RegionsConfig
 from d2r.features.config import FeaturesConfig
 from d2r.index.database import DatabaseConfig
 from d2r.query import lightglue
-from d2r.query.config import ExpansionConfig, RerankConfig
+from d2r.query.config import ExpansionConfig, GlobalStageConfig, RerankConfig
 from d2r.detect.proposers import PROPOSERS
 from d2r.features import EXTRACTORS
 from d2r.features.config import config_class
+from d2r.globaldesc.extractor import BACKBONES
 
 log = logging.getLogger(__name__)
 
@@ -166,15 +167,24 @@ class EngineConfig(Config):
     index: DatabaseConfig = field(default_factory=DatabaseConfig)
     rerank: RerankConfig = field(default_factory=RerankConfig)
     qe: ExpansionConfig = field(default_factory=ExpansionConfig)
+    global_: GlobalStageConfig = field(default_factory=GlobalStageConfig)  # the "global" section (a keyword)
     batch_size: int = 64
     workers: int = 2
 
     @classmethod
     def from_dict(cls, data: dict | None, _where: str = ""):
         """As :meth:`Config.from_dict`, after :func:`convert_config` (older shapes) and with the feature type's
-        defaults (:data:`FEATURE_DEFAULTS`) for the options ``data`` does not set."""
+        defaults (:data:`FEATURE_DEFAULTS`) for the options ``data`` does not set. The section ``global`` is
+        the field ``global_``; a ``global`` section that does not say ``enabled`` turns the stage on."""
         if isinstance(data, dict):
             data = convert_config(data)
+            if "global_" in data:
+                raise ValueError("global_: unknown option; the section is called 'global'")
+            if "global" in data:
+                section = data.pop("global")
+                if isinstance(section, dict) and "enabled" not in section:
+                    section = {**section, "enabled": True}
+                data["global_"] = section
             name = _get(data, "features.name")
             method = _get(data, "rerank.method")
             method = method if method is not _MISSING else RerankConfig.method
@@ -199,7 +209,14 @@ class EngineConfig(Config):
                 old_value = old.get(key, _get(base, key))
                 if dotted.get(key) is None and _get(current, key) == old_value:
                     dotted[key] = new.get(key, _get(base, key))
+        if any(k.startswith("global.") for k in dotted) and "global.enabled" not in dotted:
+            dotted["global.enabled"] = True  # setting a global option asks for the stage
         return super().override(dotted)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["global"] = out.pop("global_")
+        return out
 
     def check(self) -> "EngineConfig":
         """Refuse a bad config before anything is extracted or written (ValueError naming the option)."""
@@ -225,6 +242,7 @@ class EngineConfig(Config):
         self.rerank.check()
         lightglue.check(self.rerank.method, self.features.name, self.rerank.lightglue)
         self.qe.check()
+        self.global_.check()
         if self.qe.method == "hqe" and not get_kernel(self.index.kernel).per_word:
             raise ValueError("qe.method 'hqe' needs an ASMK kernel (index.kernel asmk or asmk_star)")
         return self
@@ -234,8 +252,14 @@ def absolute_paths(config: EngineConfig) -> EngineConfig:
     """``config`` with its model, PCA and detector folders made absolute: the engine saves them and later
     commands run from any folder."""
     changes = {}
-    for key, value in (("features.model", config.features.model), ("features.pca", config.features.pca),
-                       ("regions.proposer", config.regions.proposer)):
+    g = config.global_
+    paths = [("features.model", config.features.model), ("features.pca", config.features.pca),
+             ("regions.proposer", config.regions.proposer)]
+    if g.enabled:
+        paths += [("global.weights", g.weights), ("global.whitening", g.whitening)]
+        if g.backbone not in BACKBONES:
+            paths.append(("global.backbone", g.backbone))
+    for key, value in paths:
         if not value or key == "regions.proposer" and str(value).lower() in {"none", *PROPOSERS}:
             continue
         path = Path(str(value)).expanduser()

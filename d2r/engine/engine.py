@@ -38,6 +38,7 @@ from d2r.index.database import Database
 from d2r.build import Pipeline, check_codebook_plan
 from d2r.features.image import crop  # noqa: F401  (crop: part of this module's API)
 from d2r.engine.check import check_engine, has_store
+from d2r.engine.global_stage import GlobalStage
 from d2r.engine.config import FORMAT, FORMAT_VERSION, EngineConfig, absolute_paths, engine_config
 from d2r._lock import WriterLock
 from d2r.build import check_setup
@@ -107,6 +108,7 @@ class Engine:
         self._store_lock = threading.Lock()
         self._sources = SourcesTable(self.path)  # read on first access (a search needs only its hits' files)
         self._failures: dict[str, str] = read_failures(self.path)
+        self.global_stage = GlobalStage(self.path, config.global_) if config.global_.enabled else None
 
     # ---- construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -127,11 +129,15 @@ class Engine:
         extractor, book = check_setup(config, codebook)  # everything checked before the folder exists
         if book is None and images is not None:
             check_codebook_plan(config.codebook, extractor, images)
+        stage = GlobalStage(path, config.global_) if config.global_.enabled else None
+        if stage is not None:
+            stage.extractor  # the global model loads (or its extra is missing) before the folder exists
         created = not path.exists()
         try:
             path.mkdir(parents=True, exist_ok=True)
             engine = cls(path, config)
             engine.pipeline = Pipeline(config, extractor)
+            engine.global_stage = stage
             if book is not None:
                 engine._create_database(book)
             _io.write_json(path / "engine.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
@@ -241,6 +247,8 @@ class Engine:
                "config": self.config.to_dict()}
         if self._db is not None:
             out["index"] = self._db.info()
+        if self.global_stage is not None:
+            out["global"] = self.global_stage.info()
         if has_store(self.path):
             try:
                 out["store"] = self._feature_store().info()
@@ -288,6 +296,7 @@ class Engine:
             self._extract_batches([t for t in todo if t[0] not in store], store, report, progress)
             extracted = [i for i, p in todo if str(p) not in report.failed]  # failures are reported by file
             self._index_stored(store, extracted, report, progress, on_done)
+            self._index_global(progress)
         report.seconds = time.perf_counter() - t0
         return report
 
@@ -328,6 +337,7 @@ class Engine:
             todo = [i for i in chosen if i not in self]
             report.skipped = len(chosen) - len(todo)
             self._index_stored(own, todo, report, progress, on_done)
+            self._index_global(progress)
         report.seconds = time.perf_counter() - t0
         return report
 
@@ -384,6 +394,14 @@ class Engine:
         report.featureless += self.pipeline.fill_database(self._db, store, ready, on_batch=saved)
         self._save_tables()
 
+    def _index_global(self, progress: bool) -> None:
+        """The global stage's vectors of every indexed image that has none yet, from its recorded file (so an
+        interrupted or older engine catches up on the next ``index``)."""
+        if self.global_stage is None or self._db is None:
+            return
+        pairs = [(i, self._sources.get(str(i))) for i in self._db.ids().tolist()]
+        self.global_stage.add_images(pairs, progress=progress, batch_size=self.config.batch_size)
+
     def _extract_batches(self, todo, store, report: IndexReport, progress: bool) -> None:
         def record(image_id, p, error):
             if error is None:
@@ -419,6 +437,8 @@ class Engine:
             for image_id in ids:
                 self._db.remove(image_id)
             self._db.save()
+            if self.global_stage is not None:
+                self.global_stage.remove(ids)
             store.remove([str(i) for i in ids])
             for image_id in ids:
                 self._sources.pop(str(image_id), None)
@@ -511,7 +531,14 @@ class Engine:
                 gone.add(image_id)  # no longer a match: verified as nothing, left out of the hits
                 return LocalFeatures.empty(self.extractor.dim)
 
-        result = search_query(features, self._db, stored, rr, qe, depth, junk=exclude, query_num_assignments=ma)
+        shortlist, t0 = None, time.perf_counter()
+        if self.global_stage is not None:
+            shortlist = self.global_stage.shortlist(pixels, self._db)
+        took = time.perf_counter() - t0
+        result = search_query(features, self._db, stored, rr, qe, depth, junk=exclude, query_num_assignments=ma,
+                              shortlist=shortlist, global_weight=self.config.global_.weight)
+        if shortlist is not None:
+            result.timings["global"] = took
         result.info["removed_meanwhile"] = sorted(gone, key=str)
         return result
 

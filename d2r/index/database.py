@@ -526,23 +526,39 @@ class Database:
         items = self.item_scores(query, idf=idf, _threads=_threads)
         return _search.image_scores(items, self._item_image(), self._num_images_total(), self.mode, self._removed)
 
-    def search(self, query, top_k: int = 100, *, idf=None, _threads=None) -> Ranking:
+    def search(self, query, top_k: int = 100, *, within=None, idf=None, _threads=None) -> Ranking:
         """Rank the database for a query: (N, D) descriptors (aggregated with ``query_num_assignments``, no
         regions), an object with ``.descriptors``, or an :class:`Aggregated` record. Top-k by partial selection;
-        equal scores are ordered by insertion. ``idf``: as in :meth:`item_scores`. ``top_k``: a positive
-        integer (ValueError otherwise)."""
+        equal scores are ordered by insertion. ``within``: image ids (a two-stage search's shortlist): only
+        these are ranked, with the scores the whole search gives them (ids not in the database are left out).
+        ``idf``: as in :meth:`item_scores`. ``top_k``: a positive integer (ValueError otherwise)."""
         top_k = as_top_k(top_k)  # checked before the scan
+        rows = None if within is None else self._rows_of(within)
         scores, best = self.image_scores(query, idf=idf, _threads=_threads)
-        k = min(top_k, len(self))
+        k = min(top_k, len(self) if rows is None else len(rows))
         if k <= 0:
             return Ranking(self._out_ids(np.zeros(0, str)), np.zeros(0), np.zeros(0, np.int64))
-        top = _search.top_k(scores, k)
+        # rows ascending: the sub-array keeps insertion order, so ties break as in the whole search
+        top = _search.top_k(scores, k) if rows is None else rows[_search.top_k(scores[rows], k)]
         regions = np.zeros(k, np.int64)
         if self.mode == "search":
             region_of = self._item_regions()
             valid = best[top] >= 0
             regions[valid] = region_of[best[top][valid]]
         return Ranking(self._out_ids(self._all_ids()[top]), scores[top], regions)
+
+    def _rows_of(self, ids) -> np.ndarray:
+        """Ascending rows (insertion positions) of the live images among ``ids``, int64."""
+        index = self._id_index()
+        rows = []
+        for image_id in np.asarray(ids, object).reshape(-1).tolist():
+            try:
+                row = index.get(self._key(image_id))
+            except ValueError:
+                row = None
+            if row is not None:
+                rows.append(row)
+        return np.unique(np.asarray(rows, np.int64))
 
     def record(self, image_id) -> Aggregated:
         """The aggregated record the index holds for an image, read back from its segment: its one item in

@@ -1,4 +1,5 @@
-"""The query path's two config sections: ``rerank`` (geometric verification) and ``qe`` (query expansion).
+"""The query path's config sections: ``rerank`` (geometric verification), ``qe`` (query expansion) and
+``global`` (the global-descriptor first stage of a two-stage search).
 
 Their defaults are what d2r ships for its default features (RootSIFT); the options whose default depends on the
 feature type are listed in the one table :data:`d2r.engine.config.FEATURE_DEFAULTS`. The official
@@ -8,6 +9,7 @@ Detect-to-Retrieve re-ranking (for paper reproduction) is ``method: official`` w
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +17,7 @@ import numpy as np
 from d2r._threads import current_threads
 from d2r.config import Config
 from d2r.features import _torch
+from d2r.globaldesc.extractor import GlobalConfig
 from d2r.query import lightglue
 from d2r.signatures import HAMMING
 
@@ -186,3 +189,44 @@ class ExpansionConfig(Config):
                              f"got {self.hamming}")
         _count("qe.min_matches", self.min_matches, 0)
         return self
+
+
+FUSIONS = ("shortlist", "sum")
+
+
+@dataclass
+class GlobalStageConfig(GlobalConfig):
+    """The ``global`` section: a global-descriptor first stage (two-stage search). Off by default.
+
+    With ``enabled``, every indexed image also gets one global vector (the :class:`GlobalConfig` options above:
+    backbone, pooling, scales, whitening, ...; the ``[learned]`` extra), kept in the engine's global index, and a
+    search runs: the ``shortlist`` images of largest global inner product → the local-feature (ASMK*) scores of
+    those images only → verification and expansion as configured, within the shortlist.
+
+    Attributes (besides GlobalConfig's):
+        enabled: run the global stage. A config or ``--set`` that sets any ``global.*`` option without saying
+            ``enabled`` turns it on (``--set global.backbone=mobilenet_v2`` is a two-stage engine).
+        shortlist: N, the images the global stage passes on (>= 1).
+        weight: w in [0, 1]. The shortlist's ranking is by s = (1 − w)·s_local + w·s_global (w = 0: the local
+            score alone; the global stage only selects).
+    """
+
+    enabled: bool = False
+    shortlist: int = 100
+    weight: float = 0.0
+
+    def check(self) -> "GlobalStageConfig":
+        """ValueError naming the option (``global.<name>``); the extractor's options are checked when enabled."""
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"global.enabled must be true or false, got {self.enabled!r}")
+        _count("global.shortlist", self.shortlist, 1)
+        if isinstance(self.weight, bool) or not 0 <= self.weight <= 1:
+            raise ValueError(f"global.weight must be in [0, 1], got {self.weight!r}")
+        if self.enabled:
+            super().check()
+        return self
+
+    def extractor_config(self) -> GlobalConfig:
+        """The :class:`GlobalConfig` part: what determines the vectors."""
+        names = {f.name for f in dataclasses.fields(GlobalConfig)}
+        return GlobalConfig(**{k: v for k, v in vars(self).items() if k in names})

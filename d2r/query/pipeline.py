@@ -12,6 +12,8 @@ aggregating their features again.
 
 Stages, in the order they run (each a :class:`Stage`):
 
+- ``global`` (two-stage search, a ``shortlist`` given): the global stage's shortlist, by global score; the
+  stages after it rank only the shortlist's images, by (1 − w)·local + w·global score (``global_weight`` w).
 - ``initial``: the index's ranking of the query record (the top ``depth``).
 - ``verified`` (``rerank.enabled``): the first ``rerank.num_to_rerank`` ids that are not junk are verified and
   re-ordered by the rule of ``rerank.method`` (:mod:`d2r.query.order`).
@@ -39,7 +41,7 @@ from d2r.query.order import candidates, moved, order_verified
 from d2r.query.verify import verify_ids
 from d2r.signatures import cached_word_signatures_many
 
-STAGES = ("initial", "verified", "expanded")
+STAGES = ("global", "initial", "verified", "expanded")
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,8 @@ def prepare_query(features: LocalFeatures, db, rerank: RerankConfig | None = Non
 
 
 def search_query(query, db, get_features, rerank: RerankConfig, qe: ExpansionConfig, depth: int, *,
-                 junk=(), query_num_assignments: int | None = None, known: dict | None = None) -> QueryResult:
+                 junk=(), query_num_assignments: int | None = None, known: dict | None = None,
+                 shortlist=None, global_weight: float = 0.0) -> QueryResult:
     """Search ``db`` with one query and return every stage (see the module docstring).
 
     query: the query's LocalFeatures or a :class:`Query`; db: a Database or ShardedDatabase (``search``,
@@ -114,15 +117,28 @@ def search_query(query, db, get_features, rerank: RerankConfig, qe: ExpansionCon
     junk: ids (the database's id type) never verified nor used to expand; query_num_assignments: overrides
     the database's for this query; known: inlier counts already computed for this query with this ``rerank``
     (id -> count; a pair's count depends on nothing else), read and extended, so several calls for one query
-    (the benchmark's protocols) verify each pair once."""
+    (the benchmark's protocols) verify each pair once. shortlist: ``(ids, scores)`` of a global first stage
+    (:func:`global_shortlist`): the searches rank only these ids, fused with their global scores by
+    ``global_weight``."""
     rerank, qe = rerank.check(), qe.check()
     t0 = time.perf_counter()
     q = query if isinstance(query, Query) else prepare_query(query, db, rerank, query_num_assignments)
     junk = set(junk)
     known = {} if known is None else known
-    ranking = db.search(q.record, top_k=depth)
-    initial = _stage(ranking)
-    stages = {"initial": initial}
+    stages = {}
+    if shortlist is None:
+        def local_search(record):
+            return _stage(db.search(record, top_k=depth))
+    else:
+        listed_ids, listed_scores = np.asarray(shortlist[0]), np.asarray(shortlist[1], np.float64)
+        stages["global"] = Stage(listed_ids, listed_scores, np.full(len(listed_ids), -1, np.int64),
+                                 np.zeros(len(listed_ids), np.int64), np.zeros(len(listed_ids), bool))
+        by_id = dict(zip(listed_ids.tolist(), listed_scores.tolist()))
+
+        def local_search(record):
+            return fuse(_stage(db.search(record, top_k=depth, within=listed_ids)), by_id, global_weight)
+    initial = local_search(q.record)
+    stages["initial"] = initial
     timings = {"search": time.perf_counter() - t0, "rerank": 0.0, "expand": 0.0}
     info = {"verified": 0}
     verified: dict = {}  # id -> inliers of the ids THIS call verified (neighbours come from these only)
@@ -146,10 +162,33 @@ def search_query(query, db, get_features, rerank: RerankConfig, qe: ExpansionCon
                                          qe.top, rerank.min_inliers, junk)
         record, used = expanded_record(qe, db, q, neighbours, get_features, verified=rerank.enabled)
         info.update(used)
-        expanded = _stage(db.search(record, top_k=depth))
+        expanded = local_search(record)
         timings["expand"] += time.perf_counter() - t
         stages["expanded"] = verify(expanded) if rerank.enabled else expanded
     return QueryResult(stages, timings, info)
+
+
+def global_shortlist(index, vector: np.ndarray, size: int):
+    """The global stage: the ``size`` ids of largest inner product with the query's global ``vector`` (D,)
+    float32 in a :class:`~d2r.globaldesc.GlobalIndex`; ``(ids (n,) int64, scores (n,) float64)``, best first."""
+    if len(index) == 0:
+        return np.zeros(0, np.int64), np.zeros(0)
+    ids, scores = index.search(np.asarray(vector, np.float32)[None], top_k=size)
+    ids, scores = np.asarray(ids[0], np.int64), np.asarray(scores[0], np.float64)
+    live = np.isfinite(scores)  # padding past the live count: id -1, score -inf
+    return ids[live], scores[live]
+
+
+def fuse(stage: Stage, global_scores: dict, weight: float) -> Stage:
+    """A local ranking of shortlisted ids re-ordered by s = (1 − w)·s_local + w·s_global (w = ``weight``;
+    ``global_scores``: id -> global score). w = 0 returns ``stage`` unchanged; ties keep the local order."""
+    if weight == 0 or len(stage) == 0:
+        return stage
+    g = np.array([global_scores[i] for i in stage.ids.tolist()], np.float64)
+    fused = (1.0 - weight) * stage.scores + weight * g
+    order = np.argsort(-fused, kind="stable")
+    return Stage(stage.ids[order], fused[order], stage.inliers[order], stage.regions[order],
+                 stage.promoted[order])
 
 
 def _stage(ranking) -> Stage:
