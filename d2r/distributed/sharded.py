@@ -11,6 +11,7 @@ order — what :func:`build_shards` makes — so rankings are identical, ties in
 
 from __future__ import annotations
 
+import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +30,8 @@ from d2r.engine.sources import SourcesTable
 from d2r.features.base import RegionFeatures
 from d2r.features.store import FeatureStore
 from d2r.index.database import DatabaseConfig
+
+log = logging.getLogger(__name__)
 
 # "NODE_IP:/path": open this shard on the Ray node with that IP (the path is on that node).
 _NODE_PATH = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3}):(/.*)$")
@@ -392,6 +395,10 @@ class ShardedEngine(Engine):
         self._db = sharded
         self._sources = _Sources(sharded)
         self._failures = {}
+        if self.global_stage is not None:  # its global index would be shard 0's alone
+            log.warning("%s: a sharded engine runs the local stage only (the global stage of two-stage search "
+                        "is per engine folder)", self.shards[0])
+            self.global_stage = None
 
     def _stored(self, image_id):
         return self._db.features(str(image_id))
