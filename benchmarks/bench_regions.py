@@ -7,9 +7,8 @@ assigning whole-image features to boxes): regions per image, local features per 
 (what a regional-search index stores; R-ASMK* stores one aggregate per image), seconds per image, detector
 failures. Features: ``d2r.features.RootSIFT`` when available, else plain OpenCV SIFT (same keypoints).
 
-Issue 5's final table (Medium / Hard mAP of ASMK*, R-ASMK* and regional search with each proposer, index size
-and time) comes from the bench runner: run ``benchmarks/run_dev_table.sh`` (``d2r bench revisitop`` per config),
-then ``--runs DIR`` here (or ``benchmarks/dev_table.py DIR``) prints it; see benchmarks/results/dev_results.md.
+The retrieval table (Medium / Hard mAP of ASMK*, R-ASMK* and regional search with each proposer, index size
+and time) is ``python -m benchmarks.run dev`` (benchmarks/results/dev.md).
 """
 
 from __future__ import annotations
@@ -91,18 +90,6 @@ def region_rows(images, extractor, proposers):
     return rows
 
 
-def retrieval_rows(runs: Path) -> list[dict]:
-    """ASMK* vs R-ASMK* vs regional search rows (Medium/Hard mAP, index size, time) from the ``metrics.json``
-    of each run folder under ``runs`` (written by ``d2r bench revisitop``, e.g. via run_dev_table.sh)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("dev_table", Path(__file__).resolve().parent / "dev_table.py")
-    dev_table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dev_table)
-    return [dict(dev_table.describe(json.loads(p.read_text())), run=p.parent.name)
-            for p in sorted(runs.glob("*/metrics.json"))]
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "instance_bench_dev")
@@ -110,18 +97,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-side", type=int, default=1024)
     parser.add_argument("--proposers", default="none,grid,density")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--runs", type=Path, help="print the retrieval table of these bench runs instead")
     args = parser.parse_args(argv)
-    if args.runs is not None:
-        rows = retrieval_rows(args.runs)
-        if args.json:
-            print(json.dumps(rows, indent=2))
-            return 0
-        print(f"{'run':<32}{'Medium':>8}{'Hard':>8}{'+GV M':>8}{'+GV H':>8}{'items':>8}{'MB':>8}")
-        for r in rows:
-            gv = (f"{r['medium_gv']:>8.2f}{r['hard_gv']:>8.2f}" if r["medium_gv"] is not None else f"{'-':>8}" * 2)
-            print(f"{r['run']:<32}{r['medium']:>8.2f}{r['hard']:>8.2f}{gv}{r['items']:>8d}{r['index_mb']:>8.2f}")
-        return 0
     extractor, ename = make_extractor()
     images = list(load_images(args.data, args.limit, args.max_side))
     rows = region_rows(images, extractor, args.proposers.split(","))
