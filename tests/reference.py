@@ -140,3 +140,28 @@ def refine_exact(x, centroids, candidates, m):
     """Re-rank candidate words (n, c) by exact float64 squared L2, the ``m`` nearest per row (ties by lower
     index), through d2r.kernels.assign.refine_or_scan (reference, no library caller)."""
     return refine_or_scan(x, centroids, candidates, np.zeros(candidates.shape[0], np.bool_), m)
+
+
+def normalized_distances(query, sigs):
+    """‖q − s‖ / (‖q‖ + ‖s‖) of (L,) int8 ``query`` to each row of (N, L) int8 ``sigs``, float64 by
+    np.linalg.norm (image-match's formula), 1.0 where both are zero (its 0/0 value)."""
+    q = np.asarray(query).astype(np.int64)
+    s = np.asarray(sigs).astype(np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = np.linalg.norm(s - q, axis=1) / (np.linalg.norm(q) + np.linalg.norm(s, axis=1))
+    return np.where(np.isnan(d), 1.0, d)
+
+
+def word_search(q_words, q_sigs, words, sigs, dead, threshold):
+    """Brute force twin of d2r.kernels.signature.word_search over one segment: every (query, row) with a word
+    equal at the same position, the row not dead, distance < threshold. Returns (queries, rows, distances)
+    sorted by query then row."""
+    out = ([], [], [])
+    for qi in range(q_words.shape[0]):
+        cand = np.flatnonzero((words == q_words[qi][None, :]).any(axis=1) & ~dead)
+        d = normalized_distances(q_sigs[qi], sigs[cand])
+        keep = d < threshold
+        out[0].append(np.full(int(keep.sum()), qi, np.int64))
+        out[1].append(cand[keep].astype(np.int64))
+        out[2].append(d[keep])
+    return tuple(np.concatenate(a) if a else np.zeros(0) for a in out)
