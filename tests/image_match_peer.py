@@ -4,7 +4,8 @@ the test suite: ``python tests/image_match_peer.py IN.npz OUT.npz``.
 IN holds ``image_<i>`` (H, W, 3) uint8 RGB arrays (decoded by d2r, so both sides see the same pixels). OUT gets,
 from image-match itself: ``signatures`` (n, 648) int8 (``ImageSignature().generate_signature(array)``),
 ``words`` (n, 63) int64 (``get_words`` + ``max_contrast`` + ``words_to_int`` with SignatureDatabase's k=16,
-N=63) and ``distances`` (n, n) float64 (``normalized_distance`` of each signature to all).
+N=63) ``distances`` (n, n) float64 (``normalized_distance`` of each signature to all) and ``seconds``
+(the signatures' time).
 
 Shim: image-match 1.1.2 pins scikit-image < 0.13, which does not build on current Pythons; its array path
 (``rgb2gray``) works with a current scikit-image unchanged, and only its file path uses the removed
@@ -12,6 +13,7 @@ Shim: image-match 1.1.2 pins scikit-image < 0.13, which does not build on curren
 """
 
 import sys
+import time
 
 import numpy as np
 from image_match.goldberg import ImageSignature
@@ -22,7 +24,9 @@ def main(src: str, dst: str) -> None:
     data = np.load(src)
     images = [data[f"image_{i}"] for i in range(len(data.files))]
     gis = ImageSignature()
+    t0 = time.perf_counter()
     sigs = np.stack([gis.generate_signature(a) for a in images]) if images else np.zeros((0, 648), np.int8)
+    seconds = time.perf_counter() - t0
     words = []
     for s in sigs:
         w = get_words(s, 16, 63)
@@ -30,7 +34,7 @@ def main(src: str, dst: str) -> None:
         words.append(words_to_int(w))
     words = np.array(words, np.int64).reshape(len(sigs), 63)
     dist = np.stack([normalized_distance(sigs, s) for s in sigs]) if len(sigs) else np.zeros((0, 0))
-    np.savez(dst, signatures=sigs, words=words, distances=dist)
+    np.savez(dst, signatures=sigs, words=words, distances=dist, seconds=seconds)
 
 
 if __name__ == "__main__":
