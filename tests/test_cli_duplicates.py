@@ -130,3 +130,13 @@ def test_an_engine_gives_a_verified_second_opinion_for_a_crop(demo_photos, capsy
     assert doc["parameters"]["second_opinion"]["min_inliers"] > 0
     code, out, err = run_cli(capsys, "duplicates", eng, "--json", "--quiet", "--no-second-opinion")
     assert code == 0 and ("temple-crop", "temple-dusk") not in {(p["a"], p["b"]) for p in json.loads(out)["pairs"]}
+    # --keep: the signatures kept in ENGINE/signatures, used by later runs (which read no image again)
+    code, out, err = run_cli(capsys, "duplicates", eng, "--json", "--quiet", "--keep")
+    assert code == 0 and (eng / "signatures" / "manifest.json").is_file(), err
+    kept = json.loads(out)
+    code, out, err = run_cli(capsys, "duplicates", eng, "--json", "--quiet")
+    again = json.loads(out)
+    assert kept["parameters"]["images_read"] == 7 and again["parameters"]["images_read"] == 0
+    assert again["pairs"] == kept["pairs"] == doc["pairs"] and again["groups"] == doc["groups"]
+    code, _, err = run_cli(capsys, "index", "check", eng, "--quiet")
+    assert code == 0, err  # the kept signatures disturb nothing of the engine's

@@ -4,9 +4,11 @@ line."""
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 
+from d2r.duplicates.find import find_duplicates, id_key
 from d2r.duplicates.index import SignatureIndex
 from d2r.duplicates.signature import words
 from d2r.storage import DamagedError, TierPolicy
@@ -196,3 +198,28 @@ def test_flipped_bytes_are_found_by_check_and_bad_rows_on_open(tmp_path):
     m["segments"][0]["files"]["sorted_rows.npy"]["size"] = rows.stat().st_size
     (path / "manifest.json").write_text(json.dumps(m))
     assert str(rows) in one_line_error(path, "row numbers outside")
+
+
+def test_a_kept_index_reads_only_new_images_and_forgets_unlisted_ones(tmp_path, bundled_photos):
+    """find_duplicates(keep=...) (``d2r duplicates ENGINE --keep``): the same pairs as without, the second run
+    reads nothing, a new image is read alone, an image no longer listed leaves the index."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    images = []
+    for name, a in bundled_photos.items():
+        for tag, im in (("", a), ("-half", a[::2, ::2])):
+            path = folder / f"{name}{tag}.png"
+            cv2.imwrite(str(path), cv2.cvtColor(np.ascontiguousarray(im), cv2.COLOR_RGB2BGR))
+            images.append((f"{name}{tag}", path))
+    plain = find_duplicates(images[:-1], progress=False)
+    kept = tmp_path / "sigs"
+    first = find_duplicates(images[:-1], keep=kept, progress=False)
+    again = find_duplicates(images[:-1], keep=kept, progress=False)
+    assert first.parameters["images_read"] == len(images) - 1 and again.parameters["images_read"] == 0
+    assert first.pairs == plain.pairs == again.pairs and first.groups == plain.groups
+    more = find_duplicates(images, keep=kept, progress=False)
+    assert more.parameters["images_read"] == 1 and len(more.groups) == len(plain.groups) + 1
+    fewer = find_duplicates(images[2:], keep=kept, progress=False)
+    assert fewer.parameters["images_read"] == 0
+    idx = SignatureIndex.open(kept)
+    assert len(idx) == len(images) - 2 and id_key(images[0][0]) not in idx and not idx.check()

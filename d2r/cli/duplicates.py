@@ -14,6 +14,9 @@ from d2r.duplicates.signature import DEFAULT
 from d2r.engine import Engine
 from d2r.engine.sources import read_sources
 from d2r.features.image import list_images
+from d2r.storage import MANIFEST
+
+KEPT = "signatures"  # the kept signature index's folder inside an engine folder
 
 
 def threshold_value(text: str) -> float:
@@ -46,6 +49,9 @@ def add_parser(subparsers) -> None:
                              "for an engine with an index)")
     second.add_argument("--no-second-opinion", dest="second_opinion", action="store_false",
                         help="signatures only")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the signatures in the engine folder (ENGINE/signatures, a signature index): later "
+                        "runs read only the images it does not hold yet (used whenever it exists)")
     p.add_argument("--page", metavar="FILE", help="also write an HTML results page with thumbnails")
     p.add_argument("--workers", type=int, default=None, help="threads reading images (default: CPU count, ≤ 8)")
     p.add_argument("--json", action="store_true", help="print one JSON document (groups, pairs, parameters)")
@@ -70,8 +76,10 @@ def run(args) -> int:
             raise IsADirectoryError(f"--page {page}: is a folder (give a file name, e.g. duplicates.html)")
         if not page.parent.is_dir():
             raise FileNotFoundError(f"--page {page}: folder {page.parent} does not exist")
-    engine = None
+    engine, keep = None, None
     if source.is_dir() and _is_engine(source):
+        if args.keep or (source / KEPT / MANIFEST).exists():
+            keep = source / KEPT
         engine = Engine.open(source)
         images = sorted(read_sources(source)[0].items())  # the engine's recorded image files
         if not images:
@@ -81,6 +89,8 @@ def run(args) -> int:
         if second and (engine.database is None or not len(engine)):
             raise UsageError(f"--second-opinion: {source} has no index to search")
     else:
+        if args.keep:
+            raise UsageError(f"--keep keeps signatures in an engine folder; {source} is not one")
         if args.second_opinion:
             raise UsageError("--second-opinion needs an engine folder (FOLDER_OR_ENGINE made by `d2r index "
                              "create`)")
@@ -88,7 +98,7 @@ def run(args) -> int:
         images = list_images(source)  # ValueError naming the folder when it holds no images
     progress = not args.quiet
     report = find_duplicates(images, args.threshold, engine=engine, second_opinion=second, progress=progress,
-                             workers=args.workers)
+                             workers=args.workers, keep=keep)
     if args.page is not None:
         write_page(report, args.page)
     for i, path, error in report.failures:

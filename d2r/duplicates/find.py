@@ -9,12 +9,14 @@ One entry point: :func:`find_duplicates` (a :class:`DuplicatesReport`); :func:`w
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -24,6 +26,7 @@ from d2r import _io
 from d2r.duplicates.index import SignatureIndex
 from d2r.duplicates.signature import DEFAULT, SignatureConfig, signature_of_pixels
 from d2r.features.image import load_image
+from d2r.storage import MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,7 @@ def group_pairs(ids: list, pairs: list) -> list:
     """Connected components (≥ 2 images) of ``pairs`` over ``ids``: lists of ids in the order of ``ids``,
     largest group first, then by its first image."""
     parent = {i: i for i in ids}
+    order = {i: k for k, i in enumerate(ids)}
 
     def root(i):
         while parent[i] != i:
@@ -104,39 +108,94 @@ def group_pairs(ids: list, pairs: list) -> list:
     for p in pairs:
         ra, rb = root(p.a), root(p.b)
         if ra != rb:
-            parent[max(ra, rb, key=ids.index)] = min(ra, rb, key=ids.index)
+            parent[max(ra, rb, key=order.get)] = min(ra, rb, key=order.get)  # the first image is the root
     groups: dict = {}
     for i in ids:
         groups.setdefault(root(i), []).append(i)
-    order = {i: k for k, i in enumerate(ids)}
     return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: (-len(g), order[g[0]]))
+
+
+def id_key(image_id: str) -> int:
+    """The int64 key of a string image id in a kept signature index (BLAKE2b-64 of its UTF-8 bytes)."""
+    digest = hashlib.blake2b(str(image_id).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def _keys(ids) -> np.ndarray:
+    keys = np.array([id_key(i) for i in ids], np.int64)
+    if np.unique(keys).size != keys.size:  # 2**-64 per pair: refuse rather than mix two images up
+        raise ValueError("two image ids share a signature-index key; run without a kept index")
+    return keys
+
+
+def kept_pairs(path, images, threshold: float, config: SignatureConfig = DEFAULT, progress: bool = True,
+               workers: int | None = None):
+    """Signature pairs among (id, path) ``images`` through the signature index kept at ``path`` (created when
+    absent; its writer lock held meanwhile): only the images it does not hold yet are read, those no longer
+    listed are removed, the result is saved, then its pairs are searched. Returns (ids read or held, in the
+    order of ``images``; pairs as (id_a, id_b, distance); failures; number of images read)."""
+    images = list(images)
+    keys = _keys([i for i, _ in images])
+    path = Path(path)
+    index = (SignatureIndex.open(path, writable=True) if (path / MANIFEST).exists()
+             else SignatureIndex.create(path, config, metadata={"ids": "BLAKE2b-64 of the image id"}))
+    try:
+        if index.config != config:
+            raise ValueError(f"{path}: kept signatures were computed with other parameters ({index.config})")
+        held = index.ids()
+        listed = set(keys.tolist())
+        stale = [k for k in held.tolist() if k not in listed]
+        if stale:
+            index.remove(stale)
+        have = set(held.tolist()) - set(stale)
+        todo = [(item, k) for item, k in zip(images, keys.tolist()) if k not in have]
+        new_ids, new_sigs, failures = compute_signatures([item for item, _ in todo], config, progress, workers)
+        key_of = {item[0]: k for item, k in todo}
+        index.add(np.array([key_of[i] for i in new_ids], np.int64), new_sigs)
+        if stale or new_ids:
+            index.save()
+        a, b, d = index.pairs(threshold)
+    finally:
+        index.close()
+    id_of = dict(zip(keys.tolist(), (i for i, _ in images)))
+    failed = {i for i, _, _ in failures}
+    pairs = [(id_of[x], id_of[y], z) for x, y, z in zip(a.tolist(), b.tolist(), d.tolist())]
+    return [i for i, _ in images if i not in failed], pairs, failures, len(todo)
 
 
 def find_duplicates(images, threshold: float | None = None, config: SignatureConfig = DEFAULT,
                     engine=None, second_opinion: bool = False, progress: bool = True,
-                    workers: int | None = None) -> DuplicatesReport:
+                    workers: int | None = None, keep=None) -> DuplicatesReport:
     """Near-duplicate groups among (id, path) ``images``.
 
     threshold: pairs with a normalised signature distance below it (default: the config's, image-match's 0.45);
     engine, second_opinion: with an :class:`~d2r.engine.Engine` whose index holds these ids, each image no
     signature pair reached is searched (ASMK* + geometric verification) and paired with the images of this set
-    it finds with at least ``rerank.min_inliers`` inliers."""
+    it finds with at least ``rerank.min_inliers`` inliers; keep: a folder for a kept signature index
+    (:func:`kept_signatures`: later runs read only new images)."""
     threshold = config.threshold if threshold is None else float(threshold)
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     images = list(images)
     seconds = {}
     t = time.perf_counter()
-    ids, sigs, failures = compute_signatures(images, config, progress, workers)
-    seconds["signatures"] = time.perf_counter() - t
-    t = time.perf_counter()
-    index = SignatureIndex(config)
-    index.add(np.arange(len(ids), dtype=np.int64), sigs)
-    a, b, d = index.pairs(threshold)
-    pairs = [Pair(ids[i], ids[j], "signature", distance=round(float(x), 6)) for i, j, x in
-             zip(a.tolist(), b.tolist(), d.tolist())]
-    seconds["pairs"] = time.perf_counter() - t
-    parameters = {"threshold": threshold, "signature": asdict(config), "second_opinion": None}
+    if keep is not None:  # the kept index: signatures of new images only, its own search
+        ids, found, failures, read = kept_pairs(keep, images, threshold, config, progress, workers)
+        seconds["signatures_and_pairs"] = time.perf_counter() - t
+    else:
+        ids, sigs, failures = compute_signatures(images, config, progress, workers)
+        read = len(images)
+        seconds["signatures"] = time.perf_counter() - t
+        t = time.perf_counter()
+        index = SignatureIndex(config)
+        index.add(np.arange(len(ids), dtype=np.int64), sigs)
+        a, b, d = index.pairs(threshold)
+        found = [(ids[i], ids[j], x) for i, j, x in zip(a.tolist(), b.tolist(), d.tolist())]
+        seconds["pairs"] = time.perf_counter() - t
+    order = {i: k for k, i in enumerate(ids)}
+    pairs = [Pair(*sorted((x, y), key=order.get), "signature", distance=round(float(z), 6)) for x, y, z in found]
+    parameters = {"threshold": threshold, "signature": asdict(config), "second_opinion": None,
+                  "kept_index": None if keep is None else str(keep), "images_read": read}
     if engine is not None and second_opinion:
         t = time.perf_counter()
         min_inliers = int(engine.config.rerank.min_inliers)
@@ -144,7 +203,6 @@ def find_duplicates(images, threshold: float | None = None, config: SignatureCon
                                         "min_inliers": min_inliers}
         pairs += _verified_pairs(engine, images, ids, pairs, min_inliers, progress)
         seconds["second_opinion"] = time.perf_counter() - t
-    order = {i: k for k, i in enumerate(ids)}
     groups = group_pairs(ids, pairs)
     pairs.sort(key=lambda p: (order[p.a], order[p.b]))
     return DuplicatesReport(images, groups, pairs, failures, parameters, seconds)
