@@ -46,12 +46,16 @@ def _run_peer(images, tmp_path):
 
 
 def _edge_cases():
-    """Featureless, tiny, black-against-white (a difference of exactly 1.0 that a later bin re-labels)."""
+    """Featureless, tiny (P = 2 below 30 px, one-pixel sides), black-against-white (a difference of exactly 1.0
+    that a later bin re-labels)."""
     bw = np.zeros((100, 100, 3), np.uint8)
     bw[:, 50:] = 255
     stripes = np.zeros((37, 211, 3), np.uint8)
     stripes[:, ::7] = 255
-    return [np.full((40, 60, 3), 128, np.uint8), np.zeros((5, 5, 3), np.uint8), bw, stripes]
+    rng = np.random.default_rng(0)
+    tiny = [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in ((1, 1), (1, 50), (50, 1), (3, 700),
+                                                                              (29, 31), (39, 41))]
+    return [np.full((40, 60, 3), 128, np.uint8), np.zeros((5, 5, 3), np.uint8), bw, stripes] + tiny
 
 
 def _compare(images, tmp_path):
