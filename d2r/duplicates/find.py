@@ -172,7 +172,7 @@ def find_duplicates(images, threshold: float | None = None, config: SignatureCon
     engine, second_opinion: with an :class:`~d2r.engine.Engine` whose index holds these ids, each image no
     signature pair reached is searched (ASMK* + geometric verification) and paired with the images of this set
     it finds with at least ``rerank.min_inliers`` inliers; keep: a folder for a kept signature index
-    (:func:`kept_signatures`: later runs read only new images)."""
+    (:func:`kept_pairs`: later runs read only new images)."""
     threshold = config.threshold if threshold is None else float(threshold)
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
