@@ -248,23 +248,19 @@ class SignatureIndex:
         ids = np.asarray(ids, np.int64).reshape(-1)
         out = np.empty((ids.size, self.config.length), np.int8)
         rows = self._saved_row(ids)
-        pend = self._pending()
-        for j, (i, r) in enumerate(zip(ids.tolist(), rows.tolist())):
-            if r >= 0:
-                seg, local = self._locate(r)
-                out[j] = seg.sigs[local]
-            elif i in self._pending_live:
+        for s, base in zip(self._segments, _bases(self._segments)):  # gathered segment by segment
+            sel = (rows >= base) & (rows < base + s.rows)
+            if sel.any():
+                out[sel] = s.sigs[rows[sel] - base]
+        missing = np.flatnonzero(rows < 0)
+        if missing.size:
+            pend = self._pending()
+            for j in missing.tolist():
+                i = int(ids[j])
+                if i not in self._pending_live:
+                    raise KeyError(f"id {i} not in the index")
                 out[j] = pend.sigs[self._pending_live[i]]
-            else:
-                raise KeyError(f"id {i} not in the index")
         return out
-
-    def _locate(self, r: int) -> tuple[_Segment, int]:
-        for s in self._segments:
-            if r < s.rows:
-                return s, r
-            r -= s.rows
-        raise IndexError(r)
 
     def _pending(self) -> _Segment:
         if self._pending_segment is None:
