@@ -69,6 +69,8 @@ def test_random_add_remove_save_reopen_equals_brute_force(tmp_path, seed):
         for got, want in zip(idx.search(queries, threshold), brute_force(live, queries, threshold)):
             np.testing.assert_array_equal(got, want)
         assert len(idx) == len(live) and idx.ids().tolist() == list(live)
+        if live:
+            np.testing.assert_array_equal(idx.signatures(list(live)[::-1]), np.stack(list(live.values())[::-1]))
     idx.save()
     assert not idx.check()
     assert len(list((tmp_path / "s").glob("seg-*"))) <= 2 * 4  # merged; old segments collected
