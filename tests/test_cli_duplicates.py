@@ -11,6 +11,7 @@ import pytest
 
 from d2r.demo import make_dataset
 from tests.corpus import new_engine, run_cli
+from tests.test_query_path import _run_probe
 
 PLANTED = ("temple-dusk", "cat-viewpoint", "coffee-in-scene", "rocket-dusk", "distractor-moon", "flower-dusk")
 
@@ -140,3 +141,13 @@ def test_an_engine_gives_a_verified_second_opinion_for_a_crop(demo_photos, capsy
     assert again["pairs"] == kept["pairs"] == doc["pairs"] and again["groups"] == doc["groups"]
     code, _, err = run_cli(capsys, "index", "check", eng, "--quiet")
     assert code == 0, err  # the kept signatures disturb nothing of the engine's
+
+
+def test_a_second_process_compiles_nothing(demo_photos, tmp_path):
+    """The kernels are cached (cache=True): a fresh `d2r duplicates` process loads machine code."""
+    cache = str(tmp_path / "numba-cache")  # an empty cache: the first process must compile
+    args = ["duplicates", demo_photos / "copies", "--quiet", "--json"]
+    first = _run_probe(tmp_path, "first", args, NUMBA_CACHE_DIR=cache)
+    assert first["code"] == 0 and "word_search" in first["compiled"], first
+    second = _run_probe(tmp_path, "second", args, NUMBA_CACHE_DIR=cache)
+    assert second["code"] == 0 and second["compiled"] == [], second
