@@ -1,7 +1,8 @@
 """Runs under the Python of ``D2R_IMAGE_MATCH_PYTHON`` (a venv with ``image-match`` 1.1.2), never imported by
 the test suite: ``python tests/image_match_peer.py IN.npz OUT.npz``.
 
-IN holds ``image_<i>`` (H, W, 3) uint8 RGB arrays (decoded by d2r, so both sides see the same pixels). OUT gets,
+IN holds ``image_<i>`` (H, W, 3) uint8 RGB arrays (decoded by d2r, so both sides see the same pixels) and
+optionally ``paths`` (image files, read by image-match itself: ``file_signatures``). OUT gets,
 from image-match itself: ``signatures`` (n, 648) int8 (``ImageSignature().generate_signature(array)``),
 ``words`` (n, 63) int64 (``get_words`` + ``max_contrast`` + ``words_to_int`` with SignatureDatabase's k=16,
 N=63) ``distances`` (n, n) float64 (``normalized_distance`` of each signature to all) and ``seconds``
@@ -22,7 +23,8 @@ from image_match.signature_database_base import get_words, max_contrast, normali
 
 def main(src: str, dst: str) -> None:
     data = np.load(src)
-    images = [data[f"image_{i}"] for i in range(len(data.files))]
+    images = [data[f"image_{i}"] for i in range(len([f for f in data.files if f.startswith("image_")]))]
+    paths = [str(p) for p in data["paths"]] if "paths" in data.files else []
     gis = ImageSignature()
     t0 = time.perf_counter()
     sigs = np.stack([gis.generate_signature(a) for a in images]) if images else np.zeros((0, 648), np.int8)
@@ -34,7 +36,10 @@ def main(src: str, dst: str) -> None:
         words.append(words_to_int(w))
     words = np.array(words, np.int64).reshape(len(sigs), 63)
     dist = np.stack([normalized_distance(sigs, s) for s in sigs]) if len(sigs) else np.zeros((0, 0))
-    np.savez(dst, signatures=sigs, words=words, distances=dist, seconds=seconds)
+    # image files through image-match's own decoding (its bytestream path: Pillow, converted to RGB)
+    files = [gis.generate_signature(open(p, "rb").read(), bytestream=True) for p in paths]
+    file_sigs = np.stack(files) if files else np.zeros((0, 648), np.int8)
+    np.savez(dst, signatures=sigs, words=words, distances=dist, seconds=seconds, file_signatures=file_sigs)
 
 
 if __name__ == "__main__":

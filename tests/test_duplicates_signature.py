@@ -5,7 +5,8 @@ package's; it also equals a step-by-step numpy reference written from the paper 
 The peer runs in its own Python (``D2R_IMAGE_MATCH_PYTHON``: a venv with ``image-match``, e.g.
 ``python3 -m venv /opt/im && /opt/im/bin/pip install --no-deps image-match==1.1.2 numpy scikit-image pillow``),
 so the project's environment never needs it; the tests skip, saying why, where it is not set up. Both sides get
-the same decoded pixels (d2r's loader): the parity is of the signature, not of two JPEG decoders.
+the same decoded pixels (d2r's loader): the parity is of the signature, not of two JPEG decoders; on the dev
+photos the files are also compared as each side reads them (image-match's bytestream path).
 """
 
 import os
@@ -38,9 +39,9 @@ def _peer_python() -> str:
     return exe
 
 
-def _run_peer(images, tmp_path):
+def _run_peer(images, tmp_path, paths=()):
     src, dst = tmp_path / "in.npz", tmp_path / "out.npz"
-    np.savez(src, **{f"image_{i}": a for i, a in enumerate(images)})
+    np.savez(src, paths=np.array([str(p) for p in paths]), **{f"image_{i}": a for i, a in enumerate(images)})
     subprocess.run([_peer_python(), str(PEER), str(src), str(dst)], check=True, timeout=600)
     return np.load(dst)
 
@@ -58,8 +59,12 @@ def _edge_cases():
     return [np.full((40, 60, 3), 128, np.uint8), np.zeros((5, 5, 3), np.uint8), bw, stripes] + tiny
 
 
-def _compare(images, tmp_path):
-    out = _run_peer(images, tmp_path)
+def _compare(images, tmp_path, paths=()):
+    out = _run_peer(images, tmp_path, paths)
+    if len(paths):  # the files as each side reads them (both decode with Pillow; no EXIF rotation in these)
+        mine = np.stack([signature(p) for p in paths])
+        same = (mine == out["file_signatures"]).all(axis=1)
+        assert same.all(), f"file signatures differ for {[str(p) for p in np.array(paths)[~same]]}"
     mine = np.stack([signature_of_pixels(a) for a in images])
     same = (mine == out["signatures"]).all(axis=1)
     assert same.all(), f"signatures differ for images {np.flatnonzero(~same).tolist()}"
@@ -74,7 +79,7 @@ def _compare(images, tmp_path):
 def test_equal_to_image_match_on_the_dev_photos(bench_dev, tmp_path):
     files = sorted(p for p in (bench_dev / "images").rglob("*") if p.is_file())[::12]
     assert len(files) >= 20
-    _compare([load_image(f) for f in files] + _edge_cases(), tmp_path)
+    _compare([load_image(f) for f in files] + _edge_cases(), tmp_path, paths=files)
 
 
 def test_equal_to_image_match_on_bundled_photos_and_their_copies(bundled_photos, tmp_path):
