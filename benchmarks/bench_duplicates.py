@@ -144,10 +144,12 @@ def main() -> None:
               "copies_per_original": args.copies, "threshold": args.threshold, "rows": rows}
     print(f"{len(images)} images ({args.originals} originals × {args.copies} copies among distractors), "
           f"threshold {args.threshold}")
-    print("| rule | pairs | precision | recall | " + " | ".join(f"recall {k}" for k in KINDS) + " | signatures/s |")
+    kinds = " | ".join(f"recall {k}" for k in KINDS)
+    print(f"| rule | pairs | precision | recall | {kinds} | signatures/s |")
     print("|---|---|---|---|" + "---|" * len(KINDS) + "---|")
     for name, r in rows.items():
-        by = " | ".join("-" if r["recall_by_change"][k] is None else f"{r['recall_by_change'][k]:.2f}" for k in KINDS)
+        rec = r["recall_by_change"]
+        by = " | ".join("-" if rec[k] is None else f"{rec[k]:.2f}" for k in KINDS)
         print(f"| {name} | {r['pairs']} | {r['precision']:.3f} | {r['recall']:.3f} | {by} | "
               f"{r['signatures_per_s']} |")
     if args.json:

@@ -132,7 +132,9 @@ def _print(report, args) -> None:
                 print(f"    {p.a} ~ {p.b}: {how} ({p.rule})")
     n_img = len(report.images) - len(report.failures)
     tail = f", {len(report.failures)} unreadable" if report.failures else ""
-    print(f"{len(report.groups)} groups of near-duplicates ({sum(len(g) for g in report.groups)} images) among "
+    n = len(report.groups)
+    grouped = sum(len(g) for g in report.groups)
+    print(f"{n} group{'' if n == 1 else 's'} of near-duplicates ({grouped} images) among "
           f"{n_img} images{tail}; signature distance < {report.parameters['threshold']}"
           + (f"; second opinion: {report.parameters['second_opinion']['rule']}"
              if report.parameters.get("second_opinion") else ""))

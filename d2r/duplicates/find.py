@@ -263,7 +263,7 @@ def write_page(report: DuplicatesReport, path) -> None:
 figure{{margin:0;width:{THUMB_SIDE}px;border:2px solid #888}} img{{width:100%;display:block}}
 figcaption{{font-size:11px;word-break:break-all}} li{{font-size:12px}}</style>
 <h1>d2r duplicates</h1>
-<p>{len(report.groups)} groups of near-duplicates among {len(report.images)} images (Goldberg signature,
+<p>{len(report.groups)} group(s) of near-duplicates among {len(report.images)} images (Goldberg signature,
 normalised distance below {th}{"; second opinion: " + html.escape(report.parameters["second_opinion"]["rule"])
                                if report.parameters.get("second_opinion") else ""}).</p>
 {''.join(rows) or '<p>No near-duplicates.</p>'}

@@ -292,8 +292,8 @@ class SignatureIndex:
         pend = self._pending()
         dead_pend = np.zeros(pend.rows, bool)
         dead_pend[list(self._pending_removed)] = True
-        for seg, dead in [(s, self._removed[b:b + s.rows]) for s, b in zip(self._segments, _bases(self._segments))] \
-                + [(pend, dead_pend)]:
+        parts_of = [(s, self._removed[b:b + s.rows]) for s, b in zip(self._segments, _bases(self._segments))]
+        for seg, dead in parts_of + [(pend, dead_pend)]:
             if seg.rows:
                 qi, rows, dist = _search_segment(qw, q, seg, np.ascontiguousarray(dead), threshold)
                 parts[0].append(qi)
@@ -481,7 +481,8 @@ def _open_segment(root: Path, rec: dict, config: SignatureConfig) -> _Segment:
     d = Path(root) / rec["name"]
     n, files = int(rec["rows"]), rec.get("files") or {}
     shapes = {"signatures.npy": (np.int8, (n, config.length)), "ids.npy": (np.int64, (n,)),
-              "sorted_words.npy": (np.int64, (config.n_words, n)), "sorted_rows.npy": (np.int32, (config.n_words, n))}
+              "sorted_words.npy": (np.int64, (config.n_words, n)),
+              "sorted_rows.npy": (np.int32, (config.n_words, n))}
     arrays = {f: _load_checked(d / f, files.get(f), *shapes[f]) for f in FILES}
     rows = np.array(arrays["sorted_rows.npy"])
     if rows.size and (rows.min() < 0 or rows.max() >= n):  # the kernel trusts row numbers: check them once
