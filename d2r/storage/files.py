@@ -23,8 +23,9 @@ HINTS = {
     "features": "feature store damaged; `d2r index check` lists the damaged files, `d2r index repair` restores "
                 "the newest intact generation and drops damaged shards (their images must be extracted again)",
     "global": "global index damaged; GlobalIndex.check() lists the damaged files",
-    "signatures": "signature index damaged; SignatureIndex.check() lists the damaged files (signatures are "
-                  "computed again from the images by `d2r duplicates` on the folder)",
+    "signatures": "signature index damaged; SignatureIndex.check() lists the damaged files; signatures are "
+                  "only a cache of the images: remove the folder and `d2r duplicates ENGINE --keep` computes "
+                  "them again",
 }
 
 
