@@ -140,3 +140,70 @@ def refine_exact(x, centroids, candidates, m):
     """Re-rank candidate words (n, c) by exact float64 squared L2, the ``m`` nearest per row (ties by lower
     index), through d2r.kernels.assign.refine_or_scan (reference, no library caller)."""
     return refine_or_scan(x, centroids, candidates, np.zeros(candidates.shape[0], np.bool_), m)
+
+
+def normalized_distances(query, sigs):
+    """‖q − s‖ / (‖q‖ + ‖s‖) of (L,) int8 ``query`` to each row of (N, L) int8 ``sigs``, float64 by
+    np.linalg.norm (image-match's formula), 1.0 where both are zero (its 0/0 value)."""
+    q = np.asarray(query).astype(np.int64)
+    s = np.asarray(sigs).astype(np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = np.linalg.norm(s - q, axis=1) / (np.linalg.norm(q) + np.linalg.norm(s, axis=1))
+    return np.where(np.isnan(d), 1.0, d)
+
+
+def word_search(q_words, q_sigs, words, sigs, dead, threshold):
+    """Brute force twin of d2r.kernels.signature.word_search over one segment: every (query, row) with a word
+    equal at the same position, the row not dead, distance < threshold. Returns (queries, rows, distances)
+    sorted by query then row."""
+    out = ([], [], [])
+    for qi in range(q_words.shape[0]):
+        cand = np.flatnonzero((words == q_words[qi][None, :]).any(axis=1) & ~dead)
+        d = normalized_distances(q_sigs[qi], sigs[cand])
+        keep = d < threshold
+        out[0].append(np.full(int(keep.sum()), qi, np.int64))
+        out[1].append(cand[keep].astype(np.int64))
+        out[2].append(d[keep])
+    return tuple(np.concatenate(a) if a else np.zeros(0) for a in out)
+
+
+def goldberg_signature(rgb, n=9, crop=(5, 95), tolerance=2 / 255, levels=2):
+    """The Goldberg signature written step by step from the paper (Wong, Bern & Goldberg, ICIP 2002) with
+    image-match's choices (grey by Rec. 709 luma of rgb/255, windows by the percentiles of cumulative gradient
+    sums, P = max(2, int(0.5 + min(H, W)/20)), bins by the percentiles of each sign, filled bin after bin in
+    place): the slow twin of d2r.duplicates.signature.signature_of_pixels. (n·n·8,) int8."""
+    g = np.multiply(np.asarray(rgb, np.uint8), 1.0 / 255, dtype=np.float64) @ np.array([0.2125, 0.7154, 0.0721])
+    h, w = g.shape
+
+    def limits(profile, size):
+        cum = np.cumsum(profile)
+        lo = np.searchsorted(cum, np.percentile(cum, crop[0]), side="right")
+        hi = np.searchsorted(cum, np.percentile(cum, crop[1]), side="left")
+        return (lo, hi) if lo <= hi else (int(crop[0] / 100 * size), int(crop[1] / 100 * size))
+
+    top, bottom = limits(np.abs(np.diff(g, axis=1)).sum(axis=1), h)
+    left, right = limits(np.abs(np.diff(g, axis=0)).sum(axis=0), w)
+    ys = [int(v) for v in np.linspace(top, bottom, n + 2)[1:-1]]
+    xs = [int(v) for v in np.linspace(left, right, n + 2)[1:-1]]
+    p = max(2.0, int(0.5 + min(h, w) / 20))
+    mean = np.zeros((n, n))
+    for i, y in enumerate(ys):
+        for j, x in enumerate(xs):
+            y0, x0 = int(max(y - p / 2, 0)), int(max(x - p / 2, 0))
+            mean[i, j] = np.mean(g[y0:int(min(y0 + p, h)), x0:int(min(x0 + p, w))])
+    sig = []
+    for i in range(n):
+        for j in range(n):
+            for di, dj in [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]:
+                inside = 0 <= i + di < n and 0 <= j + dj < n
+                sig.append(mean[i, j] - mean[i + di, j + dj] if inside else 0.0)
+    d = np.array(sig)
+    d[np.abs(d) < tolerance] = 0
+    if np.any(d):
+        pos = np.percentile(d[d > 0], np.linspace(0, 100, levels + 1))
+        neg = np.percentile(d[d < 0], np.linspace(100, 0, levels + 1))
+        for k in range(levels):
+            d[(d >= pos[k]) & (d <= pos[k + 1])] = k + 1
+        for k in range(levels):
+            d[(d <= neg[k]) & (d >= neg[k + 1])] = -(k + 1)
+    return d.astype(np.int8)

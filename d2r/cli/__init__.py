@@ -18,7 +18,8 @@ from d2r._lock import LockedError
 from d2r.config import parse_overrides
 
 # Sub-command modules, in the order --help lists them.
-COMMANDS: list[str] = ["demo", "index", "search", "extract", "train_codebook", "import_codebook", "bench", "serve"]
+COMMANDS: list[str] = ["demo", "index", "search", "duplicates", "extract", "train_codebook", "import_codebook", "bench",
+                       "serve"]
 
 OK, FAILURE, USAGE, PARTIAL = 0, 1, 2, 3
 

@@ -23,12 +23,15 @@ HINTS = {
     "features": "feature store damaged; `d2r index check` lists the damaged files, `d2r index repair` restores "
                 "the newest intact generation and drops damaged shards (their images must be extracted again)",
     "global": "global index damaged; GlobalIndex.check() lists the damaged files",
+    "signatures": "signature index damaged; SignatureIndex.check() lists the damaged files; signatures are "
+                  "only a cache of the images: remove the folder and `d2r duplicates ENGINE --keep` computes "
+                  "them again",
 }
 
 
 class DamagedError(ValueError):
     """A store file is missing, truncated, or does not hold what its manifest says. ``file``: its path;
-    ``problem``: what is wrong; ``store``: ``"index"``, ``"features"`` or ``"global"`` (picks the hint of the message)."""
+    ``problem``: what is wrong; ``store``: ``"index"``, ``"features"``, ``"global"`` or ``"signatures"`` (picks the hint of the message)."""
 
     def __init__(self, file, problem: str, store: str = "index"):
         self.file = str(file)
