@@ -47,7 +47,8 @@ from d2r.eval.revisitop import PROTOCOLS, GroundTruth, evaluate, load_gnd, per_q
 from d2r.features.base import LocalFeatures, whole_image  # noqa: F401  (whole_image: part of this API)
 from d2r.features.image import crop, load_image
 from d2r.features.store import FeatureStore
-from d2r.query.pipeline import STAGES, prepare_query, search_query
+from d2r.globaldesc import GlobalExtractor, GlobalIndex
+from d2r.query.pipeline import STAGES, global_shortlist, prepare_query, search_query
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +190,6 @@ class _Pipeline(Pipeline):
         in-memory :class:`~d2r.globaldesc.GlobalIndex` of the database images' vectors. Vectors are cached
         (``global-<key>.npy``, by the extractor's fingerprint and the image list); ``query_items`` =
         [(query_id, path, bbx or None)], ``reuse``: the queries are database images (their vectors reused)."""
-        from d2r.globaldesc import GlobalExtractor, GlobalIndex
-        from d2r.query.pipeline import global_shortlist
-
         g = self.config.global_
         ex = GlobalExtractor(g.extractor_config())
 

@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from d2r.build import extract_into
+from d2r.globaldesc.extractor import GlobalExtractor
 from d2r.globaldesc.index import GlobalIndex
+from d2r.query.pipeline import global_shortlist
 from d2r.storage import MANIFEST
 
 log = logging.getLogger(__name__)
@@ -52,8 +54,6 @@ class GlobalStage:
         ``[learned]`` extra when torch is missing)."""
         with self._lock:
             if self._extractor is None:
-                from d2r.globaldesc.extractor import GlobalExtractor
-
                 self._extractor = GlobalExtractor(self.config.extractor_config())
             return self._extractor
 
@@ -128,8 +128,6 @@ class GlobalStage:
     def shortlist(self, pixels, db) -> tuple[np.ndarray, np.ndarray]:
         """The global stage of one query image (pixels as loaded, cropped to its box): ``(ids, scores)`` of the
         ``shortlist`` database images of largest inner product, best first; image ids as ``db`` holds them."""
-        from d2r.query.pipeline import global_shortlist
-
         index = self.reader()
         if index is None:
             return np.zeros(0, object), np.zeros(0)
