@@ -109,3 +109,46 @@ def test_side_tables_are_checked_and_repaired(tmp_path, capsys):
     (eng / "engine.json").unlink()
     code, _, err = _cli(capsys, "index", "check", eng)
     assert code == 1 and "engine.json" in err and "restore it from a copy" in err, err
+
+
+def test_check_and_info_report_stored_images_missing_from_the_index(tmp_path, capsys):
+    """D19: a `repair` that dropped a damaged segment (or a `repair --reindex` killed before reindexing) left
+    a healthy index without images the feature store holds, and `check` and `info` said nothing: searches
+    silently missed them. Both now count them and give `repair --reindex`; a running writer is no damage."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    _, eng = _engine(tmp_path, capsys, n=6)
+    more = _photos(tmp_path / "more", 4, seed=8)
+    assert _cli(capsys, "index", "add", eng, more, "--id-prefix", "b", "--quiet")[0] == 0
+    segs = sorted(glob.glob(str(eng / "index" / "seg-*")))
+    assert len(segs) == 2
+    with open(os.path.join(segs[-1], "items.npy"), "r+b") as f:  # the second add's segment
+        f.seek(-8, 2)
+        f.write(b"\xff" * 8)
+    code, out, err = _cli(capsys, "index", "repair", eng)
+    assert code == 0 and "4 image(s) of the feature store are no longer in the index" in out, (out, err)
+    hint = f"`d2r index repair {eng} --reindex`"
+    code, _, err = _cli(capsys, "index", "check", eng)
+    assert code == 1 and "4 image(s) of the feature store are not in the index" in err and hint in err, err
+    assert len(err.strip().splitlines()) == 1
+    code, out, err = _cli(capsys, "index", "info", eng)
+    assert code == 1 and "INCOMPLETE" in out and "4 image(s) of the feature store" in err and hint in err, err
+    code, out, _ = _cli(capsys, "index", "info", eng, "--json")
+    assert code == 1 and json.loads(out)["unindexed"] == 4
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from d2r._lock import WriterLock; "
+                               "lock = WriterLock(sys.argv[1], what='index').acquire(); print(flush=True); time.sleep(60)",
+                               str(eng)], stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:  # an `index add` between extracting and indexing: stored images waiting is no damage
+        holder.stdout.readline()
+        assert _cli(capsys, "index", "check", eng)[0] == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.05)
+    code, out, err = _cli(capsys, "index", "repair", eng, "--reindex", "--json", "--quiet")
+    assert code == 0 and json.loads(out)["reindexed"] == 4, (out, err)
+    assert _cli(capsys, "index", "check", eng)[0] == 0 and _cli(capsys, "index", "info", eng)[0] == 0
+    assert _info_images(capsys, eng) == 10

@@ -13,7 +13,8 @@ from d2r._log import muted
 from d2r.cli import UsageError, error_line, key_value, positive_int
 from d2r.config import parse_overrides
 from d2r.engine import Engine
-from d2r.engine.check import check_engine, reset_damaged_failures, restore_sources
+from d2r.engine.check import (check_engine, reset_damaged_failures, restore_sources, unindexed_stored,
+                              writer_running)
 from d2r.engine.config import EngineConfig
 from d2r.features.store import FORMAT, check_store, repair_store
 from d2r.features.store.format import generations as store_generations
@@ -289,11 +290,15 @@ def run_info(args) -> int:
     info = Engine.open(args.path).info()
     damaged = info.get("store", {}).get("damaged", [])
     info["healthy"] = not damaged  # sizes and structure; `d2r index check` also verifies every checksum
+    path = Path(args.path)
+    unindexed = [] if damaged or writer_running(path) else unindexed_stored(path)
+    info["unindexed"] = len(unindexed)  # stored, not searchable: `repair --reindex` indexes them (D19)
     if args.json:
         print(json.dumps(info, sort_keys=True, default=str))
     else:
         idx = info.get("index", {})
-        state = "DAMAGED" if damaged else "healthy (sizes and structure; `d2r index check` verifies checksums)"
+        state = ("DAMAGED" if damaged else "INCOMPLETE" if unindexed else
+                 "healthy (sizes and structure; `d2r index check` verifies checksums)")
         print(f"{info['path']}: {info['images']} images, {info['failures']} failures, {state}")
         if idx:
             cfg = idx["config"]
@@ -310,23 +315,21 @@ def run_info(args) -> int:
                   f"{store['bytes'] / 1e6:.1f} MB")
     for d in damaged:
         print(f"d2r index info: damaged: {d['file']}: {d['problem']}", file=sys.stderr)
-    return 1 if damaged else 0
-
-
-def _lost_images(path: Path) -> list[str]:
-    """Ids in the engine's feature store that its index does not hold (after a repair dropped segments)."""
-    engine = Engine.open(path)
-    if engine.database is None or not (path / "features" / "manifest.json").exists():
-        return []
-    return [i for i in FeatureStore.open(path / "features").ids() if i not in engine]
+    if unindexed:
+        print(f"d2r index info: error: {args.path}: {len(unindexed)} image(s) of the feature store are not in "
+              f"the index (e.g. {unindexed[0]!r}); {_repair_hint(args.path, [{'file': 'index', 'reindex': 1}])}",
+              file=sys.stderr)
+    return 1 if damaged or unindexed else 0
 
 
 def _repair_hint(path, damage) -> str:
-    """What to do about ``damage``: ``engine.json`` holds the settings and only a copy restores it; the rest
-    ``repair`` handles."""
+    """What to do about ``damage``: ``engine.json`` holds the settings and only a copy restores it; stored
+    images missing from the index need ``repair --reindex``; the rest ``repair`` handles."""
     if all(d["file"] == "engine.json" for d in damage):
         return ("engine.json holds the engine's settings: restore it from a copy (nothing else can tell the "
                 "options its index was built with)")
+    if all(d.get("reindex") for d in damage):
+        return f"`d2r index repair {path} --reindex` indexes them again from the feature store (no re-extraction)"
     return (f"`d2r index repair {path}` repairs it (damaged segments and shards are dropped; `--reindex` "
             "indexes their images again)")
 
@@ -454,7 +457,7 @@ def run_repair(args) -> int:
     if is_engine and not report["unrepairable"] and (path / "index" / "manifest.json").exists():
         # indexed without stored features (a dropped shard, a reset removal table): out of the index
         report["unindexed"] = Engine.open(path).unindex_featureless(lock_timeout=args.lock_timeout)
-        report["lost"] = len(_lost_images(path))  # images stored but no longer indexed
+        report["lost"] = len(unindexed_stored(path))  # images stored but no longer indexed
     if args.reindex and not report["unrepairable"]:
         engine = Engine.open(args.path)
         done = engine.reindex_from_store(progress=not args.quiet, lock_timeout=args.lock_timeout)

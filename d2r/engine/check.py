@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from d2r import _io
+from d2r._lock import LOCK_NAME
 from d2r.engine.config import engine_config
 from d2r.engine.sources import LOG, SourcesTable, read_failures, read_sources
 from d2r.features.store import FeatureStore, check_store
@@ -62,7 +64,8 @@ def _recorded_sources(indexed, store, table) -> dict:
 def _cross_check(path: Path) -> list[dict]:
     """The side tables against the index and the store, once every file is sound (D13): every live index id
     has stored features (else every search reaching it fails to verify) and, where the store records the
-    image's file, a row in the sources table (else hits lose their paths)."""
+    image's file, a row in the sources table (else hits lose their paths); and, unless a writer is running,
+    every stored image is indexed (else searches silently miss it)."""
     found = _indexed_and_stored(path)
     if found is None:
         return []
@@ -77,7 +80,45 @@ def _cross_check(path: Path) -> list[dict]:
         damaged.append({"file": "sources.json", "problem": f"{len(unsourced)} indexed image(s) lost their file "
                         f"(e.g. {unsourced[0]!r}) although the feature store records it: `d2r index repair` "
                         "restores them"})
+    unindexed = [] if writer_running(path) else unindexed_stored(path, indexed, store)
+    if unindexed:
+        damaged.append({"file": "index", "reindex": True, "problem": f"{len(unindexed)} image(s) of the feature "
+                        f"store are not in the index (e.g. {unindexed[0]!r}: a repair that dropped segments, or "
+                        "an interrupted `index add` or `repair --reindex`)"})
     return damaged
+
+
+def unindexed_stored(path, indexed=None, store=None) -> list[str]:
+    """Ids the engine's feature store holds but its index does not (D19: a `repair` that dropped segments, or
+    a `repair --reindex` killed before it reindexed them, left a healthy index missing them, and `check` and
+    `info` said nothing): what ``d2r index repair --reindex`` indexes again. [] without an index or a store."""
+    if indexed is None:
+        found = _indexed_and_stored(Path(path))
+        if found is None:
+            return []
+        indexed, store = found
+    live = set(indexed)
+    return [i for i in store.ids() if i not in live]
+
+
+def writer_running(path) -> bool:
+    """Whether a live process holds the engine's writer lock, told without taking it (a writer that
+    fails at once on a held lock must never fail because of a check): the pid the holder wrote in ``.lock``,
+    which a writer that ended clears and a killed one leaves behind. While ``index add`` runs, stored images
+    wait to be indexed: no damage."""
+    try:
+        pid = int((Path(path) / LOCK_NAME).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return False
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def restore_sources(path) -> int:
