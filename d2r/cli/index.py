@@ -452,7 +452,10 @@ def run_repair(args) -> int:
             report["features"] = repair_store(features, lock_timeout=args.lock_timeout)
             report["unrepairable"] += [f"features/{u}" for u in report["features"]["unrepairable"]]
         if is_engine and not report["unrepairable"]:
-            report["sources_restored"] = restore_sources(path)
+            sources = restore_sources(path)
+            report["sources_restored"] = sources["restored"]
+            if "lost" in sources:
+                report["sources_rebuilt"] = {**sources["lost"], "without_file": sources["without_file"]}
             report["failures_reset"] = reset_damaged_failures(path)
     if is_engine and not report["unrepairable"] and (path / "index" / "manifest.json").exists():
         # indexed without stored features (a dropped shard, a reset removal table): out of the index
@@ -472,7 +475,7 @@ def run_repair(args) -> int:
         print(json.dumps(report, sort_keys=True))
     elif not args.quiet:
         if not (report["dropped_segments"] or report["removal_table_reset"] or report.get("unindexed")
-                or report.get("sources_restored") or report.get("failures_reset")
+                or report.get("sources_restored") or report.get("failures_reset") or "sources_rebuilt" in report
                 or "manifest_restored_from" in report or "features" in report):
             print(f"{args.path}: nothing to repair")
         if "manifest_restored_from" in report:
@@ -489,6 +492,15 @@ def run_repair(args) -> int:
             print(f"indexed {report['reindexed']} image(s) again from the feature store")
         if report.get("failures_reset"):
             print("failures.json was damaged: reset (failed images are tried again by the next `index add`)")
+        if "sources_rebuilt" in report:
+            r = report["sources_rebuilt"]
+            what = ", ".join(filter(None, ["sources.json unreadable" if r.get("snapshot") else "",
+                                           f"line(s) {', '.join(map(str, r['log_lines']))} of sources.log "
+                                           "unreadable" if r["log_lines"] else ""]))
+            print(f"the sources table was damaged ({what}): rebuilt from what was readable and the feature "
+                  "store" + (f"; {r['without_file']} indexed image(s) have no known file left (their hits show "
+                             "no path; `d2r index add` of their files records them again)"
+                             if r["without_file"] else ""))
         if report.get("sources_restored"):
             print(f"restored the files of {report['sources_restored']} image(s) in the sources table from the "
                   "feature store")

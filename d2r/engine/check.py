@@ -8,7 +8,7 @@ from pathlib import Path
 from d2r import _io
 from d2r._lock import LOCK_NAME
 from d2r.engine.config import engine_config
-from d2r.engine.sources import LOG, SourcesTable, read_failures, read_sources
+from d2r.engine.sources import LOG, SourcesTable, read_failures, read_sources, salvage_sources
 from d2r.features.store import FeatureStore, check_store
 from d2r.index.database import Database
 from d2r.index.manifest import check_database
@@ -121,21 +121,32 @@ def writer_running(path) -> bool:
     return True
 
 
-def restore_sources(path) -> int:
-    """Give every indexed image missing from the sources table of the engine at ``path`` the file its feature
-    store records (a truncated ``sources.log`` or a lost ``sources.json``); returns how many were restored.
-    The caller holds the engine's writer lock."""
-    found = _indexed_and_stored(Path(path))
-    if found is None:
-        return 0
+def restore_sources(path) -> dict:
+    """Repair the sources table of the engine at ``path``: a damaged one (a garbled ``sources.log`` line, an
+    unreadable ``sources.json``) is rebuilt from what can be read of it (:func:`salvage_sources`), then every
+    indexed image missing from it gets the file its feature store records (a truncated ``sources.log``, a lost
+    ``sources.json``). Returns ``{"restored": n}``, plus, when it was damaged, ``"lost"`` (what could not be
+    read) and ``"without_file"``: the indexed images left with no known file (their hits show no path). The
+    caller holds the engine's writer lock."""
+    path = Path(path)
     sources = SourcesTable(path)
-    sources.load()
-    restored = _recorded_sources(*found, sources)
+    try:
+        sources.load()
+        lost = None
+    except ValueError:
+        table, lost = salvage_sources(path)
+        sources.rewrite(table)
+    found = _indexed_and_stored(path)
+    restored = {} if found is None else _recorded_sources(*found, sources)
     for image_id, file in restored.items():
         sources[image_id] = file
     if restored:
         sources.save()
-    return len(restored)
+    out = {"restored": len(restored)}
+    if lost is not None:
+        out["lost"] = lost
+        out["without_file"] = 0 if found is None else sum(i not in sources for i in found[0])
+    return out
 
 
 def _sources_log_damage(path: Path) -> None:
