@@ -204,6 +204,25 @@ def test_index_add_search_info_remove_bad_inputs(engine_dir, photos, tmp_path, c
     assert len(Engine.open(work)) == before + 1
 
 
+@pytest.mark.parametrize("table, kind", [('{"x.png": ["x", 1]}', "a list"), ('{"x.png": 5}', "a number"),
+                                         ('{"x.png": null}', "null"), ('["x.png"]', "a list")])
+def test_a_failures_table_of_wrong_types_is_one_line_naming_it(engine_dir, photos, tmp_path, capsys, table, kind):
+    """D15: a failures.json whose reasons were a list or a number passed `check`, then `index add` crashed
+    with an AttributeError traceback. Every command that reads it now names the file in one line (exit 1),
+    check flags it and repair resets it."""
+    work = tmp_path / "engine"
+    shutil.copytree(engine_dir, work)
+    (work / "failures.json").write_text(table)
+    for argv in (["index", "add", work, photos, "--quiet"], ["index", "info", work], ["index", "check", work],
+                 ["search", photos / "im0.png", "--index", work, "--quiet"]):
+        code, _, err = run_cli(capsys, *argv)
+        _one_line_error(code, err, 1, "failures.json", kind)
+    code, out, err = run_cli(capsys, "index", "repair", work, "--json")
+    assert code == 0 and json.loads(out)["failures_reset"], (out, err)
+    code, out, err = run_cli(capsys, "index", "add", work, photos, "--json")
+    assert code == 0 and json.loads(out)["images_in_index"] == 4, err
+
+
 def test_a_binary_file_given_as_images_names_the_file(tmp_path, capsys):
     """A non-image, non-text file (e.g. a codebook passed by mistake) is read as a list file: the error was
     "'utf-8' codec can't decode byte ..." without the file's name (index add, search, extract, train-codebook)."""

@@ -260,11 +260,21 @@ def read_failures(folder) -> dict[str, str]:
     is a ValueError naming the file (D15: a list or number as a reason passed ``check``, then crashed ``index
     add`` with an AttributeError)."""
     file = Path(folder) / FAILURES
-    table = _io.read_json(file, {})
+    table = _io.read_json(file, None)
+    if table is None and not file.exists():
+        return {}
     if not isinstance(table, dict):
-        raise ValueError(f"{file}: not a JSON object of image file -> reason, got {type(table).__name__}")
+        raise ValueError(f"{file}: not a JSON object of image file -> reason, got {_json_kind(table)}")
     for key, reason in table.items():
         if not isinstance(reason, str):
-            raise ValueError(f"{file}: the reason for {key!r} is a {type(reason).__name__}, not a string")
+            raise ValueError(f"{file}: the reason for {key!r} is {_json_kind(reason)}, not a string")
     return table
+
+
+def _json_kind(value) -> str:
+    """What a parsed JSON value is, in JSON's words ("a number", not "a int")."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    kinds = {list: "a list", dict: "an object", str: "a string", int: "a number", float: "a number"}
+    return kinds.get(type(value), f"a {type(value).__name__}")
 
