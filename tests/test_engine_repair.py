@@ -138,9 +138,10 @@ def test_check_and_info_report_stored_images_missing_from_the_index(tmp_path, ca
     assert code == 1 and "INCOMPLETE" in out and "4 image(s) of the feature store" in err and hint in err, err
     code, out, _ = _cli(capsys, "index", "info", eng, "--json")
     assert code == 1 and json.loads(out)["unindexed"] == 4
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from d2r._lock import WriterLock; "
-                               "lock = WriterLock(sys.argv[1], what='index').acquire(); print(flush=True); time.sleep(60)",
-                               str(eng)], stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    hold = ("import sys, time; from d2r._lock import WriterLock; "
+            "lock = WriterLock(sys.argv[1], what='index').acquire(); print(flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(eng)], stdout=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))})
     try:  # an `index add` between extracting and indexing: stored images waiting is no damage
         holder.stdout.readline()
         assert _cli(capsys, "index", "check", eng)[0] == 0
