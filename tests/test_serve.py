@@ -610,6 +610,7 @@ def test_page_in_headless_chromium(server, tmp_path):
     """The page in a real browser, under its CSP (a blocked inline script is a SEVERE console entry). Newcomer
     15: at 1400x1000 the results started below the fold, the picked query's id was not shown, there was no way
     to find an id, and the grid used 4 of about 5 possible columns."""
+    pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
