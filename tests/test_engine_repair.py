@@ -153,3 +153,32 @@ def test_check_and_info_report_stored_images_missing_from_the_index(tmp_path, ca
     assert code == 0 and json.loads(out)["reindexed"] == 4, (out, err)
     assert _cli(capsys, "index", "check", eng)[0] == 0 and _cli(capsys, "index", "info", eng)[0] == 0
     assert _info_images(capsys, eng) == 10
+
+
+def test_an_indexed_image_without_stored_features_is_named_by_search_info_check_and_repair(tmp_path, capsys):
+    """D13, D18: an image gone from the feature store only (or whose id was damaged in a segment's
+    image_ids.npy) failed every search reaching it with "'im3' is not in the feature store", naming neither
+    the damage nor a remedy, and `info` called the engine healthy."""
+    from d2r.engine import Engine
+
+    photos, eng = _engine(tmp_path, capsys, n=6)
+    with Engine.open(eng)._writing(0) as store:  # as a remove killed between the store and the index
+        store.remove(["im3"])
+    code, _, err = _cli(capsys, "index", "check", eng)
+    assert code == 1 and "1 indexed image(s) have no stored features (e.g. 'im3')" in err, err
+    code, out, err = _cli(capsys, "index", "info", eng)
+    assert code == 1 and "DAMAGED" in out and "'im3'" in err and f"`d2r index check {eng}`" in err, err
+    code, _, err = _cli(capsys, "search", photos / "im3.png", "--index", eng, "--quiet")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "'im3' has no stored features" in err and f"`d2r index check {eng}`" in err, err
+    code, out, err = _cli(capsys, "index", "repair", eng, "--json")
+    assert code == 0 and json.loads(out)["unindexed"] == ["im3"], (out, err)
+    assert _cli(capsys, "index", "check", eng)[0] == 0 and _cli(capsys, "index", "info", eng)[0] == 0
+    ids_file = glob.glob(str(eng / "index" / "seg-*" / "image_ids.npy"))[0]
+    raw = bytearray(open(ids_file, "rb").read())
+    raw[raw.index("im1".encode("utf-32-le"))] = ord("x")  # same size and dtype: 'xm1'
+    open(ids_file, "wb").write(raw)
+    code, _, err = _cli(capsys, "search", photos / "im1.png", "--index", eng, "--quiet")
+    assert code == 1 and "'xm1' has no stored features" in err and f"`d2r index check {eng}`" in err, err
+    code, _, err = _cli(capsys, "index", "check", eng)
+    assert code == 1 and "image_ids.npy: checksum mismatch" in err, err

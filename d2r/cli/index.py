@@ -13,8 +13,8 @@ from d2r._log import muted
 from d2r.cli import UsageError, error_line, key_value, positive_int
 from d2r.config import parse_overrides
 from d2r.engine import Engine
-from d2r.engine.check import (check_engine, reset_damaged_failures, restore_sources, unindexed_stored,
-                              writer_running)
+from d2r.engine.check import (check_engine, featureless_indexed, indexed_and_stored, reset_damaged_failures,
+                              restore_sources, unindexed_stored, writer_running)
 from d2r.engine.config import EngineConfig
 from d2r.features.store import FORMAT, check_store, repair_store
 from d2r.features.store.format import generations as store_generations
@@ -291,13 +291,16 @@ def run_info(args) -> int:
     damaged = info.get("store", {}).get("damaged", [])
     info["healthy"] = not damaged  # sizes and structure; `d2r index check` also verifies every checksum
     path = Path(args.path)
-    unindexed = [] if damaged or writer_running(path) else unindexed_stored(path)
+    found = None if damaged else indexed_and_stored(path)
+    featureless = [] if found is None else featureless_indexed(*found)  # searches reaching them fail (D13)
+    unindexed = [] if found is None or writer_running(path) else unindexed_stored(path, *found)
+    info["featureless"] = len(featureless)
     info["unindexed"] = len(unindexed)  # stored, not searchable: `repair --reindex` indexes them (D19)
     if args.json:
         print(json.dumps(info, sort_keys=True, default=str))
     else:
         idx = info.get("index", {})
-        state = ("DAMAGED" if damaged else "INCOMPLETE" if unindexed else
+        state = ("DAMAGED" if damaged or featureless else "INCOMPLETE" if unindexed else
                  "healthy (sizes and structure; `d2r index check` verifies checksums)")
         print(f"{info['path']}: {info['images']} images, {info['failures']} failures, {state}")
         if idx:
@@ -315,11 +318,15 @@ def run_info(args) -> int:
                   f"{store['bytes'] / 1e6:.1f} MB")
     for d in damaged:
         print(f"d2r index info: damaged: {d['file']}: {d['problem']}", file=sys.stderr)
-    if unindexed:
+    if featureless:
+        print(f"d2r index info: error: {args.path}: {len(featureless)} indexed image(s) have no stored features "
+              f"(e.g. {featureless[0]!r}); `d2r index check {args.path}` names the damage, `d2r index repair "
+              f"{args.path}` takes them out of the index", file=sys.stderr)
+    elif unindexed:
         print(f"d2r index info: error: {args.path}: {len(unindexed)} image(s) of the feature store are not in "
               f"the index (e.g. {unindexed[0]!r}); {_repair_hint(args.path, [{'file': 'index', 'reindex': 1}])}",
               file=sys.stderr)
-    return 1 if damaged or unindexed else 0
+    return 1 if damaged or featureless or unindexed else 0
 
 
 def _repair_hint(path, damage) -> str:

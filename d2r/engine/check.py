@@ -49,7 +49,7 @@ def has_store(path: Path) -> bool:
         p.name != ".lock" for p in features.iterdir())
 
 
-def _indexed_and_stored(path: Path):
+def indexed_and_stored(path: Path):
     """(indexed ids as str, the feature store) of the engine at ``path``; None without an index or a store."""
     if not (path / "index" / "manifest.json").is_file() or not (path / "features" / "manifest.json").is_file():
         return None
@@ -66,12 +66,12 @@ def _cross_check(path: Path) -> list[dict]:
     has stored features (else every search reaching it fails to verify) and, where the store records the
     image's file, a row in the sources table (else hits lose their paths); and, unless a writer is running,
     every stored image is indexed (else searches silently miss it)."""
-    found = _indexed_and_stored(path)
+    found = indexed_and_stored(path)
     if found is None:
         return []
     indexed, store = found
     damaged = []
-    featureless = [i for i in indexed if i not in store]
+    featureless = featureless_indexed(indexed, store)
     if featureless:
         damaged.append({"file": "index", "problem": f"{len(featureless)} indexed image(s) have no stored "
                         f"features (e.g. {featureless[0]!r}): `d2r index repair` takes them out of the index"})
@@ -88,12 +88,17 @@ def _cross_check(path: Path) -> list[dict]:
     return damaged
 
 
+def featureless_indexed(indexed, store) -> list[str]:
+    """The ``indexed`` ids ``store`` holds no features for (every search reaching one fails to verify)."""
+    return [i for i in indexed if i not in store]
+
+
 def unindexed_stored(path, indexed=None, store=None) -> list[str]:
     """Ids the engine's feature store holds but its index does not (D19: a `repair` that dropped segments, or
     a `repair --reindex` killed before it reindexed them, left a healthy index missing them, and `check` and
     `info` said nothing): what ``d2r index repair --reindex`` indexes again. [] without an index or a store."""
     if indexed is None:
-        found = _indexed_and_stored(Path(path))
+        found = indexed_and_stored(Path(path))
         if found is None:
             return []
         indexed, store = found
@@ -136,7 +141,7 @@ def restore_sources(path) -> dict:
     except ValueError:
         table, lost = salvage_sources(path)
         sources.rewrite(table)
-    found = _indexed_and_stored(path)
+    found = indexed_and_stored(path)
     restored = {} if found is None else _recorded_sources(*found, sources)
     for image_id, file in restored.items():
         sources[image_id] = file

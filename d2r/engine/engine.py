@@ -506,8 +506,10 @@ class Engine:
             try:
                 return self._whole_image_features(image_id)
             except KeyError:
-                if not self._removed_meanwhile(image_id):
-                    raise
+                if not self._removed_meanwhile(image_id):  # D18: the message named neither file nor remedy
+                    raise KeyError(f"{self.path}: the indexed image {image_id!r} has no stored features (a "
+                                   f"damaged index or feature store: `d2r index check {self.path}` names the "
+                                   f"file, `d2r index repair {self.path}` repairs it)") from None
                 gone.add(image_id)  # no longer a match: verified as nothing, left out of the hits
                 return LocalFeatures.empty(self.extractor.dim)
 
