@@ -223,6 +223,29 @@ def test_a_failures_table_of_wrong_types_is_one_line_naming_it(engine_dir, photo
     assert code == 0 and json.loads(out)["images_in_index"] == 4, err
 
 
+@pytest.mark.parametrize("damage", ["index.num_assignments", "rerank.num_to_rerank", "features/manifest.json"])
+def test_an_out_of_range_setting_or_a_lost_store_manifest_is_one_line_naming_it(engine_dir, photos, tmp_path,
+                                                                               capsys, damage):
+    """D13: an engine.json setting out of range (-7) or a deleted features/manifest.json of the engine was
+    not named by the commands that read it. Each now fails in one line naming the setting's file or the
+    manifest, `check` included."""
+    work = tmp_path / "engine"
+    shutil.copytree(engine_dir, work)
+    if damage.endswith(".json"):
+        (work / damage).unlink()
+        name = damage
+    else:
+        meta = json.loads((work / "engine.json").read_text())
+        section, key = damage.split(".")
+        meta["config"][section][key] = -7
+        (work / "engine.json").write_text(json.dumps(meta))
+        name = "engine.json"
+    for argv in (["index", "info", work], ["index", "check", work], ["index", "add", work, photos, "--quiet"],
+                 ["search", photos / "im0.png", "--index", work, "--quiet"]):
+        code, _, err = run_cli(capsys, *argv)
+        _one_line_error(code, err, 1, name, *([damage, "-7"] if name == "engine.json" else []))
+
+
 def test_a_binary_file_given_as_images_names_the_file(tmp_path, capsys):
     """A non-image, non-text file (e.g. a codebook passed by mistake) is read as a list file: the error was
     "'utf-8' codec can't decode byte ..." without the file's name (index add, search, extract, train-codebook)."""
