@@ -308,6 +308,31 @@ def test_a_manifest_of_wrong_types_is_a_damaged_manifest(kind, tmp_path, how):
     assert kind.ids(path) == ids
 
 
+@pytest.mark.parametrize("store, how", [("index", "strings"), ("index", "negative"), ("features", "strings"),
+                                         ("features", "list")])
+def test_a_manifest_of_wrong_types_through_the_cli(tmp_path, capsys, store, how):
+    """D12 through the commands: an engine's index or feature-store manifest with numbers as strings or -7
+    ended in "unexpected error (TypeError)". `index check`, `index info` and `search` now fail in one line
+    naming the manifest, and `index repair` restores its newest intact generation."""
+    photos = write_photos(tmp_path / "photos", ["p0", "p1"], 5)
+    eng = new_engine(tmp_path)
+    assert run_cli(capsys, "index", "add", eng, photos, "--quiet")[0] == 0
+    manifest = eng / store / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m = _map_numbers(m, str) if how == "strings" else _map_numbers(m, lambda v: -7) if how == "negative" else [m]
+    manifest.write_text(json.dumps(m))
+    for argv in (["index", "check", eng], ["index", "info", eng], ["search", photos / "p0.png", "--index", eng]):
+        code, _, err = run_cli(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert code == 1 and len(lines) == 1 and f"{store}/manifest.json" in lines[0], (argv, err)
+        assert "unexpected error" not in err and "Traceback" not in err
+    code, out, err = run_cli(capsys, "index", "repair", eng)
+    assert code == 0 and "manifest.json restored from manifest-" in out, (out, err)
+    assert run_cli(capsys, "index", "check", eng)[0] == 0
+    code, out, _ = run_cli(capsys, "search", photos / "p0.png", "--index", eng, "--json", "--quiet")
+    assert code == 0 and json.loads(out)["hits"][0]["image_id"] == "p0"
+
+
 def _map_numbers(node, f):
     if isinstance(node, dict):
         return {k: _map_numbers(v, f) for k, v in node.items()}
