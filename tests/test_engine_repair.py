@@ -182,3 +182,23 @@ def test_an_indexed_image_without_stored_features_is_named_by_search_info_check_
     assert code == 1 and "'xm1' has no stored features" in err and f"`d2r index check {eng}`" in err, err
     code, _, err = _cli(capsys, "index", "check", eng)
     assert code == 1 and "image_ids.npy: checksum mismatch" in err, err
+
+
+def test_sources_pointing_outside_the_indexed_files_are_flagged_and_set_back(tmp_path, capsys):
+    """D10: `check` accepted a sources table whose entries pointed at /etc/passwd or ../../../../etc/passwd
+    (the files serve would read for those images). Check now names them; repair sets each back to the file
+    the feature store records, and drops a relative entry nothing knows."""
+    photos, eng = _engine(tmp_path, capsys, n=4)
+    with open(eng / "sources.log", "a") as log:
+        log.write('{"set": {"im1": "/etc/passwd", "im2": "../../../../etc/passwd", "zz": "rel/x.png"}}\n')
+    code, _, err = _cli(capsys, "index", "check", eng)
+    assert code == 1 and "2 image file(s) are not absolute paths" in err and "'../../../../etc/passwd'" in err
+    assert "1 indexed image(s) name another file than the one their features came from" in err, err
+    assert "'/etc/passwd' for 'im1'" in err and repr(str(photos / "im1.png")) in err
+    code, out, err = _cli(capsys, "index", "repair", eng, "--json")
+    report = json.loads(out)
+    assert code == 0 and (report["sources_corrected"], report["sources_dropped"]) == (2, 1), (out, err)
+    assert _cli(capsys, "index", "check", eng)[0] == 0
+    code, out, _ = _cli(capsys, "search", photos / "im1.png", "--index", eng, "--json", "--quiet")
+    hits = {h["image_id"]: h["path"] for h in json.loads(out.splitlines()[0])["hits"]}
+    assert hits["im1"] == str(photos / "im1.png") and hits["im2"] == str(photos / "im2.png")

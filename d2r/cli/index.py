@@ -461,6 +461,7 @@ def run_repair(args) -> int:
         if is_engine and not report["unrepairable"]:
             sources = restore_sources(path)
             report["sources_restored"] = sources["restored"]
+            report["sources_corrected"], report["sources_dropped"] = sources["corrected"], sources["dropped"]
             if "lost" in sources:
                 report["sources_rebuilt"] = {**sources["lost"], "without_file": sources["without_file"]}
             report["failures_reset"] = reset_damaged_failures(path)
@@ -483,6 +484,7 @@ def run_repair(args) -> int:
     elif not args.quiet:
         if not (report["dropped_segments"] or report["removal_table_reset"] or report.get("unindexed")
                 or report.get("sources_restored") or report.get("failures_reset") or "sources_rebuilt" in report
+                or report.get("sources_corrected") or report.get("sources_dropped")
                 or "manifest_restored_from" in report or "features" in report):
             print(f"{args.path}: nothing to repair")
         if "manifest_restored_from" in report:
@@ -511,6 +513,12 @@ def run_repair(args) -> int:
         if report.get("sources_restored"):
             print(f"restored the files of {report['sources_restored']} image(s) in the sources table from the "
                   "feature store")
+        if report.get("sources_corrected"):
+            print(f"set the files of {report['sources_corrected']} image(s) in the sources table back to those their "
+                  "features came from (as the feature store records them)")
+        if report.get("sources_dropped"):
+            print(f"dropped {report['sources_dropped']} entry(ies) of the sources table that were no absolute path "
+                  "(and unknown to the feature store)")
         if report.get("reextracted"):
             print(f"extracted and indexed {report['reextracted']} image(s) again from their files")
         if report["removal_table_reset"]:

@@ -61,21 +61,46 @@ def _recorded_sources(indexed, store, table) -> dict:
     return {i: f for i in indexed if i not in table and i in store for f in [store.source(i)] if f}
 
 
+def _not_canonical(table) -> list[str]:
+    """Ids whose file in the sources ``table`` is no absolute, normalised path (d2r records each image's
+    resolved absolute path; ``../../etc/passwd`` is none, D10)."""
+    return [i for i, f in table.items() if not isinstance(f, str) or not os.path.isabs(f)
+            or os.path.normpath(f) != f]
+
+
+def _wrong_sources(indexed, store, table) -> dict:
+    """{id: the store's file} of the indexed images whose file in the sources ``table`` is not the one the
+    feature store records their features came from, as given or resolved (a table pointing an image at
+    ``/etc/passwd``, D10)."""
+    return {i: f for i in indexed if i in table and i in store for f in [store.source(i)]
+            if f and f != table[i] and os.path.realpath(f) != os.path.realpath(table[i])}
+
+
 def _cross_check(path: Path) -> list[dict]:
     """The side tables against the index and the store, once every file is sound (D13): every live index id
     has stored features (else every search reaching it fails to verify) and, where the store records the
-    image's file, a row in the sources table (else hits lose their paths); and, unless a writer is running,
-    every stored image is indexed (else searches silently miss it)."""
+    image's file, a row in the sources table naming that file (else hits lose their paths, or name, and serve
+    reads, another file); and, unless a writer is running, every stored image is indexed (else searches
+    silently miss it)."""
+    table = read_sources(path)[0]
+    odd = _not_canonical(table)
+    damaged = [{"file": "sources.json", "problem": f"{len(odd)} image file(s) are not absolute paths (e.g. "
+                f"{table[odd[0]]!r} for {odd[0]!r}): `d2r index repair` takes them out of the sources table, "
+                "or sets them to the file the feature store records"}] if odd else []
     found = indexed_and_stored(path)
     if found is None:
-        return []
+        return damaged
     indexed, store = found
-    damaged = []
+    wrong = [i for i in _wrong_sources(indexed, store, table) if i not in odd]
+    if wrong:
+        damaged.append({"file": "sources.json", "problem": f"{len(wrong)} indexed image(s) name another file "
+                        f"than the one their features came from (e.g. {table[wrong[0]]!r} for {wrong[0]!r}, the "
+                        f"feature store says {store.source(wrong[0])!r}): `d2r index repair` sets them back"})
     featureless = featureless_indexed(indexed, store)
     if featureless:
         damaged.append({"file": "index", "problem": f"{len(featureless)} indexed image(s) have no stored "
                         f"features (e.g. {featureless[0]!r}): `d2r index repair` takes them out of the index"})
-    unsourced = list(_recorded_sources(indexed, store, read_sources(path)[0]))
+    unsourced = list(_recorded_sources(indexed, store, table))
     if unsourced:
         damaged.append({"file": "sources.json", "problem": f"{len(unsourced)} indexed image(s) lost their file "
                         f"(e.g. {unsourced[0]!r}) although the feature store records it: `d2r index repair` "
@@ -130,9 +155,11 @@ def restore_sources(path) -> dict:
     """Repair the sources table of the engine at ``path``: a damaged one (a garbled ``sources.log`` line, an
     unreadable ``sources.json``) is rebuilt from what can be read of it (:func:`salvage_sources`), then every
     indexed image missing from it gets the file its feature store records (a truncated ``sources.log``, a lost
-    ``sources.json``). Returns ``{"restored": n}``, plus, when it was damaged, ``"lost"`` (what could not be
-    read) and ``"without_file"``: the indexed images left with no known file (their hits show no path). The
-    caller holds the engine's writer lock."""
+    ``sources.json``); an entry naming another file than the store records is set back to it, and one that
+    is no absolute path (D10) is set likewise or dropped. Returns ``{"restored": n, "corrected": n,
+    "dropped": n}``, plus, when it was damaged, ``"lost"`` (what could not be read) and ``"without_file"``:
+    the indexed images left with no known file (their hits show no path). The caller holds the engine's
+    writer lock."""
     path = Path(path)
     sources = SourcesTable(path)
     try:
@@ -143,11 +170,18 @@ def restore_sources(path) -> dict:
         sources.rewrite(table)
     found = indexed_and_stored(path)
     restored = {} if found is None else _recorded_sources(*found, sources)
-    for image_id, file in restored.items():
+    corrected = {} if found is None else _wrong_sources(*found, sources)
+    odd = _not_canonical(sources)
+    for image_id in odd:
+        del sources[image_id]
+    corrected.update(found and _recorded_sources(*found, sources) or {})  # an odd one the store knows
+    corrected = {i: f for i, f in corrected.items() if i not in restored}
+    for image_id, file in {**restored, **corrected}.items():
         sources[image_id] = file
-    if restored:
+    if restored or corrected or odd:
         sources.save()
-    out = {"restored": len(restored)}
+    out = {"restored": len(restored), "corrected": len(corrected),
+           "dropped": len([i for i in odd if i not in corrected])}
     if lost is not None:
         out["lost"] = lost
         out["without_file"] = 0 if found is None else sum(i not in sources for i in found[0])
