@@ -370,6 +370,33 @@ def test_a_merge_refuses_damaged_input_and_never_launders_it(kind, tmp_path):
     assert kind.check(path) == [str(victim)]
 
 
+def test_an_index_add_whose_tiered_merge_meets_a_damaged_segment_refuses(tmp_path, capsys):
+    """D4 as the trial ran it: with one-image segments, the `index add` whose tiered merge took in a segment
+    with a flipped bit in bits.npy exited 0, and `check` then said healthy (the flip made permanent). Now
+    the add fails in one line naming the file, and check still names it."""
+    import glob
+
+    photos = write_photos(tmp_path / "photos", [f"p{i}" for i in range(10)], 6)
+    eng = tmp_path / "eng"
+    first = tmp_path / "first"
+    first.mkdir()
+    for i in range(9):
+        os.link(photos / f"p{i}.png", first / f"p{i}.png")
+    assert run_cli(capsys, "index", "create", eng, "--codebook-size", 16, "--set", "batch_size=1",
+                   "--images", first, "--quiet")[0] == 0
+    segments = sorted(glob.glob(str(eng / "index" / "seg-*")))
+    assert len(segments) == 9  # the next add's save merges them (the default tier policy)
+    bits = Path(segments[0]) / "bits.npy"
+    a = np.load(bits)
+    a[len(a) // 2] ^= 1
+    np.save(bits, a)
+    victim = str(bits.relative_to(eng))
+    code, _, err = run_cli(capsys, "index", "add", eng, photos / "p9.png", "--quiet")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and victim in err, err
+    code, _, err = run_cli(capsys, "index", "check", eng)
+    assert code == 1 and victim in err, err
+
+
 def test_a_damaged_removal_table_or_codebook_is_never_carried_forward(tmp_path):
     """D4: a value-corrupted removal table was rewritten by the next save (the engine then held 17 images
     instead of 40 with a clean check), and every save recomputed the codebook's record from the file."""
