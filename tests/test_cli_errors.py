@@ -544,6 +544,17 @@ def test_unreadable_codebook_is_a_one_line_error(tmp_path, capsys, kind):
         d2r.Codebook.load(book)
 
 
+def test_serve_help_gives_the_readme_install_command(capsys):
+    """Newcomer 13: `d2r serve --help` said `pip install 'd2r[serve]'`, which outside the checkout fetches a
+    different PyPI package; the README's command is `pip install -e ".[serve]"`. Kept out of
+    the serve tests, which skip without FastAPI: the help is read before the extra is installed."""
+    with pytest.raises(SystemExit):
+        d2r.cli.main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert 'pip install -e ".[serve]"' in text and "d2r[serve]" not in text
+    assert 'pip install -e ".[serve]"' in (REPO / "README.md").read_text()
+
+
 def _subparsers(parser):
     import argparse
 
