@@ -202,3 +202,25 @@ def test_sources_pointing_outside_the_indexed_files_are_flagged_and_set_back(tmp
     code, out, _ = _cli(capsys, "search", photos / "im1.png", "--index", eng, "--json", "--quiet")
     hits = {h["image_id"]: h["path"] for h in json.loads(out.splitlines()[0])["hits"]}
     assert hits["im1"] == str(photos / "im1.png") and hits["im2"] == str(photos / "im2.png")
+
+
+def test_an_interrupted_remove_is_finished_by_repair_never_undone_by_reindex(tmp_path, capsys):
+    """D19: a `remove` killed after committing the index but before the feature store left the removed
+    image's features behind, and `repair --reindex` (indexing every stored image the index lacks) brought it
+    back. Check now names the leftover, repair deletes it, and --reindex leaves removed images out."""
+    from d2r.engine import Engine
+
+    photos, eng = _engine(tmp_path, capsys, n=5)
+    engine = Engine.open(eng)
+    with engine._writing(0):  # the index's half of `index remove im3`
+        engine.database.remove("im3")
+        engine.database.save()
+    code, _, err = _cli(capsys, "index", "check", eng)
+    assert code == 1 and "1 removed image(s) still have stored features (e.g. 'im3'" in err, err
+    assert "not in the index" not in err
+    code, out, err = _cli(capsys, "index", "repair", eng, "--reindex", "--json", "--quiet")
+    report = json.loads(out)
+    assert code == 0 and report["features_deleted"] == ["im3"] and report["reindexed"] == 0, (out, err)
+    assert report.get("reextracted", 0) == 0
+    assert _cli(capsys, "index", "check", eng)[0] == 0 and _info_images(capsys, eng) == 4
+    assert "im3" not in _search_ids(capsys, eng, photos / "im3.png")

@@ -293,7 +293,7 @@ def run_info(args) -> int:
     path = Path(args.path)
     found = None if damaged else indexed_and_stored(path)
     featureless = [] if found is None else featureless_indexed(*found)  # searches reaching them fail (D13)
-    unindexed = [] if found is None or writer_running(path) else unindexed_stored(path, *found)
+    unindexed = [] if found is None or writer_running(path) else unindexed_stored(path)
     info["featureless"] = len(featureless)
     info["unindexed"] = len(unindexed)  # stored, not searchable: `repair --reindex` indexes them (D19)
     if args.json:
@@ -467,7 +467,9 @@ def run_repair(args) -> int:
             report["failures_reset"] = reset_damaged_failures(path)
     if is_engine and not report["unrepairable"] and (path / "index" / "manifest.json").exists():
         # indexed without stored features (a dropped shard, a reset removal table): out of the index
-        report["unindexed"] = Engine.open(path).unindex_featureless(lock_timeout=args.lock_timeout)
+        engine = Engine.open(path)
+        report["unindexed"] = engine.unindex_featureless(lock_timeout=args.lock_timeout)
+        report["features_deleted"] = engine.delete_removed_features(lock_timeout=args.lock_timeout)
         report["lost"] = len(unindexed_stored(path))  # images stored but no longer indexed
     if args.reindex and not report["unrepairable"]:
         engine = Engine.open(args.path)
@@ -484,7 +486,7 @@ def run_repair(args) -> int:
     elif not args.quiet:
         if not (report["dropped_segments"] or report["removal_table_reset"] or report.get("unindexed")
                 or report.get("sources_restored") or report.get("failures_reset") or "sources_rebuilt" in report
-                or report.get("sources_corrected") or report.get("sources_dropped")
+                or report.get("sources_corrected") or report.get("sources_dropped") or report.get("features_deleted")
                 or "manifest_restored_from" in report or "features" in report):
             print(f"{args.path}: nothing to repair")
         if "manifest_restored_from" in report:
@@ -513,6 +515,9 @@ def run_repair(args) -> int:
         if report.get("sources_restored"):
             print(f"restored the files of {report['sources_restored']} image(s) in the sources table from the "
                   "feature store")
+        if report.get("features_deleted"):
+            print(f"deleted the stored features of {len(report['features_deleted'])} removed image(s) (an "
+                  "interrupted `index remove`)")
         if report.get("sources_corrected"):
             print(f"set the files of {report['sources_corrected']} image(s) in the sources table back to those their "
                   "features came from (as the feature store records them)")

@@ -51,9 +51,14 @@ def has_store(path: Path) -> bool:
 
 def indexed_and_stored(path: Path):
     """(indexed ids as str, the feature store) of the engine at ``path``; None without an index or a store."""
+    found = _index_and_store(path)
+    return None if found is None else ([str(i) for i in found[0].ids().tolist()], found[1])
+
+
+def _index_and_store(path: Path):
     if not (path / "index" / "manifest.json").is_file() or not (path / "features" / "manifest.json").is_file():
         return None
-    return [str(i) for i in Database.open(path / "index").ids().tolist()], FeatureStore.open(path / "features")
+    return Database.open(path / "index"), FeatureStore.open(path / "features")
 
 
 def _recorded_sources(indexed, store, table) -> dict:
@@ -87,10 +92,11 @@ def _cross_check(path: Path) -> list[dict]:
     damaged = [{"file": "sources.json", "problem": f"{len(odd)} image file(s) are not absolute paths (e.g. "
                 f"{table[odd[0]]!r} for {odd[0]!r}): `d2r index repair` takes them out of the sources table, "
                 "or sets them to the file the feature store records"}] if odd else []
-    found = indexed_and_stored(path)
+    found = _index_and_store(path)
     if found is None:
         return damaged
-    indexed, store = found
+    db, store = found
+    indexed = [str(i) for i in db.ids().tolist()]
     wrong = [i for i in _wrong_sources(indexed, store, table) if i not in odd]
     if wrong:
         damaged.append({"file": "sources.json", "problem": f"{len(wrong)} indexed image(s) name another file "
@@ -105,7 +111,13 @@ def _cross_check(path: Path) -> list[dict]:
         damaged.append({"file": "sources.json", "problem": f"{len(unsourced)} indexed image(s) lost their file "
                         f"(e.g. {unsourced[0]!r}) although the feature store records it: `d2r index repair` "
                         "restores them"})
-    unindexed = [] if writer_running(path) else unindexed_stored(path, indexed, store)
+    if writer_running(path):  # while `index add` or `remove` runs, the store and the index differ: no damage
+        return damaged
+    left = removed_with_features(db, store)
+    if left:
+        damaged.append({"file": "features", "problem": f"{len(left)} removed image(s) still have stored features "
+                        f"(e.g. {left[0]!r}: an interrupted `index remove`): `d2r index repair` deletes them"})
+    unindexed = unindexed_stored(path, indexed, store, db)
     if unindexed:
         damaged.append({"file": "index", "reindex": True, "problem": f"{len(unindexed)} image(s) of the feature "
                         f"store are not in the index (e.g. {unindexed[0]!r}: a repair that dropped segments, or "
@@ -113,22 +125,31 @@ def _cross_check(path: Path) -> list[dict]:
     return damaged
 
 
+def removed_with_features(db, store) -> list[str]:
+    """Ids the index ``db`` lists as removed, not indexed again, whose features ``store`` still holds (a
+    `remove` killed between committing the index and the store): to delete, never to index again."""
+    live = {str(i) for i in db.ids().tolist()}
+    return [i for i in dict.fromkeys(str(i) for i in db.removed_ids().tolist()) if i not in live and i in store]
+
+
 def featureless_indexed(indexed, store) -> list[str]:
     """The ``indexed`` ids ``store`` holds no features for (every search reaching one fails to verify)."""
     return [i for i in indexed if i not in store]
 
 
-def unindexed_stored(path, indexed=None, store=None) -> list[str]:
-    """Ids the engine's feature store holds but its index does not (D19: a `repair` that dropped segments, or
-    a `repair --reindex` killed before it reindexed them, left a healthy index missing them, and `check` and
-    `info` said nothing): what ``d2r index repair --reindex`` indexes again. [] without an index or a store."""
-    if indexed is None:
-        found = indexed_and_stored(Path(path))
+def unindexed_stored(path, indexed=None, store=None, db=None) -> list[str]:
+    """Ids the engine's feature store holds but its index does not, removed images left aside (D19: a
+    `repair` that dropped segments, or a `repair --reindex` killed before it reindexed them, left a healthy
+    index missing them, and `check` and `info` said nothing): what ``d2r index repair --reindex`` indexes
+    again. [] without an index or a store."""
+    if db is None:
+        found = _index_and_store(Path(path))
         if found is None:
             return []
-        indexed, store = found
-    live = set(indexed)
-    return [i for i in store.ids() if i not in live]
+        db, store = found
+        indexed = [str(i) for i in db.ids().tolist()]
+    skip = set(indexed) | {str(i) for i in db.removed_ids().tolist()}
+    return [i for i in store.ids() if i not in skip]
 
 
 def writer_running(path) -> bool:

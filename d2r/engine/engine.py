@@ -37,7 +37,7 @@ from d2r.features.base import LocalFeatures, RegionFeatures, whole_image
 from d2r.index.database import Database
 from d2r.build import Pipeline, check_codebook_plan
 from d2r.features.image import crop  # noqa: F401  (crop: part of this module's API)
-from d2r.engine.check import check_engine, has_store
+from d2r.engine.check import check_engine, has_store, removed_with_features
 from d2r.engine.config import FORMAT, FORMAT_VERSION, EngineConfig, absolute_paths, engine_config
 from d2r._lock import WriterLock
 from d2r.build import check_setup
@@ -339,7 +339,8 @@ class Engine:
         report = IndexReport()
         with self._writing(lock_timeout) as store:
             if self._db is not None:
-                todo = [i for i in store.ids() if i not in self]
+                removed = set(removed_with_features(self._db, store))  # never brought back
+                todo = [i for i in store.ids() if i not in self and i not in removed]
                 self._index_stored(store, todo, report, progress, None)
         report.seconds = time.perf_counter() - t0
         return report
@@ -360,6 +361,21 @@ class Engine:
             if gone:
                 self._db.save()
         return [str(i) for i in gone]
+
+    def delete_removed_features(self, lock_timeout: float | None = 0.0) -> list[str]:
+        """Delete the stored features of images the index lists as removed (a ``remove`` killed after
+        committing the index, before the store: ``reindex_from_store`` would have brought them back), and
+        their sources; returns their ids. Takes the writer lock."""
+        with self._writing(lock_timeout) as store:
+            if self._db is None:
+                return []
+            gone = removed_with_features(self._db, store)
+            if gone:
+                store.remove(gone)
+                for image_id in gone:
+                    self._sources.pop(image_id, None)
+                self._save_tables()
+        return gone
 
     def _index_stored(self, store, todo: list, report: IndexReport, progress: bool, on_done) -> None:
         """Phases 2 and 3 of indexing: a codebook if needed, then the stored images ``todo`` by saved batch."""
