@@ -90,8 +90,9 @@ def add_parser(subparsers) -> None:
 
     i = sub.add_parser("info", help="counts, sizes and config",
                        description="Show an engine's counts (images, failures, index items and posting "
-                                   "entries), sizes on disk, codebook and config; checks sizes and structure "
-                                   "(exit 1 if damaged; `d2r index check` verifies every checksum).")
+                                   "entries), sizes on disk, codebook and config; checks sizes and structure, "
+                                   "and that the index and the feature store hold the same images (exit 1 if "
+                                   "not; `d2r index check` verifies every checksum).")
     i.add_argument("path", help="engine folder")
     _common(i)
     i.set_defaults(func=run_info)
@@ -99,8 +100,9 @@ def add_parser(subparsers) -> None:
     k = sub.add_parser("check",
                        help="verify every index file (sizes, checksums, structure); exit 1 if damaged",
                        description="Verify every file of an engine (its index and feature store) or of a "
-                                   "database folder: sizes, structure and every BLAKE2 checksum. Lists the "
-                                   "damaged files and exits 1; `d2r index repair` drops damaged segments.")
+                                   "database folder: sizes, structure and every BLAKE2 checksum; then that the "
+                                   "index, the feature store and the sources table agree. Lists what is damaged "
+                                   "and exits 1; `d2r index repair` drops damaged segments and mends the rest.")
     k.add_argument("path", help="engine folder (or a database folder)")
     _common(k)
     k.set_defaults(func=run_check)
