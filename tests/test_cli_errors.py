@@ -206,7 +206,8 @@ def test_index_add_search_info_remove_bad_inputs(engine_dir, photos, tmp_path, c
 
 @pytest.mark.parametrize("table, kind", [('{"x.png": ["x", 1]}', "a list"), ('{"x.png": 5}', "a number"),
                                          ('{"x.png": null}', "null"), ('["x.png"]', "a list")])
-def test_a_failures_table_of_wrong_types_is_one_line_naming_it(engine_dir, photos, tmp_path, capsys, table, kind):
+def test_a_failures_table_of_wrong_types_is_one_line_naming_it(engine_dir, photos, tmp_path, capsys, table,
+                                                               kind):
     """D15: a failures.json whose reasons were a list or a number passed `check`, then `index add` crashed
     with an AttributeError traceback. Every command that reads it now names the file in one line (exit 1),
     check flags it and repair resets it."""

@@ -338,7 +338,8 @@ def _repair_hint(path, damage) -> str:
         return ("engine.json holds the engine's settings: restore it from a copy (nothing else can tell the "
                 "options its index was built with)")
     if all(d.get("reindex") for d in damage):
-        return f"`d2r index repair {path} --reindex` indexes them again from the feature store (no re-extraction)"
+        return (f"`d2r index repair {path} --reindex` indexes them again from the feature store "
+                "(no re-extraction)")
     return (f"`d2r index repair {path}` repairs it (damaged segments and shards are dropped; `--reindex` "
             "indexes their images again)")
 
@@ -488,7 +489,8 @@ def run_repair(args) -> int:
     elif not args.quiet:
         if not (report["dropped_segments"] or report["removal_table_reset"] or report.get("unindexed")
                 or report.get("sources_restored") or report.get("failures_reset") or "sources_rebuilt" in report
-                or report.get("sources_corrected") or report.get("sources_dropped") or report.get("features_deleted")
+                or report.get("sources_corrected") or report.get("sources_dropped")
+                or report.get("features_deleted")
                 or "manifest_restored_from" in report or "features" in report):
             print(f"{args.path}: nothing to repair")
         if "manifest_restored_from" in report:
@@ -521,11 +523,11 @@ def run_repair(args) -> int:
             print(f"deleted the stored features of {len(report['features_deleted'])} removed image(s) (an "
                   "interrupted `index remove`)")
         if report.get("sources_corrected"):
-            print(f"set the files of {report['sources_corrected']} image(s) in the sources table back to those their "
-                  "features came from (as the feature store records them)")
+            print(f"set the files of {report['sources_corrected']} image(s) in the sources table back to those "
+                  "their features came from (as the feature store records them)")
         if report.get("sources_dropped"):
-            print(f"dropped {report['sources_dropped']} entry(ies) of the sources table that were no absolute path "
-                  "(and unknown to the feature store)")
+            print(f"dropped {report['sources_dropped']} entry(ies) of the sources table that were no absolute "
+                  "path (and unknown to the feature store)")
         if report.get("reextracted"):
             print(f"extracted and indexed {report['reextracted']} image(s) again from their files")
         if report["removal_table_reset"]:

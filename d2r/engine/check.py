@@ -115,8 +115,9 @@ def _cross_check(path: Path) -> list[dict]:
         return damaged
     left = removed_with_features(db, store)
     if left:
-        damaged.append({"file": "features", "problem": f"{len(left)} removed image(s) still have stored features "
-                        f"(e.g. {left[0]!r}: an interrupted `index remove`): `d2r index repair` deletes them"})
+        damaged.append({"file": "features", "problem": f"{len(left)} removed image(s) still have stored "
+                        f"features (e.g. {left[0]!r}: an interrupted `index remove`): `d2r index repair` deletes "
+                        "them"})
     unindexed = unindexed_stored(path, indexed, store, db)
     if unindexed:
         damaged.append({"file": "index", "reindex": True, "problem": f"{len(unindexed)} image(s) of the feature "
