@@ -78,9 +78,10 @@ def test_cli_several_images_folders_and_list_files(small_engine, tmp_path, capsy
 
 def test_small_work_starts_no_thread_pool_and_batch_threads_run_numba_and_blas_on_one_thread(small_engine,
                                                                                           monkeypatch):
-    """Small searches lost their lead under contention (issue 23 item 13): small work must run on the calling
-    thread (no pool handed a query under 1,024 descriptors, one candidate, a batch of one), and a query thread
-    of a batch must run numba and BLAS on one thread (threads times BLAS threads oversubscribed the cores)."""
+    """Small searches lost their lead to single-threaded peers under contention: small work must run on the
+    calling thread (no pool for a query under 1,024 descriptors, one candidate, a batch of one), and a query
+    thread of a batch must run numba and BLAS on one thread (threads times BLAS threads oversubscribed the
+    cores)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 

@@ -213,8 +213,8 @@ def test_seeding_progress_names_the_descriptors_used_and_is_silenced(rng, capfd)
 
 
 def test_kmeans_parallel_seeding_passes_over_the_data_a_few_times_whatever_k(rng, monkeypatch):
-    """Issue 23 item 2: k-means++ seeding, one pass over every descriptor per centre (K passes), dominated the
-    first index. k-means|| passes over the data once per round, whatever K (only its few candidates see K),
+    """k-means++ seeding, one pass over every descriptor per centre (K passes), dominated the time of a first
+    index. k-means|| passes over the data once per round, whatever K (only its few candidates see K),
     and its progress bar advances during seeding, not once at the end."""
     import d2r.codebook.kmeans as km
 
