@@ -118,3 +118,26 @@ def test_small_work_starts_no_thread_pool_and_batch_threads_run_numba_and_blas_o
     assert [hits[0].image_id for hits in got] == ["s0_0", "s1_0", "s2_0"]
     assert len(seen) == 3 and all(in_thread and threads == 1 and blas and set(blas) == {1}
                                   for in_thread, threads, blas in seen), seen
+
+
+def test_one_blas_thread_also_limits_a_blas_loaded_after_its_first_use():
+    """The one-BLAS-thread block inspected the loaded libraries once: scipy's own OpenBLAS, loaded later,
+    kept its threads inside every later block (a batch's query threads each running a multi-threaded GEMM),
+    seen when a test run had imported scipy after the first search."""
+    import ast
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("from threadpoolctl import threadpool_info; from d2r._threads import one_blas_thread\n"
+            "with one_blas_thread():\n    pass\n"
+            "import scipy.linalg\n"
+            "with one_blas_thread():\n"
+            "    print([(i['filepath'], i['num_threads']) for i in threadpool_info() if i['user_api'] == 'blas'])")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr
+    libs = ast.literal_eval(out.stdout.strip())
+    assert libs and all(n == 1 for _, n in libs), libs
