@@ -13,6 +13,7 @@ below ``_PARALLEL_MIN_ROWS`` descriptors of ``d2r.codebook.codebook`` (cut-over 
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 
 import numba
@@ -22,12 +23,16 @@ _lock = threading.Lock()
 _depth = 0  # active one_blas_thread() blocks, over all threads
 _limiter = None
 _controller = None
+_modules_seen = 0
 
 
 def _blas_controller():
-    global _controller
-    if _controller is None:
-        _controller = ThreadpoolController()  # inspects the loaded libraries once (milliseconds)
+    """The BLAS libraries loaded, inspected again (milliseconds) whenever modules were imported since: a
+    library loaded later (scipy's or scikit-learn's OpenBLAS) was never limited, and ran its own threads."""
+    global _controller, _modules_seen
+    if _controller is None or len(sys.modules) != _modules_seen:
+        _modules_seen = len(sys.modules)
+        _controller = ThreadpoolController()
     return _controller
 
 

@@ -204,6 +204,49 @@ def test_index_add_search_info_remove_bad_inputs(engine_dir, photos, tmp_path, c
     assert len(Engine.open(work)) == before + 1
 
 
+@pytest.mark.parametrize("table, kind", [('{"x.png": ["x", 1]}', "a list"), ('{"x.png": 5}', "a number"),
+                                         ('{"x.png": null}', "null"), ('["x.png"]', "a list")])
+def test_a_failures_table_of_wrong_types_is_one_line_naming_it(engine_dir, photos, tmp_path, capsys, table,
+                                                               kind):
+    """D15: a failures.json whose reasons were a list or a number passed `check`, then `index add` crashed
+    with an AttributeError traceback. Every command that reads it now names the file in one line (exit 1),
+    check flags it and repair resets it."""
+    work = tmp_path / "engine"
+    shutil.copytree(engine_dir, work)
+    (work / "failures.json").write_text(table)
+    for argv in (["index", "add", work, photos, "--quiet"], ["index", "info", work], ["index", "check", work],
+                 ["search", photos / "im0.png", "--index", work, "--quiet"]):
+        code, _, err = run_cli(capsys, *argv)
+        _one_line_error(code, err, 1, "failures.json", kind)
+    code, out, err = run_cli(capsys, "index", "repair", work, "--json")
+    assert code == 0 and json.loads(out)["failures_reset"], (out, err)
+    code, out, err = run_cli(capsys, "index", "add", work, photos, "--json")
+    assert code == 0 and json.loads(out)["images_in_index"] == 4, err
+
+
+@pytest.mark.parametrize("damage", ["index.num_assignments", "rerank.num_to_rerank", "features/manifest.json"])
+def test_an_out_of_range_setting_or_a_lost_store_manifest_is_one_line_naming_it(engine_dir, photos, tmp_path,
+                                                                               capsys, damage):
+    """D13: an engine.json setting out of range (-7) or a deleted features/manifest.json of the engine was
+    not named by the commands that read it. Each now fails in one line naming the setting's file or the
+    manifest, `check` included."""
+    work = tmp_path / "engine"
+    shutil.copytree(engine_dir, work)
+    if damage.endswith(".json"):
+        (work / damage).unlink()
+        name = damage
+    else:
+        meta = json.loads((work / "engine.json").read_text())
+        section, key = damage.split(".")
+        meta["config"][section][key] = -7
+        (work / "engine.json").write_text(json.dumps(meta))
+        name = "engine.json"
+    for argv in (["index", "info", work], ["index", "check", work], ["index", "add", work, photos, "--quiet"],
+                 ["search", photos / "im0.png", "--index", work, "--quiet"]):
+        code, _, err = run_cli(capsys, *argv)
+        _one_line_error(code, err, 1, name, *([damage, "-7"] if name == "engine.json" else []))
+
+
 def test_a_binary_file_given_as_images_names_the_file(tmp_path, capsys):
     """A non-image, non-text file (e.g. a codebook passed by mistake) is read as a list file: the error was
     "'utf-8' codec can't decode byte ..." without the file's name (index add, search, extract, train-codebook)."""
@@ -500,6 +543,17 @@ def test_unreadable_codebook_is_a_one_line_error(tmp_path, capsys, kind):
     assert not (tmp_path / "eng").exists()
     with pytest.raises(ValueError if kind != "folder" else OSError, match=str(book)):
         d2r.Codebook.load(book)
+
+
+def test_serve_help_gives_the_readme_install_command(capsys):
+    """Newcomer 13: `d2r serve --help` said `pip install 'd2r[serve]'`, which outside the checkout fetches a
+    different PyPI package; the README's command is `pip install -e ".[serve]"`. Kept out of
+    the serve tests, which skip without FastAPI: the help is read before the extra is installed."""
+    with pytest.raises(SystemExit):
+        d2r.cli.main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert 'pip install -e ".[serve]"' in text and "d2r[serve]" not in text
+    assert 'pip install -e ".[serve]"' in (REPO / "README.md").read_text()
 
 
 def _subparsers(parser):

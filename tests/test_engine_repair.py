@@ -109,3 +109,118 @@ def test_side_tables_are_checked_and_repaired(tmp_path, capsys):
     (eng / "engine.json").unlink()
     code, _, err = _cli(capsys, "index", "check", eng)
     assert code == 1 and "engine.json" in err and "restore it from a copy" in err, err
+
+
+def test_check_and_info_report_stored_images_missing_from_the_index(tmp_path, capsys):
+    """D19: a `repair` that dropped a damaged segment (or a `repair --reindex` killed before reindexing) left
+    a healthy index without images the feature store holds, and `check` and `info` said nothing: searches
+    silently missed them. Both now count them and give `repair --reindex`; a running writer is no damage."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    _, eng = _engine(tmp_path, capsys, n=6)
+    more = _photos(tmp_path / "more", 4, seed=8)
+    assert _cli(capsys, "index", "add", eng, more, "--id-prefix", "b", "--quiet")[0] == 0
+    segs = sorted(glob.glob(str(eng / "index" / "seg-*")))
+    assert len(segs) == 2
+    with open(os.path.join(segs[-1], "items.npy"), "r+b") as f:  # the second add's segment
+        f.seek(-8, 2)
+        f.write(b"\xff" * 8)
+    code, out, err = _cli(capsys, "index", "repair", eng)
+    assert code == 0 and "4 image(s) of the feature store are no longer in the index" in out, (out, err)
+    hint = f"`d2r index repair {eng} --reindex`"
+    code, _, err = _cli(capsys, "index", "check", eng)
+    assert code == 1 and "4 image(s) of the feature store are not in the index" in err and hint in err, err
+    assert len(err.strip().splitlines()) == 1
+    code, out, err = _cli(capsys, "index", "info", eng)
+    assert code == 1 and "INCOMPLETE" in out and "4 image(s) of the feature store" in err and hint in err, err
+    code, out, _ = _cli(capsys, "index", "info", eng, "--json")
+    assert code == 1 and json.loads(out)["unindexed"] == 4
+    hold = ("import sys, time; from d2r._lock import WriterLock; "
+            "lock = WriterLock(sys.argv[1], what='index').acquire(); print(flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(eng)], stdout=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))})
+    try:  # an `index add` between extracting and indexing: stored images waiting is no damage
+        holder.stdout.readline()
+        assert _cli(capsys, "index", "check", eng)[0] == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.05)
+    code, out, err = _cli(capsys, "index", "repair", eng, "--reindex", "--json", "--quiet")
+    assert code == 0 and json.loads(out)["reindexed"] == 4, (out, err)
+    assert _cli(capsys, "index", "check", eng)[0] == 0 and _cli(capsys, "index", "info", eng)[0] == 0
+    assert _info_images(capsys, eng) == 10
+
+
+def test_an_indexed_image_without_stored_features_is_named_by_search_info_check_and_repair(tmp_path, capsys):
+    """D13, D18: an image gone from the feature store only (or whose id was damaged in a segment's
+    image_ids.npy) failed every search reaching it with "'im3' is not in the feature store", naming neither
+    the damage nor a remedy, and `info` called the engine healthy."""
+    from d2r.engine import Engine
+
+    photos, eng = _engine(tmp_path, capsys, n=6)
+    with Engine.open(eng)._writing(0) as store:  # as a remove killed between the store and the index
+        store.remove(["im3"])
+    code, _, err = _cli(capsys, "index", "check", eng)
+    assert code == 1 and "1 indexed image(s) have no stored features (e.g. 'im3')" in err, err
+    code, out, err = _cli(capsys, "index", "info", eng)
+    assert code == 1 and "DAMAGED" in out and "'im3'" in err and f"`d2r index check {eng}`" in err, err
+    code, _, err = _cli(capsys, "search", photos / "im3.png", "--index", eng, "--quiet")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "'im3' has no stored features" in err and f"`d2r index check {eng}`" in err, err
+    code, out, err = _cli(capsys, "index", "repair", eng, "--json")
+    assert code == 0 and json.loads(out)["unindexed"] == ["im3"], (out, err)
+    assert _cli(capsys, "index", "check", eng)[0] == 0 and _cli(capsys, "index", "info", eng)[0] == 0
+    ids_file = glob.glob(str(eng / "index" / "seg-*" / "image_ids.npy"))[0]
+    raw = bytearray(open(ids_file, "rb").read())
+    raw[raw.index("im1".encode("utf-32-le"))] = ord("x")  # same size and dtype: 'xm1'
+    open(ids_file, "wb").write(raw)
+    code, _, err = _cli(capsys, "search", photos / "im1.png", "--index", eng, "--quiet")
+    assert code == 1 and "'xm1' has no stored features" in err and f"`d2r index check {eng}`" in err, err
+    code, _, err = _cli(capsys, "index", "check", eng)
+    assert code == 1 and "image_ids.npy: checksum mismatch" in err, err
+
+
+def test_sources_pointing_outside_the_indexed_files_are_flagged_and_set_back(tmp_path, capsys):
+    """D10: `check` accepted a sources table whose entries pointed at /etc/passwd or ../../../../etc/passwd
+    (the files serve would read for those images). Check now names them; repair sets each back to the file
+    the feature store records, and drops a relative entry nothing knows."""
+    photos, eng = _engine(tmp_path, capsys, n=4)
+    with open(eng / "sources.log", "a") as log:
+        log.write('{"set": {"im1": "/etc/passwd", "im2": "../../../../etc/passwd", "zz": "rel/x.png"}}\n')
+    code, _, err = _cli(capsys, "index", "check", eng)
+    assert code == 1 and "2 image file(s) are not absolute paths" in err and "'../../../../etc/passwd'" in err
+    assert "1 indexed image(s) name another file than the one their features came from" in err, err
+    assert "'/etc/passwd' for 'im1'" in err and repr(str(photos / "im1.png")) in err
+    code, out, err = _cli(capsys, "index", "repair", eng, "--json")
+    report = json.loads(out)
+    assert code == 0 and (report["sources_corrected"], report["sources_dropped"]) == (2, 1), (out, err)
+    assert _cli(capsys, "index", "check", eng)[0] == 0
+    code, out, _ = _cli(capsys, "search", photos / "im1.png", "--index", eng, "--json", "--quiet")
+    hits = {h["image_id"]: h["path"] for h in json.loads(out.splitlines()[0])["hits"]}
+    assert hits["im1"] == str(photos / "im1.png") and hits["im2"] == str(photos / "im2.png")
+
+
+def test_an_interrupted_remove_is_finished_by_repair_never_undone_by_reindex(tmp_path, capsys):
+    """D19: a `remove` killed after committing the index but before the feature store left the removed
+    image's features behind, and `repair --reindex` (indexing every stored image the index lacks) brought it
+    back. Check now names the leftover, repair deletes it, and --reindex leaves removed images out."""
+    from d2r.engine import Engine
+
+    photos, eng = _engine(tmp_path, capsys, n=5)
+    engine = Engine.open(eng)
+    with engine._writing(0):  # the index's half of `index remove im3`
+        engine.database.remove("im3")
+        engine.database.save()
+    code, _, err = _cli(capsys, "index", "check", eng)
+    assert code == 1 and "1 removed image(s) still have stored features (e.g. 'im3'" in err, err
+    assert "not in the index" not in err
+    code, out, err = _cli(capsys, "index", "repair", eng, "--reindex", "--json", "--quiet")
+    report = json.loads(out)
+    assert code == 0 and report["features_deleted"] == ["im3"] and report["reindexed"] == 0, (out, err)
+    assert report.get("reextracted", 0) == 0
+    assert _cli(capsys, "index", "check", eng)[0] == 0 and _info_images(capsys, eng) == 4
+    assert "im3" not in _search_ids(capsys, eng, photos / "im3.png")

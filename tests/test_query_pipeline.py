@@ -176,6 +176,25 @@ def test_engine_hits_explain_their_order(tmp_path):
     assert engine.query(folder / "s0_0.png", top_k=8).stages.keys() == {"initial", "verified", "expanded"}
 
 
+def test_search_table_marks_the_hits_verification_moved_up(tmp_path, capsys):
+    """Newcomer finding 6, at the command line: the table's score column is out of order after verification;
+    the rows verification moved up carry a `*` and a footnote says why, and nothing is marked without
+    verification. In aggregation mode a hit has no box (the image matches as a whole)."""
+    from tests.corpus import run_cli
+
+    engine, folder = _photo_engine(tmp_path)
+    hits = engine.search(folder / "s0_0.png", top_k=8)
+    assert engine.config.index.mode == "aggregation" and all(h.box is None for h in hits)
+    code, out, err = run_cli(capsys, "search", folder / "s0_0.png", "--index", engine.path, "--top-k", 8)
+    rows = [line.split() for line in out.splitlines()[1:] if line[:4].strip().isdigit()]
+    assert code == 0 and [r[-1] for r in rows] == [h.image_id for h in hits], (out, err)
+    assert [r[2].endswith("*") for r in rows] == [h.ranked_by == "inliers" for h in hits]
+    assert rows[0][2].endswith("*") and not rows[-1][2].endswith("*")
+    assert "(* moved up by verification, ordered by inliers; the rest follow in score order)" in out
+    code, out, _ = run_cli(capsys, "search", folder / "s0_0.png", "--index", engine.path, "--no-rerank")
+    assert code == 0 and "*" not in out and "moved up" not in out
+
+
 # ---- the oracle: the benchmark runs the product ---------------------------------------------------------------
 def _write_photos(folder: Path, scenes=3, views=3, distractors=3):
     folder.mkdir(parents=True)

@@ -74,3 +74,70 @@ def test_cli_several_images_folders_and_list_files(small_engine, tmp_path, capsy
     code = d2r.cli.main(["search", str(empty), "--index", str(engine.path)])
     _, err = capsys.readouterr()
     assert code == 1 and "no images" in err
+
+
+def test_small_work_starts_no_thread_pool_and_batch_threads_run_numba_and_blas_on_one_thread(small_engine,
+                                                                                          monkeypatch):
+    """Small searches lost their lead to single-threaded peers under contention: small work must run on the
+    calling thread (no pool for a query under 1,024 descriptors, one candidate, a batch of one), and a query
+    thread of a batch must run numba and BLAS on one thread (threads times BLAS threads oversubscribed the
+    cores)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numba
+    from threadpoolctl import threadpool_info
+
+    import d2r.index.search
+
+    engine, folder = small_engine
+    query = folder / "s1_0.png"
+    assert len(engine.extract(query).descriptors) < 1024
+    started = []
+    pool_init, thread_start = ThreadPoolExecutor.__init__, threading.Thread.start
+    scan_pool = d2r.index.search._scan_pool
+    monkeypatch.setattr(ThreadPoolExecutor, "__init__",
+                        lambda self, *a, **k: (started.append("pool"), pool_init(self, *a, **k))[1])
+    monkeypatch.setattr(threading.Thread, "start",
+                        lambda self: (started.append(self.name), thread_start(self))[1])
+    monkeypatch.setattr(d2r.index.search, "_scan_pool", lambda: (started.append("scan pool"), scan_pool())[1])
+    monkeypatch.setattr(engine.config.rerank, "num_to_rerank", 1)
+    engine.search(query, top_k=4)
+    assert engine.search_batch([query], top_k=4)[0][0].image_id == "s1_0"
+    assert started == []
+    monkeypatch.setattr(engine.config.rerank, "num_to_rerank", 6)
+    seen, search = [], engine.search
+
+    def recording(*args, **kwargs):
+        blas = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+        seen.append((threading.current_thread() is not threading.main_thread(), numba.get_num_threads(), blas))
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "search", recording)
+    got = engine.search_batch([folder / "s0_0.png", query, folder / "s2_0.png"], top_k=4, workers=3)
+    assert [hits[0].image_id for hits in got] == ["s0_0", "s1_0", "s2_0"]
+    assert len(seen) == 3 and all(in_thread and threads == 1 and blas and set(blas) == {1}
+                                  for in_thread, threads, blas in seen), seen
+
+
+def test_one_blas_thread_also_limits_a_blas_loaded_after_its_first_use():
+    """The one-BLAS-thread block inspected the loaded libraries once: scipy's own OpenBLAS, loaded later,
+    kept its threads inside every later block (a batch's query threads each running a multi-threaded GEMM),
+    seen when a test run had imported scipy after the first search."""
+    import ast
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("from threadpoolctl import threadpool_info; from d2r._threads import one_blas_thread\n"
+            "with one_blas_thread():\n    pass\n"
+            "import scipy.linalg\n"
+            "with one_blas_thread():\n"
+            "    print([(i['filepath'], i['num_threads']) for i in threadpool_info() if i['user_api'] == 'blas'])")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr
+    libs = ast.literal_eval(out.stdout.strip())
+    assert libs and all(n == 1 for _, n in libs), libs

@@ -196,3 +196,37 @@ def test_serve_notices_a_commit_that_only_appended_to_the_log(tmp_path):
     old = service.engine
     service.health()
     assert service.engine is not old and service.engine._sources.get("b") == "/p/b.jpg"
+
+
+def test_repair_rebuilds_a_garbled_log_from_its_good_lines_and_the_feature_store(tmp_path, capsys):
+    """D7: a garbled `sources.log` line made `repair` refuse (the table could not be read), leaving every
+    command that reads it failing. Repair now rebuilds the table from the good lines plus the files the
+    feature store records, and says what it could not read."""
+    import d2r.cli
+    from tests.test_engine import _photos
+
+    def cli(*args):
+        code = d2r.cli.main([str(a) for a in args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    photos, more, eng = _photos(tmp_path / "photos", 6), _photos(tmp_path / "more", 4, seed=8), tmp_path / "eng"
+    assert cli("index", "create", eng, "--codebook-size", 16, "--images", photos, "--quiet")[0] == 0
+    assert cli("index", "add", eng, more, "--id-prefix", "b", "--quiet")[0] == 0
+    lines = (eng / LOG).read_bytes().splitlines(keepends=True)
+    assert len(lines) == 2
+    (eng / LOG).write_bytes(b'{"set": {"im0": 7}}\n' + lines[1])  # the first add's line garbled
+    code, _, err = cli("index", "check", eng)
+    assert code == 1 and f"{LOG}: line 1 is not a sources record" in err, err
+    code, out, err = cli("index", "repair", eng, "--json")
+    report = json.loads(out)
+    assert code == 0 and report["sources_rebuilt"] == {"log_lines": [1], "without_file": 0}, (out, err)
+    assert report["sources_restored"] == 6  # the garbled line's images, from the feature store
+    assert cli("index", "check", eng)[0] == 0
+    table = read_sources(eng)[0]
+    assert table["im0"] == str(photos / "im0.png") and table["bim3"] == str(more / "im3.png")
+    assert len(table) == 10
+    (eng / LOG).write_bytes(b"garbage\n" + (eng / LOG).read_bytes() + b"{}\n")
+    code, out, err = cli("index", "repair", eng)
+    assert code == 0 and "line(s) 1 of sources.log unreadable" in out and "rebuilt" in out, (out, err)
+    assert read_sources(eng)[0] == table

@@ -308,6 +308,31 @@ def test_a_manifest_of_wrong_types_is_a_damaged_manifest(kind, tmp_path, how):
     assert kind.ids(path) == ids
 
 
+@pytest.mark.parametrize("store, how", [("index", "strings"), ("index", "negative"), ("features", "strings"),
+                                         ("features", "list")])
+def test_a_manifest_of_wrong_types_through_the_cli(tmp_path, capsys, store, how):
+    """D12 through the commands: an engine's index or feature-store manifest with numbers as strings or -7
+    ended in "unexpected error (TypeError)". `index check`, `index info` and `search` now fail in one line
+    naming the manifest, and `index repair` restores its newest intact generation."""
+    photos = write_photos(tmp_path / "photos", ["p0", "p1"], 5)
+    eng = new_engine(tmp_path)
+    assert run_cli(capsys, "index", "add", eng, photos, "--quiet")[0] == 0
+    manifest = eng / store / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m = _map_numbers(m, str) if how == "strings" else _map_numbers(m, lambda v: -7) if how == "negative" else [m]
+    manifest.write_text(json.dumps(m))
+    for argv in (["index", "check", eng], ["index", "info", eng], ["search", photos / "p0.png", "--index", eng]):
+        code, _, err = run_cli(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert code == 1 and len(lines) == 1 and f"{store}/manifest.json" in lines[0], (argv, err)
+        assert "unexpected error" not in err and "Traceback" not in err
+    code, out, err = run_cli(capsys, "index", "repair", eng)
+    assert code == 0 and "manifest.json restored from manifest-" in out, (out, err)
+    assert run_cli(capsys, "index", "check", eng)[0] == 0
+    code, out, _ = run_cli(capsys, "search", photos / "p0.png", "--index", eng, "--json", "--quiet")
+    assert code == 0 and json.loads(out)["hits"][0]["image_id"] == "p0"
+
+
 def _map_numbers(node, f):
     if isinstance(node, dict):
         return {k: _map_numbers(v, f) for k, v in node.items()}
@@ -343,6 +368,33 @@ def test_a_merge_refuses_damaged_input_and_never_launders_it(kind, tmp_path):
         kind.merge(path)
     assert (path / "manifest.json").read_bytes() == before
     assert kind.check(path) == [str(victim)]
+
+
+def test_an_index_add_whose_tiered_merge_meets_a_damaged_segment_refuses(tmp_path, capsys):
+    """D4 as the trial ran it: with one-image segments, the `index add` whose tiered merge took in a segment
+    with a flipped bit in bits.npy exited 0, and `check` then said healthy (the flip made permanent). Now
+    the add fails in one line naming the file, and check still names it."""
+    import glob
+
+    photos = write_photos(tmp_path / "photos", [f"p{i}" for i in range(10)], 6)
+    eng = tmp_path / "eng"
+    first = tmp_path / "first"
+    first.mkdir()
+    for i in range(9):
+        os.link(photos / f"p{i}.png", first / f"p{i}.png")
+    assert run_cli(capsys, "index", "create", eng, "--codebook-size", 16, "--set", "batch_size=1",
+                   "--images", first, "--quiet")[0] == 0
+    segments = sorted(glob.glob(str(eng / "index" / "seg-*")))
+    assert len(segments) == 9  # the next add's save merges them (the default tier policy)
+    bits = Path(segments[0]) / "bits.npy"
+    a = np.load(bits)
+    a[len(a) // 2] ^= 1
+    np.save(bits, a)
+    victim = str(bits.relative_to(eng))
+    code, _, err = run_cli(capsys, "index", "add", eng, photos / "p9.png", "--quiet")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and victim in err, err
+    code, _, err = run_cli(capsys, "index", "check", eng)
+    assert code == 1 and victim in err, err
 
 
 def test_a_damaged_removal_table_or_codebook_is_never_carried_forward(tmp_path):

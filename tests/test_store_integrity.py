@@ -225,6 +225,32 @@ def test_two_processes_one_store_second_refused_then_waits_nothing_lost(tmp_path
         same(store.get(i), feats_of(i))
 
 
+def test_extract_into_a_new_store_another_process_is_creating_names_that_writer(tmp_path):
+    """D18: `d2r extract --out S` while another process was creating S (its lock taken, a shard half
+    written, no manifest.json yet) failed with "folder exists, is not empty" instead of naming the writer."""
+    path, img = tmp_path / "s", tmp_path / "imgs"
+    path.mkdir()
+    img.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(img / "a.png")
+    hold = ("import sys, time; from d2r._lock import WriterLock; lock = WriterLock(sys.argv[1], "
+            "what='feature store').acquire(); open(sys.argv[1] + '/shard-0.descriptors.npy.tmp', 'wb').write("
+            "b'x' * 64); print('holding', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(path)], stdout=subprocess.PIPE, text=True,
+                              env=ENV, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        cli = subprocess.run([sys.executable, "-m", "d2r", "extract", "--images", str(img), "--features",
+                              "rootsift", "--out", str(path), "--quiet"], capture_output=True, text=True,
+                             env=ENV, timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    lines = cli.stderr.strip().splitlines()
+    assert cli.returncode == 1 and len(lines) == 1, cli.stderr
+    assert f"another writer (pid {holder.pid})" in lines[0] and "feature store" in lines[0], lines
+    assert not (path / "manifest.json").exists()
+
+
 WRITER = """
 import sys
 from d2r.features import FeatureStore

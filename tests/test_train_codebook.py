@@ -212,6 +212,45 @@ def test_seeding_progress_names_the_descriptors_used_and_is_silenced(rng, capfd)
     assert capfd.readouterr() == ("", "")
 
 
+def test_kmeans_parallel_seeding_passes_over_the_data_a_few_times_whatever_k(rng, monkeypatch):
+    """k-means++ seeding, one pass over every descriptor per centre (K passes), dominated the time of a first
+    index. k-means|| passes over the data once per round, whatever K (only its few candidates see K),
+    and its progress bar advances during seeding, not once at the end."""
+    import d2r.codebook.kmeans as km
+
+    x = blob(rng, n=20_000, d=16)
+    passes = []
+
+    class Counting(Codebook):
+        def assign(self, y, *args, **kwargs):
+            passes.append(len(y))
+            return super().assign(y, *args, **kwargs)
+
+    def distances(y, *args):
+        passes.append(len(y))
+        return assigned_sq_distances(y, *args)
+
+    monkeypatch.setattr(km, "Codebook", Counting)
+    monkeypatch.setattr(km, "assigned_sq_distances", distances)
+
+    class Bar:
+        updates = 0
+
+        def update(self, n=1):
+            Bar.updates += 1
+
+        def set_postfix_str(self, text):
+            pass
+
+    for k in (32, 256):
+        passes.clear()
+        seeds = kmeans_parallel(x, k, 0, bar=Bar())
+        assert seeds.shape == (k, 16)
+        full = sum(p == len(x) for p in passes)
+        assert 0 < full <= 2 * km.KMEANS_PARALLEL_ROUNDS + 1, (k, full)  # an assignment and distances a round
+    assert Bar.updates > 2 * km.KMEANS_PARALLEL_ROUNDS
+
+
 def test_auto_init_is_kmeans_parallel_and_is_recorded(rng):
     x = blob(rng, n=2000, d=8)
     book, info = train_codebook(x, 16, iterations=1, progress=False)

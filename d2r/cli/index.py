@@ -13,7 +13,8 @@ from d2r._log import muted
 from d2r.cli import UsageError, error_line, key_value, positive_int
 from d2r.config import parse_overrides
 from d2r.engine import Engine
-from d2r.engine.check import check_engine, reset_damaged_failures, restore_sources
+from d2r.engine.check import (check_engine, featureless_indexed, indexed_and_stored, reset_damaged_failures,
+                              restore_sources, unindexed_stored, writer_running)
 from d2r.engine.config import EngineConfig
 from d2r.features.store import FORMAT, check_store, repair_store
 from d2r.features.store.format import generations as store_generations
@@ -89,8 +90,9 @@ def add_parser(subparsers) -> None:
 
     i = sub.add_parser("info", help="counts, sizes and config",
                        description="Show an engine's counts (images, failures, index items and posting "
-                                   "entries), sizes on disk, codebook and config; checks sizes and structure "
-                                   "(exit 1 if damaged; `d2r index check` verifies every checksum).")
+                                   "entries), sizes on disk, codebook and config; checks sizes and structure, "
+                                   "and that the index and the feature store hold the same images (exit 1 if "
+                                   "not; `d2r index check` verifies every checksum).")
     i.add_argument("path", help="engine folder")
     _common(i)
     i.set_defaults(func=run_info)
@@ -98,8 +100,9 @@ def add_parser(subparsers) -> None:
     k = sub.add_parser("check",
                        help="verify every index file (sizes, checksums, structure); exit 1 if damaged",
                        description="Verify every file of an engine (its index and feature store) or of a "
-                                   "database folder: sizes, structure and every BLAKE2 checksum. Lists the "
-                                   "damaged files and exits 1; `d2r index repair` drops damaged segments.")
+                                   "database folder: sizes, structure and every BLAKE2 checksum; then that the "
+                                   "index, the feature store and the sources table agree. Lists what is damaged "
+                                   "and exits 1; `d2r index repair` drops damaged segments and mends the rest.")
     k.add_argument("path", help="engine folder (or a database folder)")
     _common(k)
     k.set_defaults(func=run_check)
@@ -289,11 +292,18 @@ def run_info(args) -> int:
     info = Engine.open(args.path).info()
     damaged = info.get("store", {}).get("damaged", [])
     info["healthy"] = not damaged  # sizes and structure; `d2r index check` also verifies every checksum
+    path = Path(args.path)
+    found = None if damaged else indexed_and_stored(path)
+    featureless = [] if found is None else featureless_indexed(*found)  # searches reaching them fail (D13)
+    unindexed = [] if found is None or writer_running(path) else unindexed_stored(path)
+    info["featureless"] = len(featureless)
+    info["unindexed"] = len(unindexed)  # stored, not searchable: `repair --reindex` indexes them (D19)
     if args.json:
         print(json.dumps(info, sort_keys=True, default=str))
     else:
         idx = info.get("index", {})
-        state = "DAMAGED" if damaged else "healthy (sizes and structure; `d2r index check` verifies checksums)"
+        state = ("DAMAGED" if damaged or featureless else "INCOMPLETE" if unindexed else
+                 "healthy (sizes and structure; `d2r index check` verifies checksums)")
         print(f"{info['path']}: {info['images']} images, {info['failures']} failures, {state}")
         if idx:
             cfg = idx["config"]
@@ -310,23 +320,26 @@ def run_info(args) -> int:
                   f"{store['bytes'] / 1e6:.1f} MB")
     for d in damaged:
         print(f"d2r index info: damaged: {d['file']}: {d['problem']}", file=sys.stderr)
-    return 1 if damaged else 0
-
-
-def _lost_images(path: Path) -> list[str]:
-    """Ids in the engine's feature store that its index does not hold (after a repair dropped segments)."""
-    engine = Engine.open(path)
-    if engine.database is None or not (path / "features" / "manifest.json").exists():
-        return []
-    return [i for i in FeatureStore.open(path / "features").ids() if i not in engine]
+    if featureless:
+        print(f"d2r index info: error: {args.path}: {len(featureless)} indexed image(s) have no stored features "
+              f"(e.g. {featureless[0]!r}); `d2r index check {args.path}` names the damage, `d2r index repair "
+              f"{args.path}` takes them out of the index", file=sys.stderr)
+    elif unindexed:
+        print(f"d2r index info: error: {args.path}: {len(unindexed)} image(s) of the feature store are not in "
+              f"the index (e.g. {unindexed[0]!r}); {_repair_hint(args.path, [{'file': 'index', 'reindex': 1}])}",
+              file=sys.stderr)
+    return 1 if damaged or featureless or unindexed else 0
 
 
 def _repair_hint(path, damage) -> str:
-    """What to do about ``damage``: ``engine.json`` holds the settings and only a copy restores it; the rest
-    ``repair`` handles."""
+    """What to do about ``damage``: ``engine.json`` holds the settings and only a copy restores it; stored
+    images missing from the index need ``repair --reindex``; the rest ``repair`` handles."""
     if all(d["file"] == "engine.json" for d in damage):
         return ("engine.json holds the engine's settings: restore it from a copy (nothing else can tell the "
                 "options its index was built with)")
+    if all(d.get("reindex") for d in damage):
+        return (f"`d2r index repair {path} --reindex` indexes them again from the feature store "
+                "(no re-extraction)")
     return (f"`d2r index repair {path}` repairs it (damaged segments and shards are dropped; `--reindex` "
             "indexes their images again)")
 
@@ -449,12 +462,18 @@ def run_repair(args) -> int:
             report["features"] = repair_store(features, lock_timeout=args.lock_timeout)
             report["unrepairable"] += [f"features/{u}" for u in report["features"]["unrepairable"]]
         if is_engine and not report["unrepairable"]:
-            report["sources_restored"] = restore_sources(path)
+            sources = restore_sources(path)
+            report["sources_restored"] = sources["restored"]
+            report["sources_corrected"], report["sources_dropped"] = sources["corrected"], sources["dropped"]
+            if "lost" in sources:
+                report["sources_rebuilt"] = {**sources["lost"], "without_file": sources["without_file"]}
             report["failures_reset"] = reset_damaged_failures(path)
     if is_engine and not report["unrepairable"] and (path / "index" / "manifest.json").exists():
         # indexed without stored features (a dropped shard, a reset removal table): out of the index
-        report["unindexed"] = Engine.open(path).unindex_featureless(lock_timeout=args.lock_timeout)
-        report["lost"] = len(_lost_images(path))  # images stored but no longer indexed
+        engine = Engine.open(path)
+        report["unindexed"] = engine.unindex_featureless(lock_timeout=args.lock_timeout)
+        report["features_deleted"] = engine.delete_removed_features(lock_timeout=args.lock_timeout)
+        report["lost"] = len(unindexed_stored(path))  # images stored but no longer indexed
     if args.reindex and not report["unrepairable"]:
         engine = Engine.open(args.path)
         done = engine.reindex_from_store(progress=not args.quiet, lock_timeout=args.lock_timeout)
@@ -469,7 +488,9 @@ def run_repair(args) -> int:
         print(json.dumps(report, sort_keys=True))
     elif not args.quiet:
         if not (report["dropped_segments"] or report["removal_table_reset"] or report.get("unindexed")
-                or report.get("sources_restored") or report.get("failures_reset")
+                or report.get("sources_restored") or report.get("failures_reset") or "sources_rebuilt" in report
+                or report.get("sources_corrected") or report.get("sources_dropped")
+                or report.get("features_deleted")
                 or "manifest_restored_from" in report or "features" in report):
             print(f"{args.path}: nothing to repair")
         if "manifest_restored_from" in report:
@@ -486,9 +507,27 @@ def run_repair(args) -> int:
             print(f"indexed {report['reindexed']} image(s) again from the feature store")
         if report.get("failures_reset"):
             print("failures.json was damaged: reset (failed images are tried again by the next `index add`)")
+        if "sources_rebuilt" in report:
+            r = report["sources_rebuilt"]
+            what = ", ".join(filter(None, ["sources.json unreadable" if r.get("snapshot") else "",
+                                           f"line(s) {', '.join(map(str, r['log_lines']))} of sources.log "
+                                           "unreadable" if r["log_lines"] else ""]))
+            print(f"the sources table was damaged ({what}): rebuilt from what was readable and the feature "
+                  "store" + (f"; {r['without_file']} indexed image(s) have no known file left (their hits show "
+                             "no path; `d2r index add` of their files records them again)"
+                             if r["without_file"] else ""))
         if report.get("sources_restored"):
             print(f"restored the files of {report['sources_restored']} image(s) in the sources table from the "
                   "feature store")
+        if report.get("features_deleted"):
+            print(f"deleted the stored features of {len(report['features_deleted'])} removed image(s) (an "
+                  "interrupted `index remove`)")
+        if report.get("sources_corrected"):
+            print(f"set the files of {report['sources_corrected']} image(s) in the sources table back to those "
+                  "their features came from (as the feature store records them)")
+        if report.get("sources_dropped"):
+            print(f"dropped {report['sources_dropped']} entry(ies) of the sources table that were no absolute "
+                  "path (and unknown to the feature store)")
         if report.get("reextracted"):
             print(f"extracted and indexed {report['reextracted']} image(s) again from their files")
         if report["removal_table_reset"]:

@@ -37,7 +37,7 @@ from d2r.features.base import LocalFeatures, RegionFeatures, whole_image
 from d2r.index.database import Database
 from d2r.build import Pipeline, check_codebook_plan
 from d2r.features.image import crop  # noqa: F401  (crop: part of this module's API)
-from d2r.engine.check import check_engine, has_store
+from d2r.engine.check import check_engine, has_store, removed_with_features
 from d2r.engine.global_stage import GlobalStage
 from d2r.engine.config import FORMAT, FORMAT_VERSION, EngineConfig, absolute_paths, engine_config
 from d2r._lock import WriterLock
@@ -349,7 +349,8 @@ class Engine:
         report = IndexReport()
         with self._writing(lock_timeout) as store:
             if self._db is not None:
-                todo = [i for i in store.ids() if i not in self]
+                removed = set(removed_with_features(self._db, store))  # never brought back
+                todo = [i for i in store.ids() if i not in self and i not in removed]
                 self._index_stored(store, todo, report, progress, None)
         report.seconds = time.perf_counter() - t0
         return report
@@ -370,6 +371,21 @@ class Engine:
             if gone:
                 self._db.save()
         return [str(i) for i in gone]
+
+    def delete_removed_features(self, lock_timeout: float | None = 0.0) -> list[str]:
+        """Delete the stored features of images the index lists as removed (a ``remove`` killed after
+        committing the index, before the store: ``reindex_from_store`` would have brought them back), and
+        their sources; returns their ids. Takes the writer lock."""
+        with self._writing(lock_timeout) as store:
+            if self._db is None:
+                return []
+            gone = removed_with_features(self._db, store)
+            if gone:
+                store.remove(gone)
+                for image_id in gone:
+                    self._sources.pop(image_id, None)
+                self._save_tables()
+        return gone
 
     def _index_stored(self, store, todo: list, report: IndexReport, progress: bool, on_done) -> None:
         """Phases 2 and 3 of indexing: a codebook if needed, then the stored images ``todo`` by saved batch."""
@@ -526,8 +542,10 @@ class Engine:
             try:
                 return self._whole_image_features(image_id)
             except KeyError:
-                if not self._removed_meanwhile(image_id):
-                    raise
+                if not self._removed_meanwhile(image_id):  # D18: the message named neither file nor remedy
+                    raise KeyError(f"{self.path}: the indexed image {image_id!r} has no stored features (a "
+                                   f"damaged index or feature store: `d2r index check {self.path}` names the "
+                                   f"file, `d2r index repair {self.path}` repairs it)") from None
                 gone.add(image_id)  # no longer a match: verified as nothing, left out of the hits
                 return LocalFeatures.empty(self.extractor.dim)
 

@@ -99,6 +99,41 @@ def read_sources(folder) -> tuple[dict, int, int]:
     raise OSError(f"{snap}: replaced {_RETRIES} times while being read (another process compacting it?)")
 
 
+def salvage_sources(folder) -> tuple[dict, dict]:
+    """What can be read of a damaged sources table of the engine folder ``folder`` (D7: a garbled
+    ``sources.log`` line made ``repair`` refuse): the snapshot unless unreadable, then every good log line in
+    order, skipping the bad ones. Returns ``(table, lost)``, ``lost``: ``{"log_lines": [numbers skipped]}``
+    and ``"snapshot": True`` when ``sources.json`` could not be read."""
+    folder = Path(folder)
+    lost: dict = {"log_lines": []}
+    try:
+        table = parse_json(folder / SNAPSHOT, (folder / SNAPSHOT).read_bytes(), {})
+    except FileNotFoundError:
+        table = {}
+    except ValueError:
+        table, lost["snapshot"] = {}, True
+    table = {k: v for k, v in table.items() if isinstance(v, str)}
+    try:
+        raw = (folder / LOG).read_bytes()
+    except FileNotFoundError:
+        raw = b""
+    lines = raw.split(b"\n")
+    torn = lines.pop()
+    for number, line in enumerate(lines, 1):
+        try:
+            rec = _record(folder / LOG, number, line)
+        except ValueError:
+            rec = None
+        if rec is None:
+            if not (number == len(lines) and not torn):  # not the torn tail a crash leaves
+                lost["log_lines"].append(number)
+            continue
+        for image_id in rec[1]:
+            table.pop(image_id, None)
+        table.update(rec[0])
+    return table, lost
+
+
 class SourcesTable(MutableMapping):
     """The sources table of an engine folder, read on first access; changes are kept until :meth:`save`
     (by the engine's one writer, under its lock)."""
@@ -139,6 +174,15 @@ class SourcesTable(MutableMapping):
 
     def get(self, image_id, default=None):
         return self.load().get(image_id, default)
+
+    def rewrite(self, table: dict) -> None:
+        """Replace the whole table by ``table``: a new snapshot, then an empty log (as a compaction), e.g. when
+        ``repair`` rebuilt a damaged one."""
+        data = (json.dumps(table, indent=0) + "\n").encode()
+        _io.write_bytes(self.folder / SNAPSHOT, data)
+        _io.write_bytes(self.folder / LOG, b"")
+        self._table, self._changed = dict(table), {}
+        self._log_end, self._snapshot_size = 0, len(data)
 
     def save(self) -> None:
         """Append the changes since the last save to the log (fsynced); compact when it outgrew the
@@ -216,11 +260,21 @@ def read_failures(folder) -> dict[str, str]:
     is a ValueError naming the file (D15: a list or number as a reason passed ``check``, then crashed ``index
     add`` with an AttributeError)."""
     file = Path(folder) / FAILURES
-    table = _io.read_json(file, {})
+    table = _io.read_json(file, None)
+    if table is None and not file.exists():
+        return {}
     if not isinstance(table, dict):
-        raise ValueError(f"{file}: not a JSON object of image file -> reason, got {type(table).__name__}")
+        raise ValueError(f"{file}: not a JSON object of image file -> reason, got {_json_kind(table)}")
     for key, reason in table.items():
         if not isinstance(reason, str):
-            raise ValueError(f"{file}: the reason for {key!r} is a {type(reason).__name__}, not a string")
+            raise ValueError(f"{file}: the reason for {key!r} is {_json_kind(reason)}, not a string")
     return table
+
+
+def _json_kind(value) -> str:
+    """What a parsed JSON value is, in JSON's words ("a number", not "a int")."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    kinds = {list: "a list", dict: "an object", str: "a string", int: "a number", float: "a number"}
+    return kinds.get(type(value), f"a {type(value).__name__}")
 

@@ -282,6 +282,11 @@ class Database:
         """Live image ids in insertion order."""
         return self._out_ids(self._all_ids()[~self._removed])
 
+    def removed_ids(self) -> np.ndarray:
+        """Ids of removed images whose records are still on disk (until their segments merge); an id removed
+        and added again is listed too."""
+        return self._out_ids(self._all_ids()[self._removed])
+
     # ---- adding and removing ------------------------------------------------------------------------------------
     def add(self, image_id, descriptors, regions=None, *, assignments=None) -> None:
         """Index one image. ``descriptors`` (N, D) float32 (or an object with ``.descriptors``), concatenated
