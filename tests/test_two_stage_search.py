@@ -138,6 +138,20 @@ def test_an_engine_searches_in_two_stages(sample_photos, tmp_path):
     again = reopened.query(query, top_k=5)
     assert "astronaut" not in again.stages["global"].ids.tolist() and again.final.ids[0] == "coffee"
 
+    # a damaged global index is named by check (one line, how to rebuild it)
+    from d2r.engine.check import check_engine
+
+    assert check_engine(tmp_path / "eng") == []
+    seg = next(p for p in (tmp_path / "eng" / "global").iterdir() if p.name.startswith("seg-"))
+    vectors = seg / "vectors.npy"
+    saved = vectors.read_bytes()
+    damaged = bytearray(saved)
+    damaged[-3] ^= 0xFF
+    vectors.write_bytes(bytes(damaged))
+    problems = check_engine(tmp_path / "eng")
+    assert [p["file"] for p in problems] == ["global/"] and "d2r index add" in problems[0]["problem"]
+    vectors.write_bytes(saved)
+
     # vectors of other global options are refused, not mixed: one line naming the folder
     meta = json.loads((tmp_path / "eng" / "engine.json").read_text())
     meta["config"]["global"]["pooling"] = "gap"

@@ -8,8 +8,10 @@ from pathlib import Path
 from d2r import _io
 from d2r._lock import LOCK_NAME
 from d2r.engine.config import engine_config
+from d2r.engine.global_stage import FOLDER as GLOBAL_FOLDER
 from d2r.engine.sources import LOG, SourcesTable, read_failures, read_sources, salvage_sources
 from d2r.features.store import FeatureStore, check_store
+from d2r.globaldesc.index import GlobalIndex
 from d2r.index.database import Database
 from d2r.index.manifest import check_database
 
@@ -36,9 +38,22 @@ def check_engine(path, digests: bool = True) -> list[dict]:
     if (path / "index").is_dir():
         damaged += [dict(d, file=f"index/{d['file']}")
                     for d in check_database(path / "index", digests=digests)]
+    if (path / GLOBAL_FOLDER).is_dir():
+        damaged += _global_damage(path / GLOBAL_FOLDER)
     if not damaged:
         damaged += _cross_check(path)
     return damaged
+
+
+def _global_damage(folder: Path) -> list[dict]:
+    """The two-stage search's global vectors (``global/``): every file of its current generation verified. They
+    are derived data: removing the folder and running ``d2r index add`` again extracts them anew."""
+    hint = f" (remove {folder} and run `d2r index add` to extract the global vectors again)"
+    try:
+        problems = GlobalIndex.open(folder).check()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        problems = [str(exc)]
+    return [{"file": f"{GLOBAL_FOLDER}/", "problem": problem + hint} for problem in problems]
 
 
 def has_store(path: Path) -> bool:
