@@ -1,9 +1,13 @@
 """Near-duplicate detection on the dev photos: planted copies (resized 0.25–2×, JPEG quality 10–95, crops to
 70 %, rotations ±5°, contrast, noise) of some photos among the other photos as distractors; precision and
 recall of the pairs found by image-match's rule (the peer package itself, when ``--peer PYTHON`` has it) and
-by d2r's signature index (same rule: a shared word, normalised distance < threshold), and images/s.
+by d2r's signature index (same rule: a shared word, normalised distance < threshold), and images/s; with
+``--second-opinion``, also of `d2r duplicates` on an engine: the signature pairs plus, for every image no
+signature pair reached, its ASMK* + verification hits with at least ``rerank.min_inliers`` inliers (an engine of
+the shipped defaults built over the same images, written losslessly as PNG, codebook trained on them).
 
-    python -m benchmarks.bench_duplicates [--originals 60] [--copies 5] [--max-side 640] [--peer PYTHON] [--json F]
+    python -m benchmarks.bench_duplicates [--originals 60] [--copies 5] [--max-side 640] [--peer PYTHON]
+        [--second-opinion] [--json F]
 
 A pair is correct when both images come from the same original (original–copy or copy–copy); recall is over all
 such pairs, also per kind of change (original–copy pairs). Distractors that are themselves near-duplicates of
@@ -22,7 +26,10 @@ import cv2
 import numpy as np
 
 from benchmarks._record import header, write_json
+from d2r.duplicates.find import find_duplicates
 from d2r.duplicates.index import SignatureIndex
+from d2r.engine import Engine
+from d2r.engine.config import EngineConfig
 from d2r.duplicates.signature import DEFAULT, signature_of_pixels, words
 from d2r.features.image import load_image
 
@@ -98,6 +105,30 @@ def score(pairs_a, pairs_b, source, kinds) -> dict:
     return out
 
 
+def second_opinion(images, source, kinds, threshold: float) -> dict:
+    """`d2r duplicates ENGINE`'s rule: signature pairs, then verified ASMK* hits for the images left alone."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "images"
+        folder.mkdir()
+        names = [f"{i:05d}" for i in range(len(images))]
+        for name, a in zip(names, images):
+            cv2.imwrite(str(folder / f"{name}.png"), cv2.cvtColor(a, cv2.COLOR_RGB2BGR))
+        t = time.perf_counter()
+        engine = Engine.create(Path(tmp) / "engine", EngineConfig())
+        engine.index(folder, progress=False)
+        index_s = time.perf_counter() - t
+        t = time.perf_counter()
+        report = find_duplicates([(n, folder / f"{n}.png") for n in names], threshold, engine=engine,
+                                 second_opinion=True, progress=False)
+        find_s = time.perf_counter() - t
+    row = {n: i for i, n in enumerate(names)}
+    a = np.array([row[p.a] for p in report.pairs], np.int64)
+    b = np.array([row[p.b] for p in report.pairs], np.int64)
+    verified = sum(p.rule == "verified" for p in report.pairs)
+    return dict(score(a, b, source, kinds), verified_pairs=int(verified), index_s=round(index_s, 1),
+                find_s=round(find_s, 1), signatures_per_s=round(len(images) / find_s, 1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--originals", type=int, default=60)
@@ -106,6 +137,8 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=DEFAULT.threshold)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--peer", help="a Python with image-match 1.1.2 (the peer's own rule and timing)")
+    ap.add_argument("--second-opinion", action="store_true",
+                    help="also the engine's ASMK* + verification second opinion (builds an engine: minutes)")
     ap.add_argument("--json", help="write the results here ('-': stdout)")
     args = ap.parse_args()
     images, source, kinds = build(args.originals, args.copies, args.max_side, args.seed)
@@ -140,6 +173,8 @@ def main() -> None:
                                    signatures_per_s=round(len(images) / float(out["seconds"]), 1),
                                    same_signatures=bool((out["signatures"] == sigs).all()),
                                    same_words=bool((w == words(sigs)).all()))
+    if args.second_opinion:
+        rows["d2r + second opinion"] = second_opinion(images, source, kinds, args.threshold)
     result = {"header": header(), "images": len(images), "originals": int(args.originals),
               "copies_per_original": args.copies, "threshold": args.threshold, "rows": rows}
     print(f"{len(images)} images ({args.originals} originals × {args.copies} copies among distractors), "
