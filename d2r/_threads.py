@@ -21,7 +21,8 @@ from threadpoolctl import ThreadpoolController
 
 _lock = threading.Lock()
 _depth = 0  # active one_blas_thread() blocks, over all threads
-_limiter = None
+_limiters: list = []  # threadpoolctl limiters of the active blocks, oldest first
+_limited_by = None  # the controller the newest limiter was made from
 _controller = None
 _modules_seen = 0
 
@@ -41,11 +42,15 @@ def one_blas_thread():
     """BLAS held at one thread process-wide inside the block, restored when the LAST concurrent block exits.
 
     Reference-counted over threads: two overlapping blocks on different threads do not restore the limit
-    while the other still runs (``threadpoolctl``'s own limiter would)."""
-    global _depth, _limiter
+    while the other still runs (``threadpoolctl``'s own limiter would). A block entered while others run also
+    limits the BLAS libraries loaded since they began (a long-lived block, a server's say, must not leave a
+    library loaded later at its own thread count); the limits are restored in reverse order at the end."""
+    global _depth, _limited_by
     with _lock:
-        if _depth == 0:
-            _limiter = _blas_controller().limit(limits=1, user_api="blas")
+        controller = _blas_controller()
+        if controller is not _limited_by:
+            _limiters.append(controller.limit(limits=1, user_api="blas"))
+            _limited_by = controller
         _depth += 1
     try:
         yield
@@ -53,8 +58,28 @@ def one_blas_thread():
         with _lock:
             _depth -= 1
             if _depth == 0:
-                _limiter.restore_original_limits()
-                _limiter = None
+                for limiter in reversed(_limiters):
+                    limiter.restore_original_limits()
+                _limiters.clear()
+                _limited_by = None
+
+
+@contextlib.contextmanager
+def openmp_blas_one_thread():
+    """The BLAS libraries threaded by OpenMP (faiss's OpenBLAS) at one thread on THIS thread, restored at the
+    end: their thread count is a per-thread OpenMP setting, so :func:`one_blas_thread` set it only on the
+    thread that entered the block, and a batch's query threads ran them at their own count."""
+    with _lock:
+        libs = [c for c in _blas_controller().lib_controllers
+                if c.user_api == "blas" and getattr(c, "threading_layer", None) == "openmp"]
+    previous = [c.get_num_threads() for c in libs]
+    for c in libs:
+        c.set_num_threads(1)
+    try:
+        yield
+    finally:
+        for c, n in zip(libs, previous):
+            c.set_num_threads(n)
 
 
 @contextlib.contextmanager

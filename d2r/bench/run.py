@@ -36,7 +36,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from d2r import _io
-from d2r._threads import numba_threads, one_blas_thread
+from d2r._threads import numba_threads, one_blas_thread, openmp_blas_one_thread
 from d2r.bench.report import write_revisitop_report
 from d2r.build import Pipeline, check_setup, extract_to_store
 from d2r.codebook import Codebook
@@ -271,7 +271,7 @@ class _Pipeline(Pipeline):
             results = [one(qi) for qi in tqdm(range(len(query_feats)), **bar)]
         else:
             def threaded(qi):
-                with numba_threads(1):
+                with numba_threads(1), openmp_blas_one_thread():
                     return one(qi)
 
             with one_blas_thread(), ThreadPoolExecutor(workers) as pool:

@@ -47,7 +47,7 @@ from d2r.features.config import extractor_difference, extractor_info
 from d2r.features.image import listed_images, load_image
 from d2r.features.store import FeatureStore, check_store, import_shards
 from d2r.index.manifest import GENERATIONS as INDEX_GENERATIONS
-from d2r._threads import current_threads, numba_threads, one_blas_thread
+from d2r._threads import current_threads, numba_threads, one_blas_thread, openmp_blas_one_thread
 from d2r.aggregate import get_kernel
 from d2r.query.config import QE_METHODS
 from d2r.query.order import moved_by
@@ -615,7 +615,7 @@ class Engine:
         def one(k):
             t0 = time.perf_counter()
             try:
-                with numba_threads(1 if workers > 1 else current_threads()):
+                with numba_threads(1 if workers > 1 else current_threads()), openmp_blas_one_thread():
                     return self.search(images[k], bbox=bbox, top_k=top_k, rerank=rerank, **options)
             except Exception as exc:  # reported per query; the batch goes on
                 return exc
