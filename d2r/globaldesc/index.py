@@ -2,10 +2,10 @@
 maps, incremental add / remove, crash-safe saves; an optional faiss IVF-PQ index past what an exact scan
 serves.
 
-Storage (on :mod:`d2r.storage`, the layer under the feature store and the index: hashed ``.npy`` files,
-generations as the only commit point and garbage collection (:class:`~d2r.storage.Generations`), the tier policy
-of merges (:class:`~d2r.storage.TierPolicy`), one writer under an OS lock, readers lock-free on the generation
-they opened):
+Storage (on :mod:`d2r.storage` and its rows base :class:`~d2r.storage.rows.IdRows`, the layer under the feature
+store and the index: hashed ``.npy`` files, generations as the only commit point and garbage collection
+(:class:`~d2r.storage.Generations`), the tier policy of merges (:class:`~d2r.storage.TierPolicy`), one writer under
+an OS lock, readers lock-free on the generation they opened):
 
 - ``seg-<uuid>/vectors.npy`` (n, D) float32|float16 and ``seg-<uuid>/ids.npy`` (n,) int64, immutable, written
   in a temporary folder renamed into place;
@@ -23,19 +23,15 @@ untrusted: sizes, dtypes and shapes are checked against the manifest on open (th
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import re
-import shutil
 import uuid
 from pathlib import Path
 
 import numpy as np
 
 from d2r import _io
-from d2r._lock import WriterLock
 from d2r.globaldesc.search import exact_top_k, merge_top_k
-from d2r.storage import MANIFEST, DamagedError, Generations, NpyWriter, RowReader, TierPolicy, save_array
+from d2r.storage import DamagedError, NpyWriter, RowReader, TierPolicy, file_record
+from d2r.storage.rows import IdRows, RowsFormat, Segment
 
 FORMAT = "d2r-global-index"
 FORMAT_VERSION = 1
@@ -49,21 +45,15 @@ def _damaged(file, problem: str) -> DamagedError:
     return DamagedError(file, problem, "global")
 
 
-class _Segment:
+class _Segment(Segment):
     """A saved segment opened as memory maps (or the pending rows, in memory)."""
 
     def __init__(self, vectors, ids, name=None, files=None):
-        self.vectors, self.ids, self.name, self.files = vectors, ids, name, dict(files or {})
-
-    @property
-    def rows(self) -> int:
-        return int(self.ids.shape[0])
-
-    def record(self) -> dict:
-        return {"name": self.name, "rows": self.rows, "files": self.files}
+        self.vectors = vectors
+        super().__init__(ids, name, files)
 
 
-class GlobalIndex:
+class GlobalIndex(IdRows):
     """Exact inner-product search over (N, D) vectors with int64 ids.
 
     ``GlobalIndex(dim)`` lives in memory; :meth:`create` / :meth:`open` work on a folder (``writable=True``
@@ -77,161 +67,54 @@ class GlobalIndex:
         if dtype not in DTYPES:
             raise ValueError(f"global index: dtype must be one of {list(DTYPES)}, got {dtype!r}")
         self.dim, self.dtype = int(dim), dtype
-        self.path = None if path is None else Path(path)
-        self.policy = policy or TierPolicy()
-        self.metadata: dict = {}
-        self.generation = 0
-        self._segments: list[_Segment] = []
-        self._removed = np.zeros(0, bool)  # over the saved rows
-        self._removed_name: str | None = None
         self._ann: dict | None = None  # manifest record of the faiss index
         self._faiss = None
-        self._pending_ids: list[np.ndarray] = []
-        self._pending_vecs: list[np.ndarray] = []
-        self._pending_live: dict[int, int] = {}  # id -> pending row
-        self._pending_removed: set[int] = set()  # pending rows removed before a save
-        self._lock: WriterLock | None = None
-        self._index_saved()
+        super().__init__(path, policy)
+
+    WHAT = "global index"  # _ROWS: set below
 
     # ---- folders -------------------------------------------------------------------------------------------
     @classmethod
     def create(cls, path, dim: int, dtype: str = "float32", metadata: dict | None = None,
                policy: TierPolicy | None = None) -> "GlobalIndex":
         """A new, empty index in folder ``path`` (created; refused if it already holds an index), writable."""
-        path = Path(path)
-        if (path / MANIFEST).exists():
-            raise FileExistsError(f"{path}: already holds an index (open it instead)")
-        idx = cls(dim, dtype, policy=policy)  # validates dim / dtype before the folder is made
-        path.mkdir(parents=True, exist_ok=True)
-        idx.path = path
-        idx.metadata = dict(metadata or {})
-        idx._lock = WriterLock(path, what="global index").acquire()
-        idx._commit()
-        return idx
+        return cls._create(path, lambda: cls(dim, dtype, policy=policy), metadata)
 
     @classmethod
     def open(cls, path, writable: bool = False, policy: TierPolicy | None = None) -> "GlobalIndex":
-        path = Path(path)
-        lock = WriterLock(path, what="global index").acquire() if writable else None
-        try:
-            m = read_manifest(path)
-            idx = cls(m["dim"], m["dtype"], path, policy)
-            idx._lock = lock
-            idx._load(m)
-        except BaseException:
-            if lock is not None:
-                lock.release()
-            raise
-        return idx
-
-    def close(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def refresh(self) -> None:
-        """A reader: move to the newest committed generation."""
-        if self.path is None or self._lock is not None:
-            return
-        self._load(read_manifest(self.path))
+        return cls._open(path, writable, lambda m: cls(m["dim"], m["dtype"], path, policy))
 
     def _load(self, m: dict) -> None:
-        segs = []
-        for rec in m["segments"]:
-            segs.append(_open_segment(self.path, rec, self.dim, self.dtype))
-        total = sum(s.rows for s in segs)
-        removed = np.zeros(total, bool)
-        if m.get("removed"):
-            file = self.path / m["removed"]["name"]
-            rec = m["removed"].get("files", {}).get("removed.npy")
-            removed = _load_checked(file, rec, np.bool_, (total,))
-            removed = np.array(removed)
-        self._segments, self._removed = segs, removed
-        self._removed_name = m["removed"]["name"] if m.get("removed") else None
-        self.generation, self.metadata = int(m["generation"]), dict(m.get("metadata") or {})
+        super()._load(m)
         self._ann, self._faiss = m.get("ann"), None
-        self._index_saved()
+
+    def _open_segment(self, rec: dict) -> _Segment:
+        return _open_segment(self.path, rec, self.dim, self.dtype)
+
+    def _empty_data(self) -> np.ndarray:
+        return np.zeros((0, self.dim), self.dtype)
+
+    def _row_bytes(self) -> int:
+        return self.dim * np.dtype(self.dtype).itemsize
+
+    def _params(self) -> dict:
+        return {"dim": self.dim, "dtype": self.dtype}
+
+    def _extra_parts(self) -> dict:
+        return {"ann": self._ann}
 
     # ---- contents ------------------------------------------------------------------------------------------
-    def _index_saved(self) -> None:
-        ids = _concat([s.ids for s in self._segments], np.int64)
-        self._saved_ids = ids
-        live = ~self._removed if self._removed.shape[0] == ids.shape[0] else np.ones(ids.shape[0], bool)
-        rows = np.flatnonzero(live)
-        order = np.argsort(ids[rows], kind="stable")
-        self._sorted_ids, self._sorted_rows = ids[rows][order], rows[order]
-        if self._sorted_ids.size > 1 and np.any(self._sorted_ids[1:] == self._sorted_ids[:-1]):
-            dup = int(self._sorted_ids[1:][self._sorted_ids[1:] == self._sorted_ids[:-1]][0])
-            raise _damaged(self.path or "<memory>", f"id {dup} is live twice")
-
-    def _saved_row(self, ids: np.ndarray) -> np.ndarray:
-        """Saved live row of each id, −1 where none."""
-        pos = np.searchsorted(self._sorted_ids, ids)
-        pos = np.minimum(pos, max(self._sorted_ids.size - 1, 0))
-        hit = self._sorted_ids.size > 0
-        found = (self._sorted_ids[pos] == ids) if hit else np.zeros(ids.shape, bool)
-        return np.where(found, self._sorted_rows[pos] if hit else -1, -1)
-
-    def __len__(self) -> int:
-        return int(self._sorted_ids.size) + len(self._pending_live)
-
-    def __contains__(self, image_id) -> bool:
-        i = int(image_id)
-        return i in self._pending_live or bool(self._saved_row(np.array([i], np.int64))[0] >= 0)
-
-    def ids(self) -> np.ndarray:
-        """(N,) int64 live ids in insertion order."""
-        saved = self._saved_ids[~self._removed] if self._saved_ids.size else self._saved_ids
-        pend = np.array(sorted(self._pending_live, key=self._pending_live.get), np.int64)
-        return np.concatenate([saved, pend])
-
     def add(self, ids, vectors) -> None:
         """Add (N,) int64 ``ids`` with (N, D) real ``vectors`` (stored as the index dtype; search scores are
         those of the stored values). An id that is live already, or repeated, is refused (ValueError) and
         nothing is added; a removed id may come back."""
-        ids = np.asarray(ids)
-        if ids.ndim != 1 or ids.dtype.kind not in "iu":
-            raise ValueError(f"ids: expected an (N,) integer array, got {ids.dtype} {ids.shape}")
-        ids = ids.astype(np.int64)
+        ids = self._new_ids(ids)
         v = np.asarray(vectors)
         if v.ndim != 2 or v.shape != (ids.shape[0], self.dim) or v.dtype.kind not in "fiu":
             raise ValueError(f"vectors: expected ({ids.shape[0]}, {self.dim}) real, got {v.dtype} {v.shape}")
         if not np.isfinite(v).all():
             raise ValueError("vectors: NaN or infinite values")
-        if np.unique(ids).size != ids.size:
-            raise ValueError("ids: repeated within the batch")
-        live = [int(i) for i in ids[self._saved_row(ids) >= 0]] + [int(i) for i in ids if int(i) in
-                                                                   self._pending_live]
-        if live:
-            raise ValueError(f"ids already in the index (remove them first): {live[:5]}")
-        start = sum(a.shape[0] for a in self._pending_ids)
-        self._pending_ids.append(ids.copy())
-        self._pending_vecs.append(v.astype(self.dtype))
-        for j, i in enumerate(ids.tolist()):
-            self._pending_live[i] = start + j
-
-    def remove(self, ids) -> int:
-        """Remove live ids (KeyError listing unknown ones; then nothing is removed). Returns the number
-        removed."""
-        ids = np.unique(np.asarray(ids, np.int64).reshape(-1))
-        rows = self._saved_row(ids)
-        unknown = [int(i) for i, r in zip(ids, rows) if r < 0 and int(i) not in self._pending_live]
-        if unknown:
-            raise KeyError(f"ids not in the index: {unknown[:5]}")
-        hit = rows >= 0
-        if hit.any():
-            self._removed = self._removed.copy()
-            self._removed[rows[hit]] = True
-            self._index_saved()
-        for i in ids[~hit].tolist():
-            self._pending_removed.add(self._pending_live.pop(i))
-        return int(ids.size)
+        self._append(ids, v.astype(self.dtype))
 
     def vectors(self, ids) -> np.ndarray:
         """(N, D) float32 stored vectors of live ``ids`` (KeyError for unknown ones)."""
@@ -254,14 +137,6 @@ class GlobalIndex:
                 return s.vectors[r]
             r -= s.rows
         raise IndexError(r)
-
-    def _pending_block(self):
-        if not self._pending_ids:
-            return np.zeros((0, self.dim), self.dtype), np.zeros(0, np.int64)
-        if len(self._pending_ids) > 1:
-            self._pending_ids = [np.concatenate(self._pending_ids)]
-            self._pending_vecs = [np.concatenate(self._pending_vecs)]
-        return self._pending_vecs[0], self._pending_ids[0]
 
     # ---- search --------------------------------------------------------------------------------------------
     def search(self, queries, top_k: int = 100, exact: bool | None = None, nprobe: int | None = None,
@@ -373,57 +248,28 @@ class GlobalIndex:
         return merge_top_k(none_i, np.zeros((q.shape[0], 0), np.float32), rows, scores, k)
 
     # ---- commit --------------------------------------------------------------------------------------------
-    def save(self) -> None:
-        """Commit: pending rows become a segment, the removal table and the faiss index are written, adjacent
-        segments merge by the tiered policy, then the manifest (the commit point) and garbage collection."""
-        if self.path is None:
-            raise ValueError("an in-memory global index has no folder to save to (GlobalIndex.create)")
-        if self._lock is None:
-            raise ValueError(f"{self.path}: opened read-only (GlobalIndex.open(path, writable=True))")
-        pv, pi = self._pending_block()
-        if pv.shape[0]:
-            live = np.ones(pv.shape[0], bool)
-            live[list(self._pending_removed)] = False
-            if live.any():
-                self._segments.append(self._write_segment([(pv[live], pi[live])], int(live.sum())))
-                self._removed = np.concatenate([self._removed, np.zeros(int(live.sum()), bool)])
-        self._pending_ids, self._pending_vecs, self._pending_live, self._pending_removed = [], [], {}, set()
-        while True:
-            row_bytes = self.dim * np.dtype(self.dtype).itemsize
-            plan = self.policy.plan([s.rows * row_bytes for s in self._segments])
-            if not plan:
-                break
-            self._merge(plan[0], plan[-1] + 1)
+    def _before_commit(self) -> None:
+        """The faiss index built since the last save is written (the manifest names it)."""
         if self._ann is not None and self._ann["name"] is None:
             name = f"ann-{uuid.uuid4().hex}.faiss"
             with _io.atomic_path(self.path / name) as tmp:
                 _faiss().write_index(self._faiss, str(tmp))
-            self._ann = dict(self._ann, name=name, files={name: _file_record(self.path / name)})
-        self._removed_name = None
-        if self._removed.any():
-            self._removed_name = f"removed-{uuid.uuid4().hex}.npy"
-        self._commit()
-        self._index_saved()
+            self._ann = dict(self._ann, name=name, files={name: file_record(self.path / name)})
 
-    def _write_segment(self, parts, rows: int) -> _Segment:
-        name = f"seg-{uuid.uuid4().hex}"
-        tmp = self.path / f".{name}.tmp"
-        tmp.mkdir()
-        try:
+    def _write_segment(self, vectors: np.ndarray, ids: np.ndarray) -> _Segment:
+        return self._write_parts([(vectors, ids)], int(ids.shape[0]))
+
+    def _write_parts(self, parts, rows: int) -> _Segment:
+        """A segment of ``rows`` rows from ``parts``, (vectors, ids) blocks written in row chunks."""
+        def write(tmp):
             vw = NpyWriter(tmp / "vectors.npy", (rows, self.dim), self.dtype)
             iw = NpyWriter(tmp / "ids.npy", (rows,), np.int64)
             for vec, ids in parts:
                 for a in range(0, ids.shape[0], _CHUNK_ROWS):
                     vw.write(vec[a:a + _CHUNK_ROWS])
                     iw.write(ids[a:a + _CHUNK_ROWS])
-            files = {"vectors.npy": vw.close(), "ids.npy": iw.close()}
-            _io.fsync_dir(tmp)
-            os.replace(tmp, self.path / name)
-            _io.fsync_dir(self.path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return _open_segment(self.path, {"name": name, "rows": rows, "files": files}, self.dim, self.dtype)
+            return {"vectors.npy": vw.close(), "ids.npy": iw.close()}
+        return _open_segment(self.path, self._write_folder(write, rows), self.dim, self.dtype)
 
     def _merge(self, start: int, stop: int) -> None:
         """Merge segments [start, stop) into one without their removed rows, streamed in row chunks."""
@@ -444,42 +290,12 @@ class GlobalIndex:
                     yield reader.read(a, b)[keep], np.asarray(s.ids[a:b])[keep]
                 reader.verify(s.files["vectors.npy"])  # hashed on the way: a merge never copies damage
 
-        merged = self._write_segment(chunks(), keep_total)
-        first = sum(s.rows for s in self._segments[:start])
-        self._removed = np.concatenate([self._removed[:first], np.zeros(keep_total, bool),
-                                        self._removed[base:]])
-        self._segments[start:stop] = [merged]
+        self._splice(start, stop, self._write_parts(chunks(), keep_total))
         self._ann, self._faiss = None, None  # its row numbers no longer hold
-
-    def _commit(self) -> None:
-        self.generation += 1
-        removed = None
-        if self._removed_name:
-            file = self.path / self._removed_name
-            removed = {"name": self._removed_name, "files": {"removed.npy": save_array(file, self._removed)}}
-        m = {"format": FORMAT, "format_version": FORMAT_VERSION, "generation": self.generation,
-             "dim": self.dim, "dtype": self.dtype, "segments": [s.record() for s in self._segments],
-             "removed": removed, "ann": self._ann, "metadata": self.metadata}
-        GENERATIONS.commit(self.path, m)
-        GENERATIONS.collect_garbage(self.path, m)
 
     def check(self) -> list[str]:
         """Verify every file of the current generation (sizes, digests, shapes): one line per problem."""
-        problems = []
-        m = read_manifest(self.path)
-        for rec in m["segments"]:
-            for fname, frec in rec.get("files", {}).items():
-                file = self.path / rec["name"] / fname
-                problems += _verify(file, frec)
-        if m.get("removed"):
-            problems += _verify(self.path / m["removed"]["name"], m["removed"]["files"]["removed.npy"])
-        if m.get("ann"):
-            problems += _verify(self.path / m["ann"]["name"], m["ann"]["files"][m["ann"]["name"]])
-        try:
-            GlobalIndex.open(self.path)
-        except DamagedError as exc:
-            problems.append(str(exc))
-        return sorted(set(problems))
+        return GlobalIndex._check_folder(self.path, read_manifest(self.path), _verify)
 
 
 # ---- files -------------------------------------------------------------------------------------------------
@@ -509,10 +325,6 @@ def _faiss_threads(n: int | None):
         faiss.omp_set_num_threads(old)
 
 
-def _file_record(path: Path) -> dict:
-    return {"size": path.stat().st_size, "blake2b": _io.file_digest(path)}
-
-
 def _verify(file: Path, rec: dict) -> list[str]:
     if not file.is_file():
         return [f"{file}: missing"]
@@ -521,24 +333,6 @@ def _verify(file: Path, rec: dict) -> list[str]:
     if _io.file_digest(file) != rec["blake2b"]:
         return [f"{file}: content does not match its digest"]
     return []
-
-
-def _check_size(file: Path, rec: dict | None) -> None:
-    if not file.is_file():
-        raise _damaged(file, "missing")
-    if rec is not None and file.stat().st_size != rec.get("size"):
-        raise _damaged(file, f"{file.stat().st_size} bytes, the manifest says {rec.get('size')}")
-
-
-def _load_checked(file: Path, rec: dict | None, dtype, shape) -> np.ndarray:
-    _check_size(file, rec)
-    try:
-        a = np.load(file, mmap_mode="r", allow_pickle=False)
-    except Exception as exc:  # unreadable header, short file, pickled content
-        raise _damaged(file, f"unreadable ({str(exc).splitlines()[0][:120]})") from None
-    if a.dtype != np.dtype(dtype) or a.shape != tuple(shape) or not a.flags.c_contiguous:
-        raise _damaged(file, f"expected {np.dtype(dtype)} {tuple(shape)}, got {a.dtype} {a.shape}")
-    return a
 
 
 def _open_segment(root: Path, rec: dict, dim: int, dtype: str) -> _Segment:
@@ -556,55 +350,14 @@ def read_manifest(path) -> dict:
     return GENERATIONS.read(Path(path))
 
 
-def _read_file(file: Path) -> dict:
-    """Parse and check one manifest file (the commit point or a generation); DamagedError naming it."""
-    try:
-        m = json.loads(file.read_text())
-        if not isinstance(m, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _damaged(file, f"unreadable manifest ({exc})") from None
-    if m.get("format") != FORMAT:
-        raise _damaged(file, f"not a d2r global index manifest (format {m.get('format')!r})")
-    if int(m.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{file}: format version {m['format_version']} is newer than this d2r supports "
-                         f"({FORMAT_VERSION})")
-    try:
-        int(m["generation"]), int(m["dim"])
-        if m["dtype"] not in DTYPES:
-            raise ValueError(f"dtype {m['dtype']!r}")
-        for s in m["segments"]:
-            if not str(s["name"]).startswith("seg-") or "/" in s["name"] or int(s["rows"]) < 0:
-                raise ValueError(f"bad segment record {s!r}")
-        for key, prefix in (("removed", "removed-"), ("ann", "ann-")):
-            rec = m.get(key)
-            if rec is not None and (not str(rec.get("name")).startswith(prefix) or "/" in rec["name"]):
-                raise ValueError(f"bad {key} record")
-    except (KeyError, TypeError, ValueError) as exc:
-        raise _damaged(file, f"malformed manifest ({exc})") from None
-    return m
+def _params(m: dict) -> None:
+    int(m["dim"])
+    if m["dtype"] not in DTYPES:
+        raise ValueError(f"dtype {m['dtype']!r}")
 
 
-def _referenced(m: dict) -> set[str]:
-    names = {s["name"] for s in m["segments"]}
-    for key in ("removed", "ann"):
-        if m.get(key):
-            names.add(m[key]["name"])
-    return names
-
-
-_PART = re.compile(r"(seg-[0-9a-f]{32}|removed-[0-9a-f]{32}\.npy|ann-[0-9a-f]{32}\.faiss)")
-
-
-def _part_of(name: str) -> str | None:
-    return name if _PART.fullmatch(name) else None
-
-
-# Only the writer-lock holder writes parts: parts no generation lists are garbage at once.
-GENERATIONS = Generations(store="global", what="d2r global index", read_file=_read_file, parts=_referenced,
-                          part_of=_part_of, keep=KEEP_GENERATIONS)
-
-
-def _concat(parts, dtype) -> np.ndarray:
-    parts = [np.asarray(p) for p in parts if p.shape[0]]
-    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+ROWS = RowsFormat(FORMAT, FORMAT_VERSION, "global", "global index", _params, [("ann", "ann-", ".faiss")],
+                  keep=KEEP_GENERATIONS)
+GlobalIndex._ROWS = ROWS
+GENERATIONS = ROWS.generations
+_load_checked, _check_size = ROWS.load_checked, ROWS.check_size

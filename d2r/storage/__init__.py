@@ -4,7 +4,9 @@
   (:class:`RowReader`), file records ``{"size", "blake2b"}`` and :class:`DamagedError`;
 - :mod:`~d2r.storage.manifest`: manifests as untrusted JSON (schema check, old keys converted);
 - :mod:`~d2r.storage.generations`: generations as the commit point, lock-free reading, garbage collection;
-- :mod:`~d2r.storage.tiers`: the tier policy of merges.
+- :mod:`~d2r.storage.tiers`: the tier policy of merges;
+- :mod:`~d2r.storage.rows`: rows keyed by unique int64 ids in segments (:class:`~d2r.storage.rows.IdRows`), the base
+  of the global index and the signature index.
 
 Each store keeps its payload format (:mod:`d2r.index.segment`, :mod:`d2r.features.store.format`) and its own
 parameters (an instance of :class:`Generations` and of :class:`TierPolicy`).
