@@ -176,3 +176,35 @@ def test_index_create_with_a_global_option_then_search_from_the_command_line(sam
     assert hits[0]["image_id"] == "coffee" and len(hits) <= 3
     code, out, err = run_cli(capsys, "index", "info", eng, "--json")
     assert code == 0 and json.loads(out)["global"]["vectors"] == len(SAMPLES)
+
+
+def test_the_benchmark_runs_the_engines_two_stages(sample_photos, tmp_path, capsys):
+    """`d2r bench revisitop` with the global section gives each query the global stage the engine gives it
+    (the same shortlist, in order) and ranks only the shortlist after it: the benchmark runs the product's
+    query path."""
+    _needs_backbone()
+    from d2r.engine import Engine
+
+    folder, _ = sample_photos
+    names = SAMPLES
+    gnd = {"imlist": names, "qimlist": names[:3],
+           "gnd": [{"easy": [], "hard": [], "junk": []} for _ in range(3)]}
+    (tmp_path / "gnd.json").write_text(json.dumps(gnd))
+    sets = ["global.backbone=mobilenet_v2", "global.size=256", "global.shortlist=3", "global.threads=1",
+            "features.options.max_features=200"]
+    argv = ["bench", "revisitop", "--gnd", tmp_path / "gnd.json", "--images-root", folder, "--out", tmp_path / "run",
+            "--codebook", CODEBOOK, "--no-rerank", "--no-report", "--quiet"]
+    for s in sets:
+        argv += ["--set", s]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["ran"]["stages"][:2] == ["global", "initial"]
+    shortlist = np.load(tmp_path / "run" / "ranks_global.npy")
+    initial = np.load(tmp_path / "run" / "ranks_initial.npy")
+    engine = Engine.create(tmp_path / "eng", small_config(**{"global": dict(GLOBAL, shortlist=3)}))
+    engine.index(folder, progress=False)
+    for q, name in enumerate(names[:3]):
+        got = engine.query(folder / f"{name}.jpg", top_k=8, rerank=False, exclude=[name])
+        assert [names[i] for i in shortlist[q] if i >= 0] == got.stages["global"].ids.tolist()
+        assert set(initial[q][initial[q] >= 0].tolist()) <= set(shortlist[q].tolist())

@@ -45,6 +45,7 @@ from d2r.eval import gldv2
 from d2r.eval.datasets import gldv2_path, query_box, read_ids, resolve_image
 from d2r.eval.revisitop import PROTOCOLS, GroundTruth, evaluate, load_gnd, per_query_metrics
 from d2r.features.base import LocalFeatures, whole_image  # noqa: F401  (whole_image: part of this API)
+from d2r.features.extract import extract_each
 from d2r.features.image import crop, load_image
 from d2r.features.store import FeatureStore
 from d2r.globaldesc import GlobalExtractor, GlobalIndex
@@ -193,32 +194,36 @@ class _Pipeline(Pipeline):
         g = self.config.global_
         ex = GlobalExtractor(g.extractor_config())
 
-        def vectors(kind, items, extract):
-            path = self.cache / f"global-{kind}-{_key(ex.fingerprint(), [str(p) for _, p, *_ in items])}.npy"
+        def vectors(kind, pairs, fn):
+            """(len(pairs), D) float32 by the one extraction loop; an unreadable image gets a zero vector."""
+            path = self.cache / f"global-{kind}-{_key(ex.fingerprint(), [str(p) for _, p in pairs])}.npy"
             if path.is_file():
                 return np.load(path)
-            out = np.zeros((len(items), ex.dim), np.float32)
+            out = np.zeros((len(pairs), ex.dim), np.float32)
             with self.timer(f"global_{kind}"):
-                for k, item in enumerate(tqdm(items, desc=f"global vectors ({kind})", disable=not self.progress)):
-                    try:
-                        out[k] = extract(item)
-                    except (OSError, ValueError) as exc:  # unreadable: a zero vector (never shortlisted first)
-                        log.warning("%s: no global vector: %s", item[1], exc)
+                each = extract_each(list(enumerate(p for _, p in pairs)), fn, 1, self.progress,
+                                    f"global vectors ({kind})")
+                for k, source, vector, error in each:
+                    if error is None:
+                        out[k] = vector
+                    else:
+                        log.warning("%s: no global vector: %s", source, error)
             self.cache.mkdir(parents=True, exist_ok=True)
             _io.save_npy(path, out)
             return out
 
         names = [n for n, _ in db_pairs]
-        db_vecs = vectors("database", db_pairs, lambda item: ex.extract(item[1]))
+        db_vecs = vectors("database", db_pairs, lambda _, path: ex.extract(path))
         if reuse:
             at = {n: i for i, n in enumerate(names)}
             q_vecs = db_vecs[[at[q] for q, _, _ in query_items]]
         else:
-            def crop_extract(item):
-                _, path, bbx = item
+            boxes = [bbx for _, _, bbx in query_items]
+
+            def crop_extract(k, path):
                 pixels = load_image(path)
-                return ex.extract(pixels if bbx is None else crop(pixels, query_box(bbx), name=str(path)))
-            q_vecs = vectors("queries", query_items, crop_extract)
+                return ex.extract(pixels if boxes[k] is None else crop(pixels, query_box(boxes[k]), name=str(path)))
+            q_vecs = vectors("queries", [(q, p) for q, p, _ in query_items], crop_extract)
         index = GlobalIndex(ex.dim)
         index.add(np.arange(len(names), dtype=np.int64), db_vecs)
         out = []
