@@ -46,6 +46,7 @@ class GlobalStage:
         self._extractor = None
         self._index: GlobalIndex | None = None
         self._keys: tuple | None = None  # (generation, len, {key: image id})
+        self._fingerprint: str | None = None
         self._lock = threading.RLock()
 
     @property
@@ -67,14 +68,17 @@ class GlobalStage:
         with self._lock:
             if self._index is None:
                 self._index = GlobalIndex.open(self.path)
+                self._check_fingerprint(self._index)
             else:
-                self._index.refresh()
-            self._check_fingerprint(self._index)
+                seen = self._index.generation
+                self._index.refresh()  # a manifest read; segments reopened only after a commit
+                if self._index.generation != seen:
+                    self._check_fingerprint(self._index)
             return self._index
 
     def _check_fingerprint(self, index: GlobalIndex) -> None:
         have = index.metadata.get("fingerprint")
-        want = self.extractor.fingerprint()
+        want = self._fingerprint = self._fingerprint or self.extractor.fingerprint()
         if have != want:
             raise ValueError(f"{self.path}: global vectors of another extractor (fingerprint {have}, the engine's "
                              f"global options give {want}); set the options back or remove the folder and "

@@ -191,10 +191,13 @@ class IdRows:
         self.close()
 
     def refresh(self) -> None:
-        """A reader: move to the newest committed generation."""
+        """A reader: move to the newest committed generation (a manifest read; segments are opened again only
+        when a writer committed since)."""
         if self.path is None or self._lock is not None:
             return
-        self._load(self._ROWS.generations.read(self.path))
+        m = self._ROWS.generations.read(self.path)
+        if int(m["generation"]) != self.generation:
+            self._load(m)
 
     def _load(self, m: dict) -> None:
         segs = [self._open_segment(rec) for rec in m["segments"]]
