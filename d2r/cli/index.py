@@ -487,11 +487,10 @@ def run_repair(args) -> int:
     if args.json:
         print(json.dumps(report, sort_keys=True))
     elif not args.quiet:
-        if not (report["dropped_segments"] or report["removal_table_reset"] or report.get("unindexed")
-                or report.get("sources_restored") or report.get("failures_reset") or "sources_rebuilt" in report
-                or report.get("sources_corrected") or report.get("sources_dropped")
-                or report.get("features_deleted")
-                or "manifest_restored_from" in report or "features" in report):
+        mended = ("dropped_segments", "removal_table_reset", "unindexed", "sources_restored", "failures_reset",
+                  "sources_rebuilt", "sources_corrected", "sources_dropped", "features_deleted",
+                  "manifest_restored_from", "features")
+        if not any(report.get(key) for key in mended):
             print(f"{args.path}: nothing to repair")
         if "manifest_restored_from" in report:
             print(f"manifest.json restored from {report['manifest_restored_from']}")
