@@ -18,6 +18,11 @@ Outputs in ``OUT``: ``metrics.json`` (the result dict), ``config.yaml`` (the res
 ``index/``; revisitop: ``ranks.npy`` (the FINAL ranking, database indices best first per query, Medium junk),
 ``ranks_<stage>.npy`` (each stage's: initial, verified, expanded) and ``scores.npy`` (the final ranking's
 scores), padded with -1 / NaN; GLDv2: ``predictions.csv``.
+
+Verified pairs are cached too (``pairs-<key>.json``: per query, database id -> inlier count): a pair's count
+depends on the two feature records and the options that say how to match and fit, not on ``min_inliers``,
+``num_to_rerank``, fusion or expansion, so runs that differ only in those re-verify nothing they share (a
+LightGlue pair costs seconds on a CPU; ``benchmarks/calibrate_inliers.py`` reads the counts of a run).
 """
 
 from __future__ import annotations
@@ -98,6 +103,68 @@ def _regions_key(config: BenchConfig):
 def _features_key(extractor):
     """What determines the features: the extractor's fingerprint (name, config, PCA, model)."""
     return extractor.fingerprint()
+
+
+# Options of ``rerank`` a pair's inlier count does not depend on (the decision rule and how many are verified).
+PAIR_FREE = ("enabled", "num_to_rerank", "min_inliers", "fusion_weight", "fusion_cap", "workers")
+
+
+def _verification_key(rerank) -> dict:
+    """What determines a pair's inlier count besides the two feature records: the rerank options minus
+    :data:`PAIR_FREE`, a LightGlue weights file by its content."""
+    key = {k: v for k, v in rerank.to_dict().items() if k not in PAIR_FREE}
+    if key.get("method") == "lightglue" and Path(str(key["lightglue"])).is_file():
+        key["lightglue"] = _io.file_digest(key["lightglue"])
+    return key
+
+
+class PairCounts:
+    """The cached inlier counts of verified pairs, ``{query name: {database id: count}}`` in one JSON file.
+
+    A cache, so a damaged or foreign file is ignored (a warning) and rewritten; :meth:`save` merges with what
+    another run wrote since this one loaded, then replaces the file atomically. Database ids are strings (the
+    benchmarks' image names); other ids are not cached."""
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.pairs: dict[str, dict] = self._read()
+        self.added = 0
+
+    def _read(self) -> dict:
+        if not self.path.exists():
+            return {}
+        try:
+            data = _io.read_json(self.path, {})
+            pairs = data.get("pairs", {}) if data.get("format") == 1 else None
+            if not isinstance(pairs, dict) or not all(
+                    isinstance(q, dict) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                                for n in q.values()) for q in pairs.values()):
+                raise ValueError(f"{self.path}: not a pair-count cache (format 1)")
+            return pairs
+        except (OSError, ValueError) as exc:
+            log.warning("%s; verified pairs are recomputed", exc)
+            return {}
+
+    def known(self, query: str) -> dict:
+        """A fresh ``{id: count}`` of the cached pairs of ``query`` (for :func:`search_query`'s ``known``)."""
+        return dict(self.pairs.get(str(query), {}))
+
+    def update(self, query: str, known: dict) -> None:
+        if not all(isinstance(i, str) for i in known):
+            return
+        row = self.pairs.setdefault(str(query), {})
+        new = {i: int(n) for i, n in known.items() if i not in row}
+        self.added += len(new)
+        row.update(new)
+
+    def save(self) -> None:
+        if not self.added:
+            return
+        merged = self._read() if self.path.exists() else {}
+        for query, row in self.pairs.items():
+            merged.setdefault(query, {}).update(row)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _io.write_json(self.path, {"format": 1, "pairs": merged})
+        self.pairs, self.added = merged, 0
 
 
 class _Timer:
@@ -233,6 +300,17 @@ class _Pipeline(Pipeline):
                 out.append((np.array([names[r] for r in rows.tolist()], object), scores))
         return out
 
+    def pair_counts(self, book: Codebook, query_key) -> PairCounts | None:
+        """The pair-count cache of this run's verification (None when verification is off); ``query_key``
+        names the query features (their store's key)."""
+        if not self.config.rerank.enabled:
+            return None
+        key = _key(_features_key(self.extractor), query_key, book.fingerprint,
+                   _verification_key(self.config.rerank))
+        counts = PairCounts(self.cache / f"pairs-{key}.json")
+        self.notes["pair_counts"] = str(counts.path)
+        return counts
+
     def build_index(self, book: Codebook, db_store, ids):
         """A fresh database in OUT/index holding ``ids`` (in this order) from the store."""
         path = self.out / "index"
@@ -244,13 +322,14 @@ class _Pipeline(Pipeline):
         return db
 
     def query_all(self, db, db_store, query_feats: list, depth: int, junk_lists=None,
-                  shortlists=None) -> list[dict]:
+                  shortlists=None, query_names=None, pairs: PairCounts | None = None) -> list[dict]:
         """THE query path (:func:`~d2r.query.pipeline.search_query`) for every query: one
         :class:`~d2r.query.pipeline.QueryResult` per junk list (``junk_lists``: {name: per-query lists of database
         ids}; None: one run named "" with no junk), ``[{name: QueryResult}]`` in query order. Each query is
         assigned and aggregated once and each pair verified once, whatever the junk lists. Queries run on
         ``workers`` threads, each with numba and BLAS at one thread (as ``Engine.search_batch``); results do not
-        depend on the thread count. ``shortlists``: per query, the global stage's ``(ids, scores)``."""
+        depend on the thread count. ``shortlists``: per query, the global stage's ``(ids, scores)``. ``pairs``:
+        the cached counts of verified pairs, by ``query_names`` (read before a query, extended after)."""
         config = self.config
         junk_lists = junk_lists or {"": [()] * len(query_feats)}
 
@@ -261,26 +340,32 @@ class _Pipeline(Pipeline):
             t0 = time.perf_counter()
             q = prepare_query(query_feats[qi], db, config.rerank)
             prepared = time.perf_counter() - t0
-            known: dict = {}  # inlier counts of this query, shared by its junk lists
+            known = pairs.known(query_names[qi]) if pairs is not None else {}  # shared by its junk lists
             shortlist = None if shortlists is None else shortlists[qi]
             out = {name: search_query(q, db, features, config.rerank, config.qe, depth, junk=lists[qi],
                                       known=known, shortlist=shortlist, global_weight=config.global_.weight)
                    for name, lists in junk_lists.items()}
             next(iter(out.values())).timings["search"] += prepared
+            if pairs is not None:
+                pairs.update(query_names[qi], known)  # dict updates are atomic under the GIL
             return out
 
         workers = max(1, min(int(self.workers), len(query_feats)))
         db.search_batch([], top_k=1)  # shared caches built once, before the threads
         bar = dict(total=len(query_feats), desc="searching", unit="query", disable=not self.progress)
-        if workers == 1:
-            results = [one(qi) for qi in tqdm(range(len(query_feats)), **bar)]
-        else:
-            def threaded(qi):
-                with numba_threads(1), openmp_blas_one_thread():
-                    return one(qi)
+        try:
+            if workers == 1:
+                results = [one(qi) for qi in tqdm(range(len(query_feats)), **bar)]
+            else:
+                def threaded(qi):
+                    with numba_threads(1), openmp_blas_one_thread():
+                        return one(qi)
 
-            with one_blas_thread(), ThreadPoolExecutor(workers) as pool:
-                results = list(tqdm(pool.map(threaded, range(len(query_feats))), **bar))
+                with one_blas_thread(), ThreadPoolExecutor(workers) as pool:
+                    results = list(tqdm(pool.map(threaded, range(len(query_feats))), **bar))
+        finally:  # an interrupted run keeps the pairs it verified
+            if pairs is not None:
+                pairs.save()
         for key in ("search", "rerank", "expand"):
             total = sum(r.timings[key] for out in results for r in out.values())
             self.timer.timing[key] = round(self.timer.timing.get(key, 0.0) + total, 3)
@@ -292,9 +377,10 @@ def _ran(config: BenchConfig, notes: dict, db, stages) -> dict:
     r, qe = config.rerank, config.qe
     verification = "off"
     if r.enabled:
-        how = f"{r.method}, {r.correspondences} correspondences" if r.method == "usac" else "official"
+        how = {"usac": f"usac, {r.correspondences} correspondences",
+               "lightglue": f"lightglue ({r.lightglue} weights) + usac fit"}.get(r.method, r.method)
         verification = f"{how}, top {r.num_to_rerank}" + (f", >= {r.min_inliers} inliers move up"
-                                                          if r.method == "usac" else "")
+                                                          if r.method != "official" else "")
     expansion = "none" if qe.method == "none" else (
         f"{qe.method}, top {qe.top} {'verified' if r.enabled else 'top-ranked'} images")
     book = db.codebook
@@ -358,13 +444,15 @@ def run_revisitop(gnd, images_root, config: BenchConfig | None = None, out="benc
 
     # Queries: a query that is itself a database image with no box reuses its whole-image database features.
     reuse = query_in_database and all(q.bbx is None for q in g.gnd)
+    query_key = ["db", _regions_key(config), str(root.resolve())]
     if reuse:
         query_feats = [whole_image(db_store.get(n)) if n in db_store else LocalFeatures.empty(db_store.dim)
                        for n in g.qimlist]
         pipe.notes["queries"] = "whole-image features of the database images"
     else:
         items = [(name, resolve_image(root, name), q.bbx) for name, q in zip(g.qimlist, g.gnd)]
-        qstore = pipe.query_store(items, [str(root.resolve()), gnd_key])
+        query_key = [str(root.resolve()), gnd_key]
+        qstore = pipe.query_store(items, query_key)
         query_feats = [qstore.get(n) if n in qstore else LocalFeatures.empty(qstore.dim) for n in g.qimlist]
         failed.update(_failed(qstore, [(name, p) for name, p, _ in items]))
         pipe.notes["queries"] = "extracted separately, cropped to bbx" if any(
@@ -381,7 +469,8 @@ def run_revisitop(gnd, images_root, config: BenchConfig | None = None, out="benc
     if config.global_.enabled:
         query_items = [(name, resolve_image(root, name), q.bbx) for name, q in zip(g.qimlist, g.gnd)]
         shortlists = pipe.global_shortlists(db_pairs, query_items, reuse)
-    results = pipe.query_all(db, db_store, query_feats, depth, junk, shortlists)
+    results = pipe.query_all(db, db_store, query_feats, depth, junk, shortlists, g.qimlist,
+                             pipe.pair_counts(book, query_key))
     position = {n: i for i, n in enumerate(g.imlist)}
     stages = {name: {p: [np.array([position[i] for i in r[p].stages[name].ids.tolist()], np.int64)
                          for r in results] for p in PROTOCOLS}
@@ -467,15 +556,16 @@ def run_gldv2(index_csv, test_csv, solution_csv, images_root, config: BenchConfi
     db_pairs = [(i, gldv2_path(iroot, i)) for i in index_ids]
     q_pairs = [(i, gldv2_path(troot, i)) for i in test_ids]
     db_store = pipe.database_store(db_pairs, iroot)
-    qstore = pipe.query_store([(i, p, None) for i, p in q_pairs],
-                              [str(troot.resolve()), str(Path(test_csv).resolve())])
+    query_key = [str(troot.resolve()), str(Path(test_csv).resolve())]
+    qstore = pipe.query_store([(i, p, None) for i, p in q_pairs], query_key)
     failed = {**_failed(db_store, db_pairs), **_failed(qstore, q_pairs)}
     book = pipe.codebook(db_store, iroot)
     ids = [i for i in index_ids if i in db_store]
     db = pipe.build_index(book, db_store, ids)
     depth = int(config.top_k) if config.top_k else 100
     query_feats = [qstore.get(i) if i in qstore else LocalFeatures.empty(qstore.dim) for i in test_ids]
-    results = [r[""] for r in pipe.query_all(db, db_store, query_feats, max(depth, 1))]
+    results = [r[""] for r in pipe.query_all(db, db_store, query_feats, max(depth, 1), query_names=test_ids,
+                                             pairs=pipe.pair_counts(book, query_key))]
     names = [n for n in STAGES if n in results[0].stages]
     ranked = {n: [[str(x) for x in r.stages[n].ids.tolist()] for r in results] for n in names}
     pipe.out.mkdir(parents=True, exist_ok=True)
