@@ -169,3 +169,31 @@ def test_no_network_touched(tmp_path, photos, monkeypatch):
         eng.index(photos, progress=False)
         hits = eng.search(photos / "rocket_crop.jpg", top_k=2)
         assert hits[0].image_id in ("rocket", "rocket_crop") and hits[0].inliers > 0
+
+
+def test_serve_searches_and_adds_with_learned_features(tmp_path, photos):
+    """`d2r serve` on an ALIKED engine: a search by upload finds its scene, an uploaded image is indexed with the
+    engine's extractor and found (the server process loads torch only because the engine asks for it)."""
+    serve = pytest.importorskip("tests.test_serve", reason="d2r serve needs the serve extra and httpx")
+    from d2r.engine import Engine
+
+    Engine.create(tmp_path / "eng", _config("aliked", rerank={"method": "usac"})).index(photos, progress=False)
+    server = serve.start_server(tmp_path / "eng", tmp_path / "server.log")
+    try:
+        c = server["client"]
+        pixels = np.asarray(Image.open(photos / "chelsea.jpg"))
+        h, w = pixels.shape[:2]
+        r = c.post("/api/search", files={"file": ("q.jpg", serve._jpeg(pixels[: h * 3 // 4, : w * 3 // 4]))},
+                   data={"top_k": "3"})
+        assert r.status_code == 200, r.text
+        assert {x["image_id"] for x in r.json()["hits"][:2]} == {"chelsea", "chelsea_crop"}
+        assert r.json()["hits"][0]["inliers"] > 0
+        from skimage import data
+
+        r = c.post("/api/images", files={"file": ("cam.jpg", serve._jpeg(np.dstack([data.camera()] * 3)))},
+                   data={"id": "cam"})
+        assert r.status_code == 201, r.text
+        r = c.post("/api/search", data={"id": "cam", "top_k": "1"})
+        assert r.status_code == 200 and r.json()["hits"][0]["image_id"] == "cam", r.text
+    finally:
+        serve.stop_server(server)
