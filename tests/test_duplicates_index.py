@@ -3,6 +3,8 @@ remove / save / reopen, merges and garbage collection, pinned readers, one write
 line."""
 
 import json
+import os
+import time
 
 import cv2
 import numpy as np
@@ -224,4 +226,25 @@ def test_a_kept_index_reads_only_new_images_and_forgets_unlisted_ones(tmp_path, 
     fewer = find_duplicates(images[2:], keep=kept, progress=False)
     assert fewer.parameters["images_read"] == 0
     idx = SignatureIndex.open(kept)
-    assert len(idx) == len(images) - 2 and id_key(images[0][0]) not in idx and not idx.check()
+    assert len(idx) == len(images) - 2 and id_key(*images[0]) not in idx and not idx.check()
+
+
+def test_a_file_replaced_under_the_same_id_is_read_again(tmp_path, bundled_photos):
+    """The kept index keyed images by id alone: a file replaced under the same name (another photo) kept its
+    old signature, so its old duplicates stayed paired and its new ones were never found."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (a_name, a), (b_name, b) = list(bundled_photos.items())[:2]
+    for name, im in (("a", a), ("a-half", a[::2, ::2]), ("b", b)):
+        cv2.imwrite(str(folder / f"{name}.png"), cv2.cvtColor(np.ascontiguousarray(im), cv2.COLOR_RGB2BGR))
+    images = [(n, folder / f"{n}.png") for n in ("a", "a-half", "b")]
+    kept = tmp_path / "sigs"
+    first = find_duplicates(images, keep=kept, progress=False)
+    assert [(p.a, p.b) for p in first.pairs] == [("a", "a-half")]
+    # "a-half" now holds a half-size b, written later (a new size and modification time)
+    cv2.imwrite(str(folder / "a-half.png"), cv2.cvtColor(np.ascontiguousarray(b[::2, ::2]), cv2.COLOR_RGB2BGR))
+    os.utime(folder / "a-half.png", ns=(time.time_ns() + 10**9,) * 2)
+    again = find_duplicates(images, keep=kept, progress=False)
+    assert again.parameters["images_read"] == 1
+    assert [(p.a, p.b) for p in again.pairs] == [("a-half", "b")]
+    assert len(SignatureIndex.open(kept)) == 3

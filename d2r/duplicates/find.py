@@ -115,14 +115,23 @@ def group_pairs(ids: list, pairs: list) -> list:
     return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: (-len(g), order[g[0]]))
 
 
-def id_key(image_id: str) -> int:
-    """The int64 key of a string image id in a kept signature index (BLAKE2b-64 of its UTF-8 bytes)."""
-    digest = hashlib.blake2b(str(image_id).encode(), digest_size=8).digest()
+def id_key(image_id: str, path=None) -> int:
+    """The int64 key of an image in a kept signature index: BLAKE2b-64 of its id's UTF-8 bytes and, with
+    ``path``, of the file's size and modification time, so a file replaced under the same id is a new key (its
+    old signature leaves the index as unlisted, the new file is read)."""
+    text = str(image_id)
+    if path is not None:
+        try:
+            st = os.stat(path)
+            text += f"\0{st.st_size}\0{st.st_mtime_ns}"
+        except OSError:  # unreadable: keyed by the id alone, its read fails and is reported
+            pass
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True)
 
 
-def _keys(ids) -> np.ndarray:
-    keys = np.array([id_key(i) for i in ids], np.int64)
+def _keys(images) -> np.ndarray:
+    keys = np.array([id_key(i, path) for i, path in images], np.int64)
     if np.unique(keys).size != keys.size:  # 2**-64 per pair: refuse rather than mix two images up
         raise ValueError("two image ids share a signature-index key; run without a kept index")
     return keys
@@ -131,14 +140,14 @@ def _keys(ids) -> np.ndarray:
 def kept_pairs(path, images, threshold: float, config: SignatureConfig = DEFAULT, progress: bool = True,
                workers: int | None = None):
     """Signature pairs among (id, path) ``images`` through the signature index kept at ``path`` (created when
-    absent; its writer lock held meanwhile): only the images it does not hold yet are read, those no longer
-    listed are removed, the result is saved, then its pairs are searched. Returns (ids read or held, in the
+    absent; its writer lock held meanwhile): only the images it does not hold yet (by id, file size and mtime:
+    :func:`id_key`) are read, those no longer listed are removed, the result is saved, then its pairs are searched. Returns (ids read or held, in the
     order of ``images``; pairs as (id_a, id_b, distance); failures; number of images read)."""
     images = list(images)
-    keys = _keys([i for i, _ in images])
+    keys = _keys(images)
     path = Path(path)
     index = (SignatureIndex.open(path, writable=True) if (path / MANIFEST).exists()
-             else SignatureIndex.create(path, config, metadata={"ids": "BLAKE2b-64 of the image id"}))
+             else SignatureIndex.create(path, config, metadata={"ids": "BLAKE2b-64 of the image id, file size and mtime"}))
     try:
         if index.config != config:
             raise ValueError(f"{path}: kept signatures were computed with other parameters ({index.config})")
