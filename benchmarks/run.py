@@ -13,6 +13,7 @@
     set: {features.options.max_features: 1000}   # overrides of every row (optional)
     baseline: base                               # rows are compared with this one (paired bootstrap, optional)
     baseline_stage: initial                      # the baseline's stage compared against (default: final)
+    stages: true                                 # a line per stage of each run (default: the final stage only)
     rows:
       base: {set: {rerank.num_to_rerank: 0}}
       usac_aqe: {set: {rerank.method: usac, qe.method: aqe}, note: the shipped default}
@@ -41,7 +42,8 @@ from d2r.eval.compare import compare_runs
 TABLES = REPO / "benchmarks" / "tables"
 CONFIGS = REPO / "benchmarks" / "configs"
 RESULTS = REPO / "benchmarks" / "results"
-TABLE_KEYS = {"title", "description", "protocol", "data", "config", "set", "baseline", "baseline_stage", "rows"}
+TABLE_KEYS = {"title", "description", "protocol", "data", "config", "set", "baseline", "baseline_stage", "stages",
+              "rows"}
 ROW_KEYS = {"config", "set", "note"}  # config_path: resolved by load_table
 NOTES = "## Notes"
 
@@ -162,9 +164,14 @@ def collect(table: dict, rows: list[str], runs: Path) -> list[dict]:
                  "seconds_per_query": m.get("timing", {}).get("seconds_per_query"),
                  "items": m.get("index", {}).get("counts", {}).get("items")}
         if base is not None and (runs / base / "metrics.json").is_file():
-            c = compare_runs(runs / base, run, stage_a=table.get("baseline_stage"))
-            entry["compare"] = {p: {k: c[p][k] for k in ("diff", "ci_low", "ci_high", "wins", "losses", "ties")}
-                                for p in ("medium", "hard")}
+            def compared(stage=None):
+                c = compare_runs(runs / base, run, stage_a=table.get("baseline_stage"), stage_b=stage)
+                return {p: {k: c[p][k] for k in ("diff", "ci_low", "ci_high", "wins", "losses", "ties")}
+                        for p in ("medium", "hard")}
+
+            entry["compare"] = compared()
+            if table.get("stages"):
+                entry["compare_stages"] = {s: compared(s) for s in entry["stages"]}
         out.append(entry)
     return out
 
@@ -182,7 +189,9 @@ def render(table: dict, entries: list[dict], head: dict, data: Path) -> str:
               f"at commit `{head['commit']}`{' (with uncommitted changes)' if head['dirty'] else ''}, "
               f"{head['date']}, on {head['machine']['cpu']} × {head['machine']['cores']} cores "
               f"(load {head['machine']['load_average']}, GPU: {head['machine']['gpu'] or 'none'}); data `{data}`. "
-              "mAP in percent, final stage of each run. Exact commands, resolved configs and per-stage figures: "
+              "mAP in percent, " + ("every stage of each run (the "
+              "search: initial; after verification: verified; after query expansion: expanded)" if table.get("stages")
+              else "final stage of each run") + ". Exact commands, resolved configs and per-stage figures: "
               f"`benchmarks/results/{table['name']}.json`.", ""]
     cmp_head = f" | Δ Medium vs {base} [95% CI] | Δ Hard vs {base} [95% CI]" if base else ""
     lines.append(f"| row | method | K | overrides | Medium | Hard{cmp_head} | s/query |")
@@ -192,13 +201,18 @@ def render(table: dict, entries: list[dict], head: dict, data: Path) -> str:
             lines.append(f"| {e['row']} | not run | | | | |" + (" | |" if base else "") + " |")
             continue
         over = ", ".join(f"`{k}={_value(v)}`" for k, v in (table["rows"][e["row"]].get("set") or {}).items()) or "–"
-        cmp = ""
-        if base:
-            c = e.get("compare")
-            cmp = " | ".join(f"{c[p]['diff']:+.2f} [{c[p]['ci_low']:+.2f}, {c[p]['ci_high']:+.2f}]" if c else "–"
-                             for p in ("medium", "hard")) + " | "
-        lines.append(f"| {e['row']} | {e['method']} | {_f(e['k'], '{}')} | {over} | {_f(e['medium'])} | "
-                     f"{_f(e['hard'])} | {cmp}{_f(e['seconds_per_query'], '{:.3f}')} |")
+        shown = [(e["row"], e["medium"], e["hard"], e.get("compare"), e["seconds_per_query"])]
+        if table.get("stages") and e["stages"]:
+            final = list(e["stages"])[-1]
+            shown = [(f"{e['row']} ({s})", v["medium"], v["hard"], (e.get("compare_stages") or {}).get(s),
+                      e["seconds_per_query"] if s == final else None) for s, v in e["stages"].items()]
+        for name, medium, hard, c, spq in shown:
+            cmp = ""
+            if base:
+                cmp = " | ".join(f"{c[p]['diff']:+.2f} [{c[p]['ci_low']:+.2f}, {c[p]['ci_high']:+.2f}]" if c else "–"
+                                 for p in ("medium", "hard")) + " | "
+            lines.append(f"| {name} | {e['method']} | {_f(e['k'], '{}')} | {over} | {_f(medium)} | "
+                         f"{_f(hard)} | {cmp}{_f(spq, '{:.3f}')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -74,6 +74,15 @@ def test_a_table_runs_its_rows_and_records_what_ran(tmp_path, tiny_revisitop, ca
     capsys.readouterr()
     assert runner.main(argv) == 0
     assert capsys.readouterr().out.count("done before, kept") == 2
+    # stages: true renders a line per stage, each compared with the baseline's stage
+    spec = yaml.safe_load((tables / "tiny.yaml").read_text())
+    (tables / "tiny.yaml").write_text(yaml.safe_dump({**spec, "stages": True}))
+    assert runner.main([*argv, "--render-only"]) == 0
+    md = (results / "tiny.md").read_text()
+    assert "| verified (initial) |" in md and "| verified (verified) |" in md and "| plain (initial) |" in md
+    rows = {r["row"]: r for r in json.loads((results / "tiny.json").read_text())["rows"]}
+    assert set(rows["verified"]["compare_stages"]) == {"initial", "verified"}
+    assert rows["verified"]["compare_stages"]["initial"]["medium"]["diff"] == 0.0  # the same search
 
 
 def test_a_bad_table_is_one_line_naming_the_file(tmp_path, capsys):
