@@ -52,7 +52,7 @@ FEATURE_DEFAULTS: dict[str, dict] = {
     "rootsift": {"rerank.descriptor_distance": 0.4},
     "delf": {"rerank.descriptor_distance": 0.9},
     "aliked": {"rerank.ratio": 1.0, "rerank.min_inliers": 71, "rerank.lightglue": "aliked",
-               "rerank.method=lightglue": {"rerank.min_inliers": 14}},
+               "rerank.method=lightglue": {"rerank.min_inliers": 37}},
     "disk": {"rerank.ratio": 1.0, "rerank.min_inliers": 52, "rerank.lightglue": "disk",
              "rerank.method=lightglue": {"rerank.min_inliers": 14}},
 }
