@@ -38,6 +38,7 @@ import yaml
 
 from benchmarks._record import REPO, header, write_json
 from d2r.eval.compare import compare_runs
+from d2r.query.pipeline import STAGES
 
 TABLES = REPO / "benchmarks" / "tables"
 CONFIGS = REPO / "benchmarks" / "configs"
@@ -160,7 +161,9 @@ def collect(table: dict, rows: list[str], runs: Path) -> list[dict]:
                  "config": m.get("config"), "method": _method(m["config"]) if "config" in m else None,
                  "k": m.get("index", {}).get("codebook", {}).get("k"),
                  "medium": m["medium"]["mAP"], "hard": m["hard"]["mAP"],
-                 "stages": {s: {p: v[p]["mAP"] for p in ("medium", "hard")} for s, v in m.get("stages", {}).items()},
+                 "stages": {s: {p: m["stages"][s][p]["mAP"] for p in ("medium", "hard")}
+                            for s in STAGES if s in m.get("stages", {})},  # in the query path's order
+                 "pairs_reused": m.get("notes", {}).get("pairs_reused", 0),
                  "seconds_per_query": m.get("timing", {}).get("seconds_per_query"),
                  "items": m.get("index", {}).get("counts", {}).get("items")}
         if base is not None and (runs / base / "metrics.json").is_file():
@@ -207,12 +210,16 @@ def render(table: dict, entries: list[dict], head: dict, data: Path) -> str:
             shown = [(f"{e['row']} ({s})", v["medium"], v["hard"], (e.get("compare_stages") or {}).get(s),
                       e["seconds_per_query"] if s == final else None) for s, v in e["stages"].items()]
         for name, medium, hard, c, spq in shown:
+            cost = _f(spq, '{:.3f}') + (" *" if spq is not None and e.get("pairs_reused") else "")
             cmp = ""
             if base:
                 cmp = " | ".join(f"{c[p]['diff']:+.2f} [{c[p]['ci_low']:+.2f}, {c[p]['ci_high']:+.2f}]" if c else "–"
                                  for p in ("medium", "hard")) + " | "
             lines.append(f"| {name} | {e['method']} | {_f(e['k'], '{}')} | {over} | {_f(medium)} | "
-                         f"{_f(hard)} | {cmp}{_f(spq, '{:.3f}')} |")
+                         f"{_f(hard)} | {cmp}{cost} |")
+    if any(e.get("pairs_reused") for e in entries):
+        lines += ["", "\\* verification counts partly read from the bench's pair cache (verified by an earlier run "
+                  "with the same matching options): s/query leaves those pairs' cost out."]
     return "\n".join(lines) + "\n"
 
 

@@ -52,6 +52,7 @@ def test_a_run_that_changes_only_the_rule_verifies_nothing_again(data, tmp_path)
 
     again = _run(data, tmp_path / "b", tmp_path / "cache", **{"rerank.min_inliers": 1000, "rerank.num_to_rerank": 2})
     assert again["notes"]["pairs_verified"] == 0 and again["notes"]["pair_counts"] == path
+    assert first["notes"]["pairs_reused"] == 0 and again["notes"]["pairs_reused"] == 2 * 3  # b0/b1 + Hard's
     # Without the cache the same run computes the same ranking.
     fresh = _run(data, tmp_path / "c", tmp_path / "cache2", **{"rerank.min_inliers": 1000,
                                                                  "rerank.num_to_rerank": 2})

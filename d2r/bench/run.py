@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -309,6 +310,7 @@ class _Pipeline(Pipeline):
                    _verification_key(self.config.rerank))
         counts = PairCounts(self.cache / f"pairs-{key}.json")
         self.notes["pair_counts"] = str(counts.path)
+        self.notes["pairs_reused"] = 0  # cached counts this run read (not verified again)
         return counts
 
     def build_index(self, book: Codebook, db_store, ids):
@@ -341,6 +343,7 @@ class _Pipeline(Pipeline):
             q = prepare_query(query_feats[qi], db, config.rerank)
             prepared = time.perf_counter() - t0
             known = pairs.known(query_names[qi]) if pairs is not None else {}  # shared by its junk lists
+            cached = set(known)
             shortlist = None if shortlists is None else shortlists[qi]
             out = {name: search_query(q, db, features, config.rerank, config.qe, depth, junk=lists[qi],
                                       known=known, shortlist=shortlist, global_weight=config.global_.weight)
@@ -348,8 +351,13 @@ class _Pipeline(Pipeline):
             next(iter(out.values())).timings["search"] += prepared
             if pairs is not None:
                 pairs.update(query_names[qi], known)  # dict updates are atomic under the GIL
+                used = {i for r in out.values() for st in r.stages.values() for i, n in
+                        zip(st.ids.tolist(), st.inliers.tolist()) if n >= 0}
+                with reused_lock:
+                    self.notes["pairs_reused"] += len(used & cached)
             return out
 
+        reused_lock = threading.Lock()
         workers = max(1, min(int(self.workers), len(query_feats)))
         db.search_batch([], top_k=1)  # shared caches built once, before the threads
         bar = dict(total=len(query_feats), desc="searching", unit="query", disable=not self.progress)
