@@ -53,7 +53,7 @@ FEATURE_DEFAULTS: dict[str, dict] = {
     "delf": {"rerank.descriptor_distance": 0.9},
     "aliked": {"rerank.ratio": 1.0, "rerank.min_inliers": 71, "rerank.lightglue": "aliked",
                "rerank.method=lightglue": {"rerank.min_inliers": 37}},
-    "disk": {"rerank.ratio": 1.0, "rerank.min_inliers": 52, "rerank.lightglue": "disk",
+    "disk": {"rerank.ratio": 1.0, "rerank.min_inliers": 23, "rerank.lightglue": "disk",
              "rerank.method=lightglue": {"rerank.min_inliers": 14}},
 }
 
