@@ -54,7 +54,7 @@ FEATURE_DEFAULTS: dict[str, dict] = {
     "aliked": {"rerank.ratio": 1.0, "rerank.min_inliers": 71, "rerank.lightglue": "aliked",
                "rerank.method=lightglue": {"rerank.min_inliers": 37}},
     "disk": {"rerank.ratio": 1.0, "rerank.min_inliers": 23, "rerank.lightglue": "disk",
-             "rerank.method=lightglue": {"rerank.min_inliers": 14}},
+             "rerank.method=lightglue": {"rerank.min_inliers": 99}},
 }
 
 
