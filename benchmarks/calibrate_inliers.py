@@ -12,7 +12,7 @@ P(inliers >= T) of each group for a few T and at the rule's threshold.
 
     PYTHONPATH=. python benchmarks/calibrate_inliers.py --run runs/learned/aliked_usac --top 100
     PYTHONPATH=. python benchmarks/calibrate_inliers.py --run runs/learned/aliked_lightglue --top 10 \
-        --out benchmarks/results/calibration_aliked_lightglue.json
+        --out runs/learned/calibration_aliked_lightglue.json
     # a run without verification, verified here with other options (no cache):
     PYTHONPATH=. python benchmarks/calibrate_inliers.py --run runs/dev/base --cache runs/dev/cache \
         --correspondences hamming --codebook runs/dev/cache/k8192.npz
