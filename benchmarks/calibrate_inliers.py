@@ -34,6 +34,7 @@ from d2r.eval.revisitop import load_gnd
 from d2r.features.base import whole_image
 from d2r.features.store import FeatureStore
 from d2r.query.config import RerankConfig
+from d2r.query.order import candidates
 from d2r.query.verify import verify_ids
 
 THRESHOLDS = (4, 6, 8, 10, 12, 15, 20, 30, 40, 50, 60, 80, 100)
@@ -112,7 +113,7 @@ def main(argv=None):
         gt = g.gnd[q]
         easy, hard = set(gt.easy.tolist()), set(gt.hard.tolist())
         junk = set(gt.junk.tolist()) | {int(self_ids[q])}
-        cands = [int(i) for i in ranks[q] if i >= 0 and int(i) not in junk][: args.top]
+        cands = candidates(ranks[q][ranks[q] >= 0], args.top, junk)
         name = g.qimlist[q]
         known = pairs.known(name) if pairs is not None else {}
         verified_here += sum(g.imlist[i] not in known for i in cands)

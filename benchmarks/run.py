@@ -172,9 +172,11 @@ def collect(table: dict, rows: list[str], runs: Path) -> list[dict]:
                 return {p: {k: c[p][k] for k in ("diff", "ci_low", "ci_high", "wins", "losses", "ties")}
                         for p in ("medium", "hard")}
 
-            entry["compare"] = compared()
-            if table.get("stages"):
+            if table.get("stages") and entry["stages"]:
                 entry["compare_stages"] = {s: compared(s) for s in entry["stages"]}
+                entry["compare"] = entry["compare_stages"][list(entry["stages"])[-1]]  # the final stage's
+            else:
+                entry["compare"] = compared()
         out.append(entry)
     return out
 

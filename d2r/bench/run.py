@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import shutil
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -310,7 +309,6 @@ class _Pipeline(Pipeline):
                    _verification_key(self.config.rerank))
         counts = PairCounts(self.cache / f"pairs-{key}.json")
         self.notes["pair_counts"] = str(counts.path)
-        self.notes["pairs_reused"] = 0  # cached counts this run read (not verified again)
         return counts
 
     def build_index(self, book: Codebook, db_store, ids):
@@ -351,13 +349,11 @@ class _Pipeline(Pipeline):
             next(iter(out.values())).timings["search"] += prepared
             if pairs is not None:
                 pairs.update(query_names[qi], known)  # dict updates are atomic under the GIL
-                used = {i for r in out.values() for st in r.stages.values() for i, n in
-                        zip(st.ids.tolist(), st.inliers.tolist()) if n >= 0}
-                with reused_lock:
-                    self.notes["pairs_reused"] += len(used & cached)
+                used = {i for r in out.values() for st in r.stages.values() for i in st.ids[st.inliers >= 0].tolist()}
+                reused[qi] = len(used & cached)
             return out
 
-        reused_lock = threading.Lock()
+        reused = [0] * len(query_feats)  # per query: cached counts it read (not verified again)
         workers = max(1, min(int(self.workers), len(query_feats)))
         db.search_batch([], top_k=1)  # shared caches built once, before the threads
         bar = dict(total=len(query_feats), desc="searching", unit="query", disable=not self.progress)
@@ -374,6 +370,7 @@ class _Pipeline(Pipeline):
         finally:  # an interrupted run keeps the pairs it verified
             if pairs is not None:
                 pairs.save()
+                self.notes["pairs_reused"] = sum(reused)
         for key in ("search", "rerank", "expand"):
             total = sum(r.timings[key] for out in results for r in out.values())
             self.timer.timing[key] = round(self.timer.timing.get(key, 0.0) + total, 3)
