@@ -67,21 +67,23 @@ def change(a: np.ndarray, kind: str, rng) -> tuple[np.ndarray, str]:
 
 
 def build(originals: int, copies: int, max_side: int, seed: int):
-    """(images, source of each (−1: distractor), kind of each ('' for originals and distractors))."""
+    """(images, source of each: the row of its original (an original's own row; −1: distractor), kind of
+    each ('' for originals and distractors))."""
     rng = np.random.default_rng(seed)
     files = sorted(p for p in DEV.rglob("*") if p.is_file())
     chosen = set(rng.choice(len(files), size=min(originals, len(files)), replace=False).tolist())
     images, source, kinds = [], [], []
     for k, f in enumerate(files):
         a = load_image(f, max_side=max_side)
+        row = len(images)
         images.append(a)
-        source.append(k if k in chosen else -1)
+        source.append(row if k in chosen else -1)
         kinds.append("")
         if k in chosen:
             for kind in rng.choice(KINDS, size=copies, replace=copies > len(KINDS)):
                 b, _ = change(a, str(kind), rng)
                 images.append(np.ascontiguousarray(b))
-                source.append(k)
+                source.append(row)
                 kinds.append(str(kind))
     return images, np.array(source), kinds
 
@@ -142,12 +144,6 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here ('-': stdout)")
     args = ap.parse_args()
     images, source, kinds = build(args.originals, args.copies, args.max_side, args.seed)
-    # the rows of originals must be their file index for score(): rebuild the map
-    row_of_file = {}
-    for r, (s, k) in enumerate(zip(source.tolist(), kinds)):
-        if s >= 0 and not k:
-            row_of_file[s] = r
-    source = np.array([row_of_file.get(s, -1) if s >= 0 else -1 for s in source.tolist()])
     rows = {}
     t = time.perf_counter()
     sigs = np.stack([signature_of_pixels(a) for a in images])

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from d2r.cli import FAILURE, OK, PARTIAL, UsageError
+from d2r.cli import FAILURE, OK, PARTIAL, UsageError, positive_int
 from d2r.duplicates.find import find_duplicates, write_page
 from d2r.duplicates.signature import DEFAULT
 from d2r.engine import Engine
@@ -53,7 +53,7 @@ def add_parser(subparsers) -> None:
                    help="keep the signatures in the engine folder (ENGINE/signatures, a signature index): later "
                         "runs read only the images it does not hold yet (used whenever it exists)")
     p.add_argument("--page", metavar="FILE", help="also write an HTML results page with thumbnails")
-    p.add_argument("--workers", type=int, default=None, help="threads reading images (default: CPU count, ≤ 8)")
+    p.add_argument("--workers", type=positive_int, default=None, help="threads reading images (default: CPU count, ≤ 8)")
     p.add_argument("--json", action="store_true", help="print one JSON document (groups, pairs, parameters)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     p.set_defaults(func=run, quiet_level=logging.ERROR)
@@ -65,8 +65,6 @@ def _is_engine(path: Path) -> bool:
 
 def run(args) -> int:
     # every option checked before an image is read
-    if args.workers is not None and args.workers < 1:
-        raise UsageError(f"--workers must be at least 1, got {args.workers}")
     source = Path(args.source)
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such folder or list file")
@@ -121,15 +119,12 @@ def run(args) -> int:
 
 def _print(report, args) -> None:
     path = dict(report.images)
-    for k, g in enumerate(report.groups, 1):
+    for k, (g, pairs) in enumerate(zip(report.groups, report.pairs_by_group()), 1):
         print(f"# group {k}: {len(g)} images")
         for i in g:
             print(f"  {i}  {path[i]}")
-        members = set(g)
-        for p in report.pairs:
-            if p.a in members:
-                how = f"distance {p.distance:.3f}" if p.rule == "signature" else f"{p.inliers} inliers"
-                print(f"    {p.a} ~ {p.b}: {how} ({p.rule})")
+        for p in pairs:
+            print(f"    {p.a} ~ {p.b}: {p.describe()}")
     n_img = len(report.images) - len(report.failures)
     tail = f", {len(report.failures)} unreadable" if report.failures else ""
     n = len(report.groups)

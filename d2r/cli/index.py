@@ -13,7 +13,7 @@ from d2r._log import muted
 from d2r.cli import UsageError, error_line, key_value, positive_int
 from d2r.config import parse_overrides
 from d2r.engine import Engine
-from d2r.engine.check import (check_engine, featureless_indexed, indexed_and_stored, reset_damaged_failures,
+from d2r.engine.check import (check_engine, featureless_indexed, open_index_and_store, reset_damaged_failures,
                               restore_sources, unindexed_stored, writer_running)
 from d2r.engine.config import EngineConfig
 from d2r.features.store import FORMAT, check_store, repair_store
@@ -293,9 +293,11 @@ def run_info(args) -> int:
     damaged = info.get("store", {}).get("damaged", [])
     info["healthy"] = not damaged  # sizes and structure; `d2r index check` also verifies every checksum
     path = Path(args.path)
-    found = None if damaged else indexed_and_stored(path)
-    featureless = [] if found is None else featureless_indexed(*found)  # searches reaching them fail (D13)
-    unindexed = [] if found is None or writer_running(path) else unindexed_stored(path)
+    opened = None if damaged else open_index_and_store(path)  # (db, store): opened once for both lists
+    indexed = None if opened is None else [str(i) for i in opened[0].ids().tolist()]
+    featureless = [] if opened is None else featureless_indexed(indexed, opened[1])  # searches fail (D13)
+    unindexed = ([] if opened is None or writer_running(path) else
+                 unindexed_stored(path, indexed, opened[1], opened[0]))
     info["featureless"] = len(featureless)
     info["unindexed"] = len(unindexed)  # stored, not searchable: `repair --reindex` indexes them (D19)
     if args.json:

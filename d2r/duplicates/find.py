@@ -44,6 +44,11 @@ class Pair:
     distance: float | None = None
     inliers: int | None = None
 
+    def describe(self) -> str:
+        """What joined the pair, in words: "distance 0.123 (signature)" or "57 inliers (verified)"."""
+        how = f"distance {self.distance:.3f}" if self.rule == "signature" else f"{self.inliers} inliers"
+        return f"{how} ({self.rule})"
+
 
 @dataclass
 class DuplicatesReport:
@@ -57,11 +62,21 @@ class DuplicatesReport:
     parameters: dict
     seconds: dict = field(default_factory=dict)
 
+    def pairs_by_group(self) -> list[list[Pair]]:
+        """The pairs of each group (in ``groups`` order), each list in ``pairs`` order: both ids of a pair are
+        in one group, so one pass over the pairs."""
+        group_of = {i: k for k, g in enumerate(self.groups) for i in g}
+        out: list[list[Pair]] = [[] for _ in self.groups]
+        for p in self.pairs:
+            out[group_of[p.a]].append(p)
+        return out
+
     def to_dict(self) -> dict:
         path = dict(self.images)
         return {"parameters": self.parameters, "images": len(self.images),
                 "groups": [{"images": [{"id": i, "path": str(path[i])} for i in g],
-                            "pairs": [asdict(p) for p in self.pairs if p.a in g]} for g in self.groups],
+                            "pairs": [asdict(p) for p in pairs]}
+                           for g, pairs in zip(self.groups, self.pairs_by_group())],
                 "pairs": [asdict(p) for p in self.pairs],
                 "failures": [{"id": i, "path": str(p), "error": e} for i, p, e in self.failures],
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
@@ -256,14 +271,10 @@ def write_page(report: DuplicatesReport, path) -> None:
     failures, written atomically to ``path``."""
     source = dict(report.images)
     rows = []
-    for k, g in enumerate(report.groups, 1):
+    for k, (g, pairs) in enumerate(zip(report.groups, report.pairs_by_group()), 1):
         cells = "".join(f'<figure><img src="{_thumbnail(source[i])}"><figcaption>{html.escape(i)}</figcaption>'
                         f'</figure>' for i in g)
-        members = set(g)
-        lines = "".join(f"<li>{html.escape(p.a)} ~ {html.escape(p.b)}: "
-                        + (f"distance {p.distance:.3f} (signature)" if p.rule == "signature"
-                           else f"{p.inliers} inliers (verified)") + "</li>"
-                        for p in report.pairs if p.a in members)
+        lines = "".join(f"<li>{html.escape(p.a)} ~ {html.escape(p.b)}: {p.describe()}</li>" for p in pairs)
         rows.append(f"<h2>group {k}: {len(g)} images</h2><div class='row'>{cells}</div><ul>{lines}</ul>")
     fails = "".join(f"<li>{html.escape(str(p))}: {html.escape(e)}</li>" for _, p, e in report.failures)
     th = report.parameters["threshold"]

@@ -170,6 +170,7 @@ def words(signatures: np.ndarray, config: SignatureConfig = DEFAULT) -> np.ndarr
     starts = np.linspace(0, length, config.n_words, endpoint=False).astype(int)
     padded = np.zeros((sig.shape[0], length + k), np.int64)
     padded[:, :length] = np.sign(sig)
-    cols = starts[:, None] + np.arange(k)[None, :]  # (n_words, k)
-    digits = padded[:, cols] + 1  # (N, n_words, k) in {0, 1, 2}
-    return digits @ (3 ** np.arange(k, dtype=np.int64))
+    out = np.zeros((sig.shape[0], config.n_words), np.int64)
+    for j in range(k):  # digit j of every word at once: (N, n_words) at a time, not (N, n_words, k)
+        out += (padded[:, starts + j] + 1) * 3 ** j
+    return out

@@ -66,11 +66,12 @@ def has_store(path: Path) -> bool:
 
 def indexed_and_stored(path: Path):
     """(indexed ids as str, the feature store) of the engine at ``path``; None without an index or a store."""
-    found = _index_and_store(path)
+    found = open_index_and_store(path)
     return None if found is None else ([str(i) for i in found[0].ids().tolist()], found[1])
 
 
-def _index_and_store(path: Path):
+def open_index_and_store(path: Path):
+    """(the Database, the FeatureStore) of the engine at ``path``; None without an index or a store."""
     if not (path / "index" / "manifest.json").is_file() or not (path / "features" / "manifest.json").is_file():
         return None
     return Database.open(path / "index"), FeatureStore.open(path / "features")
@@ -107,7 +108,7 @@ def _cross_check(path: Path) -> list[dict]:
     damaged = [{"file": "sources.json", "problem": f"{len(odd)} image file(s) are not absolute paths (e.g. "
                 f"{table[odd[0]]!r} for {odd[0]!r}): `d2r index repair` takes them out of the sources table, "
                 "or sets them to the file the feature store records"}] if odd else []
-    found = _index_and_store(path)
+    found = open_index_and_store(path)
     if found is None:
         return damaged
     db, store = found
@@ -159,7 +160,7 @@ def unindexed_stored(path, indexed=None, store=None, db=None) -> list[str]:
     index missing them, and `check` and `info` said nothing): what ``d2r index repair --reindex`` indexes
     again. [] without an index or a store."""
     if db is None:
-        found = _index_and_store(Path(path))
+        found = open_index_and_store(Path(path))
         if found is None:
             return []
         db, store = found
