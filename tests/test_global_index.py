@@ -88,6 +88,10 @@ def test_random_add_remove_save_reopen_equals_brute_force(tmp_path, dtype, seed)
             idx.close()
             idx = GlobalIndex.open(tmp_path / "g", writable=True, policy=SMALL_MERGES)
         check_equal(idx, twin, rng, d, k=int(rng.integers(1, 25)))
+        seen = np.arange(next_id, dtype=np.int64) * 7 - 50  # every id ever added: live, removed, pending
+        probe = np.concatenate([rng.choice(seen, 30) if next_id else seen, rng.integers(-60, 7 * next_id, 10)])
+        live = {int(r[0]) for r in twin.rows}
+        assert idx.contains(probe).tolist() == [int(i) in live for i in probe] == [int(i) in idx for i in probe]
     idx.save()
     idx.close()
     reader = GlobalIndex.open(tmp_path / "g")

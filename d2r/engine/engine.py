@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import typing
 import logging
 import os
 import threading
 import time
+import typing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -615,7 +615,8 @@ class Engine:
         def one(k):
             t0 = time.perf_counter()
             try:
-                with numba_threads(1 if workers > 1 else current_threads()), openmp_blas_one_thread():
+                with numba_threads(1 if workers > 1 else current_threads()), \
+                        (openmp_blas_one_thread() if workers > 1 else contextlib.nullcontext()):
                     return self.search(images[k], bbox=bbox, top_k=top_k, rerank=rerank, **options)
             except Exception as exc:  # reported per query; the batch goes on
                 return exc

@@ -45,7 +45,7 @@ class GlobalStage:
         self.config = config  # GlobalStageConfig, enabled
         self._extractor = None
         self._index: GlobalIndex | None = None
-        self._keys: tuple | None = None  # (generation, len, {key: image id})
+        self._keys: tuple | None = None  # ((database generation, size), {key: image id})
         self._fingerprint: str | None = None
         self._lock = threading.RLock()
 
@@ -62,19 +62,19 @@ class GlobalStage:
         return (self.path / MANIFEST).exists()
 
     def reader(self) -> GlobalIndex | None:
-        """The global index as last committed (opened once, refreshed when a writer moved on), or None."""
-        if not self.exists():
-            return None
+        """The global index, opened on first use and kept, as the engine keeps its local index (no file read
+        per query); this process's own add / remove reopen it. None when there is none."""
         with self._lock:
             if self._index is None:
+                if not self.exists():
+                    return None
                 self._index = GlobalIndex.open(self.path)
                 self._check_fingerprint(self._index)
-            else:
-                seen = self._index.generation
-                self._index.refresh()  # a manifest read; segments reopened only after a commit
-                if self._index.generation != seen:
-                    self._check_fingerprint(self._index)
             return self._index
+
+    def _reopen(self) -> None:
+        with self._lock:
+            self._index = None
 
     def _check_fingerprint(self, index: GlobalIndex) -> None:
         have = index.metadata.get("fingerprint")
@@ -103,9 +103,11 @@ class GlobalStage:
         every ``batch_size`` images (an interruption keeps the saved batches). An image whose file cannot be
         read is counted in ``failed`` (its local features are indexed; it just never enters a shortlist).
         Returns ``{"extracted": n, "failed": n}``."""
+        pairs = list(pairs)
         index = self.writer()
         try:
-            todo = [(i, f) for i, f in pairs if image_key(i) not in index and f is not None]
+            held = index.contains(np.fromiter((image_key(i) for i, _ in pairs), np.int64, len(pairs)))
+            todo = [(i, f) for (i, f), h in zip(pairs, held.tolist()) if not h and f is not None]
             sink = _Sink(index)
             ex = self.extractor
             counts = extract_into(sink, todo, lambda image_id, source: ex.extract(source), workers=1,
@@ -113,6 +115,7 @@ class GlobalStage:
                                   on_image=sink.failed)
         finally:
             index.close()
+            self._reopen()
         return counts
 
     def remove(self, ids) -> int:
@@ -121,13 +124,15 @@ class GlobalStage:
             return 0
         index = GlobalIndex.open(self.path, writable=True)
         try:
-            keys = [k for k in (image_key(i) for i in ids) if k in index]
-            if keys:
+            keys = np.fromiter((image_key(i) for i in ids), np.int64)
+            keys = keys[index.contains(keys)]
+            if keys.size:
                 index.remove(keys)
                 index.save()
-            return len(keys)
+            return int(keys.size)
         finally:
             index.close()
+            self._reopen()
 
     def shortlist(self, pixels, db) -> tuple[np.ndarray, np.ndarray]:
         """The global stage of one query image (pixels as loaded, cropped to its box): ``(ids, scores)`` of the
@@ -142,7 +147,7 @@ class GlobalStage:
 
     def _ids_by_key(self, db, index: GlobalIndex) -> dict:
         """key -> image id of every image of ``db`` (cached per database generation and size)."""
-        stamp = (db.generation, len(db), index.generation)
+        stamp = (db.generation, len(db))  # the map depends on the database only
         cached = self._keys
         if cached is None or cached[0] != stamp:
             cached = (stamp, {image_key(i): i for i in db.ids().tolist()})
@@ -150,8 +155,15 @@ class GlobalStage:
         return cached[1]
 
     def info(self) -> dict:
-        index = self.reader()
-        return {"path": str(self.path), "vectors": 0 if index is None else len(index),
+        """Sizes and settings, without loading the model (the fingerprint is checked by a search)."""
+        with self._lock:
+            index = self._index
+        if index is None and self.exists():
+            with GlobalIndex.open(self.path) as index:
+                vectors = len(index)
+        else:
+            vectors = 0 if index is None else len(index)
+        return {"path": str(self.path), "vectors": vectors,
                 "shortlist": self.config.shortlist, "weight": self.config.weight}
 
 
@@ -160,7 +172,6 @@ class _Sink:
 
     def __init__(self, index: GlobalIndex):
         self.index = index
-        self.failures: dict = {}
 
     def add(self, image_id, vector) -> None:
         key = image_key(image_id)
@@ -173,5 +184,4 @@ class _Sink:
 
     def failed(self, image_id, source, error) -> None:
         if error is not None:
-            self.failures[str(source)] = error
             log.warning("%s: no global vector: %s", source, error)

@@ -234,8 +234,15 @@ class IdRows:
         return int(self._sorted_ids.size) + len(self._pending_live)
 
     def __contains__(self, image_id) -> bool:
-        i = int(image_id)
-        return i in self._pending_live or bool(self._saved_row(np.array([i], np.int64))[0] >= 0)
+        return bool(self.contains(np.array([int(image_id)], np.int64))[0])
+
+    def contains(self, ids) -> np.ndarray:
+        """(N,) bool: which of the (N,) int64 ``ids`` are live (saved or pending), in one search."""
+        ids = np.asarray(ids, np.int64)
+        live = self._saved_row(ids) >= 0
+        if self._pending_live:
+            live |= np.isin(ids, np.fromiter(self._pending_live, np.int64, len(self._pending_live)))
+        return live
 
     def ids(self) -> np.ndarray:
         """(N,) int64 live ids in insertion order."""
