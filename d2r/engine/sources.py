@@ -45,19 +45,25 @@ def _record(path: Path, number: int, line: bytes):
     return sets, dels
 
 
-def replay(path: Path, raw: bytes, table: dict) -> int:
+def replay(path: Path, raw: bytes, table: dict, lost: list | None = None) -> int:
     """Apply the log bytes ``raw`` (of ``path``) to ``table`` in order; returns the length of its good part.
     A torn last line (no newline, or not JSON) is ignored; any other damage is a ValueError naming the
-    file."""
+    file, or, with ``lost``, a skipped line whose number is appended to it (salvage)."""
     lines = raw.split(b"\n")
     torn = lines.pop()  # b"" when the log ends with a newline
     end = 0
     for number, line in enumerate(lines, 1):
-        rec = _record(path, number, line)
-        if rec is None:
-            if number == len(lines) and not torn:
-                break  # an unparsable last line: torn too
-            raise ValueError(f"{path}: line {number} is not valid JSON (corrupted?)")
+        try:
+            rec = _record(path, number, line)
+            if rec is None:
+                if number == len(lines) and not torn:
+                    break  # an unparsable last line: torn too
+                raise ValueError(f"{path}: line {number} is not valid JSON (corrupted?)")
+        except ValueError:
+            if lost is None:
+                raise
+            lost.append(number)
+            continue
         for image_id in rec[1]:
             table.pop(image_id, None)
         table.update(rec[0])
@@ -117,20 +123,7 @@ def salvage_sources(folder) -> tuple[dict, dict]:
         raw = (folder / LOG).read_bytes()
     except FileNotFoundError:
         raw = b""
-    lines = raw.split(b"\n")
-    torn = lines.pop()
-    for number, line in enumerate(lines, 1):
-        try:
-            rec = _record(folder / LOG, number, line)
-        except ValueError:
-            rec = None
-        if rec is None:
-            if not (number == len(lines) and not torn):  # not the torn tail a crash leaves
-                lost["log_lines"].append(number)
-            continue
-        for image_id in rec[1]:
-            table.pop(image_id, None)
-        table.update(rec[0])
+    replay(folder / LOG, raw, table, lost=lost["log_lines"])
     return table, lost
 
 
@@ -178,10 +171,15 @@ class SourcesTable(MutableMapping):
     def rewrite(self, table: dict) -> None:
         """Replace the whole table by ``table``: a new snapshot, then an empty log (as a compaction), e.g. when
         ``repair`` rebuilt a damaged one."""
-        data = (json.dumps(table, indent=0) + "\n").encode()
+        self._table, self._changed = dict(table), {}
+        self._compact()
+
+    def _compact(self) -> None:
+        """A new snapshot of the table, then an empty log (a new file: readers holding the old log still read it
+        whole)."""
+        data = (json.dumps(self._table, indent=0) + "\n").encode()
         _io.write_bytes(self.folder / SNAPSHOT, data)
         _io.write_bytes(self.folder / LOG, b"")
-        self._table, self._changed = dict(table), {}
         self._log_end, self._snapshot_size = 0, len(data)
 
     def save(self) -> None:
@@ -209,11 +207,7 @@ class SourcesTable(MutableMapping):
             _io.fsync_dir(self.folder)
         self._log_end += len(line)
         if self._log_end > max(self._snapshot_size, COMPACT_FLOOR):
-            # The log first holds every change of the new snapshot: replayed over it, it gives it again.
-            data = (json.dumps(self._table, indent=0) + "\n").encode()
-            _io.write_bytes(self.folder / SNAPSHOT, data)
-            _io.write_bytes(log, b"")  # a new file: readers holding the old log still read it whole
-            self._log_end, self._snapshot_size = 0, len(data)
+            self._compact()  # the log first holds every change of the new snapshot: replayed, it gives it again
         self._changed = {}
 
 
