@@ -42,9 +42,6 @@ FILES = ("signatures.npy", "ids.npy", "sorted_words.npy", "sorted_rows.npy")
 _MIN_BUFFER = 1 << 16
 
 
-def _damaged(file, problem: str) -> DamagedError:
-    return DamagedError(file, problem, STORE)
-
 
 class _Segment(Segment):
     """Signatures of a saved segment (memory maps) or of the pending rows (in memory), with their word
@@ -76,7 +73,6 @@ class SignatureIndex(IdRows):
         self._pending_segment: _Segment | None = None  # the pending rows with word tables (cached)
         super().__init__(path, policy)
 
-    WHAT = "signature index"  # _ROWS: set below
     _REFUSE_LOST = _RETRY_OPEN = True
 
     # ---- folders -------------------------------------------------------------------------------------------
@@ -282,7 +278,7 @@ def _open_segment(root: Path, rec: dict, config: SignatureConfig) -> _Segment:
     arrays = {f: _load_checked(d / f, files.get(f), *shapes[f]) for f in FILES}
     rows = np.array(arrays["sorted_rows.npy"])
     if rows.size and (rows.min() < 0 or rows.max() >= n):  # the kernel trusts row numbers: check them once
-        raise _damaged(d / "sorted_rows.npy", f"row numbers outside 0..{n - 1}")
+        raise ROWS.damaged(d / "sorted_rows.npy", f"row numbers outside 0..{n - 1}")
     return _Segment(arrays["signatures.npy"], np.array(arrays["ids.npy"]), np.array(arrays["sorted_words.npy"]),
                     rows, rec["name"], files)
 

@@ -41,9 +41,6 @@ KEEP_GENERATIONS = 3  # the current one and the two before it, as the index
 GlobalDamagedError = DamagedError  # the storage layer's one damage error (store "global")
 
 
-def _damaged(file, problem: str) -> DamagedError:
-    return DamagedError(file, problem, "global")
-
 
 class _Segment(Segment):
     """A saved segment opened as memory maps (or the pending rows, in memory)."""
@@ -71,7 +68,6 @@ class GlobalIndex(IdRows):
         self._faiss = None
         super().__init__(path, policy)
 
-    WHAT = "global index"  # _ROWS: set below
 
     # ---- folders -------------------------------------------------------------------------------------------
     @classmethod
@@ -230,7 +226,7 @@ class GlobalIndex(IdRows):
             try:
                 self._faiss = faiss.read_index(str(file))
             except RuntimeError as exc:
-                raise _damaged(file, f"unreadable faiss index ({str(exc).splitlines()[0][:120]})")
+                raise ROWS.damaged(file, f"unreadable faiss index ({str(exc).splitlines()[0][:120]})")
         self._faiss.nprobe = int(nprobe or self._ann["nprobe"])
         want = max(k * max(int(refine), 1), k)
         with _faiss_threads(1 if q.shape[0] < 16 else None):  # a few queries: serial (no OpenMP start-up)

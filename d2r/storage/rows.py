@@ -117,12 +117,11 @@ class Segment:
 class IdRows:
     """Rows with unique int64 ids: saved segments, a removal table, pending adds / removes, and the commit.
 
-    A subclass sets ``_ROWS`` (:class:`RowsFormat`), ``WHAT`` (the lock's and messages' name) and provides
+    A subclass sets ``_ROWS`` (:class:`RowsFormat`: its ``what`` names the lock and messages) and provides
     ``_open_segment(rec)``, ``_write_segment(data, ids)``, ``_merge(start, stop)``, ``_empty_data()``,
     ``_row_bytes()`` and ``_params()`` (its manifest keys)."""
 
     _ROWS: RowsFormat
-    WHAT = "rows"
     _REFUSE_LOST = False  # create refuses a folder whose manifest is lost while generations remain
     _RETRY_OPEN = False  # a reader retries on a newer generation when a merge collected a file meanwhile
 
@@ -153,7 +152,7 @@ class IdRows:
         path.mkdir(parents=True, exist_ok=True)
         idx.path = path
         idx.metadata = dict(metadata or {})
-        idx._lock = WriterLock(path, what=cls.WHAT).acquire()
+        idx._lock = WriterLock(path, what=cls._ROWS.what).acquire()
         idx._commit()
         return idx
 
@@ -161,7 +160,7 @@ class IdRows:
     def _open(cls, path, writable: bool, make):
         """``make(m)``: an empty instance for manifest ``m``."""
         path = Path(path)
-        lock = WriterLock(path, what=cls.WHAT).acquire() if writable else None
+        lock = WriterLock(path, what=cls._ROWS.what).acquire() if writable else None
 
         def opener(m):
             idx = make(m)
@@ -307,7 +306,7 @@ class IdRows:
         removal table and the manifest (the commit point) are written and garbage is collected."""
         name = type(self).__name__
         if self.path is None:
-            raise ValueError(f"an in-memory {self.WHAT} has no folder to save to ({name}.create)")
+            raise ValueError(f"an in-memory {self._ROWS.what} has no folder to save to ({name}.create)")
         if self._lock is None:
             raise ValueError(f"{self.path}: opened read-only ({name}.open(path, writable=True))")
         data, ids = self._pending_block()
